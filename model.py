@@ -1,0 +1,989 @@
+"""model.py: a LLaVA-family vision-language model in plain PyTorch (paper §2.1).
+
+One file holds the whole model the study aligns: a CLIP or SigLIP vision tower, the LLaVA MLP projector, a Llama /
+Mistral / Qwen2 decoder, LLaVA-1.6 AnyRes tiling, HF-exact image preprocessing, chat templates, a static KV cache with
+batched sampling, LoRA, and safetensors loading/saving in the Hugging Face layout. Module names follow the checkpoint
+keys of transformers' `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration`, so loading is a rename.
+
+    vlm = VLM.from_pretrained("llava-hf/llava-v1.6-vicuna-7b-hf", dtype=torch.bfloat16, device="cuda")
+    batch = vlm.prepare(["Describe the image."], [Image.open("cat.png")])
+    out = vlm.generate(**batch, max_new_tokens=64)          # list of token-id lists
+    print(vlm.tokenizer.decode(out[0]))
+
+The forward takes a `key_mask` that hides chosen keys (e.g. image tokens) from every query in every layer while the
+positions stay unchanged: this is how BDHS (paper §3.4) blinds the model to most of the image.
+"""
+import contextlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configs: filled from the checkpoint's own config.json, with transformers' class defaults for absent keys
+
+CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                       vision_use_head=True)
+# what LlavaConfig builds when config.json has no vision_config / text_config at all
+LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, image_size=336, patch_size=14)
+TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, sliding_window=None),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, sliding_window=None),
+}
+GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+@dataclass
+class VisionConfig:
+    kind: str  # "clip" (class token, pre_layrnorm, no patch bias) or "siglip"
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    hidden_act: str
+    layer_norm_eps: float
+    use_head: bool = False  # SigLIP's pooling head: loaded and saved, never used by LLaVA
+
+
+@dataclass
+class TextConfig:
+    kind: str  # "llama" | "mistral" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scale: float  # "linear" RoPE scaling factor, 1.0 for the default rope
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    hidden_act: str
+
+
+@dataclass
+class VLMConfig:
+    model_type: str  # "llava" | "llava_next"
+    vision: VisionConfig
+    text: TextConfig
+    image_token_id: int
+    feature_layers: list  # vision hidden states fed to the projector (0 = embeddings, -1 = last layer)
+    select_strategy: str  # "default" drops CLIP's class token, "full" keeps every token
+    projector_act: str
+    projector_bias: bool
+    tie_word_embeddings: bool
+    grid_pinpoints: list = field(default_factory=list)  # llava_next AnyRes resolutions, (height, width)
+    raw: dict = field(default_factory=dict)  # the config.json we were built from, written back on save
+
+
+def parse_config(raw: dict, path="config.json") -> VLMConfig:
+    """Builds a VLMConfig from a transformers config.json dict; unknown architectures fail naming the key."""
+    mt = raw.get("model_type")
+    if mt not in ("llava", "llava_next"):
+        raise ValueError(f"{path}: model_type {mt!r} is not supported (expected 'llava' or 'llava_next')")
+    v = raw.get("vision_config") or LLAVA_VISION
+    vkind = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}.get(v.get("model_type"))
+    if vkind is None:
+        raise ValueError(f"{path}: vision_config.model_type {v.get('model_type')!r} is not supported")
+    v = {**(CLIP_DEFAULTS if vkind == "clip" else SIGLIP_DEFAULTS), **v}
+    vision = VisionConfig(vkind, v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"],
+                          v["num_attention_heads"], v["image_size"], v["patch_size"], v["hidden_act"],
+                          v["layer_norm_eps"], use_head=vkind == "siglip" and bool(v.get("vision_use_head", True)))
+    t = raw.get("text_config") or {"model_type": "llama"}
+    tkind = t.get("model_type")
+    if tkind not in TEXT_DEFAULTS:
+        raise ValueError(f"{path}: text_config.model_type {tkind!r} is not supported (llama, mistral, qwen2)")
+    t = {**TEXT_DEFAULTS[tkind], **t}
+    # RoPE: transformers 5 writes rope_parameters, 4.x wrote rope_theta + rope_scaling
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", t.get("rope_theta", 10000.0))
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype not in ("default", "linear"):
+        raise ValueError(f"{path}: text_config rope_type {rtype!r} is not supported (default, linear)")
+    if tkind == "qwen2" and t.get("use_sliding_window"):
+        raise ValueError(f"{path}: text_config.use_sliding_window=true is not supported for qwen2")
+    heads = t["num_attention_heads"]
+    text = TextConfig(tkind, t["vocab_size"], t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"],
+                      heads, t.get("num_key_value_heads") or heads, t.get("head_dim") or t["hidden_size"] // heads,
+                      t["rms_norm_eps"], float(theta), float(rope.get("factor", 1.0)) if rtype == "linear" else 1.0,
+                      qkv_bias=tkind == "qwen2" or bool(t.get("attention_bias", False)),
+                      o_bias=bool(t.get("attention_bias", False)), mlp_bias=bool(t.get("mlp_bias", False)),
+                      sliding_window=t.get("sliding_window") if tkind == "mistral" else None,
+                      hidden_act=t.get("hidden_act", "silu"))
+    layer = raw.get("vision_feature_layer", -2)
+    return VLMConfig(
+        model_type=mt, vision=vision, text=text,
+        image_token_id=raw.get("image_token_index", raw.get("image_token_id", 32000)),
+        feature_layers=[layer] if isinstance(layer, int) else list(layer),
+        select_strategy=raw.get("vision_feature_select_strategy", "default"),
+        projector_act=raw.get("projector_hidden_act", "gelu"), projector_bias=raw.get("multimodal_projector_bias", True),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings") or t.get("tie_word_embeddings")),
+        grid_pinpoints=raw.get("image_grid_pinpoints", GRID_PINPOINTS) if mt == "llava_next" else [], raw=raw)
+
+
+ACT = {
+    "gelu": F.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+# -----------------------------------------------------------------------------
+# Vision towers: CLIP ViT and SigLIP (one module; the differences are a class token, a pre-norm and the activation)
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/modeling_clip.py
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        clip = cfg.kind == "clip"
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=not clip)
+        n = (cfg.image_size // cfg.patch_size) ** 2 + clip
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size)) if clip else None
+        self.position_embedding = nn.Embedding(n, cfg.hidden_size)
+
+    def forward(self, pixels):  # (N, 3, H, W) -> (N, P(+1), C)
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.position_embedding.weight
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C, self.H = cfg.hidden_size, cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(C, C) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.H, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D), every patch sees every patch
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACT[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps) if cfg.kind == "clip" else None  # sic: HF's key
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps)  # in the checkpoint; LLaVA never applies it
+
+    def forward(self, pixels, layers: list):
+        """Returns the hidden states listed in `layers` (0 = embeddings, i = after layer i, negatives from the end)."""
+        L = len(self.encoder.layers)
+        want = [i % (L + 1) for i in layers]
+        x = self.embeddings(pixels)
+        if self.pre_layrnorm is not None:
+            x = self.pre_layrnorm(x)
+        states = {0: x}
+        for i, layer in enumerate(self.encoder.layers[: max(want)], start=1):  # layers past the last one used are skipped
+            x = states[i] = layer(x)
+        return [states[i] for i in want]
+
+
+class Projector(nn.Module):
+    """LLaVA's 2-layer MLP from vision features to LLM embeddings (`multi_modal_projector`)."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        Cv, Ct = cfg.vision.hidden_size * len(cfg.feature_layers), cfg.text.hidden_size
+        self.linear_1 = nn.Linear(Cv, Ct, bias=cfg.projector_bias)
+        self.linear_2 = nn.Linear(Ct, Ct, bias=cfg.projector_bias)
+        self.act = ACT[cfg.projector_act]
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+# -----------------------------------------------------------------------------
+# The language model: Llama / Mistral / Qwen2 decoder with RMSNorm, RoPE (HF rotate_half convention) and GQA
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        h = x.float()  # the variance in fp32, as in the reference implementation
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(cfg: TextConfig, positions, dtype):
+    """cos/sin tables (B, 1, T, D) for explicit integer positions (B, T), computed in fp32."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, device=positions.device, dtype=torch.float) / D))
+    freqs = (positions.float() / cfg.rope_scale)[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        C, H, Hk, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.H, self.Hk, self.D = H, Hk, D
+        self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, Hk * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, Hk * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.Hk, self.D).transpose(1, 2)  # (B, Hk, T, D)
+        v = self.v_proj(x).view(B, T, self.Hk, self.D).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:  # write this chunk at its slots, attend over every filled slot
+            k, v = cache.write(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.Hk != self.H)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        C, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(C, I, b), nn.Linear(C, I, b), nn.Linear(I, C, b)
+        self.act = ACT[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.checkpointing = False  # gradient checkpointing, one layer at a time
+
+    def forward(self, x, positions, mask, cache=None):
+        """x (B, T, C) input embeddings, positions (B, T), mask (B, 1, T, S) bool over keys -> (B, T, C)."""
+        cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+# -----------------------------------------------------------------------------
+# KV cache: preallocated, written by slot; per-row key masks (padding, hidden image keys) and per-row RoPE positions
+
+
+class KVCache:
+    """Static cache (layers, B, Hk, S, D). All rows share the slot counter `pos` (prompts are left-padded, so their
+    ends line up); `key_mask` (B, S) says which slots each row may attend to and `next_pos` (B,) is each row's next
+    RoPE position, i.e. its real length so far."""
+
+    def __init__(self, cfg: TextConfig, B, S, dtype, device):
+        shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim)
+        self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(B, dtype=torch.long, device=device)
+        self.pos, self.T = 0, 0  # slots filled before this chunk, length of the chunk being written
+
+    def write(self, layer, k, v):
+        """Stores a (B, Hk, T, D) chunk at slots [pos, pos+T) and returns keys/values of slots [0, pos+T)."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos:end], self.v[layer, :, :, self.pos:end] = k, v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat(self, n):
+        """Copies every row's cache into n consecutive rows: one prompt prefill serves n samples."""
+        new = object.__new__(KVCache)
+        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        new.key_mask, new.next_pos = self.key_mask.repeat_interleave(n, 0), self.next_pos.repeat_interleave(n, 0)
+        new.pos, new.T = self.pos, self.T
+        return new
+
+
+def attention_mask_4d(key_mask, q_slots, sliding_window=None):
+    """Bool mask (B, 1, Tq, S): a query at slot q sees key slot s if s <= q, the key is visible, and s is inside the
+    sliding window. Every query also sees itself, so padding rows never produce NaN (their outputs are unused)."""
+    s = torch.arange(key_mask.shape[1], device=key_mask.device)  # (S,)
+    q = q_slots[..., None]  # (B, Tq, 1)
+    allowed = (s <= q) & key_mask[:, None, :]  # (B, Tq, S)
+    if sliding_window is not None:
+        allowed &= s > q - sliding_window
+    return (allowed | (s == q))[:, None]
+
+# -----------------------------------------------------------------------------
+# LoRA (paper §2.2: r 128, alpha 256 on every LLM linear). Base weights keep their checkpoint names.
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with B = 0 at start so training begins at the base model."""
+
+    def __init__(self, base: nn.Linear, r, alpha, dropout):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: frozen, checkpoint keys unchanged
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale, self.dropout, self.enabled = alpha / r, nn.Dropout(dropout), True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.enabled:
+            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return y
+
+    def merged_weight(self):
+        return self.weight + (self.lora_B @ self.lora_A * self.scale).to(self.weight.dtype)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# -----------------------------------------------------------------------------
+# Image preprocessing: the pixel values of transformers' CLIP / SigLIP / LLaVA-NeXT image processors, in PIL + numpy
+
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def load_image(path):
+    """Opens an image file as RGB; any failure (missing, unreadable, truncated) names the file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated file fails here and not later
+            return to_rgb(im)
+    except Exception as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def to_rgb(im):
+    """Any PIL mode to RGB; transparency is composited onto white, as transformers does."""
+    from PIL import Image
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im.convert("RGB")
+
+
+def select_best_resolution(size, resolutions):
+    """AnyRes: the (height, width) that keeps the most of the image at the least waste."""
+    h, w = size
+    best, best_eff, best_waste = None, 0, float("inf")
+    for rh, rw in resolutions:
+        s = min(rw / w, rh / h)
+        eff = min(int(w * s) * int(h * s), w * h)
+        waste = rw * rh - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (rh, rw), eff, waste
+    return best
+
+
+class ImageProcessor:
+    """Resize, centre crop, rescale, normalise (CLIP); square resize (SigLIP); AnyRes tiles + base view (LLaVA-NeXT)."""
+
+    def __init__(self, pp: dict, anyres_pinpoints=None):
+        self.size, self.crop = pp.get("size", {"shortest_edge": 336}), pp.get("crop_size")
+        self.do_crop = pp.get("do_center_crop", self.crop is not None)
+        self.mean, self.std = pp.get("image_mean", OPENAI_CLIP_MEAN), pp.get("image_std", OPENAI_CLIP_STD)
+        self.scale, self.resample = pp.get("rescale_factor", 1 / 255), pp.get("resample", 3)  # 3 = bicubic
+        self.pinpoints = pp.get("image_grid_pinpoints", anyres_pinpoints) if anyres_pinpoints else None
+        self.raw = pp
+
+    @classmethod
+    def default_for(cls, cfg: VLMConfig):
+        S = cfg.vision.image_size
+        if cfg.vision.kind == "siglip":
+            pp = dict(size={"height": S, "width": S}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_center_crop=False)
+        else:
+            pp = dict(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+        if cfg.model_type == "llava_next":
+            pp["image_grid_pinpoints"] = cfg.grid_pinpoints
+        pp["image_processor_type"] = {"siglip": "SiglipImageProcessor", "clip": "CLIPImageProcessor"}[cfg.vision.kind]
+        if cfg.model_type == "llava_next":
+            pp["image_processor_type"] = "LlavaNextImageProcessor"
+        return cls(pp, cfg.grid_pinpoints or None)
+
+    def resize(self, a, size):  # (H, W, 3) uint8 -> (h, w, 3) uint8 through PIL, as transformers does
+        from PIL import Image
+        h, w = size
+        return np.array(Image.fromarray(a).resize((w, h), resample=self.resample))
+
+    def resize_per_config(self, a):
+        if "shortest_edge" in self.size:  # shortest side to `shortest_edge`, the other truncated, as HF
+            H, W = a.shape[:2]
+            s = self.size["shortest_edge"]
+            return self.resize(a, (int(s * H / W), s) if W <= H else (s, int(s * W / H)))
+        return self.resize(a, (self.size["height"], self.size["width"]))
+
+    def center_crop(self, a):
+        ch, cw = self.crop["height"], self.crop["width"]
+        H, W = a.shape[:2]
+        if H < ch or W < cw:  # too small: zero-pad to at least the crop size, centred
+            nh, nw = max(H, ch), max(W, cw)
+            big = np.zeros((nh, nw, a.shape[2]), a.dtype)
+            t, l = math.ceil((nh - H) / 2), math.ceil((nw - W) / 2)
+            big[t:t + H, l:l + W] = a
+            a, H, W = big, nh, nw
+        t, l = (H - ch) // 2, (W - cw) // 2
+        return a[t:t + ch, l:l + cw]
+
+    def finish(self, a):  # resize, crop, rescale (via float64), normalise -> (3, h, w) float32
+        a = self.resize_per_config(a)
+        if self.do_crop:
+            a = self.center_crop(a)
+        x = (a.astype(np.float64) * self.scale).astype(np.float32)
+        x = (x - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
+        return x.transpose(2, 0, 1)
+
+    def anyres_views(self, a):
+        """The base view (square resize) followed by the tiles of the best grid resolution, row-major."""
+        H, W = a.shape[:2]
+        th, tw = select_best_resolution((H, W), self.pinpoints)
+        if tw / W < th / H:  # fit inside (th, tw) keeping the aspect ratio, then pad centred with black
+            nh, nw = min(math.ceil(H * tw / W), th), tw
+        else:
+            nh, nw = th, min(math.ceil(W * th / H), tw)
+        r = self.resize(a, (nh, nw))
+        top, left = (th - nh) // 2, (tw - nw) // 2
+        canvas = np.zeros((th, tw, 3), np.uint8)
+        canvas[top:top + nh, left:left + nw] = r
+        p = self.crop["height"] if self.crop else self.size.get("height", self.size.get("shortest_edge"))
+        base = (self.size["height"], self.size["width"]) if "height" in self.size else (self.size["shortest_edge"],) * 2
+        tiles = [canvas[i:i + p, j:j + p] for i in range(0, th, p) for j in range(0, tw, p)]
+        return [self.resize(a, base)] + tiles
+
+    def __call__(self, images):
+        """PIL images -> pixel_values (N, 3, h, w) or, for AnyRes, (N, max_views, 3, h, w) zero-padded + image_sizes."""
+        arrays = [np.array(to_rgb(im)) for im in images]
+        if not self.pinpoints:
+            return {"pixel_values": torch.from_numpy(np.stack([self.finish(a) for a in arrays]))}
+        views = [np.stack([self.finish(v) for v in self.anyres_views(a)]) for a in arrays]
+        n = max(len(v) for v in views)
+        views = [np.concatenate([v, np.zeros((n - len(v),) + v.shape[1:], v.dtype)]) for v in views]
+        return {"pixel_values": torch.from_numpy(np.stack(views)),
+                "image_sizes": torch.tensor([a.shape[:2] for a in arrays])}
+
+# -----------------------------------------------------------------------------
+# Prompting: conversation templates of the LLaVA checkpoints; the image placeholder becomes one token per feature
+
+TEMPLATES = {
+    # LLaVA-1.6 Vicuna (conv_vicuna_v1); LLaVA-1.5-hf drops the system line ("llava")
+    "vicuna": dict(system="A chat between a curious human and an artificial intelligence assistant. The assistant "
+                   "gives helpful, detailed, and polite answers to the human's questions. ", user="USER: {} ",
+                   assistant="ASSISTANT:", reply=" {}</s>"),
+    "llava": dict(system="", user="USER: {} ", assistant="ASSISTANT:", reply=" {}</s>"),
+    "mistral": dict(system="", user="[INST] {} [/INST]", assistant="", reply=" {}</s>"),
+    "chatml": dict(system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+                   user="<|im_start|>user\n{}<|im_end|>\n", assistant="<|im_start|>assistant\n",
+                   reply="{}<|im_end|>\n"),
+}
+
+
+def format_chat(messages, template, add_generation_prompt=True):
+    """[{"role": "user"|"assistant", "content": str}, ...] -> prompt text. The image goes in as "<image>\\n"."""
+    t = TEMPLATES[template]
+    out = t["system"]
+    for m in messages:
+        if m["role"] == "user":
+            out += t["user"].format(m["content"])
+        else:
+            out += t["assistant"] + t["reply"].format(m["content"])
+    return out + (t["assistant"] if add_generation_prompt else "")
+
+
+def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = ""):
+    """The template a checkpoint was trained with, from its chat template text, else from its architecture."""
+    for needle, name in (("im_start", "chatml"), ("[INST]", "mistral"), ("A chat between", "vicuna"), ("USER:", "llava")):
+        if needle in chat_template:
+            return name
+    if tokenizer is not None and tokenizer.token_to_id("<|im_start|>") is not None:
+        return "chatml"
+    return {"mistral": "mistral", "qwen2": "chatml"}.get(cfg.text.kind, "vicuna")
+
+# -----------------------------------------------------------------------------
+# Sampling: a small pure function with an explicit generator
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B,). Temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # keep the smallest set whose probability reaches top_p
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# The VLM
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.vision_tower = VisionTransformer(cfg.vision)
+        self.model.multi_modal_projector = Projector(cfg)
+        if cfg.model_type == "llava_next":
+            self.model.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
+        self.model.language_model = LanguageModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self.extra = {}  # checkpoint tensors LLaVA never uses (SigLIP's pooling head): kept only to be saved back
+        self.tokenizer, self.image_processor, self.template, self.files = None, None, "vicuna", {}
+
+    # -- images ---------------------------------------------------------------
+
+    def image_token_counts(self, image_sizes=None, n=1):
+        """Number of image tokens each image becomes, computed as transformers does (AnyRes included)."""
+        v = self.cfg.vision
+        p = v.image_size // v.patch_size  # patches per side of one view
+        base = p * p + (self.cfg.select_strategy == "full" and v.kind == "clip")
+        if self.cfg.model_type == "llava":
+            return [base] * n
+        return [base + self._unpadded_grid(tuple(int(s) for s in hw), p)[0] for hw in image_sizes]
+
+    def _unpadded_grid(self, size, p):
+        """AnyRes: rows/cols of the tile grid's feature map once the padding is cut away; also the grid shape."""
+        h, w = size
+        gh, gw = (x // self.cfg.vision.image_size for x in select_best_resolution(size, self.cfg.grid_pinpoints))
+        H, W = gh * p, gw * p
+        if w / h > W / H:  # padding was added top and bottom
+            pad = (H - int(round(h * (W / w), 7))) // 2
+            H -= 2 * pad
+        else:
+            pad = (W - int(round(w * (H / h), 7))) // 2
+            W -= 2 * pad
+        return H * (W + 1), (gh, gw, pad)  # +1: an image_newline feature closes each row
+
+    def encode_images(self, pixel_values, image_sizes=None):
+        """pixel_values -> projected image features (N_tokens, C), in the order their placeholders appear."""
+        cfg = self.cfg
+        if cfg.model_type == "llava":
+            feats = self._vision_features(pixel_values)  # (N, P, C)
+            return feats.flatten(0, 1)
+        # AnyRes: drop padded views, encode all views at once, then per image: base view + unpadded grid + newlines
+        counts = [1 + math.prod(x // cfg.vision.image_size for x in select_best_resolution(
+            tuple(int(s) for s in hw), cfg.grid_pinpoints)) for hw in image_sizes]
+        views = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]) if pixel_values.dim() == 5 else pixel_values
+        feats = self._vision_features(views).split(counts)
+        p = cfg.vision.image_size // cfg.vision.patch_size
+        out = []
+        for f, hw in zip(feats, image_sizes):
+            _, (gh, gw, pad) = self._unpadded_grid(tuple(int(s) for s in hw), p)
+            grid = f[1:].view(gh, gw, p, p, -1).permute(4, 0, 2, 1, 3).reshape(f.shape[-1], gh * p, gw * p)
+            H, W = grid.shape[1:]
+            h, w = (int(s) for s in hw)
+            if w / h > W / H:  # cut the padding the AnyRes resize added: top and bottom, else left and right
+                grid = grid[:, pad:H - pad]
+            else:
+                grid = grid[:, :, pad:W - pad]
+            nl = self.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid.dtype)
+            grid = torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)  # (rows * (cols + 1), C)
+            out += [f[0], grid]
+        return torch.cat(out)
+
+    def _vision_features(self, pixels):  # (N, 3, H, W) -> (N, P, C_text)
+        hs = self.model.vision_tower(pixels, self.cfg.feature_layers)
+        x = torch.cat(hs, dim=-1)
+        if self.cfg.select_strategy == "default":
+            x = x[:, 1:]  # drop CLIP's class token
+        return self.model.multi_modal_projector(x)
+
+    # -- forward --------------------------------------------------------------
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_features=None):
+        """Token embeddings with image features scattered into the image-token positions. (B, T) -> (B, T, C)."""
+        embed = self.model.language_model.embed_tokens
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values, image_sizes)
+        if image_features is None:  # text only (or decoding): image-token ids are embedded like any other token
+            return embed(input_ids)
+        is_img = input_ids == self.cfg.image_token_id
+        if int(is_img.sum()) != image_features.shape[0]:
+            raise ValueError(f"input_ids hold {int(is_img.sum())} image tokens but the images give "
+                             f"{image_features.shape[0]} features")
+        x = embed(input_ids.masked_fill(is_img, 0))
+        return x.masked_scatter(is_img[..., None], image_features.to(x.dtype))
+
+    def hidden(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+               key_mask=None, kv_cache=None, image_features=None):
+        """The decoder's final hidden states (B, T, C); `forward` applies the LM head on top."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        visible = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        if key_mask is not None:
+            visible = visible & key_mask.bool()
+        if position_ids is None:  # count only real tokens, so left padding does not shift RoPE
+            real = torch.ones_like(visible) if attention_mask is None else attention_mask.bool()
+            start = kv_cache.next_pos[:, None] if kv_cache is not None else 0
+            position_ids = (start + real.long().cumsum(-1) - 1).clamp(min=0)
+        x = self.embed(input_ids, pixel_values, image_sizes, image_features)
+        c = kv_cache
+        if c is not None:
+            c.key_mask[:, c.pos:c.pos + T] = visible
+            keys = c.key_mask[:, :c.pos + T]
+            q_slots = torch.arange(c.pos, c.pos + T, device=dev)
+        else:
+            keys, q_slots = visible, torch.arange(T, device=dev)
+        mask = attention_mask_4d(keys, q_slots.expand(B, T), self.cfg.text.sliding_window)
+        h = self.model.language_model(x, position_ids, mask, c)
+        if c is not None:
+            c.pos += T
+            c.next_pos = c.next_pos + (attention_mask.long().sum(-1) if attention_mask is not None else T)
+        return h
+
+    def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kw):
+        """Logits (B, T, V). Keyword args: position_ids, key_mask (B, T; False hides a key from every query in
+        every layer, positions unchanged), kv_cache, image_features (precomputed `encode_images` output)."""
+        return self.lm_head(self.hidden(input_ids, pixel_values, image_sizes, attention_mask, **kw))
+
+    # -- generation -----------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
+                 max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, generator=None, eos_token_id=None,
+                 stop_strings=(), num_samples=1, prefix_ids=None, image_features=None):
+        """Samples continuations of left-padded prompts (B, T). Returns B * num_samples lists of new token ids
+        (rows b*n .. b*n+n-1 belong to prompt b); EOS is dropped, a stop string's last token is kept.
+
+        The prompt is prefilled once and its cache copied into num_samples rows. `prefix_ids` (one list per output
+        row) are forced tokens that continue the prompt before sampling starts, prefilled in one chunk whose padding
+        sits in the middle of the cache and is masked out. `key_mask` (B, T) hides prompt keys for the whole run."""
+        B, T = input_ids.shape
+        n, dev = num_samples, input_ids.device
+        prefix = prefix_ids or [[] for _ in range(B * n)]
+        P = max(len(p) for p in prefix)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = self.eos_ids() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) \
+            else set(eos_token_id)
+        dtype = self.lm_head.weight.dtype
+        cache = KVCache(self.cfg.text, B, T + P + max_new_tokens, dtype, dev)
+        h = self.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache,
+                        image_features=image_features)
+        logits = self.lm_head(h[:, -1])  # (B, V): only the last position is needed
+        if n > 1:
+            cache, logits = cache.repeat(n), logits.repeat_interleave(n, 0)
+        if P:  # forced tokens, right-aligned so that every row ends on the same slot
+            ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prefix], device=dev)
+            am = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prefix], device=dev)
+            h = self.hidden(ids, attention_mask=am, kv_cache=cache)
+            has = am[:, -1].bool()
+            logits = torch.where(has[:, None], self.lm_head(h[:, -1]), logits)
+        rows = B * n
+        out = [[] for _ in range(rows)]
+        done = torch.zeros(rows, dtype=torch.bool, device=dev)
+        one = torch.ones(rows, 1, dtype=torch.long, device=dev)
+        for step in range(max_new_tokens):
+            tok = sample(logits, temperature, top_k, top_p, generator)
+            for r, t in enumerate(tok.tolist()):
+                if done[r]:
+                    continue
+                if t in eos:
+                    done[r] = True
+                    continue
+                out[r].append(t)
+                if stop_strings and any(s in self.tokenizer.decode(out[r]) for s in stop_strings):
+                    done[r] = True
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = self.lm_head(self.hidden(tok[:, None], attention_mask=one, kv_cache=cache)[:, -1])
+        return out
+
+    def eos_ids(self):
+        ids = set()
+        for name in ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            if self.tokenizer is not None and self.tokenizer.token_to_id(name) is not None:
+                ids.add(self.tokenizer.token_to_id(name))
+        return ids
+
+    # -- prompting ------------------------------------------------------------
+
+    def encode_prompt(self, text, image_sizes=None, n_images=None):
+        """Prompt text with "<image>" placeholders -> ids with each placeholder repeated once per image feature."""
+        k = text.count("<image>")
+        counts = self.image_token_counts(image_sizes, k) if k else []
+        parts = text.split("<image>")
+        text = parts[0] + "".join("<image>" * c + rest for c, rest in zip(counts, parts[1:]))
+        return self.tokenizer.encode(text).ids
+
+    def prepare(self, questions, images=None, template=None, device=None):
+        """User questions (+ one PIL image each) -> left-padded model inputs for `forward` / `generate`."""
+        images = images or [None] * len(questions)
+        pix = self.image_processor([im for im in images if im is not None]) if any(im is not None for im in images) else {}
+        sizes = pix.get("image_sizes")
+        ids, i = [], 0
+        for q, im in zip(questions, images):
+            content = ("<image>\n" + q) if im is not None else q
+            text = format_chat([{"role": "user", "content": content}], template or self.template)
+            ids.append(self.encode_prompt(text, None if sizes is None else sizes[i:i + 1]))
+            i += im is not None
+        T = max(map(len, ids))
+        batch = dict(input_ids=torch.tensor([[0] * (T - len(x)) + x for x in ids]),
+                     attention_mask=torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids]), **pix)
+        return {k: v.to(device or self.lm_head.weight.device) for k, v in batch.items()}
+
+    # -- LoRA -----------------------------------------------------------------
+
+    def add_lora(self, r=128, alpha=256, dropout=0.0, targets=LORA_TARGETS):
+        """Wraps the LLM's linears in LoRA adapters; everything else keeps requires_grad as it was."""
+        for mod in list(self.model.language_model.modules()):
+            for name, child in list(mod.named_children()):
+                if name in targets and type(child) is nn.Linear:
+                    setattr(mod, name, LoRALinear(child, r, alpha, dropout))
+                    child.weight.requires_grad_(False)
+                    if child.bias is not None:
+                        child.bias.requires_grad_(False)
+        return self
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """The reference model: the same weights with every adapter switched off."""
+        mods = [m for m in self.modules() if isinstance(m, LoRALinear)]
+        for m in mods:
+            m.enabled = False
+        try:
+            yield self
+        finally:
+            for m in mods:
+                m.enabled = True
+
+    def merge_lora(self):
+        """Folds every adapter into its base weight and removes it."""
+        for mod in list(self.modules()):
+            for name, child in list(mod.named_children()):
+                if isinstance(child, LoRALinear):
+                    lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                    device="meta")
+                    lin.weight = nn.Parameter(child.merged_weight().detach(), requires_grad=child.weight.requires_grad)
+                    lin.bias = child.bias
+                    setattr(mod, name, lin)
+        return self
+
+    # -- loading and saving ---------------------------------------------------
+
+    @staticmethod
+    def hf_key(key):
+        """A checkpoint key in any layout in the wild -> our name. Hub checkpoints use `language_model.model.*` (older)
+        or `model.language_model.*` + `lm_head` (newer), with or without `vision_model.` inside the vision tower."""
+        for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                         ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+                         ("image_newline", "model.image_newline"), ("model.vision_tower.vision_model.", "model.vision_tower.")):
+            if key.startswith(old):
+                key = new + key[len(old):]
+        return key
+
+    def init_weights(self, std=0.02, seed=0):
+        """Random weights (normal(0, std), norms at 1, biases at 0), for from-scratch training and tests."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "lora_" in name:
+                    continue  # adapters keep their own init
+                if name.endswith("bias"):
+                    p.zero_()
+                elif p.dim() == 1 and "norm" in name:  # LayerNorm / RMSNorm gains
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    @classmethod
+    def from_config(cls, raw: dict, dtype=torch.float32, device="cpu", seed=0):
+        """A randomly initialised model from a config.json dict."""
+        vlm = cls(parse_config(raw)).to(dtype=dtype, device=device).init_weights(seed=seed)
+        vlm.image_processor = ImageProcessor.default_for(vlm.cfg)
+        return vlm
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=None):
+        """Loads a local HF-layout folder or a hub id. Every key and shape is checked; tensors go straight to
+        `dtype` on `device`, one at a time, so peak host memory stays near one copy of the weights."""
+        from safetensors import safe_open
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+        cfg_path = os.path.join(path, "config.json")
+        try:
+            with open(cfg_path) as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {cfg_path}: {e}") from e
+        cfg = parse_config(raw, cfg_path)
+        with torch.device("meta"):
+            vlm = cls(cfg)
+        params = dict(vlm.named_parameters())  # tied weights appear once, under the embedding's name
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        filled = set()
+        for fn in files:
+            with safe_open(os.path.join(path, fn), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = cls.hf_key(key)
+                    if name.endswith("embeddings.position_ids") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                        continue  # a buffer older exports saved, and a tied copy
+                    if name.startswith("model.vision_tower.head.") and cfg.vision.use_head:
+                        vlm.extra[name] = f.get_tensor(key)
+                        continue
+                    if name not in params:
+                        raise KeyError(f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)")
+                    p, t = params[name], f.get_slice(key)
+                    if tuple(t.get_shape()) != tuple(p.shape):
+                        raise ValueError(f"{fn}: {key!r} has shape {tuple(t.get_shape())}, expected {tuple(p.shape)}")
+                    mod, _, attr = name.rpartition(".")
+                    tensor = f.get_tensor(key).to(device=device, dtype=dtype, copy=True)
+                    vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(tensor, requires_grad=p.requires_grad)
+                    filled.add(name)
+        missing = sorted(set(params) - filled)
+        if missing:
+            raise KeyError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+        if cfg.tie_word_embeddings:
+            vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
+        vlm._load_processors(path, template)
+        return vlm
+
+    def _load_processors(self, path, template=None):
+        from tokenizers import Tokenizer
+        self.files = {}
+        for fn in ("tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                   "processor_config.json", "chat_template.json", "generation_config.json"):
+            if os.path.exists(os.path.join(path, fn)):
+                with open(os.path.join(path, fn)) as f:
+                    self.files[fn] = f.read()
+        tok = os.path.join(path, "tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else None
+        pp = json.loads(self.files.get("preprocessor_config.json", "null")) or \
+            json.loads(self.files.get("processor_config.json", "{}")).get("image_processor")  # transformers 5 nests it
+        self.image_processor = ImageProcessor(pp, self.cfg.grid_pinpoints) if pp else ImageProcessor.default_for(self.cfg)
+        chat = "".join(json.loads(self.files[f]).get("chat_template") or "" for f in
+                       ("chat_template.json", "tokenizer_config.json", "processor_config.json") if f in self.files)
+        self.template = template or guess_template(self.cfg, self.tokenizer, chat)
+
+    def state_dict_hf(self):
+        """Tensors as transformers names them, adapters merged, tied head left out."""
+        sd = {}
+        for name, mod in self.named_modules():
+            for attr, p in mod.named_parameters(recurse=False):
+                if attr.startswith("lora_"):
+                    continue
+                key = f"{name}.{attr}" if name else attr
+                if attr == "weight" and isinstance(mod, LoRALinear):
+                    p = mod.merged_weight()
+                if key == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                    continue
+                key = key.replace("model.vision_tower.", "model.vision_tower.vision_model.")  # the hub's layout
+                sd[key] = p.detach().contiguous().cpu()
+        extra = {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v for k, v in self.extra.items()}
+        return {**sd, **extra}
+
+    def save_pretrained(self, out_dir):
+        """Writes config.json, model.safetensors, tokenizer and processor files atomically (temp dir, then rename)."""
+        from safetensors.torch import save_file
+        out_dir = out_dir.rstrip("/")
+        tmp = f"{out_dir}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        raw = dict(self.cfg.raw)
+        raw["dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        raw.setdefault("architectures", ["LlavaNextForConditionalGeneration" if self.cfg.model_type == "llava_next"
+                                         else "LlavaForConditionalGeneration"])
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(raw, f, indent=2)
+        save_file(self.state_dict_hf(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        files = dict(self.files)
+        if "processor_config.json" not in files:
+            files.setdefault("preprocessor_config.json", json.dumps(self.image_processor.raw, indent=2))
+        for fn, text in files.items():
+            with open(os.path.join(tmp, fn), "w") as f:
+                f.write(text)
+        old = f"{out_dir}.old{os.getpid()}"
+        if os.path.exists(out_dir):
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,298 @@
+"""model.py against transformers on tiny random-weight checkpoints that transformers itself builds and saves."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model import VLM, KVCache, load_image, parse_config, sample  # noqa: E402
+from tiny import build_hf, hf_config, random_image  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+# the architectures the issue names: LLaVA-1.5 (CLIP + Llama), llava-interleave-qwen (SigLIP + Qwen2),
+# LLaVA-1.6 (AnyRes) on Vicuna/Llama and on Mistral
+ARCHS = {
+    "llava15": dict(),
+    "interleave_qwen": dict(vision="siglip", text="qwen2", layer=-1),
+    "next_llama": dict(model_type="llava_next"),
+    "next_mistral": dict(model_type="llava_next", text="mistral"),
+}
+PROMPTS = ["USER: <image>\nWhat is this? ASSISTANT:",
+           "USER: <image>\nDescribe the picture in detail, please. ASSISTANT:",
+           "USER: <image>\nIs there a dog? ASSISTANT:"]
+SIZES = [(40, 70), (90, 30), (28, 28)]  # non-square both ways, and square
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def pair(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf, proc = build_hf(path, **ARCHS[request.param])
+    return hf, proc, VLM.from_pretrained(path).eval(), path
+
+
+def hf_inputs(proc, n=3, modes=("RGB", "RGBA", "L")):
+    ims = [random_image(h, w, m, seed=i) for i, ((h, w), m) in enumerate(zip(SIZES[:n], modes))]
+    return ims, proc(text=PROMPTS[:n], images=ims, return_tensors="pt", padding=True, padding_side="left")
+
+
+def positions(am):
+    return (am.cumsum(-1) - 1).clamp(min=0)
+
+
+def test_logits_match_transformers_on_padded_batch(pair):
+    hf, proc, ours, _ = pair
+    _, inp = hf_inputs(proc)
+    am = inp["attention_mask"]
+    assert (am == 0).any(), "the batch must be padded"
+    with torch.no_grad():
+        ref = hf(**inp, position_ids=positions(am)).logits
+        got = ours(inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"), am)
+    assert got.shape == ref.shape
+    assert (got - ref)[am.bool()].abs().max() <= 1e-4
+
+
+def test_pixels_and_placeholder_ids_match_processor(pair):
+    _, proc, ours, _ = pair
+    modes = ("RGBA", "P", "CMYK")
+    ims, inp = hf_inputs(proc, modes=modes)
+    ours_pix = ours.image_processor(ims)
+    assert ours_pix["pixel_values"].shape == inp["pixel_values"].shape
+    assert (ours_pix["pixel_values"] - inp["pixel_values"]).abs().max() <= 1e-5
+    sizes = ours_pix.get("image_sizes")
+    for i, text in enumerate(PROMPTS):
+        ids = ours.encode_prompt(text, None if sizes is None else sizes[i:i + 1])
+        assert ids == inp["input_ids"][i][inp["attention_mask"][i].bool()].tolist()
+
+
+def test_greedy_generate_matches_transformers(pair):
+    hf, proc, ours, _ = pair
+    _, inp = hf_inputs(proc)
+    hf.generation_config.eos_token_id = None  # random weights: generate exactly 20 tokens in both
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        ref = hf.generate(**inp, max_new_tokens=20, do_sample=False)[:, inp["input_ids"].shape[1]:]
+    got = ours.generate(inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes"),
+                        max_new_tokens=20, eos_token_id=[])
+    assert got == ref.tolist()
+
+
+def test_round_trip_save_load(pair, tmp_path):
+    hf, proc, ours, _ = pair
+    _, inp = hf_inputs(proc)
+    out = str(tmp_path / "ours")
+    ours.save_pretrained(out)
+    cls = type(hf)
+    theirs = cls.from_pretrained(out).eval()
+    again = VLM.from_pretrained(out).eval()
+    am = inp["attention_mask"]
+    with torch.no_grad():
+        a = theirs(**inp, position_ids=positions(am)).logits
+        b = ours(inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"), am)
+        c = again(inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"), am)
+    assert (a - b)[am.bool()].abs().max() <= 1e-4
+    assert torch.equal(b, c)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or ".old" in p]  # the atomic write left nothing
+
+
+def test_kv_cache_decode_equals_full_recompute(pair):
+    _, proc, ours, _ = pair
+    _, inp = hf_inputs(proc)
+    ids, am = inp["input_ids"], inp["attention_mask"]
+    px, sz = inp["pixel_values"], inp.get("image_sizes")
+    got = ours.generate(ids, am, px, sz, max_new_tokens=8, eos_token_id=[])
+    feats = ours.encode_images(px, sz)
+    with torch.no_grad():  # no cache: the whole sequence again at every step
+        for _ in range(8):
+            logits = ours(ids, attention_mask=am, image_features=feats)[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+    assert got == ids[:, -8:].tolist()
+
+
+def test_cache_copy_equals_separate_prefills_and_forced_prefix(pair):
+    _, proc, ours, _ = pair
+    _, inp = hf_inputs(proc, n=2)
+    ids, am, px, sz = inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes")
+    prefix = [[], [40, 41], [42, 43, 44, 45], [46], [47, 48, 49], []]  # 3 rows per prompt, ragged forced tokens
+    got = ours.generate(ids, am, px, sz, max_new_tokens=6, eos_token_id=[], num_samples=3, prefix_ids=prefix)
+    rep = lambda t: None if t is None else t.repeat_interleave(3, 0)  # noqa: E731
+    want = []
+    for r, p in enumerate(prefix):  # each row alone: its prompt + forced tokens, prefilled from scratch
+        b = r // 3
+        row_ids = torch.cat([ids[b][am[b].bool()], torch.tensor(p, dtype=torch.long)])[None]
+        want += ours.generate(row_ids, None, px[b:b + 1], None if sz is None else sz[b:b + 1],
+                              max_new_tokens=6, eos_token_id=[])
+    assert got == want
+    sep = ours.generate(rep(ids), rep(am), rep(px), rep(sz), max_new_tokens=6, eos_token_id=[])
+    assert ours.generate(ids, am, px, sz, max_new_tokens=6, eos_token_id=[], num_samples=3) == sep
+
+
+def test_image_key_mask(pair):
+    _, proc, ours, _ = pair
+    _, inp = hf_inputs(proc)
+    ids, am, px, sz = inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes")
+    is_img = ids == ours.cfg.image_token_id
+    other = torch.randn_like(px)
+    with torch.no_grad():
+        full = ours(ids, px, sz, am)
+        hidden = ours(ids, px, sz, am, key_mask=~is_img)
+        hidden2 = ours(ids, other, sz, am, key_mask=~is_img)
+    text = am.bool() & ~is_img
+    assert (hidden - hidden2)[text].abs().max() <= 1e-5  # nothing of the pixels reaches a text token
+    assert (full - hidden)[text].abs().max() > 1e-3  # and hiding really changed something
+    first = is_img.float().argmax(1)  # positions before the image see no image key either way
+    before = am.bool() & (torch.arange(ids.shape[1])[None] < first[:, None])
+    assert before.any() and (full - hidden)[before].abs().max() == 0
+    # honoured while decoding: different pixels, same tokens
+    g1 = ours.generate(ids, am, px, sz, key_mask=~is_img, max_new_tokens=6, eos_token_id=[])
+    g2 = ours.generate(ids, am, other, sz, key_mask=~is_img, max_new_tokens=6, eos_token_id=[])
+    assert g1 == g2
+
+
+def test_partial_key_mask_keeps_positions(pair):
+    """Hiding one image key equals a forward in which that key's attention is removed by hand: positions unchanged."""
+    _, proc, ours, _ = pair
+    _, inp = hf_inputs(proc, n=1)
+    ids, px, sz = inp["input_ids"], inp["pixel_values"], inp.get("image_sizes")
+    k = int((ids[0] == ours.cfg.image_token_id).nonzero()[0])
+    km = torch.ones_like(ids, dtype=torch.bool)
+    km[0, k] = False
+    with torch.no_grad():
+        a = ours(ids, px, sz, key_mask=km)
+        b = ours(ids, px, sz)
+    assert torch.allclose(a[0, :k + 1], b[0, :k + 1])  # up to and including the hidden key: identical
+    assert (a[0, k + 1:] - b[0, k + 1:]).abs().max() > 0
+
+
+def test_lora_off_merge_and_save(pair, tmp_path):
+    hf, proc, ours, path = pair
+    _, inp = hf_inputs(proc, n=2)
+    vlm = VLM.from_pretrained(path).eval()
+    args = (inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"), inp["attention_mask"])
+    with torch.no_grad():
+        base = vlm(*args)
+        vlm.add_lora(r=4, alpha=8)
+        assert torch.allclose(vlm(*args), base)  # B = 0: the adapters start as the identity
+        for n, p in vlm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        tuned = vlm(*args)
+        assert (tuned - base).abs().max() > 1e-3
+        with vlm.lora_disabled():
+            assert torch.allclose(vlm(*args), base)
+    trainable = {n for n, p in vlm.named_parameters() if p.requires_grad and "language_model" in n}
+    assert trainable and all("lora_" in n or "embed" in n or "norm" in n for n in trainable)
+    vlm.save_pretrained(str(tmp_path / "m"))  # adapters merged into the saved weights
+    with torch.no_grad():
+        assert torch.allclose(VLM.from_pretrained(str(tmp_path / "m"))(*args), tuned, atol=1e-5)
+        assert torch.allclose(vlm.merge_lora()(*args), tuned, atol=1e-5)
+
+
+def test_missing_or_misshapen_tensor_is_named(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, _, _, path = pair
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    victim = sorted(k for k in sd if "layers.1.mlp.down_proj" in k)[0]
+    for case in ("missing", "shape", "extra"):
+        d = tmp_path / case
+        d.mkdir()
+        for fn in ("config.json", "tokenizer.json"):
+            (d / fn).write_text(open(os.path.join(path, fn)).read())
+        bad = dict(sd)
+        if case == "missing":
+            del bad[victim]
+        elif case == "shape":
+            bad[victim] = torch.zeros(3, 3)
+        else:
+            bad["language_model.model.bogus.weight"] = torch.zeros(1)
+        save_file(bad, str(d / "model.safetensors"))
+        with pytest.raises((KeyError, ValueError), match="bogus" if case == "extra" else "down_proj"):
+            VLM.from_pretrained(str(d))
+
+
+def test_sharded_checkpoint_loads(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, proc, ours, path = pair
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for fn, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / fn))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: fn for fn, ks in shards.items() for k in ks}}))
+    (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    vlm = VLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert vlm.lm_head.weight.dtype == torch.bfloat16
+    _, inp = hf_inputs(proc, n=1)
+    with torch.no_grad():
+        a = vlm.float()(inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"))
+        b = ours(inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"))
+    assert (a - b).abs().max() < 0.1  # bf16 weights, fp32 compute
+
+
+def test_corrupt_image_names_file(tmp_path):
+    good = tmp_path / "ok.png"
+    random_image(30, 30).save(good)
+    assert load_image(str(good)).mode == "RGB"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(good.read_bytes()[:200])  # truncated
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image(str(bad))
+    with pytest.raises(ValueError, match="nothere.jpg"):
+        load_image(str(tmp_path / "nothere.jpg"))
+
+
+def test_both_config_and_key_layouts(tmp_path):
+    """rope_theta (4.x) and rope_parameters (5.x) read the same; old and new key layouts map to one name."""
+    a, b = hf_config(), hf_config()
+    b["text_config"].pop("rope_theta")
+    b["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    assert parse_config(a).text == parse_config(b).text
+    for old, new in [("language_model.model.layers.0.mlp.up_proj.weight", "model.language_model.layers.0.mlp.up_proj.weight"),
+                     ("language_model.lm_head.weight", "lm_head.weight"),
+                     ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias", "model.vision_tower.encoder.layers.0.mlp.fc1.bias"),
+                     ("model.vision_tower.vision_model.embeddings.class_embedding", "model.vision_tower.embeddings.class_embedding"),
+                     ("multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.weight"),
+                     ("image_newline", "model.image_newline")]:
+        assert VLM.hf_key(old) == new
+    bad = hf_config()
+    bad["text_config"]["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
+    with pytest.raises(ValueError, match="rope_type"):
+        parse_config(bad)
+
+
+def test_sampling_rules():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]]).repeat(500, 1)
+    assert sample(logits).eq(1).all()  # temperature 0 is greedy
+    assert set(sample(logits, 1.0, top_k=2, generator=g).tolist()) == {1, 2}
+    assert set(sample(logits, 1.0, top_p=0.3, generator=g).tolist()) == {1}  # token 1 alone holds > 30%
+    a = sample(logits, 1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, sample(logits, 1.0, generator=torch.Generator().manual_seed(7)))
+
+
+def test_stop_strings_and_eos(pair):
+    _, proc, ours, _ = pair
+    _, inp = hf_inputs(proc, n=1)
+    args = (inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes"))
+    free = ours.generate(*args, max_new_tokens=12, eos_token_id=[])[0]
+    text = ours.tokenizer.decode(free)
+    stop = next((ch for ch in text[1:] if ch.strip()), None)
+    cut = ours.generate(*args, max_new_tokens=12, eos_token_id=[], stop_strings=[stop])[0]
+    assert stop in ours.tokenizer.decode(cut) and cut == free[:len(cut)] and len(cut) < len(free)
+    i = next((i for i in range(1, len(free)) if free[i] not in free[:i]), 0)  # a token first seen at step i
+    assert ours.generate(*args, max_new_tokens=12, eos_token_id=free[i])[0] == free[:i]  # EOS ends and is dropped
+
+
+def test_kv_cache_repeat_layout():
+    cfg = parse_config(hf_config()).text
+    c = KVCache(cfg, 2, 5, torch.float32, "cpu")
+    c.k[:, 0], c.k[:, 1] = 1.0, 2.0
+    c.next_pos = torch.tensor([3, 4])
+    r = c.repeat(3)
+    assert r.k.shape[1] == 6 and r.k[:, :3].eq(1).all() and r.k[:, 3:].eq(2).all()
+    assert r.next_pos.tolist() == [3, 3, 3, 4, 4, 4]
