@@ -590,6 +590,53 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 # -----------------------------------------------------------------------------
+# safetensors, streamed: one tensor at a time through plain reads/writes, so loading a checkpoint costs one copy of
+# the weights plus the largest tensor (a memory map would add every page it touches to the resident set)
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+def st_header(path):
+    """The JSON header of a .safetensors file ({key: {dtype, shape, data_offsets}}) and where its data starts."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def st_read(f, base, info):
+    """Reads one tensor's bytes straight into a fresh CPU tensor."""
+    t = torch.empty(info["shape"], dtype=ST_DTYPES[info["dtype"]])
+    start, end = info["data_offsets"]
+    if t.numel():
+        f.seek(base + start)
+        buf = t.view(-1).view(torch.uint8).numpy()
+        if f.readinto(memoryview(buf)) != end - start or buf.nbytes != end - start:
+            raise ValueError(f"{f.name}: tensor data is truncated or inconsistent")
+    return t
+
+
+def st_write(tensors: dict, path, metadata=None):
+    """Writes tensors in the safetensors format (8-byte header length, JSON header padded to 8, raw data)."""
+    names = {v: k for k, v in ST_DTYPES.items()}
+    header, off = {"__metadata__": metadata or {}}, 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+# -----------------------------------------------------------------------------
 # The VLM
 
 
@@ -877,7 +924,6 @@ class VLM(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=None):
         """Loads a local HF-layout folder or a hub id. Every key and shape is checked; tensors go straight to
         `dtype` on `device`, one at a time, so peak host memory stays near one copy of the weights."""
-        from safetensors import safe_open
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
             path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
@@ -901,21 +947,22 @@ class VLM(nn.Module):
             raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
         filled = set()
         for fn in files:
-            with safe_open(os.path.join(path, fn), framework="pt", device="cpu") as f:
-                for key in f.keys():
+            header, base = st_header(os.path.join(path, fn))
+            with open(os.path.join(path, fn), "rb") as f:
+                for key, info in header.items():
                     name = cls.hf_key(key)
                     if name.endswith("embeddings.position_ids") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
                         continue  # a buffer older exports saved, and a tied copy
                     if name.startswith("model.vision_tower.head.") and cfg.vision.use_head:
-                        vlm.extra[name] = f.get_tensor(key)
+                        vlm.extra[name] = st_read(f, base, info)
                         continue
                     if name not in params:
                         raise KeyError(f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)")
-                    p, t = params[name], f.get_slice(key)
-                    if tuple(t.get_shape()) != tuple(p.shape):
-                        raise ValueError(f"{fn}: {key!r} has shape {tuple(t.get_shape())}, expected {tuple(p.shape)}")
+                    p = params[name]
+                    if tuple(info["shape"]) != tuple(p.shape):
+                        raise ValueError(f"{fn}: {key!r} has shape {tuple(info['shape'])}, expected {tuple(p.shape)}")
                     mod, _, attr = name.rpartition(".")
-                    tensor = f.get_tensor(key).to(device=device, dtype=dtype, copy=True)
+                    tensor = st_read(f, base, info).to(device=device, dtype=dtype)
                     vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(tensor, requires_grad=p.requires_grad)
                     filled.add(name)
         missing = sorted(set(params) - filled)
@@ -962,7 +1009,6 @@ class VLM(nn.Module):
 
     def save_pretrained(self, out_dir):
         """Writes config.json, model.safetensors, tokenizer and processor files atomically (temp dir, then rename)."""
-        from safetensors.torch import save_file
         out_dir = out_dir.rstrip("/")
         tmp = f"{out_dir}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -973,7 +1019,7 @@ class VLM(nn.Module):
                                          else "LlavaForConditionalGeneration"])
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(raw, f, indent=2)
-        save_file(self.state_dict_hf(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        st_write(self.state_dict_hf(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         files = dict(self.files)
@@ -987,3 +1033,31 @@ class VLM(nn.Module):
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
+
+# -----------------------------------------------------------------------------
+# A command line to try a checkpoint: python model.py --model llava-hf/llava-v1.6-vicuna-7b-hf --image cat.jpg
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="Answer a question about an image with a LLaVA checkpoint.")
+    ap.add_argument("--model", required=True, help="local HF-layout folder or hub id")
+    ap.add_argument("--image", default=None)
+    ap.add_argument("--prompt", default="Describe the image.")
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    vlm = VLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device).eval()
+    batch = vlm.prepare([a.prompt], [load_image(a.image)] if a.image else None)
+    g = torch.Generator(a.device).manual_seed(a.seed)
+    out = vlm.generate(**batch, max_new_tokens=a.max_new_tokens, temperature=a.temperature, generator=g)
+    text = vlm.tokenizer.decode(out[0])
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ ARCHS = {
     "interleave_qwen": dict(vision="siglip", text="qwen2", layer=-1),
     "next_llama": dict(model_type="llava_next"),
     "next_mistral": dict(model_type="llava_next", text="mistral"),
+    "clip_full_two_layers": dict(layer=[-3, -1], strategy="full"),  # class token kept, two layers concatenated
 }
 PROMPTS = ["USER: <image>\nWhat is this? ASSISTANT:",
            "USER: <image>\nDescribe the picture in detail, please. ASSISTANT:",
@@ -296,3 +297,30 @@ def test_kv_cache_repeat_layout():
     r = c.repeat(3)
     assert r.k.shape[1] == 6 and r.k[:, :3].eq(1).all() and r.k[:, 3:].eq(2).all()
     assert r.next_pos.tolist() == [3, 3, 3, 4, 4, 4]
+
+
+def test_streamed_safetensors_match_the_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from model import st_header, st_read, st_write
+    ts = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).view(2, 3),
+          "e": torch.zeros(0, 2)}
+    st_write(ts, str(tmp_path / "ours.safetensors"), {"format": "pt"})
+    back = load_file(str(tmp_path / "ours.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in ts.items())
+    save_file(ts, str(tmp_path / "lib.safetensors"))
+    header, base = st_header(str(tmp_path / "lib.safetensors"))
+    with open(tmp_path / "lib.safetensors", "rb") as f:
+        assert all(torch.equal(st_read(f, base, header[k]), v) for k, v in ts.items())
+
+
+def test_cli_and_hub_id(pair, tmp_path, monkeypatch):
+    """main() answers from a local folder; a hub id goes through huggingface_hub.snapshot_download."""
+    import huggingface_hub
+    import model
+    _, _, _, path = pair
+    img = tmp_path / "x.png"
+    random_image(40, 50).save(img)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo) or path)
+    text = model.main(["--model", "someone/tiny-llava", "--image", str(img), "--max_new_tokens", "5"])
+    assert calls == ["someone/tiny-llava"] and isinstance(text, str)
