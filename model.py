@@ -352,7 +352,7 @@ class KVCache:
         self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
         self.key_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(B, dtype=torch.long, device=device)
-        self.pos, self.T = 0, 0  # slots filled before this chunk, length of the chunk being written
+        self.pos = 0  # slots filled so far (shared by all rows)
 
     def write(self, layer, k, v):
         """Stores a (B, Hk, T, D) chunk at slots [pos, pos+T) and returns keys/values of slots [0, pos+T)."""
@@ -365,7 +365,7 @@ class KVCache:
         new = object.__new__(KVCache)
         new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
         new.key_mask, new.next_pos = self.key_mask.repeat_interleave(n, 0), self.next_pos.repeat_interleave(n, 0)
-        new.pos, new.T = self.pos, self.T
+        new.pos = self.pos
         return new
 
 

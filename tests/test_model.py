@@ -324,3 +324,16 @@ def test_cli_and_hub_id(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo) or path)
     text = model.main(["--model", "someone/tiny-llava", "--image", str(img), "--max_new_tokens", "5"])
     assert calls == ["someone/tiny-llava"] and isinstance(text, str)
+
+
+def test_chat_templates():
+    from model import format_chat
+    q = [{"role": "user", "content": "<image>\nWhat is shown?"}]
+    assert format_chat(q, "llava") == "USER: <image>\nWhat is shown? ASSISTANT:"  # llava-1.5-hf
+    assert format_chat(q, "mistral") == "[INST] <image>\nWhat is shown? [/INST]"  # llava-v1.6-mistral
+    assert format_chat(q, "vicuna").startswith("A chat between") and format_chat(q, "vicuna").endswith(
+        "USER: <image>\nWhat is shown? ASSISTANT:")
+    assert format_chat(q, "chatml").endswith("<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n"
+                                             "<|im_start|>assistant\n")
+    turns = q + [{"role": "assistant", "content": "A cup."}, {"role": "user", "content": "Colour?"}]
+    assert format_chat(turns, "llava") == "USER: <image>\nWhat is shown? ASSISTANT: A cup.</s>USER: Colour? ASSISTANT:"
