@@ -291,7 +291,8 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:  # write this chunk at its slots, attend over every filled slot
             k, v = cache.write(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.Hk != self.H)
+        # mask None = plain causal attention (nothing padded or hidden), which lets SDPA pick its fastest kernel
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.Hk != self.H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
 
@@ -329,7 +330,7 @@ class LanguageModel(nn.Module):
         self.checkpointing = False  # gradient checkpointing, one layer at a time
 
     def forward(self, x, positions, mask, cache=None):
-        """x (B, T, C) input embeddings, positions (B, T), mask (B, 1, T, S) bool over keys -> (B, T, C)."""
+        """x (B, T, C) input embeddings, positions (B, T), mask (B, 1, T, S) bool over keys or None (causal)."""
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.checkpointing and self.training and cache is None:
@@ -750,7 +751,8 @@ class VLM(nn.Module):
             q_slots = torch.arange(c.pos, c.pos + T, device=dev)
         else:
             keys, q_slots = visible, torch.arange(T, device=dev)
-        mask = attention_mask_4d(keys, q_slots.expand(B, T), self.cfg.text.sliding_window)
+        plain = c is None and self.cfg.text.sliding_window is None and bool(visible.all())
+        mask = None if plain else attention_mask_4d(keys, q_slots.expand(B, T), self.cfg.text.sliding_window)
         h = self.model.language_model(x, position_ids, mask, c)
         if c is not None:
             c.pos += T

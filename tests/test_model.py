@@ -337,3 +337,16 @@ def test_chat_templates():
                                              "<|im_start|>assistant\n")
     turns = q + [{"role": "assistant", "content": "A cup."}, {"role": "user", "content": "Colour?"}]
     assert format_chat(turns, "llava") == "USER: <image>\nWhat is shown? ASSISTANT: A cup.</s>USER: Colour? ASSISTANT:"
+
+
+def test_causal_fast_path_equals_explicit_mask(pair):
+    """An unpadded batch takes SDPA's is_causal path; a window wider than the input forces the explicit mask."""
+    _, proc, ours, _ = pair
+    _, inp = hf_inputs(proc, n=1)
+    ids, px, sz = inp["input_ids"], inp["pixel_values"], inp.get("image_sizes")
+    with torch.no_grad():
+        a = ours(ids, px, sz)
+        ours.cfg.text.sliding_window, sw = 10 ** 6, ours.cfg.text.sliding_window  # any window forces the mask
+        b = ours(ids, px, sz)
+        ours.cfg.text.sliding_window = sw
+    assert (a - b).abs().max() <= 1e-5
