@@ -461,16 +461,16 @@ class ImageProcessor:
 
     @classmethod
     def default_for(cls, cfg: VLMConfig):
+        """The processor a checkpoint without preprocessor_config.json implies (also written when we save one)."""
         S = cfg.vision.image_size
         if cfg.vision.kind == "siglip":
-            pp = dict(size={"height": S, "width": S}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_center_crop=False)
+            pp = dict(image_processor_type="SiglipImageProcessor", size={"height": S, "width": S},
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3, do_center_crop=False)
         else:
-            pp = dict(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+            pp = dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": S},
+                      crop_size={"height": S, "width": S})
         if cfg.model_type == "llava_next":
-            pp["image_grid_pinpoints"] = cfg.grid_pinpoints
-        pp["image_processor_type"] = {"siglip": "SiglipImageProcessor", "clip": "CLIPImageProcessor"}[cfg.vision.kind]
-        if cfg.model_type == "llava_next":
-            pp["image_processor_type"] = "LlavaNextImageProcessor"
+            pp.update(image_processor_type="LlavaNextImageProcessor", image_grid_pinpoints=cfg.grid_pinpoints)
         return cls(pp, cfg.grid_pinpoints or None)
 
     def resize(self, a, size):  # (H, W, 3) uint8 -> (h, w, 3) uint8 through PIL, as transformers does
@@ -826,7 +826,7 @@ class VLM(nn.Module):
 
     # -- prompting ------------------------------------------------------------
 
-    def encode_prompt(self, text, image_sizes=None, n_images=None):
+    def encode_prompt(self, text, image_sizes=None):
         """Prompt text with "<image>" placeholders -> ids with each placeholder repeated once per image feature."""
         k = text.count("<image>")
         counts = self.image_token_counts(image_sizes, k) if k else []
