@@ -688,14 +688,13 @@ class VLM(nn.Module):
             feats = self._vision_features(pixel_values)  # (N, P, C)
             return feats.flatten(0, 1)
         # AnyRes: drop padded views, encode all views at once, then per image: base view + unpadded grid + newlines
-        counts = [1 + math.prod(x // cfg.vision.image_size for x in select_best_resolution(
-            tuple(int(s) for s in hw), cfg.grid_pinpoints)) for hw in image_sizes]
+        p = cfg.vision.image_size // cfg.vision.patch_size
+        grids = [self._unpadded_grid(tuple(int(s) for s in hw), p)[1] for hw in image_sizes]
+        counts = [1 + gh * gw for gh, gw, _ in grids]  # views per image: the base view + the tiles
         views = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]) if pixel_values.dim() == 5 else pixel_values
         feats = self._vision_features(views).split(counts)
-        p = cfg.vision.image_size // cfg.vision.patch_size
         out = []
-        for f, hw in zip(feats, image_sizes):
-            _, (gh, gw, pad) = self._unpadded_grid(tuple(int(s) for s in hw), p)
+        for f, hw, (gh, gw, pad) in zip(feats, image_sizes, grids):
             grid = f[1:].view(gh, gw, p, p, -1).permute(4, 0, 2, 1, 3).reshape(f.shape[-1], gh * p, gw * p)
             H, W = grid.shape[1:]
             h, w = (int(s) for s in hw)
