@@ -993,20 +993,17 @@ class VLM(nn.Module):
 
     def state_dict_hf(self):
         """Tensors as transformers names them, adapters merged, tied head left out."""
-        sd = {}
+        sd = dict(self.extra)
         for name, mod in self.named_modules():
             for attr, p in mod.named_parameters(recurse=False):
-                if attr.startswith("lora_"):
-                    continue
                 key = f"{name}.{attr}" if name else attr
+                if attr.startswith("lora_") or (key == "lm_head.weight" and self.cfg.tie_word_embeddings):
+                    continue
                 if attr == "weight" and isinstance(mod, LoRALinear):
                     p = mod.merged_weight()
-                if key == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                    continue
-                key = key.replace("model.vision_tower.", "model.vision_tower.vision_model.")  # the hub's layout
                 sd[key] = p.detach().contiguous().cpu()
-        extra = {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v for k, v in self.extra.items()}
-        return {**sd, **extra}
+        # the hub's layout keeps the tower's `vision_model.` level, which our module tree flattens
+        return {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v for k, v in sd.items()}
 
     def save_pretrained(self, out_dir):
         """Writes config.json, model.safetensors, tokenizer and processor files atomically (temp dir, then rename)."""
