@@ -1033,7 +1033,19 @@ class VLM(nn.Module):
         shutil.rmtree(old, ignore_errors=True)
 
 # -----------------------------------------------------------------------------
-# A command line to try a checkpoint: python model.py --model llava-hf/llava-v1.6-vicuna-7b-hf --image cat.jpg
+# Command lines: every script's @dataclass Config becomes its argparse CLI; try a checkpoint with `python model.py`
+
+
+def config_from_argv(cls, argv=None, doc=None):
+    """argparse generated from a dataclass: each field is `--name value` (or `--name=value`) with its default."""
+    import argparse
+    import dataclasses
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = type(f.default)
+        parse = (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind
+        ap.add_argument(f"--{f.name}", type=parse, default=f.default, metavar=kind.__name__.upper())
+    return cls(**vars(ap.parse_args(argv)))
 
 
 def main(argv=None):

@@ -1,0 +1,206 @@
+"""eval.py: hallucination and capability metrics (paper §4.2, §7, App. B).
+
+On the embedded world every answer can be checked against the scene, so the metrics are exact:
+- POPE-style existence probing ("Is there a cup in the image?") with random, popular (the most frequent absent
+  categories) and adversarial (the absent usual partner of a present object) negatives: accuracy, precision, recall,
+  F1 and yes-ratio, with POPE's official answer parsing;
+- description hallucination (Rohrbach et al. 2018): objects parsed from a detailed description and checked against
+  the scene, giving CHAIR_i (share of mentioned objects that are absent), CHAIR_s (share of descriptions with any)
+  and recall (share of present objects mentioned), plus the colours stated for correctly named objects;
+- colour and count question accuracy.
+
+    python eval.py --model assets/world-base --data world --world_seed 0 --out results.json
+"""
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import data
+from model import VLM, config_from_argv
+
+# -----------------------------------------------------------------------------
+# Parsing answers
+
+NEGATIONS = {"no", "not", "without", "nor", "none", "never"}
+_WORD = re.compile(r"[a-z]+")
+_NOUNS = {data.plural(c): c for c in data.CATEGORIES} | {c: c for c in data.CATEGORIES}
+
+
+def parse_objects(text):
+    """Object mentions in free text: [{"category", "color" (or None), "negated"}], in order of appearance. A mention
+    is negated when a negation word comes earlier in its clause ("there is no cup", "not a red cup")."""
+    out = []
+    for clause in re.split(r"[.;!?,]| but | and ", text.lower()):
+        words = _WORD.findall(clause)
+        for k, w in enumerate(words):
+            if w in _NOUNS:
+                prev = words[k - 1] if k else ""
+                out.append(dict(category=_NOUNS[w], color=prev if prev in data.COLORS else None,
+                                negated=any(x in NEGATIONS for x in words[:k])))
+    return out
+
+
+def mentioned(text):
+    """The set of categories a text asserts are present."""
+    return {m["category"] for m in parse_objects(text) if not m["negated"]}
+
+
+def yes_no(text):
+    """POPE's official rule: the first sentence without commas; any of "No", "not", "no" means no."""
+    words = text.split(".")[0].replace(",", "").split()
+    return not any(w in ("No", "not", "no") for w in words)
+
+
+def first_word(text, vocab):
+    """The first word of the text that is in vocab, or None."""
+    return next((w for w in _WORD.findall(text.lower()) if w in vocab), None)
+
+# -----------------------------------------------------------------------------
+# Metrics (percentages), each a pure function
+
+
+def pope_metrics(pred, label):
+    """pred, label: lists of bools (True = yes). Accuracy, precision, recall, F1 of the "yes" class, yes-ratio."""
+    tp = sum(p and l for p, l in zip(pred, label))
+    fp = sum(p and not l for p, l in zip(pred, label))
+    fn = sum(l and not p for p, l in zip(pred, label))
+    n = len(label)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    acc = sum(p == l for p, l in zip(pred, label)) / n
+    return {k: 100 * v for k, v in dict(acc=acc, precision=precision, recall=recall, f1=f1,
+                                        yes_ratio=sum(pred) / n).items()}
+
+
+def chair(said, truth):
+    """said, truth: one set of categories per description. CHAIR_i = absent mentions / mentions, CHAIR_s = share of
+    descriptions with an absent mention, recall = present objects mentioned / present objects."""
+    mentions = sum(len(s) for s in said)
+    wrong = [len(s - t) for s, t in zip(said, truth)]
+    return dict(chair_i=100 * sum(wrong) / max(mentions, 1), chair_s=100 * sum(w > 0 for w in wrong) / len(said),
+                recall=100 * sum(len(s & t) for s, t in zip(said, truth)) / max(sum(len(t) for t in truth), 1))
+
+
+def accuracy(pred, gold):
+    return 100 * sum(p == g for p, g in zip(pred, gold)) / max(len(gold), 1)
+
+# -----------------------------------------------------------------------------
+# The world evaluation
+
+
+def answer(vlm, images, questions, max_new_tokens, batch_size=64):
+    """Greedy answers to (image, question) pairs: batched, KV-cached generation."""
+    out = []
+    for i in range(0, len(questions), batch_size):
+        batch = vlm.prepare(questions[i:i + batch_size], images[i:i + batch_size])
+        ids = vlm.generate(**batch, max_new_tokens=max_new_tokens, temperature=0.0)
+        out += [vlm.tokenizer.decode(x) for x in ids]
+    return out
+
+
+def probes(world: data.World, split, n):
+    """The questions of the world evaluation: per scene a description, one POPE positive, one negative of each
+    kind, a colour and a count question. Returns (scenes, items); an item is (scene index, kind, question, gold)."""
+    rng = random.Random(f"probes-{world.seed}-{split}")
+    scenes = [world.scene(split, i) for i in range(n)]
+    items = []
+    for i, s in enumerate(scenes):
+        present = [o.category for o in s.objects]
+        absent = [c for c in data.CATEGORIES if c not in present]
+        partners = [data.PARTNER[c] for c in present if data.PARTNER[c] in absent]
+        top = max(data.FREQUENCY[c] for c in absent if c not in partners)
+        negatives = dict(random=rng.choice(absent), adversarial=rng.choice(partners) if partners else None,
+                         popular=rng.choice([c for c in absent if data.FREQUENCY[c] == top and c not in partners]))
+        items.append((i, "describe", "Describe the image in detail.", set(present)))
+        items.append((i, "pope_pos", data.exist_qa(rng.choice(present), True)[0], True))
+        items += [(i, f"pope_{k}", data.exist_qa(c, False)[0], False) for k, c in negatives.items() if c]
+        o = rng.choice(s.objects)
+        items.append((i, "color", f"What color is the {o.category}?", o.color))
+        items.append((i, "count", "How many objects are there?", len(s.objects)))
+    return scenes, items
+
+
+def evaluate_world(vlm, world_seed=0, split="broken", n=200, batch_size=64):
+    """All world metrics for the first n scenes of a split, as a flat dict (percentages)."""
+    world = data.World(world_seed)
+    scenes, items = probes(world, split, n)
+    images = [data.render(s) for s in scenes]
+    texts = {}
+    for kind, max_new in (("describe", 96), ("pope", 3), ("color", 6), ("count", 6)):
+        sel = [it for it in items if it[1].startswith(kind)]
+        for it, t in zip(sel, answer(vlm, [images[it[0]] for it in sel], [it[2] for it in sel], max_new, batch_size)):
+            texts[it[:3]] = t
+    res = dict(split=split, world_seed=world_seed, n_images=n)
+    pos = [(yes_no(texts[it[:3]]), True) for it in items if it[1] == "pope_pos"]
+    for k in ("random", "popular", "adversarial"):
+        neg = [(yes_no(texts[it[:3]]), False) for it in items if it[1] == f"pope_{k}"]
+        pred, label = zip(*(pos + neg))
+        res |= {f"pope_{k}_{m}": v for m, v in pope_metrics(pred, label).items()}
+    desc = [it for it in items if it[1] == "describe"]
+    res |= chair([mentioned(texts[it[:3]]) for it in desc], [it[3] for it in desc])
+    stated, true_color = [], []  # colours the descriptions give to objects that are really there
+    for it in desc:
+        colors = {o.category: o.color for o in scenes[it[0]].objects}
+        for m in parse_objects(texts[it[:3]]):
+            if m["category"] in colors and m["color"] and not m["negated"]:
+                stated.append(m["color"]), true_color.append(colors[m["category"]])
+    res["desc_color_acc"] = accuracy(stated, true_color)
+    col = [it for it in items if it[1] == "color"]
+    res["color_acc"] = accuracy([first_word(texts[it[:3]], data.COLORS) for it in col], [it[3] for it in col])
+    cnt = [it for it in items if it[1] == "count"]
+    res["count_acc"] = accuracy([first_word(texts[it[:3]], data.NUMBERS) for it in cnt],
+                                [data.NUMBERS[it[3]] for it in cnt])
+    res["samples"] = [texts[it[:3]] for it in desc[:3]]
+    return res
+
+
+KEYS = ["pope_random_f1", "pope_popular_f1", "pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s",
+        "recall", "color_acc", "desc_color_acc", "count_acc"]
+
+
+def table(rows: dict, keys=KEYS):
+    """{name: results} -> a Markdown table with one row per result and the headline metrics as columns."""
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+@dataclass
+class Config:
+    model: str = data.BASE_MODEL
+    data: str = "world"
+    world_seed: int = 0
+    split: str = "broken"  # broken: the prior does not hold; heldout: unseen scenes from the training distribution
+    n: int = 200
+    batch_size: int = 64
+    out: str = ""
+
+
+def main(argv=None):
+    cfg = config_from_argv(Config, argv, __doc__)
+    if cfg.data != "world":
+        raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
+    vlm = VLM.from_pretrained(cfg.model).eval()
+    t0 = time.time()
+    res = evaluate_world(vlm, cfg.world_seed, cfg.split, cfg.n, cfg.batch_size)
+    res["seconds"] = round(time.time() - t0, 1)
+    print(table({os.path.basename(cfg.model.rstrip("/")): res}))
+    print("sample descriptions:", *res["samples"], sep="\n  ")
+    if cfg.out:
+        tmp = cfg.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=2)
+        os.replace(tmp, cfg.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()
