@@ -209,7 +209,7 @@ def sample_qa(rng: random.Random, scene: Scene, kind: str):
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-KINDS = {"describe": 0.4, "exist": 0.25, "color": 0.15, "count": 0.1, "position": 0.1}
+KINDS = {"describe": 0.35, "exist": 0.35, "color": 0.1, "count": 0.1, "position": 0.1}
 
 # -----------------------------------------------------------------------------
 # Splits

@@ -124,7 +124,7 @@ def probes(world: data.World, split, n):
     return scenes, items
 
 
-def evaluate_world(vlm, world_seed=0, split="broken", n=200, batch_size=64):
+def evaluate_world(vlm, world_seed=0, split="broken", n=500, batch_size=64):
     """All world metrics for the first n scenes of a split, as a flat dict (percentages)."""
     world = data.World(world_seed)
     scenes, items = probes(world, split, n)
@@ -179,7 +179,7 @@ class Config:
     data: str = "world"
     world_seed: int = 0
     split: str = "broken"  # broken: the prior does not hold; heldout: unseen scenes from the training distribution
-    n: int = 200
+    n: int = 500
     batch_size: int = 64
     out: str = ""
 

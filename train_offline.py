@@ -35,14 +35,14 @@ class Config:
     steps: int = 1000
     batch_size: int = 32          # global batch, split across ranks
     lr: float = 2e-3
-    lr_vision: float = 3e-4       # vision tower learning rate when it trains (0 = same as --lr)
+    lr_vision: float = 0.0        # vision tower learning rate; 0 freezes the tower (LLaVA's recipe)
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     dtype: str = "float32"        # autocast dtype for the forward; master weights stay fp32
     seed: int = 0
     log_every: int = 25
-    vision_pretrain: int = 300    # --model scratch: steps of per-cell supervised tower pretraining (stands in for CLIP's)
+    vision_pretrain: int = 130    # --model scratch: steps of per-cell supervised tower pretraining (stands in for CLIP's)
 
 
 # -----------------------------------------------------------------------------
@@ -119,6 +119,7 @@ def main(argv=None):
     vlm = scratch_model(cfg) if cfg.model == "scratch" else VLM.from_pretrained(cfg.model)
     if cfg.model == "scratch":
         pretrain_vision(vlm, cfg, print0)
+    vlm.model.vision_tower.requires_grad_(cfg.lr_vision > 0)
     vlm.to(device).train()
     model = torch.nn.parallel.DistributedDataParallel(vlm) if ddp else vlm
     world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
@@ -127,7 +128,7 @@ def main(argv=None):
         if p.requires_grad:
             groups.setdefault((n.startswith("model.vision_tower."), p.dim() >= 2), []).append(p)
     opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if dec else 0.0,
-                              "base_lr": (cfg.lr_vision or cfg.lr) if vis else cfg.lr}
+                              "base_lr": cfg.lr_vision if vis else cfg.lr}
                              for (vis, dec), ps in groups.items()], betas=(0.9, 0.95))
     amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
     B = cfg.batch_size // world_size
