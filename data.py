@@ -19,6 +19,7 @@ pure function of (world_seed, split, i), so any slice can be regenerated without
     python data.py --split broken --n 8 --out world_samples   # writes PNGs and a JSONL to look at
 """
 import json
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -51,7 +52,7 @@ SIZE = 96  # image side in pixels: 3x3 cells of 32 px; glyphs are drawn at 3x an
 
 
 def plural(c):
-    return c + "es" if c.endswith("ch") else c + "s"
+    return c + "s"  # every category name takes a plain -s
 
 
 def an(word):
@@ -127,7 +128,6 @@ def _glyph(d: ImageDraw.ImageDraw, c, x0, y0, s):
     elif c == "moon":   # a crescent
         oval(0.0, 0.0, 1.0, 1.0); oval(0.3, -0.1, 1.2, 0.85, 0)
     elif c == "star":
-        import math
         poly([(0.5 + (0.5 if k % 2 == 0 else 0.2) * math.sin(k * math.pi / 5),
                0.55 - (0.5 if k % 2 == 0 else 0.2) * math.cos(k * math.pi / 5)) for k in range(10)])
     elif c == "house":  # walls and a roof
@@ -137,7 +137,7 @@ def _glyph(d: ImageDraw.ImageDraw, c, x0, y0, s):
     elif c == "key":    # a ring bow, a shaft and teeth
         oval(0.0, 0.3, 0.4, 0.7); oval(0.12, 0.42, 0.28, 0.58, 0); box(0.35, 0.45, 1.0, 0.57); box(0.75, 0.55, 0.85, 0.75)
     elif c == "lock":   # a body under a shackle
-        box(0.1, 0.45, 0.9, 1.0); oval(0.2, 0.0, 0.8, 0.7); oval(0.35, 0.15, 0.65, 0.6, 0); box(0.1, 0.45, 0.9, 1.0)
+        oval(0.2, 0.0, 0.8, 0.7); oval(0.35, 0.15, 0.65, 0.6, 0); box(0.1, 0.45, 0.9, 1.0)
     elif c == "pencil":  # a long bar with a point
         poly([(0.0, 0.4), (0.75, 0.4), (1.0, 0.5), (0.75, 0.6), (0.0, 0.6)])
     elif c == "book":   # a cover split by its spine
@@ -176,19 +176,23 @@ DESCRIBE = ["Describe the image in detail.", "What do you see in this picture?",
 COUNT = ["How many objects are there?", "How many objects are in the image?", "Count the objects in the picture."]
 
 
-def describe(scene: Scene) -> str:
-    n = len(scene.objects)
-    head = "There is one object." if n == 1 else f"There are {NUMBERS[n]} objects."
-    return " ".join([head] + [f"{an(o.color).capitalize()} {o.category} is {POSITIONS[o.cell]}." for o in scene.objects])
-
-
 def count_answer(scene):
     n = len(scene.objects)
     return "There is one object." if n == 1 else f"There are {NUMBERS[n]} objects."
 
 
+def describe(scene: Scene) -> str:
+    """The count, then one sentence per object in reading order."""
+    return " ".join([count_answer(scene)] + [f"{an(o.color).capitalize()} {o.category} is {POSITIONS[o.cell]}."
+                                             for o in scene.objects])
+
+
 def exist_qa(c, present):
     return f"Is there {an(c)} in the image?", (f"Yes, there is {an(c)}." if present else f"No, there is no {c}.")
+
+
+def color_qa(o: Obj):
+    return f"What color is the {o.category}?", f"The {o.category} is {o.color}."
 
 
 def sample_qa(rng: random.Random, scene: Scene, kind: str):
@@ -203,7 +207,7 @@ def sample_qa(rng: random.Random, scene: Scene, kind: str):
         return exist_qa(rng.choice([o.category for o in scene.objects] if present else absent), present)
     o = rng.choice(scene.objects)
     if kind == "color":
-        return f"What color is the {o.category}?", f"The {o.category} is {o.color}."
+        return color_qa(o)
     if kind == "position":
         return f"Where is the {o.category}?", f"The {o.category} is {POSITIONS[o.cell]}."
     raise ValueError(f"unknown question kind {kind!r}")
@@ -279,14 +283,14 @@ def encode_conversation(vlm, messages):
     """(ids, labels) of a whole conversation in the model's chat template; labels are -100 except on the replies
     (their end-of-turn token included). Pieces are tokenized one by one, so the split is exact; each "<image>" becomes
     one placeholder per image feature."""
-    t, n_img = TEMPLATES[vlm.template], vlm.image_token_counts(None, 1)[0]
+    t = TEMPLATES[vlm.template]
     ids, labels = [], []
     for k, m in enumerate(messages):
         if m["role"] == "user":
             text, train = (t["system"] if k == 0 else "") + t["user"].format(m["content"]) + t["assistant"], False
         else:
             text, train = t["reply"].format(m["content"]), True
-        piece = vlm.tokenizer.encode(text.replace("<image>", "<image>" * n_img), add_special_tokens=k == 0).ids
+        piece = vlm.encode_prompt(text, add_special_tokens=k == 0)
         ids += piece
         labels += piece if train else [-100] * len(piece)
     return ids, labels

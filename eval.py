@@ -115,12 +115,12 @@ def probes(world: data.World, split, n):
         top = max(data.FREQUENCY[c] for c in absent if c not in partners)
         negatives = dict(random=rng.choice(absent), adversarial=rng.choice(partners) if partners else None,
                          popular=rng.choice([c for c in absent if data.FREQUENCY[c] == top and c not in partners]))
-        items.append((i, "describe", "Describe the image in detail.", set(present)))
+        items.append((i, "describe", data.DESCRIBE[0], set(present)))
         items.append((i, "pope_pos", data.exist_qa(rng.choice(present), True)[0], True))
         items += [(i, f"pope_{k}", data.exist_qa(c, False)[0], False) for k, c in negatives.items() if c]
         o = rng.choice(s.objects)
-        items.append((i, "color", f"What color is the {o.category}?", o.color))
-        items.append((i, "count", "How many objects are there?", len(s.objects)))
+        items.append((i, "color", data.color_qa(o)[0], o.color))
+        items.append((i, "count", data.COUNT[0], len(s.objects)))
     return scenes, items
 
 
@@ -129,32 +129,34 @@ def evaluate_world(vlm, world_seed=0, split="broken", n=500, batch_size=64):
     world = data.World(world_seed)
     scenes, items = probes(world, split, n)
     images = [data.render(s) for s in scenes]
-    texts = {}
+    texts = [""] * len(items)  # the model's answer to each item
     for kind, max_new in (("describe", 96), ("pope", 3), ("color", 6), ("count", 6)):
-        sel = [it for it in items if it[1].startswith(kind)]
-        for it, t in zip(sel, answer(vlm, [images[it[0]] for it in sel], [it[2] for it in sel], max_new, batch_size)):
-            texts[it[:3]] = t
+        sel = [j for j, it in enumerate(items) if it[1].startswith(kind)]
+        outs = answer(vlm, [images[items[j][0]] for j in sel], [items[j][2] for j in sel], max_new, batch_size)
+        for j, t in zip(sel, outs):
+            texts[j] = t
+
+    def answered(kind):  # (answer, item) for the items of one kind
+        return [(t, it) for t, it in zip(texts, items) if it[1] == kind]
+
     res = dict(split=split, world_seed=world_seed, n_images=n)
-    pos = [(yes_no(texts[it[:3]]), True) for it in items if it[1] == "pope_pos"]
+    pos = [(yes_no(t), True) for t, _ in answered("pope_pos")]
     for k in ("random", "popular", "adversarial"):
-        neg = [(yes_no(texts[it[:3]]), False) for it in items if it[1] == f"pope_{k}"]
-        pred, label = zip(*(pos + neg))
+        pred, label = zip(*(pos + [(yes_no(t), False) for t, _ in answered(f"pope_{k}")]))
         res |= {f"pope_{k}_{m}": v for m, v in pope_metrics(pred, label).items()}
-    desc = [it for it in items if it[1] == "describe"]
-    res |= chair([mentioned(texts[it[:3]]) for it in desc], [it[3] for it in desc])
+    desc = answered("describe")
+    res |= chair([mentioned(t) for t, _ in desc], [it[3] for _, it in desc])
     stated, true_color = [], []  # colours the descriptions give to objects that are really there
-    for it in desc:
+    for t, it in desc:
         colors = {o.category: o.color for o in scenes[it[0]].objects}
-        for m in parse_objects(texts[it[:3]]):
+        for m in parse_objects(t):
             if m["category"] in colors and m["color"] and not m["negated"]:
                 stated.append(m["color"]), true_color.append(colors[m["category"]])
     res["desc_color_acc"] = accuracy(stated, true_color)
-    col = [it for it in items if it[1] == "color"]
-    res["color_acc"] = accuracy([first_word(texts[it[:3]], data.COLORS) for it in col], [it[3] for it in col])
-    cnt = [it for it in items if it[1] == "count"]
-    res["count_acc"] = accuracy([first_word(texts[it[:3]], data.NUMBERS) for it in cnt],
-                                [data.NUMBERS[it[3]] for it in cnt])
-    res["samples"] = [texts[it[:3]] for it in desc[:3]]
+    res["color_acc"] = accuracy(*zip(*[(first_word(t, data.COLORS), it[3]) for t, it in answered("color")]))
+    res["count_acc"] = accuracy(*zip(*[(first_word(t, data.NUMBERS), data.NUMBERS[it[3]])
+                                       for t, it in answered("count")]))
+    res["samples"] = [t for t, _ in desc[:3]]
     return res
 
 

@@ -825,13 +825,13 @@ class VLM(nn.Module):
 
     # -- prompting ------------------------------------------------------------
 
-    def encode_prompt(self, text, image_sizes=None):
+    def encode_prompt(self, text, image_sizes=None, add_special_tokens=True):
         """Prompt text with "<image>" placeholders -> ids with each placeholder repeated once per image feature."""
         k = text.count("<image>")
         counts = self.image_token_counts(image_sizes, k) if k else []
         parts = text.split("<image>")
         text = parts[0] + "".join("<image>" * c + rest for c, rest in zip(counts, parts[1:]))
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def prepare(self, questions, images=None, template=None, device=None):
         """User questions (+ one PIL image each) -> left-padded model inputs for `forward` / `generate`."""

@@ -4,13 +4,15 @@
 (`--model scratch`: a tiny CLIP-style tower, MLP projector and Llama decoder, with a BPE tokenizer trained on the
 world's text). The preference losses (DPO, IPO, SLiC, reward model) arrive with the offline-alignment work.
 
-    python train_offline.py --loss sft --model scratch --out_dir assets/world-base   # rebuild the shipped base
-    torchrun --nproc_per_node 2 train_offline.py --loss sft --steps 200               # fine-tune it further
+    python train_offline.py --loss sft --model scratch --out_dir runs/world-base   # rebuild the shipped base into
+                                                                                   # runs/world-base/checkpoint
+    torchrun --nproc_per_node 2 train_offline.py --loss sft --steps 200             # fine-tune it further
 """
 import dataclasses
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 
@@ -71,7 +73,7 @@ def scratch_model(cfg: Config) -> VLM:
 
 
 def pretrain_vision(vlm: VLM, cfg: Config, print0=print):
-    """LLaVA starts from a pretrained CLIP tower; from scratch, we pretrain ours for a few hundred steps to name the
+    """LLaVA starts from a pretrained CLIP tower; from scratch, we pretrain ours for a hundred-odd steps to name the
     category and colour in each grid cell (a linear head per cell, thrown away afterwards). The scenes have uniformly
     random colours, so the tower learns shapes that do not lean on colour; the language prior is left to SFT."""
     tower, v = vlm.model.vision_tower, vlm.cfg.vision
@@ -81,7 +83,7 @@ def pretrain_vision(vlm: VLM, cfg: Config, print0=print):
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.lr, weight_decay=0.0)
     colors, K = list(data.COLORS), len(data.CATEGORIES)
     for step in range(cfg.vision_pretrain):
-        rngs = [data.random.Random(f"pretrain-{cfg.world_seed}-{step}-{k}") for k in range(cfg.batch_size)]
+        rngs = [random.Random(f"pretrain-{cfg.world_seed}-{step}-{k}") for k in range(cfg.batch_size)]
         scenes = [data.sample_scene(r, cfg.prior, color_prior=1 / len(colors)) for r in rngs]
         cat = torch.full((len(scenes), 9), K)  # K / len(colors) = empty cell
         col = torch.full((len(scenes), 9), len(colors))
