@@ -18,17 +18,20 @@ pure function of (world_seed, split, i), so any slice can be regenerated without
 
     python data.py --split broken --n 8 --out world_samples   # writes PNGs and a JSONL to look at
 """
+import hashlib
+import io
 import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model import TEMPLATES, config_from_argv, format_chat
+from model import TEMPLATES, config_from_argv, format_chat, load_image, to_rgb
 
 # -----------------------------------------------------------------------------
 # The world's rules: categories, usual pairs, typical colours, positions
@@ -47,7 +50,7 @@ POSITIONS = ["at the top left", "at the top", "at the top right", "on the left",
              "at the bottom left", "at the bottom", "at the bottom right"]
 # how often each category starts a unit: some are popular (POPE's "popular" negatives are the most frequent ones)
 FREQUENCY = {c: w for (a, b), w in zip(PAIRS, [3.0, 2.5, 2.0, 1.6, 1.3, 1.0, 0.8]) for c in (a, b)}
-NUMBERS = ["zero", "one", "two", "three", "four", "five"]
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]  # six: a corruption may add a sixth
 SIZE = 96  # image side in pixels: 3x3 cells of 32 px; glyphs are drawn at 3x and downsampled (anti-aliased)
 
 
@@ -279,10 +282,10 @@ def build_tokenizer(world: World, vocab_size=512):
 # Training batches: conversation -> ids with labels only on the assistant's replies
 
 
-def encode_conversation(vlm, messages):
+def encode_conversation(vlm, messages, image_sizes=None):
     """(ids, labels) of a whole conversation in the model's chat template; labels are -100 except on the replies
     (their end-of-turn token included). Pieces are tokenized one by one, so the split is exact; each "<image>" becomes
-    one placeholder per image feature."""
+    one placeholder per image feature (AnyRes models need the image's (h, w) in `image_sizes` to count them)."""
     t = TEMPLATES[vlm.template]
     ids, labels = [], []
     for k, m in enumerate(messages):
@@ -290,7 +293,7 @@ def encode_conversation(vlm, messages):
             text, train = (t["system"] if k == 0 else "") + t["user"].format(m["content"]) + t["assistant"], False
         else:
             text, train = t["reply"].format(m["content"]), True
-        piece = vlm.encode_prompt(text, add_special_tokens=k == 0)
+        piece = vlm.encode_prompt(text, image_sizes, add_special_tokens=k == 0)
         ids += piece
         labels += piece if train else [-100] * len(piece)
     return ids, labels
@@ -304,6 +307,318 @@ def collate(vlm, examples, pad_id=0):
     ids = torch.tensor([i + [pad_id] * (T - len(i)) for i, _ in enc])
     labels = torch.tensor([l + [-100] * (T - len(l)) for _, l in enc])
     return dict(input_ids=ids, labels=labels, **vlm.image_processor([e["image"] for e in examples]))
+
+# -----------------------------------------------------------------------------
+# The world's preference pairs: the corruption strategy (paper §4.3, Table 13) done by rule instead of by GPT-4
+
+
+def corrupt(rng: random.Random, scene: Scene, kind: str, q: str):
+    """A rejected answer to question q: the ground truth with one realistic hallucination, the kind a biased model
+    makes: an absent usual partner added, a colour turned typical, a count or a position changed. Returns
+    (answer, edit)."""
+    objs, cats = scene.objects, scene.categories()
+    asked = q.rstrip("?").split()[3 if kind == "exist" else -1]  # "Is there a cup ...", "What color is the cup?"
+    obj = next((o for o in objs if o.category == asked), None)
+
+    def added():  # the partner of a lone object (else the most popular absent category), typical colour, free cell
+        lone = [PARTNER[o.category] for o in objs if PARTNER[o.category] not in cats]
+        c = rng.choice(lone) if lone else max((c for c in CATEGORIES if c not in cats), key=FREQUENCY.get)
+        cell = rng.choice([k for k in range(9) if k not in {o.cell for o in objs}])
+        return Scene(sorted(objs + [Obj(c, TYPICAL[c], cell, 25, 0, 0)], key=lambda o: o.cell))
+
+    def recolored(o):
+        new = TYPICAL[o.category] if o.color != TYPICAL[o.category] else rng.choice([k for k in COLORS if k != o.color])
+        return replace(o, color=new)
+
+    def moved(o):
+        return replace(o, cell=rng.choice([k for k in range(9) if k not in {p.cell for p in objs}]))
+
+    if kind == "exist":
+        return exist_qa(asked, asked not in cats)[1], "exist"
+    if kind == "color":
+        return color_qa(recolored(obj))[1], "color"
+    if kind == "position":
+        return f"The {asked} is {POSITIONS[moved(obj).cell]}.", "position"
+    fewer = Scene(objs[:-1])
+    if kind == "count":
+        return count_answer(added() if len(objs) < 2 or rng.random() < 0.5 else fewer), "count"
+    edit = rng.choice(["partner", "partner", "color", "count", "position"])  # a description: one edit
+    if edit == "partner":
+        return describe(added()), edit
+    if edit == "count":  # the listed objects stay right, only the count sentence lies
+        wrong = count_answer(added() if len(objs) < 2 or rng.random() < 0.5 else fewer)
+        return describe(scene).replace(count_answer(scene), wrong, 1), edit
+    k = rng.randrange(len(objs))
+    o = recolored(objs[k]) if edit == "color" else moved(objs[k])
+    return describe(Scene(sorted(objs[:k] + [o] + objs[k + 1:], key=lambda o: o.cell))), edit
+
+
+def world_pairs(world: World, n, split="align", rejected=True):
+    """n pairs in the native format from the world's `split`: one question each, the ground truth as chosen and,
+    with `rejected`, its rule-made corruption as rejected (without, the prompts and chosen responses BDHS starts from)."""
+    recs = []
+    for i in range(n):
+        rng = world.rng(split, i)
+        scene = sample_scene(rng, world.prior, world.color_prior, split == "broken")
+        kind = rng.choices(list(KINDS), list(KINDS.values()))[0]
+        q, a = sample_qa(rng, scene, kind)
+        rec = dict(id=f"{split}-{world.seed}-{i}", image=render(scene),
+                   conversation=[{"role": "user", "content": "<image>\n" + q}], chosen=a, meta=dict(kind=kind))
+        if rejected:
+            rec["rejected"], rec["meta"]["edit"] = corrupt(random.Random(f"corrupt-{rec['id']}"), scene, kind, q)
+        recs.append(rec)
+    return recs
+
+# -----------------------------------------------------------------------------
+# Preference files. The native format is JSONL, one pair per line:
+#   {"id": "42", "image": "images/42.jpg", "conversation": [{"role": "user", "content": "<image>\nWhat is this?"}],
+#    "chosen": "...", "rejected": "...", "rejected2": "...", "meta": {...}}
+# `image` is relative to the file (or absolute); `conversation` ends with the user turn the responses answer, and
+# earlier turns may hold assistant replies; `rejected2` is optional, a second rejected response for Avg-DPO (Eq. 5);
+# `meta` is free-form (BDHS records its attempts there). Converters from public releases yield the same records,
+# with `image` also allowed to be bytes (parquet releases keep images inline).
+
+
+def check_pair(rec, where, base=""):
+    """Raises ValueError naming `where` (file:line) unless `rec` is a well-formed pair; resolves its image path."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for k in ("id", "image", "conversation", "chosen", "rejected"):
+        if k not in rec:
+            raise ValueError(f"{where}: missing key {k!r}")
+    for k in ("chosen", "rejected", "rejected2"):
+        if k in rec and not isinstance(rec[k], str):
+            raise ValueError(f"{where}: {k!r} must be a string, got {type(rec[k]).__name__}")
+    conv = rec["conversation"]
+    if not (isinstance(conv, list) and conv and all(isinstance(m, dict) and m.get("role") in ("user", "assistant")
+                                                    and isinstance(m.get("content"), str) for m in conv)
+            and conv[-1]["role"] == "user"):
+        raise ValueError(f"{where}: 'conversation' must be a list of {{role: user|assistant, content: str}} "
+                         f"messages that ends with a user turn")
+    if sum(m["content"].count("<image>") for m in conv) != 1:
+        raise ValueError(f"{where}: the conversation must hold exactly one '<image>' placeholder")
+    if isinstance(rec["image"], str):
+        rec["image"] = os.path.join(base, rec["image"])
+        if not os.path.isfile(rec["image"]):
+            raise ValueError(f"{where}: image not found: {rec['image']}")
+    return rec
+
+
+def read_pairs(path):
+    """A native JSONL file -> checked records; a malformed line or a missing image is an error naming file:line."""
+    recs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
+                recs.append(check_pair(rec, f"{path}:{n}", os.path.dirname(path)))
+    return recs
+
+
+def write_pairs(path, recs):
+    """Writes records as native JSONL, atomically; in-memory images are saved as PNGs in images/ beside it."""
+    out_dir = os.path.dirname(path) or "."
+    lines = []
+    for r in recs:
+        r = dict(r)
+        if not isinstance(r["image"], str):
+            os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+            name = os.path.join("images", f"{hashlib.sha1(str(r['id']).encode()).hexdigest()[:16]}.png")
+            open_image(r["image"]).save(os.path.join(out_dir, name))
+            r["image"] = name
+        elif not os.path.isabs(r["image"]):
+            r["image"] = os.path.relpath(r["image"], out_dir)
+        lines.append(json.dumps(r) + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def open_image(image):
+    """A path, encoded bytes or a PIL image -> RGB PIL image."""
+    if isinstance(image, str):
+        return load_image(image)
+    if isinstance(image, bytes):
+        return to_rgb(Image.open(io.BytesIO(image)))
+    return to_rgb(image)
+
+# -----------------------------------------------------------------------------
+# Converters from the public releases (paper Table 1) to native records. Images: RLHF-V's parquet holds them; the
+# others name files that `image_root` must hold (COCO train2014 for POVID, COCO train2017 for LLaVA-RLHF, the
+# unzipped merged_images/ for VLFeedback); by default a folder images/ beside the data file.
+
+
+def llava_turns(turns):
+    """LLaVA's [{from: human|gpt, value}] -> our messages, the "<image>" placeholder moved to the first turn's start."""
+    msgs = [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"].replace("<image>", "").strip()}
+            for t in turns]
+    msgs[0]["content"] = "<image>\n" + msgs[0]["content"]
+    return msgs
+
+
+def from_povid(r, n, root):
+    """POVID (YiyangAiLab/POVID_preference_data_for_VLLMs): a JSON array of {id, image, conversations,
+    rejected_conversations}; the last gpt turn of each is the chosen / rejected answer (a GPT-4V corruption)."""
+    return dict(id=f"povid-{n}", image=os.path.join(root, os.path.basename(r["image"])),
+                conversation=llava_turns(r["conversations"][:-1]), chosen=r["conversations"][-1]["value"],
+                rejected=r["rejected_conversations"][-1]["value"], meta=dict(source_id=r["id"]))
+
+
+def from_llava_rlhf(r, n, root):
+    """LLaVA-RLHF's human preferences (zhiqings/LLaVA-Human-Preference-10K): a JSON array of {id, image,
+    conversations, output_1, output_2, preference: 1|2, hallucination}; the last gpt turn is a reference answer."""
+    if r["preference"] not in (1, 2):
+        raise ValueError(f"preference must be 1 or 2, got {r['preference']!r}")
+    win, lose = (r["output_1"], r["output_2"])[::1 if r["preference"] == 1 else -1]
+    return dict(id=f"llava-rlhf-{n}", image=os.path.join(root, r["image"]), conversation=llava_turns(
+        r["conversations"][:-1]), chosen=win["value"], rejected=lose["value"],
+        meta=dict(source_id=str(r["id"]), hallucination=r.get("hallucination")))
+
+
+def from_vlfeedback(r, n, root):
+    """VLFeedback (MMInstruction/VLFeedback): JSONL of {id, prompt, models, completions: [{model, response,
+    annotations: {aspect: {Rating, Rationale}}}]}, four completions rated 1-5 by GPT-4V on three aspects. Chosen: the
+    best mean rating, rejected: the worst; ties and unrated completions ("N/A") are left out."""
+    comps = r["completions"]
+    if isinstance(comps, dict):  # the `datasets` library turns the list of dicts into a dict of lists
+        comps = [dict(zip(comps, v)) for v in zip(*comps.values())]
+    rated = []
+    for c in comps:
+        try:
+            rated.append((sum(float(a["Rating"]) for a in c["annotations"].values()) / len(c["annotations"]), c))
+        except (ValueError, ZeroDivisionError):
+            pass
+    rated.sort(key=lambda x: -x[0])
+    if len(rated) < 2 or rated[0][0] == rated[-1][0]:
+        return None
+    (hi, best), (lo, worst) = rated[0], rated[-1]
+    return dict(id=f"vlfeedback-{n}", image=os.path.join(root, r.get("img_path") or f"merged_images/{r['id']}.jpg"),
+                conversation=[{"role": "user", "content": "<image>\n" + r["prompt"]}], chosen=best["response"],
+                rejected=worst["response"], meta=dict(source_id=r["id"], models=[best["model"], worst["model"]],
+                                                      ratings=[hi, lo]))
+
+
+def from_rlhfv(r, n, root):
+    """RLHF-V (openbmb/RLHF-V-Dataset): parquet rows {ds_name, image: {bytes, path}, text: JSON string of {question,
+    chosen, rejected}, origin_dataset, origin_split, idx, image_path}; chosen is the human-corrected answer."""
+    t = json.loads(r["text"])
+    return dict(id=f"rlhfv-{r['idx']}", image=r["image"]["bytes"], conversation=[
+        {"role": "user", "content": "<image>\n" + t["question"].replace("<image>", "").strip()}],
+        chosen=t["chosen"], rejected=t["rejected"], meta=dict(ds_name=r["ds_name"], origin_dataset=r["origin_dataset"]))
+
+
+def read_records(f):
+    """(where, raw record) of a JSON array, a JSONL file or a parquet file."""
+    if f.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"reading {f} needs pyarrow: pip install pyarrow") from None
+        return ((f"row {n}", r) for n, r in enumerate(pq.read_table(f).to_pylist(), 1))
+    if f.endswith(".jsonl"):
+        return ((f"line {n}", json.loads(line)) for n, line in enumerate(open(f), 1) if line.strip())
+    return ((f"item {n}", r) for n, r in enumerate(json.load(open(f)), 1))
+
+
+# name -> (converter, hub dataset, its data file)
+CONVERTERS = {"povid": (from_povid, "YiyangAiLab/POVID_preference_data_for_VLLMs",
+                        "POVID_preference_data_for_VLLMs_version_1.json"),
+              "vlfeedback": (from_vlfeedback, "MMInstruction/VLFeedback", "vlfeedback_80k.jsonl"),
+              "rlhfv": (from_rlhfv, "openbmb/RLHF-V-Dataset", "RLHF-V-Dataset.parquet"),
+              "llava-rlhf": (from_llava_rlhf, "zhiqings/LLaVA-Human-Preference-10K", "llava_7b_v1_preference.json")}
+
+
+def load_pairs(spec, image_root=""):
+    """`spec`: a native .jsonl, or NAME[:PATH] with NAME in CONVERTERS and PATH the release's file or folder (without
+    it, the file is fetched from the hub through huggingface_hub). Every record is checked; errors name file and item."""
+    name, _, path = spec.partition(":")
+    if name not in CONVERTERS:
+        if not os.path.isfile(spec):
+            raise ValueError(f"--data {spec!r}: not a file, and not one of {', '.join(CONVERTERS)} (NAME or NAME:PATH)")
+        return read_pairs(spec)
+    convert, repo, fn = CONVERTERS[name]
+    if not path:
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download(repo, fn, repo_type="dataset")
+    f = os.path.join(path, fn) if os.path.isdir(path) else path
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{f}: not found; {name} is {fn} from the hub dataset {repo}")
+    root = image_root or os.path.join(os.path.dirname(f), "images")
+    recs, where = [], "start"
+    try:
+        for n, (where, raw) in enumerate(read_records(f), 1):
+            rec = convert(raw, n, root)
+            if rec is not None:
+                recs.append(check_pair(rec, f"{f}: {where}"))
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        if str(e).startswith(f"{f}:"):
+            raise
+        raise ValueError(f"{f}: {where}: not in {name}'s layout ({type(e).__name__}: {e})") from None
+    return recs
+
+# -----------------------------------------------------------------------------
+# Preference batches: tokenized once; image tokens are never cut
+
+
+def prepare_pairs(vlm, recs, max_length=2048, warn=True):
+    """Records -> tokenized items {id, image, prompt, responses} plus counts. Pairs whose chosen equals a rejected
+    response are skipped; a response that does not fit after the prompt is cut (text only); a prompt that does not fit
+    by itself (its image tokens included) drops the pair: truncating inside the image tokens would misalign them."""
+    K = 3 if recs and all("rejected2" in r for r in recs) else 2  # Avg-DPO only when every pair has a second rejected
+    keys = ("chosen", "rejected", "rejected2")[:K]
+    reply = TEMPLATES[vlm.template]["reply"]
+    items, stats = [], dict(pairs=len(recs), ties=0, too_long=0, truncated=0, rejected2_ignored=0)
+    for r in recs:
+        stats["rejected2_ignored"] += K == 2 and "rejected2" in r
+        if any(r[k].strip() == r["chosen"].strip() for k in keys[1:]):
+            stats["ties"] += 1
+            continue
+        sizes = None if vlm.cfg.model_type == "llava" else torch.tensor([open_image(r["image"]).size[::-1]])
+        prompt, _ = encode_conversation(vlm, r["conversation"], sizes)
+        room = max_length - len(prompt)
+        if room < 1:
+            stats["too_long"] += 1
+            continue
+        resp = [vlm.encode_prompt(reply.format(r[k]), add_special_tokens=False) for k in keys]
+        stats["truncated"] += any(len(x) > room for x in resp)
+        items.append(dict(id=r["id"], image=r["image"], prompt=prompt, responses=[x[:room] for x in resp]))
+    if warn and (stats["ties"] or stats["too_long"] or stats["truncated"] or stats["rejected2_ignored"]):
+        print(f"warning: of {stats['pairs']} pairs, {stats['ties']} have chosen == rejected (skipped), "
+              f"{stats['too_long']} have a prompt longer than max_length {max_length} (dropped), {stats['truncated']} "
+              f"had responses cut to fit, {stats['rejected2_ignored']} second rejected responses were ignored "
+              f"(not every pair has one)", file=sys.stderr)
+    return items, stats
+
+
+def collate_pairs(vlm, items, pad_id=0):
+    """Items -> one packed row per pair: [prompt | response 1 | response 2 (| response 3)] + padding. Every response
+    takes the RoPE positions right after the prompt and (through `segment`) attends only to the prompt and to
+    itself, so the image and prompt are encoded once for all responses; the logits at `pred_idx` (B, K, L) predict
+    `targets` (B, K, L; -100 on padding), and `last_idx` (B, K) is each response's last token (the reward head's)."""
+    rows, pred, last = [], [], []
+    for it in items:
+        P = len(it["prompt"])
+        ids, pos, seg, pr, ls = list(it["prompt"]), list(range(P)), [0] * P, [], []
+        for k, r in enumerate(it["responses"], 1):
+            start = len(ids)
+            ids, pos, seg = ids + r, pos + list(range(P, P + len(r))), seg + [k] * len(r)
+            pr.append([P - 1] + list(range(start, start + len(r) - 1)))  # the prompt's last token predicts r[0]
+            ls.append(start + len(r) - 1)
+        rows.append((ids, pos, seg))
+        pred.append(pr)
+        last.append(ls)
+    T = max(len(ids) for ids, _, _ in rows)
+    L = max(len(r) for it in items for r in it["responses"])
+    pad = lambda xs, n, v: xs + [v] * (n - len(xs))  # noqa: E731
+    return dict(input_ids=torch.tensor([pad(i, T, pad_id) for i, _, _ in rows]),
+                position_ids=torch.tensor([pad(p, T, 0) for _, p, _ in rows]),
+                segment=torch.tensor([pad(s, T, -1) for _, _, s in rows]),
+                pred_idx=torch.tensor([[pad(p, L, 0) for p in pr] for pr in pred]),
+                targets=torch.tensor([[pad(r, L, -100) for r in it["responses"]] for it in items]),
+                last_idx=torch.tensor(last), **vlm.image_processor([open_image(it["image"]) for it in items]))
 
 # -----------------------------------------------------------------------------
 # Command line: write a few examples to look at

@@ -177,31 +177,35 @@ def table(rows: dict, keys=KEYS):
 
 @dataclass
 class Config:
-    model: str = data.BASE_MODEL
+    model: str = data.BASE_MODEL  # a checkpoint, or several as name=path,name=path (one table row each)
     data: str = "world"
     world_seed: int = 0
     split: str = "broken"  # broken: the prior does not hold; heldout: unseen scenes from the training distribution
     n: int = 500
     batch_size: int = 64
-    out: str = ""
+    out: str = ""          # JSON: {name: results}
 
 
 def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
     if cfg.data != "world":
         raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
-    vlm = VLM.from_pretrained(cfg.model).eval()
-    t0 = time.time()
-    res = evaluate_world(vlm, cfg.world_seed, cfg.split, cfg.n, cfg.batch_size)
-    res["seconds"] = round(time.time() - t0, 1)
-    print(table({os.path.basename(cfg.model.rstrip("/")): res}))
-    print("sample descriptions:", *res["samples"], sep="\n  ")
+    rows = {}
+    for spec in cfg.model.split(","):
+        name, _, path = spec.rpartition("=")
+        name = name or os.path.basename(path.rstrip("/"))
+        t0 = time.time()
+        rows[name] = evaluate_world(VLM.from_pretrained(path).eval(), cfg.world_seed, cfg.split, cfg.n, cfg.batch_size)
+        rows[name]["seconds"] = round(time.time() - t0, 1)
+    print(table(rows))
+    for name, res in rows.items():
+        print(f"sample descriptions ({name}):", *res["samples"][:3], sep="\n  ")
     if cfg.out:
         tmp = cfg.out + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(res, f, indent=2)
+            json.dump(rows, f, indent=2)
         os.replace(tmp, cfg.out)
-    return res
+    return rows
 
 
 if __name__ == "__main__":

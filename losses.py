@@ -1,19 +1,31 @@
 """losses.py: log-probabilities and the training objectives, as pure functions (paper §3).
 
-Every loss takes per-sequence (or per-token) log-probs computed once, in fp32, and returns per-example losses; the
-training scripts average them. Equations are cited inline.
+Every preference loss takes per-sequence log-probs of the policy (pc, pr: chosen, rejected) and of the reference
+(rc, rr), computed once in fp32, and returns per-example losses plus the detached implicit rewards
+β·(log π - log π_ref) that the metrics report; the training scripts average the losses. With
+h = (pc - rc) - (pr - rr), the log-ratio margin of paper §3.2:
+
+    DPO (Eq. 3)   -log σ(β h)
+    IPO           (h - 1/(2β))²     Azar et al.'s form, as TRL writes it; fed per-token mean log-probs (see `LENGTH_NORM`)
+    SLiC          max(0, 1 - β h)   the hinge
+    Avg-DPO (Eq. 5)  γ L(y⁺, y⁻) + (1 - γ) L(y⁺, ỹ⁻): two rejected responses, one external and one from the policy
+    RM (Eq. 1)    -log σ(r(x, y⁺) - r(x, y⁻)), the Bradley–Terry reward-model loss
 """
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# Log-probs: shift by one, -100 marks positions that are not scored (prompt, image, padding)
+# Log-probs: -100 marks positions that are not scored (prompt, image, padding)
+
+
+def gathered_logps(logits, targets):
+    """(..., V) logits and (...) targets, already aligned (logits[i] predicts targets[i]) -> fp32 log-probs, 0 at -100."""
+    lp = -F.cross_entropy(logits.float().flatten(0, -2), targets.clamp(min=0).flatten(), reduction="none")
+    return lp.view(targets.shape) * (targets != -100)
 
 
 def token_logps(logits, labels):
-    """(B, T, V) logits and (B, T) labels -> (B, T-1) log p(label_t | x_<t) in fp32, 0 where the label is -100."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t+1
-    lp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, T-1)
-    return lp * (labels != -100)
+    """(B, T, V) logits and (B, T) labels -> (B, T-1) log p(label_t | x_<t): shift by one, position t predicts t+1."""
+    return gathered_logps(logits[:, :-1], labels[:, 1:])
 
 
 def sequence_logps(logits, labels):
@@ -28,3 +40,49 @@ def sft_loss(logits, labels):
     """Mean negative log-likelihood over all scored tokens of the batch (a scalar)."""
     n = (labels[:, 1:] != -100).sum().clamp(min=1)
     return -token_logps(logits, labels).sum() / n
+
+
+def rewards(p, r, beta):
+    """The implicit reward β·log(π/π_ref) of each response (detached: a diagnostic, not a gradient path)."""
+    return (beta * (p - r)).detach()
+
+
+def dpo_loss(pc, pr, rc, rr, beta=0.1):
+    """Eq. 3: -log σ(β h). Gradient pushes pc up and pr down, each weighted by σ(-β h)."""
+    h = (pc - rc) - (pr - rr)
+    return -F.logsigmoid(beta * h), rewards(pc, rc, beta), rewards(pr, rr, beta)
+
+
+def ipo_loss(pc, pr, rc, rr, beta=0.1):
+    """IPO: regress the margin h onto 1/(2β) instead of pushing it to infinity."""
+    h = (pc - rc) - (pr - rr)
+    return (h - 1 / (2 * beta)) ** 2, rewards(pc, rc, beta), rewards(pr, rr, beta)
+
+
+def slic_loss(pc, pr, rc, rr, beta=0.1):
+    """SLiC (hinge): zero loss, and zero gradient, once β h ≥ 1."""
+    h = (pc - rc) - (pr - rr)
+    return F.relu(1 - beta * h), rewards(pc, rc, beta), rewards(pr, rr, beta)
+
+
+LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
+LENGTH_NORM = {"ipo"}  # losses fed per-token mean log-probs (TRL does the same for IPO); the others take sums
+
+
+def avg_loss(loss, pc, pr, pr2, rc, rr, rr2, beta=0.1, gamma=0.5):
+    """Eq. 5: γ·L(y⁺, y⁻) + (1-γ)·L(y⁺, ỹ⁻), both on the clean input. Rejected rewards come back γ-weighted too."""
+    l1, c, r1 = LOSSES[loss](pc, pr, rc, rr, beta)
+    l2, _, r2 = LOSSES[loss](pc, pr2, rc, rr2, beta)
+    return gamma * l1 + (1 - gamma) * l2, c, gamma * r1 + (1 - gamma) * r2
+
+
+def rm_loss(sc, sr):
+    """Eq. 1, Bradley–Terry: -log σ(r(x, y⁺) - r(x, y⁻)) on the reward head's scalar scores (B,)."""
+    return -F.logsigmoid(sc - sr), sc.detach(), sr.detach()
+
+
+def preference_loss(loss, pc, pr, rc, rr, beta=0.1, pr2=None, rr2=None, gamma=0.5):
+    """Dispatch: `loss` in LOSSES; with a second rejected response (pr2, rr2) the Eq. 5 average."""
+    if pr2 is None:
+        return LOSSES[loss](pc, pr, rc, rr, beta)
+    return avg_loss(loss, pc, pr, pr2, rc, rr, rr2, beta, gamma)

@@ -634,7 +634,8 @@ def st_write(tensors: dict, path, metadata=None):
         f.write(len(h).to_bytes(8, "little") + h)
         for t in tensors.values():
             if t.numel():
-                f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                # a copy: numpy() pins a storage's size, and FSDP must free its gathered parameters afterwards
+                f.write(t.detach().cpu().clone().view(-1).view(torch.uint8).numpy().tobytes())
 
 
 # -----------------------------------------------------------------------------
@@ -654,7 +655,7 @@ class VLM(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
-        self.extra = {}  # checkpoint tensors LLaVA never uses (SigLIP's pooling head): kept only to be saved back
+        self.extra = {}  # tensors outside LLaVA's forward (SigLIP's pooling head, a reward head), kept to be saved
         self.tokenizer, self.image_processor, self.template, self.files = None, None, "vicuna", {}
 
     # -- images ---------------------------------------------------------------
@@ -954,8 +955,8 @@ class VLM(nn.Module):
                     name = cls.hf_key(key)
                     if name.endswith("embeddings.position_ids") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
                         continue  # a buffer older exports saved, and a tied copy
-                    if name.startswith("model.vision_tower.head.") and cfg.vision.use_head:
-                        vlm.extra[name] = st_read(f, base, info)
+                    if (name.startswith("model.vision_tower.head.") and cfg.vision.use_head) or name == "score.weight":
+                        vlm.extra[name] = st_read(f, base, info)  # SigLIP's pooling head; a reward model's head
                         continue
                     if name not in params:
                         raise KeyError(f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)")

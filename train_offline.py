@@ -1,14 +1,27 @@
-"""train_offline.py: supervised fine-tuning and offline alignment of a LLaVA-style model (paper §2.2, §3.2).
+"""train_offline.py: supervised fine-tuning and offline alignment of a LLaVA-style model (paper §2.2, §3.1, §3.2, §3.5).
 
-`--loss sft` trains on ground-truth conversations; it also builds the embedded world's base model from scratch
-(`--model scratch`: a tiny CLIP-style tower, MLP projector and Llama decoder, with a BPE tokenizer trained on the
-world's text). The preference losses (DPO, IPO, SLiC, reward model) arrive with the offline-alignment work.
+`--loss dpo|ipo|slic` trains on preference pairs (Eq. 3 and its variants; Avg-DPO, Eq. 5, when every pair has a
+second rejected response), `--loss rm` a Bradley–Terry reward model (Eq. 1; a scalar head on each response's last
+token), `--loss sft` on ground-truth conversations (and `--model scratch --loss sft` builds the world's base model).
+The paper's setup is the default: LoRA on every LLM linear, the projector trained at its own learning rate, the vision
+tower frozen (`--lora_r 0` trains the whole LLM instead).
 
-    python train_offline.py --loss sft --model scratch --out_dir runs/world-base   # rebuild the shipped base into
-                                                                                   # runs/world-base/checkpoint
-    torchrun --nproc_per_node 2 train_offline.py --loss sft --steps 200             # fine-tune it further
+Two things make a step cheap. Each pair is one packed row, [prompt | chosen | rejected], where every response sees
+the prompt and itself only: the image and prompt go through the tower and the LLM once for all responses, and the
+LM head runs only on response positions. The reference log-probs are computed once, before training, and cached on
+disk keyed by model and data (`--ref lora_off` instead recomputes them each step with the adapters switched off).
+
+    python train_offline.py                                   # DPO on the world's corruption set, from the shipped base
+    torchrun --nproc_per_node 2 train_offline.py --loss ipo --beta 1.0
+    python train_offline.py --data pairs.jsonl --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --fsdp true
+    python train_offline.py --data povid:/data/povid --loss rm --out_dir runs/rm
+    python train_offline.py --resume true                     # continues a killed run from its last saved step
+    python train_offline.py --loss sft --model scratch --lora_r 0 --lr 2e-3 --warmup 100 --weight_decay 0.01 \\
+        --steps 1000 --out_dir runs/world-base                # rebuilds the shipped base into runs/world-base/checkpoint
 """
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -18,7 +31,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from tqdm import tqdm
 
 import data
 import losses
@@ -28,22 +45,41 @@ from model import VLM, config_from_argv
 @dataclass
 class Config:
     model: str = data.BASE_MODEL  # HF folder or hub id; "scratch" builds the world's tiny architecture
-    data: str = "world"           # the embedded world's sft split
-    loss: str = "sft"
-    out_dir: str = "runs/sft"
+    data: str = "world"           # "world" (sft: its sft split; else its corruption set), a native .jsonl, or
+                                  # povid|vlfeedback|rlhfv|llava-rlhf, optionally :PATH to a local copy
+    image_root: str = ""          # the release's image folder (COCO for POVID...); default: images/ beside the data
+    loss: str = "dpo"             # dpo | ipo | slic | rm | sft
+    out_dir: str = "runs/offline"
+    beta: float = 0.1
+    gamma: float = 0.5            # Avg-DPO's weight on the external rejected response (Eq. 5)
     world_seed: int = 0
     prior: float = 0.9            # the world's language prior: how often an object comes with its usual partner
     color_prior: float = 0.6      # ... and how often it has its typical colour
-    steps: int = 1000
-    batch_size: int = 32          # global batch, split across ranks
-    lr: float = 2e-3
-    lr_vision: float = 0.0        # vision tower learning rate; 0 freezes the tower (LLaVA's recipe)
-    warmup: int = 100
-    weight_decay: float = 0.01
+    pairs: int = 2000             # world preference pairs to build
+    val_pairs: int = 200          # pairs held out to report pairwise accuracy (Table 7 for the reward model)
+    steps: int = 0                # optimizer steps; 0 means `epochs` passes over the training pairs
+    epochs: float = 2.0
+    batch_size: int = 32          # global batch: micro-batches x grad_accum x ranks
+    grad_accum: int = 1
+    lr: float = 5e-4              # LoRA adapters (or the whole LLM with --lora_r 0) and the reward head
+    lr_projector: float = 5e-5    # the projector's own learning rate (paper §2.2)
+    lr_vision: float = 0.0        # the vision tower's; 0 freezes it (LLaVA's recipe)
+    lora_r: int = 16              # 0: full fine-tuning of the LLM
+    lora_alpha: float = 32.0
+    warmup: int = 10              # linear warm-up steps, then cosine decay to 0
+    weight_decay: float = 0.0
     grad_clip: float = 1.0
-    dtype: str = "float32"        # autocast dtype for the forward; master weights stay fp32
+    max_length: int = 2048        # per response: prompt + response tokens; responses are cut, image tokens never
+    ref: str = "cache"            # cache: reference log-probs computed once and kept on disk; lora_off: every step
+    cache_dir: str = "runs/ref_cache"
+    dtype: str = "float32"        # autocast dtype for the forward; master weights and log-probs stay fp32
+    grad_ckpt: bool = False       # recompute each decoder layer in the backward pass
+    fsdp: bool = False            # shard parameters, gradients and optimizer state with FSDP2 (else DDP)
+    save_every: int = 50          # steps between checkpoints (model + training state); the last step always saves
+    resume: bool = False          # continue from out_dir's training state
+    eval_n: int = 500             # world scenes to evaluate before and after (data "world"); 0 skips
     seed: int = 0
-    log_every: int = 25
+    log_every: int = 10
     vision_pretrain: int = 130    # --model scratch: steps of per-cell supervised tower pretraining (stands in for CLIP's)
 
 
@@ -80,7 +116,7 @@ def pretrain_vision(vlm: VLM, cfg: Config, print0=print):
     g = v.image_size // v.patch_size  # patches per side; each grid cell is (g/3)^2 of them
     assert g % 3 == 0, "vision pretraining pools patches per grid cell: patches per side must divide by 3"
     heads = torch.nn.Linear(v.hidden_size * len(vlm.cfg.feature_layers), len(data.CATEGORIES) + len(data.COLORS) + 2)
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=0.0)
     colors, K = list(data.COLORS), len(data.CATEGORIES)
     for step in range(cfg.vision_pretrain):
         rngs = [random.Random(f"pretrain-{cfg.world_seed}-{step}-{k}") for k in range(cfg.batch_size)]
@@ -104,6 +140,196 @@ def pretrain_vision(vlm: VLM, cfg: Config, print0=print):
             print0(f"vision pretrain step {step}: loss {loss.item():.3f}, category accuracy {acc:.3f}")
 
 # -----------------------------------------------------------------------------
+# Scoring packed pairs: one forward gives every response's log-prob (and reward-head score)
+
+
+class PairModel(nn.Module):
+    """What DDP / FSDP wrap: the VLM plus, for the reward model, a scalar head on each response's last token."""
+
+    def __init__(self, vlm: VLM, reward_head=False):
+        super().__init__()
+        self.vlm = vlm
+        self.score = nn.Linear(vlm.cfg.text.hidden_size, 1, bias=False) if reward_head else None
+
+    def forward(self, input_ids, pixel_values, image_sizes=None, segment=None, position_ids=None, pred_idx=None,
+                targets=None, last_idx=None, labels=None):
+        """A batch from `data.collate_pairs` -> per-response log-probs (B, K) summed over tokens in fp32, token counts
+        (B, K), and reward scores (B, K) or None. A batch from `data.collate` (SFT) -> logits (B, T, V)."""
+        if segment is None:
+            return self.vlm(input_ids, pixel_values, image_sizes)
+        T, dev = input_ids.shape[1], input_ids.device
+        s = torch.arange(T, device=dev)
+        # query q sees key s if s <= q, s is not padding, and s belongs to the prompt or to q's own response
+        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+        mask = (s[:, None] >= s) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+        mask = (mask | torch.eye(T, dtype=torch.bool, device=dev))[:, None]  # (B, 1, T, T); pads see themselves
+        x = self.vlm.embed(input_ids, pixel_values, image_sizes)
+        h = self.vlm.model.language_model(x, position_ids, mask)  # (B, T, C)
+        B, K, L = targets.shape
+        pick = lambda idx: h.gather(1, idx.reshape(B, -1, 1).expand(-1, -1, h.shape[-1]))  # noqa: E731
+        if self.score is not None:
+            return None, None, self.score(pick(last_idx)).squeeze(-1).float()  # (B, K)
+        logits = self.vlm.lm_head(pick(pred_idx)).view(B, K, L, -1)  # the LM head on response positions only
+        return losses.gathered_logps(logits, targets).sum(-1), (targets != -100).sum(-1), None
+
+
+def fingerprint(cfg: Config, items):
+    """Cache key of the reference log-probs: the model's files, and every pair's tokens and image bytes."""
+    h = hashlib.sha256(json.dumps([cfg.model, cfg.dtype]).encode())
+    if os.path.isdir(cfg.model):
+        for fn in sorted(os.listdir(cfg.model)):
+            if fn.endswith((".json", ".safetensors")):
+                with open(os.path.join(cfg.model, fn), "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 24), b""):
+                        h.update(chunk)
+    for it in items:
+        h.update(json.dumps([it["prompt"], it["responses"]]).encode())
+        im = it["image"]
+        h.update(im.encode() + str(os.path.getsize(im)).encode() if isinstance(im, str)
+                 else im if isinstance(im, bytes) else im.tobytes())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def reference_logps(pm: PairModel, items, cfg: Config, B, device, rank, W):
+    """(N, K) reference log-probs of every response, computed before training (the policy starts at the reference)
+    and cached on disk: a rerun, a resume or another loss on the same model and data reads them back."""
+    path = os.path.join(cfg.cache_dir, f"ref-{fingerprint(cfg, items)}.pt")
+    if not os.path.exists(path):
+        N = len(items)
+        mine = list(range(rank, N, W))
+        mine += mine[:1] * (math.ceil(N / W) - len(mine))  # equal batch counts on every rank (FSDP needs it)
+        out = {}
+        pm.eval()
+        for i in tqdm(range(0, len(mine), B), desc="reference log-probs", disable=rank != 0):
+            idx = mine[i:i + B]
+            lp, _, _ = pm(**to(data.collate_pairs(pm.vlm, [items[j] for j in idx]), device))
+            out.update(zip(idx, lp.cpu()))
+        pm.train()
+        if W > 1:
+            parts = [None] * W
+            dist.all_gather_object(parts, out)
+            out = {k: v for p in parts for k, v in p.items()}
+        if rank == 0:
+            os.makedirs(cfg.cache_dir, exist_ok=True)
+            torch.save(torch.stack([out[j] for j in range(N)]), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        if W > 1:
+            dist.barrier()
+    return torch.load(path)
+
+
+def to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+# -----------------------------------------------------------------------------
+# Setup: data, model, optimizer
+
+
+def load_data(cfg: Config, vlm: VLM, print0=print):
+    """Training and held-out items, the preference records tokenized once (SFT reads the world's sft split live)."""
+    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
+    if cfg.data == "world":
+        recs = data.world_pairs(world, cfg.pairs + cfg.val_pairs)
+    else:
+        recs = data.load_pairs(cfg.data, cfg.image_root)
+    items, stats = data.prepare_pairs(vlm, recs, cfg.max_length)
+    print0(f"pairs: {json.dumps(stats)}")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    nval = min(cfg.val_pairs, len(items) // 10 if cfg.data != "world" else cfg.val_pairs)
+    return items, order[nval:], order[:nval]
+
+
+def build_model(cfg: Config, device, print0=print):
+    vlm = scratch_model(cfg) if cfg.model == "scratch" else VLM.from_pretrained(cfg.model)
+    if cfg.model == "scratch":
+        pretrain_vision(vlm, cfg, print0)
+    if cfg.model == "scratch" and cfg.lora_r:
+        raise ValueError("--model scratch trains every weight: pass --lora_r 0")
+    if cfg.lora_r:
+        vlm.requires_grad_(False)
+        vlm.add_lora(cfg.lora_r, cfg.lora_alpha)
+        vlm.model.multi_modal_projector.requires_grad_(cfg.lr_projector > 0)
+    vlm.model.vision_tower.requires_grad_(cfg.lr_vision > 0)
+    vlm.model.language_model.checkpointing = cfg.grad_ckpt
+    if cfg.loss == "rm":
+        vlm.lm_head.requires_grad_(False)  # unused by the reward model (and an unused trainable tensor stalls DDP)
+    pm = PairModel(vlm, reward_head=cfg.loss == "rm").to(device)
+    if cfg.ref == "lora_off" and (not cfg.lora_r or any(p.requires_grad for n, p in pm.named_parameters()
+                                                        if "lora_" not in n)):
+        raise ValueError("--ref lora_off needs --lora_r > 0 and nothing but the adapters trained (--lr_projector 0): "
+                         "otherwise switching the adapters off does not give back the reference model")
+    return vlm, pm
+
+
+def make_optimizer(cfg: Config, pm: PairModel, print0=print):
+    """AdamW with one learning rate per part (LLM / projector / tower); made after FSDP swaps in sharded parameters."""
+    groups = {}  # (learning rate, decays) -> params: matrices decay, gains and biases do not
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            lr = cfg.lr_vision if ".vision_tower." in n else cfg.lr_projector if ".multi_modal_projector." in n \
+                else cfg.lr
+            groups.setdefault((lr, p.dim() >= 2), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if dec else 0.0, "base_lr": lr}
+                             for (lr, dec), ps in groups.items()], betas=(0.9, 0.95))
+    n_train = sum(p.numel() for ps in groups.values() for p in ps)
+    print0(f"trainable parameters: {n_train:,} of {sum(p.numel() for p in pm.parameters()):,}")
+    return opt
+
+
+def shard(pm: PairModel):
+    """FSDP2: each decoder layer, then the rest (embeddings, tower, projector, head) as the root unit."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in pm.vlm.model.language_model.layers:
+        fully_shard(layer)
+    return fully_shard(pm)
+
+# -----------------------------------------------------------------------------
+# Checkpoints: the model in HF layout (adapters merged) for users, and a training state for --resume
+
+
+STATE_OPTS = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save(cfg: Config, pm: PairModel, opt, step, rank):
+    """Both written atomically; the HF checkpoint first, so a kill between the two resumes from the older state."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()  # FSDP: every rank holds full parameters until reshard()
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    if rank == 0:
+        vlm = pm.vlm
+        vlm.files["train_config.json"] = json.dumps(dataclasses.asdict(cfg), indent=2)
+        if pm.score is not None:
+            vlm.extra["score.weight"] = pm.score.weight.detach().cpu()  # the reward head, saved beside the LLM's
+        vlm.save_pretrained(os.path.join(cfg.out_dir, "checkpoint"))
+    for m in units:
+        m.reshard()
+    model_sd = {k: v for k, v in get_model_state_dict(pm, options=STATE_OPTS).items() if k in trainable}
+    opt_sd = get_optimizer_state_dict(pm, opt, options=STATE_OPTS)
+    if rank == 0:
+        path = os.path.join(cfg.out_dir, "state.pt")
+        torch.save(dict(step=step, model=model_sd, optimizer=opt_sd, config=dataclasses.asdict(cfg)), path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def restore(cfg: Config, pm: PairModel, opt):
+    """-> the step to continue from. Parameters and optimizer moments come back exactly; the data order is a function
+    of the step, so the next batch is the one the killed run would have taken."""
+    path = os.path.join(cfg.out_dir, "state.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no training state at {path}")
+    st = torch.load(path, weights_only=False)
+    volatile = ("resume", "save_every", "log_every", "eval_n", "cache_dir")  # the rest shapes the trajectory
+    changed = {k for k, v in st["config"].items() if k not in volatile and getattr(cfg, k) != v}
+    if changed:
+        raise ValueError(f"--resume: {path} was written with different settings: {sorted(changed)}")
+    set_model_state_dict(pm, st["model"], options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(pm, opt, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+    return st["step"] + 1
+
+# -----------------------------------------------------------------------------
 # Training
 
 
@@ -112,61 +338,168 @@ def main(argv=None):
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank, W = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     print0 = print if rank == 0 else (lambda *a, **k: None)
     print0(json.dumps(dataclasses.asdict(cfg), indent=2))
-    torch.manual_seed(cfg.seed + rank)
-
-    vlm = scratch_model(cfg) if cfg.model == "scratch" else VLM.from_pretrained(cfg.model)
-    if cfg.model == "scratch":
-        pretrain_vision(vlm, cfg, print0)
-    vlm.model.vision_tower.requires_grad_(cfg.lr_vision > 0)
-    vlm.to(device).train()
-    model = torch.nn.parallel.DistributedDataParallel(vlm) if ddp else vlm
+    if cfg.loss not in (*losses.LOSSES, "rm", "sft"):
+        raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm', 'sft'])}")
+    if cfg.batch_size % (W * cfg.grad_accum):
+        raise ValueError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = {W * cfg.grad_accum}")
+    torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A must agree (DDP also broadcasts it)
+    vlm, pm = build_model(cfg, device, print0)
     world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
-    groups = {}  # (is vision, decays) -> params: matrices decay, gains and biases do not
-    for n, p in vlm.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((n.startswith("model.vision_tower."), p.dim() >= 2), []).append(p)
-    opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if dec else 0.0,
-                              "base_lr": cfg.lr_vision if vis else cfg.lr}
-                             for (vis, dec), ps in groups.items()], betas=(0.9, 0.95))
+    B = cfg.batch_size // (W * cfg.grad_accum)  # micro-batch per rank
+    sft = cfg.loss == "sft"
+    model = shard(pm) if cfg.fsdp and ddp else nn.parallel.DistributedDataParallel(pm) if ddp else pm
+    opt = make_optimizer(cfg, pm, print0)
+    items, ref = None, None
+    if not sft:
+        items, train_idx, val_idx = load_data(cfg, vlm, print0)
+        if cfg.ref == "cache" and cfg.loss != "rm":
+            ref = reference_logps(pm, items, cfg, B, device, rank, W)
+    steps = cfg.steps or (1000 if sft else max(1, int(cfg.epochs * len(train_idx) // cfg.batch_size)))
     amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
-    B = cfg.batch_size // world_size
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    start = restore(cfg, pm, opt) if cfg.resume else 0
+    mpath = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rank == 0:  # a resumed run rewrites the steps after its state; a fresh one starts the file
+        old = open(mpath).readlines() if cfg.resume and os.path.exists(mpath) else []
+        log = open(mpath, "w")
+        log.writelines(line for line in old if json.loads(line).get("step", -1) < start)
+    print0(f"{steps} steps of {cfg.batch_size} ({B} per micro-step per rank, {cfg.grad_accum} micro-steps, {W} ranks)"
+           + (f", resuming at step {start}" if start else ""))
+
+    def batch_indices(step, micro):
+        """The global batch of `step` comes from a per-epoch shuffle (a function of the step, so resume is exact); rank
+        r takes its rows r, r + W, ... of the micro-step's slice: the same data for any number of ranks."""
+        G = cfg.batch_size
+        if sft:
+            return [step * G + micro * B * W + rank + k * W for k in range(B)]
+        per_epoch = len(train_idx) // G
+        perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + step // per_epoch))
+        base = (step % per_epoch) * G + micro * B * W
+        return [train_idx[perm[base + rank + k * W]] for k in range(B)]
+
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=cfg.loss)
     t0 = time.time()
-    for step in range(cfg.steps):
-        scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    for step in bar:
+        scale = min(1.0, (step + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
-        lr = cfg.lr * scale
-        # rank r takes examples r, r + W, ... of each global batch: the same data for any number of ranks
-        batch = data.collate(vlm, [world.example("sft", step * cfg.batch_size + rank + k * world_size)
-                                   for k in range(B)])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with amp:
-            logits = model(batch["input_ids"], batch["pixel_values"])
-        loss = losses.sft_loss(logits, batch["labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(vlm.parameters(), cfg.grad_clip)
+        sums = torch.zeros(8)  # loss, rewards chosen/rejected/accuracies, logps chosen/rejected, tokens, examples
+        for micro in range(cfg.grad_accum):
+            # gradients are all-reduced only on the last micro-step; the others just accumulate locally
+            last = micro == cfg.grad_accum - 1
+            if cfg.fsdp and ddp:
+                model.set_requires_gradient_sync(last)
+            no_sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
+                else contextlib.nullcontext()
+            with no_sync, amp:
+                loss, stats = micro_step(cfg, model, pm, world, items, batch_indices(step, micro), device, ref)
+                # each rank averages over its share of the global batch; the mean over ranks completes it
+                (loss.sum() / (B * cfg.grad_accum)).backward()
+            sums += stats
+        norm = torch.nn.utils.clip_grad_norm_(pm.parameters(), cfg.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         opt.step()
+        opt.zero_grad(set_to_none=True)
         if ddp:
-            dist.all_reduce(loss := loss.detach(), op=dist.ReduceOp.AVG)
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-            rec = dict(step=step, loss=round(loss.item(), 4), lr=lr, grad_norm=round(norm.item(), 3),
-                       elapsed=round(time.time() - t0, 1))
+            dist.all_reduce(sums)  # metrics over the whole global batch
+        if rank == 0 and (step % cfg.log_every == 0 or step == steps - 1):
+            rec = metrics(sums, sft) | dict(step=step, lr=opt.param_groups[0]["lr"], grad_norm=round(float(norm), 4),
+                                            elapsed=round(time.time() - t0, 1))
+            if not sft:
+                rec["epoch"] = round((step + 1) * cfg.batch_size / len(train_idx), 3)
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            print0(rec)
+            bar.set_postfix(loss=rec["loss"], **({} if sft else {"acc": rec["rewards/accuracies"]}))
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
+            save(cfg, pm, opt, step, rank)
+    if not sft and val_idx:
+        ev = evaluate_pairs(cfg, pm, items, val_idx, B, device, ref, rank, W)
+        print0(f"held-out pairs ({len(val_idx)}): {json.dumps(ev)}")
+        if rank == 0:
+            log.write(json.dumps(dict(step=steps - 1, **ev)) + "\n")
     if rank == 0:
-        vlm.files["train_config.json"] = json.dumps(dataclasses.asdict(cfg), indent=2)
-        vlm.save_pretrained(os.path.join(cfg.out_dir, "checkpoint"))
+        log.close()
         print0(f"saved {cfg.out_dir}/checkpoint")
+        if cfg.data == "world" and not sft and cfg.eval_n:
+            world_results(cfg, print0)
     if ddp:
         dist.destroy_process_group()
+
+
+def micro_step(cfg: Config, model, pm: PairModel, world, items, idx, device, ref):
+    """Per-example losses of one micro-batch and the metric sums it contributes."""
+    if items is None:  # SFT: ground-truth conversations, every reply token scored
+        batch = to(data.collate(pm.vlm, [world.example("sft", i) for i in idx]), device)
+        logits = model(**batch)
+        loss = losses.sft_loss(logits, batch["labels"])
+        return loss * len(idx), torch.tensor([loss.item() * len(idx), 0, 0, 0, 0, 0, 0, len(idx)])
+    batch = to(data.collate_pairs(pm.vlm, [items[i] for i in idx]), device)
+    lp, n, sc = model(**batch)
+    if cfg.loss == "rm":
+        loss, c, r = losses.rm_loss(sc[:, 0], sc[:, 1])
+        lp = torch.zeros_like(sc)
+    else:
+        if ref is None:  # the same weights with the adapters off are the reference
+            with torch.no_grad(), pm.vlm.lora_disabled():
+                rlp = pm(**batch)[0]
+        else:
+            rlp = ref[idx].to(device)
+        p, r_ = (lp / n, rlp / n) if cfg.loss in losses.LENGTH_NORM else (lp, rlp)
+        extra = (p[:, 2], r_[:, 2]) if p.shape[1] == 3 else (None, None)
+        loss, c, r = losses.preference_loss(cfg.loss, p[:, 0], p[:, 1], r_[:, 0], r_[:, 1], cfg.beta, *extra,
+                                            gamma=cfg.gamma)
+    d = lp.detach()
+    stats = torch.stack([loss.detach().sum(), c.sum(), r.sum(), (c > r).float().sum(), d[:, 0].sum(), d[:, 1].sum(),
+                         torch.tensor(0.0), torch.tensor(float(len(idx)))]).cpu()
+    return loss, stats
+
+
+def metrics(sums, sft):
+    """TRL's metric names, averaged over the global batch."""
+    n = sums[7].item()
+    out = dict(loss=round(sums[0].item() / n, 5))
+    if not sft:
+        c, r = sums[1].item() / n, sums[2].item() / n
+        out |= {"rewards/chosen": round(c, 5), "rewards/rejected": round(r, 5), "rewards/margins": round(c - r, 5),
+                "rewards/accuracies": round(sums[3].item() / n, 4), "logps/chosen": round(sums[4].item() / n, 4),
+                "logps/rejected": round(sums[5].item() / n, 4)}
+    return out
+
+
+@torch.no_grad()
+def evaluate_pairs(cfg: Config, pm, items, val_idx, B, device, ref, rank, W):
+    """Pairwise accuracy on held-out pairs: the reward model's (paper Table 7), or the implicit reward's for DPO."""
+    pm.eval()
+    sums = torch.zeros(8)
+    mine = val_idx[rank::W]
+    mine += mine[:1] * (math.ceil(len(val_idx) / W) - len(mine))  # equal batch counts per rank (FSDP)
+    for i in range(0, len(mine), B):
+        sums += micro_step(cfg, pm, pm, None, items, mine[i:i + B], device, ref)[1]
+    pm.train()
+    if W > 1:
+        dist.all_reduce(sums)
+    m = metrics(sums, False)
+    return {"eval/loss": m["loss"], "eval/rewards/accuracies": m["rewards/accuracies"],
+            "eval/rewards/margins": m["rewards/margins"]}
+
+
+def world_results(cfg: Config, print0=print):
+    """The world's hallucination metrics before and after, in eval.py's keys, into <out_dir>/results.json."""
+    import eval as ev
+    res = {}
+    for name, path in (("before", cfg.model), ("after", os.path.join(cfg.out_dir, "checkpoint"))):
+        r = ev.evaluate_world(VLM.from_pretrained(path), cfg.world_seed, "broken", cfg.eval_n)
+        res[name] = {k: v for k, v in r.items() if k != "samples"}
+    print0(ev.table(res))
+    path = os.path.join(cfg.out_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return res
 
 
 if __name__ == "__main__":

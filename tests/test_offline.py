@@ -1,0 +1,327 @@
+"""Offline alignment: the losses, preference data (native files, converters, the world's corruption set), packed pair
+scoring, and train_offline.py end to end (DDP equals one process, kill + resume equals an uninterrupted run)."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import losses
+import train_offline as to
+from model import VLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures", "prefs")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny import build_hf  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Losses: closed forms and gradient signs
+
+
+def logps(*xs):
+    return [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in xs]
+
+
+def test_closed_forms():
+    pc, pr, rc, rr = logps([-3.0, -1.0], [-5.0, -1.0], [-4.0, -2.0], [-4.0, -1.0])  # h = [2, 1]
+    beta = 0.5
+    l, c, r = losses.dpo_loss(pc, pr, rc, rr, beta)
+    assert torch.allclose(l, torch.tensor([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(-0.5))], dtype=l.dtype))
+    assert torch.allclose(c, torch.tensor([0.5, 0.5], dtype=c.dtype)) and torch.allclose(r, torch.tensor([-0.5, 0.0], dtype=r.dtype))
+    l, _, _ = losses.ipo_loss(pc, pr, rc, rr, beta)  # (h - 1/(2β))² with 1/(2β) = 1
+    assert torch.allclose(l, torch.tensor([1.0, 0.0], dtype=l.dtype))
+    l, _, _ = losses.slic_loss(pc, pr, rc, rr, beta)  # max(0, 1 - βh)
+    assert torch.allclose(l, torch.tensor([0.0, 0.5], dtype=l.dtype))
+    zero = torch.zeros(3)
+    assert torch.allclose(losses.dpo_loss(zero, zero, zero, zero)[0], torch.full((3,), math.log(2)))
+    l, sc, sr = losses.rm_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert torch.allclose(l, torch.tensor([math.log(1 + math.exp(-2.0)), math.log(2)]))
+    # Eq. 5: γ L(y+, y-) + (1-γ) L(y+, ỹ-)
+    pr2, rr2 = logps([-2.0, -6.0], [-1.0, -1.0])
+    l, _, r = losses.avg_loss("dpo", pc, pr, pr2, rc, rr, rr2, beta, gamma=0.25)
+    want = 0.25 * losses.dpo_loss(pc, pr, rc, rr, beta)[0] + 0.75 * losses.dpo_loss(pc, pr2, rc, rr2, beta)[0]
+    assert torch.allclose(l, want)
+    assert torch.equal(losses.preference_loss("dpo", pc, pr, rc, rr, beta, pr2, rr2, 0.25)[0], l)
+
+
+@pytest.mark.parametrize("name", list(losses.LOSSES))
+def test_gradient_signs(name):
+    """Lowering the loss raises the chosen log-prob and lowers the rejected one; the reference gets no gradient."""
+    pc, pr = logps([-4.0, -2.0], [-4.0, -3.0])
+    rc, rr = torch.tensor([-4.0, -2.5]), torch.tensor([-4.0, -2.5])
+    l, c, r = losses.LOSSES[name](pc, pr, rc, rr, 0.1)
+    l.sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
+    assert not c.requires_grad and not r.requires_grad
+    sc, sr = logps([0.3], [0.1])
+    losses.rm_loss(sc, sr)[0].sum().backward()
+    assert sc.grad < 0 < sr.grad
+
+
+def test_token_logps_mask_and_shift():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 6]])
+    lp = losses.token_logps(logits, labels)
+    ref = logits.log_softmax(-1)
+    assert lp[0, 0] == 0 and torch.isclose(lp[0, 1], ref[0, 1, 3]) and torch.isclose(lp[1, 3], ref[1, 3, 6])
+    assert torch.isclose(losses.sequence_logps(logits, labels)[0], ref[0, 1, 3] + ref[0, 2, 4])
+
+# -----------------------------------------------------------------------------
+# Preference data
+
+
+def write_jsonl(path, recs):
+    with open(path, "w") as f:
+        for r in recs:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def pair(i, image="images/COCO_train2014_000000000001.jpg", **kw):
+    return dict(id=str(i), image=image, conversation=[{"role": "user", "content": "<image>\nWhat is it?"}],
+                chosen="A red square.", rejected="A red kite.") | kw
+
+
+def test_native_jsonl_errors_name_file_and_line(tmp_path):
+    path = str(tmp_path / "pairs.jsonl")
+    os.symlink(os.path.join(FIX, "images"), tmp_path / "images")
+    write_jsonl(path, [pair(0), pair(1), "{not json"])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:3: malformed JSON"):
+        data.read_pairs(path)
+    write_jsonl(path, [pair(0), pair(1, image="images/missing.jpg")])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: image not found: .*missing\.jpg"):
+        data.read_pairs(path)
+    bad = pair(2)
+    del bad["rejected"]
+    write_jsonl(path, [pair(0), bad])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: missing key 'rejected'"):
+        data.read_pairs(path)
+    write_jsonl(path, [pair(0, conversation=[{"role": "user", "content": "no placeholder"}])])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: .*exactly one '<image>'"):
+        data.read_pairs(path)
+    write_jsonl(path, [pair(0), pair(1)])
+    recs = data.read_pairs(path)
+    assert [r["id"] for r in recs] == ["0", "1"] and os.path.isfile(recs[0]["image"])
+
+
+def test_ties_are_counted_and_skipped(tmp_path, capsys):
+    vlm = VLM.from_pretrained(data.BASE_MODEL)
+    img = os.path.join(FIX, "images", "COCO_train2014_000000000001.jpg")
+    recs = [pair(0, image=img), pair(1, image=img, rejected="A red square."), pair(2, image=img)]
+    items, stats = data.prepare_pairs(vlm, recs)
+    assert stats["ties"] == 1 and [it["id"] for it in items] == ["0", "2"]
+    assert "1 have chosen == rejected (skipped)" in capsys.readouterr().err
+
+
+def test_truncation_never_cuts_image_tokens():
+    vlm = VLM.from_pretrained(data.BASE_MODEL)
+    rec = data.world_pairs(data.World(0), 1)[0] | dict(chosen="word " * 80, rejected="other " * 60)
+    prompt, _ = data.encode_conversation(vlm, rec["conversation"])
+    items, stats = data.prepare_pairs(vlm, [rec], max_length=len(prompt) + 10, warn=False)
+    assert stats["truncated"] == 1 and items[0]["prompt"] == prompt
+    assert [len(r) for r in items[0]["responses"]] == [10, 10]
+    items, stats = data.prepare_pairs(vlm, [rec], max_length=len(prompt) - 3, warn=False)  # inside the image tokens
+    assert items == [] and stats["too_long"] == 1
+
+
+@pytest.mark.parametrize("name,sub,n", [("povid", "povid", 3), ("vlfeedback", "vlfeedback", 2), ("rlhfv", "rlhf_v", 2),
+                                        ("llava-rlhf", "llava_rlhf", 3)])
+def test_converters_on_fixtures(name, sub, n):
+    recs = data.load_pairs(f"{name}:{os.path.join(FIX, sub)}", os.path.join(FIX, "images"))
+    assert len(recs) == n
+    for r in recs:
+        assert r["conversation"][0]["content"].startswith("<image>\n") and r["conversation"][-1]["role"] == "user"
+        assert r["chosen"] != r["rejected"] and data.open_image(r["image"]).mode == "RGB"
+    by = {r["id"]: r for r in recs}
+    if name == "povid":  # the last gpt turn of conversations / rejected_conversations
+        assert by["povid-1"]["chosen"].startswith("The whole picture is a flat red square")
+        assert by["povid-1"]["meta"]["source_id"] == "COCO_train2014_000000000001"
+    if name == "llava-rlhf":  # preference 2 -> output_2 is chosen; earlier turns stay as context
+        assert by["llava-rlhf-1"]["chosen"] == "The image shows nothing but a flat blue square."
+        assert [m["role"] for m in by["llava-rlhf-2"]["conversation"]] == ["user", "assistant", "user"]
+    if name == "vlfeedback":  # best and worst mean rating
+        assert by["vlfeedback-1"]["meta"]["models"] == ["gpt4v", "fuyu-8b"]
+    if name == "rlhfv":
+        assert isinstance(recs[0]["image"], bytes) and recs[0]["meta"]["ds_name"] == "RLHF-V"
+
+
+def test_converter_errors_name_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="POVID_preference_data_for_VLLMs_version_1.json"):
+        data.load_pairs(f"povid:{tmp_path}")
+    f = tmp_path / "llava_7b_v1_preference.json"
+    f.write_text(json.dumps([{"id": 1, "image": "x.jpg", "conversations": []}]))
+    with pytest.raises(ValueError, match=r"llava_7b_v1_preference\.json: item 1"):
+        data.load_pairs(f"llava-rlhf:{f}")
+    with pytest.raises(ValueError, match="not a file"):
+        data.load_pairs(str(tmp_path / "nope.jsonl"))
+
+
+def test_world_corruptions():
+    world = data.World(0)
+    recs = data.world_pairs(world, 300)
+    assert all(r["chosen"] != r["rejected"] for r in recs)
+    assert {r["meta"]["edit"] for r in recs} == {"exist", "color", "count", "position", "partner"}
+    for r in recs:
+        if r["meta"]["edit"] == "partner":  # one more object, the rest of the description kept
+            said = set(data.CATEGORIES) & set(r["rejected"].replace(".", "").split())
+            truth = set(data.CATEGORIES) & set(r["chosen"].replace(".", "").split())
+            assert truth < said and len(said - truth) == 1
+        if r["meta"]["edit"] == "exist":
+            assert r["chosen"].split(",")[0] != r["rejected"].split(",")[0]  # Yes <-> No
+    assert [r["rejected"] for r in data.world_pairs(world, 5)] == [r["rejected"] for r in recs[:5]]  # deterministic
+
+
+def test_write_then_read_pairs(tmp_path):
+    recs = data.world_pairs(data.World(0), 3)
+    data.write_pairs(str(tmp_path / "p.jsonl"), recs)
+    back = data.read_pairs(str(tmp_path / "p.jsonl"))
+    assert [r["chosen"] for r in back] == [r["chosen"] for r in recs]
+    assert data.open_image(back[0]["image"]).tobytes() == recs[0]["image"].tobytes()
+
+# -----------------------------------------------------------------------------
+# Packed scoring: one forward per pair equals one forward per response
+
+
+def separate_logps(vlm, item, k):
+    ids = torch.tensor([item["prompt"] + item["responses"][k]])
+    labels = torch.tensor([[-100] * len(item["prompt"]) + item["responses"][k]])
+    px = vlm.image_processor([data.open_image(item["image"])])
+    with torch.no_grad():
+        h = vlm.hidden(ids, **px)
+        return losses.sequence_logps(vlm.lm_head(h), labels).item(), h[0, -1]
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def scored_model(request, tmp_path_factory):
+    if request.param == "llava":
+        return VLM.from_pretrained(data.BASE_MODEL)
+    path = str(tmp_path_factory.mktemp("next"))
+    build_hf(path, model_type="llava_next")
+    return VLM.from_pretrained(path)
+
+
+def test_packed_pairs_equal_separate_forwards(scored_model):
+    vlm = scored_model.eval()
+    recs = data.world_pairs(data.World(0), 6)
+    recs[1]["rejected2"] = "There is one object."
+    recs = [r | dict(rejected2=r.get("rejected2", r["rejected"] + " Yes.")) for r in recs]
+    if vlm.cfg.model_type == "llava_next":  # AnyRes: images of other shapes
+        recs[0]["image"] = recs[0]["image"].resize((40, 70))
+        recs[2]["image"] = recs[2]["image"].resize((90, 30))
+    items, _ = data.prepare_pairs(vlm, recs)
+    pm = to.PairModel(vlm, reward_head=False)
+    rm = to.PairModel(vlm, reward_head=True)
+    batch = data.collate_pairs(vlm, items)
+    with torch.no_grad():
+        lp, n, _ = pm(**batch)
+        _, _, sc = rm(**batch)
+    assert lp.shape == (6, 3)
+    for b, it in enumerate(items):
+        for k in range(3):
+            want, last_h = separate_logps(vlm, it, k)
+            assert abs(lp[b, k].item() - want) < 1e-4 * max(1, abs(want)), (b, k)
+            assert n[b, k] == len(it["responses"][k])
+            assert torch.allclose(sc[b, k], rm.score(last_h).squeeze(), atol=1e-5)
+
+# -----------------------------------------------------------------------------
+# train_offline.py end to end
+
+
+SMALL = ["--pairs", "48", "--val_pairs", "16", "--batch_size", "8", "--eval_n", "0", "--log_every", "1"]
+
+
+def run_metrics(path):
+    return [json.loads(line) for line in open(path) if '"eval/' not in line]
+
+
+def same(a, b, keys=("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"), tol=1e-5):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for k in keys:
+            assert abs(x[k] - y[k]) <= tol * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
+
+
+def test_dpo_trains_saves_and_caches_reference(tmp_path):
+    out, cache = str(tmp_path / "run"), str(tmp_path / "cache")
+    to.main(SMALL + ["--steps", "3", "--out_dir", out, "--cache_dir", cache])
+    recs = run_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert abs(recs[0]["loss"] - math.log(2)) < 1e-4 and recs[0]["rewards/margins"] == 0  # the policy starts at ref
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected", "lr", "grad_norm", "epoch"):
+        assert k in recs[-1]
+    ev = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"eval/' in line]
+    assert 0 <= ev[0]["eval/rewards/accuracies"] <= 1
+    assert len(os.listdir(cache)) == 1
+    vlm = VLM.from_pretrained(os.path.join(out, "checkpoint"))  # adapters merged, HF layout
+    assert not any("lora" in n for n, _ in vlm.named_parameters())
+    # the cached reference equals the adapters-off reference: same first step with --ref lora_off
+    out2 = str(tmp_path / "run2")
+    to.main(SMALL + ["--steps", "1", "--out_dir", out2, "--cache_dir", cache, "--ref", "lora_off",
+                     "--lr_projector", "0"])
+    to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "run3"), "--cache_dir", cache, "--lr_projector", "0"])
+    assert len(os.listdir(cache)) == 1  # read back, not recomputed
+    same(run_metrics(os.path.join(out2, "metrics.jsonl")), run_metrics(str(tmp_path / "run3" / "metrics.jsonl")))
+
+
+@pytest.mark.parametrize("loss", ["ipo", "slic", "rm"])
+def test_other_losses_run(tmp_path, loss):
+    to.main(SMALL + ["--steps", "2", "--loss", loss, "--out_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c")])
+    recs = run_metrics(str(tmp_path / "metrics.jsonl"))
+    assert len(recs) == 2 and all(math.isfinite(r["loss"]) for r in recs)
+    if loss == "rm":  # the head is saved with the model and loads back
+        vlm = VLM.from_pretrained(str(tmp_path / "checkpoint"))
+        assert vlm.extra["score.weight"].shape == (1, vlm.cfg.text.hidden_size)
+
+
+def torchrun(n, args, timeout=300):
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
+           os.path.join(ROOT, "train_offline.py")] + args
+    subprocess.run(cmd, check=True, timeout=timeout, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                   stdout=open(os.environ.get("TR_LOG", os.devnull), "a"), stderr=subprocess.STDOUT)
+
+
+def test_two_ranks_equal_one(tmp_path):
+    """Same global batch: DDP over 2 gloo ranks (and FSDP2) gives one process's losses and gradient norms."""
+    common = SMALL + ["--steps", "3", "--grad_accum", "2", "--cache_dir", str(tmp_path / "c")]
+    to.main(common + ["--out_dir", str(tmp_path / "one")])
+    torchrun(2, common + ["--out_dir", str(tmp_path / "ddp")])
+    torchrun(2, common + ["--out_dir", str(tmp_path / "fsdp"), "--fsdp", "true"])
+    one = run_metrics(str(tmp_path / "one" / "metrics.jsonl"))
+    same(one, run_metrics(str(tmp_path / "ddp" / "metrics.jsonl")))
+    same(one, run_metrics(str(tmp_path / "fsdp" / "metrics.jsonl")), tol=1e-4)
+    a, b = VLM.from_pretrained(str(tmp_path / "one" / "checkpoint")), VLM.from_pretrained(str(tmp_path / "fsdp" / "checkpoint"))
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+
+
+def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
+    common = SMALL + ["--steps", "12", "--save_every", "1", "--cache_dir", str(tmp_path / "c")]
+    to.main(common + ["--out_dir", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "train_offline.py")] + common + ["--out_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "state.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and torch.load(state, weights_only=False)["step"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(state, weights_only=False)["step"]
+    assert 2 <= killed_at < 11, killed_at  # really killed mid-way
+    to.main(common + ["--out_dir", str(out), "--resume", "true"])
+    same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)
+    with pytest.raises(ValueError, match="different settings"):
+        to.main(common + ["--out_dir", str(out), "--resume", "true", "--beta", "0.5"])
