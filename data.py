@@ -314,8 +314,8 @@ def collate(vlm, examples, pad_id=0):
 
 def corrupt(rng: random.Random, scene: Scene, kind: str, q: str):
     """A rejected answer to question q: the ground truth with one realistic hallucination, the kind a biased model
-    makes: an absent usual partner added, a colour turned typical, a count or a position changed. Returns
-    (answer, edit)."""
+    makes: an absent usual partner added, an object named as another category, a colour turned typical, a count or a
+    position changed. Returns (answer, edit)."""
     objs, cats = scene.objects, scene.categories()
     asked = q.rstrip("?").split()[3 if kind == "exist" else -1]  # "Is there a cup ...", "What color is the cup?"
     obj = next((o for o in objs if o.category == asked), None)
@@ -342,26 +342,35 @@ def corrupt(rng: random.Random, scene: Scene, kind: str, q: str):
     fewer = Scene(objs[:-1])
     if kind == "count":
         return count_answer(added() if len(objs) < 2 or rng.random() < 0.5 else fewer), "count"
-    edit = rng.choice(["partner", "partner", "color", "count", "position"])  # a description: one edit
+    # a description: one edit in place, so the rest of the text stays word for word (a reordered or recounted
+    # description would also teach the model to avoid the true objects that follow the edit)
+    edit = rng.choice(["partner", "swap", "swap", "color"])
     if edit == "partner":
         return describe(added()), edit
-    if edit == "count":  # the listed objects stay right, only the count sentence lies
-        wrong = count_answer(added() if len(objs) < 2 or rng.random() < 0.5 else fewer)
-        return describe(scene).replace(count_answer(scene), wrong, 1), edit
     k = rng.randrange(len(objs))
-    o = recolored(objs[k]) if edit == "color" else moved(objs[k])
-    return describe(Scene(sorted(objs[:k] + [o] + objs[k + 1:], key=lambda o: o.cell))), edit
+    if edit == "swap":  # an object named as another category: its usual partner if absent, else any absent one
+        c = PARTNER[objs[k].category]
+        o = replace(objs[k], category=c if c not in cats else rng.choice([c for c in CATEGORIES if c not in cats]))
+    else:
+        o = recolored(objs[k])
+    return describe(Scene(objs[:k] + [o] + objs[k + 1:])), edit
 
 
-def world_pairs(world: World, n, split="align", rejected=True):
+def world_pairs(world: World, n, split="align", rejected=True, hard=0.5):
     """n pairs in the native format from the world's `split`: one question each, the ground truth as chosen and,
-    with `rejected`, its rule-made corruption as rejected (without, the prompts and chosen responses BDHS starts from)."""
+    with `rejected`, its rule-made corruption as rejected (without, the prompts and chosen responses BDHS starts from).
+    A share `hard` of the scenes break the prior as the broken split's do (other scenes, same rule): on scenes where
+    the prior holds the base model is already right, and, as in real alignment sets, the data must hold the images
+    a model hallucinates on for any preference method to have something to fix."""
     recs = []
     for i in range(n):
         rng = world.rng(split, i)
-        scene = sample_scene(rng, world.prior, world.color_prior, split == "broken")
+        scene = sample_scene(rng, world.prior, world.color_prior, split == "broken" or rng.random() < hard)
         kind = rng.choices(list(KINDS), list(KINDS.values()))[0]
         q, a = sample_qa(rng, scene, kind)
+        lone = [PARTNER[o.category] for o in scene.objects if PARTNER[o.category] not in scene.categories()]
+        if kind == "exist" and a.startswith("No") and lone:  # ask about an absent usual partner: the likely "yes"
+            q, a = exist_qa(rng.choice(lone), False)
         rec = dict(id=f"{split}-{world.seed}-{i}", image=render(scene),
                    conversation=[{"role": "user", "content": "<image>\n" + q}], chosen=a, meta=dict(kind=kind))
         if rejected:

@@ -50,18 +50,19 @@ class Config:
     image_root: str = ""          # the release's image folder (COCO for POVID...); default: images/ beside the data
     loss: str = "dpo"             # dpo | ipo | slic | rm | sft
     out_dir: str = "runs/offline"
-    beta: float = 0.1
+    beta: float = 0.5             # on the world, 0.5 beat 0.1 and 1.0 (README); the paper searched 0.05-0.5 for DPO
     gamma: float = 0.5            # Avg-DPO's weight on the external rejected response (Eq. 5)
+    rpo_alpha: float = 0.0        # + alpha x the chosen response's per-token NLL (TRL's rpo_alpha); not in the paper
     world_seed: int = 0
     prior: float = 0.9            # the world's language prior: how often an object comes with its usual partner
     color_prior: float = 0.6      # ... and how often it has its typical colour
     pairs: int = 2000             # world preference pairs to build
     val_pairs: int = 200          # pairs held out to report pairwise accuracy (Table 7 for the reward model)
     steps: int = 0                # optimizer steps; 0 means `epochs` passes over the training pairs
-    epochs: float = 2.0
+    epochs: float = 3.0
     batch_size: int = 32          # global batch: micro-batches x grad_accum x ranks
     grad_accum: int = 1
-    lr: float = 5e-4              # LoRA adapters (or the whole LLM with --lora_r 0) and the reward head
+    lr: float = 1e-3              # LoRA adapters (or the whole LLM with --lora_r 0) and the reward head
     lr_projector: float = 5e-5    # the projector's own learning rate (paper §2.2)
     lr_vision: float = 0.0        # the vision tower's; 0 freezes it (LLaVA's recipe)
     lora_r: int = 16              # 0: full fine-tuning of the LLM
@@ -424,9 +425,10 @@ def main(argv=None):
     if rank == 0:
         log.close()
         print0(f"saved {cfg.out_dir}/checkpoint")
-        if cfg.data == "world" and not sft and cfg.eval_n:
+        if cfg.data == "world" and cfg.loss in losses.LOSSES and cfg.eval_n:
             world_results(cfg, print0)
     if ddp:
+        del model  # DDP's reducer must go before its process group: freed after it, gloo can hang on exit
         dist.destroy_process_group()
 
 
@@ -452,6 +454,8 @@ def micro_step(cfg: Config, model, pm: PairModel, world, items, idx, device, ref
         extra = (p[:, 2], r_[:, 2]) if p.shape[1] == 3 else (None, None)
         loss, c, r = losses.preference_loss(cfg.loss, p[:, 0], p[:, 1], r_[:, 0], r_[:, 1], cfg.beta, *extra,
                                             gamma=cfg.gamma)
+        if cfg.rpo_alpha:  # keeps the chosen response likely: near-identical pairs otherwise pull both down
+            loss = loss - cfg.rpo_alpha * lp[:, 0] / n[:, 0]
     d = lp.detach()
     stats = torch.stack([loss.detach().sum(), c.sum(), r.sum(), (c > r).float().sum(), d[:, 0].sum(), d[:, 1].sum(),
                          torch.tensor(0.0), torch.tensor(float(len(idx)))]).cpu()

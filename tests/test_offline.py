@@ -66,6 +66,58 @@ def test_gradient_signs(name):
     assert sc.grad < 0 < sr.grad
 
 
+def trl_loss(pc, pr, rc, rr, beta, loss_type, nc, nr):
+    """trl 1.16's DPOTrainer loss on given log-probs. trl has no standalone loss function: its `_compute_loss` runs
+    the model itself, so we call it with a stub trainer and a stand-in model whose per-token log-probs sum to ours."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+    lens = torch.cat([nc, nr])
+    T = 1 + int(lens.max())
+    mask = ((torch.arange(T) >= 1) & (torch.arange(T) <= lens[:, None])).long()  # one prompt token, then the response
+    logps = torch.cat([pc, pr])
+
+    def model(**kw):
+        per_tok = mask[:, 1:] * (logps[:, None] / lens[:, None])
+        z = torch.zeros_like(per_tok)
+        return SimpleNamespace(log_probs=per_tok, entropy=z, mean_logits=z, is_top1=z.bool(), aux_loss=None)
+    model.training = True
+    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    stub = SimpleNamespace(model=model, accelerator=acc, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+                           ref_model=None, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
+                           loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0,
+                           use_weighting=False, args=SimpleNamespace(discopop_tau=0.05,
+                                                                     gradient_checkpointing_kwargs=None),
+                           _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0,
+                           _tp_size=1)
+    inputs = dict(input_ids=torch.zeros(len(lens), T, dtype=torch.long), attention_mask=torch.ones_like(mask),
+                  completion_mask=mask, ref_chosen_logps=rc, ref_rejected_logps=rr)
+    return DPOTrainer._compute_loss(stub, model, inputs, return_outputs=False), stub._metrics["train"]
+
+
+@pytest.mark.parametrize("ours,theirs", [("dpo", "sigmoid"), ("ipo", "ipo"), ("slic", "hinge")])
+def test_equal_to_trl(ours, theirs):
+    """The same log-probs give trl's loss (its batch mean), its gradients, and its reward metrics."""
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-40 * torch.rand(6, generator=g, dtype=torch.float64) for _ in range(4))
+    nc, nr = torch.randint(1, 20, (6,), generator=g), torch.randint(1, 20, (6,), generator=g)
+    beta = 0.1
+    a = [pc.clone().requires_grad_(), pr.clone().requires_grad_()]
+    theirs_loss, m = trl_loss(*a, rc, rr, beta, theirs, nc, nr)
+    b = [pc.clone().requires_grad_(), pr.clone().requires_grad_()]
+    norm = ours in losses.LENGTH_NORM
+    l, c, r = losses.LOSSES[ours](b[0] / nc if norm else b[0], b[1] / nr if norm else b[1],
+                                  rc / nc if norm else rc, rr / nr if norm else rr, beta)
+    assert torch.allclose(l.mean(), theirs_loss, rtol=1e-9)
+    ga = torch.autograd.grad(theirs_loss, a)
+    gb = torch.autograd.grad(l.mean(), b)
+    assert all(torch.allclose(x, y, rtol=1e-9) for x, y in zip(ga, gb))
+    if not norm:
+        assert abs(m["rewards/chosen"][-1] - c.mean().item()) < 1e-6
+        assert abs(m["rewards/margins"][-1] - (c - r).mean().item()) < 1e-6
+
+
 def test_token_logps_mask_and_shift():
     logits = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 6]])
@@ -167,8 +219,11 @@ def test_world_corruptions():
     world = data.World(0)
     recs = data.world_pairs(world, 300)
     assert all(r["chosen"] != r["rejected"] for r in recs)
-    assert {r["meta"]["edit"] for r in recs} == {"exist", "color", "count", "position", "partner"}
+    assert {r["meta"]["edit"] for r in recs} == {"exist", "color", "count", "position", "partner", "swap"}
     for r in recs:
+        if r["meta"]["kind"] == "describe":  # one edit in place: same number of sentences, or one more (partner)
+            extra = r["rejected"].count(".") - r["chosen"].count(".")
+            assert extra == (r["meta"]["edit"] == "partner")
         if r["meta"]["edit"] == "partner":  # one more object, the rest of the description kept
             said = set(data.CATEGORIES) & set(r["rejected"].replace(".", "").split())
             truth = set(data.CATEGORIES) & set(r["chosen"].replace(".", "").split())
@@ -271,11 +326,14 @@ def test_dpo_trains_saves_and_caches_reference(tmp_path):
     same(run_metrics(os.path.join(out2, "metrics.jsonl")), run_metrics(str(tmp_path / "run3" / "metrics.jsonl")))
 
 
-@pytest.mark.parametrize("loss", ["ipo", "slic", "rm"])
+@pytest.mark.parametrize("loss", ["ipo", "slic", "rm", "rpo"])
 def test_other_losses_run(tmp_path, loss):
-    to.main(SMALL + ["--steps", "2", "--loss", loss, "--out_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c")])
+    extra = ["--loss", "dpo", "--rpo_alpha", "1.0"] if loss == "rpo" else ["--loss", loss]
+    to.main(SMALL + ["--steps", "2", "--out_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c")] + extra)
     recs = run_metrics(str(tmp_path / "metrics.jsonl"))
     assert len(recs) == 2 and all(math.isfinite(r["loss"]) for r in recs)
+    if loss == "rpo":  # log 2 plus the chosen responses' mean per-token NLL at the start
+        assert recs[0]["loss"] > math.log(2) + 1e-3
     if loss == "rm":  # the head is saved with the model and loads back
         vlm = VLM.from_pretrained(str(tmp_path / "checkpoint"))
         assert vlm.extra["score.weight"].shape == (1, vlm.cfg.text.hidden_size)
@@ -324,4 +382,13 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
     to.main(common + ["--out_dir", str(out), "--resume", "true"])
     same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)
     with pytest.raises(ValueError, match="different settings"):
-        to.main(common + ["--out_dir", str(out), "--resume", "true", "--beta", "0.5"])
+        to.main(common + ["--out_dir", str(out), "--resume", "true", "--beta", "0.2"])
+
+
+def test_grad_checkpointing_is_exact_and_bf16_runs(tmp_path):
+    common = SMALL + ["--steps", "2", "--cache_dir", str(tmp_path / "c")]
+    to.main(common + ["--out_dir", str(tmp_path / "plain")])
+    to.main(common + ["--out_dir", str(tmp_path / "ckpt"), "--grad_ckpt", "true"])
+    same(run_metrics(str(tmp_path / "plain" / "metrics.jsonl")), run_metrics(str(tmp_path / "ckpt" / "metrics.jsonl")))
+    to.main(common + ["--out_dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    assert all(math.isfinite(r["loss"]) for r in run_metrics(str(tmp_path / "bf16" / "metrics.jsonl")))

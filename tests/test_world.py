@@ -197,8 +197,8 @@ def test_shipped_base_model_is_competent_on_a_few_scenes():
 
 def test_train_offline_sft_two_steps(tmp_path):
     import train_offline
-    train_offline.main(["--model", "scratch", "--steps", "2", "--batch_size", "4", "--vision_pretrain", "2",
-                        "--out_dir", str(tmp_path)])
+    train_offline.main(["--model", "scratch", "--loss", "sft", "--lora_r", "0", "--steps", "2", "--batch_size", "4",
+                        "--vision_pretrain", "2", "--out_dir", str(tmp_path)])
     vlm = VLM.from_pretrained(str(tmp_path / "checkpoint"))
     assert vlm.template == data.TEMPLATE and vlm.tokenizer.get_vocab_size() == vlm.cfg.text.vocab_size
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
