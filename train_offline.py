@@ -237,7 +237,7 @@ def load_data(cfg: Config, vlm: VLM, print0=print):
     items, stats = data.prepare_pairs(vlm, recs, cfg.max_length)
     print0(f"pairs: {json.dumps(stats)}")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    nval = min(cfg.val_pairs, len(items) // 10 if cfg.data != "world" else cfg.val_pairs)
+    nval = cfg.val_pairs if cfg.data == "world" else min(cfg.val_pairs, len(items) // 10)  # files: at most 10%
     return items, order[nval:], order[:nval]
 
 
@@ -388,7 +388,7 @@ def main(argv=None):
         scale = min(1.0, (step + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
-        sums = torch.zeros(8)  # loss, rewards chosen/rejected/accuracies, logps chosen/rejected, tokens, examples
+        sums = torch.zeros(8)  # loss, rewards chosen/rejected/accuracies, logps chosen/rejected, (unused), examples
         for micro in range(cfg.grad_accum):
             # gradients are all-reduced only on the last micro-step; the others just accumulate locally
             last = micro == cfg.grad_accum - 1
