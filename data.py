@@ -568,6 +568,13 @@ def load_pairs(spec, image_root=""):
         raise ValueError(f"{f}: {where}: not in {name}'s layout ({type(e).__name__}: {e})") from None
     return recs
 
+def image_hw(image):
+    """(h, w) of a path, encoded bytes or a PIL image; files are read up to their header, not decoded."""
+    if isinstance(image, (str, bytes)):
+        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as im:
+            return im.size[::-1]
+    return image.size[::-1]
+
 # -----------------------------------------------------------------------------
 # Preference batches: tokenized once; image tokens are never cut
 
@@ -585,7 +592,7 @@ def prepare_pairs(vlm, recs, max_length=2048, warn=True):
         if any(r[k].strip() == r["chosen"].strip() for k in keys[1:]):
             stats["ties"] += 1
             continue
-        sizes = None if vlm.cfg.model_type == "llava" else torch.tensor([open_image(r["image"]).size[::-1]])
+        sizes = None if vlm.cfg.model_type == "llava" else torch.tensor([image_hw(r["image"])])
         prompt, _ = encode_conversation(vlm, r["conversation"], sizes)
         room = max_length - len(prompt)
         if room < 1:

@@ -388,7 +388,7 @@ def main(argv=None):
         scale = min(1.0, (step + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
-        sums = torch.zeros(8)  # loss, rewards chosen/rejected/accuracies, logps chosen/rejected, (unused), examples
+        sums = torch.zeros(7)  # loss, rewards chosen/rejected/accuracies, logps chosen/rejected, examples
         for micro in range(cfg.grad_accum):
             # gradients are all-reduced only on the last micro-step; the others just accumulate locally
             last = micro == cfg.grad_accum - 1
@@ -438,7 +438,7 @@ def micro_step(cfg: Config, model, pm: PairModel, world, items, idx, device, ref
         batch = to(data.collate(pm.vlm, [world.example("sft", i) for i in idx]), device)
         logits = model(**batch)
         loss = losses.sft_loss(logits, batch["labels"])
-        return loss * len(idx), torch.tensor([loss.item() * len(idx), 0, 0, 0, 0, 0, 0, len(idx)])
+        return loss * len(idx), torch.tensor([loss.item() * len(idx), 0, 0, 0, 0, 0, len(idx)])
     batch = to(data.collate_pairs(pm.vlm, [items[i] for i in idx]), device)
     lp, n, sc = model(**batch)
     if cfg.loss == "rm":
@@ -458,13 +458,13 @@ def micro_step(cfg: Config, model, pm: PairModel, world, items, idx, device, ref
             loss = loss - cfg.rpo_alpha * lp[:, 0] / n[:, 0]
     d = lp.detach()
     stats = torch.stack([loss.detach().sum(), c.sum(), r.sum(), (c > r).float().sum(), d[:, 0].sum(), d[:, 1].sum(),
-                         torch.tensor(0.0), torch.tensor(float(len(idx)))]).cpu()
+                         torch.tensor(float(len(idx)))]).cpu()
     return loss, stats
 
 
 def metrics(sums, sft):
     """TRL's metric names, averaged over the global batch."""
-    n = sums[7].item()
+    n = sums[6].item()
     out = dict(loss=round(sums[0].item() / n, 5))
     if not sft:
         c, r = sums[1].item() / n, sums[2].item() / n
@@ -478,11 +478,12 @@ def metrics(sums, sft):
 def evaluate_pairs(cfg: Config, pm, items, val_idx, B, device, ref, rank, W):
     """Pairwise accuracy on held-out pairs: the reward model's (paper Table 7), or the implicit reward's for DPO."""
     pm.eval()
-    sums = torch.zeros(8)
+    sums = torch.zeros(7)
     mine = val_idx[rank::W]
-    mine += mine[:1] * (math.ceil(len(val_idx) / W) - len(mine))  # equal batch counts per rank (FSDP)
-    for i in range(0, len(mine), B):
-        sums += micro_step(cfg, pm, pm, None, items, mine[i:i + B], device, ref)[1]
+    for k in range(math.ceil(math.ceil(len(val_idx) / W) / B)):  # the same number of forwards on every rank (FSDP)
+        idx = mine[k * B:(k + 1) * B]
+        stats = micro_step(cfg, pm, pm, None, items, idx or val_idx[:1], device, ref)[1]
+        sums += stats if idx else 0  # a rank with nothing left runs a forward for the others and counts nothing
     pm.train()
     if W > 1:
         dist.all_reduce(sums)
