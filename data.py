@@ -388,11 +388,12 @@ def world_pairs(world: World, n, split="align", rejected=True, hard=0.5):
 # with `image` also allowed to be bytes (parquet releases keep images inline).
 
 
-def check_pair(rec, where, base=""):
-    """Raises ValueError naming `where` (file:line) unless `rec` is a well-formed pair; resolves its image path."""
+def check_pair(rec, where, base="", need_rejected=True):
+    """Raises ValueError naming `where` (file:line) unless `rec` is a well-formed pair (without `need_rejected`, a
+    prompt and its ground truth, as BDHS starts from); resolves its image path."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    for k in ("id", "image", "conversation", "chosen", "rejected"):
+    for k in ("id", "image", "conversation", "chosen") + ("rejected",) * need_rejected:
         if k not in rec:
             raise ValueError(f"{where}: missing key {k!r}")
     for k in ("chosen", "rejected", "rejected2"):
@@ -413,7 +414,7 @@ def check_pair(rec, where, base=""):
     return rec
 
 
-def read_pairs(path):
+def read_pairs(path, need_rejected=True):
     """A native JSONL file -> checked records; a malformed line or a missing image is an error naming file:line."""
     recs = []
     with open(path) as f:
@@ -423,24 +424,26 @@ def read_pairs(path):
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
-                recs.append(check_pair(rec, f"{path}:{n}", os.path.dirname(path)))
+                recs.append(check_pair(rec, f"{path}:{n}", os.path.dirname(path), need_rejected))
     return recs
 
 
+def pair_line(r, out_dir):
+    """One record as a JSONL line for a file in out_dir; an in-memory image is saved as a PNG in out_dir/images/."""
+    r = dict(r)
+    if not isinstance(r["image"], str):
+        os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+        name = os.path.join("images", f"{hashlib.sha1(str(r['id']).encode()).hexdigest()[:16]}.png")
+        open_image(r["image"]).save(os.path.join(out_dir, name))
+        r["image"] = name
+    elif not os.path.isabs(r["image"]):
+        r["image"] = os.path.relpath(r["image"], out_dir)
+    return json.dumps(r)
+
+
 def write_pairs(path, recs):
-    """Writes records as native JSONL, atomically; in-memory images are saved as PNGs in images/ beside it."""
-    out_dir = os.path.dirname(path) or "."
-    lines = []
-    for r in recs:
-        r = dict(r)
-        if not isinstance(r["image"], str):
-            os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-            name = os.path.join("images", f"{hashlib.sha1(str(r['id']).encode()).hexdigest()[:16]}.png")
-            open_image(r["image"]).save(os.path.join(out_dir, name))
-            r["image"] = name
-        elif not os.path.isabs(r["image"]):
-            r["image"] = os.path.relpath(r["image"], out_dir)
-        lines.append(json.dumps(r) + "\n")
+    """Writes records as native JSONL, atomically (images as in pair_line)."""
+    lines = [pair_line(r, os.path.dirname(path) or ".") + "\n" for r in recs]
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
@@ -540,14 +543,14 @@ CONVERTERS = {"povid": (from_povid, "YiyangAiLab/POVID_preference_data_for_VLLMs
               "llava-rlhf": (from_llava_rlhf, "zhiqings/LLaVA-Human-Preference-10K", "llava_7b_v1_preference.json")}
 
 
-def load_pairs(spec, image_root=""):
+def load_pairs(spec, image_root="", need_rejected=True):
     """`spec`: a native .jsonl, or NAME[:PATH] with NAME in CONVERTERS and PATH the release's file or folder (without
     it, the file is fetched from the hub through huggingface_hub). Every record is checked; errors name file and item."""
     name, _, path = spec.partition(":")
     if name not in CONVERTERS:
         if not os.path.isfile(spec):
             raise ValueError(f"--data {spec!r}: not a file, and not one of {', '.join(CONVERTERS)} (NAME or NAME:PATH)")
-        return read_pairs(spec)
+        return read_pairs(spec, need_rejected)
     convert, repo, fn = CONVERTERS[name]
     if not path:
         from huggingface_hub import hf_hub_download

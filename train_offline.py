@@ -41,12 +41,14 @@ import data
 import losses
 from model import VLM, config_from_argv
 
+WORLD = ("world", "bdhs")  # --data values that build pairs from the embedded world
+
 
 @dataclass
 class Config:
     model: str = data.BASE_MODEL  # HF folder or hub id; "scratch" builds the world's tiny architecture
-    data: str = "world"           # "world" (sft: its sft split; else its corruption set), a native .jsonl, or
-                                  # povid|vlfeedback|rlhfv|llava-rlhf, optionally :PATH to a local copy
+    data: str = "world"           # "world" (sft: its sft split; else its corruption set), "bdhs" (BDHS pairs, below),
+                                  # a native .jsonl, or povid|vlfeedback|rlhfv|llava-rlhf, optionally :PATH
     image_root: str = ""          # the release's image folder (COCO for POVID...); default: images/ beside the data
     loss: str = "dpo"             # dpo | ipo | slic | rm | sft
     out_dir: str = "runs/offline"
@@ -82,6 +84,15 @@ class Config:
     seed: int = 0
     log_every: int = 10
     vision_pretrain: int = 130    # --model scratch: steps of per-cell supervised tower pretraining (stands in for CLIP's)
+    # --data bdhs: rejected responses sampled by the model itself (bdhs.py), then --loss on them
+    bdhs_source: str = "world"    # world (the align prompts and ground truth) or a bdhs.py --source
+    bdhs_variant: str = "attn"    # attn | noise | distort (POVID-style) | unguided (masking without guidance)
+    rho: float = 0.99             # share of image tokens hidden (BDHS_attn)
+    noise_steps: int = 500        # diffusion steps N (BDHS_noise, distort)
+    external: bool = False        # Avg-DPO (Eq. 5) with the source's own rejected too (world: its corruption set)
+    embedder: str = ""            # sentence embedder for the similarity check (bdhs.py --embedder)
+    text_only: float = 0.0        # SFT: share of conversations with every image token hidden (the LLM's text-only
+                                  # pretraining, in which it learns the world's language prior from text alone)
 
 
 # -----------------------------------------------------------------------------
@@ -153,11 +164,11 @@ class PairModel(nn.Module):
         self.score = nn.Linear(vlm.cfg.text.hidden_size, 1, bias=False) if reward_head else None
 
     def forward(self, input_ids, pixel_values, image_sizes=None, segment=None, position_ids=None, pred_idx=None,
-                targets=None, last_idx=None, labels=None):
+                targets=None, last_idx=None, labels=None, key_mask=None):
         """A batch from `data.collate_pairs` -> per-response log-probs (B, K) summed over tokens in fp32, token counts
         (B, K), and reward scores (B, K) or None. A batch from `data.collate` (SFT) -> logits (B, T, V)."""
         if segment is None:
-            return self.vlm(input_ids, pixel_values, image_sizes)
+            return self.vlm(input_ids, pixel_values, image_sizes, key_mask=key_mask)
         T, dev = input_ids.shape[1], input_ids.device
         s = torch.arange(T, device=dev)
         # query q sees key s if s <= q, s is not padding, and s belongs to the prompt or to q's own response
@@ -174,8 +185,8 @@ class PairModel(nn.Module):
         return losses.gathered_logps(logits, targets).sum(-1), (targets != -100).sum(-1), None
 
 
-def fingerprint(cfg: Config, items):
-    """Cache key of the reference log-probs: the model's files, and every pair's tokens and image bytes."""
+def model_hash(cfg: Config):
+    """The model's name and dtype, and the bytes of its files when it is a local folder."""
     h = hashlib.sha256(json.dumps([cfg.model, cfg.dtype]).encode())
     if os.path.isdir(cfg.model):
         for fn in sorted(os.listdir(cfg.model)):
@@ -183,6 +194,12 @@ def fingerprint(cfg: Config, items):
                 with open(os.path.join(cfg.model, fn), "rb") as f:
                     for chunk in iter(lambda: f.read(1 << 24), b""):
                         h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(cfg: Config, items):
+    """Cache key of the reference log-probs: the model's files, and every pair's tokens and image bytes."""
+    h = hashlib.sha256(model_hash(cfg).encode())
     for it in items:
         h.update(json.dumps([it["prompt"], it["responses"]]).encode())
         im = it["image"]
@@ -232,13 +249,40 @@ def load_data(cfg: Config, vlm: VLM, print0=print):
     world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
     if cfg.data == "world":
         recs = data.world_pairs(world, cfg.pairs + cfg.val_pairs)
+    elif cfg.data == "bdhs":
+        recs = bdhs_pairs(cfg, vlm, print0)
     else:
         recs = data.load_pairs(cfg.data, cfg.image_root)
     items, stats = data.prepare_pairs(vlm, recs, cfg.max_length)
     print0(f"pairs: {json.dumps(stats)}")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    nval = cfg.val_pairs if cfg.data == "world" else min(cfg.val_pairs, len(items) // 10)  # files: at most 10%
+    nval = cfg.val_pairs if cfg.data in WORLD else min(cfg.val_pairs, len(items) // 10)  # files: at most 10%
     return items, order[nval:], order[:nval]
+
+
+def bdhs_pairs(cfg: Config, vlm: VLM, print0=print):
+    """BDHS pairs from the reference model (the starting weights: the adapters are still the identity), built once
+    and kept under cache_dir keyed by the model files and the settings; a killed build resumes where it stopped.
+    Under torchrun each rank samples its share, and every rank then reads all of them."""
+    import bdhs
+    rank, W = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    source = "world+corrupt" if cfg.bdhs_source == "world" and cfg.external else cfg.bdhs_source
+    bc = bdhs.Config(model=cfg.model, source=source, image_root=cfg.image_root, n=cfg.pairs + cfg.val_pairs,
+                     world_seed=cfg.world_seed, variant="attn" if cfg.bdhs_variant == "unguided" else cfg.bdhs_variant,
+                     rho=cfg.rho, noise_steps=cfg.noise_steps, guided=cfg.bdhs_variant != "unguided",
+                     embedder=cfg.embedder, external=cfg.external, seed=cfg.seed)
+    if bc.variant not in ("attn", "noise", "distort"):
+        raise ValueError(f"--bdhs_variant {cfg.bdhs_variant!r}: expected attn, noise, distort or unguided")
+    key = hashlib.sha256((model_hash(cfg) + json.dumps(dataclasses.asdict(bc))).encode()).hexdigest()[:16]
+    bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key}", "pairs.jsonl")
+    print0(f"BDHS pairs: {bc.out}")
+    parts = [bc.out] if W == 1 else [f"{bc.out}.rank{r}" for r in range(W)]
+    if not all(os.path.exists(p + ".done") for p in parts):
+        bdhs.build_pairs(bc, vlm, rank=rank, world_size=W, log=print0)
+        open(parts[rank] + ".done", "w").close()
+    if W > 1:
+        dist.barrier()
+    return sorted((r for p in parts for r in data.read_pairs(p)), key=lambda r: r["id"])
 
 
 def build_model(cfg: Config, device, print0=print):
@@ -425,7 +469,7 @@ def main(argv=None):
     if rank == 0:
         log.close()
         print0(f"saved {cfg.out_dir}/checkpoint")
-        if cfg.data == "world" and cfg.loss in losses.LOSSES and cfg.eval_n:
+        if cfg.data in WORLD and cfg.bdhs_source == "world" and cfg.loss in losses.LOSSES and cfg.eval_n:
             world_results(cfg, print0)
     if ddp:
         del model  # DDP's reducer must go before its process group: freed after it, gloo can hang on exit
@@ -436,6 +480,9 @@ def micro_step(cfg: Config, model, pm: PairModel, world, items, idx, device, ref
     """Per-example losses of one micro-batch and the metric sums it contributes."""
     if items is None:  # SFT: ground-truth conversations, every reply token scored
         batch = to(data.collate(pm.vlm, [world.example("sft", i) for i in idx]), device)
+        hide = torch.tensor([random.Random(f"text-only-{i}").random() < cfg.text_only for i in idx], device=device)
+        if hide.any():
+            batch["key_mask"] = ~(hide[:, None] & (batch["input_ids"] == pm.vlm.cfg.image_token_id))
         logits = model(**batch)
         loss = losses.sft_loss(logits, batch["labels"])
         return loss * len(idx), torch.tensor([loss.item() * len(idx), 0, 0, 0, 0, 0, len(idx)])

