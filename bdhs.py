@@ -253,7 +253,8 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
         kw = dict(input_ids=ids[todo].to(dev), attention_mask=am[todo].to(dev), key_mask=keep.to(dev),
                   pixel_values=pv.to(dev), image_sizes=pix["image_sizes"][todo].to(dev) if "image_sizes" in pix else None,
                   temperature=cfg.temperature, generator=gen)
-        if cfg.guided and not (cfg.n_bdhs > 1 and attempt == cfg.n_bdhs):
+        guided = cfg.guided and not (cfg.n_bdhs > 1 and attempt == cfg.n_bdhs)  # the last attempt is unguided
+        if guided:
             plans = [plan_sentences(recs[i]["chosen"], rng) for i in todo]  # rows share their prompt's prefill
             S = max(map(len, plans))
             # a prefix ending in whitespace (an empty cut) leaves that space to the model: BPE merges it into the
@@ -273,8 +274,7 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
         sim = (embedder(texts) * gt_emb[todo]).sum(-1).tolist()
         still = []
         for i, text, s, v in zip(todo, texts, sim, vis):
-            result[i] = (text, dict(attempts=attempt, similarity=round(s, 4), visible=round(v, 4),
-                                    guided=bool(cfg.guided and attempt < cfg.n_bdhs or cfg.n_bdhs == 1)))
+            result[i] = (text, dict(attempts=attempt, similarity=round(s, 4), visible=round(v, 4), guided=guided))
             if s >= cfg.eps_s:
                 still.append(i)
         if stats is not None:
@@ -295,7 +295,8 @@ def distort_batch(vlm: VLM, recs, cfg: Config, gen):
     batch = data.collate_pairs(vlm, items)
     batch["pixel_values"] = add_diffusion_noise(batch["pixel_values"], cfg.noise_steps, gen)
     dev = vlm.lm_head.weight.device
-    h = vlm.hidden(batch["input_ids"].to(dev), batch["pixel_values"].to(dev), batch.get("image_sizes"),
+    sizes = batch["image_sizes"].to(dev) if "image_sizes" in batch else None
+    h = vlm.hidden(batch["input_ids"].to(dev), batch["pixel_values"].to(dev), sizes,
                    position_ids=batch["position_ids"].to(dev))
     pred = vlm.lm_head(h[torch.arange(len(items))[:, None], batch["pred_idx"][:, 0].to(dev)]).argmax(-1).cpu()
     eos = vlm.eos_ids()

@@ -11,6 +11,7 @@ On the embedded world every answer can be checked against the scene, so the metr
 
     python eval.py --model assets/world-base --data world --world_seed 0 --out results.json
 """
+import glob
 import json
 import os
 import random
@@ -184,10 +185,24 @@ class Config:
     n: int = 500
     batch_size: int = 64
     out: str = ""          # JSON: {name: results}
+    results: str = ""      # instead of evaluating: a table of train_offline runs' results.json files (a glob); one
+                           # row per run (its folder's name) plus the first run's "before" as "base"
+
+
+def results_table(pattern):
+    """The before/after files of several runs (train_offline's world results) as one table."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise SystemExit(f"--results {pattern!r}: no file matches")
+    runs = [(os.path.basename(os.path.dirname(f)), json.load(open(f))) for f in files]
+    return table({"base": runs[0][1]["before"]} | {name: r["after"] for name, r in runs})
 
 
 def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
+    if cfg.results:
+        print(results_table(cfg.results))
+        return
     if cfg.data != "world":
         raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
     rows = {}

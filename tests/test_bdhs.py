@@ -1,5 +1,6 @@
 """BDHS (bdhs.py): the image-token mask, sentence splitting and the yes/no swap, the retry rule, the noise schedule,
 determinism and resume, the sentence embedder against sentence-transformers, and the main job's pair building."""
+import json
 import os
 import random
 import subprocess
@@ -191,3 +192,42 @@ def test_runtime_modules_do_not_import_transformers():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'sentence_transformers', 'trl')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# -----------------------------------------------------------------------------
+# The main job's pair building: train_offline --data bdhs
+
+SMALL = ["--data", "bdhs", "--pairs", "12", "--val_pairs", "4", "--batch_size", "4", "--eval_n", "0", "--steps", "2"]
+
+
+def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
+    import train_offline as to
+    cache = str(tmp_path / "c")
+    to.main(SMALL + ["--out_dir", str(tmp_path / "a"), "--cache_dir", cache])
+    assert "non-similar share after each attempt" in capsys.readouterr().out
+    (folder,) = [d for d in os.listdir(cache) if d.startswith("bdhs-")]
+    recs = data.read_pairs(os.path.join(cache, folder, "pairs.jsonl"))
+    assert len(recs) == 16 and all("bdhs" in r["meta"] and "rejected2" not in r for r in recs)
+    to.main(SMALL + ["--out_dir", str(tmp_path / "b"), "--cache_dir", cache])  # same model and settings: reused
+    assert "non-similar" not in capsys.readouterr().out
+    metrics = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert metrics[0]["rewards/margins"] == 0 and len([m for m in metrics if "step" in m and "loss" in m]) == 2
+    # Avg-DPO with the world's corruption as the external rejected (Eq. 5): a new key, three responses per pair
+    to.main(SMALL + ["--out_dir", str(tmp_path / "c2"), "--cache_dir", cache, "--external", "true", "--rho", "1.0"])
+    folders = [d for d in os.listdir(cache) if d.startswith("bdhs-")]
+    assert len(folders) == 2
+    ext = data.read_pairs(os.path.join(cache, [d for d in folders if d != folder][0], "pairs.jsonl"))
+    assert all("rejected2" in r and r["meta"]["bdhs"]["visible"] == 0.0 for r in ext)
+    with pytest.raises(ValueError, match="bdhs_variant"):
+        to.main(SMALL + ["--out_dir", str(tmp_path / "d"), "--cache_dir", cache, "--bdhs_variant", "nope"])
+
+
+def test_main_job_under_two_ranks(tmp_path):
+    from test_offline import torchrun
+    torchrun(2, SMALL + ["--out_dir", str(tmp_path / "r"), "--cache_dir", str(tmp_path / "c")])
+    (folder,) = [d for d in os.listdir(tmp_path / "c") if d.startswith("bdhs-")]
+    shards = sorted(f for f in os.listdir(tmp_path / "c" / folder) if f.endswith(tuple("01")))
+    assert shards == ["pairs.jsonl.rank0", "pairs.jsonl.rank1"]
+    ids = [r["id"] for s in shards for r in data.read_pairs(str(tmp_path / "c" / folder / s))]
+    assert sorted(ids) == sorted(f"align-0-{i}" for i in range(16))
+    assert os.path.exists(tmp_path / "r" / "checkpoint" / "model.safetensors")
