@@ -11,13 +11,15 @@ the prompt and itself only: the image and prompt go through the tower and the LL
 LM head runs only on response positions. The reference log-probs are computed once, before training, and cached on
 disk keyed by model and data (`--ref lora_off` instead recomputes them each step with the adapters switched off).
 
+    torchrun train_offline.py --data bdhs                     # the main job: BDHS pairs from the shipped base, then DPO
     python train_offline.py                                   # DPO on the world's corruption set, from the shipped base
+    python train_offline.py --data bdhs --external true       # Avg-DPO: the corruption set's rejected and BDHS's (Eq. 5)
     torchrun --nproc_per_node 2 train_offline.py --loss ipo --beta 1.0
     python train_offline.py --data pairs.jsonl --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --fsdp true
     python train_offline.py --data povid:/data/povid --loss rm --out_dir runs/rm
     python train_offline.py --resume true                     # continues a killed run from its last saved step
-    python train_offline.py --loss sft --model scratch --lora_r 0 --lr 2e-3 --warmup 100 --weight_decay 0.01 \\
-        --steps 1000 --out_dir runs/world-base                # rebuilds the shipped base into runs/world-base/checkpoint
+    python train_offline.py --loss sft --model scratch --lora_r 0 --lr 2e-3 --lr_projector 2e-3 --warmup 100 \\
+        --weight_decay 0.01 --steps 1000 --text_only 0.25 --out_dir runs/world-base   # rebuilds the shipped base
 """
 import contextlib
 import dataclasses
@@ -278,7 +280,8 @@ def bdhs_pairs(cfg: Config, vlm: VLM, print0=print):
     print0(f"BDHS pairs: {bc.out}")
     parts = [bc.out] if W == 1 else [f"{bc.out}.rank{r}" for r in range(W)]
     if not all(os.path.exists(p + ".done") for p in parts):
-        bdhs.build_pairs(bc, vlm, rank=rank, world_size=W, log=print0)
+        with vlm.lora_disabled():  # the adapters start as the identity: skip their matmuls while sampling
+            bdhs.build_pairs(bc, vlm, rank=rank, world_size=W, log=print0)
         open(parts[rank] + ".done", "w").close()
     if W > 1:
         dist.barrier()
