@@ -340,13 +340,21 @@ def test_other_losses_run(tmp_path, loss):
 
 
 def torchrun(n, args, timeout=300):
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
-           os.path.join(ROOT, "train_offline.py")] + args
-    subprocess.run(cmd, check=True, timeout=timeout, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"},
-                   stdout=open(os.environ.get("TR_LOG", os.devnull), "a"), stderr=subprocess.STDOUT)
+    """Runs train_offline.py on n gloo ranks; a failure shows the output's tail. The free port is found by binding
+    and releasing it, so another process can take it in between: a rendezvous that finds it taken is retried."""
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
+               os.path.join(ROOT, "train_offline.py")] + args
+        p = subprocess.run(cmd, timeout=timeout, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if p.returncode == 0:
+            return
+        if "address already in use" not in p.stdout.lower():
+            break
+    raise AssertionError(f"torchrun exited with {p.returncode}:\n{p.stdout[-4000:]}")
 
 
 def test_two_ranks_equal_one(tmp_path):
