@@ -17,6 +17,7 @@ guidance (every attempt unguided), and the POVID-style teacher-forced distortion
     python bdhs.py --out runs/bdhs/pairs.jsonl                    # the world's align prompts, shipped base model
     python bdhs.py --model M --source povid:/data/povid --out pairs.jsonl --embedder sentence-transformers/all-mpnet-base-v2
 """
+import hashlib
 import json
 import math
 import os
@@ -320,9 +321,13 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
     out = cfg.out if world_size == 1 else f"{cfg.out}.rank{rank}"
     done = set()
     if os.path.exists(out):  # keep the whole lines; a run killed mid-write leaves at most one partial line
-        lines = open(out).read().split("\n")
-        good = [ln for ln in lines if ln.strip() and ln.rstrip().endswith("}")]
-        done = {json.loads(ln)["id"] for ln in good}
+        good = []
+        for ln in open(out).read().split("\n"):
+            try:
+                done.add(json.loads(ln)["id"])
+                good.append(ln)
+            except json.JSONDecodeError:
+                pass
         with open(out + ".tmp", "w") as f:
             f.writelines(ln + "\n" for ln in good)
         os.replace(out + ".tmp", out)
@@ -334,7 +339,7 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
         for b in range(0, len(todo), cfg.batch_size):
             batch = todo[b:b + cfg.batch_size]
             key = f"{cfg.seed}-{batch[0]['id']}"
-            gen = torch.Generator().manual_seed(int.from_bytes(key.encode()[-8:], "little") ^ len(key))
+            gen = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
             res = bdhs_batch(vlm, embedder, batch, cfg, gen, random.Random(key), stats)
             for r, (text, meta) in zip(batch, res):
                 rec = dict(r, rejected=text, meta=dict(r.get("meta", {}), bdhs=meta))

@@ -132,6 +132,8 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
     bdhs.build_pairs(cfg(tmp_path / "b" / "p.jsonl", 9), base, emb)
     a, b = (open(tmp_path / d / "p.jsonl").read() for d in "ab")
     assert a == b and len(a.splitlines()) == 9
+    bdhs.build_pairs(bdhs.Config(n=9, out=str(tmp_path / "s2" / "p.jsonl"), batch_size=3, seed=2), base, emb)
+    assert open(tmp_path / "s2" / "p.jsonl").read() != a  # the seed reaches the sampling
     # killed after one batch, with half a line written: the resumed file equals the uninterrupted one
     lines = a.splitlines(keepends=True)
     os.makedirs(tmp_path / "c")
