@@ -167,6 +167,19 @@ def plan_sentences(truth, rng: random.Random):
     return plan
 
 
+def sentence_prefix(vlm: VLM, ctx, p1):
+    """Forced tokens of a guided sentence: the reply's lead, the truth before it and its kept prefix. A prefix ending
+    in whitespace (an empty cut) leaves that space to the model: BPE merges it into the next word, so forcing it
+    alone would be a token sequence the model never saw."""
+    lead = TEMPLATES[vlm.template]["reply"].split("{}")[0]  # what the template puts between prompt and reply text
+    return vlm.encode_prompt((lead + ctx + p1).rstrip(), add_special_tokens=False)
+
+
+def join_sentence(p1, cont, ws):
+    """A guided sentence: prefix, continuation (its leading space dropped after an empty cut) and the truth's gap."""
+    return p1 + (cont if p1 else cont.lstrip()) + ws
+
+
 def image_key_mask(input_ids, attention_mask, image_token_id, rho, generator):
     """(B, T) key mask: False on padding and on image tokens with rho_i < rho_th (Eq. 6). Returns it and each
     row's visible share of its image tokens."""
@@ -237,8 +250,6 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
     """Algorithm 1 on a batch of records (conversation, chosen): returns one (rejected, meta) per record."""
     if cfg.variant == "distort":
         return distort_batch(vlm, recs, cfg, gen)
-    t = TEMPLATES[vlm.template]
-    lead = t["reply"].split("{}")[0]  # what the template puts between the prompt and the reply text
     prompts = [prompt_ids(vlm, r) for r in recs]
     T = max(map(len, prompts))
     ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
@@ -247,10 +258,10 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
     dev = vlm.lm_head.weight.device
     gt_emb = embedder([r["chosen"] for r in recs])
     result, todo = [None] * len(recs), list(range(len(recs)))
+    rho, noise = (0.0, cfg.noise_steps) if cfg.variant == "noise" else (cfg.rho, 0)
     for attempt in range(1, cfg.n_bdhs + 1):
-        rho = 0.0 if cfg.variant == "noise" else cfg.rho
         keep, vis = image_key_mask(ids[todo], am[todo], vlm.cfg.image_token_id, rho, gen)
-        pv = add_diffusion_noise(pix["pixel_values"][todo], cfg.noise_steps if cfg.variant == "noise" else 0, gen)
+        pv = add_diffusion_noise(pix["pixel_values"][todo], noise, gen)
         kw = dict(input_ids=ids[todo].to(dev), attention_mask=am[todo].to(dev), key_mask=keep.to(dev),
                   pixel_values=pv.to(dev), image_sizes=pix["image_sizes"][todo].to(dev) if "image_sizes" in pix else None,
                   temperature=cfg.temperature, generator=gen)
@@ -258,17 +269,13 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
         if guided:
             plans = [plan_sentences(recs[i]["chosen"], rng) for i in todo]  # rows share their prompt's prefill
             S = max(map(len, plans))
-            # a prefix ending in whitespace (an empty cut) leaves that space to the model: BPE merges it into the
-            # next word, so forcing it alone would be a token sequence the model never saw
-            prefix = [vlm.encode_prompt((lead + ctx + p1).rstrip(), add_special_tokens=False) if k < len(pl) else []
-                      for pl in plans for k, (ctx, p1, _) in enumerate(pl + [("", "", "")] * (S - len(pl)))]
+            prefix = [sentence_prefix(vlm, *pl[k][:2]) if k < len(pl) else [] for pl in plans for k in range(S)]
             out = vlm.generate(**kw, max_new_tokens=cfg.sentence_tokens, num_samples=S, prefix_ids=prefix,
                                stop_strings=(".",))
             texts = []
             for j, pl in enumerate(plans):
-                conts = [vlm.tokenizer.decode(out[j * S + k]) for k in range(len(pl))]
-                conts = [c if p1 else c.lstrip() for (_, p1, _), c in zip(pl, conts)]
-                texts.append("".join(p1 + c + ws for (_, p1, ws), c in zip(pl, conts)))
+                texts.append("".join(join_sentence(p1, vlm.tokenizer.decode(out[j * S + k]), ws)
+                                     for k, (_, p1, ws) in enumerate(pl)))
         else:
             out = vlm.generate(**kw, max_new_tokens=cfg.max_new_tokens)
             texts = [vlm.tokenizer.decode(o).strip() for o in out]

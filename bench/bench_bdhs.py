@@ -19,24 +19,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bdhs  # noqa: E402
 import data  # noqa: E402
-from model import TEMPLATES, VLM  # noqa: E402
+from model import VLM  # noqa: E402
 
 
 def naive(vlm, recs, cfg, seed):
     """One generate call per sentence: the image and prompt are encoded again each time."""
-    lead = TEMPLATES[vlm.template]["reply"].split("{}")[0]
     rng, gen, out = random.Random(seed), torch.Generator().manual_seed(seed), []
     for r in recs:
         prompt = bdhs.prompt_ids(vlm, r)
         pix = vlm.image_processor([data.open_image(r["image"])])
         text = ""
         for ctx, p1, ws in bdhs.plan_sentences(r["chosen"], rng):
-            ids = torch.tensor([prompt + vlm.encode_prompt((lead + ctx + p1).rstrip(), add_special_tokens=False)])
+            ids = torch.tensor([prompt + bdhs.sentence_prefix(vlm, ctx, p1)])
             keep, _ = bdhs.image_key_mask(ids, torch.ones_like(ids), vlm.cfg.image_token_id, cfg.rho, gen)
             o = vlm.generate(ids, key_mask=keep, pixel_values=pix["pixel_values"], image_sizes=pix.get("image_sizes"),
                              max_new_tokens=cfg.sentence_tokens, temperature=0.0, stop_strings=(".",))[0]
-            c = vlm.tokenizer.decode(o)
-            text += p1 + (c if p1 else c.lstrip()) + ws
+            text += bdhs.join_sentence(p1, vlm.tokenizer.decode(o), ws)
         out.append(text)
     return out
 
