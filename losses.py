@@ -10,7 +10,11 @@ h = (pc - rc) - (pr - rr), the log-ratio margin of paper §3.2:
     SLiC          max(0, 1 - β h)   the hinge
     Avg-DPO (Eq. 5)  γ L(y⁺, y⁻) + (1 - γ) L(y⁺, ỹ⁻): two rejected responses, one external and one from the policy
     RM (Eq. 1)    -log σ(r(x, y⁺) - r(x, y⁻)), the Bradley–Terry reward-model loss
+
+The RL objectives (Eq. 2) work on sampled responses: PPO on per-token log-probs, values and GAE advantages, RLOO on
+per-sequence log-probs with the leave-one-out baseline.
 """
+import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
@@ -86,3 +90,51 @@ def preference_loss(loss, pc, pr, rc, rr, beta=0.1, pr2=None, rr2=None, gamma=0.
     if pr2 is None:
         return LOSSES[loss](pc, pr, rc, rr, beta)
     return avg_loss(loss, pc, pr, pr2, rc, rr, rr2, beta, gamma)
+
+# -----------------------------------------------------------------------------
+# RL (Eq. 2): per-token tensors are (N, L) with a bool `mask` of real response tokens
+
+
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x, mask):
+    """Advantage normalisation: zero mean, unit variance over the real tokens (padding stays 0)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation, right to left: δ_t = r_t + γ V_{t+1} - V_t, A_t = δ_t + γλ A_{t+1}, with
+    V = 0 after the last real token. Returns (advantages, returns = advantages + values)."""
+    adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        nxt = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        last = (rewards[:, t] + gamma * nxt - values[:, t] + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, adv + values
+
+
+def ppo_loss(lp, old_lp, adv, values, old_values, returns, mask, clip=0.2, clip_value=0.2, vf_coef=0.1):
+    """The clipped surrogate max(-A r, -A clip(r, 1±ε)) with r = π/π_old per token, plus vf_coef x the clipped value
+    loss ½ max((V - R)², (V_old + clip(V - V_old, ±ε_v) - R)²); both token means per sequence -> (N,). Also the
+    share of clipped tokens per sequence."""
+    ratio = torch.exp(lp - old_lp)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    v_clipped = old_values + (values - old_values).clamp(-clip_value, clip_value)
+    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    clipped = ((ratio - 1).abs() > clip).float()
+    return masked_mean(pg, mask, -1) + vf_coef * masked_mean(vf, mask, -1), masked_mean(clipped, mask, -1).detach()
+
+
+def rloo_advantages(rewards):
+    """(P, k) rewards of k samples per prompt -> A_i = R_i - mean_{j≠i} R_j (the leave-one-out baseline)."""
+    k = rewards.shape[1]
+    return (rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)).detach()
+
+
+def rloo_loss(logps, adv):
+    """REINFORCE with the leave-one-out baseline: -A_i log π(y_i | x) per sample, (P, k)."""
+    return -adv * logps

@@ -164,11 +164,13 @@ class PairModel(nn.Module):
         super().__init__()
         self.vlm = vlm
         self.score = nn.Linear(vlm.cfg.text.hidden_size, 1, bias=False) if reward_head else None
+        self.value = None  # PPO's value head (train_online.py)
 
     def forward(self, input_ids, pixel_values, image_sizes=None, segment=None, position_ids=None, pred_idx=None,
-                targets=None, last_idx=None, labels=None, key_mask=None):
+                targets=None, last_idx=None, labels=None, key_mask=None, tokens=False):
         """A batch from `data.collate_pairs` -> per-response log-probs (B, K) summed over tokens in fp32, token counts
-        (B, K), and reward scores (B, K) or None. A batch from `data.collate` (SFT) -> logits (B, T, V)."""
+        (B, K), and reward scores (B, K) or None; with `tokens`, per-token log-probs (B, K, L) and the value head's
+        values (B, K, L) or None. A batch from `data.collate` (SFT) -> logits (B, T, V)."""
         if segment is None:
             return self.vlm(input_ids, pixel_values, image_sizes, key_mask=key_mask)
         T, dev = input_ids.shape[1], input_ids.device
@@ -183,8 +185,11 @@ class PairModel(nn.Module):
         pick = lambda idx: h.gather(1, idx.reshape(B, -1, 1).expand(-1, -1, h.shape[-1]))  # noqa: E731
         if self.score is not None:
             return None, None, self.score(pick(last_idx)).squeeze(-1).float()  # (B, K)
-        logits = self.vlm.lm_head(pick(pred_idx)).view(B, K, L, -1)  # the LM head on response positions only
-        return losses.gathered_logps(logits, targets).sum(-1), (targets != -100).sum(-1), None
+        hp = pick(pred_idx)
+        lp = losses.gathered_logps(self.vlm.lm_head(hp).view(B, K, L, -1), targets)  # LM head on responses only
+        if tokens:
+            return lp, None if self.value is None else self.value(hp).view(B, K, L).float()
+        return lp.sum(-1), (targets != -100).sum(-1), None
 
 
 def model_hash(cfg: Config):

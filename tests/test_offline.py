@@ -339,15 +339,15 @@ def test_other_losses_run(tmp_path, loss):
         assert vlm.extra["score.weight"].shape == (1, vlm.cfg.text.hidden_size)
 
 
-def torchrun(n, args, timeout=300):
-    """Runs train_offline.py on n gloo ranks; a failure shows the output's tail. The free port is found by binding
+def torchrun(n, args, timeout=300, script="train_offline.py"):
+    """Runs a training script on n gloo ranks; a failure shows the output's tail. The free port is found by binding
     and releasing it, so another process can take it in between: a rendezvous that finds it taken is retried."""
     for attempt in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
-               os.path.join(ROOT, "train_offline.py")] + args
+               os.path.join(ROOT, script)] + args
         p = subprocess.run(cmd, timeout=timeout, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if p.returncode == 0:

@@ -1,0 +1,225 @@
+"""Online alignment: PPO / GAE / RLOO against hand-computed values, the annotators (rule verifier, judge parsing,
+reward model), a 2-step run of every algorithm, FSDP2 sampling under torchrun, and kill + resume."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import losses
+import train_online as on
+from model import VLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_offline import run_metrics, same, torchrun  # noqa: E402
+
+SMALL = ["--pairs", "64", "--batch_size", "4", "--max_new_tokens", "24", "--eval_n", "0", "--norm_prompts", "8",
+         "--log_every", "1"]
+
+# -----------------------------------------------------------------------------
+# Closed forms
+
+
+def test_gae_by_hand():
+    """γ = 1, λ = 0.5. Row 0: δ = [1 + 1 - .5, 0 + .5 - 1, 2 - .5] = [1.5, -.5, 1.5], A_2 = 1.5, A_1 = -.5 + .5 x 1.5
+    = .25, A_0 = 1.5 + .5 x .25 = 1.625. Row 1 has one real token: A_0 = 3 - 1, and the padded value 9 is ignored."""
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [3.0, 7.0, 7.0]])
+    values = torch.tensor([[0.5, 1.0, 0.5], [1.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    adv, ret = losses.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[1.625, 0.25, 1.5], [2.0, 0.0, 0.0]]))
+    assert torch.allclose(ret[0], torch.tensor([2.125, 1.25, 2.0])) and ret[1, 0] == 3.0
+    # λ = 1, γ = 1: the advantage is the reward-to-go minus the value
+    adv, _ = losses.gae(rewards[:1], values[:1], mask[:1], 1.0, 1.0)
+    assert torch.allclose(adv, torch.tensor([[3.0, 2.0, 2.0]]) - values[:1])
+
+
+def test_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]]).bool()
+    w = losses.whiten(x, mask)
+    assert torch.allclose(w, torch.tensor([[-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0]]), atol=1e-5)
+    assert abs(losses.masked_mean(w, mask).item()) < 1e-6 and abs(losses.masked_mean(w ** 2, mask).item() - 1) < 1e-5
+
+
+def test_ppo_loss_by_hand():
+    """Three tokens: A = 2 with ratio 1.5 (clipped to 1.2: -2.4), A = -1 with ratio .5 (clipped to .8: .8), A = 1
+    with ratio 1 (-1). Values 1 against returns 2, old values 0: clipped to .2, so ½ x 1.8² = 1.62 per token."""
+    old = torch.zeros(1, 3)
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.0]])).requires_grad_()
+    adv = torch.tensor([[2.0, -1.0, 1.0]])
+    values = torch.ones(1, 3, requires_grad=True)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, clipfrac = losses.ppo_loss(lp, old, adv, values, torch.zeros(1, 3), torch.full((1, 3), 2.0), mask,
+                                     clip=0.2, clip_value=0.2, vf_coef=0.1)
+    assert torch.allclose(loss, torch.tensor([(-2.4 + 0.8 - 1.0) / 3 + 0.1 * 1.62]))
+    assert torch.allclose(clipfrac, torch.tensor([2 / 3]))
+    loss.sum().backward()
+    # clipped tokens get no gradient; the third gets d(-A r)/d lp = -A r / 3
+    assert torch.allclose(lp.grad, torch.tensor([[0.0, 0.0, -1 / 3]]))
+    assert torch.allclose(values.grad, torch.zeros(1, 3))  # the clipped value term is the larger: constant in V
+
+
+def test_rloo_by_hand():
+    r = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    adv = losses.rloo_advantages(r)
+    assert torch.allclose(adv, torch.tensor([[1 - 11 / 3, 2 - 10 / 3, 3 - 3.0, 6 - 2.0]]))
+    assert abs(adv.sum().item()) < 1e-6
+    lp = torch.tensor([[-1.0, -2.0, -3.0, -4.0]], requires_grad=True)
+    loss = losses.rloo_loss(lp, adv)
+    assert torch.allclose(loss, -adv * lp.detach())
+    loss.sum().backward()
+    assert torch.allclose(lp.grad, -adv)  # raises the log-prob of better-than-the-others samples
+
+# -----------------------------------------------------------------------------
+# Annotators
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Based on the image content, Response 2 is better, because it names the objects correctly.", 1),
+    ("Response 1 mentions a saucer that is not there, so Response 2 is better.", 1),
+    ("Response 1 is more accurate than Response 2.", 0),
+    ("I prefer Response 1.", 0),
+    ("The better response is Response 2: it does not invent a star.", 1),
+    ("Response 1", 0),
+    ("Both responses are equally good.", None),
+    ("Neither Response 1 nor Response 2 is right.", None),
+    ("Response 1 is not better than Response 2.", None),
+    ("Response 2 is not correct.", None),
+    ("Response 1 is better. No, Response 2 is better.", None),
+    ("The answer is 1.", None),
+    ("", None),
+])
+def test_parse_judgment(text, want):
+    assert on.parse_judgment(text) == want
+
+
+DESC = "There are two objects. A blue cup is at the top left. A white saucer is in the center."
+
+
+@pytest.mark.parametrize("truth,kind,text,want", [
+    (DESC, "describe", DESC, 1.0),
+    # cup +1, saucer +1, invented star -2; cup's colour wrong -1, saucer's right +1; count wrong -1; top 2 + 2 + 1
+    (DESC, "describe", "There are three objects. A red cup is at the top left. A white saucer is in the center. "
+     "A yellow star is at the top.", -1 / 5),
+    (DESC, "describe", "There are two objects. A blue cup is at the top left.", 3 / 5),
+    ("No, there is no star.", "exist", "Yes, there is a star.", -1.0),
+    ("No, there is no star.", "exist", "No.", 1.0),
+    ("There are three objects.", "count", "There are three objects.", 1.0),
+    ("There are three objects.", "count", "There are two objects.", -1.0),
+    ("The cup is red.", "color", "The cup is red.", 1.0),
+    ("The cup is red.", "color", "The cup is blue.", 0.0),
+    ("The cup is at the top left.", "position", "The cup is in the center.", 0.0),
+])
+def test_rule_score(truth, kind, text, want):
+    assert abs(on.rule_score(text, dict(chosen=truth, meta=dict(kind=kind))) - want) < 1e-9
+
+
+def test_reward_model_annotator(tmp_path):
+    vlm = VLM.from_pretrained(data.BASE_MODEL)
+    with pytest.raises(ValueError, match="no score.weight"):
+        vlm.save_pretrained(str(tmp_path / "plain"))
+        on.RewardModel(str(tmp_path / "plain"), "cpu")
+    w = torch.randn(1, vlm.cfg.text.hidden_size, generator=torch.Generator().manual_seed(0))
+    vlm.extra["score.weight"] = w
+    vlm.save_pretrained(str(tmp_path / "rm"))
+    rm = on.RewardModel(str(tmp_path / "rm"), "cpu")
+    recs = data.world_pairs(data.World(0), 3)
+    texts = [[r["chosen"], r["rejected"]] for r in recs]
+    got = rm(recs, texts)
+    # by hand: the last hidden state of prompt + reply (EOS included), through the head
+    full = vlm.encode_prompt(data.format_chat(recs[1]["conversation"] + [{"role": "assistant", "content":
+                                                                          texts[1][1]}], vlm.template, False))
+    px = vlm.image_processor([recs[1]["image"]])["pixel_values"]
+    with torch.no_grad():
+        h = vlm.hidden(torch.tensor([full]), px)[0, -1]
+    assert abs(got[1][1] - (w[0] @ h).item()) < 1e-4
+
+
+def test_annotator_flag_errors():
+    with pytest.raises(ValueError, match="expected rule"):
+        on.make_annotator(on.Config(annotator="gpt"), "cpu")
+    with pytest.raises(ValueError, match="needs the checkpoint"):
+        on.make_annotator(on.Config(annotator="rm"), "cpu")
+    with pytest.raises(ValueError, match="PPO and RLOO need"):
+        on.make_annotator(on.Config(annotator=f"judge:{data.BASE_MODEL}", algo="rloo"), "cpu")
+
+# -----------------------------------------------------------------------------
+# End to end
+
+
+@pytest.mark.parametrize("algo,extra", [("online-dpo", []), ("mixed-dpo", []), ("online-bdhs", ["--external", "true"]),
+                                        ("ppo", []), ("rloo", [])])
+def test_two_steps_of_every_algorithm(tmp_path, algo, extra):
+    on.main(SMALL + ["--algo", algo, "--steps", "2", "--out_dir", str(tmp_path)] + extra)
+    recs = run_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in recs] == [0, 1] and all(math.isfinite(r["loss"]) for r in recs)
+    want = {"ppo": ["objective/scores", "objective/kl", "policy/clipfrac", "val/values"],
+            "rloo": ["objective/scores", "objective/kl", "objective/rlhf_reward"],
+            "online-bdhs": ["rewards/margins", "bdhs/attempts"], "mixed-dpo": ["online/offline_share"]}
+    assert all(k in recs[0] for k in want.get(algo, ["rewards/accuracies", "online/score", "online/ties_or_dropped"]))
+    if algo in ("ppo", "rloo"):  # the policy starts at the reference: no KL at the first step
+        assert abs(recs[0]["objective/kl"]) < 1e-4
+        assert len(json.load(open(tmp_path / "reward_norm.json"))) == 2
+    if algo.endswith("dpo") or algo == "online-bdhs":
+        assert abs(recs[0]["rewards/margins"]) < 1e-5
+    vlm = VLM.from_pretrained(str(tmp_path / "checkpoint"))
+    assert not any("lora" in n for n, _ in vlm.named_parameters())
+
+
+def test_judge_answers_that_name_neither_are_dropped(tmp_path):
+    """The world's base model cannot judge: its answers name no response, so every pair is dropped and counted, and
+    the step still runs (a zero-weight stand-in keeps the update well defined)."""
+    on.main(SMALL + ["--algo", "online-dpo", "--steps", "1", "--annotator", f"judge:{data.BASE_MODEL}",
+                     "--judge_tokens", "8", "--out_dir", str(tmp_path)])
+    rec = run_metrics(str(tmp_path / "metrics.jsonl"))[0]
+    assert rec["online/unparsed"] == 1.0 and rec["online/ties_or_dropped"] == 1.0 and rec["loss"] == 0.0
+
+
+def test_ppo_with_the_reward_model(tmp_path):
+    vlm = VLM.from_pretrained(data.BASE_MODEL)
+    vlm.extra["score.weight"] = torch.randn(1, vlm.cfg.text.hidden_size) * 0.01
+    vlm.save_pretrained(str(tmp_path / "rm"))
+    on.main(SMALL + ["--algo", "ppo", "--steps", "1", "--annotator", f"rm:{tmp_path / 'rm'}",
+                     "--out_dir", str(tmp_path / "run")])
+    assert math.isfinite(run_metrics(str(tmp_path / "run" / "metrics.jsonl"))[0]["objective/scores"])
+
+
+def test_fsdp_and_ddp_sampling_under_torchrun(tmp_path):
+    """2 gloo ranks: FSDP2 samples with gathered parameters (ranks decode different lengths without a collective in
+    the loop) and gives DDP's samples, rewards and losses; both save a checkpoint that loads."""
+    for name, flags in (("fsdp", ["--fsdp", "true"]), ("ddp", [])):
+        torchrun(2, SMALL + ["--algo", "rloo", "--steps", "2", "--out_dir", str(tmp_path / name)] + flags,
+                 script="train_online.py")
+        VLM.from_pretrained(str(tmp_path / name / "checkpoint"))
+    a, b = (run_metrics(str(tmp_path / name / "metrics.jsonl")) for name in ("fsdp", "ddp"))
+    assert [r["step"] for r in a] == [0, 1] and all(math.isfinite(r["loss"]) for r in a)
+    same(a, b, keys=("loss", "objective/scores", "objective/kl", "response_length", "grad_norm"), tol=1e-4)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
+    common = SMALL + ["--algo", "ppo", "--steps", "8", "--save_every", "1"]
+    on.main(common + ["--out_dir", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_online.py")] + common + ["--out_dir", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "state.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and torch.load(state, weights_only=False)["step"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(state, weights_only=False)["step"]
+    assert 2 <= killed_at < 7, killed_at
+    on.main(common + ["--out_dir", str(out), "--resume", "true"])
+    same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")),
+         keys=("loss", "objective/scores", "objective/kl", "val/values", "grad_norm"), tol=1e-5)
