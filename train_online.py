@@ -2,7 +2,8 @@
 
 Every step samples responses from the current policy for a batch of prompts, has them judged, and trains on them:
 
-    online-dpo   2 samples per prompt at temperature 1; the annotator's preferred one is chosen; DPO (§3.3)
+    online-dpo   2 samples per prompt at temperature 1; the annotator's preferred one is chosen; DPO (§3.3). With
+                 --samples k > 2 and a scoring annotator, the best of k against the worst
     mixed-dpo    per prompt, the offline pair with probability --mix_p, else an online pair (Eq. 4); only the
                  prompts that need an online pair are sampled
     online-bdhs  the ground truth as chosen, a BDHS response of the current policy as rejected (§6.4); with
@@ -63,7 +64,7 @@ class Config(off.Config):
     ref: str = "lora_off"         # the reference is the policy with its adapters off (online: nothing to cache)
     lr_projector: float = 0.0     # so only adapters train (the reference must stay the starting model)
     epochs: float = 1.0
-    samples: int = 0              # per prompt; 0: 2 for the DPO algorithms, 1 for PPO, 4 for RLOO
+    samples: int = 0              # per prompt; 0: 2 for the DPO algorithms (more: best vs worst), 1 PPO, 4 RLOO
     temperature: float = 1.0
     max_new_tokens: int = 96
     mix_p: float = 0.5            # Mixed-DPO: probability of the offline pair (Eq. 4)
@@ -253,18 +254,18 @@ def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), 
         need = [r for r, o in zip(recs, offline) if not o]
         items = [item(r, [enc(r["chosen"]), enc(r["rejected"])]) for r, o in zip(recs, offline) if o]
         add("online/offline_share", sum(offline), len(recs))
-        if need:
-            ids, texts = sample(pm, need, 2, cfg, gen)
+        if need:  # k samples; the judge picks between two, a scorer pairs the best with the worst
+            ids, texts = sample(pm, need, cfg.samples, cfg, gen)
             if judge is not None:
-                pick = judge(need, texts)
+                pick = [None if p is None else (p, 1 - p) for p in judge(need, texts)]
                 add("online/unparsed", sum(p is None for p in pick), len(need))
             else:
                 sc = scorer(need, texts)
-                pick = [None if a == b else int(b > a) for a, b in sc]
-                add("online/score", sum(map(sum, sc)), 2 * len(need))
+                pick = [None if max(s) == min(s) else (s.index(max(s)), s.index(min(s))) for s in sc]
+                add("online/score", sum(map(sum, sc)), cfg.samples * len(need))
             add("online/ties_or_dropped", sum(p is None for p in pick), len(need))
-            add("response_length", sum(len(x) for xs in ids for x in xs), 2 * len(need))
-            items += [item(r, [x[p], x[1 - p]]) for r, x, p in zip(need, ids, pick) if p is not None]
+            add("response_length", sum(len(x) for xs in ids for x in xs), cfg.samples * len(need))
+            items += [item(r, [x[p[0]], x[p[1]]]) for r, x, p in zip(need, ids, pick) if p is not None]
     w = [1.0] * len(items)
     if not items:  # every pair dropped: a stand-in keeps the collectives in step, with weight 0
         items, w = [item(recs[0], [enc(recs[0]["chosen"])] * 2)], [0.0]
@@ -354,8 +355,10 @@ def main(argv=None):
     if cfg.loss not in losses.LOSSES:
         raise ValueError(f"--loss {cfg.loss!r}: the online DPO algorithms take {', '.join(losses.LOSSES)}")
     cfg.samples = cfg.samples or SAMPLES.get(cfg.algo, 1)
-    if cfg.algo == "rloo" and cfg.samples < 2:
-        raise ValueError("--algo rloo needs --samples >= 2 (the leave-one-out baseline)")
+    if cfg.samples < 2 and cfg.algo in ("rloo", "online-dpo", "mixed-dpo"):
+        raise ValueError(f"--algo {cfg.algo} needs --samples >= 2")
+    if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
+        raise ValueError("--annotator judge compares two responses: --samples must be 2")
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
