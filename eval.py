@@ -11,7 +11,10 @@ On the embedded world every answer can be checked against the scene, so the metr
 
     python eval.py --model assets/world-base --data world --world_seed 0 --out results.json
 """
+import base64
 import glob
+import hashlib
+import io
 import json
 import os
 import random
@@ -171,6 +174,75 @@ def table(rows: dict, keys=KEYS):
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
     return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# A judge for the open-ended benchmarks (MMHal-Bench, MMHal-V, LLaVA-Bench, MM-Vet): any OpenAI-compatible
+# chat-completions endpoint, through the standard library, every judgment cached on disk as it arrives
+
+
+class JudgeClient:
+    """POSTs to {JUDGE_BASE_URL}/chat/completions (default https://api.openai.com/v1) with JUDGE_MODEL and the key
+    JUDGE_API_KEY (or OPENAI_API_KEY). 429 and 5xx answers and network errors are retried with exponential back-off
+    (or the server's Retry-After); requests are spaced at least `min_interval` seconds apart. Each judgment is
+    appended to the JSONL `cache` (flushed and synced), keyed by model, messages and settings, so a rerun or an
+    interrupted run asks only for what is missing."""
+
+    def __init__(self, cache, base_url=None, model=None, api_key=None, retries=6, backoff=2.0, min_interval=0.0,
+                 timeout=120.0):
+        env = os.environ.get
+        self.url = (base_url or env("JUDGE_BASE_URL", "https://api.openai.com/v1")).rstrip("/") + "/chat/completions"
+        self.model = model or env("JUDGE_MODEL", "gpt-4-0613")
+        self.key = api_key or env("JUDGE_API_KEY", env("OPENAI_API_KEY", ""))
+        self.path, self.retries, self.backoff = cache, retries, backoff
+        self.min_interval, self.timeout = min_interval, timeout
+        self.cache, self.last = {}, 0.0
+        if os.path.exists(cache):
+            for line in open(cache):
+                try:
+                    r = json.loads(line)
+                    self.cache[r["key"]] = r["content"]
+                except (json.JSONDecodeError, KeyError):
+                    pass  # a line cut by a kill
+        self.asked = 0  # requests sent by this client (cache hits send none)
+
+    def __call__(self, messages, max_tokens=512, temperature=0.0):
+        import urllib.error
+        import urllib.request
+        body = dict(model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        if key in self.cache:
+            return self.cache[key]
+        req = urllib.request.Request(self.url, json.dumps(body).encode(), {"Content-Type": "application/json",
+                                                                          "Authorization": f"Bearer {self.key}"})
+        for attempt in range(self.retries + 1):
+            time.sleep(max(0.0, self.last + self.min_interval - time.monotonic()))
+            self.last, self.asked, delay = time.monotonic(), self.asked + 1, 0.0
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    content = json.load(r)["choices"][0]["message"]["content"]
+                break
+            except urllib.error.HTTPError as e:
+                err, retry = f"HTTP {e.code} {e.read()[:200]!r}", e.code == 429 or e.code >= 500
+                delay = float(e.headers.get("Retry-After") or 0)
+            except (urllib.error.URLError, OSError) as e:
+                err, retry = repr(e), True
+            if not retry or attempt == self.retries:
+                raise RuntimeError(f"judge {self.url} failed after {attempt + 1} request(s): {err}. The {len(self.cache)} "
+                                   f"judgments made so far are kept in {self.path}; rerun to continue.")
+            time.sleep(max(delay, self.backoff * 2 ** attempt))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(key=key, content=content)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.cache[key] = content
+        return content
+
+
+def image_part(image):
+    """A PIL image as a chat-completions content part (a PNG data URL), for judges that see the image (MMHal-V)."""
+    buf = io.BytesIO()
+    data.open_image(image).save(buf, format="PNG")
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
 
 # -----------------------------------------------------------------------------
 # Command line
