@@ -354,6 +354,8 @@ def main(argv=None):
         raise ValueError(f"--algo {cfg.algo!r}: expected one of {', '.join(ALGOS)}")
     if cfg.loss not in losses.LOSSES:
         raise ValueError(f"--loss {cfg.loss!r}: the online DPO algorithms take {', '.join(losses.LOSSES)}")
+    if cfg.ref != "lora_off":
+        raise ValueError("--ref: online samples have no reference log-probs to cache; the reference is lora_off")
     cfg.samples = cfg.samples or SAMPLES.get(cfg.algo, 1)
     if cfg.samples < 2 and cfg.algo in ("rloo", "online-dpo", "mixed-dpo"):
         raise ValueError(f"--algo {cfg.algo} needs --samples >= 2")
