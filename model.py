@@ -588,6 +588,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
+    if generator is not None and generator.device != probs.device:  # a CPU generator drives GPU sampling too
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 # -----------------------------------------------------------------------------
