@@ -97,10 +97,11 @@ def accuracy(pred, gold):
 
 
 def answer(vlm, images, questions, max_new_tokens, batch_size=64):
-    """Greedy answers to (image, question) pairs: batched, KV-cached generation."""
+    """Greedy answers to (image, question) pairs: batched, KV-cached generation. Images are PIL images or paths
+    (opened one batch at a time)."""
     out = []
     for i in range(0, len(questions), batch_size):
-        batch = vlm.prepare(questions[i:i + batch_size], images[i:i + batch_size])
+        batch = vlm.prepare(questions[i:i + batch_size], [data.open_image(im) for im in images[i:i + batch_size]])
         ids = vlm.generate(**batch, max_new_tokens=max_new_tokens, temperature=0.0)
         out += [vlm.tokenizer.decode(x) for x in ids]
     return out
@@ -174,6 +175,102 @@ def table(rows: dict, keys=KEYS):
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
     return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# The paper's rule-scored benchmarks (Table 2), read from their public releases' own files: POPE, TextVQA, GQA
+
+SHORT = "\nAnswer the question using a single word or phrase."  # LLaVA's prompt suffix for short-answer VQA
+GET = {"pope": "POPE's output/coco/ folder (github.com/AoiDragon/POPE), with COCO val2014 images in images/",
+       "textvqa": "TextVQA_0.5.1_val.json and train_images/ from textvqa.org/dataset",
+       "gqa": "testdev_balanced_questions.json from the GQA release (cs.stanford.edu/people/dorarad/gqa), images/"}
+
+
+def bench_file(root, name, fn):
+    path = os.path.join(root, name, fn)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: {path} not found. Put {GET[name]} in {os.path.join(root, name)}")
+    return path
+
+
+def load_bench(name, root):
+    """-> items {id, image (path), question, gold, kind}. POPE: one JSON object per line (question_id, image, text,
+    label); TextVQA: {"data": [{question_id, image_id, question, answers (10)}]}; GQA: {qid: {imageId, question,
+    answer}}."""
+    d = os.path.join(root, name)
+    if name == "pope":
+        items = []
+        for kind in ("random", "popular", "adversarial"):
+            path = bench_file(root, name, f"coco_pope_{kind}.json")
+            for n, line in enumerate(open(path), 1):
+                if line.strip():
+                    try:
+                        r = json.loads(line)
+                        items.append(dict(id=f"{kind}-{r['question_id']}", image=os.path.join(d, "images", r["image"]),
+                                          question=r["text"], gold=r["label"] == "yes", kind=kind))
+                    except (json.JSONDecodeError, KeyError) as e:
+                        raise ValueError(f"{path}:{n}: not a POPE record ({e!r})") from None
+        return items
+    if name == "textvqa":
+        recs = json.load(open(bench_file(root, name, "TextVQA_0.5.1_val.json")))["data"]
+        return [dict(id=r["question_id"], image=os.path.join(d, "train_images", r["image_id"] + ".jpg"),
+                     question=r["question"] + SHORT, gold=r["answers"], kind=name) for r in recs]
+    if name == "gqa":
+        recs = json.load(open(bench_file(root, name, "testdev_balanced_questions.json")))
+        return [dict(id=q, image=os.path.join(d, "images", r["imageId"] + ".jpg"), question=r["question"] + SHORT,
+                     gold=r["answer"], kind=name) for q, r in recs.items()]
+    raise ValueError(f"--bench {name!r}: expected one of {', '.join(GET)}")
+
+
+_NUMBER = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
+_CONTRACT = {w.replace("'", ""): w for w in (  # ours, without the forms that are words by themselves (well, its...)
+    "aren't can't couldn't didn't doesn't don't hadn't hasn't haven't he'd he's i'm i've isn't it'd it'll mightn't "
+    "might've mustn't must've needn't o'clock shan't she'd she'll she's shouldn't should've that's there's they'd "
+    "they'll they're they've wasn't we're we've weren't what's where's who's won't wouldn't would've y'all you'd "
+    "you'll you're you've").split()}
+
+
+def vqa_normalize(text):
+    """The TextVQA answer normalisation (EvalAI's, as LLaVA's TextVQA evaluation runs it): lower case, commas and
+    question marks out, "'s" split off; other punctuation dropped when a space is beside it somewhere in the text,
+    else made a space; periods dropped unless before a digit; number words to digits, articles out, contractions
+    given their apostrophe."""
+    t = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    t = t.replace("\n", " ").replace("\t", " ").strip()
+    out = t
+    for p in _PUNCT:
+        out = out.replace(p, "" if (p + " " in t or " " + p in t) else " ")
+    words = [_NUMBER.get(w, "0" if w == "none" else w) for w in re.sub(r"\.(?!\d)", "", out).split()]
+    return " ".join(_CONTRACT.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def vqa_accuracy(pred, answers):
+    """Soft VQA accuracy of one prediction against the human answers: the mean over leave-one-out subsets of
+    min(1, matching answers / 3)."""
+    p, gts = vqa_normalize(pred), [vqa_normalize(a) for a in answers]
+    return sum(min(1.0, sum(g == p for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
+
+
+def score_bench(name, items, preds):
+    """Percentages. POPE: accuracy, precision, recall, F1 and yes-ratio per kind, and `pope` = the mean F1."""
+    if name == "pope":
+        res = {}
+        for kind in ("random", "popular", "adversarial"):
+            sel = [(yes_no(p), it["gold"]) for it, p in zip(items, preds) if it["kind"] == kind]
+            res |= {f"pope_{kind}_{k}": v for k, v in pope_metrics(*zip(*sel)).items()}
+        return res | {"pope": sum(res[f"pope_{k}_f1"] for k in ("random", "popular", "adversarial")) / 3}
+    if name == "textvqa":
+        return {"textvqa": 100 * sum(vqa_accuracy(p, it["gold"]) for it, p in zip(items, preds)) / len(items)}
+    return {"gqa": accuracy([p.strip().rstrip(".").lower() for p in preds], [it["gold"] for it in items])}
+
+
+def evaluate_bench(vlm, names, root, limit=0, batch_size=64):
+    res = {}
+    for name in names:
+        items = load_bench(name, root)[:limit or None]
+        preds = answer(vlm, [it["image"] for it in items], [it["question"] for it in items], 16, batch_size)
+        res |= score_bench(name, items, preds) | {f"{name}_n": len(items)}
+    return res
 
 # -----------------------------------------------------------------------------
 # A judge for the open-ended benchmarks (MMHal-Bench, MMHal-V, LLaVA-Bench, MM-Vet): any OpenAI-compatible
@@ -259,6 +356,9 @@ class Config:
     out: str = ""          # JSON: {name: results}
     results: str = ""      # instead of evaluating: a table of train_offline runs' results.json files (a glob); one
                            # row per run (its folder's name) plus the first run's "before" as "base"
+    bench: str = ""        # instead of the world: pope,textvqa,gqa (the judge-scored ones are not written yet)
+    bench_dir: str = "benchmarks"  # one folder per benchmark, holding its release's files (see GET)
+    limit: int = 0         # evaluate the first N items of each benchmark (0: all)
 
 
 def results_table(pattern):
@@ -275,18 +375,22 @@ def main(argv=None):
     if cfg.results:
         print(results_table(cfg.results))
         return
-    if cfg.data != "world":
+    if cfg.data != "world" and not cfg.bench:
         raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
+    names = [b for b in cfg.bench.split(",") if b]
     rows = {}
     for spec in cfg.model.split(","):
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
-        rows[name] = evaluate_world(VLM.from_pretrained(path).eval(), cfg.world_seed, cfg.split, cfg.n, cfg.batch_size)
+        vlm = VLM.from_pretrained(path).eval()
+        rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, cfg.limit, cfg.batch_size) if names else \
+            evaluate_world(vlm, cfg.world_seed, cfg.split, cfg.n, cfg.batch_size)
         rows[name]["seconds"] = round(time.time() - t0, 1)
-    print(table(rows))
+    print(table(rows, [k for k in ("pope", "textvqa", "gqa") if f"{k}_n" in rows[name]] if names else KEYS))
     for name, res in rows.items():
-        print(f"sample descriptions ({name}):", *res["samples"][:3], sep="\n  ")
+        if "samples" in res:
+            print(f"sample descriptions ({name}):", *res["samples"][:3], sep="\n  ")
     if cfg.out:
         tmp = cfg.out + ".tmp"
         with open(tmp, "w") as f:

@@ -1,6 +1,10 @@
-"""The judge client of the open-ended benchmarks, against a fake chat-completions server on 127.0.0.1: retries on
-429 / 500, cached judgments reused, a judge that stays down gives a clear error and keeps what was finished."""
+"""The paper's benchmarks: the rule-scored ones (POPE, TextVQA, GQA) on fixtures in their releases' layouts against
+hand-computed values, and the judge client of the open-ended ones against a fake chat-completions server on
+127.0.0.1 (retries on 429 / 500, cached judgments reused, a judge that stays down gives a clear error and keeps what
+was finished)."""
 import json
+import os
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -8,6 +12,67 @@ import pytest
 from PIL import Image
 
 import eval as ev
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bench")
+
+# -----------------------------------------------------------------------------
+# Rule-scored benchmarks
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Two.", "2"), ("none", "0"), ("the coca-cola", "coca cola"), ("dont stop", "don't stop"), ("Yes, sir!", "yes sir"),
+    ("3.5", "3.5"), ("Joe's Diner", "joe 's diner"), ("(a) b", "b"), ("An apple", "apple"), ("well", "well"),
+])
+def test_vqa_normalize(text, want):
+    assert ev.vqa_normalize(text) == want
+
+
+def test_vqa_accuracy_by_hand():
+    answers = ["two", "two", "2", "yes", "yes", "yes", "yes", "yes", "yes", "yes"]  # "2" x 3, "yes" x 7
+    # "2": the 3 subsets without a "2" keep 2 matches (2/3), the 7 others keep 3 (1): (3 x 2/3 + 7) / 10
+    assert abs(ev.vqa_accuracy("2", answers) - 0.9) < 1e-12
+    assert ev.vqa_accuracy("Yes.", answers) == 1.0 and ev.vqa_accuracy("no", answers) == 0.0
+    assert abs(ev.vqa_accuracy("3", ["2"] * 9 + ["3"]) - 0.3) < 1e-12  # 9 subsets keep one "3": 9 x 1/3 / 10
+
+
+def test_benchmark_scores_on_fixtures():
+    pope = ev.load_bench("pope", FIX)
+    assert [(it["kind"], it["gold"]) for it in pope] == [(k, g) for k in ("random", "popular", "adversarial")
+                                                         for g in (True, False)]
+    assert all(os.path.exists(it["image"]) for it in pope)
+    # random: right twice (F1 100); popular: yes to both (precision .5, recall 1: F1 66.7); adversarial: no to both
+    r = ev.score_bench("pope", pope, ["Yes, there is.", "No.", "yes", "yes", "No, there is not.", "no"])
+    assert r["pope_random_f1"] == 100.0 and abs(r["pope_popular_f1"] - 200 / 3) < 1e-9
+    assert r["pope_adversarial_f1"] == 0.0 and r["pope_popular_yes_ratio"] == 100.0
+    assert abs(r["pope"] - (100 + 200 / 3) / 3) < 1e-9
+    tv = ev.load_bench("textvqa", FIX)
+    assert len(tv) == 2 and len(tv[0]["gold"]) == 10 and tv[0]["question"].endswith(ev.SHORT)
+    assert abs(ev.score_bench("textvqa", tv, ["3", "Blue."])["textvqa"] - 65.0) < 1e-9  # (0.3 + 1.0) / 2
+    gqa = ev.load_bench("gqa", FIX)
+    assert ev.score_bench("gqa", gqa, ["Yes.", "green"])["gqa"] == 50.0
+
+
+def test_missing_or_malformed_benchmark_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"textvqa: .*TextVQA_0.5.1_val.json not found. Put .*textvqa.org"):
+        ev.load_bench("textvqa", str(tmp_path))
+    shutil.copytree(os.path.join(FIX, "pope"), tmp_path / "pope")
+    with open(tmp_path / "pope" / "coco_pope_popular.json", "a") as f:
+        f.write('{"question_id": 3, "image": "x.jpg"\n')
+    with pytest.raises(ValueError, match=r"coco_pope_popular.json:3: not a POPE record"):
+        ev.load_bench("pope", str(tmp_path))
+    with pytest.raises(ValueError, match="expected one of"):
+        ev.load_bench("mmbench", FIX)
+
+
+def test_end_to_end_on_the_fixtures(tmp_path):
+    rows = ev.main(["--bench", "pope,textvqa,gqa", "--bench_dir", FIX, "--out", str(tmp_path / "r.json")])
+    r = rows["world-base"]
+    assert (r["pope_n"], r["textvqa_n"], r["gqa_n"]) == (6, 2, 2)
+    assert all(0 <= r[k] <= 100 for k in ("pope", "textvqa", "gqa"))
+    assert json.load(open(tmp_path / "r.json"))["world-base"]["pope"] == r["pope"]
+
+# -----------------------------------------------------------------------------
+# The judge client
 
 
 @pytest.fixture
