@@ -155,7 +155,9 @@ def test_annotator_flag_errors():
 # End to end
 
 
-@pytest.mark.parametrize("algo,extra", [("online-dpo", []), ("mixed-dpo", []), ("online-bdhs", ["--external", "true"]),
+@pytest.mark.parametrize("algo,extra", [("online-dpo", []), ("online-dpo", ["--loss", "ipo", "--grad_accum", "2",
+                                                                       "--samples", "3"]),
+                                        ("mixed-dpo", ["--dtype", "bfloat16"]), ("online-bdhs", ["--external", "true"]),
                                         ("ppo", []), ("rloo", [])])
 def test_two_steps_of_every_algorithm(tmp_path, algo, extra):
     on.main(SMALL + ["--algo", algo, "--steps", "2", "--out_dir", str(tmp_path)] + extra)
