@@ -311,6 +311,8 @@ def objective(cfg: Config, model, roll):
         extra = (p[:, 2], r[:, 2]) if p.shape[1] == 3 else (None, None)
         loss, c, rj = losses.preference_loss(cfg.loss, p[:, 0], p[:, 1], r[:, 0], r[:, 1], cfg.beta, *extra,
                                              gamma=cfg.gamma)
+        if cfg.rpo_alpha:  # + the chosen response's per-token NLL, as train_offline's --rpo_alpha
+            loss = loss - cfg.rpo_alpha * lp[:, 0] / n[:, 0]
         d = lp.detach()
         for k, v in {"rewards/chosen": c, "rewards/rejected": rj, "rewards/margins": c - rj,
                      "rewards/accuracies": (c > rj).float(), "logps/chosen": d[:, 0], "logps/rejected": d[:, 1]}.items():

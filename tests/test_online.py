@@ -157,7 +157,8 @@ def test_annotator_flag_errors():
 
 @pytest.mark.parametrize("algo,extra", [("online-dpo", []), ("online-dpo", ["--loss", "ipo", "--grad_accum", "2",
                                                                        "--samples", "3"]),
-                                        ("mixed-dpo", ["--dtype", "bfloat16"]), ("online-bdhs", ["--external", "true"]),
+                                        ("mixed-dpo", ["--dtype", "bfloat16", "--rpo_alpha", "1.0"]),
+                                        ("online-bdhs", ["--external", "true"]),
                                         ("ppo", []), ("rloo", [])])
 def test_two_steps_of_every_algorithm(tmp_path, algo, extra):
     on.main(SMALL + ["--algo", algo, "--steps", "2", "--out_dir", str(tmp_path)] + extra)
@@ -172,6 +173,8 @@ def test_two_steps_of_every_algorithm(tmp_path, algo, extra):
         assert len(json.load(open(tmp_path / "reward_norm.json"))) == 2
     if algo.endswith("dpo") or algo == "online-bdhs":
         assert abs(recs[0]["rewards/margins"]) < 1e-5
+    if "--rpo_alpha" in extra:  # log 2 plus the chosen responses' per-token NLL at the start
+        assert recs[0]["loss"] > math.log(2) + 1e-3
     vlm = VLM.from_pretrained(str(tmp_path / "checkpoint"))
     assert not any("lora" in n for n, _ in vlm.named_parameters())
 
