@@ -381,6 +381,8 @@ def main(argv=None):
     embedder = bdhs.SentenceEmbedder.from_pretrained(cfg.embedder) if cfg.algo == "online-bdhs" else None
     recs = data.world_pairs(data.World(cfg.world_seed, cfg.prior, cfg.color_prior), cfg.pairs) if cfg.data == "world" \
         else data.load_pairs(cfg.data, cfg.image_root, need_rejected=cfg.algo == "mixed-dpo")
+    if len(recs) < cfg.batch_size:
+        raise ValueError(f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}")
     model = off.shard(pm) if cfg.fsdp and ddp else nn.parallel.DistributedDataParallel(pm) if ddp else pm
     if cfg.fsdp and ddp:  # FSDP2 initialises on the root's first forward, which must come before any sampling
         with torch.no_grad():
