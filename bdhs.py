@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import TEMPLATES, VLM, config_from_argv
+from model import TEMPLATES, VLM, config_from_argv, left_pad
 
 # -----------------------------------------------------------------------------
 # Sentence embedder: BERT (all-MiniLM-L6-v2) or MPNet (all-mpnet-base-v2) encoder, mean pooling, L2 normalisation
@@ -250,10 +250,7 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
     """Algorithm 1 on a batch of records (conversation, chosen): returns one (rejected, meta) per record."""
     if cfg.variant == "distort":
         return distort_batch(vlm, recs, cfg, gen)
-    prompts = [prompt_ids(vlm, r) for r in recs]
-    T = max(map(len, prompts))
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
-    am = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    ids, am = left_pad([prompt_ids(vlm, r) for r in recs])
     pix = vlm.image_processor([data.open_image(r["image"]) for r in recs])
     dev = vlm.lm_head.weight.device
     gt_emb = embedder([r["chosen"] for r in recs])
@@ -297,9 +294,7 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
 def distort_batch(vlm: VLM, recs, cfg: Config, gen):
     """POVID-style distortion (App. E.1): the ground truth teacher-forced under the noisy image; the rejected token
     at each position is the argmax there. (POVID scores it in its own loss; here it is an ordinary rejected text.)"""
-    reply = TEMPLATES[vlm.template]["reply"]
-    items = [dict(image=r["image"], prompt=prompt_ids(vlm, r),
-                  responses=[vlm.encode_prompt(reply.format(r["chosen"]), add_special_tokens=False)]) for r in recs]
+    items = [dict(image=r["image"], prompt=prompt_ids(vlm, r), responses=[vlm.encode_reply(r["chosen"])]) for r in recs]
     batch = data.collate_pairs(vlm, items)
     batch["pixel_values"] = add_diffusion_noise(batch["pixel_values"], cfg.noise_steps, gen)
     dev = vlm.lm_head.weight.device

@@ -588,7 +588,6 @@ def prepare_pairs(vlm, recs, max_length=2048, warn=True):
     by itself (its image tokens included) drops the pair: truncating inside the image tokens would misalign them."""
     K = 3 if recs and all("rejected2" in r for r in recs) else 2  # Avg-DPO only when every pair has a second rejected
     keys = ("chosen", "rejected", "rejected2")[:K]
-    reply = TEMPLATES[vlm.template]["reply"]
     items, stats = [], dict(pairs=len(recs), ties=0, too_long=0, truncated=0, rejected2_ignored=0)
     for r in recs:
         stats["rejected2_ignored"] += K == 2 and "rejected2" in r
@@ -601,7 +600,7 @@ def prepare_pairs(vlm, recs, max_length=2048, warn=True):
         if room < 1:
             stats["too_long"] += 1
             continue
-        resp = [vlm.encode_prompt(reply.format(r[k]), add_special_tokens=False) for k in keys]
+        resp = [vlm.encode_reply(r[k]) for k in keys]
         stats["truncated"] += any(len(x) > room for x in resp)
         items.append(dict(id=r["id"], image=r["image"], prompt=prompt, responses=[x[:room] for x in resp]))
     if warn and (stats["ties"] or stats["too_long"] or stats["truncated"] or stats["rejected2_ignored"]):

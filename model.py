@@ -561,6 +561,13 @@ def format_chat(messages, template, add_generation_prompt=True):
     return out + (t["assistant"] if add_generation_prompt else "")
 
 
+def left_pad(seqs, pad_id=0):
+    """Token lists -> left-padded ids (B, T) and their attention mask, so that every row ends on the same slot."""
+    T = max(map(len, seqs))
+    return (torch.tensor([[pad_id] * (T - len(x)) + list(x) for x in seqs]),
+            torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs]))
+
+
 def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = ""):
     """The template a checkpoint was trained with, from its chat template text, else from its architecture."""
     for needle, name in (("im_start", "chatml"), ("[INST]", "mistral"), ("A chat between", "vicuna"), ("USER:", "llava")):
@@ -847,10 +854,13 @@ class VLM(nn.Module):
             text = format_chat([{"role": "user", "content": content}], template or self.template)
             ids.append(self.encode_prompt(text, None if sizes is None else sizes[i:i + 1]))
             i += im is not None
-        T = max(map(len, ids))
-        batch = dict(input_ids=torch.tensor([[0] * (T - len(x)) + x for x in ids]),
-                     attention_mask=torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids]), **pix)
+        input_ids, attention_mask = left_pad(ids)
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, **pix)
         return {k: v.to(device or self.lm_head.weight.device) for k, v in batch.items()}
+
+    def encode_reply(self, text):
+        """An assistant reply in the chat template, its end tokens included and no BOS: the tokens training scores."""
+        return self.encode_prompt(TEMPLATES[self.template]["reply"].format(text), add_special_tokens=False)
 
     # -- LoRA -----------------------------------------------------------------
 

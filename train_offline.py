@@ -386,8 +386,8 @@ def restore(cfg: Config, pm: PairModel, opt):
 # Training
 
 
-def main(argv=None):
-    cfg = config_from_argv(Config, argv, __doc__)
+def setup(cfg):
+    """torchrun's environment -> (ddp, rank, world size, device, print0); prints the settings once."""
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -395,10 +395,58 @@ def main(argv=None):
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     print0 = print if rank == 0 else (lambda *a, **k: None)
     print0(json.dumps(dataclasses.asdict(cfg), indent=2))
-    if cfg.loss not in (*losses.LOSSES, "rm", "sft"):
-        raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm', 'sft'])}")
     if cfg.batch_size % (W * cfg.grad_accum):
         raise ValueError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = {W * cfg.grad_accum}")
+    return ddp, rank, W, device, print0
+
+
+def open_metrics(cfg, start):
+    """out_dir/metrics.jsonl: a resumed run keeps the lines before its state's step and rewrites the rest."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    old = open(path).readlines() if cfg.resume and os.path.exists(path) else []
+    log = open(path, "w")
+    log.writelines(line for line in old if json.loads(line).get("step", -1) < start)
+    return log
+
+
+def batch_rows(n, cfg, step, micro, B, rank, W):
+    """The rows of `step` out of n: a per-epoch shuffle (a function of the step, so resume is exact), of which rank r
+    takes r, r + W, ... of the micro-step's slice: the same data for any number of ranks."""
+    G = cfg.batch_size
+    per_epoch = max(1, n // G)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + step // per_epoch))
+    base = (step % per_epoch) * G + micro * B * W
+    return [perm[base + rank + k * W].item() for k in range(B)]
+
+
+def set_lr(cfg, opt, step, steps):
+    """Linear warm-up, then cosine decay to 0."""
+    scale = min(1.0, (step + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * scale
+
+
+def grad_sync(model, last):
+    """Gradients are all-reduced only on a step's last micro-step; the others just accumulate locally."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
+        else contextlib.nullcontext()
+
+
+def optimizer_step(cfg, pm, opt):
+    """Clip, step, clear; -> the gradient norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(pm.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+
+def main(argv=None):
+    cfg = config_from_argv(Config, argv, __doc__)
+    ddp, rank, W, device, print0 = setup(cfg)
+    if cfg.loss not in (*losses.LOSSES, "rm", "sft"):
+        raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm', 'sft'])}")
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A must agree (DDP also broadcasts it)
     vlm, pm = build_model(cfg, device, print0)
     world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
@@ -415,52 +463,31 @@ def main(argv=None):
     amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
     os.makedirs(cfg.out_dir, exist_ok=True)
     start = restore(cfg, pm, opt) if cfg.resume else 0
-    mpath = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rank == 0:  # a resumed run rewrites the steps after its state; a fresh one starts the file
-        old = open(mpath).readlines() if cfg.resume and os.path.exists(mpath) else []
-        log = open(mpath, "w")
-        log.writelines(line for line in old if json.loads(line).get("step", -1) < start)
+    log = open_metrics(cfg, start) if rank == 0 else None
     print0(f"{steps} steps of {cfg.batch_size} ({B} per micro-step per rank, {cfg.grad_accum} micro-steps, {W} ranks)"
            + (f", resuming at step {start}" if start else ""))
 
-    def batch_indices(step, micro):
-        """The global batch of `step` comes from a per-epoch shuffle (a function of the step, so resume is exact); rank
-        r takes its rows r, r + W, ... of the micro-step's slice: the same data for any number of ranks."""
-        G = cfg.batch_size
+    def batch_indices(step, micro):  # SFT reads the world's sft split in order; pairs come from batch_rows
         if sft:
-            return [step * G + micro * B * W + rank + k * W for k in range(B)]
-        per_epoch = len(train_idx) // G
-        perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + step // per_epoch))
-        base = (step % per_epoch) * G + micro * B * W
-        return [train_idx[perm[base + rank + k * W]] for k in range(B)]
+            return [step * cfg.batch_size + micro * B * W + rank + k * W for k in range(B)]
+        return [train_idx[i] for i in batch_rows(len(train_idx), cfg, step, micro, B, rank, W)]
 
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=cfg.loss)
     t0 = time.time()
     for step in bar:
-        scale = min(1.0, (step + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * scale
+        set_lr(cfg, opt, step, steps)
         sums = torch.zeros(7)  # loss, rewards chosen/rejected/accuracies, logps chosen/rejected, examples
         for micro in range(cfg.grad_accum):
-            # gradients are all-reduced only on the last micro-step; the others just accumulate locally
-            last = micro == cfg.grad_accum - 1
-            if cfg.fsdp and ddp:
-                model.set_requires_gradient_sync(last)
-            no_sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
-                else contextlib.nullcontext()
-            with no_sync, amp:
+            with grad_sync(model, micro == cfg.grad_accum - 1), amp:
                 loss, stats = micro_step(cfg, model, pm, world, items, batch_indices(step, micro), device, ref)
                 # each rank averages over its share of the global batch; the mean over ranks completes it
                 (loss.sum() / (B * cfg.grad_accum)).backward()
             sums += stats
-        norm = torch.nn.utils.clip_grad_norm_(pm.parameters(), cfg.grad_clip)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        norm = optimizer_step(cfg, pm, opt)
         if ddp:
             dist.all_reduce(sums)  # metrics over the whole global batch
         if rank == 0 and (step % cfg.log_every == 0 or step == steps - 1):
-            rec = metrics(sums, sft) | dict(step=step, lr=opt.param_groups[0]["lr"], grad_norm=round(float(norm), 4),
+            rec = metrics(sums, sft) | dict(step=step, lr=opt.param_groups[0]["lr"], grad_norm=round(norm, 4),
                                             elapsed=round(time.time() - t0, 1))
             if not sft:
                 rec["epoch"] = round((step + 1) * cfg.batch_size / len(train_idx), 3)
@@ -505,16 +532,23 @@ def micro_step(cfg: Config, model, pm: PairModel, world, items, idx, device, ref
                 rlp = pm(**batch)[0]
         else:
             rlp = ref[idx].to(device)
-        p, r_ = (lp / n, rlp / n) if cfg.loss in losses.LENGTH_NORM else (lp, rlp)
-        extra = (p[:, 2], r_[:, 2]) if p.shape[1] == 3 else (None, None)
-        loss, c, r = losses.preference_loss(cfg.loss, p[:, 0], p[:, 1], r_[:, 0], r_[:, 1], cfg.beta, *extra,
-                                            gamma=cfg.gamma)
-        if cfg.rpo_alpha:  # keeps the chosen response likely: near-identical pairs otherwise pull both down
-            loss = loss - cfg.rpo_alpha * lp[:, 0] / n[:, 0]
+        loss, c, r = pair_loss(cfg, lp, n, rlp)
     d = lp.detach()
     stats = torch.stack([loss.detach().sum(), c.sum(), r.sum(), (c > r).float().sum(), d[:, 0].sum(), d[:, 1].sum(),
                          torch.tensor(float(len(idx)))]).cpu()
     return loss, stats
+
+
+def pair_loss(cfg: Config, lp, n, rlp):
+    """--loss on packed responses (B, K): policy and reference log-probs summed per response, token counts n. K = 3
+    is Avg-DPO (Eq. 5). -> per-pair losses and the chosen / rejected implicit rewards."""
+    p, r = (lp / n, rlp / n) if cfg.loss in losses.LENGTH_NORM else (lp, rlp)
+    extra = (p[:, 2], r[:, 2]) if p.shape[1] == 3 else (None, None)
+    loss, c, rj = losses.preference_loss(cfg.loss, p[:, 0], p[:, 1], r[:, 0], r[:, 1], cfg.beta, *extra,
+                                         gamma=cfg.gamma)
+    if cfg.rpo_alpha:  # keeps the chosen response likely: near-identical pairs otherwise pull both down
+        loss = loss - cfg.rpo_alpha * lp[:, 0] / n[:, 0]
+    return loss, c, rj
 
 
 def metrics(sums, sft):

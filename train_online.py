@@ -37,7 +37,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,7 @@ import data
 import eval as ev
 import losses
 import train_offline as off
-from model import TEMPLATES, VLM, config_from_argv
+from model import TEMPLATES, VLM, config_from_argv, left_pad
 
 ALGOS = ("online-dpo", "mixed-dpo", "online-bdhs", "ppo", "rloo")
 SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "ppo": 1, "rloo": 4}
@@ -118,9 +118,9 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, recs, texts):
-        vlm, reply = self.pm.vlm, TEMPLATES[self.pm.vlm.template]["reply"]
-        items = [dict(image=r["image"], prompt=bdhs.prompt_ids(vlm, r), responses=[
-            vlm.encode_prompt(reply.format(t), add_special_tokens=False) for t in ts]) for r, ts in zip(recs, texts)]
+        vlm = self.pm.vlm
+        items = [dict(image=r["image"], prompt=bdhs.prompt_ids(vlm, r), responses=[vlm.encode_reply(t) for t in ts])
+                 for r, ts in zip(recs, texts)]
         return self.pm(**off.to(data.collate_pairs(vlm, items), vlm.lm_head.weight.device))[2].tolist()
 
 
@@ -206,16 +206,13 @@ def unsharded(pm):
 def sample(pm, recs, n, cfg: Config, gen):
     """n responses per record: token ids (the template's end tokens appended when the sample ended) and texts."""
     vlm = pm.vlm
-    prompts = [bdhs.prompt_ids(vlm, r) for r in recs]
-    T = max(map(len, prompts))
     dev = vlm.lm_head.weight.device
+    ids, am = left_pad([bdhs.prompt_ids(vlm, r) for r in recs])
     pix = vlm.image_processor([data.open_image(r["image"]) for r in recs])
     with unsharded(pm):
-        out = vlm.generate(torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=dev),
-                           torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev),
-                           pix["pixel_values"].to(dev), pix["image_sizes"].to(dev) if "image_sizes" in pix else None,
-                           max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, generator=gen, num_samples=n)
+        out = vlm.generate(ids.to(dev), am.to(dev), pix["pixel_values"].to(dev),
+                           pix["image_sizes"].to(dev) if "image_sizes" in pix else None,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen, num_samples=n)
     end = vlm.encode_prompt(TEMPLATES[vlm.template]["reply"].split("{}")[1], add_special_tokens=False)
     ids = [o + end * (len(o) < cfg.max_new_tokens) for o in out]
     texts = [vlm.tokenizer.decode(o).strip() for o in out]
@@ -226,7 +223,7 @@ def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), 
     """One micro-batch of training material: packed items, per-item weights (0 marks a stand-in when every pair was
     dropped), tensors for the objective, and metric sums {name: [sum, count]}."""
     vlm, (scorer, judge) = pm.vlm, annotate
-    enc = lambda t: vlm.encode_prompt(TEMPLATES[vlm.template]["reply"].format(t), add_special_tokens=False)  # noqa
+    enc = vlm.encode_reply
     item = lambda r, resps: dict(id=r["id"], image=r["image"], prompt=bdhs.prompt_ids(vlm, r), responses=resps)  # noqa
     st = {}
     add = lambda k, s, n=1: st.__setitem__(k, [st.get(k, [0, 0])[0] + s, st.get(k, [0, 0])[1] + n])  # noqa
@@ -306,13 +303,7 @@ def objective(cfg: Config, model, roll):
         loss = losses.rloo_loss(lp, roll["adv"]).mean(1)
     else:
         lp, n, _ = model(**b)
-        rlp = roll["ref"].sum(-1)
-        p, r = (lp / n, rlp / n) if cfg.loss in losses.LENGTH_NORM else (lp, rlp)
-        extra = (p[:, 2], r[:, 2]) if p.shape[1] == 3 else (None, None)
-        loss, c, rj = losses.preference_loss(cfg.loss, p[:, 0], p[:, 1], r[:, 0], r[:, 1], cfg.beta, *extra,
-                                             gamma=cfg.gamma)
-        if cfg.rpo_alpha:  # + the chosen response's per-token NLL, as train_offline's --rpo_alpha
-            loss = loss - cfg.rpo_alpha * lp[:, 0] / n[:, 0]
+        loss, c, rj = off.pair_loss(cfg, lp, n, roll["ref"].sum(-1))
         d = lp.detach()
         for k, v in {"rewards/chosen": c, "rewards/rejected": rj, "rewards/margins": c - rj,
                      "rewards/accuracies": (c > rj).float(), "logps/chosen": d[:, 0], "logps/rejected": d[:, 1]}.items():
@@ -363,15 +354,7 @@ def main(argv=None):
         raise ValueError(f"--algo {cfg.algo} needs --samples >= 2")
     if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
         raise ValueError("--annotator judge compares two responses: --samples must be 2")
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, W = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    print0 = print if rank == 0 else (lambda *a, **k: None)
-    print0(json.dumps(asdict(cfg), indent=2))
-    if cfg.batch_size % (W * cfg.grad_accum):
-        raise ValueError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = {W * cfg.grad_accum}")
+    ddp, rank, W, device, print0 = off.setup(cfg)
     torch.manual_seed(cfg.seed)
     vlm, pm = off.build_model(cfg, device, print0)
     if cfg.algo == "ppo":  # the value head reads the policy's hidden states; it starts at 0
@@ -399,58 +382,41 @@ def main(argv=None):
     if cfg.algo in ("ppo", "rloo"):
         with amp:
             norm = reward_norm(cfg, pm, recs, annotate[0], rank, W, print0)
-    mpath = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rank == 0:  # a resumed run rewrites the steps after its state; a fresh one starts the file
-        old = open(mpath).readlines() if cfg.resume and os.path.exists(mpath) else []
-        log = open(mpath, "w")
-        log.writelines(line for line in old if json.loads(line).get("step", -1) < start)
+    log = off.open_metrics(cfg, start) if rank == 0 else None
     print0(f"{cfg.algo}: {steps} steps of {cfg.batch_size} prompts x {cfg.samples if cfg.algo != 'online-bdhs' else 1}"
            f" samples ({B} per micro-step per rank, {cfg.grad_accum} micro-steps, {W} ranks)"
            + (f", resuming at step {start}" if start else ""))
-    per_epoch = max(1, len(recs) // cfg.batch_size)
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=cfg.algo)
     t0 = time.time()
     for step in bar:
-        scale = min(1.0, (step + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * scale
-        perm = torch.randperm(len(recs), generator=torch.Generator().manual_seed(cfg.seed + step // per_epoch))
+        off.set_lr(cfg, opt, step, steps)
         rolls = []
         for micro in range(cfg.grad_accum):  # sample everything first: the optimizer steps come after
-            base = (step % per_epoch) * cfg.batch_size + micro * B * W
             key = f"{cfg.seed}-{step}-{micro}-{rank}".encode()
             gen = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
             with amp:
-                rolls.append(rollout(cfg, pm, [recs[perm[base + rank + k * W]] for k in range(B)], annotate, gen,
-                                     step, norm, embedder))
+                rolls.append(rollout(cfg, pm, [recs[i] for i in off.batch_rows(len(recs), cfg, step, micro, B, rank, W)],
+                                     annotate, gen, step, norm, embedder))
         total = torch.tensor(sum(r["w"].sum() for r in rolls).item())
         if ddp:
             dist.all_reduce(total)
         sums = {}
         for epoch in range(cfg.ppo_epochs if cfg.algo == "ppo" else 1):
             for micro, roll in enumerate(rolls):
-                last = micro == cfg.grad_accum - 1
-                if cfg.fsdp and ddp:
-                    model.set_requires_gradient_sync(last)
-                no_sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
-                    else contextlib.nullcontext()
-                with no_sync, amp:
+                with off.grad_sync(model, micro == cfg.grad_accum - 1), amp:
                     loss, st = objective(cfg, model, roll)
                     # DDP averages gradients over ranks: x W / (global weight) gives the mean over every item
                     ((loss * roll["w"].to(loss)).sum() * W / total.clamp(min=1)).backward()
                 for k, v in (st | (roll["stats"] if epoch == 0 else {})).items():
                     sums[k] = [a + b for a, b in zip(sums.get(k, [0, 0]), v)]
-            grad_norm = torch.nn.utils.clip_grad_norm_(pm.parameters(), cfg.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            grad_norm = off.optimizer_step(cfg, pm, opt)
         keys = sorted(sums)
         flat = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
         if ddp:
             dist.all_reduce(flat)
         if rank == 0 and (step % cfg.log_every == 0 or step == steps - 1):
             rec = {k: round(s / max(n, 1), 5) for k, (s, n) in zip(keys, flat.tolist())}
-            rec |= dict(step=step, lr=opt.param_groups[0]["lr"], grad_norm=round(float(grad_norm), 4),
+            rec |= dict(step=step, lr=opt.param_groups[0]["lr"], grad_norm=round(grad_norm, 4),
                         elapsed=round(time.time() - t0, 1), epoch=round((step + 1) * cfg.batch_size / len(recs), 3))
             log.write(json.dumps(rec) + "\n")
             log.flush()

@@ -371,21 +371,27 @@ def test_two_ranks_equal_one(tmp_path):
         assert torch.allclose(p, q, atol=1e-5), n
 
 
-def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
-    common = SMALL + ["--steps", "12", "--save_every", "1", "--cache_dir", str(tmp_path / "c")]
-    to.main(common + ["--out_dir", str(tmp_path / "whole")])
-    out = tmp_path / "killed"
-    cmd = [sys.executable, os.path.join(ROOT, "train_offline.py")] + common + ["--out_dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_midway(script, args, out, at=2, timeout=120):
+    """Runs a training script into `out` and SIGKILLs it once its saved training state reaches step `at`; -> the
+    step of the state it left behind."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script)] + args + ["--out_dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "state.pt"
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if state.exists() and torch.load(state, weights_only=False)["step"] >= 2:
+        if state.exists() and torch.load(state, weights_only=False)["step"] >= at:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(state, weights_only=False)["step"]
+    return torch.load(state, weights_only=False)["step"]
+
+
+def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
+    common = SMALL + ["--steps", "12", "--save_every", "1", "--cache_dir", str(tmp_path / "c")]
+    to.main(common + ["--out_dir", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    killed_at = kill_midway("train_offline.py", common, out)
     assert 2 <= killed_at < 11, killed_at  # really killed mid-way
     to.main(common + ["--out_dir", str(out), "--resume", "true"])
     same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)

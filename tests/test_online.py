@@ -3,10 +3,7 @@ reward model), a 2-step run of every algorithm, FSDP2 sampling under torchrun, a
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,9 +13,8 @@ import losses
 import train_online as on
 from model import VLM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_offline import run_metrics, same, torchrun  # noqa: E402
+from test_offline import kill_midway, run_metrics, same, torchrun  # noqa: E402
 
 SMALL = ["--pairs", "64", "--batch_size", "4", "--max_new_tokens", "24", "--eval_n", "0", "--norm_prompts", "8",
          "--log_every", "1"]
@@ -213,17 +209,7 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
     common = SMALL + ["--algo", "ppo", "--steps", "8", "--save_every", "1"]
     on.main(common + ["--out_dir", str(tmp_path / "whole")])
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_online.py")] + common + ["--out_dir", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "state.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and torch.load(state, weights_only=False)["step"] >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(state, weights_only=False)["step"]
+    killed_at = kill_midway("train_online.py", common, out)
     assert 2 <= killed_at < 7, killed_at
     on.main(common + ["--out_dir", str(out), "--resume", "true"])
     same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")),
