@@ -434,6 +434,13 @@ def grad_sync(model, last):
         else contextlib.nullcontext()
 
 
+def finish():
+    """The ranks wait for each other (rank 0 may still be saving or evaluating), then the process group goes: a rank
+    that tears gloo down while its peer still uses the connection can make the peer abort at exit."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def optimizer_step(cfg, pm, opt):
     """Clip, step, clear; -> the gradient norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(pm.parameters(), cfg.grad_clip)
@@ -508,7 +515,7 @@ def main(argv=None):
             world_results(cfg, print0)
     if ddp:
         del model  # DDP's reducer must go before its process group: freed after it, gloo can hang on exit
-        dist.destroy_process_group()
+        finish()
 
 
 def micro_step(cfg: Config, model, pm: PairModel, world, items, idx, device, ref):

@@ -430,8 +430,8 @@ def main(argv=None):
         if cfg.data == "world" and cfg.eval_n:
             off.world_results(cfg, print0)
     if ddp:
-        del model
-        dist.destroy_process_group()
+        del model  # DDP's reducer goes before its process group
+        off.finish()
 
 
 if __name__ == "__main__":
