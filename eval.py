@@ -9,7 +9,13 @@ On the embedded world every answer can be checked against the scene, so the metr
   and recall (share of present objects mentioned), plus the colours stated for correctly named objects;
 - colour and count question accuracy.
 
+On the paper's benchmarks (§7; Table 2's columns), read from each public release's own files: POPE, TextVQA and GQA
+scored by rule; Object HalBench's CHAIR and recall over COCO categories; MMHal-Bench, MMHal-V (the same judge prompt,
+the judge sees the image), LLaVA-Bench and MM-Vet scored by a judge model behind any OpenAI-compatible endpoint
+(JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY). Releases go in --bench_dir, one folder each (see GET).
+
     python eval.py --model assets/world-base --data world --world_seed 0 --out results.json
+    python eval.py --model llava-hf/llava-v1.6-vicuna-7b-hf --bench pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
 """
 import base64
 import glob
@@ -81,12 +87,13 @@ def pope_metrics(pred, label):
 
 
 def chair(said, truth):
-    """said, truth: one set of categories per description. CHAIR_i = absent mentions / mentions, CHAIR_s = share of
-    descriptions with an absent mention, recall = present objects mentioned / present objects."""
+    """said: the objects each description mentions (a list counts repeats, as Object HalBench does; a set does not);
+    truth: one set per description. CHAIR_i = absent mentions / mentions, CHAIR_s = share of descriptions with an
+    absent mention, recall = distinct present objects mentioned / present objects."""
     mentions = sum(len(s) for s in said)
-    wrong = [len(s - t) for s, t in zip(said, truth)]
+    wrong = [sum(o not in t for o in s) for s, t in zip(said, truth)]
     return dict(chair_i=100 * sum(wrong) / max(mentions, 1), chair_s=100 * sum(w > 0 for w in wrong) / len(said),
-                recall=100 * sum(len(s & t) for s, t in zip(said, truth)) / max(sum(len(t) for t in truth), 1))
+                recall=100 * sum(len(set(s) & t) for s, t in zip(said, truth)) / max(sum(len(t) for t in truth), 1))
 
 
 def accuracy(pred, gold):
@@ -169,20 +176,50 @@ KEYS = ["pope_random_f1", "pope_popular_f1", "pope_adversarial_f1", "pope_advers
         "recall", "color_acc", "desc_color_acc", "count_acc"]
 
 
-def table(rows: dict, keys=KEYS):
-    """{name: results} -> a Markdown table with one row per result and the headline metrics as columns."""
-    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+def table(rows: dict, keys=KEYS, heads=None):
+    """{name: results} -> a Markdown table with one row per result and the given metrics as columns ("-" where a
+    result lacks one)."""
+    lines = ["| model | " + " | ".join(heads or keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+        cells = ["-" if k not in r else f"{r[k]:.2f}" if k in ("mmhal", "mmhal_v") else f"{r[k]:.1f}" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+# The paper's Table 2 columns, and the keys of evaluate_bench's results that fill them
+TABLE2 = {"POPE": "pope", "MMHal": "mmhal", "MMHal-V": "mmhal_v", "LLaVA-W": "llavaw", "VQA^T": "textvqa",
+          "GQA": "gqa", "MMVet": "mmvet", "Rec_coco": "objhal_recall"}
+
 # -----------------------------------------------------------------------------
-# The paper's rule-scored benchmarks (Table 2), read from their public releases' own files: POPE, TextVQA, GQA
+# The paper's benchmarks (Table 2), read from their public releases' own files
 
 SHORT = "\nAnswer the question using a single word or phrase."  # LLaVA's prompt suffix for short-answer VQA
 GET = {"pope": "POPE's output/coco/ folder (github.com/AoiDragon/POPE), with COCO val2014 images in images/",
+       "objhal": "obj_halbench_300_with_image.jsonl (eval/data/ of github.com/RLHF-V/RLAIF-V), and COCO 2014's "
+                 "instances_val2014.json and captions_val2014.json (cocodataset.org) in annotations/",
+       "mmhal": "response_template.json and, unzipped from test_data.zip, images/ (huggingface.co/datasets/"
+                "Shengcao1006/MMHal-Bench, or run with --download true)",
+       "llavaw": "questions.jsonl, context.jsonl, answers_gpt4.jsonl and images/ (huggingface.co/datasets/"
+                 "liuhaotian/llava-bench-in-the-wild, or run with --download true)",
+       "mmvet": "mm-vet.json and images/, unzipped from mm-vet.zip (github.com/yuweihao/MM-Vet/releases)",
        "textvqa": "TextVQA_0.5.1_val.json and train_images/ from textvqa.org/dataset",
        "gqa": "testdev_balanced_questions.json from the GQA release (cs.stanford.edu/people/dorarad/gqa), images/"}
+HUB = {"mmhal": "Shengcao1006/MMHal-Bench", "llavaw": "liuhaotian/llava-bench-in-the-wild"}  # raw files on the hub
+FOLDER = {"mmhal_v": "mmhal"}  # MMHal-V is MMHal-Bench judged with the image
+
+
+def download(name, root):
+    """Fetches a benchmark's release from the hub into root/name (MMHal-Bench's images unzipped to images/)."""
+    from huggingface_hub import snapshot_download
+    d = os.path.join(root, name)
+    snapshot_download(HUB[name], repo_type="dataset", local_dir=d)
+    for z in glob.glob(os.path.join(d, "*.zip")):
+        import zipfile
+        with zipfile.ZipFile(z) as f:
+            f.extractall(d)
+        found = [p for p in glob.glob(os.path.join(d, "**", "images"), recursive=True) if os.path.isdir(p)]
+        if found and not os.path.isdir(os.path.join(d, "images")):
+            os.replace(found[0], os.path.join(d, "images"))
 
 
 def bench_file(root, name, fn):
@@ -192,34 +229,73 @@ def bench_file(root, name, fn):
     return path
 
 
-def load_bench(name, root):
-    """-> items {id, image (path), question, gold, kind}. POPE: one JSON object per line (question_id, image, text,
-    label); TextVQA: {"data": [{question_id, image_id, question, answers (10)}]}; GQA: {qid: {imageId, question,
-    answer}}."""
-    d = os.path.join(root, name)
-    if name == "pope":
-        items = []
-        for kind in ("random", "popular", "adversarial"):
-            path = bench_file(root, name, f"coco_pope_{kind}.json")
-            for n, line in enumerate(open(path), 1):
-                if line.strip():
-                    try:
-                        r = json.loads(line)
-                        items.append(dict(id=f"{kind}-{r['question_id']}", image=os.path.join(d, "images", r["image"]),
-                                          question=r["text"], gold=r["label"] == "yes", kind=kind))
-                    except (json.JSONDecodeError, KeyError) as e:
-                        raise ValueError(f"{path}:{n}: not a POPE record ({e!r})") from None
-        return items
-    if name == "textvqa":
-        recs = json.load(open(bench_file(root, name, "TextVQA_0.5.1_val.json")))["data"]
-        return [dict(id=r["question_id"], image=os.path.join(d, "train_images", r["image_id"] + ".jpg"),
-                     question=r["question"] + SHORT, gold=r["answers"], kind=name) for r in recs]
-    if name == "gqa":
-        recs = json.load(open(bench_file(root, name, "testdev_balanced_questions.json")))
-        return [dict(id=q, image=os.path.join(d, "images", r["imageId"] + ".jpg"), question=r["question"] + SHORT,
-                     gold=r["answer"], kind=name) for q, r in recs.items()]
-    raise ValueError(f"--bench {name!r}: expected one of {', '.join(GET)}")
+def read_jsonl(path, *keys):
+    """The records of a JSONL file; a line that is not JSON or lacks one of the keys is an error naming file:line."""
+    out = []
+    for n, line in enumerate(open(path), 1):
+        if line.strip():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            if missing := [k for k in keys if k not in r]:
+                raise ValueError(f"{path}:{n}: no field {missing[0]!r}")
+            out.append(r)
+    return out
 
+
+def load_bench(name, root, vocab=None):
+    """-> items {id, image (a path, or bytes), question, gold, kind, ...}, from each release's own files:
+    POPE: one JSON object per line (question_id, image, text, label); Object HalBench: JSONL (image_id, image as
+    base64, question) plus COCO's annotations; MMHal-Bench: a JSON list (question_type, question_topic, image_id,
+    image_src, image_content, question, gt_answer); LLaVA-Bench: questions.jsonl (question_id, image, text, category),
+    context.jsonl (image, caption), answers_gpt4.jsonl (question_id, text); MM-Vet: {id: {imagename, capability,
+    question, answer}}; TextVQA: {"data": [{question_id, image_id, question, answers (10)}]}; GQA: {qid: {imageId,
+    question, answer}}."""
+    folder = FOLDER.get(name, name)
+    d = os.path.join(root, folder)
+    try:
+        if name == "pope":
+            items = []
+            for kind in ("random", "popular", "adversarial"):
+                path = bench_file(root, name, f"coco_pope_{kind}.json")
+                for r in read_jsonl(path, "question_id", "image", "text", "label"):
+                    items.append(dict(id=f"{kind}-{r['question_id']}", image=os.path.join(d, "images", r["image"]),
+                                      question=r["text"], gold=r["label"] == "yes", kind=kind))
+            return items
+        if name == "objhal":
+            recs = read_jsonl(bench_file(root, name, "obj_halbench_300_with_image.jsonl"), "image_id", "image",
+                              "question")
+            truth = coco_truth(root, {int(r["image_id"]) for r in recs}, vocab or coco_vocab())
+            return [dict(id=i, image=base64.b64decode(r["image"]), question=r["question"],
+                         gold=truth[int(r["image_id"])], kind=name) for i, r in enumerate(recs)]
+        if name in ("mmhal", "mmhal_v"):
+            recs = json.load(open(bench_file(root, folder, "response_template.json")))
+            return [dict(id=i, image=os.path.join(d, "images", r["image_src"].split("/")[-1]),
+                         question=r["question"], gold=r["gt_answer"], objects=r["image_content"],
+                         kind=r["question_type"]) for i, r in enumerate(recs)]
+        if name == "llavaw":
+            qs = read_jsonl(bench_file(root, name, "questions.jsonl"), "question_id", "image", "text", "category")
+            ctx = {c["image"]: c["caption"] for c in read_jsonl(bench_file(root, name, "context.jsonl"), "caption")}
+            ref = {a["question_id"]: a["text"] for a in read_jsonl(bench_file(root, name, "answers_gpt4.jsonl"),
+                                                                   "question_id", "text")}
+            return [dict(id=q["question_id"], image=os.path.join(d, "images", q["image"]), question=q["text"],
+                         gold=ref[q["question_id"]], context=ctx[q["image"]], kind=q["category"]) for q in qs]
+        if name == "mmvet":
+            recs = json.load(open(bench_file(root, name, "mm-vet.json")))
+            return [dict(id=k, image=os.path.join(d, "images", r["imagename"]), question=r["question"],
+                         gold=r["answer"], kind=tuple(sorted(set(r["capability"])))) for k, r in recs.items()]
+        if name == "textvqa":
+            recs = json.load(open(bench_file(root, name, "TextVQA_0.5.1_val.json")))["data"]
+            return [dict(id=r["question_id"], image=os.path.join(d, "train_images", r["image_id"] + ".jpg"),
+                         question=r["question"] + SHORT, gold=r["answers"], kind=name) for r in recs]
+        if name == "gqa":
+            recs = json.load(open(bench_file(root, name, "testdev_balanced_questions.json")))
+            return [dict(id=q, image=os.path.join(d, "images", r["imageId"] + ".jpg"), question=r["question"] + SHORT,
+                         gold=r["answer"], kind=name) for q, r in recs.items()]
+    except KeyError as e:  # a record without a field the release has
+        raise ValueError(f"{name}: a record in {d} has no field {e}") from None
+    raise ValueError(f"--bench {name!r}: expected one of {', '.join(list(GET) + list(FOLDER))}")
 
 _NUMBER = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'
@@ -251,8 +327,12 @@ def vqa_accuracy(pred, answers):
     return sum(min(1.0, sum(g == p for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
 
 
-def score_bench(name, items, preds):
-    """Percentages. POPE: accuracy, precision, recall, F1 and yes-ratio per kind, and `pope` = the mean F1."""
+def score_bench(name, items, preds, vocab=None):
+    """Percentages. POPE: accuracy, precision, recall, F1 and yes-ratio per kind, and `pope` = the mean F1; Object
+    HalBench: CHAIR_i, CHAIR_s and recall over COCO categories."""
+    if name == "objhal":
+        said = [coco_mentions(p, vocab or coco_vocab()) for p in preds]
+        return {f"objhal_{k}": v for k, v in chair(said, [it["gold"] for it in items]).items()}
     if name == "pope":
         res = {}
         for kind in ("random", "popular", "adversarial"):
@@ -263,14 +343,6 @@ def score_bench(name, items, preds):
         return {"textvqa": 100 * sum(vqa_accuracy(p, it["gold"]) for it, p in zip(items, preds)) / len(items)}
     return {"gqa": accuracy([p.strip().rstrip(".").lower() for p in preds], [it["gold"] for it in items])}
 
-
-def evaluate_bench(vlm, names, root, limit=0, batch_size=64):
-    res = {}
-    for name in names:
-        items = load_bench(name, root)[:limit or None]
-        preds = answer(vlm, [it["image"] for it in items], [it["question"] for it in items], 16, batch_size)
-        res |= score_bench(name, items, preds) | {f"{name}_n": len(items)}
-    return res
 
 # -----------------------------------------------------------------------------
 # A judge for the open-ended benchmarks (MMHal-Bench, MMHal-V, LLaVA-Bench, MM-Vet): any OpenAI-compatible
@@ -342,6 +414,240 @@ def image_part(image):
     return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
 
 # -----------------------------------------------------------------------------
+# Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) over detailed descriptions of COCO images.
+# An image's truth is its COCO instance categories plus the objects its five COCO captions name; a description's
+# mentions are matched against COCO's 80 categories through a synonym list, longest phrase first, plurals included.
+
+# Ours (assets/coco_synonyms.txt), in the standard list's format: one category per line, its COCO name first, then
+# its synonyms, ", "-separated; a category may go on over several lines. --synonyms FILE reads another such list.
+SYNONYMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "coco_synonyms.txt")
+ANIMALS = {"bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"}
+VEHICLES = {"airplane", "bus", "train", "boat", "car"}
+_IRREGULAR = dict(person="people", man="men", woman="women", child="children", mouse="mice", knife="knives",
+                  sheep="sheep", ox="oxen", goose="geese", calf="calves", skis="skis", scissors="scissors",
+                  shears="shears", people="people", cattle="cattle", luggage="luggage", broccoli="broccoli")
+
+
+def plural_en(word):
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    return word[:-1] + "ies" if word.endswith("y") and word[-2] not in "aeiou" else word + "s"
+
+
+def coco_vocab(path=SYNONYMS):
+    """A synonym list file -> {tuple of words: category, or None for a phrase that names nothing}. Every synonym is
+    taken singular and plural; "baby" or "adult" before an animal and "passenger" before a vehicle make one mention of
+    the animal or vehicle, not also a person; "train track" and "home plate" name nothing (CHAIR's rules)."""
+    vocab = {}
+    for line in open(path).read().strip().splitlines():
+        names = [s.strip().lower() for s in line.split(",") if s.strip()]
+        for s in names:
+            w = tuple(s.split())
+            vocab.setdefault(w, names[0]), vocab.setdefault(w[:-1] + (plural_en(w[-1]),), names[0])
+    for form, cat in list(vocab.items()):
+        lead = ("baby", "adult") if cat in ANIMALS else ("passenger",) if cat in VEHICLES else ()
+        vocab |= {(x,) + form: cat for x in lead}
+    return vocab | {("train", "track"): None, ("train", "tracks"): None, ("home", "plate"): None}
+
+
+def coco_mentions(text, vocab):
+    """The COCO categories a text names, in order and with repeats; the longest phrase wins at each word ("hot dog"
+    is not a dog, "teddy bear" not a bear)."""
+    words, out, k = _WORD.findall(text.lower()), [], 0
+    while k < len(words):
+        n = next((n for n in (3, 2, 1) if tuple(words[k:k + n]) in vocab), 0)
+        if n and vocab[tuple(words[k:k + n])]:
+            out.append(vocab[tuple(words[k:k + n])])
+        k += n or 1
+    return out
+
+
+def coco_truth(root, ids, vocab):
+    """{image id: set of categories}: each image's COCO instance categories plus those its five COCO captions name.
+    Object HalBench's images are all from val2014, so the val2014 annotation files are all it reads (the official
+    script also loads train2014's, which hold nothing for these images)."""
+    truth, captioned = {i: set() for i in ids}, set()
+    for fn in ("instances_val2014.json", "captions_val2014.json"):
+        path = bench_file(root, "objhal", os.path.join("annotations", fn))
+        ann = json.load(open(path))
+        names = {c["id"]: vocab.get(tuple(c["name"].split()), c["name"]) for c in ann.get("categories", [])}
+        for a in ann["annotations"]:
+            if a["image_id"] in truth and fn.startswith("instances"):
+                truth[a["image_id"]].add(names[a["category_id"]])
+            elif a["image_id"] in truth:
+                truth[a["image_id"]].update(coco_mentions(a["caption"], vocab)), captioned.add(a["image_id"])
+    if missing := sorted(ids - captioned):
+        raise ValueError(f"objhal: {path} has no caption of image ids {missing[:5]}: not COCO val2014's annotations?")
+    return truth
+
+# -----------------------------------------------------------------------------
+# The judge-scored benchmarks. Each has our wording of its judge's task, asking for the reply format the
+# benchmark's own score parsing reads; --judge_prompts FILE (JSON {bench: template}) substitutes any other wording,
+# such as the benchmark's published prompt, with the same {fields}.
+
+PROMPTS = dict(
+    mmhal="""You are grading an AI assistant's answer to a question about an image, above all for hallucination: a \
+claim about the image that is false or not supported by it. You are given a list of what the image contains, the \
+question, an answer written by a person, and the answer to grade. The person's answer may be brief or incomplete: \
+extra detail, reasoning or background knowledge is welcome as long as it makes no false claim about the image, and \
+an answer that says it is unsure is not a hallucination.
+
+Image contents: {objects}
+Question: {question}
+Answer written by a person: {reference}
+Answer to grade: {answer}
+
+Explain briefly, then give a rating on this scale:
+6: very informative, with good analysis or reasoning, and no hallucination
+5: very informative, no hallucination
+4: somewhat informative, no hallucination
+3: not informative, no hallucination
+2: very informative, with hallucination
+1: somewhat informative, with hallucination
+0: not informative, with hallucination
+End with a line of the form "Rating: N".""",
+    llavaw="""Two AI assistants answered a user's question about an image. You cannot see the image; a description \
+of it is given instead.
+
+[Image description]
+{context}
+
+[Question]
+{question}
+
+[Assistant 1]
+{reference}
+
+[End of Assistant 1]
+
+[Assistant 2]
+{answer}
+
+[End of Assistant 2]
+
+Rate how helpful, relevant, accurate and detailed each answer is, from 1 to 10 (higher is better). On the first \
+line write only the two scores, Assistant 1's then Assistant 2's, separated by a space. Then explain your rating, \
+without letting the order of the answers or their length sway it.""",
+    mmvet="""Compare an AI assistant's answer with the ground truth of a question and give a correctness score \
+between 0.0 (wrong) and 1.0 (fully right). In a ground truth, <AND> joins parts that must all be in the answer (give \
+the share found) and <OR> joins alternatives, any one of which is right. For open-ended questions, judge how much of \
+the ground truth the answer covers, and how well. Reply with the score alone.
+
+Question | Ground truth | Answer | Score
+What is 12 x 3? | 36 | The product is 36. | 1.0
+What is 12 x 3? | 36 | 38 | 0.0
+Which fruits are on the plate? | apple <AND> pear | An apple and a banana. | 0.5
+Where was this taken? | beach <OR> seaside | On a sandy beach. | 1.0
+{question} | {reference} | {answer} |""")
+
+
+def rating(text):
+    """MMHal-Bench's parsing: the one N in 0..6 for which "rating: N" occurs; 0 when none or several do."""
+    found = [s for s in range(7) if f"rating: {s}" in text.lower()]
+    return found[0] if len(found) == 1 else 0
+
+
+def score_pair(text):
+    """LLaVA-Bench's parsing: two numbers on the first line (a comma also separates); [-1, -1] otherwise."""
+    try:
+        s = text.split("\n")[0].replace(",", " ").split()
+        return [float(s[0]), float(s[1])] if len(s) == 2 else [-1.0, -1.0]
+    except ValueError:
+        return [-1.0, -1.0]
+
+
+def correctness(text):
+    """MM-Vet's parsing: the reply's first word, when it is a number in [0, 1]; else None (ask again)."""
+    try:
+        v = float(text.strip().split(" ")[0])
+        return v if 0.0 <= v <= 1.0 else None
+    except (ValueError, IndexError):
+        return None
+
+
+def fill(template, **fields):
+    """{name} -> value for the given names only, so a template may hold other braces."""
+    for k, v in fields.items():
+        template = template.replace("{" + k + "}", str(v))
+    return template
+
+
+def mean(xs):
+    return sum(xs) / max(len(xs), 1)
+
+
+def judge_bench(name, items, preds, judge, prompts=PROMPTS):
+    """Scores of the judge-read benchmarks, each as its own scripts report them. judge(messages, max_tokens,
+    temperature) -> reply text; for mmhal_v it must see images. MMHal(-V): the mean 0-6 rating, the hallucination
+    rate (share rated below 3) and informativeness; LLaVA-W: 100 x the mean score of the answers over that of
+    the GPT-4 references, overall and per category; MM-Vet: 100 x the mean correctness, overall and per capability."""
+    by_kind = lambda vals, f: {k: f([v for v, it in zip(vals, items) if it["kind"] == k])  # noqa: E731
+                               for k in dict.fromkeys(it["kind"] for it in items)}
+    if name in ("mmhal", "mmhal_v"):
+        s = []
+        for it, p in zip(items, preds):
+            text = fill(prompts["mmhal"], objects=", ".join(it["objects"]), question=it["question"],
+                        reference=it["gold"], answer=p)
+            content = [{"type": "text", "text": text}, image_part(it["image"])] if name == "mmhal_v" else text
+            s.append(rating(judge([{"role": "user", "content": content}], 1024, 0.0)))
+        return {name: mean(s), f"{name}_hallucination_rate": 100 * mean([x < 3 for x in s]),
+                f"{name}_informativeness": 100 * mean([x - 3 if x >= 3 else x for x in s]) / 3} | \
+            {f"{name}/{k}": v for k, v in by_kind(s, mean).items()}
+    if name == "llavaw":
+        pairs = []
+        for it, p in zip(items, preds):
+            ctx = "\n".join(it["context"]) if isinstance(it["context"], list) else it["context"]
+            text = fill(prompts["llavaw"], context=ctx, question=it["question"], reference=it["gold"], answer=p)
+            pairs.append(score_pair(judge([{"role": "system", "content": "You grade answers carefully and fairly."},
+                                           {"role": "user", "content": text}], 1024, 0.2)))
+        # LLaVA's summary: per-column means (failed parses count as -1), rounded to 3 places, then their ratio
+        rel = lambda ps: 100 * round(mean([q[1] for q in ps]), 3) / round(mean([q[0] for q in ps]), 3)  # noqa: E731
+        return {"llavaw": rel(pairs)} | {f"llavaw/{k}": v for k, v in by_kind(pairs, rel).items()}
+    if name == "mmvet":
+        s = []
+        for it, p in zip(items, preds):
+            gt = it["gold"].replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+            text = fill(prompts["mmvet"], question=it["question"], reference=gt, answer=p)
+            for k, t in enumerate((0.0, 0.0, 0.5, 1.0, 1.5)):  # MM-Vet's grader: ask again, warmer, up to 5 times
+                v = correctness(judge([{"role": "user", "content": text + ("\nScore (a number):" if k else "")}], 3, t))
+                if v is not None:
+                    break
+            s.append(v or 0.0)
+        caps = dict.fromkeys(c for it in items for c in it["kind"])
+        return {"mmvet": 100 * mean(s)} | {f"mmvet/{c}": 100 * mean([v for v, it in zip(s, items) if c in it["kind"]])
+                                           for c in caps}
+    raise ValueError(f"{name} is not judged")
+
+
+RULE = ("pope", "objhal", "textvqa", "gqa")
+
+
+def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_size=64, max_new_tokens=512,
+                   prompts=PROMPTS, vocab=None):
+    """Answers every item of each benchmark (greedy, batched, KV-cached; short answers get 16 tokens, the others
+    max_new_tokens) and scores them; judge and judge_v (which sees images) read the open-ended ones."""
+    res, answered = {}, {}
+    for name in names:
+        if name not in RULE and (judge_v if name == "mmhal_v" else judge) is None:
+            raise ValueError(f"--bench {name}: needs a judge (JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)")
+        items = load_bench(name, root, vocab)[:limit or None]
+        key = FOLDER.get(name, name)  # MMHal and MMHal-V judge the same answers
+        if key not in answered:
+            short = name in ("pope", "textvqa", "gqa")
+            answered[key] = answer(vlm, [it["image"] for it in items], [it["question"] for it in items],
+                                   16 if short else max_new_tokens, batch_size)
+        preds = answered[key]
+        if name in RULE:
+            res |= score_bench(name, items, preds, vocab)
+        else:
+            res |= judge_bench(name, items, preds, judge_v if name == "mmhal_v" else judge, prompts)
+        res[f"{name}_n"] = len(items)
+    return res
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -356,9 +662,16 @@ class Config:
     out: str = ""          # JSON: {name: results}
     results: str = ""      # instead of evaluating: a table of train_offline runs' results.json files (a glob); one
                            # row per run (its folder's name) plus the first run's "before" as "base"
-    bench: str = ""        # instead of the world: pope,textvqa,gqa (the judge-scored ones are not written yet)
+    bench: str = ""        # instead of the world: any of pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
     bench_dir: str = "benchmarks"  # one folder per benchmark, holding its release's files (see GET)
+    download: bool = False  # fetch a missing MMHal-Bench or LLaVA-Bench release from the hub
     limit: int = 0         # evaluate the first N items of each benchmark (0: all)
+    max_new_tokens: int = 512  # for the open-ended answers (short answers get 16)
+    judge_model: str = ""  # the text judge (default $JUDGE_MODEL, else gpt-4-0613); endpoint and key from the env
+    judge_model_v: str = "gpt-4o"  # MMHal-V's judge, which sees the image
+    judge_cache: str = "judgments.jsonl"  # every judgment, so a rerun asks only for what is missing
+    judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording (same {fields})
+    synonyms: str = ""     # a COCO synonym list in the standard format, instead of ours (Object HalBench)
 
 
 def results_table(pattern):
@@ -378,16 +691,24 @@ def main(argv=None):
     if cfg.data != "world" and not cfg.bench:
         raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
     names = [b for b in cfg.bench.split(",") if b]
+    for b in {FOLDER.get(b, b) for b in names}:
+        if cfg.download and b in HUB and not os.path.isdir(os.path.join(cfg.bench_dir, b)):
+            download(b, cfg.bench_dir)
+    judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None)
+    judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v)
+    prompts = PROMPTS | (json.load(open(cfg.judge_prompts)) if cfg.judge_prompts else {})
+    vocab = coco_vocab(cfg.synonyms or SYNONYMS)
     rows = {}
     for spec in cfg.model.split(","):
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
         vlm = VLM.from_pretrained(path).eval()
-        rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, cfg.limit, cfg.batch_size) if names else \
+        rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit, cfg.batch_size,
+                                    cfg.max_new_tokens, prompts, vocab) if names else \
             evaluate_world(vlm, cfg.world_seed, cfg.split, cfg.n, cfg.batch_size)
         rows[name]["seconds"] = round(time.time() - t0, 1)
-    print(table(rows, [k for k in ("pope", "textvqa", "gqa") if f"{k}_n" in rows[name]] if names else KEYS))
+    print(table(rows, list(TABLE2.values()), list(TABLE2)) if names else table(rows))
     for name, res in rows.items():
         if "samples" in res:
             print(f"sample descriptions ({name}):", *res["samples"][:3], sep="\n  ")
