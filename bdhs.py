@@ -217,6 +217,8 @@ class Config:
     out: str = "runs/bdhs/pairs.jsonl"
     n: int = 2000                 # world prompts (ignored for files: all of them)
     world_seed: int = 0
+    prior: float = 0.9            # the world's language priors (data.World), as train_offline's flags of that name
+    color_prior: float = 0.6
     variant: str = "attn"         # attn (BDHS_attn) | noise (BDHS_noise) | distort (POVID-style, teacher forced)
     rho: float = 0.99             # rho_th: share of image tokens hidden (0.99: about 1% stay visible)
     noise_steps: int = 500        # N of the diffusion noise (noise, distort)
@@ -235,7 +237,7 @@ class Config:
 
 def source_records(cfg):
     if cfg.source in ("world", "world+corrupt"):
-        world = data.World(cfg.world_seed)
+        world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
         return data.world_pairs(world, cfg.n, rejected=cfg.source == "world+corrupt")
     return data.load_pairs(cfg.source, cfg.image_root, need_rejected=False)
 

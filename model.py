@@ -1050,11 +1050,12 @@ class VLM(nn.Module):
 
 
 def config_from_argv(cls, argv=None, doc=None):
-    """argparse generated from a dataclass: each field is `--name value` (or `--name=value`) with its default."""
+    """argparse generated from a dataclass: each field is `--name value` (or `--name=value`) with its default; the
+    fields a subclass names in HIDDEN keep their defaults and get no flag."""
     import argparse
     import dataclasses
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
+    for f in (f for f in dataclasses.fields(cls) if f.name not in getattr(cls, "HIDDEN", ())):
         kind = type(f.default)
         parse = (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind
         ap.add_argument(f"--{f.name}", type=parse, default=f.default, metavar=kind.__name__.upper())

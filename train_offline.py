@@ -275,12 +275,15 @@ def bdhs_pairs(cfg: Config, vlm: VLM, print0=print):
     rank, W = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     source = "world+corrupt" if cfg.bdhs_source == "world" and cfg.external else cfg.bdhs_source
     bc = bdhs.Config(model=cfg.model, source=source, image_root=cfg.image_root, n=cfg.pairs + cfg.val_pairs,
-                     world_seed=cfg.world_seed, variant="attn" if cfg.bdhs_variant == "unguided" else cfg.bdhs_variant,
+                     world_seed=cfg.world_seed, prior=cfg.prior, color_prior=cfg.color_prior,
+                     variant="attn" if cfg.bdhs_variant == "unguided" else cfg.bdhs_variant,
                      rho=cfg.rho, noise_steps=cfg.noise_steps, guided=cfg.bdhs_variant != "unguided",
                      embedder=cfg.embedder, external=cfg.external, seed=cfg.seed)
     if bc.variant not in ("attn", "noise", "distort"):
         raise ValueError(f"--bdhs_variant {cfg.bdhs_variant!r}: expected attn, noise, distort or unguided")
-    key = hashlib.sha256((model_hash(cfg) + json.dumps(dataclasses.asdict(bc))).encode()).hexdigest()[:16]
+    code = b"".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f), "rb").read()
+                    for f in ("bdhs.py", "data.py", "model.py"))  # the code that makes the pairs is part of the key
+    key = hashlib.sha256((model_hash(cfg) + json.dumps(dataclasses.asdict(bc))).encode() + code).hexdigest()[:16]
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key}", "pairs.jsonl")
     print0(f"BDHS pairs: {bc.out}")
     parts = [bc.out] if W == 1 else [f"{bc.out}.rank{r}" for r in range(W)]

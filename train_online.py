@@ -57,6 +57,7 @@ SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "ppo": 1, "rloo": 4}
 
 @dataclass
 class Config(off.Config):
+    HIDDEN = ("val_pairs", "text_only", "vision_pretrain", "bdhs_source", "cache_dir")  # offline flags with no use here
     algo: str = "online-dpo"
     annotator: str = "rule"       # rule | rm:PATH | judge:PATH
     out_dir: str = "runs/online"

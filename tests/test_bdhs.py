@@ -224,6 +224,13 @@ def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
         to.main(SMALL + ["--out_dir", str(tmp_path / "d"), "--cache_dir", cache, "--bdhs_variant", "nope"])
 
 
+def test_world_priors_reach_the_bdhs_source():
+    """train_offline's --prior / --color_prior reach the BDHS prompts (the world the pairs are drawn from)."""
+    default = bdhs.source_records(bdhs.Config(n=40))
+    assert default == bdhs.source_records(bdhs.Config(n=40, prior=0.9, color_prior=0.6))
+    assert default != bdhs.source_records(bdhs.Config(n=40, prior=0.0, color_prior=0.0))
+
+
 def test_main_job_under_two_ranks(tmp_path):
     from test_offline import torchrun
     torchrun(2, SMALL + ["--out_dir", str(tmp_path / "r"), "--cache_dir", str(tmp_path / "c")])

@@ -147,6 +147,18 @@ def test_annotator_flag_errors():
     with pytest.raises(ValueError, match="PPO and RLOO need"):
         on.make_annotator(on.Config(annotator=f"judge:{data.BASE_MODEL}", algo="rloo"), "cpu")
 
+
+def test_offline_only_flags_are_not_offered(capsys):
+    from model import config_from_argv
+    with pytest.raises(SystemExit):
+        config_from_argv(on.Config, ["--help"])
+    out = capsys.readouterr().out
+    assert "--rpo_alpha" in out and "--val_pairs" not in out and "--cache_dir" not in out
+    with pytest.raises(SystemExit):
+        config_from_argv(on.Config, ["--text_only", "0.5"])
+    assert "unrecognized arguments: --text_only" in capsys.readouterr().err
+    assert config_from_argv(on.Config, ["--beta", "0.2"]).val_pairs == on.Config().val_pairs
+
 # -----------------------------------------------------------------------------
 # End to end
 
