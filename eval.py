@@ -408,10 +408,16 @@ class JudgeClient:
 
 
 def image_part(image):
-    """A PIL image as a chat-completions content part (a PNG data URL), for judges that see the image (MMHal-V)."""
-    buf = io.BytesIO()
-    data.open_image(image).save(buf, format="PNG")
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+    """An image as a chat-completions content part, for judges that see it (MMHal-V): a JPEG or PNG file (path or
+    bytes) is sent as it is, anything else (a PIL image, other formats) as a PNG."""
+    from PIL import Image
+    raw = open(image, "rb").read() if isinstance(image, str) else image if isinstance(image, bytes) else b""
+    fmt = Image.open(io.BytesIO(raw)).format.lower() if raw else ""
+    if fmt not in ("jpeg", "png"):
+        buf = io.BytesIO()
+        data.open_image(image).save(buf, format="PNG")
+        raw, fmt = buf.getvalue(), "png"
+    return {"type": "image_url", "image_url": {"url": f"data:image/{fmt};base64," + base64.b64encode(raw).decode()}}
 
 # -----------------------------------------------------------------------------
 # Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) over detailed descriptions of COCO images.

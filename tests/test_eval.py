@@ -2,6 +2,7 @@
 hand-computed values, and the judge client of the open-ended ones against a fake chat-completions server on
 127.0.0.1 (retries on 429 / 500, cached judgments reused, a judge that stays down gives a clear error and keeps what
 was finished)."""
+import base64
 import json
 import os
 import shutil
@@ -165,6 +166,11 @@ def test_unreachable_judge_and_image_parts(tmp_path):
         c(msg("x"))
     part = ev.image_part(Image.new("RGB", (4, 4), (255, 0, 0)))
     assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
+    jpeg = os.path.join(FIX, "mmhal", "images", "0000_o.jpg")  # a JPEG file goes as its own bytes
+    assert ev.image_part(jpeg)["image_url"]["url"] == "data:image/jpeg;base64," + base64.b64encode(
+        open(jpeg, "rb").read()).decode()
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.bmp")
+    assert ev.image_part(str(tmp_path / "x.bmp"))["image_url"]["url"].startswith("data:image/png;base64,")
 
 # -----------------------------------------------------------------------------
 # Object HalBench (CHAIR with COCO synonyms) and the judge-scored benchmarks
