@@ -536,6 +536,7 @@ of it is given instead.
 Rate how helpful, relevant, accurate and detailed each answer is, from 1 to 10 (higher is better). On the first \
 line write only the two scores, Assistant 1's then Assistant 2's, separated by a space. Then explain your rating, \
 without letting the order of the answers or their length sway it.""",
+    llavaw_system="You grade answers carefully and fairly.",
     mmvet="""Compare an AI assistant's answer with the ground truth of a question and give a correctness score \
 between 0.0 (wrong) and 1.0 (fully right). In a ground truth, <AND> joins parts that must all be in the answer (give \
 the share found) and <OR> joins alternatives, any one of which is right. For open-ended questions, judge how much of \
@@ -606,7 +607,7 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS):
         for it, p in zip(items, preds):
             ctx = "\n".join(it["context"]) if isinstance(it["context"], list) else it["context"]
             text = fill(prompts["llavaw"], context=ctx, question=it["question"], reference=it["gold"], answer=p)
-            pairs.append(score_pair(judge([{"role": "system", "content": "You grade answers carefully and fairly."},
+            pairs.append(score_pair(judge([{"role": "system", "content": prompts["llavaw_system"]},
                                            {"role": "user", "content": text}], 1024, 0.2)))
         # LLaVA's summary: per-column means (failed parses count as -1), rounded to 3 places, then their ratio
         rel = lambda ps: 100 * round(mean([q[1] for q in ps]), 3) / round(mean([q[0] for q in ps]), 3)  # noqa: E731
@@ -702,6 +703,9 @@ def main(argv=None):
             download(b, cfg.bench_dir)
     judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None)
     judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v)
+    if any(b not in RULE for b in names) and not judge.key and "api.openai.com" in judge.url:
+        raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or OPENAI_API_KEY), or "
+                         "JUDGE_BASE_URL for an endpoint without a key")
     prompts = PROMPTS | (json.load(open(cfg.judge_prompts)) if cfg.judge_prompts else {})
     vocab = coco_vocab(cfg.synonyms or SYNONYMS)
     rows = {}

@@ -284,10 +284,19 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
     again = ev.main(argv)["world-base"]
     assert len(server["bodies"]) == n  # every judgment came from the cache
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in r.items() if k != "seconds"}
-    (tmp_path / "p.json").write_text(json.dumps({"mmhal": "OWN {question} / {answer} / {objects} {x}"}))
-    ev.main(argv[:1] + ["mmhal"] + argv[2:] + ["--judge_prompts", str(tmp_path / "p.json")])
+    (tmp_path / "p.json").write_text(json.dumps({"mmhal": "OWN {question} / {answer} / {objects} {x}",
+                                                 "llavaw_system": "SYS"}))
+    ev.main(argv[:1] + ["llavaw,mmhal"] + argv[2:] + ["--judge_prompts", str(tmp_path / "p.json")])
+    assert [b["messages"][0]["content"] for b in server["bodies"][-4:-2]] == ["SYS", "SYS"]
     own = server["bodies"][-2]["messages"][0]["content"]
     assert own.startswith("OWN What colour is the cup? / ") and own.endswith(" / Cup, Saucer, House, Tree {x}")
+
+
+def test_judged_benchmarks_without_a_key_stop_before_generating(monkeypatch):
+    for k in ("JUDGE_BASE_URL", "JUDGE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SystemExit, match="need JUDGE_API_KEY"):
+        ev.main(["--bench", "pope,mmvet", "--bench_dir", FIX, "--model", "does/not/exist"])
 
 
 def test_download_from_the_hub(tmp_path, monkeypatch):
