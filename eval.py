@@ -293,8 +293,8 @@ def load_bench(name, root, vocab=None):
             recs = json.load(open(bench_file(root, name, "testdev_balanced_questions.json")))
             return [dict(id=q, image=os.path.join(d, "images", r["imageId"] + ".jpg"), question=r["question"] + SHORT,
                          gold=r["answer"], kind=name) for q, r in recs.items()]
-    except KeyError as e:  # a record without a field the release has
-        raise ValueError(f"{name}: a record in {d} has no field {e}") from None
+    except KeyError as e:  # a record without a field the release has, or a question without its context / answer
+        raise ValueError(f"{name}: {d}: no field or record {e}") from None
     raise ValueError(f"--bench {name!r}: expected one of {', '.join(list(GET) + list(FOLDER))}")
 
 _NUMBER = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -610,7 +610,8 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS):
             pairs.append(score_pair(judge([{"role": "system", "content": prompts["llavaw_system"]},
                                            {"role": "user", "content": text}], 1024, 0.2)))
         # LLaVA's summary: per-column means (failed parses count as -1), rounded to 3 places, then their ratio
-        rel = lambda ps: 100 * round(mean([q[1] for q in ps]), 3) / round(mean([q[0] for q in ps]), 3)  # noqa: E731
+        rel = lambda ps: 100 * round(mean([q[1] for q in ps]), 3) / (round(mean([q[0] for q in ps]), 3)  # noqa
+                                                                     or float("nan"))
         return {"llavaw": rel(pairs)} | {f"llavaw/{k}": v for k, v in by_kind(pairs, rel).items()}
     if name == "mmvet":
         s = []

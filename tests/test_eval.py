@@ -77,6 +77,10 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
         f.write('{"question_id": 9, "image": "001.jpg", "text": "Why?"}\n')
     with pytest.raises(ValueError, match=r"questions.jsonl:3: no field 'category'"):
         ev.load_bench("llavaw", str(tmp_path))
+    shutil.copy(os.path.join(FIX, "llavaw", "questions.jsonl"), tmp_path / "llavaw")
+    (tmp_path / "llavaw" / "answers_gpt4.jsonl").write_text('{"question_id": 0, "text": "x"}\n')
+    with pytest.raises(ValueError, match=r"llavaw: .*llavaw: no field or record 1"):  # question 1 has no answer
+        ev.load_bench("llavaw", str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
