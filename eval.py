@@ -209,17 +209,20 @@ FOLDER = {"mmhal_v": "mmhal"}  # MMHal-V is MMHal-Bench judged with the image
 
 
 def download(name, root):
-    """Fetches a benchmark's release from the hub into root/name (MMHal-Bench's images unzipped to images/)."""
+    """Fetches (or completes) a benchmark's release from the hub in root/name; the images of any zip in it
+    (MMHal-Bench's test_data.zip) are unzipped once into root/name/images/."""
+    import zipfile
     from huggingface_hub import snapshot_download
     d = os.path.join(root, name)
-    snapshot_download(HUB[name], repo_type="dataset", local_dir=d)
+    snapshot_download(HUB[name], repo_type="dataset", local_dir=d)  # skips the files it already has
     for z in glob.glob(os.path.join(d, "*.zip")):
-        import zipfile
-        with zipfile.ZipFile(z) as f:
-            f.extractall(d)
-        found = [p for p in glob.glob(os.path.join(d, "**", "images"), recursive=True) if os.path.isdir(p)]
-        if found and not os.path.isdir(os.path.join(d, "images")):
-            os.replace(found[0], os.path.join(d, "images"))
+        if not os.path.exists(z + ".unzipped"):
+            with zipfile.ZipFile(z) as f:
+                f.extractall(os.path.join(d, "unzipped"))
+            os.makedirs(os.path.join(d, "images"), exist_ok=True)
+            for p in glob.glob(os.path.join(d, "unzipped", "**", "images", "*"), recursive=True):
+                os.replace(p, os.path.join(d, "images", os.path.basename(p)))
+            open(z + ".unzipped", "w").close()
 
 
 def bench_file(root, name, fn):
@@ -699,9 +702,8 @@ def main(argv=None):
     if cfg.data != "world" and not cfg.bench:
         raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
     names = [b for b in cfg.bench.split(",") if b]
-    for b in {FOLDER.get(b, b) for b in names}:
-        if cfg.download and b in HUB and not os.path.isdir(os.path.join(cfg.bench_dir, b)):
-            download(b, cfg.bench_dir)
+    for b in {FOLDER.get(b, b) for b in names} & set(HUB) if cfg.download else ():
+        download(b, cfg.bench_dir)
     judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None)
     judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v)
     if any(b not in RULE for b in names) and not judge.key and "api.openai.com" in judge.url:

@@ -311,7 +311,7 @@ def test_download_from_the_hub(tmp_path, monkeypatch):
 
     def fake(repo_id, repo_type, local_dir):
         assert (repo_id, repo_type) == ("Shengcao1006/MMHal-Bench", "dataset")
-        os.makedirs(local_dir)
+        os.makedirs(os.path.join(local_dir, "images"), exist_ok=True)  # the hub repo has an images/ folder too
         shutil.copy(os.path.join(FIX, "mmhal", "response_template.json"), local_dir)
         with zipfile.ZipFile(os.path.join(local_dir, "test_data.zip"), "w") as z:
             for fn in os.listdir(os.path.join(FIX, "mmhal", "images")):
@@ -321,3 +321,6 @@ def test_download_from_the_hub(tmp_path, monkeypatch):
     ev.download("mmhal", str(tmp_path))
     its = ev.load_bench("mmhal", str(tmp_path))
     assert len(its) == 2 and all(os.path.exists(it["image"]) for it in its)
+    os.remove(its[0]["image"])
+    ev.download("mmhal", str(tmp_path))  # a second call completes the hub files but unzips nothing again
+    assert not os.path.exists(its[0]["image"]) and os.path.exists(its[1]["image"])
