@@ -334,8 +334,10 @@ def score_bench(name, items, preds, vocab=None):
     """Percentages. POPE: accuracy, precision, recall, F1 and yes-ratio per kind, and `pope` = the mean F1; Object
     HalBench: CHAIR_i, CHAIR_s and recall over COCO categories."""
     if name == "objhal":
-        said = [coco_mentions(p, vocab or coco_vocab()) for p in preds]
-        return {f"objhal_{k}": v for k, v in chair(said, [it["gold"] for it in items]).items()}
+        said, truth = [coco_mentions(p, vocab or coco_vocab()) for p in preds], [it["gold"] for it in items]
+        named = [(s, t) for s, t in zip(said, truth) if s]  # its "response hallucination": over responses naming any
+        return {f"objhal_{k}": v for k, v in chair(said, truth).items()} | \
+            {"objhal_response_hall": chair(*zip(*named))["chair_s"] if named else 0.0}
     if name == "pope":
         res = {}
         for kind in ("random", "popular", "adversarial"):
@@ -562,7 +564,7 @@ def rating(text):
 def score_pair(text):
     """LLaVA-Bench's parsing: two numbers on the first line (a comma also separates); [-1, -1] otherwise."""
     try:
-        s = text.split("\n")[0].replace(",", " ").split()
+        s = text.split("\n")[0].replace(",", " ").split(" ")  # one space exactly: "8  6" fails, as in LLaVA
         return [float(s[0]), float(s[1])] if len(s) == 2 else [-1.0, -1.0]
     except ValueError:
         return [-1.0, -1.0]

@@ -203,6 +203,8 @@ def test_object_halbench_chair_by_hand():
     r = ev.chair(said, [{"person", "dog"}, {"cup"}, {"cat"}])
     # mentions 6 + 0 + 2, absent: bed, cup, couch; descriptions with one: 2 of 3; recall (2 + 0 + 1) / (2 + 1 + 1)
     assert r == dict(chair_i=100 * 3 / 8, chair_s=100 * 2 / 3, recall=75.0)
+    its = [dict(gold=t) for t in ({"person", "dog"}, {"cup"}, {"cat"})]  # Object HalBench's response-level rate
+    assert ev.score_bench("objhal", its, preds)["objhal_response_hall"] == 100.0  # counts the 2 that name objects
     items = ev.load_bench("objhal", FIX)
     assert [it["gold"] for it in items] == [{"cup", "apple"}, {"apple", "dog"}]  # instances, plus the captions' dog
     assert all(isinstance(it["image"], bytes) for it in items)
@@ -241,7 +243,7 @@ def test_mmhal_scores_by_hand():
 
 def test_llava_bench_relative_score_by_hand():
     its = items(["conv", "detail", "conv"], context=["A cat.", "A mat."])
-    judge = Scripted(["8 6\nAssistant 1 is better.", "7, 7\nTied.", "I would give 9 and 5."])
+    judge = Scripted(["8 6\nAssistant 1 is better.", "7,7\nTied.", "I would give 9 and 5."])
     r = ev.judge_bench("llavaw", its, ["a0", "a1", "a2"], judge)
     # pairs (8, 6), (7, 7), (-1, -1): the means 4.667 and 4.0 (a failed parse counts, as in LLaVA's summary)
     assert abs(r["llavaw"] - 100 * 4.0 / 4.667) < 1e-9
@@ -250,6 +252,14 @@ def test_llava_bench_relative_score_by_hand():
     assert messages[0]["role"] == "system" and temperature == 0.2
     text = messages[1]["content"]
     assert "A cat.\nA mat." in text and text.index("g0") < text.index("a0")  # the GPT-4 answer is Assistant 1
+
+
+@pytest.mark.parametrize("reply,want", [("8 6\nwhy", [8.0, 6.0]), ("7,7", [7.0, 7.0]), ("9.5 3", [9.5, 3.0]),
+                                        ("7, 7", [-1, -1]), ("8  6", [-1, -1]), ("Scores: 8 6", [-1, -1]),
+                                        ("a b", [-1, -1]), ("", [-1, -1])])
+def test_llava_bench_score_parsing(reply, want):
+    """LLaVA's parse_score: the first line, commas made spaces, split on single spaces, exactly two numbers."""
+    assert ev.score_pair(reply) == want
 
 
 def test_mm_vet_scores_and_retries_by_hand():
