@@ -414,9 +414,10 @@ def check_pair(rec, where, base="", need_rejected=True):
     return rec
 
 
-def read_pairs(path, need_rejected=True):
-    """A native JSONL file -> checked records; a malformed line or a missing image is an error naming file:line."""
-    recs = []
+def read_jsonl(path, *keys):
+    """(line number, record) for each non-blank line of a JSONL file; a line that is not JSON, or lacks one of the
+    keys, is an error naming file:line."""
+    out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
@@ -424,8 +425,15 @@ def read_pairs(path, need_rejected=True):
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
-                recs.append(check_pair(rec, f"{path}:{n}", os.path.dirname(path), need_rejected))
-    return recs
+                if missing := [k for k in keys if k not in rec]:
+                    raise ValueError(f"{path}:{n}: no field {missing[0]!r}")
+                out.append((n, rec))
+    return out
+
+
+def read_pairs(path, need_rejected=True):
+    """A native JSONL file -> checked records; a malformed line or a missing image is an error naming file:line."""
+    return [check_pair(rec, f"{path}:{n}", os.path.dirname(path), need_rejected) for n, rec in read_jsonl(path)]
 
 
 def pair_line(r, out_dir):

@@ -232,21 +232,6 @@ def bench_file(root, name, fn):
     return path
 
 
-def read_jsonl(path, *keys):
-    """The records of a JSONL file; a line that is not JSON or lacks one of the keys is an error naming file:line."""
-    out = []
-    for n, line in enumerate(open(path), 1):
-        if line.strip():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            if missing := [k for k in keys if k not in r]:
-                raise ValueError(f"{path}:{n}: no field {missing[0]!r}")
-            out.append(r)
-    return out
-
-
 def load_bench(name, root, vocab=None):
     """-> items {id, image (a path, or bytes), question, gold, kind, ...}, from each release's own files:
     POPE: one JSON object per line (question_id, image, text, label); Object HalBench: JSONL (image_id, image as
@@ -257,18 +242,17 @@ def load_bench(name, root, vocab=None):
     question, answer}}."""
     folder = FOLDER.get(name, name)
     d = os.path.join(root, folder)
+    rows = lambda fn, *keys: [r for _, r in data.read_jsonl(bench_file(root, folder, fn), *keys)]  # noqa: E731
     try:
         if name == "pope":
             items = []
             for kind in ("random", "popular", "adversarial"):
-                path = bench_file(root, name, f"coco_pope_{kind}.json")
-                for r in read_jsonl(path, "question_id", "image", "text", "label"):
+                for r in rows(f"coco_pope_{kind}.json", "question_id", "image", "text", "label"):
                     items.append(dict(id=f"{kind}-{r['question_id']}", image=os.path.join(d, "images", r["image"]),
                                       question=r["text"], gold=r["label"] == "yes", kind=kind))
             return items
         if name == "objhal":
-            recs = read_jsonl(bench_file(root, name, "obj_halbench_300_with_image.jsonl"), "image_id", "image",
-                              "question")
+            recs = rows("obj_halbench_300_with_image.jsonl", "image_id", "image", "question")
             truth = coco_truth(root, {int(r["image_id"]) for r in recs}, vocab or coco_vocab())
             return [dict(id=i, image=base64.b64decode(r["image"]), question=r["question"],
                          gold=truth[int(r["image_id"])], kind=name) for i, r in enumerate(recs)]
@@ -278,10 +262,9 @@ def load_bench(name, root, vocab=None):
                          question=r["question"], gold=r["gt_answer"], objects=r["image_content"],
                          kind=r["question_type"]) for i, r in enumerate(recs)]
         if name == "llavaw":
-            qs = read_jsonl(bench_file(root, name, "questions.jsonl"), "question_id", "image", "text", "category")
-            ctx = {c["image"]: c["caption"] for c in read_jsonl(bench_file(root, name, "context.jsonl"), "caption")}
-            ref = {a["question_id"]: a["text"] for a in read_jsonl(bench_file(root, name, "answers_gpt4.jsonl"),
-                                                                   "question_id", "text")}
+            qs = rows("questions.jsonl", "question_id", "image", "text", "category")
+            ctx = {c["image"]: c["caption"] for c in rows("context.jsonl", "caption")}
+            ref = {a["question_id"]: a["text"] for a in rows("answers_gpt4.jsonl", "question_id", "text")}
             return [dict(id=q["question_id"], image=os.path.join(d, "images", q["image"]), question=q["text"],
                          gold=ref[q["question_id"]], context=ctx[q["image"]], kind=q["category"]) for q in qs]
         if name == "mmvet":
@@ -299,6 +282,7 @@ def load_bench(name, root, vocab=None):
     except KeyError as e:  # a record without a field the release has, or a question without its context / answer
         raise ValueError(f"{name}: {d}: no field or record {e}") from None
     raise ValueError(f"--bench {name!r}: expected one of {', '.join(list(GET) + list(FOLDER))}")
+
 
 _NUMBER = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'
@@ -334,7 +318,8 @@ def score_bench(name, items, preds, vocab=None):
     """Percentages. POPE: accuracy, precision, recall, F1 and yes-ratio per kind, and `pope` = the mean F1; Object
     HalBench: CHAIR_i, CHAIR_s and recall over COCO categories."""
     if name == "objhal":
-        said, truth = [coco_mentions(p, vocab or coco_vocab()) for p in preds], [it["gold"] for it in items]
+        vocab = vocab or coco_vocab()
+        said, truth = [coco_mentions(p, vocab) for p in preds], [it["gold"] for it in items]
         named = [(s, t) for s, t in zip(said, truth) if s]  # its "response hallucination": over responses naming any
         return {f"objhal_{k}": v for k, v in chair(said, truth).items()} | \
             {"objhal_response_hall": chair(*zip(*named))["chair_s"] if named else 0.0}
@@ -706,9 +691,10 @@ def main(argv=None):
     names = [b for b in cfg.bench.split(",") if b]
     for b in {FOLDER.get(b, b) for b in names} & set(HUB) if cfg.download else ():
         download(b, cfg.bench_dir)
-    judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None)
-    judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v)
-    if any(b not in RULE for b in names) and not judge.key and "api.openai.com" in judge.url:
+    judged = [b for b in names if b not in RULE]  # the judges read their cache only when a benchmark needs them
+    judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None) if judged else None
+    judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v) if "mmhal_v" in judged else None
+    if judged and not judge.key and "api.openai.com" in judge.url:
         raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or OPENAI_API_KEY), or "
                          "JUDGE_BASE_URL for an endpoint without a key")
     prompts = PROMPTS | (json.load(open(cfg.judge_prompts)) if cfg.judge_prompts else {})

@@ -59,7 +59,7 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
     shutil.copytree(os.path.join(FIX, "pope"), tmp_path / "pope")
     with open(tmp_path / "pope" / "coco_pope_popular.json", "a") as f:
         f.write('{"question_id": 3, "image": "x.jpg"\n')
-    with pytest.raises(ValueError, match=r"coco_pope_popular.json:3: not JSON"):
+    with pytest.raises(ValueError, match=r"coco_pope_popular.json:3: malformed JSON"):
         ev.load_bench("pope", str(tmp_path))
     with pytest.raises(ValueError, match="expected one of"):
         ev.load_bench("mmbench", FIX)
