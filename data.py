@@ -237,14 +237,16 @@ class World:
     def scene(self, split, i) -> Scene:
         return sample_scene(self.rng(split, i), self.prior, self.color_prior, split == "broken")
 
-    def example(self, split, i, turns=None, image=True):
-        """{"id", "scene", "image", "messages"}: sft examples have 1-3 turns, the others one."""
+    def example(self, split, i, turns=None, image=True, kinds=None):
+        """{"id", "scene", "image", "messages"}: sft examples have 1-3 turns, the others one; `kinds` weighs the
+        question kinds (default KINDS)."""
         rng = self.rng(split, i)
         scene = sample_scene(rng, self.prior, self.color_prior, split == "broken")
         n = turns or (rng.randint(1, 3) if split == "sft" else 1)
-        kinds = []
+        weights, kinds = kinds or KINDS, []
+        n = min(n, len(weights))
         while len(kinds) < n:  # weighted, without repeats
-            k = rng.choices(list(KINDS), list(KINDS.values()))[0]
+            k = rng.choices(list(weights), list(weights.values()))[0]
             kinds += [k] if k not in kinds else []
         msgs = []
         for t, kind in enumerate(kinds):

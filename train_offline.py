@@ -86,6 +86,8 @@ class Config:
     seed: int = 0
     log_every: int = 10
     vision_pretrain: int = 130    # --model scratch: steps of per-cell supervised tower pretraining (stands in for CLIP's)
+    sft_kinds: str = ""           # SFT: question kinds and weights, e.g. "exist=1" (default: data.KINDS)
+    sft_turns: int = 0            # SFT: turns per conversation (0: 1-3 at random)
     # --data bdhs: rejected responses sampled by the model itself (bdhs.py), then --loss on them
     bdhs_source: str = "world"    # world (the align prompts and ground truth) or a bdhs.py --source
     bdhs_variant: str = "attn"    # attn | noise | distort (POVID-style) | unguided (masking without guidance)
@@ -524,7 +526,9 @@ def main(argv=None):
 def micro_step(cfg: Config, model, pm: PairModel, world, items, idx, device, ref):
     """Per-example losses of one micro-batch and the metric sums it contributes."""
     if items is None:  # SFT: ground-truth conversations, every reply token scored
-        batch = to(data.collate(pm.vlm, [world.example("sft", i) for i in idx]), device)
+        kinds = {k: float(v) for k, v in (a.split("=") for a in cfg.sft_kinds.split(","))} if cfg.sft_kinds else None
+        convs = [world.example("sft", i, cfg.sft_turns or None, kinds=kinds) for i in idx]
+        batch = to(data.collate(pm.vlm, convs), device)
         hide = torch.tensor([random.Random(f"text-only-{i}").random() < cfg.text_only for i in idx], device=device)
         if hide.any():
             batch["key_mask"] = ~(hide[:, None] & (batch["input_ids"] == pm.vlm.cfg.image_token_id))

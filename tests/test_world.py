@@ -195,10 +195,24 @@ def test_shipped_base_model_is_competent_on_a_few_scenes():
         assert 0 <= res[k] <= 100
 
 
+def test_sft_question_kinds_and_turns():
+    w = data.World(0)
+    exist = [w.example("sft", i, 1, image=False, kinds={"exist": 1.0})["messages"] for i in range(20)]
+    assert all(len(m) == 2 and m[0]["content"].startswith("<image>\nIs there") for m in exist)
+    assert {m[1]["content"].split()[0] for m in exist} == {"Yes,", "No,"}
+    # three turns asked of two kinds: one question of each (a kind is not repeated within a conversation)
+    two = w.example("sft", 3, 3, image=False, kinds={"exist": 1.0, "count": 1.0})["messages"]
+    qs = [m["content"].split("\n")[-1] for m in two[::2]]
+    assert len(qs) == 2 and sum(q.startswith("Is there") for q in qs) == 1 and sum(q in data.COUNT for q in qs) == 1
+    assert [w.example("sft", i, image=False)["messages"] for i in range(5)] == \
+        [w.example("sft", i, image=False, kinds=data.KINDS)["messages"] for i in range(5)]
+
+
 def test_train_offline_sft_two_steps(tmp_path):
     import train_offline
     train_offline.main(["--model", "scratch", "--loss", "sft", "--lora_r", "0", "--steps", "2", "--batch_size", "4",
-                        "--vision_pretrain", "2", "--out_dir", str(tmp_path)])
+                        "--vision_pretrain", "2", "--sft_kinds", "exist=1,describe=1", "--sft_turns", "1",
+                        "--out_dir", str(tmp_path)])
     vlm = VLM.from_pretrained(str(tmp_path / "checkpoint"))
     assert vlm.template == data.TEMPLATE and vlm.tokenizer.get_vocab_size() == vlm.cfg.text.vocab_size
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
