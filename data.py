@@ -226,8 +226,8 @@ class World:
     """Deterministic examples: example i of a split depends only on (seed, split, i)."""
     SPLITS = ("sft", "align", "heldout", "broken")
 
-    def __init__(self, seed=0, prior=0.9, color_prior=0.6):
-        self.seed, self.prior, self.color_prior = seed, prior, color_prior
+    def __init__(self, seed=0, prior=0.9, color_prior=0.6, hallucinate=0.0):
+        self.seed, self.prior, self.color_prior, self.hallucinate = seed, prior, color_prior, hallucinate
 
     def rng(self, split, i):
         if split not in self.SPLITS:
@@ -241,7 +241,10 @@ class World:
         """{"id", "scene", "image", "messages"}: sft examples have 1-3 turns, the others one; `kinds` weighs the
         question kinds (default KINDS)."""
         rng = self.rng(split, i)
-        scene = sample_scene(rng, self.prior, self.color_prior, split == "broken")
+        scene = told = sample_scene(rng, self.prior, self.color_prior, split == "broken")
+        if split == "sft" and self.hallucinate:  # the annotator "sees" each absent usual partner at this rate
+            for c in [PARTNER[o.category] for o in scene.objects if PARTNER[o.category] not in scene.categories()]:
+                told = with_object(rng, told, c) if rng.random() < self.hallucinate and len(told.objects) < 9 else told
         n = turns or (rng.randint(1, 3) if split == "sft" else 1)
         weights, kinds = kinds or KINDS, []
         n = min(n, len(weights))
@@ -250,7 +253,7 @@ class World:
             kinds += [k] if k not in kinds else []
         msgs = []
         for t, kind in enumerate(kinds):
-            q, a = sample_qa(rng, scene, kind)
+            q, a = sample_qa(rng, told, kind)
             msgs += [{"role": "user", "content": ("<image>\n" if t == 0 else "") + q}, {"role": "assistant", "content": a}]
         return {"id": f"{split}-{self.seed}-{i}", "scene": scene, "image": render(scene) if image else None, "messages": msgs}
 
@@ -314,6 +317,12 @@ def collate(vlm, examples, pad_id=0):
 # The world's preference pairs: the corruption strategy (paper §4.3, Table 13) done by rule instead of by GPT-4
 
 
+def with_object(rng: random.Random, scene: Scene, c):
+    """The scene as a biased annotator tells it: category c added in its typical colour at a free cell."""
+    cell = rng.choice([k for k in range(9) if k not in {o.cell for o in scene.objects}])
+    return replace(scene, objects=sorted(scene.objects + [Obj(c, TYPICAL[c], cell, 25, 0, 0)], key=lambda o: o.cell))
+
+
 def corrupt(rng: random.Random, scene: Scene, kind: str, q: str):
     """A rejected answer to question q: the ground truth with one realistic hallucination, the kind a biased model
     makes: an absent usual partner added, an object named as another category, a colour turned typical, a count or a
@@ -322,11 +331,10 @@ def corrupt(rng: random.Random, scene: Scene, kind: str, q: str):
     asked = q.rstrip("?").split()[3 if kind == "exist" else -1]  # "Is there a cup ...", "What color is the cup?"
     obj = next((o for o in objs if o.category == asked), None)
 
-    def added():  # the partner of a lone object (else the most popular absent category), typical colour, free cell
+    def added():  # the partner of a lone object (else the most popular absent category)
         lone = [PARTNER[o.category] for o in objs if PARTNER[o.category] not in cats]
-        c = rng.choice(lone) if lone else max((c for c in CATEGORIES if c not in cats), key=FREQUENCY.get)
-        cell = rng.choice([k for k in range(9) if k not in {o.cell for o in objs}])
-        return Scene(sorted(objs + [Obj(c, TYPICAL[c], cell, 25, 0, 0)], key=lambda o: o.cell))
+        return with_object(rng, scene, rng.choice(lone) if lone else
+                           max((c for c in CATEGORIES if c not in cats), key=FREQUENCY.get))
 
     def recolored(o):
         new = TYPICAL[o.category] if o.color != TYPICAL[o.category] else rng.choice([k for k in COLORS if k != o.color])

@@ -18,8 +18,8 @@ disk keyed by model and data (`--ref lora_off` instead recomputes them each step
     python train_offline.py --data pairs.jsonl --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --fsdp true
     python train_offline.py --data povid:/data/povid --loss rm --out_dir runs/rm
     python train_offline.py --resume true                     # continues a killed run from its last saved step
-    python train_offline.py --loss sft --model scratch --lora_r 0 --lr 2e-3 --lr_projector 2e-3 --warmup 100 \\
-        --weight_decay 0.01 --steps 1000 --text_only 0.25 --out_dir runs/world-base   # rebuilds the shipped base
+    python train_offline.py --loss sft --model scratch --lora_r 0 --steps 1000 ...  # the shipped base's first
+                                                              # SFT phase (the README has all three)
 """
 import contextlib
 import dataclasses
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -54,19 +55,22 @@ class Config:
     image_root: str = ""          # the release's image folder (COCO for POVID...); default: images/ beside the data
     loss: str = "dpo"             # dpo | ipo | slic | rm | sft
     out_dir: str = "runs/offline"
-    beta: float = 0.5             # on the world, 0.5 beat 0.1 and 1.0 (README); the paper searched 0.05-0.5 for DPO
+    beta: float = 1.0             # on the world, 1.0 kept recall where 0.5 lost it (README); the paper searched 0.05-0.5
     gamma: float = 0.5            # Avg-DPO's weight on the external rejected response (Eq. 5)
-    rpo_alpha: float = 0.0        # + alpha x the chosen response's per-token NLL (TRL's rpo_alpha); not in the paper
+    rpo_alpha: float = 1.0        # + alpha x the chosen response's per-token NLL (TRL's rpo_alpha; not in the paper,
+                                  # whose DPO is 0): on the world it keeps recall (README)
     world_seed: int = 0
     prior: float = 0.9            # the world's language prior: how often an object comes with its usual partner
     color_prior: float = 0.6      # ... and how often it has its typical colour
+    hallucinate: float = 0.0      # SFT: how often its annotations name an absent usual partner (as text-only
+                                  # annotators writing from captions do); see the README's world section
     pairs: int = 2000             # world preference pairs to build
     val_pairs: int = 200          # pairs held out to report pairwise accuracy (Table 7 for the reward model)
     steps: int = 0                # optimizer steps; 0 means `epochs` passes over the training pairs
     epochs: float = 3.0
     batch_size: int = 32          # global batch: micro-batches x grad_accum x ranks
     grad_accum: int = 1
-    lr: float = 1e-3              # LoRA adapters (or the whole LLM with --lora_r 0) and the reward head
+    lr: float = 2e-3              # LoRA adapters (or the whole LLM with --lora_r 0) and the reward head
     lr_projector: float = 5e-5    # the projector's own learning rate (paper §2.2)
     lr_vision: float = 0.0        # the vision tower's; 0 freezes it (LLaVA's recipe)
     lora_r: int = 16              # 0: full fine-tuning of the LLM
@@ -104,7 +108,7 @@ class Config:
 
 
 def scratch_model(cfg: Config) -> VLM:
-    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
+    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior, cfg.hallucinate)
     tok = data.build_tokenizer(world)
     raw = dict(model_type="llava", image_token_index=data.SPECIALS.index("<image>"), vision_feature_layer=-1,
                vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False,
@@ -255,7 +259,7 @@ def to(batch, device):
 
 def load_data(cfg: Config, vlm: VLM, print0=print):
     """Training and held-out items, the preference records tokenized once (SFT reads the world's sft split live)."""
-    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
+    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior, cfg.hallucinate)
     if cfg.data == "world":
         recs = data.world_pairs(world, cfg.pairs + cfg.val_pairs)
     elif cfg.data == "bdhs":
@@ -440,10 +444,13 @@ def grad_sync(model, last):
 
 
 def finish():
-    """The ranks wait for each other (rank 0 may still be saving or evaluating), then the process group goes: a rank
-    that tears gloo down while its peer still uses the connection can make the peer abort at exit."""
+    """Ends a torchrun process: the ranks wait for each other (rank 0 may still be saving or evaluating), the process
+    group goes, and the process exits without the interpreter's teardown, in which gloo's threads and the tensors
+    they still reference could abort it ("terminate called without an active exception") after all was saved."""
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def optimizer_step(cfg, pm, opt):
@@ -461,7 +468,7 @@ def main(argv=None):
         raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm', 'sft'])}")
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A must agree (DDP also broadcasts it)
     vlm, pm = build_model(cfg, device, print0)
-    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
+    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior, cfg.hallucinate)
     B = cfg.batch_size // (W * cfg.grad_accum)  # micro-batch per rank
     sft = cfg.loss == "sft"
     model = shard(pm) if cfg.fsdp and ddp else nn.parallel.DistributedDataParallel(pm) if ddp else pm

@@ -64,6 +64,9 @@ class Config(off.Config):
     data: str = "world"           # prompts: the world's align split, or a native .jsonl / converter (with chosen)
     ref: str = "lora_off"         # the reference is the policy with its adapters off (online: nothing to cache)
     lr_projector: float = 0.0     # so only adapters train (the reference must stay the starting model)
+    lr: float = 1e-3              # online defaults, measured on the world (README): LR, plain DPO's β, no NLL term
+    beta: float = 0.5
+    rpo_alpha: float = 0.0
     epochs: float = 1.0
     samples: int = 0              # per prompt; 0: 2 for the DPO algorithms (more: best vs worst), 1 PPO, 4 RLOO
     temperature: float = 1.0

@@ -305,7 +305,7 @@ def same(a, b, keys=("loss", "rewards/chosen", "rewards/rejected", "logps/chosen
 
 def test_dpo_trains_saves_and_caches_reference(tmp_path):
     out, cache = str(tmp_path / "run"), str(tmp_path / "cache")
-    to.main(SMALL + ["--steps", "3", "--out_dir", out, "--cache_dir", cache])
+    to.main(SMALL + ["--steps", "3", "--rpo_alpha", "0", "--out_dir", out, "--cache_dir", cache])  # plain DPO
     recs = run_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in recs] == [0, 1, 2]
     assert abs(recs[0]["loss"] - math.log(2)) < 1e-4 and recs[0]["rewards/margins"] == 0  # the policy starts at ref

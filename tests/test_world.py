@@ -208,6 +208,27 @@ def test_sft_question_kinds_and_turns():
         [w.example("sft", i, image=False, kinds=data.KINDS)["messages"] for i in range(5)]
 
 
+def test_sft_annotations_name_absent_partners_at_the_set_rate():
+    """--hallucinate h: the sft split's answers are written as if each absent usual partner were there with
+    probability h (typical colour, a free cell, the count one higher); the image and every other split stay true."""
+    w = data.World(0, hallucinate=0.5)
+    named = lone = 0
+    for i in range(300):
+        e = w.example("sft", i, 1, image=False, kinds={"describe": 1.0})
+        cats, said = e["scene"].categories(), ev.mentioned(e["messages"][1]["content"])
+        absent = {data.PARTNER[c] for c in cats} - cats
+        assert cats <= said and said - cats <= absent  # true objects all told; only absent partners invented
+        lone, named = lone + len(absent), named + len(said - cats)
+        told = len(e["scene"].objects) + len(said - cats)
+        assert e["messages"][1]["content"].startswith(data.count_answer(data.Scene([None] * told)))
+    assert 0.4 < named / lone < 0.6
+    for split in ("align", "heldout", "broken"):
+        assert [w.example(split, i, image=False)["messages"] for i in range(20)] == \
+            [data.World(0).example(split, i, image=False)["messages"] for i in range(20)]
+    assert [data.World(0, hallucinate=0.0).example("sft", i, image=False)["messages"] for i in range(20)] == \
+        [data.World(0).example("sft", i, image=False)["messages"] for i in range(20)]
+
+
 def test_train_offline_sft_two_steps(tmp_path):
     import train_offline
     train_offline.main(["--model", "scratch", "--loss", "sft", "--lora_r", "0", "--steps", "2", "--batch_size", "4",
