@@ -104,11 +104,15 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# The world's base architecture, for --model scratch (about 2M parameters)
+# The world's base architecture, for --model scratch (about 2.6M parameters)
+
+
+def world_of(cfg: Config) -> data.World:
+    return data.World(cfg.world_seed, cfg.prior, cfg.color_prior, cfg.hallucinate)
 
 
 def scratch_model(cfg: Config) -> VLM:
-    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior, cfg.hallucinate)
+    world = world_of(cfg)
     tok = data.build_tokenizer(world)
     raw = dict(model_type="llava", image_token_index=data.SPECIALS.index("<image>"), vision_feature_layer=-1,
                vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False,
@@ -259,7 +263,7 @@ def to(batch, device):
 
 def load_data(cfg: Config, vlm: VLM, print0=print):
     """Training and held-out items, the preference records tokenized once (SFT reads the world's sft split live)."""
-    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior, cfg.hallucinate)
+    world = world_of(cfg)
     if cfg.data == "world":
         recs = data.world_pairs(world, cfg.pairs + cfg.val_pairs)
     elif cfg.data == "bdhs":
@@ -468,7 +472,7 @@ def main(argv=None):
         raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm', 'sft'])}")
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A must agree (DDP also broadcasts it)
     vlm, pm = build_model(cfg, device, print0)
-    world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior, cfg.hallucinate)
+    world = world_of(cfg)
     B = cfg.batch_size // (W * cfg.grad_accum)  # micro-batch per rank
     sft = cfg.loss == "sft"
     model = shard(pm) if cfg.fsdp and ddp else nn.parallel.DistributedDataParallel(pm) if ddp else pm

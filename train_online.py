@@ -366,7 +366,7 @@ def main(argv=None):
         nn.init.zeros_(pm.value.weight), nn.init.zeros_(pm.value.bias)
     annotate = make_annotator(cfg, device)
     embedder = bdhs.SentenceEmbedder.from_pretrained(cfg.embedder) if cfg.algo == "online-bdhs" else None
-    recs = data.world_pairs(data.World(cfg.world_seed, cfg.prior, cfg.color_prior), cfg.pairs) if cfg.data == "world" \
+    recs = data.world_pairs(off.world_of(cfg), cfg.pairs) if cfg.data == "world" \
         else data.load_pairs(cfg.data, cfg.image_root, need_rejected=cfg.algo == "mixed-dpo")
     if len(recs) < cfg.batch_size:
         raise ValueError(f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}")
