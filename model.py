@@ -14,6 +14,7 @@ The forward takes a `key_mask` that hides chosen keys (e.g. image tokens) from e
 positions stay unchanged: this is how BDHS (paper §3.4) blinds the model to most of the image.
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -600,6 +601,87 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 # -----------------------------------------------------------------------------
+# Generation, in gpt-fast's shape: prefill the prompts once, then decode one token at a time from the cache
+
+
+@torch.no_grad()
+def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
+            num_samples=1, prefix_ids=None, max_new_tokens=64, image_features=None):
+    """Left-padded prompts (B, T) into a fresh cache sized for the whole run, which is then copied into
+    num_samples rows per prompt; each row's forced `prefix_ids` go in as one right-aligned chunk (its padding sits
+    mid-cache, masked). -> (cache, logits (B * n, V) of each row's next token)."""
+    B, T = input_ids.shape
+    dev = input_ids.device
+    P = max(map(len, prefix_ids)) if prefix_ids else 0
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cache = KVCache(vlm.cfg.text, B, T + P + max_new_tokens, vlm.lm_head.weight.dtype, dev)
+    h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache,
+                   image_features=image_features)
+    logits = vlm.lm_head(h[:, -1])  # (B, V): only the last position is needed
+    if num_samples > 1:
+        cache, logits = cache.repeat(num_samples), logits.repeat_interleave(num_samples, 0)
+    if P:
+        ids, am = (x.to(dev) for x in left_pad(prefix_ids))
+        h = vlm.hidden(ids, attention_mask=am, kv_cache=cache)
+        logits = torch.where(am[:, -1:].bool(), vlm.lm_head(h[:, -1]), logits)  # rows without a prefix keep theirs
+    return cache, logits
+
+
+def decode_one_token(vlm, tok, cache):
+    """The tokens just sampled (R,) through the cache -> logits (R, V) of the next ones."""
+    return vlm.lm_head(vlm.hidden(tok[:, None], kv_cache=cache)[:, -1])
+
+
+@torch.no_grad()
+def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None, eos=(),
+           stop=None):
+    """Samples up to max_new_tokens per row: a row ends before an EOS token or after the token that completes a
+    stop string. Everything stays on the device; the host looks once per step (are all rows done?), and at the
+    rows a stop string may have ended. -> one list of token ids per row."""
+    R, dev = logits.shape[0], logits.device
+    toks = torch.zeros(R, max_new_tokens, dtype=torch.long, device=dev)
+    length = torch.full((R,), max_new_tokens, device=dev)  # tokens each row keeps
+    done = torch.zeros(R, dtype=torch.bool, device=dev)
+    eos = torch.tensor(list(eos), dtype=torch.long, device=dev)
+    for t in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        toks[:, t] = tok
+        ended = ~done & torch.isin(tok, eos)  # dropped: the row keeps t tokens
+        length, done = torch.where(ended, t, length), done | ended
+        if stop is not None:  # kept: the row keeps t + 1
+            ended = stop(toks[:, :t + 1], ~done)
+            length, done = torch.where(ended, t + 1, length), done | ended
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = decode_one_token(vlm, tok, cache)
+    return [row[:n].tolist() for row, n in zip(toks, length.tolist())]
+
+
+class StopStrings:
+    """Which rows a stop string has just ended. Only rows whose new token holds a stop string's last character
+    (a vocabulary table, built once per tokenizer) decode their last few tokens, never their whole output."""
+
+    def __init__(self, tokenizer, strings):
+        self.strings, self.tokenizer = list(strings), tokenizer
+        self.table = stop_table(tokenizer, "".join(sorted({s[-1] for s in strings})))
+        self.window = 4 * max(map(len, strings)) + 1  # tokens that hold the longest string's bytes, and one more
+
+    def __call__(self, toks, live):
+        hit = live & self.table.to(toks.device)[toks[:, -1]]
+        for r in hit.nonzero().flatten().tolist():
+            tail = self.tokenizer.decode(toks[r, -self.window:].tolist())
+            hit[r] = any(s in tail for s in self.strings)
+        return hit
+
+
+@functools.lru_cache(maxsize=8)
+def stop_table(tokenizer, chars):
+    """(V,) bool: the tokens whose text holds one of `chars`, or part of a character (decoded as U+FFFD)."""
+    text = [tokenizer.decode([v]) for v in range(tokenizer.get_vocab_size())]
+    return torch.tensor([any(c in x for c in chars) or "\ufffd" in x for x in text])
+
+# -----------------------------------------------------------------------------
 # safetensors, streamed: one tensor at a time through plain reads/writes, so loading a checkpoint costs one copy of
 # the weights plus the largest tensor (a memory map would add every page it touches to the resident set)
 
@@ -775,56 +857,18 @@ class VLM(nn.Module):
 
     # -- generation -----------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
                  max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, generator=None, eos_token_id=None,
                  stop_strings=(), num_samples=1, prefix_ids=None, image_features=None):
-        """Samples continuations of left-padded prompts (B, T). Returns B * num_samples lists of new token ids
-        (rows b*n .. b*n+n-1 belong to prompt b); EOS is dropped, a stop string's last token is kept.
-
-        The prompt is prefilled once and its cache copied into num_samples rows. `prefix_ids` (one list per output
-        row) are forced tokens that continue the prompt before sampling starts, prefilled in one chunk whose padding
-        sits in the middle of the cache and is masked out. `key_mask` (B, T) hides prompt keys for the whole run."""
-        B, T = input_ids.shape
-        n, dev = num_samples, input_ids.device
-        prefix = prefix_ids or [[] for _ in range(B * n)]
-        P = max(len(p) for p in prefix)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        eos = self.eos_ids() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) \
-            else set(eos_token_id)
-        dtype = self.lm_head.weight.dtype
-        cache = KVCache(self.cfg.text, B, T + P + max_new_tokens, dtype, dev)
-        h = self.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache,
-                        image_features=image_features)
-        logits = self.lm_head(h[:, -1])  # (B, V): only the last position is needed
-        if n > 1:
-            cache, logits = cache.repeat(n), logits.repeat_interleave(n, 0)
-        if P:  # forced tokens, right-aligned so that every row ends on the same slot
-            ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prefix], device=dev)
-            am = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prefix], device=dev)
-            h = self.hidden(ids, attention_mask=am, kv_cache=cache)
-            has = am[:, -1].bool()
-            logits = torch.where(has[:, None], self.lm_head(h[:, -1]), logits)
-        rows = B * n
-        out = [[] for _ in range(rows)]
-        done = torch.zeros(rows, dtype=torch.bool, device=dev)
-        one = torch.ones(rows, 1, dtype=torch.long, device=dev)
-        for step in range(max_new_tokens):
-            tok = sample(logits, temperature, top_k, top_p, generator)
-            for r, t in enumerate(tok.tolist()):
-                if done[r]:
-                    continue
-                if t in eos:
-                    done[r] = True
-                    continue
-                out[r].append(t)
-                if stop_strings and any(s in self.tokenizer.decode(out[r]) for s in stop_strings):
-                    done[r] = True
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = self.lm_head(self.hidden(tok[:, None], attention_mask=one, kv_cache=cache)[:, -1])
-        return out
+        """Samples continuations of left-padded prompts (B, T): B * num_samples lists of new token ids (rows
+        b*n .. b*n+n-1 belong to prompt b); EOS is dropped, a stop string's last token is kept. `prefix_ids` (one
+        list per output row) are forced tokens that continue the prompt; `key_mask` (B, T) hides prompt keys."""
+        cache, logits = prefill(self, input_ids, attention_mask, pixel_values, image_sizes, key_mask, num_samples,
+                                prefix_ids, max_new_tokens, image_features)
+        eos = self.eos_ids() if eos_token_id is None else \
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        stop = StopStrings(self.tokenizer, stop_strings) if stop_strings else None
+        return decode(self, cache, logits, max_new_tokens, temperature, top_k, top_p, generator, eos, stop)
 
     def eos_ids(self):
         ids = set()

@@ -1,11 +1,16 @@
-"""Forward time and batched greedy generation speed of model.py against transformers, same weights, one run.
+"""Forward, prefill and decode speed of model.py against transformers, same weights, same process.
 
-    python bench/bench_model.py                 # CPU, fp32, the shapes below
-    python bench/bench_model.py --device cuda --dtype bfloat16   # on a GPU, plus the decode roofline at batch 1
+    python bench/bench_model.py --runs 3                     # CPU, fp32: the figures in the README
+    python bench/bench_model.py --device cuda --dtype bfloat16   # on a GPU, plus batch-1 decode against the roofline
 
 Model: a LLaVA-1.5-shaped random model (CLIP 336 px / patch 14 -> 576 image tokens; Llama decoder hidden 1024,
 12 layers, 16 heads, vocab 32064). Generation: batch 8, left-padded prompts with one image each, 64 new tokens,
-greedy, EOS disabled. "decode tok/s" excludes the prefill: (64 - 1) * B / (t(64 tokens) - t(1 token)).
+greedy, EOS disabled. Each side's prefill and decode are timed apart, inside one generation:
+- ours: `model.prefill` (prompt and image into the cache, first logits), then `model.decode` (64 sampling steps,
+  63 forwards);
+- transformers: `generate` with a logits processor that stamps the time at each step: prefill = start to the first
+  stamp, decode = first stamp to the last (63 forwards).
+Every run prints each figure's ratio (ours faster > 1); with --runs N, the median and the min-max of the N runs.
 """
 import argparse
 import os
@@ -17,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
 from model import VLM  # noqa: E402
 
 CONFIG = dict(model_type="llava", image_token_index=32000, vision_feature_layer=-2,
@@ -39,13 +45,73 @@ def timed(fn, reps, sync):
     return statistics.median(ts), out
 
 
+def inputs(B, N, dev, dtype, seed=0):
+    """Left-padded ragged prompts: N image tokens, then 20, 27, ... text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [20 + 7 * i for i in range(B)]
+    T = N + max(lens)
+    ids, am = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lens):
+        ids[b, T - N - n:T - n] = 32000
+        ids[b, T - n:] = torch.randint(3, 32000, (n,), generator=g)
+        am[b, T - N - n:] = 1
+    return ids.to(dev), am.to(dev), torch.randn(B, 3, 336, 336, generator=g).to(dev, dtype)
+
+
+def ours_generation(vlm, ids, am, px, K, sync):
+    """(prefill s, decode s, new ids) of model.py's generation."""
+    sync()
+    t0 = time.perf_counter()
+    cache, logits = model.prefill(vlm, ids, am, px, max_new_tokens=K)
+    sync()
+    t1 = time.perf_counter()
+    out = model.decode(vlm, cache, logits, K)
+    sync()
+    return t1 - t0, time.perf_counter() - t1, out
+
+
+def hf_generation(hf, ids, am, px, K, sync):
+    """(prefill s, decode s, new ids) of transformers' generate, from per-step time stamps."""
+    stamps = []
+
+    def stamp(input_ids, scores):  # called once per new token, before it is chosen
+        sync()
+        stamps.append(time.perf_counter())
+        return scores
+
+    sync()
+    t0 = time.perf_counter()
+    out = hf.generate(input_ids=ids, pixel_values=px, attention_mask=am, max_new_tokens=K, do_sample=False,
+                      logits_processor=[stamp])
+    return stamps[0] - t0, stamps[-1] - stamps[0], out[:, ids.shape[1]:].tolist()
+
+
+def one_run(hf, ours, a, dev, sync):
+    B, K = a.batch, a.new_tokens
+    ids, am, px = inputs(B, 576, dev, getattr(torch, a.dtype))
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    fb = max(1, B // 4)  # forward on a quarter of the batch
+    t_hf, ref = timed(lambda: hf(input_ids=ids[:fb], pixel_values=px[:fb], attention_mask=am[:fb],
+                                 position_ids=pos[:fb]).logits, a.reps, sync)
+    t_us, got = timed(lambda: ours(ids[:fb], px[:fb], None, am[:fb]), a.reps, sync)
+    diff = (ref.float() - got.float())[am[:fb].bool()].abs().max().item()
+    h = [hf_generation(hf, ids, am, px, K, sync) for _ in range(a.reps)]
+    u = [ours_generation(ours, ids, am, px, K, sync) for _ in range(a.reps)]
+    med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
+    rows = {f"forward (batch {fb}) s": (t_hf, t_us, t_hf / t_us),
+            "prefill s": (med(h, 0), med(u, 0), med(h, 0) / med(u, 0)),
+            "decode tok/s": (B * (K - 1) / med(h, 1), B * (K - 1) / med(u, 1), med(h, 1) / med(u, 1))}
+    return rows, diff, h[0][2] == u[0][2]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions within a run (the median is kept)")
+    ap.add_argument("--runs", type=int, default=1)
     a = ap.parse_args()
     from transformers import AutoConfig, LlavaForConditionalGeneration
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -57,55 +123,32 @@ def main():
         ours = VLM.from_pretrained(d, dtype=dtype, device=dev).eval()
     hf = hf.to(dev, dtype)
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
-    B, N = a.batch, 576
-    g = torch.Generator().manual_seed(0)
-    lens = [20 + 7 * i for i in range(B)]  # ragged prompts, left-padded
-    T = N + max(lens)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    am = torch.zeros(B, T, dtype=torch.long)
-    for b, n in enumerate(lens):
-        ids[b, T - N - n:T - n] = 32000
-        ids[b, T - n:] = torch.randint(3, 32000, (n,), generator=g)
-        am[b, T - N - n:] = 1
-    px = torch.randn(B, 3, 336, 336, generator=g).to(dev, dtype)
-    ids, am = ids.to(dev), am.to(dev)
-    pos = (am.cumsum(-1) - 1).clamp(min=0)
-    print(f"device {dev}, dtype {a.dtype}, threads {torch.get_num_threads()}, batch {B}, prompt {T} tokens "
-          f"({N} image), {a.new_tokens} new tokens")
-    rows = []
+    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else os.cpu_count()} cpus), "
+          f"dtype {a.dtype}, torch threads {torch.get_num_threads()}, batch {a.batch}, {576} image tokens, "
+          f"{a.new_tokens} new tokens, {a.runs} run(s) of {a.reps} repetitions")
+    ratios = {}
     with torch.inference_mode():
-        fb = max(1, B // 4)  # forward on a quarter of the batch
-        t_hf, ref = timed(lambda: hf(input_ids=ids[:fb], pixel_values=px[:fb], attention_mask=am[:fb],
-                                     position_ids=pos[:fb]).logits, a.reps, sync)
-        t_us, got = timed(lambda: ours(ids[:fb], px[:fb], None, am[:fb]), a.reps, sync)
-        diff = (ref.float() - got.float())[am[:fb].bool()].abs().max().item()
-        rows.append((f"forward (batch {fb}) s", t_hf, t_us, t_hf / t_us))
-        gen = {}
-        for k in (1, a.new_tokens):
-            t_hf, out_hf = timed(lambda: hf.generate(input_ids=ids, pixel_values=px, attention_mask=am,
-                                                     max_new_tokens=k, do_sample=False), a.reps, sync)
-            t_us, out_us = timed(lambda: ours.generate(ids, am, px, max_new_tokens=k, eos_token_id=[]), a.reps, sync)
-            gen[k] = (t_hf, t_us, out_hf[:, T:].tolist(), out_us)
-        K = a.new_tokens
-        e2e_hf, e2e_us = B * K / gen[K][0], B * K / gen[K][1]
-        dec_hf = B * (K - 1) / (gen[K][0] - gen[1][0])
-        dec_us = B * (K - 1) / (gen[K][1] - gen[1][1])
-        rows.append(("generate end-to-end tok/s", e2e_hf, e2e_us, e2e_us / e2e_hf))
-        rows.append(("generate decode tok/s", dec_hf, dec_us, dec_us / dec_hf))
-        same = gen[K][2] == gen[K][3]
-    print(f"\n| measure | transformers | ours | ratio (ours better > 1) |\n|---|---|---|---|")
-    for name, h, u, r in rows:
-        print(f"| {name} | {h:.3f} | {u:.3f} | {r:.2f}x |")
-    print(f"\nmax |logit diff| {diff:.2e}; greedy ids identical: {same}")
-    if dev.type == "cuda":  # batch-1 decode against the memory-bandwidth roofline (weights read once per token)
-        props = torch.cuda.get_device_properties(dev)
-        t1, _ = timed(lambda: ours.generate(ids[:1], am[:1], px[:1], max_new_tokens=1, eos_token_id=[]), a.reps, sync)
-        tk, _ = timed(lambda: ours.generate(ids[:1], am[:1], px[:1], max_new_tokens=K, eos_token_id=[]), a.reps, sync)
-        tok_s = (K - 1) / (tk - t1)
-        wbytes = sum(p.numel() * p.element_size() for p in ours.model.language_model.parameters()) + \
-            ours.lm_head.weight.numel() * ours.lm_head.weight.element_size()
-        print(f"batch-1 decode {tok_s:.1f} tok/s on {props.name}; LLM weights {wbytes / 1e9:.2f} GB "
-              f"-> roofline = bandwidth / weight bytes (see README for the bandwidth used)")
+        for run in range(a.runs):
+            rows, diff, same = one_run(hf, ours, a, dev, sync)
+            print(f"\nrun {run + 1}\n| measure | transformers | ours | ratio (ours faster > 1) |\n|---|---|---|---|")
+            for name, (h, u, r) in rows.items():
+                print(f"| {name} | {h:.3f} | {u:.3f} | {r:.2f}x |")
+                ratios.setdefault(name, []).append(r)
+            print(f"max |logit diff| {diff:.2e}; greedy ids identical: {same}")
+        if a.runs > 1:
+            print("\n| measure | median ratio | min | max |\n|---|---|---|---|")
+            for name, rs in ratios.items():
+                print(f"| {name} | {statistics.median(rs):.2f}x | {min(rs):.2f}x | {max(rs):.2f}x |")
+        if dev.type == "cuda":  # batch-1 decode against the memory-bandwidth roofline (weights read once per token)
+            ids, am, px = inputs(1, 576, dev, dtype)
+            _, t, _ = min((ours_generation(ours, ids, am, px, a.new_tokens, sync) for _ in range(a.reps)),
+                          key=lambda r: r[1])
+            tok_s = (a.new_tokens - 1) / t
+            wbytes = sum(p.numel() * p.element_size() for p in ours.model.language_model.parameters()) + \
+                ours.lm_head.weight.numel() * ours.lm_head.weight.element_size()
+            print(f"\nbatch-1 decode {tok_s:.1f} tok/s on {torch.cuda.get_device_name(dev)}; LLM weights "
+                  f"{wbytes / 1e9:.3f} GB -> {tok_s * wbytes / 1e9:.0f} GB/s read; divide by the device's memory "
+                  f"bandwidth for the share of the roofline")
 
 
 if __name__ == "__main__":
