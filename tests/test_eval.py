@@ -90,9 +90,10 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
 
 def fake_server():
     """A fake endpoint that answers with the scripted answers first, then 200 with a reply naming
-    the request's last message; it records every request's body and Authorization header. A
-    scripted answer is a status code or a dict(code, headers, body (bytes), trickle: seconds
-    between the bytes of the reply). -> (state, server)."""
+    the request's last message (state["reply"](body): a text, or a status code to answer with); it
+    records every request's body and Authorization header. A scripted answer is a status code or a
+    dict(code, headers, body (bytes), trickle: seconds between the bytes of the reply).
+    -> (state, server)."""
     state = dict(script=[], bodies=[], auth=[], reply=lambda body: f"rated: {body['messages'][-1]['content']}")
 
     class Handler(BaseHTTPRequestHandler):
@@ -102,8 +103,10 @@ def fake_server():
             state["auth"].append(self.headers.get("Authorization"))
             item = state["script"].pop(0) if state["script"] else 200
             item = item if isinstance(item, dict) else dict(code=item)
+            answer = state["reply"](body)
+            item = dict(code=answer) if isinstance(answer, int) else item  # a reply may be a status
             code = item.get("code", 200)
-            reply = {"choices": [{"message": {"role": "assistant", "content": state["reply"](body)}}]}
+            reply = {"choices": [{"message": {"role": "assistant", "content": answer}}]}
             error = {"error": {"message": "later"}}
             payload = item.get("body", json.dumps(reply if code == 200 else error).encode())
             head = f"HTTP/1.1 {code} X\r\nContent-Length: {len(payload)}\r\n" + "".join(
