@@ -18,6 +18,7 @@ the judge sees the image), LLaVA-Bench and MM-Vet scored by a judge model behind
     python eval.py --model llava-hf/llava-v1.6-vicuna-7b-hf --bench pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
 """
 import base64
+import contextlib
 import glob
 import hashlib
 import io
@@ -25,6 +26,7 @@ import json
 import os
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -211,18 +213,39 @@ FOLDER = {"mmhal_v": "mmhal"}  # MMHal-V is MMHal-Bench judged with the image
 def download(name, root):
     """Fetches (or completes) a benchmark's release from the hub in root/name; the images of any zip in it
     (MMHal-Bench's test_data.zip) are unzipped once into root/name/images/."""
-    import zipfile
     from huggingface_hub import snapshot_download
     d = os.path.join(root, name)
     snapshot_download(HUB[name], repo_type="dataset", local_dir=d)  # skips the files it already has
     for z in glob.glob(os.path.join(d, "*.zip")):
         if not os.path.exists(z + ".unzipped"):
-            with zipfile.ZipFile(z) as f:
-                f.extractall(os.path.join(d, "unzipped"))
+            unzip(z, os.path.join(d, "unzipped"))
             os.makedirs(os.path.join(d, "images"), exist_ok=True)
             for p in glob.glob(os.path.join(d, "unzipped", "**", "images", "*"), recursive=True):
                 os.replace(p, os.path.join(d, "images", os.path.basename(p)))
             open(z + ".unzipped", "w").close()
+
+
+# Caps on a release's zip, far above the real ones; a zip bomb stops here
+UNZIP_MAX_BYTES, UNZIP_MAX_FILES = 2 << 30, 100_000
+
+
+def unzip(path, dest):
+    """Extracts a zip once it is checked: at most UNZIP_MAX_FILES members and UNZIP_MAX_BYTES
+    uncompressed in all (zipfile stops each member at its stated size, so the stated sizes bound
+    what is written), no absolute path and no '..'."""
+    import zipfile
+    with zipfile.ZipFile(path) as f:
+        infos = f.infolist()
+        total = sum(i.file_size for i in infos)
+        if total > UNZIP_MAX_BYTES or len(infos) > UNZIP_MAX_FILES:
+            raise ValueError(f"{path}: {len(infos)} files, {total} bytes uncompressed: over the "
+                             f"cap of {UNZIP_MAX_FILES} files and {UNZIP_MAX_BYTES} bytes "
+                             "(eval.UNZIP_MAX_*); not extracted")
+        for i in infos:
+            if i.filename.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", i.filename):
+                raise ValueError(f"{path}: member {i.filename!r} would be written outside {dest}; "
+                                 "not extracted")
+        f.extractall(dest)
 
 
 def bench_file(root, name, fn):
@@ -340,61 +363,142 @@ def score_bench(name, items, preds, vocab=None):
 
 
 class JudgeClient:
-    """POSTs to {JUDGE_BASE_URL}/chat/completions (default https://api.openai.com/v1) with JUDGE_MODEL and the key
-    JUDGE_API_KEY (or OPENAI_API_KEY). 429 and 5xx answers and network errors are retried with exponential back-off
-    (or the server's Retry-After); requests are spaced at least `min_interval` seconds apart. Each judgment is
-    appended to the JSONL `cache` (flushed and synced), keyed by model, messages and settings, so a rerun or an
-    interrupted run asks only for what is missing."""
+    """POSTs to {JUDGE_BASE_URL}/chat/completions (default https://api.openai.com/v1) with
+    JUDGE_MODEL and the key JUDGE_API_KEY (or OPENAI_API_KEY). Retried, with exponential back-off or
+    the server's Retry-After (seconds or a date), each wait capped at `max_wait`: 429 and 5xx
+    answers, malformed replies (not JSON, no choices, null content), network errors, and requests
+    past their deadline (`timeout` seconds for the whole exchange). Requests are spaced
+    `min_interval` seconds apart. A redirect is refused, so the key goes to the configured host
+    only. Each judgment is appended to the JSONL `cache` (synced), keyed by model, messages and
+    settings, so a rerun or an interrupted run asks only for what is missing. Safe to call from
+    several threads at once."""
 
-    def __init__(self, cache, base_url=None, model=None, api_key=None, retries=6, backoff=2.0, min_interval=0.0,
-                 timeout=120.0):
+    def __init__(self, cache, base_url=None, model=None, api_key=None, retries=6, backoff=2.0,
+                 min_interval=0.0, timeout=120.0, max_wait=60.0):
         env = os.environ.get
-        self.url = (base_url or env("JUDGE_BASE_URL", "https://api.openai.com/v1")).rstrip("/") + "/chat/completions"
+        base = base_url or env("JUDGE_BASE_URL", "https://api.openai.com/v1")
+        self.url = base.rstrip("/") + "/chat/completions"
         self.model = model or env("JUDGE_MODEL", "gpt-4-0613")
         self.key = api_key or env("JUDGE_API_KEY", env("OPENAI_API_KEY", ""))
         self.path, self.retries, self.backoff = cache, retries, backoff
-        self.min_interval, self.timeout = min_interval, timeout
-        self.cache, self.last = {}, 0.0
+        self.min_interval, self.timeout, self.max_wait = min_interval, timeout, max_wait
+        self.cache, self.last, self.lock = {}, 0.0, threading.Lock()
         if os.path.exists(cache):
-            for line in open(cache):
+            for line in open(cache, encoding="utf-8", errors="replace"):
                 try:
                     r = json.loads(line)
-                    self.cache[r["key"]] = r["content"]
-                except (json.JSONDecodeError, KeyError):
+                    if isinstance(r["content"], str):  # an older version cached nulls: ask again
+                        self.cache[r["key"]] = r["content"]
+                except (ValueError, KeyError, TypeError):
                     pass  # a line cut by a kill
         self.asked = 0  # requests sent by this client (cache hits send none)
 
     def __call__(self, messages, max_tokens=512, temperature=0.0):
-        import urllib.error
-        import urllib.request
-        body = dict(model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+        body = dict(model=self.model, messages=messages, max_tokens=max_tokens,
+                    temperature=temperature)
         key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        if key in self.cache:
-            return self.cache[key]
-        req = urllib.request.Request(self.url, json.dumps(body).encode(), {"Content-Type": "application/json",
-                                                                          "Authorization": f"Bearer {self.key}"})
+        with self.lock:
+            if key in self.cache:
+                return self.cache[key]
+        payload = json.dumps(body).encode()
         for attempt in range(self.retries + 1):
-            time.sleep(max(0.0, self.last + self.min_interval - time.monotonic()))
-            self.last, self.asked, delay = time.monotonic(), self.asked + 1, 0.0
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    content = json.load(r)["choices"][0]["message"]["content"]
+            self.wait_turn()
+            status, headers, raw, err = self.post(payload)
+            content = reply_text(raw) if status == 200 else None
+            if content is not None:
                 break
-            except urllib.error.HTTPError as e:
-                err, retry = f"HTTP {e.code} {e.read()[:200]!r}", e.code == 429 or e.code >= 500
-                delay = float(e.headers.get("Retry-After") or 0)
-            except (urllib.error.URLError, OSError) as e:
-                err, retry = repr(e), True
-            if not retry or attempt == self.retries:
-                raise RuntimeError(f"judge {self.url} failed after {attempt + 1} request(s): {err}. The {len(self.cache)} "
-                                   f"judgments made so far are kept in {self.path}; rerun to continue.")
-            time.sleep(max(delay, self.backoff * 2 ** attempt))
-        with open(self.path, "a") as f:
-            f.write(json.dumps(dict(key=key, content=content)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.cache[key] = content
+            if status and 300 <= status < 400:
+                raise RuntimeError(
+                    f"judge {self.url} answered HTTP {status}, a redirect to "
+                    f"{headers.get('Location')!r}: redirects are refused, so that the API key "
+                    "never leaves the configured host. Set JUDGE_BASE_URL to the endpoint itself.")
+            what = "a malformed reply" if status == 200 else f"HTTP {status}"
+            err = err or f"{what} {raw[:200]!r}"
+            final = status is not None and 400 <= status < 500 and status != 429  # client error
+            if final or attempt == self.retries:
+                raise RuntimeError(
+                    f"judge {self.url} failed after {attempt + 1} request(s): {err}. The "
+                    f"{len(self.cache)} judgments made so far are kept in {self.path}; rerun to "
+                    "continue.")
+            wait = max(retry_after(headers.get("Retry-After")), self.backoff * 2 ** attempt)
+            time.sleep(min(wait, self.max_wait))
+        self.remember(key, content)
         return content
+
+    def wait_turn(self):
+        """Takes the next request slot, `min_interval` after the last one, whichever thread took
+        that; then waits for it."""
+        with self.lock:
+            t = max(time.monotonic(), self.last + self.min_interval)
+            self.last, self.asked = t, self.asked + 1
+        time.sleep(max(0.0, t - time.monotonic()))
+
+    def post(self, payload):
+        """One POST, no redirect followed -> (status or None, headers, body, error or None). The
+        socket timeout bounds each read; a timer closes the socket at the deadline, so a server
+        that trickles bytes cannot hold the request longer."""
+        import http.client
+        import socket
+        import urllib.parse
+        u = urllib.parse.urlsplit(self.url)
+        http_ = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = http_(u.hostname, u.port, timeout=self.timeout)
+        late = threading.Event()
+
+        def cut():  # at the deadline: wakes the read blocked in the calling thread
+            late.set()
+            with contextlib.suppress(OSError, TypeError):  # TypeError: not connected yet
+                socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+        timer = threading.Timer(self.timeout, cut)
+        timer.start()
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        try:
+            conn.request("POST", u.path + (f"?{u.query}" if u.query else ""), payload, headers)
+            r = conn.getresponse()
+            return r.status, r.headers, r.read(), None
+        except (OSError, http.client.HTTPException) as e:
+            late_ = f"no complete reply within {self.timeout} s"
+            return None, {}, b"", late_ if late.is_set() else repr(e)
+        finally:
+            timer.cancel()
+            conn.close()
+
+    def remember(self, key, content):
+        """Appends a judgment in one write, on a new line if a kill cut the last line short."""
+        line = (json.dumps(dict(key=key, content=content)) + "\n").encode()
+        with self.lock:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                end = os.lseek(fd, 0, os.SEEK_END)
+                os.write(fd, b"\n" * (end > 0 and os.pread(fd, 1, end - 1) != b"\n") + line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.cache[key] = content
+
+
+def reply_text(raw):
+    """A chat-completions reply's message text, or None when the reply is not one."""
+    try:
+        content = json.loads(raw)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
+
+
+def retry_after(value):
+    """Retry-After in seconds, from either of its forms (seconds or an HTTP date); 0 when absent
+    or unreadable."""
+    import email.utils
+    try:
+        return float(value or 0)
+    except ValueError:  # the date form
+        try:
+            return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return 0.0
 
 
 def image_part(image):
@@ -668,6 +772,8 @@ class Config:
     judge_model: str = ""  # the text judge (default $JUDGE_MODEL, else gpt-4-0613); endpoint and key from the env
     judge_model_v: str = "gpt-4o"  # MMHal-V's judge, which sees the image
     judge_cache: str = "judgments.jsonl"  # every judgment, so a rerun asks only for what is missing
+    judge_timeout: float = 120.0  # seconds for one whole request to the judge
+    judge_retries: int = 6  # after a 429 / 5xx, a malformed reply, a network error or a timeout
     judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording (same {fields})
     synonyms: str = ""     # a COCO synonym list in the standard format, instead of ours (Object HalBench)
 
@@ -688,12 +794,23 @@ def main(argv=None):
         return
     if cfg.data != "world" and not cfg.bench:
         raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
+    lows = dict(n=1, batch_size=1, limit=0, max_new_tokens=1, judge_retries=0)
+    for k, low in lows.items():
+        if getattr(cfg, k) < low:
+            raise SystemExit(f"--{k} {getattr(cfg, k)}: must be at least {low}")
+    if cfg.judge_timeout <= 0:
+        raise SystemExit(f"--judge_timeout {cfg.judge_timeout}: must be positive")
     names = [b for b in cfg.bench.split(",") if b]
+    if unknown := [b for b in names if b not in GET and b not in FOLDER]:
+        raise SystemExit(f"--bench {','.join(unknown)}: no such benchmark; expected any of "
+                         f"{','.join(list(GET) + list(FOLDER))}")
     for b in {FOLDER.get(b, b) for b in names} & set(HUB) if cfg.download else ():
         download(b, cfg.bench_dir)
     judged = [b for b in names if b not in RULE]  # the judges read their cache only when a benchmark needs them
-    judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None) if judged else None
-    judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v) if "mmhal_v" in judged else None
+    opts = dict(timeout=cfg.judge_timeout, retries=cfg.judge_retries)
+    judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None, **opts) if judged else None
+    judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v, **opts) \
+        if "mmhal_v" in judged else None
     if judged and not judge.key and "api.openai.com" in judge.url:
         raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or OPENAI_API_KEY), or "
                          "JUDGE_BASE_URL for an endpoint without a key")

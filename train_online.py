@@ -16,7 +16,10 @@ Every step samples responses from the current policy for a batch of prompts, has
 Annotators (--annotator): `rule` checks a response against the embedded world's ground truth (objects, colours and
 counts right or invented); `rm:PATH` is a reward model from `train_offline.py --loss rm`; `judge:PATH` is any VLM
 asked the paper's pairwise question (Table 14), its answer parsed for "Response 1" / "Response 2" (pairwise, so for
-the DPO algorithms only; answers that name neither are dropped and counted). The samples of one prompt share its
+the DPO algorithms only; answers that name neither are dropped and counted); `api:MODEL` is a VLM
+served by an inference engine behind an OpenAI-compatible endpoint ($JUDGE_BASE_URL,
+$JUDGE_API_KEY), asked the same question for a pair, or for a 1-10 rating of each sample for PPO,
+RLOO and best-of-k. The samples of one prompt share its
 image encoding and prompt prefill, and are scored packed after one copy of the prompt, as offline pairs are.
 
 The reference is the starting model, i.e. the policy with its LoRA adapters switched off, so only the adapters (and
@@ -28,6 +31,7 @@ checkpoints in the HF layout and --resume (sampling is seeded by the step, so a 
     python train_online.py --algo online-bdhs --external true
     python train_offline.py --loss rm --out_dir runs/rm && python train_online.py --algo ppo --annotator rm:runs/rm/checkpoint
     torchrun --nproc_per_node 2 train_online.py --algo rloo
+    JUDGE_BASE_URL=http://host:8000/v1 python train_online.py --annotator api:llava-v1.6-34b
 """
 import contextlib
 import hashlib
@@ -59,7 +63,8 @@ SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "ppo": 1, "rloo": 4}
 class Config(off.Config):
     HIDDEN = ("val_pairs", "text_only", "vision_pretrain", "bdhs_source", "cache_dir")  # offline flags with no use here
     algo: str = "online-dpo"
-    annotator: str = "rule"       # rule | rm:PATH | judge:PATH
+    annotator: str = "rule"       # rule | rm:PATH | judge:PATH | api:MODEL (served; see Endpoint)
+    annotator_threads: int = 16   # api: requests in flight per rank
     out_dir: str = "runs/online"
     data: str = "world"           # prompts: the world's align split, or a native .jsonl / converter (with chosen)
     ref: str = "lora_off"         # the reference is the policy with its adapters off (online: nothing to cache)
@@ -155,6 +160,10 @@ def parse_judgment(text):
     return int(named.pop()) - 1 if len(named) == 1 and not hedged else None
 
 
+def question(rec):
+    return rec["conversation"][-1]["content"].replace("<image>", "").strip()
+
+
 class Judge:
     """Any VLM asked the pairwise question with the image; greedy answer, parsed by `parse_judgment`."""
 
@@ -163,11 +172,59 @@ class Judge:
 
     @torch.no_grad()
     def __call__(self, recs, pairs):
-        qs = [JUDGE.format(question=r["conversation"][-1]["content"].replace("<image>", "").strip(), r1=a, r2=b)
-              for r, (a, b) in zip(recs, pairs)]
+        qs = [JUDGE.format(question=question(r), r1=a, r2=b) for r, (a, b) in zip(recs, pairs)]
         batch = self.vlm.prepare(qs, [data.open_image(r["image"]) for r in recs])
         out = self.vlm.generate(**batch, max_new_tokens=self.max_new_tokens, temperature=0.0)
         return [parse_judgment(self.vlm.tokenizer.decode(o)) for o in out]
+
+
+# A 1-10 rating of one response, in our words, for PPO / RLOO and best-of-k; the rating comes
+# first, so that a few reply tokens hold it.
+RATE = ("Rate the response to this question about the image from 1 (worst) to 10 (best). A "
+        "good response hallucinates nothing: every object, attribute, colour and relation it "
+        "states is in the image, and it is helpful and grounded in the image. First write "
+        "\"Rating: N\" on its own line, then explain briefly.\n\nQuestion: {question}\n\n"
+        "Response: {r}")
+
+
+def parse_rating(text):
+    """The N of "Rating: N" (1 to 10), or None when there is none or several differ."""
+    found = set(re.findall(r"rating:\s*(10|[1-9])\b", text.lower()))
+    return float(found.pop()) if len(found) == 1 else None
+
+
+class Endpoint:
+    """An annotator served by an inference engine behind an OpenAI-compatible endpoint
+    ($JUDGE_BASE_URL; the key only from $JUDGE_API_KEY, so it is never saved with the config). Each
+    pair (JUDGE) or response (RATE) is one request with the image; a batch's requests go out
+    together, `threads` in flight, through eval.JudgeClient (retries, and the on-disk cache that
+    lets a resumed run ask only for what is missing)."""
+
+    def __init__(self, model, cache, threads, max_tokens):
+        from concurrent.futures import ThreadPoolExecutor
+        self.client, self.max_tokens = ev.JudgeClient(cache, model=model), max_tokens
+        self.pool = ThreadPoolExecutor(threads)
+
+    def ask(self, recs, texts):
+        """texts[i] with recs[i]'s image -> the replies, in order; a request is sent once per batch
+        however many samples repeat it."""
+        def one(key):
+            rec, text = jobs[key], key[1]
+            content = [{"type": "text", "text": text}, ev.image_part(rec["image"])]
+            return self.client([{"role": "user", "content": content}], self.max_tokens, 0.0)
+        jobs = {(id(r), t): r for r, t in zip(recs, texts)}
+        got = dict(zip(jobs, self.pool.map(one, jobs)))
+        return [got[id(r), t] for r, t in zip(recs, texts)]
+
+    def judge(self, recs, pairs):
+        qs = [JUDGE.format(question=question(r), r1=a, r2=b) for r, (a, b) in zip(recs, pairs)]
+        return [parse_judgment(t) for t in self.ask(recs, qs)]
+
+    def score(self, recs, texts):
+        flat = [(r, RATE.format(question=question(r), r=t))
+                for r, ts in zip(recs, texts) for t in ts]
+        out = iter(map(parse_rating, self.ask(*zip(*flat))))
+        return [[next(out) for _ in ts] for ts in texts]  # None where the rating is unreadable
 
 
 def make_annotator(cfg: Config, device):
@@ -175,15 +232,26 @@ def make_annotator(cfg: Config, device):
     kind, _, path = cfg.annotator.partition(":")
     if kind == "rule":
         return (lambda recs, texts: [[rule_score(t, r) for t in ts] for r, ts in zip(recs, texts)]), None
-    if kind in ("rm", "judge") and not path:
-        raise ValueError(f"--annotator {kind}:PATH needs the checkpoint's path")
+    if kind in ("rm", "judge", "api") and not path:
+        what = "MODEL needs the served model's name" if kind == "api" else \
+            "PATH needs the checkpoint's path"
+        raise ValueError(f"--annotator {kind}:{what}")
+    if kind == "api" and not os.environ.get("JUDGE_BASE_URL"):  # never a silent default host
+        raise ValueError(f"--annotator {cfg.annotator}: set JUDGE_BASE_URL to the endpoint serving "
+                         f"{path} (and JUDGE_API_KEY if it needs a key)")
+    if kind == "api":  # a DPO pair: the pairwise question; RL and best-of-k: ratings
+        api = Endpoint(path, os.path.join(cfg.out_dir, "annotator.jsonl"), cfg.annotator_threads,
+                       cfg.judge_tokens)
+        pairwise = cfg.samples == 2 and cfg.algo not in ("ppo", "rloo")
+        return api.score, api.judge if pairwise else None
     if kind == "rm":
         return RewardModel(path, device), None
     if kind == "judge":
         if cfg.algo in ("ppo", "rloo"):
             raise ValueError("--annotator judge gives pairwise choices, not rewards: PPO and RLOO need rule or rm:PATH")
         return None, Judge(path, device, cfg.judge_tokens)
-    raise ValueError(f"--annotator {cfg.annotator!r}: expected rule, rm:PATH or judge:PATH")
+    raise ValueError(f"--annotator {cfg.annotator!r}: expected rule, rm:PATH, judge:PATH or "
+                     "api:MODEL")
 
 # -----------------------------------------------------------------------------
 # Rollouts: samples from the current policy, judged, packed with the reference's (and PPO's old) log-probs
@@ -234,7 +302,12 @@ def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), 
     roll = {}
     if cfg.algo in ("ppo", "rloo"):
         ids, texts = sample(pm, recs, cfg.samples, cfg, gen)
-        scores = torch.tensor(scorer(recs, texts), dtype=torch.float32)  # (P, k)
+        t0 = time.perf_counter()
+        sc = scorer(recs, texts)
+        add("online/annotator_s", time.perf_counter() - t0, 1 / cfg.grad_accum)  # per step and rank
+        add("online/unparsed", sum(x is None for s in sc for x in s), cfg.samples * len(recs))
+        # (P, k); an unreadable rating gets the mean, so about no advantage
+        scores = torch.tensor([[reward_norm[0] if x is None else x for x in s] for s in sc])
         items = [item(r, x) for r, x in zip(recs, ids)]
         roll["scores"] = (scores - reward_norm[0]) / reward_norm[1]
         add("objective/scores", scores.sum().item(), scores.numel())
@@ -257,13 +330,17 @@ def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), 
         add("online/offline_share", sum(offline), len(recs))
         if need:  # k samples; the judge picks between two, a scorer pairs the best with the worst
             ids, texts = sample(pm, need, cfg.samples, cfg, gen)
+            t0 = time.perf_counter()
             if judge is not None:
                 pick = [None if p is None else (p, 1 - p) for p in judge(need, texts)]
                 add("online/unparsed", sum(p is None for p in pick), len(need))
-            else:
-                sc = scorer(need, texts)
-                pick = [None if max(s) == min(s) else (s.index(max(s)), s.index(min(s))) for s in sc]
-                add("online/score", sum(map(sum, sc)), cfg.samples * len(need))
+            else:  # a prompt with an unreadable rating is dropped
+                sc = [None if None in s else s for s in scorer(need, texts)]
+                pick = [None if not s or max(s) == min(s) else (s.index(max(s)), s.index(min(s)))
+                        for s in sc]
+                add("online/score", sum(sum(s) for s in sc if s), cfg.samples * sum(map(bool, sc)))
+                add("online/unparsed", sum(s is None for s in sc), len(need))
+            add("online/annotator_s", time.perf_counter() - t0, 1 / cfg.grad_accum)
             add("online/ties_or_dropped", sum(p is None for p in pick), len(need))
             add("response_length", sum(len(x) for xs in ids for x in xs), cfg.samples * len(need))
             items += [item(r, [x[p[0]], x[p[1]]]) for r, x, p in zip(need, ids, pick) if p is not None]
@@ -328,7 +405,9 @@ def reward_norm(cfg: Config, pm, recs, scorer, rank, W, print0):
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
     for i in tqdm(range(0, len(mine), cfg.batch_size // W), desc="reward statistics", disable=rank != 0):
         chunk = mine[i:i + cfg.batch_size // W]
-        x = torch.tensor(scorer(chunk, sample(pm, chunk, max(cfg.samples, 2), cfg, gen)[1]), dtype=torch.float64)
+        got = scorer(chunk, sample(pm, chunk, max(cfg.samples, 2), cfg, gen)[1])
+        # unreadable ratings are left out
+        x = torch.tensor([v for s in got for v in s if v is not None], dtype=torch.float64)
         s += torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()))])
     if W > 1:
         dist.all_reduce(s)

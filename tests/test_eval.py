@@ -1,12 +1,13 @@
 """The paper's benchmarks: the rule-scored ones (POPE, TextVQA, GQA) on fixtures in their releases' layouts against
 hand-computed values, and the judge client of the open-ended ones against a fake chat-completions server on
-127.0.0.1 (retries on 429 / 500, cached judgments reused, a judge that stays down gives a clear error and keeps what
-was finished)."""
+127.0.0.1 (retries on 429 / 500 and malformed replies, cached judgments reused, a judge that stays down gives a clear
+error and keeps what was finished, redirects refused, a deadline per request, threads), and the zip caps."""
 import base64
 import json
 import os
 import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -87,10 +88,12 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
 # The judge client
 
 
-@pytest.fixture
-def server():
-    """A fake endpoint that answers with the scripted status codes first, then 200 with a reply naming the
-    request's last message; it records every request body and header."""
+def fake_server():
+    """A fake endpoint that answers with the scripted answers first, then 200 with a reply naming
+    the request's last message (state["reply"](body): a text, or a status code to answer with); it
+    records every request's body and Authorization header. A scripted answer is a status code or a
+    dict(code, headers, body (bytes), trickle: seconds between the bytes of the reply).
+    -> (state, server)."""
     state = dict(script=[], bodies=[], auth=[], reply=lambda body: f"rated: {body['messages'][-1]['content']}")
 
     class Handler(BaseHTTPRequestHandler):
@@ -98,14 +101,24 @@ def server():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["bodies"].append(body)
             state["auth"].append(self.headers.get("Authorization"))
-            code = state["script"].pop(0) if state["script"] else 200
-            reply = {"choices": [{"message": {"role": "assistant", "content": state["reply"](body)}}]}
-            payload = json.dumps(reply if code == 200 else {"error": {"message": "try later"}}).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            item = state["script"].pop(0) if state["script"] else 200
+            item = item if isinstance(item, dict) else dict(code=item)
+            answer = state["reply"](body)
+            item = dict(code=answer) if isinstance(answer, int) else item  # a reply may be a status
+            code = item.get("code", 200)
+            reply = {"choices": [{"message": {"role": "assistant", "content": answer}}]}
+            error = {"error": {"message": "later"}}
+            payload = item.get("body", json.dumps(reply if code == 200 else error).encode())
+            head = f"HTTP/1.1 {code} X\r\nContent-Length: {len(payload)}\r\n" + "".join(
+                f"{k}: {v}\r\n" for k, v in item.get("headers", {}).items()) + "\r\n"
+            whole = head.encode() + payload
+            try:
+                for b in [whole] if "trickle" not in item else [bytes([x]) for x in whole]:
+                    self.wfile.write(b)
+                    self.wfile.flush()
+                    time.sleep(item.get("trickle", 0))
+            except OSError:  # the client gave up
+                pass
 
         def log_message(self, *args):
             pass
@@ -113,13 +126,19 @@ def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    return state, httpd
+
+
+@pytest.fixture
+def server():
+    state, httpd = fake_server()
     yield state
     httpd.shutdown()
 
 
 def client(server, tmp_path, **kw):
     return ev.JudgeClient(str(tmp_path / "judgments.jsonl"), base_url=server["url"], model="judge-x", api_key="k1",
-                          backoff=0.01, **kw)
+                          **{"backoff": 0.01} | kw)
 
 
 def msg(text):
@@ -162,6 +181,117 @@ def test_a_judge_that_stays_down_errors_and_keeps_finished_items(server, tmp_pat
     again = client(server, tmp_path)
     assert again(msg("done")) == "rated: done" and again.asked == 0
     assert again(msg("next")) == "rated: next"
+
+
+def test_a_redirect_is_refused_and_the_key_stays_home(server, tmp_path):
+    """A 302 (or 307) to another host: no request reaches that host, nothing is cached, and the
+    error says why."""
+    other, httpd = fake_server()
+    there = other["url"] + "/chat/completions"
+    try:
+        for code in (302, 307):
+            server["script"] = [dict(code=code, headers={"Location": there})]
+            c = client(server, tmp_path)
+            with pytest.raises(RuntimeError, match=rf"judge {server['url']}/chat/completions "
+                               rf"answered HTTP {code}, a redirect to '{there}': redirects are "
+                               "refused, so that the API key never leaves the configured host"):
+                c(msg("a"))
+            assert c.asked == 1 and not c.cache and not os.path.exists(tmp_path / "judgments.jsonl")
+        assert other["bodies"] == [] and other["auth"] == [] and server["auth"] == ["Bearer k1"] * 2
+    finally:
+        httpd.shutdown()
+
+
+def test_malformed_replies_are_retried_and_never_cached(server, tmp_path):
+    null = json.dumps({"choices": [{"message": {"role": "assistant", "content": None}}]}).encode()
+    server["script"] = [dict(body=null), dict(body=b"<html>busy</html>"), dict(body=b'{"x": 1}')]
+    c = client(server, tmp_path)
+    assert c(msg("a")) == "rated: a" and c.asked == 4
+    server["script"] = [dict(body=null)] * 2
+    with pytest.raises(RuntimeError, match=r"after 2 request\(s\): a malformed reply .*null"):
+        client(server, tmp_path, retries=1)(msg("b"))
+    lines = [json.loads(x) for x in open(tmp_path / "judgments.jsonl")]
+    assert [x["content"] for x in lines] == ["rated: a"]
+    # a cache poisoned by an older version (null content) is asked again, not a crash on every rerun
+    poisoned = dict(key=lines[0]["key"], content=None)
+    (tmp_path / "judgments.jsonl").write_text(json.dumps(poisoned) + "\n")
+    again = client(server, tmp_path)
+    assert again(msg("a")) == "rated: a" and again.asked == 1
+
+
+def test_retry_after_forms_and_the_cap_on_waits(server, tmp_path, monkeypatch):
+    from email.utils import formatdate
+    assert ev.retry_after("120") == 120.0 and ev.retry_after(None) == ev.retry_after("soon") == 0.0
+    assert ev.retry_after(formatdate(0, usegmt=True)) < 0  # in the past: the back-off alone
+    assert 3000 < ev.retry_after(formatdate(time.time() + 3600, usegmt=True)) <= 3600
+    waits = []
+    monkeypatch.setattr(time, "sleep", lambda s: waits.append(s))
+    tomorrow = formatdate(time.time() + 86400, usegmt=True)
+    server["script"] = [dict(code=429, headers={"Retry-After": "86400"}),
+                        dict(code=503, headers={"Retry-After": tomorrow})]
+    assert client(server, tmp_path, max_wait=7.0)(msg("a")) == "rated: a"
+    assert [w for w in waits if w > 0] == [7.0, 7.0]  # a day asked for, the cap obeyed
+
+
+def test_a_trickling_server_cannot_outlast_the_deadline(server, tmp_path):
+    """One byte every 0.1 s: the socket timeout (0.5 s per read) never fires, the deadline of each
+    request does."""
+    server["script"] = [dict(trickle=0.1)] * 2
+    c = client(server, tmp_path, timeout=0.5, retries=1)
+    with pytest.raises(RuntimeError, match=r"after 2 request\(s\): no complete reply within 0.5 s"):
+        c(msg("a"))
+    assert c(msg("a")) == "rated: a"  # then a prompt server is read as usual
+
+
+def test_a_line_cut_by_a_kill_loses_nothing_appended_after_it(server, tmp_path):
+    c = client(server, tmp_path)
+    c(msg("a"))
+    with open(tmp_path / "judgments.jsonl", "a") as f:
+        f.write('{"key": "cut by a ki')
+    client(server, tmp_path)(msg("b"))  # appended on a new line, after the cut one
+    again = client(server, tmp_path)
+    assert [again(msg(t)) for t in "ab"] == ["rated: a", "rated: b"] and again.asked == 0
+
+
+def test_threads_share_the_cache_and_the_spacing(server, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    c = client(server, tmp_path)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda t: c(msg(t)), "abcdefgh"))
+    assert got == [f"rated: {t}" for t in "abcdefgh"]
+    lines = open(tmp_path / "judgments.jsonl").read().splitlines()
+    assert c.asked == 8 and len(lines) == 8 and {json.loads(x)["content"] for x in lines} == {
+        f"rated: {t}" for t in "abcdefgh"}  # one whole line per judgment
+    waits = []
+    monkeypatch.setattr(time, "sleep", lambda s: waits.append(s))  # time stands still
+    spaced = client(server, tmp_path / "x", min_interval=10.0)
+    os.makedirs(tmp_path / "x")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda t: spaced(msg(t)), "wxyz"))
+    # each thread waits for its own slot, 10 s after the one before
+    assert sorted(round(w / 10) for w in waits if w > 1) == [1, 2, 3]
+
+
+def test_eval_flag_errors(monkeypatch):
+    for k in ("JUDGE_BASE_URL", "JUDGE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SystemExit, match="--bench foo: no such benchmark; expected any of pope,"):
+        ev.main(["--bench", "pope,foo,mmvet"])
+    for flag, value in (("n", "-5"), ("n", "0"), ("batch_size", "0"), ("limit", "-1"),
+                        ("judge_retries", "-1")):
+        with pytest.raises(SystemExit, match=f"--{flag} {value}: must be at least"):
+            ev.main([f"--{flag}", value])
+    with pytest.raises(SystemExit, match="--judge_timeout 0.0: must be positive"):
+        ev.main(["--judge_timeout", "0"])
+
+
+def test_judge_timeout_and_retries_flags(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_BASE_URL", server["url"])
+    server["script"] = [500, 500]
+    with pytest.raises(RuntimeError, match=r"failed after 2 request\(s\): HTTP 500"):
+        ev.main(["--bench", "mmvet", "--bench_dir", FIX, "--limit", "1", "--max_new_tokens", "4",
+                 "--judge_retries", "1", "--judge_timeout", "5", "--judge_cache",
+                 str(tmp_path / "j.jsonl")])
 
 
 def test_unreachable_judge_and_image_parts(tmp_path):
@@ -334,3 +464,50 @@ def test_download_from_the_hub(tmp_path, monkeypatch):
     os.remove(its[0]["image"])
     ev.download("mmhal", str(tmp_path))  # a second call completes the hub files but unzips nothing again
     assert not os.path.exists(its[0]["image"]) and os.path.exists(its[1]["image"])
+
+
+def test_zip_extraction_is_capped(tmp_path, monkeypatch):
+    """A zip that expands past the cap (here lowered to 100 kB: 4 kB of zeros expanding to 1 MB),
+    with too many members, or with a member that would land outside the folder is refused before
+    anything is written."""
+    import zipfile
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("images/a.png", b"\0" * 1_000_000)
+    assert os.path.getsize(bomb) < 5000
+    monkeypatch.setattr(ev, "UNZIP_MAX_BYTES", 100_000)
+    with pytest.raises(ValueError, match=r"bomb.zip: 1 files, 1000000 bytes uncompressed: over the "
+                       r"cap of .*100000 bytes \(eval.UNZIP_MAX_\*\); not extracted"):
+        ev.unzip(str(bomb), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    monkeypatch.setattr(ev, "UNZIP_MAX_BYTES", 2_000_000)
+    ev.unzip(str(bomb), str(tmp_path / "out"))  # under the cap: extracted
+    assert os.path.getsize(tmp_path / "out" / "images" / "a.png") == 1_000_000
+    monkeypatch.setattr(ev, "UNZIP_MAX_FILES", 1)
+    with zipfile.ZipFile(tmp_path / "many.zip", "w") as z:
+        z.writestr("a", b"x"), z.writestr("b", b"y")
+    with pytest.raises(ValueError, match="many.zip: 2 files, 2 bytes uncompressed: over the cap"):
+        ev.unzip(str(tmp_path / "many.zip"), str(tmp_path / "out2"))
+    for name in ("../evil.png", "/etc/evil.png", "images/..\\evil.png"):
+        with zipfile.ZipFile(tmp_path / "up.zip", "w") as z:
+            z.writestr(name, b"x")
+        with pytest.raises(ValueError, match=r"up.zip: member .*evil.png' would be written out"):
+            ev.unzip(str(tmp_path / "up.zip"), str(tmp_path / "out3"))
+    assert not os.path.exists(tmp_path / "out3")
+
+
+def test_download_refuses_a_zip_bomb(tmp_path, monkeypatch):
+    import zipfile
+
+    import huggingface_hub
+
+    def fake(repo_id, repo_type, local_dir):
+        os.makedirs(local_dir, exist_ok=True)
+        zip_path = os.path.join(local_dir, "test_data.zip")
+        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("test_data/images/a.jpg", b"\0" * 1_000_000)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(ev, "UNZIP_MAX_BYTES", 100_000)
+    with pytest.raises(ValueError, match=r"test_data.zip: 1 files, 1000000 bytes .* not extracted"):
+        ev.download("mmhal", str(tmp_path))
+    assert not os.path.exists(tmp_path / "mmhal" / "test_data.zip.unzipped")

@@ -1,17 +1,23 @@
 """Online alignment: PPO / GAE / RLOO against hand-computed values, the annotators (rule verifier, judge parsing,
 reward model), a 2-step run of every algorithm, FSDP2 sampling under torchrun, and kill + resume."""
+import functools
 import json
 import math
 import os
+import re
 import sys
+import threading
+import time
 
 import pytest
 import torch
 
 import data
+import eval as ev
 import losses
+import train_offline as off
 import train_online as on
-from model import VLM
+from model import VLM, config_from_argv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_offline import kill_midway, run_metrics, same, torchrun  # noqa: E402
@@ -139,11 +145,16 @@ def test_reward_model_annotator(tmp_path):
     assert abs(got[1][1] - (w[0] @ h).item()) < 1e-4
 
 
-def test_annotator_flag_errors():
+def test_annotator_flag_errors(monkeypatch):
     with pytest.raises(ValueError, match="expected rule"):
         on.make_annotator(on.Config(annotator="gpt"), "cpu")
     with pytest.raises(ValueError, match="needs the checkpoint"):
         on.make_annotator(on.Config(annotator="rm"), "cpu")
+    with pytest.raises(ValueError, match="api:MODEL needs the served model's name"):
+        on.make_annotator(on.Config(annotator="api"), "cpu")
+    monkeypatch.delenv("JUDGE_BASE_URL", raising=False)  # no silent default host for training data
+    with pytest.raises(ValueError, match="api:llava: set JUDGE_BASE_URL to the endpoint serving"):
+        on.make_annotator(on.Config(annotator="api:llava"), "cpu")
     with pytest.raises(ValueError, match="PPO and RLOO need"):
         on.make_annotator(on.Config(annotator=f"judge:{data.BASE_MODEL}", algo="rloo"), "cpu")
 
@@ -226,3 +237,148 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
     on.main(common + ["--out_dir", str(out), "--resume", "true"])
     same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")),
          keys=("loss", "objective/scores", "objective/kl", "val/values", "grad_norm"), tol=1e-5)
+
+# -----------------------------------------------------------------------------
+# The endpoint annotator (api:MODEL) against a fake OpenAI-compatible server on 127.0.0.1
+
+
+@pytest.mark.parametrize("text,want", [("Rating: 7\nIt names the cup.", 7.0), ("rating:10", 10.0),
+                                       ("Rating: 3. Rating: 3", 3.0), ("Rating: 0", None),
+                                       ("Rating: 2, no, Rating: 8", None), ("seven", None)])
+def test_parse_rating(text, want):
+    assert on.parse_rating(text) == want
+
+
+def world_server(argv, full=4):
+    """A fake endpoint that answers as the world's rule verifier would: the pairwise question with
+    the response of higher rule_score (a tie: an answer that names neither), a rating with 1 + 4.5 x
+    (score + 1), clamped. Until `full` requests have been in flight at once, each waits (up to 5 s)
+    for the others. -> (state, server); state["peak"]: the most requests in flight at once."""
+    from test_eval import fake_server
+    cfg = config_from_argv(on.Config, argv)
+    recs = data.world_pairs(off.world_of(cfg), cfg.pairs)
+    by = {(on.question(r), ev.image_part(r["image"])["image_url"]["url"]): r for r in recs}
+    state, httpd = fake_server()
+    cond, live = threading.Condition(), dict(now=0)
+    state["peak"] = 0
+
+    def reply(body):
+        text, image = body["messages"][-1]["content"]
+        text = text["text"]
+        with cond:
+            live["now"] += 1
+            state["peak"] = max(state["peak"], live["now"])
+            cond.notify_all()
+            cond.wait_for(lambda: state["peak"] >= full, timeout=5)
+            live["now"] -= 1
+        q = text.split("\n\nQuestion: ")[1].split("\n\nResponse")[0]
+        rec = by[(q, image["image_url"]["url"])]
+        if "\n\nResponse 1: " in text:
+            pair = text.split("\n\nResponse 1: ")[1].split("\n\nResponse 2: ")
+            s1, s2 = (on.rule_score(r, rec) for r in pair)
+            if s1 == s2:
+                return "Both are equally good."  # names neither: unparsed, as a rule tie is dropped
+            return f"Response {1 if s1 > s2 else 2} is better."
+        s = on.rule_score(text.split("\n\nResponse: ")[1], rec)
+        return f"Rating: {round(1 + 4.5 * (min(max(s, -1), 1) + 1))}\nBecause."
+    state["reply"] = reply
+    return state, httpd
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    """Env for api:MODEL, a JudgeClient with short back-off, and the fake world server's starter."""
+    monkeypatch.setattr(ev, "JudgeClient", functools.partial(ev.JudgeClient, backoff=0.01))
+    servers = []
+
+    def start(argv, **kw):
+        state, httpd = world_server(argv, **kw)
+        servers.append(httpd)
+        monkeypatch.setenv("JUDGE_BASE_URL", state["url"])
+        monkeypatch.setenv("JUDGE_API_KEY", "sk-test-never-on-disk")
+        return state
+    yield start
+    for s in servers:
+        s.shutdown()
+
+
+def test_endpoint_annotator_gives_the_rule_pairs(tmp_path, endpoint):
+    """Online-DPO with the served annotator, answering by the rule verifier through 429, 5xx,
+    malformed and slow replies, trains on the same pairs as --annotator rule: the same metrics,
+    step for step. A batch's requests are in flight together, and the key is never written."""
+    base = SMALL + ["--algo", "online-dpo", "--steps", "2"]
+    null = json.dumps({"choices": [{"message": {"content": None}}]}).encode()
+    api = base + ["--annotator", "api:llava-34b", "--annotator_threads", "4",
+                  "--out_dir", str(tmp_path / "api")]
+    server = endpoint(api)
+    slow = dict(code=503, trickle=0.001)  # a 503, one byte at a time
+    server["script"] = [429, dict(body=b"<html>"), 500, dict(body=null), slow]
+    on.main(api)
+    on.main(base + ["--out_dir", str(tmp_path / "rule")])
+    a, r = (run_metrics(str(tmp_path / d / "metrics.jsonl")) for d in ("api", "rule"))
+    same(a, r, keys=("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
+                     "online/ties_or_dropped", "grad_norm"), tol=0)
+    assert 0 < a[0]["online/ties_or_dropped"] == a[0]["online/unparsed"] < 1
+    assert all(x["online/annotator_s"] > 0 for x in a) and server["peak"] == 4  # 4 pairs at once
+    assert len(server["bodies"]) == 8 + 5  # 2 steps x 4 pairs, and 5 retries
+    assert set(server["auth"]) == {"Bearer sk-test-never-on-disk"}
+    assert {b["model"] for b in server["bodies"]} == {"llava-34b"}
+    for root, _, files in os.walk(tmp_path / "api"):
+        for fn in files:
+            assert b"sk-test-never-on-disk" not in open(os.path.join(root, fn), "rb").read(), fn
+    assert len(open(tmp_path / "api" / "annotator.jsonl").readlines()) == 8  # every judgment kept
+
+
+def test_endpoint_annotator_resumes_without_asking_twice(tmp_path, endpoint):
+    """The endpoint fails (400) two of step 2's four requests: the run stops after step 1's
+    checkpoint with the other two judgments cached. The resumed run asks only the two missing
+    ones."""
+    argv = SMALL + ["--algo", "online-dpo", "--steps", "3", "--save_every", "1", "--annotator",
+                    "api:m", "--annotator_threads", "4", "--out_dir", str(tmp_path)]
+    server = endpoint(argv)
+    answer = server["reply"]
+    ok = []
+
+    def reply(body):  # after 8 requests (steps 0 and 1), answer two more, then refuse
+        if server["bodies"].index(body) >= 10:
+            return 400
+        ok.append(json.dumps(body, sort_keys=True))
+        return answer(body)
+    server["reply"] = reply
+    with pytest.raises(RuntimeError, match="judge .* failed after 1 request"):
+        on.main(argv)
+    cache = tmp_path / "annotator.jsonl"
+    for _ in range(500):  # step 2's two answers may still be on their way to the cache
+        if len(server["bodies"]) == 12 and len(open(cache).readlines()) == 10:
+            break
+        time.sleep(0.01)
+    assert len(server["bodies"]) == 12 and len(open(cache).readlines()) == 10
+    server["reply"] = lambda body: ok.append(json.dumps(body, sort_keys=True)) or answer(body)
+    on.main(argv[:-2] + ["--out_dir", str(tmp_path), "--resume", "true"])
+    assert len(server["bodies"]) == 14 and len(ok) == len(set(ok)) == 12  # none answered twice
+    assert [r["step"] for r in run_metrics(str(tmp_path / "metrics.jsonl"))] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("algo,extra", [("rloo", []), ("online-dpo", ["--samples", "3"])])
+def test_endpoint_ratings_for_rl_and_best_of_k(tmp_path, endpoint, capsys, algo, extra):
+    """RLOO, and Online-DPO with 3 samples, ask a 1-10 rating per sample (samples that repeat one
+    another are asked once); an unreadable rating is counted and left out."""
+    argv = SMALL + ["--algo", algo, "--steps", "2", "--annotator", "api:m",
+                    "--out_dir", str(tmp_path)] + extra
+    server = endpoint(argv, full=1)
+    unreadable = {"choices": [{"message": {"content": "Rating: none"}}]}
+    server["script"] = [dict(body=json.dumps(unreadable).encode())]
+    on.main(argv)
+    recs = run_metrics(str(tmp_path / "metrics.jsonl"))
+    assert all(math.isfinite(r["loss"]) and "online/unparsed" in r for r in recs)
+    texts = [b["messages"][-1]["content"][0]["text"] for b in server["bodies"]]
+    assert all(t.startswith("Rate the response") for t in texts)
+    assert len({json.dumps(b) for b in server["bodies"]}) == len(texts)  # each asked once
+    if algo == "rloo":  # the unreadable one came first, in the normalisation, and is left out of it
+        n = int(re.search(r"reward normalisation from (\d+) samples", capsys.readouterr().out)[1])
+        assert n < 8 * 4 and len(texts) <= 8 * 4 + 2 * 4 * 4
+        mean, std = json.load(open(tmp_path / "reward_norm.json"))
+        assert 1 <= mean <= 10 and std > 0
+    else:  # the prompt with the unreadable rating is dropped
+        assert len(texts) <= 2 * 4 * 3 and recs[0]["online/unparsed"] == 0.25
+        assert recs[0]["online/ties_or_dropped"] >= 0.25 and 1 <= recs[0]["online/score"] <= 10
