@@ -11,6 +11,9 @@ h = (pc - rc) - (pr - rr), the log-ratio margin of paper §3.2:
     Avg-DPO (Eq. 5)  γ L(y⁺, y⁻) + (1 - γ) L(y⁺, ỹ⁻): two rejected responses, one external and one from the policy
     RM (Eq. 1)    -log σ(r(x, y⁺) - r(x, y⁻)), the Bradley–Terry reward-model loss
 
+`preference_loss` is the whole loss a training step applies: the chosen one of these on (B, K) log-probs, length
+normalisation where the loss wants it, Avg-DPO when a pair has two rejected responses, and the optional NLL term.
+
 The RL objectives (Eq. 2) work on sampled responses: PPO on per-token log-probs, values and GAE advantages, RLOO on
 per-sequence log-probs with the leave-one-out baseline.
 """
@@ -73,23 +76,25 @@ LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
 LENGTH_NORM = {"ipo"}  # losses fed per-token mean log-probs (TRL does the same for IPO); the others take sums
 
 
-def avg_loss(loss, pc, pr, pr2, rc, rr, rr2, beta=0.1, gamma=0.5):
-    """Eq. 5: γ·L(y⁺, y⁻) + (1-γ)·L(y⁺, ỹ⁻), both on the clean input. Rejected rewards come back γ-weighted too."""
-    l1, c, r1 = LOSSES[loss](pc, pr, rc, rr, beta)
-    l2, _, r2 = LOSSES[loss](pc, pr2, rc, rr2, beta)
-    return gamma * l1 + (1 - gamma) * l2, c, gamma * r1 + (1 - gamma) * r2
-
-
 def rm_loss(sc, sr):
     """Eq. 1, Bradley–Terry: -log σ(r(x, y⁺) - r(x, y⁻)) on the reward head's scalar scores (B,)."""
     return -F.logsigmoid(sc - sr), sc.detach(), sr.detach()
 
 
-def preference_loss(loss, pc, pr, rc, rr, beta=0.1, pr2=None, rr2=None, gamma=0.5):
-    """Dispatch: `loss` in LOSSES; with a second rejected response (pr2, rr2) the Eq. 5 average."""
-    if pr2 is None:
-        return LOSSES[loss](pc, pr, rc, rr, beta)
-    return avg_loss(loss, pc, pr, pr2, rc, rr, rr2, beta, gamma)
+def preference_loss(name, logps, ref_logps, counts, beta=0.1, gamma=0.5, rpo_alpha=0.0):
+    """The loss a training step applies to each pair: (B, K) summed log-probs of the policy and the reference and
+    the responses' token counts; response 0 is chosen, 1 rejected and, with K = 3, 2 a second rejected one (Avg-DPO,
+    Eq. 5: γ L(y⁺, y⁻) + (1-γ) L(y⁺, ỹ⁻), both on the clean input). `rpo_alpha` adds α x the chosen response's
+    per-token NLL (TRL's RPO; not in the paper). -> losses (B,) and the chosen and rejected rewards (the latter
+    γ-weighted for Avg-DPO)."""
+    p, r = (logps / counts, ref_logps / counts) if name in LENGTH_NORM else (logps, ref_logps)
+    loss, chosen, rejected = LOSSES[name](p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta)
+    if p.shape[1] == 3:
+        loss2, _, rejected2 = LOSSES[name](p[:, 0], p[:, 2], r[:, 0], r[:, 2], beta)
+        loss, rejected = gamma * loss + (1 - gamma) * loss2, gamma * rejected + (1 - gamma) * rejected2
+    if rpo_alpha:  # keeps the chosen response likely: near-identical pairs otherwise pull both down
+        loss = loss - rpo_alpha * logps[:, 0] / counts[:, 0]
+    return loss, chosen, rejected
 
 # -----------------------------------------------------------------------------
 # RL (Eq. 2): per-token tensors are (N, L) with a bool `mask` of real response tokens

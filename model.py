@@ -371,14 +371,19 @@ class KVCache:
         return new
 
 
-def attention_mask_4d(key_mask, q_slots, sliding_window=None):
+def attention_mask_4d(key_mask, q_slots, sliding_window=None, segment=None):
     """Bool mask (B, 1, Tq, S): a query at slot q sees key slot s if s <= q, the key is visible, and s is inside the
-    sliding window. Every query also sees itself, so padding rows never produce NaN (their outputs are unused)."""
+    sliding window; with `segment` (B, S) (packed rows: 0 the shared prompt, k the k-th response), only if s is in
+    the prompt or in q's own segment. Every query also sees itself, so no row is all -inf (padding's outputs are
+    unused)."""
     s = torch.arange(key_mask.shape[1], device=key_mask.device)  # (S,)
     q = q_slots[..., None]  # (B, Tq, 1)
     allowed = (s <= q) & key_mask[:, None, :]  # (B, Tq, S)
     if sliding_window is not None:
         allowed &= s > q - sliding_window
+    if segment is not None:
+        own = segment.gather(1, q_slots)[..., None]  # (B, Tq, 1): each query's segment
+        allowed &= (segment[:, None, :] == 0) | (segment[:, None, :] == own)
     return (allowed | (s == q))[:, None]
 
 # -----------------------------------------------------------------------------
@@ -823,7 +828,7 @@ class VLM(nn.Module):
         return x.masked_scatter(is_img[..., None], image_features.to(x.dtype))
 
     def hidden(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
-               key_mask=None, kv_cache=None, image_features=None):
+               key_mask=None, kv_cache=None, image_features=None, segment=None):
         """The decoder's final hidden states (B, T, C); `forward` applies the LM head on top."""
         B, T = input_ids.shape
         dev = input_ids.device
@@ -842,8 +847,8 @@ class VLM(nn.Module):
             q_slots = torch.arange(c.pos, c.pos + T, device=dev)
         else:
             keys, q_slots = visible, torch.arange(T, device=dev)
-        plain = c is None and self.cfg.text.sliding_window is None and bool(visible.all())
-        mask = None if plain else attention_mask_4d(keys, q_slots.expand(B, T), self.cfg.text.sliding_window)
+        plain = c is None and segment is None and self.cfg.text.sliding_window is None and bool(visible.all())
+        mask = None if plain else attention_mask_4d(keys, q_slots.expand(B, T), self.cfg.text.sliding_window, segment)
         h = self.model.language_model(x, position_ids, mask, c)
         if c is not None:
             c.pos += T
@@ -852,7 +857,8 @@ class VLM(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kw):
         """Logits (B, T, V). Keyword args: position_ids, key_mask (B, T; False hides a key from every query in
-        every layer, positions unchanged), kv_cache, image_features (precomputed `encode_images` output)."""
+        every layer, positions unchanged), kv_cache, image_features (precomputed `encode_images` output), segment
+        (B, T; packed responses that share one prompt, see `attention_mask_4d`)."""
         return self.lm_head(self.hidden(input_ids, pixel_values, image_sizes, attention_mask, **kw))
 
     # -- generation -----------------------------------------------------------

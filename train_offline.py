@@ -183,14 +183,8 @@ class PairModel(nn.Module):
         values (B, K, L) or None. A batch from `data.collate` (SFT) -> logits (B, T, V)."""
         if segment is None:
             return self.vlm(input_ids, pixel_values, image_sizes, key_mask=key_mask)
-        T, dev = input_ids.shape[1], input_ids.device
-        s = torch.arange(T, device=dev)
-        # query q sees key s if s <= q, s is not padding, and s belongs to the prompt or to q's own response
-        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-        mask = (s[:, None] >= s) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-        mask = (mask | torch.eye(T, dtype=torch.bool, device=dev))[:, None]  # (B, 1, T, T); pads see themselves
-        x = self.vlm.embed(input_ids, pixel_values, image_sizes)
-        h = self.vlm.model.language_model(x, position_ids, mask)  # (B, T, C)
+        # each response sees the prompt and itself only: the image and prompt are encoded once for all of them
+        h = self.vlm.hidden(input_ids, pixel_values, image_sizes, segment >= 0, position_ids, segment=segment)
         B, K, L = targets.shape
         pick = lambda idx: h.gather(1, idx.reshape(B, -1, 1).expand(-1, -1, h.shape[-1]))  # noqa: E731
         if self.score is not None:
@@ -565,15 +559,7 @@ def micro_step(cfg: Config, model, pm: PairModel, world, items, idx, device, ref
 
 
 def pair_loss(cfg: Config, lp, n, rlp):
-    """--loss on packed responses (B, K): policy and reference log-probs summed per response, token counts n. K = 3
-    is Avg-DPO (Eq. 5). -> per-pair losses and the chosen / rejected implicit rewards."""
-    p, r = (lp / n, rlp / n) if cfg.loss in losses.LENGTH_NORM else (lp, rlp)
-    extra = (p[:, 2], r[:, 2]) if p.shape[1] == 3 else (None, None)
-    loss, c, rj = losses.preference_loss(cfg.loss, p[:, 0], p[:, 1], r[:, 0], r[:, 1], cfg.beta, *extra,
-                                         gamma=cfg.gamma)
-    if cfg.rpo_alpha:  # keeps the chosen response likely: near-identical pairs otherwise pull both down
-        loss = loss - cfg.rpo_alpha * lp[:, 0] / n[:, 0]
-    return loss, c, rj
+    return losses.preference_loss(cfg.loss, lp, rlp, n, cfg.beta, cfg.gamma, cfg.rpo_alpha)
 
 
 def metrics(sums, sft):

@@ -44,12 +44,16 @@ def test_closed_forms():
     assert torch.allclose(losses.dpo_loss(zero, zero, zero, zero)[0], torch.full((3,), math.log(2)))
     l, sc, sr = losses.rm_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
     assert torch.allclose(l, torch.tensor([math.log(1 + math.exp(-2.0)), math.log(2)]))
-    # Eq. 5: γ L(y+, y-) + (1-γ) L(y+, ỹ-)
+    # the whole step loss on (B, K) log-probs: Eq. 5's γ L(y+, y-) + (1-γ) L(y+, ỹ-) with a second rejected
     pr2, rr2 = logps([-2.0, -6.0], [-1.0, -1.0])
-    l, _, r = losses.avg_loss("dpo", pc, pr, pr2, rc, rr, rr2, beta, gamma=0.25)
+    lp, ref, n = torch.stack([pc, pr, pr2], 1), torch.stack([rc, rr, rr2], 1), torch.tensor([[2.0, 4.0, 5.0]] * 2)
+    l, _, r = losses.preference_loss("dpo", lp, ref, n, beta, gamma=0.25)
     want = 0.25 * losses.dpo_loss(pc, pr, rc, rr, beta)[0] + 0.75 * losses.dpo_loss(pc, pr2, rc, rr2, beta)[0]
     assert torch.allclose(l, want)
-    assert torch.equal(losses.preference_loss("dpo", pc, pr, rc, rr, beta, pr2, rr2, 0.25)[0], l)
+    # IPO on per-token means; rpo_alpha adds α x the chosen response's per-token NLL
+    l2, _, _ = losses.preference_loss("ipo", lp[:, :2], ref[:, :2], n[:, :2], beta, rpo_alpha=0.5)
+    want = losses.ipo_loss(pc / 2, pr / 4, rc / 2, rr / 4, beta)[0] - 0.5 * pc / 2
+    assert torch.allclose(l2, want)
 
 
 @pytest.mark.parametrize("name", list(losses.LOSSES))
