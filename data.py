@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model import TEMPLATES, config_from_argv, format_chat, load_image, to_rgb
+from model import TEMPLATES, config_from_argv, format_chat, load_image, open_image_header, to_rgb
 
 # -----------------------------------------------------------------------------
 # The world's rules: categories, usual pairs, typical colours, positions
@@ -409,6 +409,11 @@ def check_pair(rec, where, base="", need_rejected=True):
     for k in ("chosen", "rejected", "rejected2"):
         if k in rec and not isinstance(rec[k], str):
             raise ValueError(f"{where}: {k!r} must be a string, got {type(rec[k]).__name__}")
+        if k in rec and "<image>" in rec[k]:
+            raise ValueError(f"{where}: {k!r} holds an '<image>' placeholder (only the prompt may)")
+    if not isinstance(rec["image"], (str, bytes)):
+        raise ValueError(f"{where}: 'image' must be a path (a string), got "
+                         f"{type(rec['image']).__name__}")
     conv = rec["conversation"]
     if not (isinstance(conv, list) and conv and all(isinstance(m, dict) and m.get("role") in ("user", "assistant")
                                                     and isinstance(m.get("content"), str) for m in conv)
@@ -421,7 +426,26 @@ def check_pair(rec, where, base="", need_rejected=True):
         rec["image"] = os.path.join(base, rec["image"])
         if not os.path.isfile(rec["image"]):
             raise ValueError(f"{where}: image not found: {rec['image']}")
+    check_image(rec["image"], where)
     return rec
+
+
+def check_image(image, where):
+    """Reads a path's or bytes' image header (size limit included) and checks its data without a
+    full decode (PNG: chunk checksums; JPEG: a 1/8-scale decode; others: a decode), so a bad image
+    stops the run before any compute, with its file:line."""
+    src, name = image_source(image)
+    try:
+        with open_image_header(src, name) as im:
+            if im.format == "PNG":
+                im.verify()
+            else:
+                im.draft("RGB", (1, 1))  # JPEG decodes at 1/8 scale; a no-op for other formats
+                im.load()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    except Exception as e:
+        raise ValueError(f"{where}: cannot read image {name}: {e}") from None
 
 
 def read_jsonl(path, *keys):
@@ -467,13 +491,16 @@ def write_pairs(path, recs):
     os.replace(path + ".tmp", path)
 
 
-def open_image(image):
-    """A path, encoded bytes or a PIL image -> RGB PIL image."""
+def image_source(image):
+    """A path or encoded bytes -> (what PIL opens, how an error names it)."""
     if isinstance(image, str):
-        return load_image(image)
-    if isinstance(image, bytes):
-        return to_rgb(Image.open(io.BytesIO(image)))
-    return to_rgb(image)
+        return image, image
+    return io.BytesIO(image), f"of {len(image)} bytes"
+
+
+def open_image(image):
+    """A path, encoded bytes or a PIL image -> RGB PIL image (files and bytes: model.MAX_PIXELS)."""
+    return load_image(*image_source(image)) if isinstance(image, (str, bytes)) else to_rgb(image)
 
 # -----------------------------------------------------------------------------
 # Converters from the public releases (paper Table 1) to native records. Images: RLHF-V's parquet holds them; the
@@ -561,13 +588,14 @@ CONVERTERS = {"povid": (from_povid, "YiyangAiLab/POVID_preference_data_for_VLLMs
               "llava-rlhf": (from_llava_rlhf, "zhiqings/LLaVA-Human-Preference-10K", "llava_7b_v1_preference.json")}
 
 
-def load_pairs(spec, image_root="", need_rejected=True):
+def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
     """`spec`: a native .jsonl, or NAME[:PATH] with NAME in CONVERTERS and PATH the release's file or folder (without
     it, the file is fetched from the hub through huggingface_hub). Every record is checked; errors name file and item."""
     name, _, path = spec.partition(":")
     if name not in CONVERTERS:
         if not os.path.isfile(spec):
-            raise ValueError(f"--data {spec!r}: not a file, and not one of {', '.join(CONVERTERS)} (NAME or NAME:PATH)")
+            raise ValueError(f"{flag} {spec!r}: not a file, and not one of {', '.join(CONVERTERS)} "
+                             f"(NAME or NAME:PATH)")
         return read_pairs(spec, need_rejected)
     convert, repo, fn = CONVERTERS[name]
     if not path:
@@ -592,7 +620,7 @@ def load_pairs(spec, image_root="", need_rejected=True):
 def image_hw(image):
     """(h, w) of a path, encoded bytes or a PIL image; files are read up to their header, not decoded."""
     if isinstance(image, (str, bytes)):
-        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as im:
+        with open_image_header(*image_source(image)) as im:
             return im.size[::-1]
     return image.size[::-1]
 
@@ -654,7 +682,8 @@ def collate_pairs(vlm, items, pad_id=0):
                 segment=torch.tensor([pad(s, T, -1) for _, _, s in rows]),
                 pred_idx=torch.tensor([[pad(p, L, 0) for p in pr] for pr in pred]),
                 targets=torch.tensor([[pad(r, L, -100) for r in it["responses"]] for it in items]),
-                last_idx=torch.tensor(last), **vlm.image_processor([open_image(it["image"]) for it in items]))
+                last_idx=torch.tensor(last),
+                **vlm.image_processor(open_image(it["image"]) for it in items))  # one at a time
 
 # -----------------------------------------------------------------------------
 # Command line: write a few examples to look at

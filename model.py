@@ -421,15 +421,44 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
-def load_image(path):
-    """Opens an image file as RGB; any failure (missing, unreadable, truncated) names the file."""
+# Decompression bombs: a file of a few KB can declare a 20000 x 20000 image. Every image is checked
+# against this limit from its header, before it is decoded; the environment variable
+# IMAGE_MAX_PIXELS changes it (PIL's own hard limit, about 179 M pixels, still applies above that).
+MAX_PIXELS = int(os.environ.get("IMAGE_MAX_PIXELS", 40_000_000))
+
+
+def open_image_header(src, name=None):
+    """A PIL image from a path or file object, only its header read; an unreadable file or one with
+    more than MAX_PIXELS pixels is a ValueError naming it."""
+    import warnings
     from PIL import Image
+    name = name or src
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides
+            im = Image.open(src)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {name}: over the limit of {MAX_PIXELS:,} pixels ({e})") from None
+    except Exception as e:
+        raise ValueError(f"cannot read image {name}: {e}") from e
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise ValueError(f"image {name}: {w}x{h} is {w * h:,} pixels, over the limit of "
+                         f"{MAX_PIXELS:,} pixels (IMAGE_MAX_PIXELS sets it)")
+    return im
+
+
+def load_image(path, name=None):
+    """Opens an image file (or file object) as RGB; any failure (missing, unreadable, truncated,
+    too many pixels) names the file."""
+    name = name or path
+    with open_image_header(path, name) as im:
+        try:
             im.load()  # decode now, so a truncated file fails here and not later
             return to_rgb(im)
-    except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        except Exception as e:
+            raise ValueError(f"cannot read image {name}: {e}") from e
 
 
 def to_rgb(im):
@@ -529,15 +558,22 @@ class ImageProcessor:
         return [self.resize(a, base)] + tiles
 
     def __call__(self, images):
-        """PIL images -> pixel_values (N, 3, h, w) or, for AnyRes, (N, max_views, 3, h, w) zero-padded + image_sizes."""
-        arrays = [np.array(to_rgb(im)) for im in images]
+        """PIL images (a list, or an iterable that opens them one by one) -> pixel_values
+        (N, 3, h, w) or, for AnyRes, (N, max_views, 3, h, w) zero-padded + image_sizes. Each image
+        is cut to its views before the next is taken: a batch never holds all its full images."""
+        views, sizes = [], []
+        for im in images:
+            a = np.array(to_rgb(im))
+            sizes.append(a.shape[:2])
+            views.append(np.stack([self.finish(v) for v in self.anyres_views(a)]) if self.pinpoints
+                         else self.finish(a))
+            del im, a  # freed before the iterable opens the next image
         if not self.pinpoints:
-            return {"pixel_values": torch.from_numpy(np.stack([self.finish(a) for a in arrays]))}
-        views = [np.stack([self.finish(v) for v in self.anyres_views(a)]) for a in arrays]
+            return {"pixel_values": torch.from_numpy(np.stack(views))}
         n = max(len(v) for v in views)
         views = [np.concatenate([v, np.zeros((n - len(v),) + v.shape[1:], v.dtype)]) for v in views]
         return {"pixel_values": torch.from_numpy(np.stack(views)),
-                "image_sizes": torch.tensor([a.shape[:2] for a in arrays])}
+                "image_sizes": torch.tensor(sizes)}
 
 # -----------------------------------------------------------------------------
 # Prompting: conversation templates of the LLaVA checkpoints; the image placeholder becomes one token per feature
@@ -579,7 +615,7 @@ def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = ""):
     for needle, name in (("im_start", "chatml"), ("[INST]", "mistral"), ("A chat between", "vicuna"), ("USER:", "llava")):
         if needle in chat_template:
             return name
-    if tokenizer is not None and tokenizer.token_to_id("<|im_start|>") is not None:
+    if tokenizer and tokenizer.token_to_id("<|im_start|>") is not None:
         return "chatml"
     return {"mistral": "mistral", "qwen2": "chatml"}.get(cfg.text.kind, "vicuna")
 
@@ -697,10 +733,17 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
 
 def st_header(path):
     """The JSON header of a .safetensors file ({key: {dtype, shape, data_offsets}}) and where its data starts."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+        if size < 8 or not 2 <= n <= size - 8:  # bounded by the file: a bad length costs no memory
+            raise ValueError(f"{path}: not a safetensors file, or truncated (header length {n}, "
+                             f"file size {size})")
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+        except (ValueError, AttributeError) as e:  # not JSON (or not UTF-8), or not a JSON object
+            raise ValueError(f"{path}: malformed safetensors header ({e})") from None
     return header, 8 + n
 
 
@@ -733,6 +776,42 @@ def st_write(tensors: dict, path, metadata=None):
                 # a copy: numpy() pins a storage's size, and FSDP must free its gathered parameters afterwards
                 f.write(t.detach().cpu().clone().view(-1).view(torch.uint8).numpy().tobytes())
 
+
+# -----------------------------------------------------------------------------
+# Loading's plain-language errors
+
+
+def looks_local(name):
+    """A model name that can only mean a local folder: a hub id is `name` or `owner/name`, never
+    ./x, /x, ~/x, a deeper path, an existing file or one whose parent folder exists here."""
+    parent = os.path.dirname(name)
+    return (name.startswith((".", "/", "~", "runs" + os.sep)) or os.path.exists(name)
+            or len(name.replace(os.sep, "/").split("/")) > 2
+            or (parent != "" and os.path.isdir(parent)))
+
+
+def defaulted_keys(raw, path):
+    """For a shape error: size keys config.json leaves out, which transformers' defaults filled."""
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads")
+    miss = [f"{part}.{k}" for part in ("vision_config", "text_config")
+            if isinstance(raw.get(part), dict) for k in keys if k not in raw[part]]
+    return f" ({path} has no {', '.join(miss)}: transformers' defaults were used)" if miss else ""
+
+
+class MissingTokenizer:
+    """Stands in for a missing tokenizer.json: the weights load and run, text fails naming it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __bool__(self):
+        return False
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # copy / pickle probing for optional hooks
+            raise AttributeError(name)
+        raise FileNotFoundError(f"{self.path}: no tokenizer.json, so this model cannot encode or "
+                                f"decode text; copy the checkpoint's tokenizer.json there")
 
 # -----------------------------------------------------------------------------
 # The VLM
@@ -879,7 +958,7 @@ class VLM(nn.Module):
     def eos_ids(self):
         ids = set()
         for name in ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            if self.tokenizer is not None and self.tokenizer.token_to_id(name) is not None:
+            if self.tokenizer and self.tokenizer.token_to_id(name) is not None:
                 ids.add(self.tokenizer.token_to_id(name))
         return ids
 
@@ -988,6 +1067,10 @@ class VLM(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=None):
         """Loads a local HF-layout folder or a hub id. Every key and shape is checked; tensors go straight to
         `dtype` on `device`, one at a time, so peak host memory stays near one copy of the weights."""
+        path = os.path.expanduser(path)
+        if not os.path.isdir(path) and looks_local(path):
+            raise FileNotFoundError(f"{path}: no such model folder (and not a hub id, which is "
+                                    f"owner/name)")
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
             path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
@@ -1024,7 +1107,9 @@ class VLM(nn.Module):
                         raise KeyError(f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)")
                     p = params[name]
                     if tuple(info["shape"]) != tuple(p.shape):
-                        raise ValueError(f"{fn}: {key!r} has shape {tuple(info['shape'])}, expected {tuple(p.shape)}")
+                        hint = defaulted_keys(raw, cfg_path)
+                        raise ValueError(f"{fn}: {key!r} has shape {tuple(info['shape'])}, "
+                                         f"expected {tuple(p.shape)}{hint}")
                     mod, _, attr = name.rpartition(".")
                     tensor = st_read(f, base, info).to(device=device, dtype=dtype)
                     vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(tensor, requires_grad=p.requires_grad)
@@ -1046,7 +1131,7 @@ class VLM(nn.Module):
                 with open(os.path.join(path, fn)) as f:
                     self.files[fn] = f.read()
         tok = os.path.join(path, "tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else None
+        self.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else MissingTokenizer(path)
         pp = json.loads(self.files.get("preprocessor_config.json", "null")) or \
             json.loads(self.files.get("processor_config.json", "{}")).get("image_processor")  # transformers 5 nests it
         self.image_processor = ImageProcessor(pp, self.cfg.grid_pinpoints) if pp else ImageProcessor.default_for(self.cfg)
@@ -1069,34 +1154,67 @@ class VLM(nn.Module):
         return {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v for k, v in sd.items()}
 
     def save_pretrained(self, out_dir):
-        """Writes config.json, model.safetensors, tokenizer and processor files atomically (temp dir, then rename)."""
+        """Writes config.json, model.safetensors, tokenizer and processor files into a temporary
+        folder, then swaps it in for out_dir (`recover_checkpoint` mends a kill between the two
+        renames). A disk error names the file it hit and leaves out_dir as it was."""
         out_dir = out_dir.rstrip("/")
         tmp = f"{out_dir}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
         raw = dict(self.cfg.raw)
         raw["dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
         raw.setdefault("architectures", ["LlavaNextForConditionalGeneration" if self.cfg.model_type == "llava_next"
                                          else "LlavaForConditionalGeneration"])
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(raw, f, indent=2)
-        st_write(self.state_dict_hf(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if self.tokenizer is not None:
-            self.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        files = dict(self.files)
+        files = {"config.json": json.dumps(raw, indent=2)} | self.files
         if "processor_config.json" not in files:
             files.setdefault("preprocessor_config.json", json.dumps(self.image_processor.raw, indent=2))
-        for fn, text in files.items():
-            with open(os.path.join(tmp, fn), "w") as f:
-                f.write(text)
+        target = tmp
+        try:
+            os.makedirs(tmp)
+            target = os.path.join(tmp, "model.safetensors")
+            st_write(self.state_dict_hf(), target, metadata={"format": "pt"})
+            if self.tokenizer:
+                target = os.path.join(tmp, "tokenizer.json")
+                self.tokenizer.save(target)
+            for fn, text in files.items():
+                target = os.path.join(tmp, fn)
+                with open(target, "w") as f:
+                    f.write(text)
+        except OSError as e:  # e.g. ENOSPC: free what was written, so that a later save can fit
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(e.errno, f"cannot write {target}: {e.strerror or e}") from e
         old = f"{out_dir}.old{os.getpid()}"
         if os.path.exists(out_dir):
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
 
+
+def recover_checkpoint(path):
+    """Before a run saves into `path`: what killed runs left beside it goes. A kill between
+    save_pretrained's two renames leaves no `path`, only the previous checkpoint as path.old<pid>:
+    that one is moved back first."""
+    path = path.rstrip("/")
+    parent, base = os.path.split(path)
+    left = [os.path.join(parent, d) for d in os.listdir(parent or ".")
+            if d.startswith((base + ".tmp", base + ".old")) and d[len(base) + 4:].isdigit()]
+    olds = [d for d in left if d[len(path):].startswith(".old")
+            and os.path.isfile(os.path.join(d, "config.json"))]
+    if not os.path.exists(path) and olds:
+        os.replace(max(olds, key=os.path.getmtime), path)
+    for d in left:
+        shutil.rmtree(d, ignore_errors=True)
+
 # -----------------------------------------------------------------------------
 # Command lines: every script's @dataclass Config becomes its argparse CLI; try a checkpoint with `python model.py`
+
+
+def parse_bool(s):
+    """A yes/no flag's value: a typo (`--resume ture`) is an error, never a silent false."""
+    import argparse
+    v = s.lower()
+    if v not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a yes/no value (true/false, 1/0, yes/no)")
+    return v in ("1", "true", "yes")
 
 
 def config_from_argv(cls, argv=None, doc=None):
@@ -1107,7 +1225,7 @@ def config_from_argv(cls, argv=None, doc=None):
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in (f for f in dataclasses.fields(cls) if f.name not in getattr(cls, "HIDDEN", ())):
         kind = type(f.default)
-        parse = (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind
+        parse = parse_bool if kind is bool else kind
         ap.add_argument(f"--{f.name}", type=parse, default=f.default, metavar=kind.__name__.upper())
     return cls(**vars(ap.parse_args(argv)))
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -42,7 +43,7 @@ from tqdm import tqdm
 
 import data
 import losses
-from model import VLM, config_from_argv
+from model import VLM, config_from_argv, recover_checkpoint
 
 WORLD = ("world", "bdhs")  # --data values that build pairs from the embedded world
 
@@ -86,6 +87,7 @@ class Config:
     fsdp: bool = False            # shard parameters, gradients and optimizer state with FSDP2 (else DDP)
     save_every: int = 50          # steps between checkpoints (model + training state); the last step always saves
     resume: bool = False          # continue from out_dir's training state
+    overwrite: bool = False       # a fresh run may replace the run already in out_dir
     eval_n: int = 500             # world scenes to evaluate before and after (data "world"); 0 skips
     seed: int = 0
     log_every: int = 10
@@ -214,8 +216,11 @@ def fingerprint(cfg: Config, items):
     for it in items:
         h.update(json.dumps([it["prompt"], it["responses"]]).encode())
         im = it["image"]
-        h.update(im.encode() + str(os.path.getsize(im)).encode() if isinstance(im, str)
-                 else im if isinstance(im, bytes) else im.tobytes())
+        if isinstance(im, str):  # the file's bytes, streamed: a same-size replacement is a new key
+            with open(im, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        else:
+            h.update(im if isinstance(im, bytes) else im.tobytes())
     return h.hexdigest()[:20]
 
 
@@ -245,7 +250,7 @@ def reference_logps(pm: PairModel, items, cfg: Config, B, device, rank, W):
             os.replace(path + ".tmp", path)
         if W > 1:
             dist.barrier()
-    return torch.load(path)
+    return torch.load(path, weights_only=True)
 
 
 def to(batch, device):
@@ -268,6 +273,11 @@ def load_data(cfg: Config, vlm: VLM, print0=print):
     print0(f"pairs: {json.dumps(stats)}")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     nval = cfg.val_pairs if cfg.data in WORLD else min(cfg.val_pairs, len(items) // 10)  # files: at most 10%
+    if len(items) - nval < cfg.batch_size:
+        raise ValueError(f"--data {cfg.data}: {len(items) - nval} training pairs, fewer than one "
+                         f"batch of {cfg.batch_size} (of {stats['pairs']} records, {stats['ties']} "
+                         f"have chosen == rejected, {stats['too_long']} do not fit --max_length "
+                         f"{cfg.max_length}; {nval} held out)")
     return items, order[nval:], order[:nval]
 
 
@@ -370,7 +380,13 @@ def save(cfg: Config, pm: PairModel, opt, step, rank):
     opt_sd = get_optimizer_state_dict(pm, opt, options=STATE_OPTS)
     if rank == 0:
         path = os.path.join(cfg.out_dir, "state.pt")
-        torch.save(dict(step=step, model=model_sd, optimizer=opt_sd, config=dataclasses.asdict(cfg)), path + ".tmp")
+        st = dict(step=step, model=model_sd, optimizer=opt_sd, config=dataclasses.asdict(cfg))
+        try:
+            torch.save(st, path + ".tmp")
+        except (OSError, RuntimeError) as e:  # torch says "failed writing file", without the path
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")  # its space back, so that a later save can fit
+            raise OSError(f"cannot write {path}.tmp: {e}") from e
         os.replace(path + ".tmp", path)
 
 
@@ -378,10 +394,14 @@ def restore(cfg: Config, pm: PairModel, opt):
     """-> the step to continue from. Parameters and optimizer moments come back exactly; the data order is a function
     of the step, so the next batch is the one the killed run would have taken."""
     path = os.path.join(cfg.out_dir, "state.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no training state at {path}")
-    st = torch.load(path, weights_only=False)
-    volatile = ("resume", "save_every", "log_every", "eval_n", "cache_dir")  # the rest shapes the trajectory
+    try:
+        st = torch.load(path, weights_only=True)  # tensors and plain values: a pickle runs no code
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"--resume: refused to load {path}: it holds more than tensors and plain "
+                         f"values, which a training state never does ({str(e).splitlines()[0]})"
+                         ) from None
+    # the rest shapes the trajectory
+    volatile = ("resume", "overwrite", "save_every", "log_every", "eval_n", "cache_dir")
     changed = {k for k, v in st["config"].items() if k not in volatile and getattr(cfg, k) != v}
     if changed:
         raise ValueError(f"--resume: {path} was written with different settings: {sorted(changed)}")
@@ -402,18 +422,54 @@ def setup(cfg):
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     print0 = print if rank == 0 else (lambda *a, **k: None)
     print0(json.dumps(dataclasses.asdict(cfg), indent=2))
+    for k, least in (("pairs", 1), ("batch_size", 1), ("grad_accum", 1), ("steps", 0),
+                     ("log_every", 1), ("save_every", 0)):
+        if getattr(cfg, k) < least:
+            raise ValueError(f"--{k} {getattr(cfg, k)}: must be at least {least}")
     if cfg.batch_size % (W * cfg.grad_accum):
         raise ValueError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = {W * cfg.grad_accum}")
     return ddp, rank, W, device, print0
 
 
+def check_out_dir(cfg, rank):
+    """Before any compute: out_dir can be written, holds no other run unless --resume or --overwrite
+    says so, and what a killed save left in it is tidied (model.recover_checkpoint)."""
+    state = os.path.join(cfg.out_dir, "state.pt")
+    if cfg.resume and not os.path.exists(state):
+        raise FileNotFoundError(f"--resume: no training state at {state}")
+    if not cfg.resume and not cfg.overwrite and os.path.exists(state):
+        raise ValueError(f"--out_dir {cfg.out_dir} already holds a run ({state}): pass --resume "
+                         f"true to continue it, --overwrite true to replace it, or another "
+                         f"--out_dir")
+    probe = os.path.join(cfg.out_dir, f".write-test{os.getpid()}")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
+    if rank == 0:
+        recover_checkpoint(os.path.join(cfg.out_dir, "checkpoint"))
+
+
 def open_metrics(cfg, start):
-    """out_dir/metrics.jsonl: a resumed run keeps the lines before its state's step and rewrites the rest."""
+    """out_dir/metrics.jsonl: a resumed run keeps the lines before its state's step, written to disk
+    at once (atomically), so a kill before its next logged step loses none; the rest are redone."""
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     old = open(path).readlines() if cfg.resume and os.path.exists(path) else []
-    log = open(path, "w")
-    log.writelines(line for line in old if json.loads(line).get("step", -1) < start)
-    return log
+    with open(path + ".tmp", "w") as f:
+        f.writelines(line for line in old if json.loads(line).get("step", -1) < start)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def finished(cfg, start, steps, print0):
+    """--resume on a run whose state is at its last step: nothing to do (no second eval line)."""
+    if start >= steps:
+        print0(f"{cfg.out_dir}: the run is complete ({steps} steps); nothing to resume")
+    return start >= steps
 
 
 def batch_rows(n, cfg, step, micro, B, rank, W):
@@ -464,6 +520,7 @@ def main(argv=None):
     ddp, rank, W, device, print0 = setup(cfg)
     if cfg.loss not in (*losses.LOSSES, "rm", "sft"):
         raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm', 'sft'])}")
+    check_out_dir(cfg, rank)
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A must agree (DDP also broadcasts it)
     vlm, pm = build_model(cfg, device, print0)
     world = world_of(cfg)
@@ -478,8 +535,10 @@ def main(argv=None):
             ref = reference_logps(pm, items, cfg, B, device, rank, W)
     steps = cfg.steps or (1000 if sft else max(1, int(cfg.epochs * len(train_idx) // cfg.batch_size)))
     amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     start = restore(cfg, pm, opt) if cfg.resume else 0
+    if finished(cfg, start, steps, print0):
+        del model  # DDP's reducer goes before its process group
+        return finish() if ddp else None
     log = open_metrics(cfg, start) if rank == 0 else None
     print0(f"{steps} steps of {cfg.batch_size} ({B} per micro-step per rank, {cfg.grad_accum} micro-steps, {W} ranks)"
            + (f", resuming at step {start}" if start else ""))

@@ -280,7 +280,7 @@ def sample(pm, recs, n, cfg: Config, gen):
     vlm = pm.vlm
     dev = vlm.lm_head.weight.device
     ids, am = left_pad([bdhs.prompt_ids(vlm, r) for r in recs])
-    pix = vlm.image_processor([data.open_image(r["image"]) for r in recs])
+    pix = vlm.image_processor(data.open_image(r["image"]) for r in recs)
     with unsharded(pm):
         out = vlm.generate(ids.to(dev), am.to(dev), pix["pixel_values"].to(dev),
                            pix["image_sizes"].to(dev) if "image_sizes" in pix else None,
@@ -438,6 +438,7 @@ def main(argv=None):
     if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
         raise ValueError("--annotator judge compares two responses: --samples must be 2")
     ddp, rank, W, device, print0 = off.setup(cfg)
+    off.check_out_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     vlm, pm = off.build_model(cfg, device, print0)
     if cfg.algo == "ppo":  # the value head reads the policy's hidden states; it starts at 0
@@ -459,8 +460,10 @@ def main(argv=None):
     B = cfg.batch_size // (W * cfg.grad_accum)
     steps = cfg.steps or max(1, int(cfg.epochs * len(recs) // cfg.batch_size))
     amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     start = off.restore(cfg, pm, opt) if cfg.resume else 0
+    if off.finished(cfg, start, steps, print0):
+        del model  # DDP's reducer goes before its process group
+        return off.finish() if ddp else None
     norm = (0.0, 1.0)
     if cfg.algo in ("ppo", "rloo"):
         with amp:

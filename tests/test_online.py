@@ -228,9 +228,16 @@ def test_fsdp_and_ddp_sampling_under_torchrun(tmp_path):
     same(a, b, keys=("loss", "objective/scores", "objective/kl", "response_length", "grad_norm"), tol=1e-4)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
+def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys):
     common = SMALL + ["--algo", "ppo", "--steps", "8", "--save_every", "1"]
     on.main(common + ["--out_dir", str(tmp_path / "whole")])
+    done = open(tmp_path / "whole" / "metrics.jsonl").read()
+    capsys.readouterr()
+    on.main(common + ["--out_dir", str(tmp_path / "whole"), "--resume", "true"])  # done: a no-op
+    assert "the run is complete" in capsys.readouterr().out
+    assert open(tmp_path / "whole" / "metrics.jsonl").read() == done
+    with pytest.raises(ValueError, match="already holds a run"):  # a fresh run into it: refused
+        on.main(common + ["--out_dir", str(tmp_path / "whole")])
     out = tmp_path / "killed"
     killed_at = kill_midway("train_online.py", common, out)
     assert 2 <= killed_at < 7, killed_at

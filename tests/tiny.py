@@ -99,3 +99,17 @@ def random_image(h, w, mode="RGB", seed=0):
     a = np.random.default_rng(seed).integers(0, 256, (h, w, 4), dtype=np.uint8)
     im = Image.fromarray(a, "RGBA")
     return im if mode == "RGBA" else im.convert(mode)
+
+
+def bomb_png(path, w, h):
+    """A real decompression bomb: a w x h 1-bit PNG of zeros, a few KB on disk, w * h bytes open."""
+    import struct
+    import zlib
+
+    def chunk(kind, d):
+        return struct.pack(">I", len(d)) + kind + d + struct.pack(">I", zlib.crc32(kind + d))
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(bytes(h * (1 + (w + 7) // 8)), 9)) + chunk(b"IEND", b"")
+    with open(path, "wb") as f:
+        f.write(raw)
+    return raw
