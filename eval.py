@@ -17,6 +17,7 @@ the judge sees the image), LLaVA-Bench and MM-Vet scored by a judge model behind
     python eval.py --model assets/world-base --data world --world_seed 0 --out results.json
     python eval.py --model llava-hf/llava-v1.6-vicuna-7b-hf --bench pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
 """
+import ast
 import base64
 import contextlib
 import glob
@@ -27,6 +28,7 @@ import os
 import random
 import re
 import threading
+import string
 import time
 from dataclasses import dataclass
 
@@ -61,8 +63,8 @@ def mentioned(text):
 
 
 def yes_no(text):
-    """POPE's official rule: the first sentence without commas; any of "No", "not", "no" means no."""
-    words = text.split(".")[0].replace(",", "").split()
+    """POPE's rule: before the 1st period, commas out, split on single spaces: "No", "not", "no"."""
+    words = text.split(".")[0].replace(",", "").split(" ")
     return not any(w in ("No", "not", "no") for w in words)
 
 
@@ -75,7 +77,8 @@ def first_word(text, vocab):
 
 
 def pope_metrics(pred, label):
-    """pred, label: lists of bools (True = yes). Accuracy, precision, recall, F1 of the "yes" class, yes-ratio."""
+    """pred, label: lists of bools (True = yes). Accuracy, precision, recall, F1 of the "yes" class,
+    yes-ratio; 0 where POPE's script divides by zero (no "yes" answer or label, no true yes)."""
     tp = sum(p and l for p, l in zip(pred, label))
     fp = sum(p and not l for p, l in zip(pred, label))
     fn = sum(l and not p for p, l in zip(pred, label))
@@ -94,8 +97,11 @@ def chair(said, truth):
     absent mention, recall = distinct present objects mentioned / present objects."""
     mentions = sum(len(s) for s in said)
     wrong = [sum(o not in t for o in s) for s, t in zip(said, truth)]
-    return dict(chair_i=100 * sum(wrong) / max(mentions, 1), chair_s=100 * sum(w > 0 for w in wrong) / len(said),
-                recall=100 * sum(len(set(s) & t) for s, t in zip(said, truth)) / max(sum(len(t) for t in truth), 1))
+    found = sum(len(set(s) & t) for s, t in zip(said, truth))  # distinct present objects named
+    # each ratio before the factor 100, as Object HalBench's script (0 where it divides by zero)
+    return dict(chair_i=100 * (sum(wrong) / max(mentions, 1)),
+                chair_s=100 * (sum(w > 0 for w in wrong) / len(said)),
+                recall=100 * (found / max(sum(len(t) for t in truth), 1)))
 
 
 def accuracy(pred, gold):
@@ -195,7 +201,8 @@ TABLE2 = {"POPE": "pope", "MMHal": "mmhal", "MMHal-V": "mmhal_v", "LLaVA-W": "ll
 # -----------------------------------------------------------------------------
 # The paper's benchmarks (Table 2), read from their public releases' own files
 
-SHORT = "\nAnswer the question using a single word or phrase."  # LLaVA's prompt suffix for short-answer VQA
+# LLaVA's suffix for short answers; its POPE, TextVQA and GQA questions end with it, as lmms-eval's
+SHORT = "\nAnswer the question using a single word or phrase."
 GET = {"pope": "POPE's output/coco/ folder (github.com/AoiDragon/POPE), with COCO val2014 images in images/",
        "objhal": "obj_halbench_300_with_image.jsonl (eval/data/ of github.com/RLHF-V/RLAIF-V), and COCO 2014's "
                  "instances_val2014.json and captions_val2014.json (cocodataset.org) in annotations/",
@@ -297,10 +304,10 @@ def load_bench(name, root, vocab=None):
         if name == "textvqa":
             recs = json.load(open(bench_file(root, name, "TextVQA_0.5.1_val.json")))["data"]
             return [dict(id=r["question_id"], image=os.path.join(d, "train_images", r["image_id"] + ".jpg"),
-                         question=r["question"] + SHORT, gold=r["answers"], kind=name) for r in recs]
+                         question=r["question"], gold=r["answers"], kind=name) for r in recs]
         if name == "gqa":
             recs = json.load(open(bench_file(root, name, "testdev_balanced_questions.json")))
-            return [dict(id=q, image=os.path.join(d, "images", r["imageId"] + ".jpg"), question=r["question"] + SHORT,
+            return [dict(id=q, image=os.path.join(d, "images", r["imageId"] + ".jpg"), question=r["question"],
                          gold=r["answer"], kind=name) for q, r in recs.items()]
     except KeyError as e:  # a record without a field the release has, or a question without its context / answer
         raise ValueError(f"{name}: {d}: no field or record {e}") from None
@@ -309,24 +316,34 @@ def load_bench(name, root, vocab=None):
 
 _NUMBER = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'
-_CONTRACT = {w.replace("'", ""): w for w in (  # ours, without the forms that are words by themselves (well, its...)
-    "aren't can't couldn't didn't doesn't don't hadn't hasn't haven't he'd he's i'm i've isn't it'd it'll mightn't "
-    "might've mustn't must've needn't o'clock shan't she'd she'll she's shouldn't should've that's there's they'd "
-    "they'll they're they've wasn't we're we've weren't what's where's who's won't wouldn't would've y'all you'd "
-    "you'll you're you've").split()}
+# EvalAI's contractions, keyed by each form that lacks one apostrophe ("dont"; "couldnt've" and
+# "couldn'tve"); forms that are words (were, well, its, shell, im, ...) are not in it
+_CONTRACT = {k: w for w in (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't "
+    "haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't "
+    "mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've "
+    "should've shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've "
+    "someone'll someone's something'd something'd've something'll that's there'd there'd've "
+    "there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't "
+    "what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
+    "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've "
+    "you'd you'd've you'll you're you've").split()
+    for k in {w[:i] + w[i + 1:] for i in range(len(w)) if w[i] == "'"}}
+_CONTRACT["somebody'd"] = "somebodyd"  # backwards in EvalAI's table
 
 
 def vqa_normalize(text):
     """The TextVQA answer normalisation (EvalAI's, as LLaVA's TextVQA evaluation runs it): lower case, commas and
     question marks out, "'s" split off; other punctuation dropped when a space is beside it somewhere in the text,
-    else made a space; periods dropped unless before a digit; number words to digits, articles out, contractions
-    given their apostrophe."""
+    else made a space; periods dropped unless before a digit; number words to digits, articles out,
+    contractions given their apostrophe."""
     t = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     t = t.replace("\n", " ").replace("\t", " ").strip()
     out = t
     for p in _PUNCT:
         out = out.replace(p, "" if (p + " " in t or " " + p in t) else " ")
-    words = [_NUMBER.get(w, "0" if w == "none" else w) for w in re.sub(r"\.(?!\d)", "", out).split()]
+    out = re.sub(r"\.(?!\d)", "", out, count=32)  # EvalAI passes re.UNICODE (32) as the count
+    words = [_NUMBER.get(w, "0" if w == "none" else w) for w in out.split()]
     return " ".join(_CONTRACT.get(w, w) for w in words if w not in ("a", "an", "the"))
 
 
@@ -342,7 +359,8 @@ def score_bench(name, items, preds, vocab=None):
     HalBench: CHAIR_i, CHAIR_s and recall over COCO categories."""
     if name == "objhal":
         vocab = vocab or coco_vocab()
-        said, truth = [coco_mentions(p, vocab) for p in preds], [it["gold"] for it in items]
+        said = [coco_mentions(p.replace("Assistant:", ""), vocab) for p in preds]  # as its reader
+        truth = [it["gold"] for it in items]
         named = [(s, t) for s, t in zip(said, truth) if s]  # its "response hallucination": over responses naming any
         return {f"objhal_{k}": v for k, v in chair(said, truth).items()} | \
             {"objhal_response_hall": chair(*zip(*named))["chair_s"] if named else 0.0}
@@ -353,7 +371,8 @@ def score_bench(name, items, preds, vocab=None):
             res |= {f"pope_{kind}_{k}": v for k, v in pope_metrics(*zip(*sel)).items()}
         return res | {"pope": sum(res[f"pope_{k}_f1"] for k in ("random", "popular", "adversarial")) / 3}
     if name == "textvqa":
-        return {"textvqa": 100 * sum(vqa_accuracy(p, it["gold"]) for it, p in zip(items, preds)) / len(items)}
+        acc = sum(vqa_accuracy(p, it["gold"]) for it, p in zip(items, preds)) / len(items)
+        return {"textvqa": 100 * acc}
     return {"gqa": accuracy([p.strip().rstrip(".").lower() for p in preds], [it["gold"] for it in items])}
 
 
@@ -514,54 +533,73 @@ def image_part(image):
     return {"type": "image_url", "image_url": {"url": f"data:image/{fmt};base64," + base64.b64encode(raw).decode()}}
 
 # -----------------------------------------------------------------------------
-# Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) over detailed descriptions of COCO images.
-# An image's truth is its COCO instance categories plus the objects its five COCO captions name; a description's
-# mentions are matched against COCO's 80 categories through a synonym list, longest phrase first, plurals included.
-
-# Ours (assets/coco_synonyms.txt), in the standard list's format: one category per line, its COCO name first, then
-# its synonyms, ", "-separated; a category may go on over several lines. --synonyms FILE reads another such list.
+# Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) on COCO image descriptions
+# as RLAIF-V's eval_gpt_obj_halbench.py scores them by rule: truth = COCO instances + objects the
+# captions name; a text's objects: NLTK's tokens, WordNet's lemmas, two-word names joined, a synonym
+# list. The rules and facts below give the same words without NLTK or WordNet (tests/test_eval.py).
+# Ours: a category per line, its COCO name, then its synonyms, ", "-separated; --synonyms FILE reads
+# another, --official true the benchmark's.
 SYNONYMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "coco_synonyms.txt")
-ANIMALS = {"bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"}
-VEHICLES = {"airplane", "bus", "train", "boat", "car"}
-_IRREGULAR = dict(person="people", man="men", woman="women", child="children", mouse="mice", knife="knives",
-                  sheep="sheep", ox="oxen", goose="geese", calf="calves", skis="skis", scissors="scissors",
-                  shears="shears", people="people", cattle="cattle", luggage="luggage", broccoli="broccoli")
+# CHAIR's pairs besides the list's two-word names: "baby"/"adult" + animal, "passenger jet"/"train"
+# are only the animal or vehicle, a toilet seat a toilet; home plate and train tracks name nothing
+PAIRS = {f"{q} {a}": a for q in ("baby", "adult")
+         for a in "bird cat dog horse sheep cow elephant bear zebra giraffe animal cub".split()}
+PAIRS |= {"passenger jet": "jet", "passenger train": "train", "bow tie": "tie",
+          "toilet seat": "toilet", "home plate": "home plate", "train track": "train track"}
+# what NLTK's tokenizer splits off as tokens (it keeps hyphens, slashes, inner periods in words)
+_SPLIT = re.compile(r"[;@#$%&?!*()\[\]{}<>\"`«»“”‘’„\u2012-\u2015]|''|--|\.{2,}|[:,](?!\d)")
+_SUFFIXES = (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
+             ("shes", "sh"), ("men", "man"), ("ies", "y"))  # WordNet's noun detachment rules
+# WordNet's facts the rules need: lemmas they miss (irregular plurals; "men" is a word there, so it
+# stays; "vases" is "vas"), and listed words it lacks, which take no plural ("bikers" names nobody)
+LEMMA = dict(w.split(":") for w in (
+    "men:men vases:vas mice:mouse knives:knife pocketknives:pocketknife geese:goose oxen:ox "
+    "children:child grandchildren:grandchild brethren:brother buffaloes:buffalo busses:bus "
+    "flamingoes:flamingo taxies:taxi shears:shear").split())
+NOT_WORDNET = set("biker bluejay brindle children coworker firetruck hairdryer hot knive lenovo "
+                  "longboard macbook netbook paddleboat pitbull potted riverboat sailboard "
+                  "shortboard skimboard skis smartphone solider sports stovetop teddybear "
+                  "televison".split())
 
 
-def plural_en(word):
-    if word in _IRREGULAR:
-        return _IRREGULAR[word]
-    if word.endswith(("s", "x", "z", "ch", "sh")):
-        return word + "es"
-    return word[:-1] + "ies" if word.endswith("y") and word[-2] not in "aeiou" else word + "s"
+def chair_words(text):
+    """nltk.word_tokenize(text.lower()) by rule ("hot-dog", "cat/dog", "dog.the" stay one word)."""
+    # a word's final period ends a sentence (Punkt), and the sentence's last period is split off
+    t = re.sub(r"(?<=[^.\s])\.(?='*(\s|$))", " . ", _SPLIT.sub(r" \g<0> ", text.lower()))
+    t = " " + re.sub(r"(?<=[^'])' (?=\s*\S)", " ' ", t) + " "  # a closing quote before more text
+    t = re.sub(r"(?<![\w'])'(?=\w)", "' ", t)
+    return re.sub(r"(?<=[^'\s])('s|'m|'d|'ll|'re|'ve|')(?=\s)", r" \1", t).split()  # "dog 's"
+
+
+def lemma(word, known):
+    """NLTK's WordNet lemma: the shortest of word and its rule forms in WordNet (here: known)."""
+    if word in LEMMA:
+        return LEMMA[word]
+    forms = [word] + [word[:-len(a)] + b for a, b in _SUFFIXES if word.endswith(a)]
+    return min([w for w in forms if w in known and w not in NOT_WORDNET] or [word], key=len)
 
 
 def coco_vocab(path=SYNONYMS):
-    """A synonym list file -> {tuple of words: category, or None for a phrase that names nothing}. Every synonym is
-    taken singular and plural; "baby" or "adult" before an animal and "passenger" before a vehicle make one mention of
-    the animal or vehicle, not also a person; "train track" and "home plate" name nothing (CHAIR's rules)."""
+    """A synonym list -> {synonym: category} as CHAIR reads it (its last category, case kept)."""
     vocab = {}
-    for line in open(path).read().strip().splitlines():
-        names = [s.strip().lower() for s in line.split(",") if s.strip()]
-        for s in names:
-            w = tuple(s.split())
-            vocab.setdefault(w, names[0]), vocab.setdefault(w[:-1] + (plural_en(w[-1]),), names[0])
-    for form, cat in list(vocab.items()):
-        lead = ("baby", "adult") if cat in ANIMALS else ("passenger",) if cat in VEHICLES else ()
-        vocab |= {(x,) + form: cat for x in lead}
-    return vocab | {("train", "track"): None, ("train", "tracks"): None, ("home", "plate"): None}
+    for line in open(path).read().splitlines():
+        names = [s.strip() for s in line.strip().split(", ")]
+        vocab |= {s: names[0] for s in names if s}
+    return vocab
 
 
 def coco_mentions(text, vocab):
-    """The COCO categories a text names, in order and with repeats; the longest phrase wins at each word ("hot dog"
-    is not a dog, "teddy bear" not a bear)."""
-    words, out, k = _WORD.findall(text.lower()), [], 0
+    """The COCO categories a text names, in order, repeats included, as CHAIR finds them."""
+    known = {w for s in [*vocab, *PAIRS] for w in s.split(" ")}
+    words, out, k = [lemma(w, known) for w in chair_words(text)], [], 0
     while k < len(words):
-        n = next((n for n in (3, 2, 1) if tuple(words[k:k + n]) in vocab), 0)
-        if n and vocab[tuple(words[k:k + n])]:
-            out.append(vocab[tuple(words[k:k + n])])
-        k += n or 1
-    return out
+        pair = " ".join(words[k:k + 2])
+        n = 2 if pair in PAIRS or (" " in pair and pair in vocab) else 1  # "stove top oven": no
+        out.append(PAIRS.get(pair, pair) if n == 2 else words[k])
+        k += n
+    if "toilet" in out and "seat" in out:  # "the seat of the toilet" is no chair
+        out = [w for w in out if w != "seat"]
+    return [vocab[w] for w in out if w in vocab]
 
 
 def coco_truth(root, ids, vocab):
@@ -572,7 +610,7 @@ def coco_truth(root, ids, vocab):
     for fn in ("instances_val2014.json", "captions_val2014.json"):
         path = bench_file(root, "objhal", os.path.join("annotations", fn))
         ann = json.load(open(path))
-        names = {c["id"]: vocab.get(tuple(c["name"].split()), c["name"]) for c in ann.get("categories", [])}
+        names = {c["id"]: vocab.get(c["name"], c["name"]) for c in ann.get("categories", [])}
         for a in ann["annotations"]:
             if a["image_id"] in truth and fn.startswith("instances"):
                 truth[a["image_id"]].add(names[a["category_id"]])
@@ -641,7 +679,8 @@ What is 12 x 3? | 36 | The product is 36. | 1.0
 What is 12 x 3? | 36 | 38 | 0.0
 Which fruits are on the plate? | apple <AND> pear | An apple and a banana. | 0.5
 Where was this taken? | beach <OR> seaside | On a sandy beach. | 1.0
-{question} | {reference} | {answer} |""")
+{question} | {reference} | {answer} |""",
+    mmvet_retry="\nScore (a number):")
 
 
 def rating(text):
@@ -660,23 +699,91 @@ def score_pair(text):
 
 
 def correctness(text):
-    """MM-Vet's parsing: the reply's first word, when it is a number in [0, 1]; else None (ask again)."""
+    """MM-Vet's rule: the first piece split on " ", stripped, in [0, 1], else None (ask again)."""
     try:
-        v = float(text.strip().split(" ")[0])
+        v = float(text.split(" ")[0].strip())
         return v if 0.0 <= v <= 1.0 else None
     except (ValueError, IndexError):
         return None
 
 
 def fill(template, **fields):
-    """{name} -> value for the given names only, so a template may hold other braces."""
-    for k, v in fields.items():
-        template = template.replace("{" + k + "}", str(v))
-    return template
+    """{name} -> value for the given names only, in one pass (so a value's braces stay)."""
+    return re.sub("{(" + "|".join(fields) + ")}", lambda m: str(fields[m[1]]), template)
 
 
 def mean(xs):
     return sum(xs) / max(len(xs), 1)
+
+
+GH, HF = "https://raw.githubusercontent.com/", "https://huggingface.co/"
+# --official true: the published judge prompts and Object HalBench's synonym list, in their formats,
+# each fetched once into its benchmark's folder (llavaw_system into llavaw/)
+OFFICIAL = dict(objhal=GH + "RLHF-V/RLAIF-V/main/eval/data/synonyms_refine.txt",
+                mmhal=HF + "datasets/Shengcao1006/MMHal-Bench/raw/main/eval_gpt4.py",
+                llavaw=GH + "haotian-liu/LLaVA/main/llava/eval/table/rule.json",
+                llavaw_system=GH + "haotian-liu/LLaVA/main/llava/eval/eval_gpt_review_bench.py",
+                mmvet=GH + "yuweihao/MM-Vet/main/mm-vet_evaluator.py")
+
+
+def official_file(root, key):
+    """The path of OFFICIAL[key]'s file in its folder under root (downloaded if missing)."""
+    url = OFFICIAL[key]
+    path = os.path.join(root, key.split("_")[0], url.rsplit("/", 1)[1])
+    if not os.path.exists(path):
+        import urllib.request
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(path + ".tmp", "wb") as f:
+                f.write(r.read())
+        except OSError as e:
+            raise FileNotFoundError(f"--official: cannot download {url} ({e}); put that file at "
+                                    f"{path}") from None
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def py_string(path, what, pick):
+    """The first string that pick(node) finds in a Python file's syntax tree (ast: never run)."""
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        if isinstance(s := pick(node), ast.Constant) and isinstance(s.value, str):
+            return s.value
+    raise ValueError(f"--official: {path} has no {what}; is it the published file?")
+
+
+def official_prompts(root, names):
+    """The published judge prompts of the benchmarks in names, as templates with our {fields}."""
+    out, named = {}, lambda name: lambda n: (  # noqa: E731 (the value of `name = "..."`)
+        n.value if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == name else None)
+    if {"mmhal", "mmhal_v"} & set(names):  # eval_gpt4.py: template = '''...''', four {} to format
+        path = official_file(root, "mmhal")
+        parts = list(string.Formatter().parse(py_string(path, "template", named("template"))))
+        if sum(f is not None for _, f, _, _ in parts) != 4:
+            raise ValueError(f"--official: {path}: the template should have 4 {{}} fields")
+        fields = iter(["{objects}", "{question}", "{reference}", "{answer}"])
+        out["mmhal"] = "".join(s + (next(fields) if f is not None else "") for s, f, _, _ in parts)
+    if "llavaw" in names:  # rule.json: {"llava_bench_<category>": {"role", "prompt"}}, laid out
+        out["llavaw"] = None  # a category without a rule is an error, as there
+        for k, r in json.load(open(official_file(root, "llavaw"))).items():
+            if k.startswith("llava_bench_") and {"role", "prompt"} <= set(r):
+                a = r["role"]
+                out[f"llavaw/{k[12:]}"] = (
+                    f"[Context]\n{{context}}\n\n[Question]\n{{question}}\n\n[{a} 1]\n"
+                    f"{{reference}}\n\n[End of {a} 1]\n\n[{a} 2]\n{{answer}}\n\n[End of {a} 2]\n\n"
+                    f"[System]\n{r['prompt']}\n\n")  # as LLaVA's eval_gpt_review_bench.py
+        keys = lambda n: {getattr(k, "value", 0): v for k, v in zip(n.keys, n.values)}  # noqa: E731
+        system = lambda n: keys(n).get("content") if isinstance(n, ast.Dict) and \
+            getattr(keys(n).get("role"), "value", 0) == "system" else None  # noqa: E731
+        path = official_file(root, "llavaw_system")
+        out["llavaw_system"] = py_string(path, "system message", system)
+    if "mmvet" in names:  # mm-vet_evaluator.py: prompt = """...""", "\n" and the " | "-joined row
+        path = official_file(root, "mmvet")
+        out["mmvet"] = py_string(path, "prompt", named("prompt")) + \
+            "\n{question} | {reference} | {answer} | "
+        retry = lambda n: n.right if isinstance(n, ast.BinOp) and isinstance(n.left, ast.BinOp) \
+            and isinstance(n.left.right, ast.Call) else None  # noqa: E731 (added after the row)
+        out["mmvet_retry"] = py_string(path, "text for asking again", retry)
+    return out
 
 
 def judge_bench(name, items, preds, judge, prompts=PROMPTS):
@@ -700,26 +807,33 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS):
         pairs = []
         for it, p in zip(items, preds):
             ctx = "\n".join(it["context"]) if isinstance(it["context"], list) else it["context"]
-            text = fill(prompts["llavaw"], context=ctx, question=it["question"], reference=it["gold"], answer=p)
+            tpl = prompts.get(f"llavaw/{it['kind']}", prompts["llavaw"])  # official: per category
+            if tpl is None:
+                raise ValueError(f"llavaw: the official rule.json has no llava_bench_{it['kind']}")
+            text = fill(tpl, context=ctx, question=it["question"], reference=it["gold"], answer=p)
             pairs.append(score_pair(judge([{"role": "system", "content": prompts["llavaw_system"]},
                                            {"role": "user", "content": text}], 1024, 0.2)))
-        # LLaVA's summary: per-column means (failed parses count as -1), rounded to 3 places, then their ratio
-        rel = lambda ps: 100 * round(mean([q[1] for q in ps]), 3) / (round(mean([q[0] for q in ps]), 3)  # noqa
-                                                                     or float("nan"))
+        # LLaVA's summary: per-column means (failed parses count as -1) rounded to 3 places, their
+        # ratio times 100 rounded to 1 (NaN where its script divides by zero)
+        rel = lambda ps: round(round(mean([q[1] for q in ps]), 3)  # noqa: E731
+                               / (round(mean([q[0] for q in ps]), 3) or float("nan")) * 100, 1)
         return {"llavaw": rel(pairs)} | {f"llavaw/{k}": v for k, v in by_kind(pairs, rel).items()}
     if name == "mmvet":
         s = []
         for it, p in zip(items, preds):
             gt = it["gold"].replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
             text = fill(prompts["mmvet"], question=it["question"], reference=gt, answer=p)
-            for k, t in enumerate((0.0, 0.0, 0.5, 1.0, 1.5)):  # MM-Vet's grader: ask again, warmer, up to 5 times
-                v = correctness(judge([{"role": "user", "content": text + ("\nScore (a number):" if k else "")}], 3, t))
+            # MM-Vet's grader: ask again, warmer, up to 5 times (it sends a 6th, reply unread)
+            for k, t in enumerate((0.0, 0.0, 0.5, 1.0, 1.5)):
+                ask = text + (prompts["mmvet_retry"] if k else "")
+                v = correctness(judge([{"role": "user", "content": ask}], 3, t))
                 if v is not None:
                     break
             s.append(v or 0.0)
         caps = dict.fromkeys(c for it in items for c in it["kind"])
-        return {"mmvet": 100 * mean(s)} | {f"mmvet/{c}": 100 * mean([v for v, it in zip(s, items) if c in it["kind"]])
-                                           for c in caps}
+        pct = lambda xs: round(mean(xs) * 100 * 10) / 10  # noqa: E731 (MM-Vet's: numpy's round)
+        res = {f"mmvet/{c}": pct([v for v, it in zip(s, items) if c in it["kind"]]) for c in caps}
+        return {"mmvet": pct(s)} | res
     raise ValueError(f"{name} is not judged")
 
 
@@ -727,9 +841,10 @@ RULE = ("pope", "objhal", "textvqa", "gqa")
 
 
 def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_size=64, max_new_tokens=512,
-                   prompts=PROMPTS, vocab=None):
+                   prompts=PROMPTS, vocab=None, short_prompt=True):
     """Answers every item of each benchmark (greedy, batched, KV-cached; short answers get 16 tokens, the others
-    max_new_tokens) and scores them; judge and judge_v (which sees images) read the open-ended ones."""
+    max_new_tokens) and scores them; judge and judge_v (which sees images) read the open-ended ones.
+    POPE, TextVQA and GQA questions end with SHORT unless short_prompt is False."""
     res, answered = {}, {}
     for name in names:
         if name not in RULE and (judge_v if name == "mmhal_v" else judge) is None:
@@ -738,8 +853,9 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
         key = FOLDER.get(name, name)  # MMHal and MMHal-V judge the same answers
         if key not in answered:
             short = name in ("pope", "textvqa", "gqa")
-            answered[key] = answer(vlm, [it["image"] for it in items], [it["question"] for it in items],
-                                   16 if short else max_new_tokens, batch_size)
+            qs = [it["question"] + (SHORT if short and short_prompt else "") for it in items]
+            images = [it["image"] for it in items]
+            answered[key] = answer(vlm, images, qs, 16 if short else max_new_tokens, batch_size)
         preds = answered[key]
         if name in RULE:
             res |= score_bench(name, items, preds, vocab)
@@ -776,6 +892,9 @@ class Config:
     judge_retries: int = 6  # after a 429 / 5xx, a malformed reply, a network error or a timeout
     judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording (same {fields})
     synonyms: str = ""     # a COCO synonym list in the standard format, instead of ours (Object HalBench)
+    short_prompt: bool = True  # end POPE, TextVQA and GQA questions with SHORT (LLaVA, lmms-eval)
+    official: bool = False  # the benchmarks' published judge prompts and synonym list, not ours,
+                            # fetched once into --bench_dir (see OFFICIAL)
 
 
 def results_table(pattern):
@@ -815,7 +934,10 @@ def main(argv=None):
         raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or OPENAI_API_KEY), or "
                          "JUDGE_BASE_URL for an endpoint without a key")
     prompts = PROMPTS | (json.load(open(cfg.judge_prompts)) if cfg.judge_prompts else {})
-    vocab = coco_vocab(cfg.synonyms or SYNONYMS)
+    prompts |= official_prompts(cfg.bench_dir, names) if cfg.official else {}
+    official = cfg.official and "objhal" in names
+    vocab = coco_vocab(official_file(cfg.bench_dir, "objhal") if official else
+                       cfg.synonyms or SYNONYMS)
     rows = {}
     for spec in cfg.model.split(","):
         name, _, path = spec.rpartition("=")
@@ -823,7 +945,8 @@ def main(argv=None):
         t0 = time.time()
         vlm = VLM.from_pretrained(path).eval()
         rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit, cfg.batch_size,
-                                    cfg.max_new_tokens, prompts, vocab) if names else \
+                                    cfg.max_new_tokens, prompts, vocab, cfg.short_prompt) \
+            if names else \
             evaluate_world(vlm, cfg.world_seed, cfg.split, cfg.n, cfg.batch_size)
         rows[name]["seconds"] = round(time.time() - t0, 1)
     print(table(rows, list(TABLE2.values()), list(TABLE2)) if names else table(rows))

@@ -4,10 +4,13 @@ hand-computed values, and the judge client of the open-ended ones against a fake
 error and keeps what was finished, redirects refused, a deadline per request, threads), and the zip caps."""
 import base64
 import json
+import math
 import os
+import re
 import shutil
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -24,8 +27,16 @@ FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "benc
 @pytest.mark.parametrize("text,want", [
     ("Two.", "2"), ("none", "0"), ("the coca-cola", "coca cola"), ("dont stop", "don't stop"), ("Yes, sir!", "yes sir"),
     ("3.5", "3.5"), ("Joe's Diner", "joe 's diner"), ("(a) b", "b"), ("An apple", "apple"), ("well", "well"),
+    # EvalAI's contractions: forms that are words stay, its others are there, one is backwards
+    ("im", "im"), ("ive", "ive"), ("shed", "shed"), ("shell", "shell"), ("shes", "shes"),
+    ("were", "were"), ("Im", "im"), ("aint", "ain't"), ("twas", "'twas"), ("maam", "ma'am"),
+    ("hows", "how's"), ("whens", "when's"), ("whys", "why's"), ("someones", "someone's"),
+    ("couldnt've", "couldn't've"), ("couldn'tve", "couldn't've"), ("'ows'at", "'ow's'at"),
+    ("somebody'd", "somebodyd"),
+    ("." * 32, ""), ("." * 33, "."),  # EvalAI strips the first 32 periods only
 ])
 def test_vqa_normalize(text, want):
+    """Each answer is what EvalAI's processor (LLaVA's m4c_evaluator.py) gives."""
     assert ev.vqa_normalize(text) == want
 
 
@@ -35,6 +46,43 @@ def test_vqa_accuracy_by_hand():
     assert abs(ev.vqa_accuracy("2", answers) - 0.9) < 1e-12
     assert ev.vqa_accuracy("Yes.", answers) == 1.0 and ev.vqa_accuracy("no", answers) == 0.0
     assert abs(ev.vqa_accuracy("3", ["2"] * 9 + ["3"]) - 0.3) < 1e-12  # 9 subsets keep one "3": 9 x 1/3 / 10
+    assert ev.vqa_accuracy("we're", ["were"] * 10) == 0.0
+    assert ev.vqa_accuracy("ain't", ["aint"] * 10) == 1.0
+
+
+@pytest.mark.parametrize("reply,yes", [
+    ("Yes", True), ("No", False), ("No.", False), ("Yes, there is no cat.", False),
+    ("not sure", False), ("NO", True), ("Not sure", True),  # only "No", "not", "no" count
+    ("Yes\nNo", True), ("No\nThe image shows a cat.", True), ("No\n", True),  # " " splits only
+    ("Yes. No.", True), ("There is a dog, no cat", False),
+])
+def test_pope_answer_rule(reply, yes):
+    """POPE's evaluate.py (and LLaVA's eval_pope.py) gives the same yes / no."""
+    assert ev.yes_no(reply) is yes
+
+
+def test_pope_where_the_reference_script_crashes():
+    """POPE's script divides by zero without a "yes" answer (precision) or with precision and
+    recall 0 (F1); we report 0 there."""
+    r = ev.pope_metrics([False, False], [True, False])
+    assert r == dict(acc=50.0, precision=0.0, recall=0.0, f1=0.0, yes_ratio=0.0)
+    assert ev.pope_metrics([True, False], [False, True])["f1"] == 0.0
+
+
+def test_short_answer_prompt_is_the_default(monkeypatch):
+    """POPE, TextVQA and GQA questions end with LLaVA's short-answer suffix, or go bare."""
+    asked = []
+    monkeypatch.setattr(ev, "answer", lambda vlm, ims, qs, *a: asked.extend(qs) or ["y"] * len(qs))
+    ev.evaluate_bench(None, ["pope", "textvqa", "gqa"], FIX)
+    assert len(asked) == 10 and all(q.endswith(ev.SHORT) and q.count("?") == 1 for q in asked)
+    asked.clear()
+    ev.evaluate_bench(None, ["pope", "textvqa", "gqa"], FIX, short_prompt=False)
+    assert len(asked) == 10 and not any(ev.SHORT in q for q in asked) and asked[0].endswith("?")
+    asked.clear()
+    stub = types.SimpleNamespace(eval=lambda: None)
+    monkeypatch.setattr(ev.VLM, "from_pretrained", lambda path: stub)
+    ev.main(["--bench", "pope", "--bench_dir", FIX, "--short_prompt", "false"])  # the switch
+    assert len(asked) == 6 and not any(ev.SHORT in q for q in asked)
 
 
 def test_benchmark_scores_on_fixtures():
@@ -48,7 +96,7 @@ def test_benchmark_scores_on_fixtures():
     assert r["pope_adversarial_f1"] == 0.0 and r["pope_popular_yes_ratio"] == 100.0
     assert abs(r["pope"] - (100 + 200 / 3) / 3) < 1e-9
     tv = ev.load_bench("textvqa", FIX)
-    assert len(tv) == 2 and len(tv[0]["gold"]) == 10 and tv[0]["question"].endswith(ev.SHORT)
+    assert len(tv) == 2 and len(tv[0]["gold"]) == 10 and tv[0]["question"].endswith("?")
     assert abs(ev.score_bench("textvqa", tv, ["3", "Blue."])["textvqa"] - 65.0) < 1e-9  # (0.3 + 1.0) / 2
     gqa = ev.load_bench("gqa", FIX)
     assert ev.score_bench("gqa", gqa, ["Yes.", "green"])["gqa"] == 50.0
@@ -310,18 +358,47 @@ def test_unreachable_judge_and_image_parts(tmp_path):
 # Object HalBench (CHAIR with COCO synonyms) and the judge-scored benchmarks
 
 
-def test_coco_synonyms_and_mentions(tmp_path):
+# Texts and the objects RLAIF-V's eval_gpt_obj_halbench.py (rule path: NLTK's word_tokenize,
+# WordNet's lemmatiser, CHAIR's pairs) finds in them with its synonym list; ours gives the same
+OBJHAL_CASES = [
+    # tokens: hyphens, slashes, digits and inner periods stay in the word; punctuation blocks a pair
+    ("a hot-dog", []), ("a cell-phone", []), ("a teddy-bear", []), ("cat/dog", []), ("2dogs", []),
+    ("a dog.The cat", ["cat"]), ("a dog-shaped kite", ["kite"]), ("cake-style doughnut", ["donut"]),
+    ("**Dog**: a dog.", ["dog", "dog"]), ("a hot. Dog", ["dog"]), ("a dog's bowl", ["dog", "bowl"]),
+    # WordNet's lemmas: "men" is a word there, "persons" a plural, "vases" is "vas"
+    ("two men", []), ("three persons", ["person"]), ("mice and knives", ["mouse", "knife"]),
+    ("vases", []), ("bikers", []), ("a biker", ["person"]),  # WordNet lacks "biker": no plural
+    # CHAIR's pairs and special cases
+    ("a toilet seat", ["toilet"]), ("the seat of the toilet", ["toilet"]), ("a seat", ["chair"]),
+    ("a baby animal", []), ("a baby cub", []), ("baby animals", []), ("baby bears", ["bear"]),
+    ("an adult giraffe", ["giraffe"]), ("a passenger bus", ["person", "bus"]),
+    ("a passenger jet", ["airplane"]), ("a passenger train", ["train"]),
+    ("train tracks; home plate", []), ("a stove top oven", ["oven", "oven"]), ("bow tie", ["tie"]),
+    ("sports balls", ["sports ball"]), ("a wine glass", ["wine glass"]),
+    # the list's facts
+    ("a notebook", ["laptop"]), ("a dirt bike", ["bicycle"]), ("baseball players", ["person"]),
+    ("a bow", ["tie"]), ("a goat", ["sheep"]), ("a panda", ["bear"]), ("a monitor", ["tv"]),
+    ("street lights", ["traffic light"]), ("an iPhone", []), ("a phone", ["cell phone"]),
+    ("Two men, three women and children ride buses past hot dogs, a teddy bear, knives and mice.",
+     ["person", "person", "bus", "hot dog", "teddy bear", "knife", "mouse"]),
+]
+
+
+@pytest.mark.parametrize("text,want", OBJHAL_CASES)
+def test_coco_mentions_as_object_halbench_finds_them(text, want):
+    assert ev.coco_mentions(text, ev.coco_vocab()) == want
+
+
+def test_coco_synonym_lists(tmp_path):
     v = ev.coco_vocab()
-    assert len(set(c for c in v.values() if c)) == 80
-    said = ev.coco_mentions("Two men, three women and children ride buses past hot dogs, a teddy bear, knives and "
-                            "mice. A baby elephant and an adult giraffe; a passenger train on train tracks; home plate; "
-                            "a toilet seat; a dining table.", v)
-    assert said == ["person", "person", "person", "bus", "hot dog", "teddy bear", "knife", "mouse", "elephant",
-                    "giraffe", "train", "toilet", "dining table"]
-    # another list in the standard format: category first, then its synonyms
-    (tmp_path / "syn.txt").write_text("person, sailor\ndog, pooch\ndining table, table\n")
+    assert len(set(v.values())) == 80 and all(v[c] == c for c in set(v.values()))
+    # another list in the standard format: ", "-separated, a word's last category wins, case kept
+    (tmp_path / "syn.txt").write_text("person, sailor, pooch\ndog, pooch\ndining table, table\n"
+                                      "cell phone, iPhone\n")
     other = ev.coco_vocab(str(tmp_path / "syn.txt"))
-    assert ev.coco_mentions("Sailors, a pooch and a man at a table.", other) == ["person", "dog", "dining table"]
+    assert other["pooch"] == "dog" and "iphone" not in other
+    said = ev.coco_mentions("Sailors, a pooch, an iPhone and a man at a table.", other)
+    assert said == ["person", "dog", "dining table"]
 
 
 def test_object_halbench_chair_by_hand():
@@ -332,7 +409,8 @@ def test_object_halbench_chair_by_hand():
     assert said[0] == ["person", "dog", "dog", "bed", "person", "cup"] and said[1] == []
     r = ev.chair(said, [{"person", "dog"}, {"cup"}, {"cat"}])
     # mentions 6 + 0 + 2, absent: bed, cup, couch; descriptions with one: 2 of 3; recall (2 + 0 + 1) / (2 + 1 + 1)
-    assert r == dict(chair_i=100 * 3 / 8, chair_s=100 * 2 / 3, recall=75.0)
+    assert r == dict(chair_i=100 * 3 / 8, chair_s=2 / 3 * 100, recall=75.0)
+    assert 2 / 3 * 100 != 100 * 2 / 3  # the ratio first, then x 100, as the script: equal floats
     its = [dict(gold=t) for t in ({"person", "dog"}, {"cup"}, {"cat"})]  # Object HalBench's response-level rate
     assert ev.score_bench("objhal", its, preds)["objhal_response_hall"] == 100.0  # counts the 2 that name objects
     items = ev.load_bench("objhal", FIX)
@@ -375,13 +453,24 @@ def test_llava_bench_relative_score_by_hand():
     its = items(["conv", "detail", "conv"], context=["A cat.", "A mat."])
     judge = Scripted(["8 6\nAssistant 1 is better.", "7,7\nTied.", "I would give 9 and 5."])
     r = ev.judge_bench("llavaw", its, ["a0", "a1", "a2"], judge)
-    # pairs (8, 6), (7, 7), (-1, -1): the means 4.667 and 4.0 (a failed parse counts, as in LLaVA's summary)
-    assert abs(r["llavaw"] - 100 * 4.0 / 4.667) < 1e-9
-    assert abs(r["llavaw/conv"] - 100 * 2.5 / 3.5) < 1e-9 and r["llavaw/detail"] == 100.0
+    # pairs (8, 6), (7, 7), (-1, -1): the means 4.667 and 4.0 (a failed parse counts, as in LLaVA's
+    # summary), 4.0 / 4.667 * 100 = 85.708... to 1 place
+    assert r["llavaw"] == 85.7 and r["llavaw/conv"] == 71.4 and r["llavaw/detail"] == 100.0
     messages, _, temperature = judge.asked[0]
     assert messages[0]["role"] == "system" and temperature == 0.2
     text = messages[1]["content"]
     assert "A cat.\nA mat." in text and text.index("g0") < text.index("a0")  # the GPT-4 answer is Assistant 1
+
+
+def test_llava_bench_order_of_operations():
+    """summarize_gpt_review.py: means rounded to 3 places, ratio x 100 rounded to 1: (1,1), (7,1),
+    (10,8) give 3.333 / 6.0 * 100 = 55.55 -> 55.5 there (100 x 3.333 / 6.0 would round to 55.6); a
+    zero mean is NaN here."""
+    judge = Scripted(["1 1", "7 1", "10 8"])
+    r = ev.judge_bench("llavaw", items(["conv"] * 3, context="c"), ["a"] * 3, judge)
+    assert r["llavaw"] == 55.5 and round(100 * 3.333 / 6.0, 1) == 55.6
+    r = ev.judge_bench("llavaw", items(["conv"], context="c"), ["a"], Scripted(["0 5"]))
+    assert math.isnan(r["llavaw"])  # the reference script divides by zero there
 
 
 @pytest.mark.parametrize("reply,want", [("8 6\nwhy", [8.0, 6.0]), ("7,7", [7.0, 7.0]), ("9.5 3", [9.5, 3.0]),
@@ -397,11 +486,23 @@ def test_mm_vet_scores_and_retries_by_hand():
            for i, (g, k) in enumerate([("3", ("math",)), ("cat<AND>dog", ("rec", "spat")), ("x<OR>y", ("rec",))])]
     judge = Scripted(["0.7", "high", "1.5", "0.4 because"] + ["?"] * 5)
     r = ev.judge_bench("mmvet", its, ["a0", "a1", "a2"], judge)
-    assert [round(r[k], 9) for k in ("mmvet", "mmvet/math", "mmvet/rec", "mmvet/spat")] == \
-        [round(100 * 1.1 / 3, 9), 70.0, 20.0, 40.0]  # 0.7, 0.4 (third ask), 0 (five unreadable asks)
+    # 0.7, 0.4 (third ask), 0 (five unreadable asks): 1.1 / 3 * 100 to 1 place
+    assert [r[k] for k in ("mmvet", "mmvet/math", "mmvet/rec", "mmvet/spat")] == [36.7, 70, 20, 40]
     assert [t for _, _, t in judge.asked] == [0.0, 0.0, 0.0, 0.5] + [0.0, 0.0, 0.5, 1.0, 1.5]
     assert all(n == 3 for _, n, _ in judge.asked)
     assert "cat <AND> dog" in judge.asked[1][0][0]["content"]
+    again = judge.asked[1][0][0]["content"] + ev.PROMPTS["mmvet_retry"]
+    assert judge.asked[2][0][0]["content"] == again
+
+
+@pytest.mark.parametrize("reply,want", [
+    ("0.7", 0.7), ("0.7 because", 0.7), ("\n0.7", 0.7), ("1", 1.0), (" 0.7", None),
+    ("0.7\nwhy", None), ("1.5", None), ("-0.1", None), ("nan", None), ("", None), ("So 1", None)])
+def test_mm_vet_score_parsing(reply, want):
+    """MM-Vet's evaluator: the first piece split on single spaces, stripped, a float in [0, 1]
+    (" 0.7" starts with an empty piece: asked again there too). It takes "nan" (its total becomes
+    NaN); we ask again."""
+    assert ev.correctness(reply) == want
 
 
 def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, capsys):
@@ -511,3 +612,117 @@ def test_download_refuses_a_zip_bomb(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"test_data.zip: 1 files, 1000000 bytes .* not extracted"):
         ev.download("mmhal", str(tmp_path))
     assert not os.path.exists(tmp_path / "mmhal" / "test_data.zip.unzipped")
+
+
+# -----------------------------------------------------------------------------
+# --official true: the benchmarks' published texts, fetched once (here: small files of our own in
+# their formats, served from 127.0.0.1)
+
+OFFICIAL_FILES = {
+    "eval_gpt4.py": "import json\n\ntemplate = '''Grade it {{strictly}}.\nContents: {}\nAsked: {}\n"
+                    "Human: {}\nModel: {}\n'''\n\nprint(template.format(1, 2, 3, 4))\n",
+    "rule.json": json.dumps({"llava_bench_conv": {"role": "Helper", "prompt": "Rate both, conv."},
+                             "llava_bench_detail": {"role": "Helper", "prompt": "Rate, detail."},
+                             "default": {"role": "X", "prompt": "unused"}}),
+    "eval_gpt_review_bench.py": "def ask(x):\n    return create(messages=[{'role': 'system', "
+                                "'content': 'Judge fairly.'}, {'role': 'user', 'content': x}])\n",
+    "mm-vet_evaluator.py": 'prompt = """Give a score.\nQ | GT | A | S\n"""\n\n\n'
+                           'def grade(args, q, a):\n'
+                           '    first = args.prompt + "\\n" + " | ".join([q, a, ""])\n'
+                           '    again = args.prompt + "\\n" + " | ".join([q, a]) + "\\nDigit: "\n'
+                           '    return first, again\n',
+    "synonyms_refine.txt": "person, sailor\ncell phone, phone, iPhone\ndog, pooch\n",
+}
+
+
+@pytest.fixture
+def official(tmp_path, monkeypatch):
+    """Serves OFFICIAL_FILES on 127.0.0.1 as eval.OFFICIAL; yields the paths asked for."""
+    from http.server import SimpleHTTPRequestHandler
+    (tmp_path / "web").mkdir()
+    for fn, text in OFFICIAL_FILES.items():
+        (tmp_path / "web" / fn).write_text(text)
+    got = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(tmp_path / "web"), **kw)
+
+        def do_GET(self):
+            got.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    urls = {k: base + u.rsplit("/", 1)[1] for k, u in ev.OFFICIAL.items()}
+    monkeypatch.setattr(ev, "OFFICIAL", urls)
+    yield got
+    httpd.shutdown()
+
+
+def test_official_texts_are_fetched_once_and_read_in_their_formats(official, tmp_path):
+    root = str(tmp_path / "bench")
+    p = ev.official_prompts(root, ["mmhal_v", "llavaw", "mmvet"])
+    assert sorted(official) == ["/eval_gpt4.py", "/eval_gpt_review_bench.py",
+                                "/mm-vet_evaluator.py", "/rule.json"]
+    assert os.path.exists(os.path.join(root, "llavaw", "eval_gpt_review_bench.py"))  # its folder
+    # str.format's fields become ours, its escaped braces are undone
+    assert p["mmhal"] == ("Grade it {strictly}.\nContents: {objects}\nAsked: {question}\n"
+                          "Human: {reference}\nModel: {answer}\n")
+    filled = ev.fill(p["mmhal"], objects="Cup", question="q", reference="r", answer="{question}")
+    assert filled.endswith("Model: {question}\n")  # one pass: an answer's braces stay
+    assert p["llavaw/detail"] == ("[Context]\n{context}\n\n[Question]\n{question}\n\n[Helper 1]\n"
+                                  "{reference}\n\n[End of Helper 1]\n\n[Helper 2]\n{answer}\n\n"
+                                  "[End of Helper 2]\n\n[System]\nRate, detail.\n\n")
+    assert p["llavaw_system"] == "Judge fairly." and p["llavaw"] is None
+    assert "llavaw/default" not in p
+    assert p["mmvet"] == "Give a score.\nQ | GT | A | S\n\n{question} | {reference} | {answer} | "
+    assert p["mmvet_retry"] == "\nDigit: "
+    vocab = ev.coco_vocab(ev.official_file(root, "objhal"))
+    assert ev.coco_mentions("A sailor's phone, an iPhone.", vocab) == ["person", "cell phone"]
+    n = len(official)
+    assert ev.official_prompts(root, ["mmhal", "llavaw", "mmvet"]) == p
+    assert len(official) == n  # the second time nothing is downloaded
+    judge = Scripted(["8 6", "7 7"])
+    its = items(["detail", "conv"], context="c")
+    ev.judge_bench("llavaw", its, ["a0", "a1"], judge, ev.PROMPTS | p)
+    system, user = judge.asked[0][0]
+    assert system["content"] == "Judge fairly." and "Rate, detail." in user["content"]
+    with pytest.raises(ValueError, match="rule.json has no llava_bench_complex"):
+        its = items(["complex"], context="c")
+        ev.judge_bench("llavaw", its, ["a"], Scripted(["8 6"]), ev.PROMPTS | p)
+    (tmp_path / "bench" / "mmvet" / "mm-vet_evaluator.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match=r"mm-vet_evaluator.py has no prompt;"):
+        ev.official_prompts(root, ["mmvet"])
+
+
+def test_official_texts_without_network_say_what_to_download(tmp_path, monkeypatch):
+    url = "http://127.0.0.1:9/mm-vet_evaluator.py"
+    monkeypatch.setattr(ev, "OFFICIAL", ev.OFFICIAL | {"mmvet": url})
+    path = os.path.join(str(tmp_path), "mmvet", "mm-vet_evaluator.py")
+    want = rf"cannot download {url} .*put that file at {re.escape(path)}"
+    with pytest.raises(FileNotFoundError, match=want):
+        ev.official_prompts(str(tmp_path), ["mmvet"])
+    assert not os.path.exists(path)
+
+
+def test_main_with_official_texts(official, server, tmp_path, monkeypatch):
+    """--official true: main fetches the texts into --bench_dir; the judge gets them."""
+    for b in ("llavaw", "mmvet", "objhal"):
+        shutil.copytree(os.path.join(FIX, b), tmp_path / "bench" / b)
+    monkeypatch.setenv("JUDGE_BASE_URL", server["url"])
+    server["reply"] = lambda body: "8 6" if body["messages"][0]["role"] == "system" else "0.5"
+    seen = []
+    monkeypatch.setattr(ev, "coco_vocab", lambda path: seen.append(path) or {"cup": "cup"})
+    argv = ["--bench", "llavaw,mmvet,objhal", "--bench_dir", str(tmp_path / "bench"), "--official",
+            "true", "--judge_cache", str(tmp_path / "j.jsonl"), "--max_new_tokens", "8"]
+    r = ev.main(argv)["world-base"]
+    assert (r["llavaw"], r["mmvet"]) == (75.0, 50.0)
+    assert seen == [str(tmp_path / "bench" / "objhal" / "synonyms_refine.txt")]
+    assert [b["messages"][0]["content"] for b in server["bodies"][:2]] == ["Judge fairly."] * 2
+    first = server["bodies"][2]["messages"][0]["content"]
+    assert first.startswith("Give a score.\nQ | GT | A | S\n\n")
