@@ -11,11 +11,14 @@ For each prompt with a ground-truth answer y+:
 3. embed the result and y+ with a sentence encoder: cosine similarity >= eps_s (0.97) means "too close", try again,
    up to n_bdhs (5) attempts, the last one an unguided full response, accepted whatever its similarity.
 
-Variants: BDHS_noise (POVID's diffusion noise on the normalised pixels, N = 500, rho_th = 0), masking without
-guidance (every attempt unguided), and the POVID-style teacher-forced distortion baseline (App. E.1).
+Variants: BDHS_noise (POVID's diffusion noise on the normalised pixels, N = 500, rho_th = 0) and the POVID-style
+teacher-forced distortion baseline (App. E.1). The guidance can be changed for its ablation (the paper has none):
+`--guidance none` (every attempt an unguided response: Table 15's "masking only") or `token` (the ground truth
+teacher-forced under the same mask, each position's argmax taken, as POVID does under noise).
 
-    python bdhs.py --out runs/bdhs/pairs.jsonl                    # the world's align prompts, shipped base model
-    python bdhs.py --model M --source povid:/data/povid --out pairs.jsonl --embedder sentence-transformers/all-mpnet-base-v2
+    python bdhs.py --out runs/bdhs/pairs.jsonl           # the world's align prompts, the shipped base model
+    python bdhs.py --model M --source povid:/data/povid --out pairs.jsonl \
+        --embedder sentence-transformers/all-mpnet-base-v2
 """
 import hashlib
 import json
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import world
 from model import TEMPLATES, VLM, config_from_argv, left_pad
 
 # -----------------------------------------------------------------------------
@@ -213,19 +217,18 @@ def add_diffusion_noise(pixels, N, generator):
 
 @dataclass
 class Config:
-    model: str = data.BASE_MODEL
+    model: str = world.BASE_MODEL
     source: str = "world"         # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
                                   # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""
     out: str = "runs/bdhs/pairs.jsonl"
     n: int = 2000                 # world prompts (ignored for files: all of them)
     world_seed: int = 0
-    prior: float = 0.9            # the world's language priors (data.World), as train_offline's flags of that name
-    color_prior: float = 0.6
+    world_half: str = ""          # a or b: the world's prompts about half of the usual pairs (world.py)
     variant: str = "attn"         # attn (BDHS_attn) | noise (BDHS_noise) | distort (POVID-style, teacher forced)
     rho: float = 0.99             # rho_th: share of image tokens hidden (0.99: about 1% stay visible)
     noise_steps: int = 500        # N of the diffusion noise (noise, distort)
-    guided: bool = True           # False: every attempt is an unguided full response (Table 15, "masking only")
+    guidance: str = "sentence"    # sentence (Algorithm 1) | token (teacher-forced, masked) | none (unguided)
     n_bdhs: int = 5               # attempts; the last one unguided
     eps_s: float = 0.97           # similarity at or above which an attempt is rejected
     embedder: str = ""            # a sentence-transformers folder or hub id; "": the MiniLM package
@@ -240,22 +243,18 @@ class Config:
 
 def source_records(cfg):
     if cfg.source in ("world", "world+corrupt"):
-        world = data.World(cfg.world_seed, cfg.prior, cfg.color_prior)
-        return data.world_pairs(world, cfg.n, rejected=cfg.source == "world+corrupt")
+        w = world.World(cfg.world_seed, half=cfg.world_half)
+        return world.world_pairs(w, cfg.n, rejected=cfg.source == "world+corrupt")
     return data.load_pairs(cfg.source, cfg.image_root, need_rejected=False, flag="--source")
-
-
-def prompt_ids(vlm: VLM, rec):
-    sizes = None if vlm.cfg.model_type == "llava" else torch.tensor([data.image_hw(rec["image"])])
-    return data.encode_conversation(vlm, rec["conversation"], sizes)[0]
 
 
 @torch.no_grad()
 def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng: random.Random, stats=None):
     """Algorithm 1 on a batch of records (conversation, chosen): returns one (rejected, meta) per record."""
-    if cfg.variant == "distort":
-        return distort_batch(vlm, recs, cfg, gen)
-    ids, am = left_pad([prompt_ids(vlm, r) for r in recs])
+    if cfg.variant == "distort":  # one teacher-forced attempt under noise, as POVID
+        texts = teacher_forced(vlm, recs, 0.0, cfg.noise_steps, gen)
+        return [(t, dict(attempts=1, similarity=None, visible=1.0, guidance="token")) for t in texts]
+    ids, am = left_pad([data.prompt_ids(vlm, r) for r in recs])
     pix = vlm.image_processor(data.open_image(r["image"]) for r in recs)
     dev = vlm.lm_head.weight.device
     gt_emb = embedder([r["chosen"] for r in recs])
@@ -267,8 +266,9 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
         kw = dict(input_ids=ids[todo].to(dev), attention_mask=am[todo].to(dev), key_mask=keep.to(dev),
                   pixel_values=pv.to(dev), image_sizes=pix["image_sizes"][todo].to(dev) if "image_sizes" in pix else None,
                   temperature=cfg.temperature, generator=gen)
-        guided = cfg.guided and not (cfg.n_bdhs > 1 and attempt == cfg.n_bdhs)  # the last attempt is unguided
-        if guided:
+        last = cfg.n_bdhs > 1 and attempt == cfg.n_bdhs  # the last attempt is unguided
+        guidance = "none" if last else cfg.guidance
+        if guidance == "sentence":
             plans = [plan_sentences(recs[i]["chosen"], rng) for i in todo]  # rows share their prompt's prefill
             S = max(map(len, plans))
             prefix = [sentence_prefix(vlm, *pl[k][:2]) if k < len(pl) else [] for pl in plans for k in range(S)]
@@ -278,13 +278,15 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
             for j, pl in enumerate(plans):
                 texts.append("".join(join_sentence(p1, vlm.tokenizer.decode(out[j * S + k]), ws)
                                      for k, (_, p1, ws) in enumerate(pl)))
+        elif guidance == "token":
+            texts = teacher_forced(vlm, [recs[i] for i in todo], rho, noise, gen)
         else:
             out = vlm.generate(**kw, max_new_tokens=cfg.max_new_tokens)
             texts = [vlm.tokenizer.decode(o).strip() for o in out]
         sim = (embedder(texts) * gt_emb[todo]).sum(-1).tolist()
         still = []
         for i, text, s, v in zip(todo, texts, sim, vis):
-            result[i] = (text, dict(attempts=attempt, similarity=round(s, 4), visible=round(v, 4), guided=guided))
+            result[i] = (text, dict(attempts=attempt, similarity=round(s, 4), visible=round(v, 4), guidance=guidance))
             if s >= cfg.eps_s:
                 still.append(i)
         if stats is not None:
@@ -296,23 +298,22 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
 
 
 @torch.no_grad()
-def distort_batch(vlm: VLM, recs, cfg: Config, gen):
-    """POVID-style distortion (App. E.1): the ground truth teacher-forced under the noisy image; the rejected token
-    at each position is the argmax there. (POVID scores it in its own loss; here it is an ordinary rejected text.)"""
-    items = [dict(image=r["image"], prompt=prompt_ids(vlm, r), responses=[vlm.encode_reply(r["chosen"])]) for r in recs]
-    batch = data.collate_pairs(vlm, items)
-    batch["pixel_values"] = add_diffusion_noise(batch["pixel_values"], cfg.noise_steps, gen)
+def teacher_forced(vlm: VLM, recs, rho, noise, gen):
+    """Token-level guidance: the ground truth teacher-forced with image tokens hidden (rho) and the pixels noised
+    (noise steps); the rejected token at each position is the argmax there. With rho 0 and noise N this is POVID's
+    distortion (App. E.1; POVID scores it in its own loss, here it is an ordinary rejected text)."""
+    items = [dict(image=r["image"], prompt=data.prompt_ids(vlm, r), responses=[vlm.encode_reply(r["chosen"])])
+             for r in recs]
+    b = data.collate_pairs(vlm, items)
+    keep, _ = image_key_mask(b["input_ids"], b["segment"] >= 0, vlm.cfg.image_token_id, rho, gen)
     dev = vlm.lm_head.weight.device
-    sizes = batch["image_sizes"].to(dev) if "image_sizes" in batch else None
-    h = vlm.hidden(batch["input_ids"].to(dev), batch["pixel_values"].to(dev), sizes,
-                   position_ids=batch["position_ids"].to(dev))
-    pred = vlm.lm_head(h[torch.arange(len(items))[:, None], batch["pred_idx"][:, 0].to(dev)]).argmax(-1).cpu()
+    h = vlm.hidden(b["input_ids"].to(dev), add_diffusion_noise(b["pixel_values"], noise, gen).to(dev),
+                   b["image_sizes"].to(dev) if "image_sizes" in b else None, position_ids=b["position_ids"].to(dev),
+                   key_mask=keep.to(dev))
+    pred = vlm.lm_head(h[torch.arange(len(items))[:, None], b["pred_idx"][:, 0].to(dev)]).argmax(-1).cpu()
     eos = vlm.eos_ids()
-    out = []
-    for it, p in zip(items, pred):
-        toks = [t for t in p[:len(it["responses"][0])].tolist() if t not in eos]
-        out.append((vlm.tokenizer.decode(toks).strip(), dict(attempts=1, similarity=None, visible=1.0, guided=True)))
-    return out
+    return [vlm.tokenizer.decode([t for t in p[:len(it["responses"][0])].tolist() if t not in eos]).strip()
+            for it, p in zip(items, pred)]
 
 # -----------------------------------------------------------------------------
 # Pairs on disk: resumable, one batch appended at a time
@@ -399,8 +400,10 @@ def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
     if cfg.variant not in ("attn", "noise", "distort"):
         raise ValueError(f"--variant {cfg.variant!r}: expected attn, noise or distort")
-    torch.set_grad_enabled(False)
-    build_pairs(cfg)
+    if cfg.guidance not in ("sentence", "token", "none"):
+        raise ValueError(f"--guidance {cfg.guidance!r}: expected sentence, token or none")
+    with torch.no_grad():
+        build_pairs(cfg)
     print(f"wrote {cfg.out}")
 
 

@@ -1,20 +1,15 @@
-"""eval.py: hallucination and capability metrics (paper §4.2, §7, App. B).
+"""eval.py: evaluation (paper §4.2, §7, App. B): the world's report and the paper's benchmarks, one command line.
 
-On the embedded world every answer can be checked against the scene, so the metrics are exact:
-- POPE-style existence probing ("Is there a cup in the image?") with random, popular (the most frequent absent
-  categories) and adversarial (the absent usual partner of a present object) negatives: accuracy, precision, recall,
-  F1 and yes-ratio, with POPE's official answer parsing;
-- description hallucination (Rohrbach et al. 2018): objects parsed from a detailed description and checked against
-  the scene, giving CHAIR_i (share of mentioned objects that are absent), CHAIR_s (share of descriptions with any)
-  and recall (share of present objects mentioned), plus the colours stated for correctly named objects;
-- colour and count question accuracy.
+On the embedded world (`--data world`, the default) the report is world.py's: every answer is checked against its
+scene, so POPE, CHAIR, recall and the helpfulness measures are exact (world.report names its parts).
 
-On the paper's benchmarks (§7; Table 2's columns), read from each public release's own files: POPE, TextVQA and GQA
-scored by rule; Object HalBench's CHAIR and recall over COCO categories; MMHal-Bench, MMHal-V (the same judge prompt,
-the judge sees the image), LLaVA-Bench and MM-Vet scored by a judge model behind any OpenAI-compatible endpoint
-(JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY). Releases go in --bench_dir, one folder each (see GET).
+On the paper's benchmarks (§7; Table 2's columns), read from each public release's own files (`--bench`): POPE,
+TextVQA and GQA scored by rule; Object HalBench's CHAIR and recall over COCO categories; MMHal-Bench, MMHal-V (the
+same judge prompt, the judge sees the image), LLaVA-Bench and MM-Vet scored by a judge model behind any
+OpenAI-compatible endpoint (JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY). Each score equals the benchmark's own
+script (the README lists the exceptions). Releases go in --bench_dir, one folder each (see GET).
 
-    python eval.py --model assets/world-base --data world --world_seed 0 --out results.json
+    python eval.py --model runs/offline/checkpoint --world_seed 3 --out results.json
     python eval.py --model llava-hf/llava-v1.6-vicuna-7b-hf --bench pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
 """
 import ast
@@ -25,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import re
 import threading
 import string
@@ -36,44 +30,13 @@ import data
 from model import VLM, config_from_argv
 
 # -----------------------------------------------------------------------------
-# Parsing answers
-
-NEGATIONS = {"no", "not", "without", "nor", "none", "never"}
-_WORD = re.compile(r"[a-z]+")
-_NOUNS = {data.plural(c): c for c in data.CATEGORIES} | {c: c for c in data.CATEGORIES}
-
-
-def parse_objects(text):
-    """Object mentions in free text: [{"category", "color" (or None), "negated"}], in order of appearance. A mention
-    is negated when a negation word comes earlier in its clause ("there is no cup", "not a red cup")."""
-    out = []
-    for clause in re.split(r"[.;!?,]| but | and ", text.lower()):
-        words = _WORD.findall(clause)
-        for k, w in enumerate(words):
-            if w in _NOUNS:
-                prev = words[k - 1] if k else ""
-                out.append(dict(category=_NOUNS[w], color=prev if prev in data.COLORS else None,
-                                negated=any(x in NEGATIONS for x in words[:k])))
-    return out
-
-
-def mentioned(text):
-    """The set of categories a text asserts are present."""
-    return {m["category"] for m in parse_objects(text) if not m["negated"]}
+# Metrics (percentages), each a pure function
 
 
 def yes_no(text):
     """POPE's rule: before the 1st period, commas out, split on single spaces: "No", "not", "no"."""
     words = text.split(".")[0].replace(",", "").split(" ")
     return not any(w in ("No", "not", "no") for w in words)
-
-
-def first_word(text, vocab):
-    """The first word of the text that is in vocab, or None."""
-    return next((w for w in _WORD.findall(text.lower()) if w in vocab), None)
-
-# -----------------------------------------------------------------------------
-# Metrics (percentages), each a pure function
 
 
 def pope_metrics(pred, label):
@@ -108,7 +71,7 @@ def accuracy(pred, gold):
     return 100 * sum(p == g for p, g in zip(pred, gold)) / max(len(gold), 1)
 
 # -----------------------------------------------------------------------------
-# The world evaluation
+# Answers, and tables of results
 
 
 def answer(vlm, images, questions, max_new_tokens, batch_size=64):
@@ -122,69 +85,7 @@ def answer(vlm, images, questions, max_new_tokens, batch_size=64):
     return out
 
 
-def probes(world: data.World, split, n):
-    """The questions of the world evaluation: per scene a description, one POPE positive, one negative of each
-    kind, a colour and a count question. Returns (scenes, items); an item is (scene index, kind, question, gold)."""
-    rng = random.Random(f"probes-{world.seed}-{split}")
-    scenes = [world.scene(split, i) for i in range(n)]
-    items = []
-    for i, s in enumerate(scenes):
-        present = [o.category for o in s.objects]
-        absent = [c for c in data.CATEGORIES if c not in present]
-        partners = [data.PARTNER[c] for c in present if data.PARTNER[c] in absent]
-        top = max(data.FREQUENCY[c] for c in absent if c not in partners)
-        negatives = dict(random=rng.choice(absent), adversarial=rng.choice(partners) if partners else None,
-                         popular=rng.choice([c for c in absent if data.FREQUENCY[c] == top and c not in partners]))
-        items.append((i, "describe", data.DESCRIBE[0], set(present)))
-        items.append((i, "pope_pos", data.exist_qa(rng.choice(present), True)[0], True))
-        items += [(i, f"pope_{k}", data.exist_qa(c, False)[0], False) for k, c in negatives.items() if c]
-        o = rng.choice(s.objects)
-        items.append((i, "color", data.color_qa(o)[0], o.color))
-        items.append((i, "count", data.COUNT[0], len(s.objects)))
-    return scenes, items
-
-
-def evaluate_world(vlm, world_seed=0, split="broken", n=500, batch_size=64):
-    """All world metrics for the first n scenes of a split, as a flat dict (percentages)."""
-    world = data.World(world_seed)
-    scenes, items = probes(world, split, n)
-    images = [data.render(s) for s in scenes]
-    texts = [""] * len(items)  # the model's answer to each item
-    for kind, max_new in (("describe", 96), ("pope", 3), ("color", 6), ("count", 6)):
-        sel = [j for j, it in enumerate(items) if it[1].startswith(kind)]
-        outs = answer(vlm, [images[items[j][0]] for j in sel], [items[j][2] for j in sel], max_new, batch_size)
-        for j, t in zip(sel, outs):
-            texts[j] = t
-
-    def answered(kind):  # (answer, item) for the items of one kind
-        return [(t, it) for t, it in zip(texts, items) if it[1] == kind]
-
-    res = dict(split=split, world_seed=world_seed, n_images=n)
-    pos = [(yes_no(t), True) for t, _ in answered("pope_pos")]
-    for k in ("random", "popular", "adversarial"):
-        pred, label = zip(*(pos + [(yes_no(t), False) for t, _ in answered(f"pope_{k}")]))
-        res |= {f"pope_{k}_{m}": v for m, v in pope_metrics(pred, label).items()}
-    desc = answered("describe")
-    res |= chair([mentioned(t) for t, _ in desc], [it[3] for _, it in desc])
-    stated, true_color = [], []  # colours the descriptions give to objects that are really there
-    for t, it in desc:
-        colors = {o.category: o.color for o in scenes[it[0]].objects}
-        for m in parse_objects(t):
-            if m["category"] in colors and m["color"] and not m["negated"]:
-                stated.append(m["color"]), true_color.append(colors[m["category"]])
-    res["desc_color_acc"] = accuracy(stated, true_color)
-    res["color_acc"] = accuracy(*zip(*[(first_word(t, data.COLORS), it[3]) for t, it in answered("color")]))
-    res["count_acc"] = accuracy(*zip(*[(first_word(t, data.NUMBERS), data.NUMBERS[it[3]])
-                                       for t, it in answered("count")]))
-    res["samples"] = [t for t, _ in desc[:3]]
-    return res
-
-
-KEYS = ["pope_random_f1", "pope_popular_f1", "pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s",
-        "recall", "color_acc", "desc_color_acc", "count_acc"]
-
-
-def table(rows: dict, keys=KEYS, heads=None):
+def table(rows: dict, keys, heads=None):
     """{name: results} -> a Markdown table with one row per result and the given metrics as columns ("-" where a
     result lacks one)."""
     lines = ["| model | " + " | ".join(heads or keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -871,15 +772,13 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
 
 @dataclass
 class Config:
-    model: str = data.BASE_MODEL  # a checkpoint, or several as name=path,name=path (one table row each)
+    model: str = ""        # a checkpoint, or several as name=path,name=path (a row each); default: the world's base
     data: str = "world"
-    world_seed: int = 0
-    split: str = "broken"  # broken: the prior does not hold; heldout: unseen scenes from the training distribution
-    n: int = 500
+    world_seed: int = 0    # the world's report (world.report): 0-2 the dev seeds, 3-5 the test seeds
+    world_half: str = ""   # a or b: report the broken split of each half of the usual pairs (the generalisation test)
+    n: int = 500           # scenes per part of the world's report
     batch_size: int = 64
     out: str = ""          # JSON: {name: results}
-    results: str = ""      # instead of evaluating: a table of train_offline runs' results.json files (a glob); one
-                           # row per run (its folder's name) plus the first run's "before" as "base"
     bench: str = ""        # instead of the world: any of pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
     bench_dir: str = "benchmarks"  # one folder per benchmark, holding its release's files (see GET)
     download: bool = False  # fetch a missing MMHal-Bench or LLaVA-Bench release from the hub
@@ -897,20 +796,8 @@ class Config:
                             # fetched once into --bench_dir (see OFFICIAL)
 
 
-def results_table(pattern):
-    """The before/after files of several runs (train_offline's world results) as one table."""
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise SystemExit(f"--results {pattern!r}: no file matches")
-    runs = [(os.path.basename(os.path.dirname(f)), json.load(open(f))) for f in files]
-    return table({"base": runs[0][1]["before"]} | {name: r["after"] for name, r in runs})
-
-
 def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
-    if cfg.results:
-        print(results_table(cfg.results))
-        return
     if cfg.data != "world" and not cfg.bench:
         raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
     lows = dict(n=1, batch_size=1, limit=0, max_new_tokens=1, judge_retries=0)
@@ -938,8 +825,9 @@ def main(argv=None):
     official = cfg.official and "objhal" in names
     vocab = coco_vocab(official_file(cfg.bench_dir, "objhal") if official else
                        cfg.synonyms or SYNONYMS)
+    import world  # the world's base model and report (world.py builds on this file's metrics)
     rows = {}
-    for spec in cfg.model.split(","):
+    for spec in (cfg.model or world.BASE_MODEL).split(","):
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
@@ -947,9 +835,12 @@ def main(argv=None):
         rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit, cfg.batch_size,
                                     cfg.max_new_tokens, prompts, vocab, cfg.short_prompt) \
             if names else \
-            evaluate_world(vlm, cfg.world_seed, cfg.split, cfg.n, cfg.batch_size)
+            world.report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
         rows[name]["seconds"] = round(time.time() - t0, 1)
-    print(table(rows, list(TABLE2.values()), list(TABLE2)) if names else table(rows))
+    if names:
+        print(table(rows, list(TABLE2.values()), list(TABLE2)))
+    else:
+        print(table(rows, world.HALF_KEYS if cfg.world_half else world.KEYS))
     for name, res in rows.items():
         if "samples" in res:
             print(f"sample descriptions ({name}):", *res["samples"][:3], sep="\n  ")

@@ -15,6 +15,7 @@ positions stay unchanged: this is how BDHS (paper §3.4) blinds the model to mos
 """
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -415,6 +416,346 @@ class LoRALinear(nn.Linear):
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+
+def add_lora(vlm, r=128, alpha=256, dropout=0.0, targets=LORA_TARGETS):
+    """Wraps the LLM's linears in LoRA adapters, their base weights frozen; other parameters keep requires_grad."""
+    for mod in list(vlm.model.language_model.modules()):
+        for name, child in list(mod.named_children()):
+            if name in targets and type(child) is nn.Linear:
+                setattr(mod, name, LoRALinear(child, r, alpha, dropout))
+                child.requires_grad_(False)
+    return vlm
+
+
+@contextlib.contextmanager
+def lora_disabled(vlm):
+    """The reference model: the same weights with every adapter switched off."""
+    mods = [m for m in vlm.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield vlm
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+def merge_lora(vlm):
+    """Folds every adapter into its base weight and removes it."""
+    for mod in list(vlm.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, LoRALinear):
+                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                lin.weight = nn.Parameter(child.merged_weight().detach(), requires_grad=child.weight.requires_grad)
+                lin.bias = child.bias
+                setattr(mod, name, lin)
+    return vlm
+
+# -----------------------------------------------------------------------------
+# The VLM: images in, hidden states and logits out; generation and prompting as thin methods
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.vision_tower = VisionTransformer(cfg.vision)
+        self.model.multi_modal_projector = Projector(cfg)
+        if cfg.model_type == "llava_next":
+            self.model.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
+        self.model.language_model = LanguageModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self.extra = {}  # tensors outside LLaVA's forward (SigLIP's pooling head, a reward head), kept to be saved
+        self.tokenizer, self.image_processor, self.template, self.files = None, None, "vicuna", {}
+
+    # -- images ---------------------------------------------------------------
+
+    def image_token_counts(self, image_sizes=None, n=1):
+        """Number of image tokens each image becomes, computed as transformers does (AnyRes included)."""
+        v = self.cfg.vision
+        p = v.image_size // v.patch_size  # patches per side of one view
+        base = p * p + (self.cfg.select_strategy == "full" and v.kind == "clip")
+        if self.cfg.model_type == "llava":
+            return [base] * n
+        return [base + self._unpadded_grid(tuple(int(s) for s in hw), p)[0] for hw in image_sizes]
+
+    def _unpadded_grid(self, size, p):
+        """AnyRes: rows/cols of the tile grid's feature map once the padding is cut away; also the grid shape."""
+        h, w = size
+        gh, gw = (x // self.cfg.vision.image_size for x in select_best_resolution(size, self.cfg.grid_pinpoints))
+        H, W = gh * p, gw * p
+        if w / h > W / H:  # padding was added top and bottom
+            pad = (H - int(round(h * (W / w), 7))) // 2
+            H -= 2 * pad
+        else:
+            pad = (W - int(round(w * (H / h), 7))) // 2
+            W -= 2 * pad
+        return H * (W + 1), (gh, gw, pad)  # +1: an image_newline feature closes each row
+
+    def encode_images(self, pixel_values, image_sizes=None):
+        """pixel_values -> projected image features (N_tokens, C), in the order their placeholders appear."""
+        cfg = self.cfg
+        if cfg.model_type == "llava":
+            feats = self._vision_features(pixel_values)  # (N, P, C)
+            return feats.flatten(0, 1)
+        # AnyRes: drop padded views, encode all views at once, then per image: base view + unpadded grid + newlines
+        p = cfg.vision.image_size // cfg.vision.patch_size
+        grids = [self._unpadded_grid(tuple(int(s) for s in hw), p)[1] for hw in image_sizes]
+        counts = [1 + gh * gw for gh, gw, _ in grids]  # views per image: the base view + the tiles
+        views = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]) if pixel_values.dim() == 5 else pixel_values
+        feats = self._vision_features(views).split(counts)
+        out = []
+        for f, hw, (gh, gw, pad) in zip(feats, image_sizes, grids):
+            grid = f[1:].view(gh, gw, p, p, -1).permute(4, 0, 2, 1, 3).reshape(f.shape[-1], gh * p, gw * p)
+            H, W = grid.shape[1:]
+            h, w = (int(s) for s in hw)
+            if w / h > W / H:  # cut the padding the AnyRes resize added: top and bottom, else left and right
+                grid = grid[:, pad:H - pad]
+            else:
+                grid = grid[:, :, pad:W - pad]
+            nl = self.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid.dtype)
+            grid = torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)  # (rows * (cols + 1), C)
+            out += [f[0], grid]
+        return torch.cat(out)
+
+    def _vision_features(self, pixels):  # (N, 3, H, W) -> (N, P, C_text)
+        hs = self.model.vision_tower(pixels, self.cfg.feature_layers)
+        x = torch.cat(hs, dim=-1)
+        if self.cfg.select_strategy == "default":
+            x = x[:, 1:]  # drop CLIP's class token
+        return self.model.multi_modal_projector(x)
+
+    # -- forward --------------------------------------------------------------
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_features=None):
+        """Token embeddings with image features scattered into the image-token positions. (B, T) -> (B, T, C)."""
+        embed = self.model.language_model.embed_tokens
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values, image_sizes)
+        if image_features is None:  # text only (or decoding): image-token ids are embedded like any other token
+            return embed(input_ids)
+        is_img = input_ids == self.cfg.image_token_id
+        if int(is_img.sum()) != image_features.shape[0]:
+            raise ValueError(f"input_ids hold {int(is_img.sum())} image tokens but the images give "
+                             f"{image_features.shape[0]} features")
+        x = embed(input_ids.masked_fill(is_img, 0))
+        return x.masked_scatter(is_img[..., None], image_features.to(x.dtype))
+
+    def hidden(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+               key_mask=None, kv_cache=None, image_features=None, segment=None):
+        """The decoder's final hidden states (B, T, C); `forward` applies the LM head on top."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        visible = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        if key_mask is not None:
+            visible = visible & key_mask.bool()
+        if position_ids is None:  # count only real tokens, so left padding does not shift RoPE
+            real = torch.ones_like(visible) if attention_mask is None else attention_mask.bool()
+            start = kv_cache.next_pos[:, None] if kv_cache is not None else 0
+            position_ids = (start + real.long().cumsum(-1) - 1).clamp(min=0)
+        x = self.embed(input_ids, pixel_values, image_sizes, image_features)
+        c = kv_cache
+        if c is not None:
+            c.key_mask[:, c.pos:c.pos + T] = visible
+            keys = c.key_mask[:, :c.pos + T]
+            q_slots = torch.arange(c.pos, c.pos + T, device=dev)
+        else:
+            keys, q_slots = visible, torch.arange(T, device=dev)
+        plain = c is None and segment is None and self.cfg.text.sliding_window is None and bool(visible.all())
+        mask = None if plain else attention_mask_4d(keys, q_slots.expand(B, T), self.cfg.text.sliding_window, segment)
+        h = self.model.language_model(x, position_ids, mask, c)
+        if c is not None:
+            c.pos += T
+            c.next_pos = c.next_pos + (attention_mask.long().sum(-1) if attention_mask is not None else T)
+        return h
+
+    def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kw):
+        """Logits (B, T, V). Keyword args: position_ids, key_mask (B, T; False hides a key from every query in
+        every layer, positions unchanged), kv_cache, image_features (precomputed `encode_images` output), segment
+        (B, T; packed responses that share one prompt, see `attention_mask_4d`)."""
+        return self.lm_head(self.hidden(input_ids, pixel_values, image_sizes, attention_mask, **kw))
+
+    # -- generation -----------------------------------------------------------
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
+                 max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, generator=None, eos_token_id=None,
+                 stop_strings=(), num_samples=1, prefix_ids=None, image_features=None):
+        """Samples continuations of left-padded prompts (B, T): B * num_samples lists of new token ids (rows
+        b*n .. b*n+n-1 belong to prompt b); EOS is dropped, a stop string's last token is kept. `prefix_ids` (one
+        list per output row) are forced tokens that continue the prompt; `key_mask` (B, T) hides prompt keys."""
+        cache, logits = prefill(self, input_ids, attention_mask, pixel_values, image_sizes, key_mask, num_samples,
+                                prefix_ids, max_new_tokens, image_features)
+        eos = self.eos_ids() if eos_token_id is None else \
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        stop = StopStrings(self.tokenizer, stop_strings) if stop_strings else None
+        return decode(self, cache, logits, max_new_tokens, temperature, top_k, top_p, generator, eos, stop)
+
+    def eos_ids(self):
+        ids = set()
+        for name in ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            if self.tokenizer and self.tokenizer.token_to_id(name) is not None:
+                ids.add(self.tokenizer.token_to_id(name))
+        return ids
+
+    # -- prompting ------------------------------------------------------------
+
+    def encode_prompt(self, text, image_sizes=None, add_special_tokens=True):
+        """Prompt text with "<image>" placeholders -> ids with each placeholder repeated once per image feature."""
+        k = text.count("<image>")
+        counts = self.image_token_counts(image_sizes, k) if k else []
+        parts = text.split("<image>")
+        text = parts[0] + "".join("<image>" * c + rest for c, rest in zip(counts, parts[1:]))
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def prepare(self, questions, images=None, template=None, device=None):
+        """User questions (+ one PIL image each) -> left-padded model inputs for `forward` / `generate`."""
+        images = images or [None] * len(questions)
+        pix = self.image_processor([im for im in images if im is not None]) if any(im is not None for im in images) else {}
+        sizes = pix.get("image_sizes")
+        ids, i = [], 0
+        for q, im in zip(questions, images):
+            content = ("<image>\n" + q) if im is not None else q
+            text = format_chat([{"role": "user", "content": content}], template or self.template)
+            ids.append(self.encode_prompt(text, None if sizes is None else sizes[i:i + 1]))
+            i += im is not None
+        input_ids, attention_mask = left_pad(ids)
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, **pix)
+        return {k: v.to(device or self.lm_head.weight.device) for k, v in batch.items()}
+
+    def encode_reply(self, text):
+        """An assistant reply in the chat template, its end tokens included and no BOS: the tokens training scores."""
+        return self.encode_prompt(TEMPLATES[self.template]["reply"].format(text), add_special_tokens=False)
+
+    # -- checkpoints (the work is done by the functions of the Checkpoints section) ------------
+
+    @classmethod
+    def from_config(cls, raw: dict, dtype=torch.float32, device="cpu", seed=0):
+        """A randomly initialised model from a config.json dict."""
+        vlm = init_weights(cls(parse_config(raw)).to(dtype=dtype, device=device), seed=seed)
+        vlm.image_processor = ImageProcessor.default_for(vlm.cfg)
+        return vlm
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=None):
+        """A local HF-layout folder or a hub id: every key and shape checked, tensors streamed one at a time
+        into `dtype` on `device` (peak host memory near one copy of the weights)."""
+        path = local_folder(path)
+        raw = read_config(path)
+        with torch.device("meta"):
+            vlm = cls(parse_config(raw, os.path.join(path, "config.json")))
+        load_weights(vlm, path, raw, dtype, device)
+        load_processors(vlm, path, template)
+        return vlm
+
+    def save_pretrained(self, out_dir):
+        """config.json, model.safetensors (adapters merged), tokenizer and processor files, atomically."""
+        save_checkpoint(self, out_dir)
+
+
+# -----------------------------------------------------------------------------
+# Generation, in gpt-fast's shape: sample (a pure function with an explicit generator), prefill the prompts
+# once, decode one token at a time from the cache
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B,). Temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # keep the smallest set whose probability reaches top_p
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    if generator is not None and generator.device != probs.device:  # a CPU generator drives GPU sampling too
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
+            num_samples=1, prefix_ids=None, max_new_tokens=64, image_features=None):
+    """Left-padded prompts (B, T) into a fresh cache sized for the whole run, which is then copied into
+    num_samples rows per prompt; each row's forced `prefix_ids` go in as one right-aligned chunk (its padding sits
+    mid-cache, masked). -> (cache, logits (B * n, V) of each row's next token)."""
+    B, T = input_ids.shape
+    dev = input_ids.device
+    P = max(map(len, prefix_ids)) if prefix_ids else 0
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cache = KVCache(vlm.cfg.text, B, T + P + max_new_tokens, vlm.lm_head.weight.dtype, dev)
+    h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache,
+                   image_features=image_features)
+    logits = vlm.lm_head(h[:, -1])  # (B, V): only the last position is needed
+    if num_samples > 1:
+        cache, logits = cache.repeat(num_samples), logits.repeat_interleave(num_samples, 0)
+    if P:
+        ids, am = (x.to(dev) for x in left_pad(prefix_ids))
+        h = vlm.hidden(ids, attention_mask=am, kv_cache=cache)
+        logits = torch.where(am[:, -1:].bool(), vlm.lm_head(h[:, -1]), logits)  # rows without a prefix keep theirs
+    return cache, logits
+
+
+def decode_one_token(vlm, tok, cache):
+    """The tokens just sampled (R,) through the cache -> logits (R, V) of the next ones."""
+    return vlm.lm_head(vlm.hidden(tok[:, None], kv_cache=cache)[:, -1])
+
+
+@torch.no_grad()
+def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None, eos=(),
+           stop=None):
+    """Samples up to max_new_tokens per row: a row ends before an EOS token or after the token that completes a
+    stop string. Everything stays on the device; the host looks once per step (are all rows done?), and at the
+    rows a stop string may have ended. -> one list of token ids per row."""
+    R, dev = logits.shape[0], logits.device
+    toks = torch.zeros(R, max_new_tokens, dtype=torch.long, device=dev)
+    length = torch.full((R,), max_new_tokens, device=dev)  # tokens each row keeps
+    done = torch.zeros(R, dtype=torch.bool, device=dev)
+    eos = torch.tensor(list(eos), dtype=torch.long, device=dev)
+    for t in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        toks[:, t] = tok
+        ended = ~done & torch.isin(tok, eos)  # dropped: the row keeps t tokens
+        length, done = torch.where(ended, t, length), done | ended
+        if stop is not None:  # kept: the row keeps t + 1
+            ended = stop(toks[:, :t + 1], ~done)
+            length, done = torch.where(ended, t + 1, length), done | ended
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = decode_one_token(vlm, tok, cache)
+    return [row[:n].tolist() for row, n in zip(toks, length.tolist())]
+
+
+class StopStrings:
+    """Which rows a stop string has just ended. Only rows whose new token holds a stop string's last character
+    (a vocabulary table, built once per tokenizer) decode their last few tokens, never their whole output."""
+
+    def __init__(self, tokenizer, strings):
+        self.strings, self.tokenizer = list(strings), tokenizer
+        self.table = stop_table(tokenizer, "".join(sorted({s[-1] for s in strings})))
+        self.window = 4 * max(map(len, strings)) + 1  # tokens that hold the longest string's bytes, and one more
+
+    def __call__(self, toks, live):
+        hit = live & self.table.to(toks.device)[toks[:, -1]]
+        for r in hit.nonzero().flatten().tolist():
+            tail = self.tokenizer.decode(toks[r, -self.window:].tolist())
+            hit[r] = any(s in tail for s in self.strings)
+        return hit
+
+
+@functools.lru_cache(maxsize=8)
+def stop_table(tokenizer, chars):
+    """(V,) bool: the tokens whose text holds one of `chars`, or part of a character (decoded as U+FFFD)."""
+    text = [tokenizer.decode([v]) for v in range(tokenizer.get_vocab_size())]
+    return torch.tensor([any(c in x for c in chars) or "\ufffd" in x for x in text])
+
 # -----------------------------------------------------------------------------
 # Image preprocessing: the pixel values of transformers' CLIP / SigLIP / LLaVA-NeXT image processors, in PIL + numpy
 
@@ -620,107 +961,223 @@ def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = ""):
     return {"mistral": "mistral", "qwen2": "chatml"}.get(cfg.text.kind, "vicuna")
 
 # -----------------------------------------------------------------------------
-# Sampling: a small pure function with an explicit generator
+# Checkpoints in the Hugging Face layout: loading, saving, and the errors that name what is wrong
 
 
-def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next token ids (B,). Temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # keep the smallest set whose probability reaches top_p
-        sorted_logits, idx = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    if generator is not None and generator.device != probs.device:  # a CPU generator drives GPU sampling too
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-# -----------------------------------------------------------------------------
-# Generation, in gpt-fast's shape: prefill the prompts once, then decode one token at a time from the cache
+def hf_name(key):
+    """A checkpoint key in any layout in the wild -> our name. Hub checkpoints use `language_model.model.*` (older)
+    or `model.language_model.*` + `lm_head` (newer), with or without `vision_model.` inside the vision tower."""
+    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+                     ("image_newline", "model.image_newline"), ("model.vision_tower.vision_model.", "model.vision_tower.")):
+        if key.startswith(old):
+            key = new + key[len(old):]
+    return key
 
 
-@torch.no_grad()
-def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
-            num_samples=1, prefix_ids=None, max_new_tokens=64, image_features=None):
-    """Left-padded prompts (B, T) into a fresh cache sized for the whole run, which is then copied into
-    num_samples rows per prompt; each row's forced `prefix_ids` go in as one right-aligned chunk (its padding sits
-    mid-cache, masked). -> (cache, logits (B * n, V) of each row's next token)."""
-    B, T = input_ids.shape
-    dev = input_ids.device
-    P = max(map(len, prefix_ids)) if prefix_ids else 0
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    cache = KVCache(vlm.cfg.text, B, T + P + max_new_tokens, vlm.lm_head.weight.dtype, dev)
-    h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache,
-                   image_features=image_features)
-    logits = vlm.lm_head(h[:, -1])  # (B, V): only the last position is needed
-    if num_samples > 1:
-        cache, logits = cache.repeat(num_samples), logits.repeat_interleave(num_samples, 0)
-    if P:
-        ids, am = (x.to(dev) for x in left_pad(prefix_ids))
-        h = vlm.hidden(ids, attention_mask=am, kv_cache=cache)
-        logits = torch.where(am[:, -1:].bool(), vlm.lm_head(h[:, -1]), logits)  # rows without a prefix keep theirs
-    return cache, logits
+def init_weights(vlm, std=0.02, seed=0):
+    """Random weights (normal(0, std), norms at 1, biases at 0), for from-scratch training and tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vlm.named_parameters():
+            if "lora_" in name:
+                continue  # adapters keep their own init
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1 and "norm" in name:  # LayerNorm / RMSNorm gains
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return vlm
 
 
-def decode_one_token(vlm, tok, cache):
-    """The tokens just sampled (R,) through the cache -> logits (R, V) of the next ones."""
-    return vlm.lm_head(vlm.hidden(tok[:, None], kv_cache=cache)[:, -1])
+def local_folder(path):
+    """A model folder on this machine: a local path as it is, a hub id fetched (or found in the hub cache)."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        return path
+    if looks_local(path):
+        raise FileNotFoundError(f"{path}: no such model folder (and not a hub id, which is owner/name)")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
 
-@torch.no_grad()
-def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None, eos=(),
-           stop=None):
-    """Samples up to max_new_tokens per row: a row ends before an EOS token or after the token that completes a
-    stop string. Everything stays on the device; the host looks once per step (are all rows done?), and at the
-    rows a stop string may have ended. -> one list of token ids per row."""
-    R, dev = logits.shape[0], logits.device
-    toks = torch.zeros(R, max_new_tokens, dtype=torch.long, device=dev)
-    length = torch.full((R,), max_new_tokens, device=dev)  # tokens each row keeps
-    done = torch.zeros(R, dtype=torch.bool, device=dev)
-    eos = torch.tensor(list(eos), dtype=torch.long, device=dev)
-    for t in range(max_new_tokens):
-        tok = sample(logits, temperature, top_k, top_p, generator)
-        toks[:, t] = tok
-        ended = ~done & torch.isin(tok, eos)  # dropped: the row keeps t tokens
-        length, done = torch.where(ended, t, length), done | ended
-        if stop is not None:  # kept: the row keeps t + 1
-            ended = stop(toks[:, :t + 1], ~done)
-            length, done = torch.where(ended, t + 1, length), done | ended
-        if t == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits = decode_one_token(vlm, tok, cache)
-    return [row[:n].tolist() for row, n in zip(toks, length.tolist())]
+def read_config(path):
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {cfg_path}: {e}") from e
 
 
-class StopStrings:
-    """Which rows a stop string has just ended. Only rows whose new token holds a stop string's last character
-    (a vocabulary table, built once per tokenizer) decode their last few tokens, never their whole output."""
+def load_weights(vlm, path, raw, dtype, device):
+    """Fills a meta-device model from single or sharded safetensors: each parameter exactly once, each shape equal,
+    every checkpoint key used (or kept in vlm.extra: SigLIP's pooling head, a reward head); errors name the key."""
+    cfg, cfg_path = vlm.cfg, os.path.join(path, "config.json")
+    params = dict(vlm.named_parameters())  # tied weights appear once, under the embedding's name
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    filled = set()
+    for fn in files:
+        header, base = st_header(os.path.join(path, fn))
+        with open(os.path.join(path, fn), "rb") as f:
+            for key, info in header.items():
+                name = hf_name(key)
+                if name.endswith("embeddings.position_ids") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                    continue  # a buffer older exports saved, and a tied copy
+                if (name.startswith("model.vision_tower.head.") and cfg.vision.use_head) or name == "score.weight":
+                    vlm.extra[name] = st_read(f, base, info)
+                    continue
+                if name not in params:
+                    raise KeyError(f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)")
+                p = params[name]
+                if tuple(info["shape"]) != tuple(p.shape):
+                    raise ValueError(f"{fn}: {key!r} has shape {tuple(info['shape'])}, expected "
+                                     f"{tuple(p.shape)}{defaulted_keys(raw, cfg_path)}")
+                mod, _, attr = name.rpartition(".")
+                tensor = st_read(f, base, info).to(device=device, dtype=dtype)
+                vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(tensor, requires_grad=p.requires_grad)
+                filled.add(name)
+    if missing := sorted(set(params) - filled):
+        raise KeyError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    if cfg.tie_word_embeddings:
+        vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
 
-    def __init__(self, tokenizer, strings):
-        self.strings, self.tokenizer = list(strings), tokenizer
-        self.table = stop_table(tokenizer, "".join(sorted({s[-1] for s in strings})))
-        self.window = 4 * max(map(len, strings)) + 1  # tokens that hold the longest string's bytes, and one more
 
-    def __call__(self, toks, live):
-        hit = live & self.table.to(toks.device)[toks[:, -1]]
-        for r in hit.nonzero().flatten().tolist():
-            tail = self.tokenizer.decode(toks[r, -self.window:].tolist())
-            hit[r] = any(s in tail for s in self.strings)
-        return hit
+def load_processors(vlm, path, template=None):
+    """The tokenizer, image processor, chat template and the other small files a checkpoint carries."""
+    from tokenizers import Tokenizer
+    vlm.files = {}
+    for fn in ("tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+               "processor_config.json", "chat_template.json", "generation_config.json"):
+        if os.path.exists(os.path.join(path, fn)):
+            with open(os.path.join(path, fn)) as f:
+                vlm.files[fn] = f.read()
+    tok = os.path.join(path, "tokenizer.json")
+    vlm.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else MissingTokenizer(path)
+    pp = json.loads(vlm.files.get("preprocessor_config.json", "null")) or \
+        json.loads(vlm.files.get("processor_config.json", "{}")).get("image_processor")  # transformers 5 nests it
+    vlm.image_processor = ImageProcessor(pp, vlm.cfg.grid_pinpoints) if pp else ImageProcessor.default_for(vlm.cfg)
+    chat = "".join(json.loads(vlm.files[f]).get("chat_template") or "" for f in
+                   ("chat_template.json", "tokenizer_config.json", "processor_config.json") if f in vlm.files)
+    vlm.template = template or guess_template(vlm.cfg, vlm.tokenizer, chat)
 
 
-@functools.lru_cache(maxsize=8)
-def stop_table(tokenizer, chars):
-    """(V,) bool: the tokens whose text holds one of `chars`, or part of a character (decoded as U+FFFD)."""
-    text = [tokenizer.decode([v]) for v in range(tokenizer.get_vocab_size())]
-    return torch.tensor([any(c in x for c in chars) or "\ufffd" in x for x in text])
+def hf_state_dict(vlm):
+    """Tensors as transformers names them, adapters merged, tied head left out."""
+    sd = dict(vlm.extra)
+    for name, mod in vlm.named_modules():
+        for attr, p in mod.named_parameters(recurse=False):
+            key = f"{name}.{attr}" if name else attr
+            if attr.startswith("lora_") or (key == "lm_head.weight" and vlm.cfg.tie_word_embeddings):
+                continue
+            if attr == "weight" and isinstance(mod, LoRALinear):
+                p = mod.merged_weight()
+            sd[key] = p.detach().contiguous().cpu()
+    # the hub's layout keeps the tower's `vision_model.` level, which our module tree flattens
+    return {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v for k, v in sd.items()}
+
+
+def save_checkpoint(vlm, out_dir):
+    """Writes config.json, model.safetensors, tokenizer and processor files into a temporary
+    folder, then swaps it in for out_dir (`recover_checkpoint` mends a kill between the two
+    renames). A disk error names the file it hit and leaves out_dir as it was."""
+    out_dir = out_dir.rstrip("/")
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    raw = dict(vlm.cfg.raw)
+    raw["dtype"] = str(vlm.lm_head.weight.dtype).removeprefix("torch.")
+    raw.setdefault("architectures", ["LlavaNextForConditionalGeneration" if vlm.cfg.model_type == "llava_next"
+                                     else "LlavaForConditionalGeneration"])
+    files = {"config.json": json.dumps(raw, indent=2)} | vlm.files
+    if "processor_config.json" not in files:
+        files.setdefault("preprocessor_config.json", json.dumps(vlm.image_processor.raw, indent=2))
+    target = tmp
+    try:
+        os.makedirs(tmp)
+        target = os.path.join(tmp, "model.safetensors")
+        st_write(hf_state_dict(vlm), target, metadata={"format": "pt"})
+        if vlm.tokenizer:
+            target = os.path.join(tmp, "tokenizer.json")
+            vlm.tokenizer.save(target)
+        for fn, text in files.items():
+            target = os.path.join(tmp, fn)
+            with open(target, "w") as f:
+                f.write(text)
+    except OSError as e:  # e.g. ENOSPC: free what was written, so that a later save can fit
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"cannot write {target}: {e.strerror or e}") from e
+    old = f"{out_dir}.old{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(path):
+    """Before a run saves into `path`: what killed runs left beside it goes. A kill between
+    save_pretrained's two renames leaves no `path`, only the previous checkpoint as path.old<pid>:
+    that one is moved back first."""
+    path = path.rstrip("/")
+    parent, base = os.path.split(path)
+    left = [os.path.join(parent, d) for d in os.listdir(parent or ".")
+            if d.startswith((base + ".tmp", base + ".old")) and d[len(base) + 4:].isdigit()]
+    olds = [d for d in left if d[len(path):].startswith(".old")
+            and os.path.isfile(os.path.join(d, "config.json"))]
+    if not os.path.exists(path) and olds:
+        os.replace(max(olds, key=os.path.getmtime), path)
+    for d in left:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def folder_hash(path):
+    """A model's name, and the bytes of its files when it is a local folder: the key of what is cached from it."""
+    h = hashlib.sha256(path.encode())
+    if os.path.isdir(path):
+        for fn in sorted(f for f in os.listdir(path) if f.endswith((".json", ".safetensors"))):
+            with open(os.path.join(path, fn), "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def looks_local(name):
+    """A model name that can only mean a local folder: a hub id is `name` or `owner/name`, never
+    ./x, /x, ~/x, a deeper path, an existing file or one whose parent folder exists here."""
+    parent = os.path.dirname(name)
+    return (name.startswith((".", "/", "~", "runs" + os.sep)) or os.path.exists(name)
+            or len(name.replace(os.sep, "/").split("/")) > 2
+            or (parent != "" and os.path.isdir(parent)))
+
+
+def defaulted_keys(raw, path):
+    """For a shape error: size keys config.json leaves out, which transformers' defaults filled."""
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads")
+    miss = [f"{part}.{k}" for part in ("vision_config", "text_config")
+            if isinstance(raw.get(part), dict) for k in keys if k not in raw[part]]
+    return f" ({path} has no {', '.join(miss)}: transformers' defaults were used)" if miss else ""
+
+
+class MissingTokenizer:
+    """Stands in for a missing tokenizer.json: the weights load and run, text fails naming it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __bool__(self):
+        return False
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # copy / pickle probing for optional hooks
+            raise AttributeError(name)
+        raise FileNotFoundError(f"{self.path}: no tokenizer.json, so this model cannot encode or "
+                                f"decode text; copy the checkpoint's tokenizer.json there")
 
 # -----------------------------------------------------------------------------
 # safetensors, streamed: one tensor at a time through plain reads/writes, so loading a checkpoint costs one copy of
@@ -776,434 +1233,6 @@ def st_write(tensors: dict, path, metadata=None):
                 # a copy: numpy() pins a storage's size, and FSDP must free its gathered parameters afterwards
                 f.write(t.detach().cpu().clone().view(-1).view(torch.uint8).numpy().tobytes())
 
-
-# -----------------------------------------------------------------------------
-# Loading's plain-language errors
-
-
-def looks_local(name):
-    """A model name that can only mean a local folder: a hub id is `name` or `owner/name`, never
-    ./x, /x, ~/x, a deeper path, an existing file or one whose parent folder exists here."""
-    parent = os.path.dirname(name)
-    return (name.startswith((".", "/", "~", "runs" + os.sep)) or os.path.exists(name)
-            or len(name.replace(os.sep, "/").split("/")) > 2
-            or (parent != "" and os.path.isdir(parent)))
-
-
-def defaulted_keys(raw, path):
-    """For a shape error: size keys config.json leaves out, which transformers' defaults filled."""
-    keys = ("hidden_size", "intermediate_size", "num_attention_heads")
-    miss = [f"{part}.{k}" for part in ("vision_config", "text_config")
-            if isinstance(raw.get(part), dict) for k in keys if k not in raw[part]]
-    return f" ({path} has no {', '.join(miss)}: transformers' defaults were used)" if miss else ""
-
-
-class MissingTokenizer:
-    """Stands in for a missing tokenizer.json: the weights load and run, text fails naming it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __bool__(self):
-        return False
-
-    def __getattr__(self, name):
-        if name.startswith("__"):  # copy / pickle probing for optional hooks
-            raise AttributeError(name)
-        raise FileNotFoundError(f"{self.path}: no tokenizer.json, so this model cannot encode or "
-                                f"decode text; copy the checkpoint's tokenizer.json there")
-
-# -----------------------------------------------------------------------------
-# The VLM
-
-
-class VLM(nn.Module):
-    def __init__(self, cfg: VLMConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.model = nn.Module()
-        self.model.vision_tower = VisionTransformer(cfg.vision)
-        self.model.multi_modal_projector = Projector(cfg)
-        if cfg.model_type == "llava_next":
-            self.model.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
-        self.model.language_model = LanguageModel(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
-        self.extra = {}  # tensors outside LLaVA's forward (SigLIP's pooling head, a reward head), kept to be saved
-        self.tokenizer, self.image_processor, self.template, self.files = None, None, "vicuna", {}
-
-    # -- images ---------------------------------------------------------------
-
-    def image_token_counts(self, image_sizes=None, n=1):
-        """Number of image tokens each image becomes, computed as transformers does (AnyRes included)."""
-        v = self.cfg.vision
-        p = v.image_size // v.patch_size  # patches per side of one view
-        base = p * p + (self.cfg.select_strategy == "full" and v.kind == "clip")
-        if self.cfg.model_type == "llava":
-            return [base] * n
-        return [base + self._unpadded_grid(tuple(int(s) for s in hw), p)[0] for hw in image_sizes]
-
-    def _unpadded_grid(self, size, p):
-        """AnyRes: rows/cols of the tile grid's feature map once the padding is cut away; also the grid shape."""
-        h, w = size
-        gh, gw = (x // self.cfg.vision.image_size for x in select_best_resolution(size, self.cfg.grid_pinpoints))
-        H, W = gh * p, gw * p
-        if w / h > W / H:  # padding was added top and bottom
-            pad = (H - int(round(h * (W / w), 7))) // 2
-            H -= 2 * pad
-        else:
-            pad = (W - int(round(w * (H / h), 7))) // 2
-            W -= 2 * pad
-        return H * (W + 1), (gh, gw, pad)  # +1: an image_newline feature closes each row
-
-    def encode_images(self, pixel_values, image_sizes=None):
-        """pixel_values -> projected image features (N_tokens, C), in the order their placeholders appear."""
-        cfg = self.cfg
-        if cfg.model_type == "llava":
-            feats = self._vision_features(pixel_values)  # (N, P, C)
-            return feats.flatten(0, 1)
-        # AnyRes: drop padded views, encode all views at once, then per image: base view + unpadded grid + newlines
-        p = cfg.vision.image_size // cfg.vision.patch_size
-        grids = [self._unpadded_grid(tuple(int(s) for s in hw), p)[1] for hw in image_sizes]
-        counts = [1 + gh * gw for gh, gw, _ in grids]  # views per image: the base view + the tiles
-        views = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]) if pixel_values.dim() == 5 else pixel_values
-        feats = self._vision_features(views).split(counts)
-        out = []
-        for f, hw, (gh, gw, pad) in zip(feats, image_sizes, grids):
-            grid = f[1:].view(gh, gw, p, p, -1).permute(4, 0, 2, 1, 3).reshape(f.shape[-1], gh * p, gw * p)
-            H, W = grid.shape[1:]
-            h, w = (int(s) for s in hw)
-            if w / h > W / H:  # cut the padding the AnyRes resize added: top and bottom, else left and right
-                grid = grid[:, pad:H - pad]
-            else:
-                grid = grid[:, :, pad:W - pad]
-            nl = self.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid.dtype)
-            grid = torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)  # (rows * (cols + 1), C)
-            out += [f[0], grid]
-        return torch.cat(out)
-
-    def _vision_features(self, pixels):  # (N, 3, H, W) -> (N, P, C_text)
-        hs = self.model.vision_tower(pixels, self.cfg.feature_layers)
-        x = torch.cat(hs, dim=-1)
-        if self.cfg.select_strategy == "default":
-            x = x[:, 1:]  # drop CLIP's class token
-        return self.model.multi_modal_projector(x)
-
-    # -- forward --------------------------------------------------------------
-
-    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_features=None):
-        """Token embeddings with image features scattered into the image-token positions. (B, T) -> (B, T, C)."""
-        embed = self.model.language_model.embed_tokens
-        if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values, image_sizes)
-        if image_features is None:  # text only (or decoding): image-token ids are embedded like any other token
-            return embed(input_ids)
-        is_img = input_ids == self.cfg.image_token_id
-        if int(is_img.sum()) != image_features.shape[0]:
-            raise ValueError(f"input_ids hold {int(is_img.sum())} image tokens but the images give "
-                             f"{image_features.shape[0]} features")
-        x = embed(input_ids.masked_fill(is_img, 0))
-        return x.masked_scatter(is_img[..., None], image_features.to(x.dtype))
-
-    def hidden(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
-               key_mask=None, kv_cache=None, image_features=None, segment=None):
-        """The decoder's final hidden states (B, T, C); `forward` applies the LM head on top."""
-        B, T = input_ids.shape
-        dev = input_ids.device
-        visible = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        if key_mask is not None:
-            visible = visible & key_mask.bool()
-        if position_ids is None:  # count only real tokens, so left padding does not shift RoPE
-            real = torch.ones_like(visible) if attention_mask is None else attention_mask.bool()
-            start = kv_cache.next_pos[:, None] if kv_cache is not None else 0
-            position_ids = (start + real.long().cumsum(-1) - 1).clamp(min=0)
-        x = self.embed(input_ids, pixel_values, image_sizes, image_features)
-        c = kv_cache
-        if c is not None:
-            c.key_mask[:, c.pos:c.pos + T] = visible
-            keys = c.key_mask[:, :c.pos + T]
-            q_slots = torch.arange(c.pos, c.pos + T, device=dev)
-        else:
-            keys, q_slots = visible, torch.arange(T, device=dev)
-        plain = c is None and segment is None and self.cfg.text.sliding_window is None and bool(visible.all())
-        mask = None if plain else attention_mask_4d(keys, q_slots.expand(B, T), self.cfg.text.sliding_window, segment)
-        h = self.model.language_model(x, position_ids, mask, c)
-        if c is not None:
-            c.pos += T
-            c.next_pos = c.next_pos + (attention_mask.long().sum(-1) if attention_mask is not None else T)
-        return h
-
-    def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kw):
-        """Logits (B, T, V). Keyword args: position_ids, key_mask (B, T; False hides a key from every query in
-        every layer, positions unchanged), kv_cache, image_features (precomputed `encode_images` output), segment
-        (B, T; packed responses that share one prompt, see `attention_mask_4d`)."""
-        return self.lm_head(self.hidden(input_ids, pixel_values, image_sizes, attention_mask, **kw))
-
-    # -- generation -----------------------------------------------------------
-
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
-                 max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, generator=None, eos_token_id=None,
-                 stop_strings=(), num_samples=1, prefix_ids=None, image_features=None):
-        """Samples continuations of left-padded prompts (B, T): B * num_samples lists of new token ids (rows
-        b*n .. b*n+n-1 belong to prompt b); EOS is dropped, a stop string's last token is kept. `prefix_ids` (one
-        list per output row) are forced tokens that continue the prompt; `key_mask` (B, T) hides prompt keys."""
-        cache, logits = prefill(self, input_ids, attention_mask, pixel_values, image_sizes, key_mask, num_samples,
-                                prefix_ids, max_new_tokens, image_features)
-        eos = self.eos_ids() if eos_token_id is None else \
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        stop = StopStrings(self.tokenizer, stop_strings) if stop_strings else None
-        return decode(self, cache, logits, max_new_tokens, temperature, top_k, top_p, generator, eos, stop)
-
-    def eos_ids(self):
-        ids = set()
-        for name in ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            if self.tokenizer and self.tokenizer.token_to_id(name) is not None:
-                ids.add(self.tokenizer.token_to_id(name))
-        return ids
-
-    # -- prompting ------------------------------------------------------------
-
-    def encode_prompt(self, text, image_sizes=None, add_special_tokens=True):
-        """Prompt text with "<image>" placeholders -> ids with each placeholder repeated once per image feature."""
-        k = text.count("<image>")
-        counts = self.image_token_counts(image_sizes, k) if k else []
-        parts = text.split("<image>")
-        text = parts[0] + "".join("<image>" * c + rest for c, rest in zip(counts, parts[1:]))
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def prepare(self, questions, images=None, template=None, device=None):
-        """User questions (+ one PIL image each) -> left-padded model inputs for `forward` / `generate`."""
-        images = images or [None] * len(questions)
-        pix = self.image_processor([im for im in images if im is not None]) if any(im is not None for im in images) else {}
-        sizes = pix.get("image_sizes")
-        ids, i = [], 0
-        for q, im in zip(questions, images):
-            content = ("<image>\n" + q) if im is not None else q
-            text = format_chat([{"role": "user", "content": content}], template or self.template)
-            ids.append(self.encode_prompt(text, None if sizes is None else sizes[i:i + 1]))
-            i += im is not None
-        input_ids, attention_mask = left_pad(ids)
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, **pix)
-        return {k: v.to(device or self.lm_head.weight.device) for k, v in batch.items()}
-
-    def encode_reply(self, text):
-        """An assistant reply in the chat template, its end tokens included and no BOS: the tokens training scores."""
-        return self.encode_prompt(TEMPLATES[self.template]["reply"].format(text), add_special_tokens=False)
-
-    # -- LoRA -----------------------------------------------------------------
-
-    def add_lora(self, r=128, alpha=256, dropout=0.0, targets=LORA_TARGETS):
-        """Wraps the LLM's linears in LoRA adapters; everything else keeps requires_grad as it was."""
-        for mod in list(self.model.language_model.modules()):
-            for name, child in list(mod.named_children()):
-                if name in targets and type(child) is nn.Linear:
-                    setattr(mod, name, LoRALinear(child, r, alpha, dropout))
-                    child.weight.requires_grad_(False)
-                    if child.bias is not None:
-                        child.bias.requires_grad_(False)
-        return self
-
-    @contextlib.contextmanager
-    def lora_disabled(self):
-        """The reference model: the same weights with every adapter switched off."""
-        mods = [m for m in self.modules() if isinstance(m, LoRALinear)]
-        for m in mods:
-            m.enabled = False
-        try:
-            yield self
-        finally:
-            for m in mods:
-                m.enabled = True
-
-    def merge_lora(self):
-        """Folds every adapter into its base weight and removes it."""
-        for mod in list(self.modules()):
-            for name, child in list(mod.named_children()):
-                if isinstance(child, LoRALinear):
-                    lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                    device="meta")
-                    lin.weight = nn.Parameter(child.merged_weight().detach(), requires_grad=child.weight.requires_grad)
-                    lin.bias = child.bias
-                    setattr(mod, name, lin)
-        return self
-
-    # -- loading and saving ---------------------------------------------------
-
-    @staticmethod
-    def hf_key(key):
-        """A checkpoint key in any layout in the wild -> our name. Hub checkpoints use `language_model.model.*` (older)
-        or `model.language_model.*` + `lm_head` (newer), with or without `vision_model.` inside the vision tower."""
-        for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                         ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
-                         ("image_newline", "model.image_newline"), ("model.vision_tower.vision_model.", "model.vision_tower.")):
-            if key.startswith(old):
-                key = new + key[len(old):]
-        return key
-
-    def init_weights(self, std=0.02, seed=0):
-        """Random weights (normal(0, std), norms at 1, biases at 0), for from-scratch training and tests."""
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if "lora_" in name:
-                    continue  # adapters keep their own init
-                if name.endswith("bias"):
-                    p.zero_()
-                elif p.dim() == 1 and "norm" in name:  # LayerNorm / RMSNorm gains
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-        return self
-
-    @classmethod
-    def from_config(cls, raw: dict, dtype=torch.float32, device="cpu", seed=0):
-        """A randomly initialised model from a config.json dict."""
-        vlm = cls(parse_config(raw)).to(dtype=dtype, device=device).init_weights(seed=seed)
-        vlm.image_processor = ImageProcessor.default_for(vlm.cfg)
-        return vlm
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=None):
-        """Loads a local HF-layout folder or a hub id. Every key and shape is checked; tensors go straight to
-        `dtype` on `device`, one at a time, so peak host memory stays near one copy of the weights."""
-        path = os.path.expanduser(path)
-        if not os.path.isdir(path) and looks_local(path):
-            raise FileNotFoundError(f"{path}: no such model folder (and not a hub id, which is "
-                                    f"owner/name)")
-        if not os.path.isdir(path):
-            from huggingface_hub import snapshot_download
-            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
-        cfg_path = os.path.join(path, "config.json")
-        try:
-            with open(cfg_path) as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {cfg_path}: {e}") from e
-        cfg = parse_config(raw, cfg_path)
-        with torch.device("meta"):
-            vlm = cls(cfg)
-        params = dict(vlm.named_parameters())  # tied weights appear once, under the embedding's name
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.exists(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        filled = set()
-        for fn in files:
-            header, base = st_header(os.path.join(path, fn))
-            with open(os.path.join(path, fn), "rb") as f:
-                for key, info in header.items():
-                    name = cls.hf_key(key)
-                    if name.endswith("embeddings.position_ids") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
-                        continue  # a buffer older exports saved, and a tied copy
-                    if (name.startswith("model.vision_tower.head.") and cfg.vision.use_head) or name == "score.weight":
-                        vlm.extra[name] = st_read(f, base, info)  # SigLIP's pooling head; a reward model's head
-                        continue
-                    if name not in params:
-                        raise KeyError(f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)")
-                    p = params[name]
-                    if tuple(info["shape"]) != tuple(p.shape):
-                        hint = defaulted_keys(raw, cfg_path)
-                        raise ValueError(f"{fn}: {key!r} has shape {tuple(info['shape'])}, "
-                                         f"expected {tuple(p.shape)}{hint}")
-                    mod, _, attr = name.rpartition(".")
-                    tensor = st_read(f, base, info).to(device=device, dtype=dtype)
-                    vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(tensor, requires_grad=p.requires_grad)
-                    filled.add(name)
-        missing = sorted(set(params) - filled)
-        if missing:
-            raise KeyError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
-        if cfg.tie_word_embeddings:
-            vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
-        vlm._load_processors(path, template)
-        return vlm
-
-    def _load_processors(self, path, template=None):
-        from tokenizers import Tokenizer
-        self.files = {}
-        for fn in ("tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
-                   "processor_config.json", "chat_template.json", "generation_config.json"):
-            if os.path.exists(os.path.join(path, fn)):
-                with open(os.path.join(path, fn)) as f:
-                    self.files[fn] = f.read()
-        tok = os.path.join(path, "tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else MissingTokenizer(path)
-        pp = json.loads(self.files.get("preprocessor_config.json", "null")) or \
-            json.loads(self.files.get("processor_config.json", "{}")).get("image_processor")  # transformers 5 nests it
-        self.image_processor = ImageProcessor(pp, self.cfg.grid_pinpoints) if pp else ImageProcessor.default_for(self.cfg)
-        chat = "".join(json.loads(self.files[f]).get("chat_template") or "" for f in
-                       ("chat_template.json", "tokenizer_config.json", "processor_config.json") if f in self.files)
-        self.template = template or guess_template(self.cfg, self.tokenizer, chat)
-
-    def state_dict_hf(self):
-        """Tensors as transformers names them, adapters merged, tied head left out."""
-        sd = dict(self.extra)
-        for name, mod in self.named_modules():
-            for attr, p in mod.named_parameters(recurse=False):
-                key = f"{name}.{attr}" if name else attr
-                if attr.startswith("lora_") or (key == "lm_head.weight" and self.cfg.tie_word_embeddings):
-                    continue
-                if attr == "weight" and isinstance(mod, LoRALinear):
-                    p = mod.merged_weight()
-                sd[key] = p.detach().contiguous().cpu()
-        # the hub's layout keeps the tower's `vision_model.` level, which our module tree flattens
-        return {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v for k, v in sd.items()}
-
-    def save_pretrained(self, out_dir):
-        """Writes config.json, model.safetensors, tokenizer and processor files into a temporary
-        folder, then swaps it in for out_dir (`recover_checkpoint` mends a kill between the two
-        renames). A disk error names the file it hit and leaves out_dir as it was."""
-        out_dir = out_dir.rstrip("/")
-        tmp = f"{out_dir}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        raw = dict(self.cfg.raw)
-        raw["dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        raw.setdefault("architectures", ["LlavaNextForConditionalGeneration" if self.cfg.model_type == "llava_next"
-                                         else "LlavaForConditionalGeneration"])
-        files = {"config.json": json.dumps(raw, indent=2)} | self.files
-        if "processor_config.json" not in files:
-            files.setdefault("preprocessor_config.json", json.dumps(self.image_processor.raw, indent=2))
-        target = tmp
-        try:
-            os.makedirs(tmp)
-            target = os.path.join(tmp, "model.safetensors")
-            st_write(self.state_dict_hf(), target, metadata={"format": "pt"})
-            if self.tokenizer:
-                target = os.path.join(tmp, "tokenizer.json")
-                self.tokenizer.save(target)
-            for fn, text in files.items():
-                target = os.path.join(tmp, fn)
-                with open(target, "w") as f:
-                    f.write(text)
-        except OSError as e:  # e.g. ENOSPC: free what was written, so that a later save can fit
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(e.errno, f"cannot write {target}: {e.strerror or e}") from e
-        old = f"{out_dir}.old{os.getpid()}"
-        if os.path.exists(out_dir):
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_checkpoint(path):
-    """Before a run saves into `path`: what killed runs left beside it goes. A kill between
-    save_pretrained's two renames leaves no `path`, only the previous checkpoint as path.old<pid>:
-    that one is moved back first."""
-    path = path.rstrip("/")
-    parent, base = os.path.split(path)
-    left = [os.path.join(parent, d) for d in os.listdir(parent or ".")
-            if d.startswith((base + ".tmp", base + ".old")) and d[len(base) + 4:].isdigit()]
-    olds = [d for d in left if d[len(path):].startswith(".old")
-            and os.path.isfile(os.path.join(d, "config.json"))]
-    if not os.path.exists(path) and olds:
-        os.replace(max(olds, key=os.path.getmtime), path)
-    for d in left:
-        shutil.rmtree(d, ignore_errors=True)
-
 # -----------------------------------------------------------------------------
 # Command lines: every script's @dataclass Config becomes its argparse CLI; try a checkpoint with `python model.py`
 
@@ -1218,16 +1247,21 @@ def parse_bool(s):
 
 
 def config_from_argv(cls, argv=None, doc=None):
-    """argparse generated from a dataclass: each field is `--name value` (or `--name=value`) with its default; the
-    fields a subclass names in HIDDEN keep their defaults and get no flag."""
+    """argparse generated from a dataclass: each field is `--name value` (or `--name=value`) with its default."""
     import argparse
     import dataclasses
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in (f for f in dataclasses.fields(cls) if f.name not in getattr(cls, "HIDDEN", ())):
+    for f in dataclasses.fields(cls):
         kind = type(f.default)
         parse = parse_bool if kind is bool else kind
         ap.add_argument(f"--{f.name}", type=parse, default=f.default, metavar=kind.__name__.upper())
     return cls(**vars(ap.parse_args(argv)))
+
+
+def non_defaults(cfg):
+    """The settings of a run that differ from its script's defaults (what a run prints)."""
+    import dataclasses
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bdhs  # noqa: E402
 import data  # noqa: E402
+import world  # noqa: E402
 from model import VLM  # noqa: E402
 
 
@@ -41,13 +42,13 @@ def naive(vlm, recs, cfg, seed):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=data.BASE_MODEL)
+    ap.add_argument("--model", default=world.BASE_MODEL)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch_size", type=int, default=32)
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     vlm = VLM.from_pretrained(a.model).eval()
-    recs = [r for r in data.world_pairs(data.World(0), 8 * a.n, rejected=False) if r["meta"]["kind"] == "describe"][:a.n]
+    recs = [r for r in world.world_pairs(world.World(0), 8 * a.n, rejected=False) if r["meta"]["kind"] == "describe"][:a.n]
     # rho 0: the mask is a no-op, so both sides see the same keys whatever order they draw it in
     cfg = bdhs.Config(n_bdhs=1, rho=0.0, temperature=0.0, batch_size=a.batch_size)
     sents = sum(len(bdhs.split_sentences(r["chosen"])) for r in recs)

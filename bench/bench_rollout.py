@@ -19,12 +19,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
+import world  # noqa: E402
 from bench_model import CONFIG, timed  # noqa: E402
 from model import VLM  # noqa: E402
 
 
 def world_inputs(vlm, B):
-    recs = data.world_pairs(data.World(0), B)
+    recs = world.world_pairs(world.World(0), B)
     batch = vlm.prepare([r["conversation"][0]["content"].replace("<image>\n", "") for r in recs],
                         [r["image"] for r in recs])
     return batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
@@ -55,7 +56,7 @@ def main():
     for name, B, k, K in (("world base", 32, 2, 48), ("LLaVA-1.5-shaped", 4, 4, 32)):
         with tempfile.TemporaryDirectory() as d:
             if name == "world base":
-                path = data.BASE_MODEL
+                path = world.BASE_MODEL
             else:
                 torch.manual_seed(0)
                 LlavaForConditionalGeneration(AutoConfig.for_model(**CONFIG)).save_pretrained(d)

@@ -12,6 +12,7 @@ import torch
 
 import bdhs
 import data
+import world
 from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,22 +94,23 @@ class FakeEmbedder:
 
 @pytest.fixture(scope="module")
 def base():
-    return VLM.from_pretrained(data.BASE_MODEL).eval()
+    return VLM.from_pretrained(world.BASE_MODEL).eval()
 
 
 @pytest.fixture(scope="module")
 def recs():
-    return data.world_pairs(data.World(0), 6, rejected=False)
+    return world.world_pairs(world.World(0), 6, rejected=False)
 
 
-@pytest.mark.parametrize("stop,attempts,guided", [(1, 1, True), (3, 3, True), (99, 5, False)])
-def test_retry_rule(base, recs, stop, attempts, guided):
-    cfg = bdhs.Config(n_bdhs=5)
+@pytest.mark.parametrize("stop,attempts,guidance", [(1, 1, "sentence"), (3, 3, "sentence"), (99, 5, "none"),
+                                                    (2, 2, "token")])
+def test_retry_rule(base, recs, stop, attempts, guidance):
+    cfg = bdhs.Config(n_bdhs=5, guidance="sentence" if guidance == "none" else guidance)
     emb, stats = FakeEmbedder(stop), [0] * 5
     out = bdhs.bdhs_batch(base, emb, recs, cfg, torch.Generator().manual_seed(0), random.Random(0), stats)
-    assert emb.calls == 1 + attempts  # stops at the first dissimilar attempt, or after the last
-    assert all(m["attempts"] == attempts and m["guided"] == guided for _, m in out)
-    assert stats == [len(recs) if k == attempts - 1 and guided else 0 for k in range(5)]
+    assert emb.calls == 1 + attempts  # stops at the first dissimilar attempt, or after the last (unguided)
+    assert all(m["attempts"] == attempts and m["guidance"] == guidance for _, m in out)
+    assert stats == [len(recs) if k == attempts - 1 and guidance != "none" else 0 for k in range(5)]
     assert [t for t, _ in out] == emb.texts[-1]  # the accepted texts are the last attempt's
 
 
@@ -116,7 +118,7 @@ def test_guided_sentences_start_from_the_ground_truth(base):
     """With every cut at the sentence's end and the image in full view (rho_th 0), each sentence of the result is
     its ground-truth sentence continued: the forced prefixes, the contexts before them and the whitespace between
     sentences are put together right (the competent base mostly adds just the full stop)."""
-    recs = [r for r in data.world_pairs(data.World(0), 40, rejected=False) if r["meta"]["kind"] == "describe"][:4]
+    recs = [r for r in world.world_pairs(world.World(0), 40, rejected=False) if r["meta"]["kind"] == "describe"][:4]
     cfg = bdhs.Config(n_bdhs=1, temperature=0.0, rho=0.0)
     orig = bdhs.cut_points
     bdhs.cut_points = lambda body: [len(body.rstrip(".!?"))]
@@ -159,7 +161,7 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
         bdhs.build_pairs(other, base, emb)
     assert open(tmp_path / "a" / "p.jsonl").read() == a
     recs = data.read_pairs(str(tmp_path / "a" / "p.jsonl"))
-    assert all({"attempts", "similarity", "visible", "guided"} <= set(r["meta"]["bdhs"]) for r in recs)
+    assert all({"attempts", "similarity", "visible", "guidance"} <= set(r["meta"]["bdhs"]) for r in recs)
     assert all(r["rejected"] != r["chosen"] for r in recs if r["meta"]["bdhs"]["similarity"] < 0.97)
 
 
@@ -169,6 +171,21 @@ def test_noise_and_distortion_variants_and_external(base, recs):
     assert all(m["visible"] == 1.0 and t for t, m in out)  # BDHS_noise hides nothing (rho_th = 0)
     out = bdhs.bdhs_batch(base, None, recs, bdhs.Config(variant="distort"), gen, random.Random(0))
     assert len(out) == len(recs) and all(isinstance(t, str) for t, _ in out)
+
+
+def test_token_guidance_is_the_masked_argmax(base, recs):
+    """Token-level guidance: each position's argmax of the ground truth teacher-forced under the mask; with the
+    image in full view (rho 0) that is one forward, checked here against a plain one."""
+    import data
+    r = recs[0]
+    (got,) = bdhs.teacher_forced(base, [r], 0.0, 0, torch.Generator().manual_seed(0))
+    prompt, reply = data.prompt_ids(base, r), base.encode_reply(r["chosen"])
+    px = base.image_processor([data.open_image(r["image"])])["pixel_values"]
+    with torch.no_grad():
+        pred = base(torch.tensor([prompt + reply]), px)[0, len(prompt) - 1:-1].argmax(-1).tolist()
+    assert got == base.tokenizer.decode([t for t in pred if t not in base.eos_ids()]).strip()
+    hidden = bdhs.teacher_forced(base, recs, 1.0, 0, torch.Generator().manual_seed(0))  # the image all hidden
+    assert hidden != bdhs.teacher_forced(base, recs, 0.0, 0, torch.Generator().manual_seed(0))
 
 
 def test_embedder_matches_sentence_transformers_minilm():
@@ -233,7 +250,7 @@ def test_runtime_modules_do_not_import_transformers():
 # -----------------------------------------------------------------------------
 # The main job's pair building: train_offline --data bdhs
 
-SMALL = ["--data", "bdhs", "--pairs", "12", "--val_pairs", "4", "--batch_size", "4", "--eval_n", "0", "--steps", "2"]
+SMALL = ["--data", "bdhs", "--pairs", "16", "--batch_size", "4", "--eval_n", "0", "--steps", "2"]
 
 
 def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
@@ -249,20 +266,23 @@ def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
     metrics = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert metrics[0]["rewards/margins"] == 0 and len([m for m in metrics if "step" in m and "loss" in m]) == 2
     # Avg-DPO with the world's corruption as the external rejected (Eq. 5): a new key, three responses per pair
-    to.main(SMALL + ["--out_dir", str(tmp_path / "c2"), "--cache_dir", cache, "--external", "true", "--rho", "1.0"])
+    to.main(SMALL + ["--out_dir", str(tmp_path / "c2"), "--cache_dir", cache, "--data", "bdhs+world"])
     folders = [d for d in os.listdir(cache) if d.startswith("bdhs-")]
     assert len(folders) == 2
     ext = data.read_pairs(os.path.join(cache, [d for d in folders if d != folder][0], "pairs.jsonl"))
-    assert all("rejected2" in r and r["meta"]["bdhs"]["visible"] == 0.0 for r in ext)
-    with pytest.raises(ValueError, match="bdhs_variant"):
-        to.main(SMALL + ["--out_dir", str(tmp_path / "d"), "--cache_dir", cache, "--bdhs_variant", "nope"])
+    assert all("rejected2" in r for r in ext)
 
 
-def test_world_priors_reach_the_bdhs_source():
-    """train_offline's --prior / --color_prior reach the BDHS prompts (the world the pairs are drawn from)."""
-    default = bdhs.source_records(bdhs.Config(n=40))
-    assert default == bdhs.source_records(bdhs.Config(n=40, prior=0.9, color_prior=0.6))
-    assert default != bdhs.source_records(bdhs.Config(n=40, prior=0.0, color_prior=0.0))
+def test_bdhs_cli_variants_and_flag_errors(tmp_path):
+    """bdhs.py's own flags: a guidance and a world half; a bad variant or guidance is named."""
+    bdhs.main(["--n", "4", "--batch_size", "4", "--guidance", "none", "--world_half", "b", "--n_bdhs", "2",
+               "--out", str(tmp_path / "p.jsonl")])
+    recs = data.read_pairs(str(tmp_path / "p.jsonl"))
+    assert len(recs) == 4 and all(r["meta"]["bdhs"]["guidance"] == "none" for r in recs)
+    assert all(world.mentioned(r["chosen"]) <= world.HALVES["b"] for r in recs)
+    for flag, v in (("--variant", "nope"), ("--guidance", "words")):
+        with pytest.raises(ValueError, match=rf"{flag} 'nope'|{flag} 'words'"):
+            bdhs.main([flag, v, "--out", str(tmp_path / "q.jsonl")])
 
 
 def test_main_job_under_two_ranks(tmp_path):

@@ -8,8 +8,11 @@ import sys
 import pytest
 import torch
 
+import world  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model as M  # noqa: E402
 from model import VLM, KVCache, load_image, parse_config, sample  # noqa: E402
 from tiny import bomb_png, build_hf, hf_config, random_image  # noqa: E402
 
@@ -180,21 +183,21 @@ def test_lora_off_merge_and_save(pair, tmp_path):
     args = (inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"), inp["attention_mask"])
     with torch.no_grad():
         base = vlm(*args)
-        vlm.add_lora(r=4, alpha=8)
+        M.add_lora(vlm, r=4, alpha=8)
         assert torch.allclose(vlm(*args), base)  # B = 0: the adapters start as the identity
         for n, p in vlm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
         tuned = vlm(*args)
         assert (tuned - base).abs().max() > 1e-3
-        with vlm.lora_disabled():
+        with M.lora_disabled(vlm):
             assert torch.allclose(vlm(*args), base)
     trainable = {n for n, p in vlm.named_parameters() if p.requires_grad and "language_model" in n}
     assert trainable and all("lora_" in n or "embed" in n or "norm" in n for n in trainable)
     vlm.save_pretrained(str(tmp_path / "m"))  # adapters merged into the saved weights
     with torch.no_grad():
         assert torch.allclose(VLM.from_pretrained(str(tmp_path / "m"))(*args), tuned, atol=1e-5)
-        assert torch.allclose(vlm.merge_lora()(*args), tuned, atol=1e-5)
+        assert torch.allclose(M.merge_lora(vlm)(*args), tuned, atol=1e-5)
 
 
 def test_missing_or_misshapen_tensor_is_named(pair, tmp_path):
@@ -263,7 +266,7 @@ def test_both_config_and_key_layouts(tmp_path):
                      ("model.vision_tower.vision_model.embeddings.class_embedding", "model.vision_tower.embeddings.class_embedding"),
                      ("multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.weight"),
                      ("image_newline", "model.image_newline")]:
-        assert VLM.hf_key(old) == new
+        assert M.hf_name(old) == new
     bad = hf_config()
     bad["text_config"]["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
     with pytest.raises(ValueError, match="rope_type"):
@@ -394,7 +397,7 @@ def test_a_batch_decodes_one_image_at_a_time(tmp_path):
 
     import data
     from PIL import Image
-    vlm = VLM.from_pretrained(data.BASE_MODEL)
+    vlm = VLM.from_pretrained(world.BASE_MODEL)
     items = []
     for i in range(4):
         Image.new("RGB", (1000, 1000), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")

@@ -14,6 +14,7 @@ import torch
 
 import data
 import losses
+import world
 import train_offline as to
 from model import VLM
 
@@ -180,7 +181,7 @@ def test_bad_responses_and_images_are_named_with_their_line(tmp_path):
         data.read_pairs(path)
     jpg = open(os.path.join(FIX, "images", "COCO_train2014_000000000001.jpg"), "rb").read()
     (tmp_path / "bad").mkdir()
-    data.World(0).example("sft", 0)["image"].save(tmp_path / "bad" / "ok.png")
+    world.World(0).example("sft", 0)["image"].save(tmp_path / "bad" / "ok.png")
     png = (tmp_path / "bad" / "ok.png").read_bytes()
     bomb_png(str(tmp_path / "bad" / "bomb.png"), 10000, 9000)
     for name, raw in (("empty.jpg", b""), ("cut.jpg", jpg[:len(jpg) // 2]), ("cut.png", png[:-30]),
@@ -211,7 +212,7 @@ def test_a_planted_state_file_runs_no_code(tmp_path):
     evil = dict(step=3, model={}, optimizer={}, config={}, extra=Payload(str(tmp_path / "ran")))
     torch.save(evil, tmp_path / "run" / "state.pt")
     with pytest.raises(ValueError, match=r"refused to load .*run/state\.pt"):
-        to.restore(to.Config(out_dir=str(tmp_path / "run"), resume=True), None, None)
+        to.Checkpoint(to.Config(out_dir=str(tmp_path / "run"), resume=True), None, None, None).resume(10)
     assert not (tmp_path / "ran").exists()
 
 
@@ -233,18 +234,21 @@ def test_resume_writes_the_kept_metrics_at_once(tmp_path):
     kept lines."""
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(dict(step=s, loss=1.0)) + "\n" for s in range(5)))
-    log = to.open_metrics(to.Config(out_dir=str(tmp_path), resume=True), 3)
+    log = to.Metrics(to.Config(out_dir=str(tmp_path), resume=True), 3, to.Ranks())
     assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2]  # on disk, not buffered
-    log.write(json.dumps(dict(step=3, loss=0.5)) + "\n")
+    log.add({"loss": [1.0, 2]})
+    log.add({"loss": [2.0, 2]})
+    log.write(3)
     log.close()
     assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2, 3]
+    assert json.loads(open(path).readlines()[-1])["loss"] == 0.75  # sums over micro-steps, then the mean
 
 
 def test_yes_no_flags_reject_typos(capsys):
     from model import config_from_argv
     cfg = config_from_argv(to.Config, ["--resume", "YES", "--fsdp", "0", "--grad_ckpt", "True",
-                                       "--external", "no"])
-    assert (cfg.resume, cfg.fsdp, cfg.grad_ckpt, cfg.external) == (True, False, True, False)
+                                       "--overwrite", "no"])
+    assert (cfg.resume, cfg.fsdp, cfg.grad_ckpt, cfg.overwrite) == (True, False, True, False)
     with pytest.raises(SystemExit):
         config_from_argv(to.Config, ["--resume", "ture"])
     assert "argument --resume: 'ture' is not a yes/no value" in capsys.readouterr().err
@@ -257,12 +261,14 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
     def run(*args):
         to.main(["--out_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "c"),
                  "--eval_n", "0", "--batch_size", "2"] + list(args))
-    real_build = to.build_model
-    monkeypatch.setattr(to, "build_model", lambda *a, **kw: pytest.fail("built the model"))
+    real_build = to.build_policy
+    monkeypatch.setattr(to, "build_policy", lambda *a, **kw: pytest.fail("built the model"))
     for flag, v in (("--pairs", "0"), ("--batch_size", "0"), ("--steps", "-1"),
                     ("--grad_accum", "0")):
-        with pytest.raises(ValueError, match=rf"{flag} {v}: must be at least"):
+        with pytest.raises(ValueError, match=rf"{flag} {v}: out of range"):
             run(flag, v)
+    with pytest.raises(ValueError, match="--loss 'kto': expected one of dpo, ipo, slic, rm"):
+        run("--loss", "kto")
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match=r"--out_dir .*file/run: cannot write there"):
         to.main(["--out_dir", str(tmp_path / "file" / "run")])
@@ -272,9 +278,9 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
     torch.save(dict(step=1), tmp_path / "run" / "state.pt")
     with pytest.raises(ValueError, match=r"holds a run .*--resume true .*--overwrite true .*--out"):
         run()
-    to.check_out_dir(to.Config(out_dir=str(tmp_path / "run"), overwrite=True), 0)  # allowed
+    to.setup(to.Config(out_dir=str(tmp_path / "run"), overwrite=True))  # allowed
     os.remove(tmp_path / "run" / "state.pt")
-    monkeypatch.setattr(to, "build_model", real_build)
+    monkeypatch.setattr(to, "build_policy", real_build)
     monkeypatch.setattr(to, "reference_logps", lambda *a, **kw: pytest.fail("ran the reference"))
     path = str(tmp_path / "p.jsonl")
     os.symlink(os.path.join(FIX, "images"), tmp_path / "images")
@@ -287,7 +293,7 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_names_the_state_file(tmp_path, monkeypatch):
-    pm = to.PairModel(VLM.from_pretrained(data.BASE_MODEL))
+    pm = to.PairModel(VLM.from_pretrained(world.BASE_MODEL))
     opt = torch.optim.AdamW(pm.parameters())
 
     def full(*a, **kw):
@@ -295,12 +301,12 @@ def test_a_full_disk_names_the_state_file(tmp_path, monkeypatch):
                            "writing file")
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
-        to.save(to.Config(out_dir=str(tmp_path)), pm, opt, 0, 0)
+        to.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, to.Ranks()).save(0)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
 
 
 def test_ties_are_counted_and_skipped(tmp_path, capsys):
-    vlm = VLM.from_pretrained(data.BASE_MODEL)
+    vlm = VLM.from_pretrained(world.BASE_MODEL)
     img = os.path.join(FIX, "images", "COCO_train2014_000000000001.jpg")
     recs = [pair(0, image=img), pair(1, image=img, rejected="A red square."), pair(2, image=img)]
     items, stats = data.prepare_pairs(vlm, recs)
@@ -309,8 +315,8 @@ def test_ties_are_counted_and_skipped(tmp_path, capsys):
 
 
 def test_truncation_never_cuts_image_tokens():
-    vlm = VLM.from_pretrained(data.BASE_MODEL)
-    rec = data.world_pairs(data.World(0), 1)[0] | dict(chosen="word " * 80, rejected="other " * 60)
+    vlm = VLM.from_pretrained(world.BASE_MODEL)
+    rec = world.world_pairs(world.World(0), 1)[0] | dict(chosen="word " * 80, rejected="other " * 60)
     prompt, _ = data.encode_conversation(vlm, rec["conversation"])
     items, stats = data.prepare_pairs(vlm, [rec], max_length=len(prompt) + 10, warn=False)
     assert stats["truncated"] == 1 and items[0]["prompt"] == prompt
@@ -351,26 +357,8 @@ def test_converter_errors_name_file(tmp_path):
         data.load_pairs(str(tmp_path / "nope.jsonl"))
 
 
-def test_world_corruptions():
-    world = data.World(0)
-    recs = data.world_pairs(world, 300)
-    assert all(r["chosen"] != r["rejected"] for r in recs)
-    assert {r["meta"]["edit"] for r in recs} == {"exist", "color", "count", "position", "partner", "swap"}
-    for r in recs:
-        if r["meta"]["kind"] == "describe":  # one edit in place: same number of sentences, or one more (partner)
-            extra = r["rejected"].count(".") - r["chosen"].count(".")
-            assert extra == (r["meta"]["edit"] == "partner")
-        if r["meta"]["edit"] == "partner":  # one more object, the rest of the description kept
-            said = set(data.CATEGORIES) & set(r["rejected"].replace(".", "").split())
-            truth = set(data.CATEGORIES) & set(r["chosen"].replace(".", "").split())
-            assert truth < said and len(said - truth) == 1
-        if r["meta"]["edit"] == "exist":
-            assert r["chosen"].split(",")[0] != r["rejected"].split(",")[0]  # Yes <-> No
-    assert [r["rejected"] for r in data.world_pairs(world, 5)] == [r["rejected"] for r in recs[:5]]  # deterministic
-
-
 def test_write_then_read_pairs(tmp_path):
-    recs = data.world_pairs(data.World(0), 3)
+    recs = world.world_pairs(world.World(0), 3)
     data.write_pairs(str(tmp_path / "p.jsonl"), recs)
     back = data.read_pairs(str(tmp_path / "p.jsonl"))
     assert [r["chosen"] for r in back] == [r["chosen"] for r in recs]
@@ -392,7 +380,7 @@ def separate_logps(vlm, item, k):
 @pytest.fixture(scope="module", params=["llava", "llava_next"])
 def scored_model(request, tmp_path_factory):
     if request.param == "llava":
-        return VLM.from_pretrained(data.BASE_MODEL)
+        return VLM.from_pretrained(world.BASE_MODEL)
     path = str(tmp_path_factory.mktemp("next"))
     build_hf(path, model_type="llava_next")
     return VLM.from_pretrained(path)
@@ -400,19 +388,19 @@ def scored_model(request, tmp_path_factory):
 
 def test_packed_pairs_equal_separate_forwards(scored_model):
     vlm = scored_model.eval()
-    recs = data.world_pairs(data.World(0), 6)
+    recs = world.world_pairs(world.World(0), 6)
     recs[1]["rejected2"] = "There is one object."
     recs = [r | dict(rejected2=r.get("rejected2", r["rejected"] + " Yes.")) for r in recs]
     if vlm.cfg.model_type == "llava_next":  # AnyRes: images of other shapes
         recs[0]["image"] = recs[0]["image"].resize((40, 70))
         recs[2]["image"] = recs[2]["image"].resize((90, 30))
     items, _ = data.prepare_pairs(vlm, recs)
-    pm = to.PairModel(vlm, reward_head=False)
-    rm = to.PairModel(vlm, reward_head=True)
+    pm = to.PairModel(vlm)
+    rm = to.PairModel(vlm, head="reward")
     batch = data.collate_pairs(vlm, items)
     with torch.no_grad():
-        lp, n, _ = pm(**batch)
-        _, _, sc = rm(**batch)
+        lp, n = pm(**batch)[0].sum(-1), to.counts(batch)
+        _, sc = rm(**batch)
     assert lp.shape == (6, 3)
     for b, it in enumerate(items):
         for k in range(3):
@@ -425,7 +413,7 @@ def test_packed_pairs_equal_separate_forwards(scored_model):
 # train_offline.py end to end
 
 
-SMALL = ["--pairs", "48", "--val_pairs", "16", "--batch_size", "8", "--eval_n", "0", "--log_every", "1"]
+SMALL = ["--pairs", "64", "--batch_size", "8", "--eval_n", "0"]  # 58 training pairs, 6 held out
 
 
 def run_metrics(path):
@@ -458,6 +446,8 @@ def test_dpo_trains_saves_and_caches_reference(tmp_path):
     out2 = str(tmp_path / "run2")
     to.main(SMALL + ["--steps", "1", "--out_dir", out2, "--cache_dir", cache, "--ref", "lora_off",
                      "--lr_projector", "0"])
+    with pytest.raises(ValueError, match="--ref lora_off needs"):
+        to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "x"), "--ref", "lora_off"])
     to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "run3"), "--cache_dir", cache, "--lr_projector", "0"])
     assert len(os.listdir(cache)) == 1  # read back, not recomputed
     same(run_metrics(os.path.join(out2, "metrics.jsonl")), run_metrics(str(tmp_path / "run3" / "metrics.jsonl")))

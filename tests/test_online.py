@@ -15,15 +15,20 @@ import torch
 import data
 import eval as ev
 import losses
-import train_offline as off
 import train_online as on
-from model import VLM, config_from_argv
+import world
+from model import VLM, config_from_argv, format_chat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_offline import kill_midway, run_metrics, same, torchrun  # noqa: E402
 
-SMALL = ["--pairs", "64", "--batch_size", "4", "--max_new_tokens", "24", "--eval_n", "0", "--norm_prompts", "8",
-         "--log_every", "1"]
+SMALL = ["--pairs", "64", "--batch_size", "4", "--max_new_tokens", "24", "--eval_n", "0"]
+
+
+@pytest.fixture(autouse=True)
+def few_norm_prompts(monkeypatch):
+    """RL's reward statistics from 8 prompts, not 256 (in this process; torchrun runs use the 64 of SMALL)."""
+    monkeypatch.setattr(on, "NORM_PROMPTS", 8)
 
 # -----------------------------------------------------------------------------
 # Closed forms
@@ -121,11 +126,11 @@ DESC = "There are two objects. A blue cup is at the top left. A white saucer is 
     ("The cup is at the top left.", "position", "The cup is in the center.", 0.0),
 ])
 def test_rule_score(truth, kind, text, want):
-    assert abs(on.rule_score(text, dict(chosen=truth, meta=dict(kind=kind))) - want) < 1e-9
+    assert abs(world.rule_score(text, dict(chosen=truth, meta=dict(kind=kind))) - want) < 1e-9
 
 
 def test_reward_model_annotator(tmp_path):
-    vlm = VLM.from_pretrained(data.BASE_MODEL)
+    vlm = VLM.from_pretrained(world.BASE_MODEL)
     with pytest.raises(ValueError, match="no score.weight"):
         vlm.save_pretrained(str(tmp_path / "plain"))
         on.RewardModel(str(tmp_path / "plain"), "cpu")
@@ -133,11 +138,11 @@ def test_reward_model_annotator(tmp_path):
     vlm.extra["score.weight"] = w
     vlm.save_pretrained(str(tmp_path / "rm"))
     rm = on.RewardModel(str(tmp_path / "rm"), "cpu")
-    recs = data.world_pairs(data.World(0), 3)
+    recs = world.world_pairs(world.World(0), 3)
     texts = [[r["chosen"], r["rejected"]] for r in recs]
     got = rm(recs, texts)
     # by hand: the last hidden state of prompt + reply (EOS included), through the head
-    full = vlm.encode_prompt(data.format_chat(recs[1]["conversation"] + [{"role": "assistant", "content":
+    full = vlm.encode_prompt(format_chat(recs[1]["conversation"] + [{"role": "assistant", "content":
                                                                           texts[1][1]}], vlm.template, False))
     px = vlm.image_processor([recs[1]["image"]])["pixel_values"]
     with torch.no_grad():
@@ -147,36 +152,37 @@ def test_reward_model_annotator(tmp_path):
 
 def test_annotator_flag_errors(monkeypatch):
     with pytest.raises(ValueError, match="expected rule"):
-        on.make_annotator(on.Config(annotator="gpt"), "cpu")
+        on.annotator(on.Config(annotator="gpt"), "cpu")
     with pytest.raises(ValueError, match="needs the checkpoint"):
-        on.make_annotator(on.Config(annotator="rm"), "cpu")
+        on.annotator(on.Config(annotator="rm"), "cpu")
     with pytest.raises(ValueError, match="api:MODEL needs the served model's name"):
-        on.make_annotator(on.Config(annotator="api"), "cpu")
+        on.annotator(on.Config(annotator="api"), "cpu")
     monkeypatch.delenv("JUDGE_BASE_URL", raising=False)  # no silent default host for training data
     with pytest.raises(ValueError, match="api:llava: set JUDGE_BASE_URL to the endpoint serving"):
-        on.make_annotator(on.Config(annotator="api:llava"), "cpu")
+        on.annotator(on.Config(annotator="api:llava"), "cpu")
     with pytest.raises(ValueError, match="PPO and RLOO need"):
-        on.make_annotator(on.Config(annotator=f"judge:{data.BASE_MODEL}", algo="rloo"), "cpu")
+        on.annotator(on.Config(annotator=f"judge:{world.BASE_MODEL}", algo="rloo"), "cpu")
 
 
-def test_offline_only_flags_are_not_offered(capsys):
-    from model import config_from_argv
+def test_its_own_flags(capsys):
+    """train_online.py has a flat Config of its own: no offline-only flag, about thirty in all."""
+    import dataclasses
     with pytest.raises(SystemExit):
         config_from_argv(on.Config, ["--help"])
     out = capsys.readouterr().out
-    assert "--rpo_alpha" in out and "--val_pairs" not in out and "--cache_dir" not in out
+    assert "--kl_coef" in out and "--val_pairs" not in out and "--rpo_alpha" not in out
+    assert len(dataclasses.fields(on.Config)) <= 34
     with pytest.raises(SystemExit):
-        config_from_argv(on.Config, ["--text_only", "0.5"])
-    assert "unrecognized arguments: --text_only" in capsys.readouterr().err
-    assert config_from_argv(on.Config, ["--beta", "0.2"]).val_pairs == on.Config().val_pairs
+        config_from_argv(on.Config, ["--lr_projector", "0.5"])  # fixed: only the adapters may train
+    assert "unrecognized arguments: --lr_projector" in capsys.readouterr().err
+
 
 # -----------------------------------------------------------------------------
 # End to end
 
 
-@pytest.mark.parametrize("algo,extra", [("online-dpo", []), ("online-dpo", ["--loss", "ipo", "--grad_accum", "2",
-                                                                       "--samples", "3"]),
-                                        ("mixed-dpo", ["--dtype", "bfloat16", "--rpo_alpha", "1.0"]),
+@pytest.mark.parametrize("algo,extra", [("online-dpo", []), ("online-dpo", ["--grad_accum", "2", "--samples", "3"]),
+                                        ("mixed-dpo", ["--dtype", "bfloat16"]),
                                         ("online-bdhs", ["--external", "true"]),
                                         ("ppo", []), ("rloo", [])])
 def test_two_steps_of_every_algorithm(tmp_path, algo, extra):
@@ -192,23 +198,22 @@ def test_two_steps_of_every_algorithm(tmp_path, algo, extra):
         assert len(json.load(open(tmp_path / "reward_norm.json"))) == 2
     if algo.endswith("dpo") or algo == "online-bdhs":
         assert abs(recs[0]["rewards/margins"]) < 1e-5
-    if "--rpo_alpha" in extra:  # log 2 plus the chosen responses' per-token NLL at the start
-        assert recs[0]["loss"] > math.log(2) + 1e-3
     vlm = VLM.from_pretrained(str(tmp_path / "checkpoint"))
     assert not any("lora" in n for n, _ in vlm.named_parameters())
 
 
-def test_judge_answers_that_name_neither_are_dropped(tmp_path):
+def test_judge_answers_that_name_neither_are_dropped(tmp_path, monkeypatch):
     """The world's base model cannot judge: its answers name no response, so every pair is dropped and counted, and
     the step still runs (a zero-weight stand-in keeps the update well defined)."""
-    on.main(SMALL + ["--algo", "online-dpo", "--steps", "1", "--annotator", f"judge:{data.BASE_MODEL}",
-                     "--judge_tokens", "8", "--out_dir", str(tmp_path)])
+    monkeypatch.setattr(on, "JUDGE_TOKENS", 8)
+    on.main(SMALL + ["--algo", "online-dpo", "--steps", "1", "--annotator", f"judge:{world.BASE_MODEL}",
+                     "--out_dir", str(tmp_path)])
     rec = run_metrics(str(tmp_path / "metrics.jsonl"))[0]
     assert rec["online/unparsed"] == 1.0 and rec["online/ties_or_dropped"] == 1.0 and rec["loss"] == 0.0
 
 
 def test_ppo_with_the_reward_model(tmp_path):
-    vlm = VLM.from_pretrained(data.BASE_MODEL)
+    vlm = VLM.from_pretrained(world.BASE_MODEL)
     vlm.extra["score.weight"] = torch.randn(1, vlm.cfg.text.hidden_size) * 0.01
     vlm.save_pretrained(str(tmp_path / "rm"))
     on.main(SMALL + ["--algo", "ppo", "--steps", "1", "--annotator", f"rm:{tmp_path / 'rm'}",
@@ -228,7 +233,8 @@ def test_fsdp_and_ddp_sampling_under_torchrun(tmp_path):
     same(a, b, keys=("loss", "objective/scores", "objective/kl", "response_length", "grad_norm"), tol=1e-4)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys):
+def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(on, "NORM_PROMPTS", 256)  # as in the killed run's own process
     common = SMALL + ["--algo", "ppo", "--steps", "8", "--save_every", "1"]
     on.main(common + ["--out_dir", str(tmp_path / "whole")])
     done = open(tmp_path / "whole" / "metrics.jsonl").read()
@@ -263,7 +269,7 @@ def world_server(argv, full=4):
     for the others. -> (state, server); state["peak"]: the most requests in flight at once."""
     from test_eval import fake_server
     cfg = config_from_argv(on.Config, argv)
-    recs = data.world_pairs(off.world_of(cfg), cfg.pairs)
+    recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
     by = {(on.question(r), ev.image_part(r["image"])["image_url"]["url"]): r for r in recs}
     state, httpd = fake_server()
     cond, live = threading.Condition(), dict(now=0)
@@ -282,11 +288,11 @@ def world_server(argv, full=4):
         rec = by[(q, image["image_url"]["url"])]
         if "\n\nResponse 1: " in text:
             pair = text.split("\n\nResponse 1: ")[1].split("\n\nResponse 2: ")
-            s1, s2 = (on.rule_score(r, rec) for r in pair)
+            s1, s2 = (world.rule_score(r, rec) for r in pair)
             if s1 == s2:
                 return "Both are equally good."  # names neither: unparsed, as a rule tie is dropped
             return f"Response {1 if s1 > s2 else 2} is better."
-        s = on.rule_score(text.split("\n\nResponse: ")[1], rec)
+        s = world.rule_score(text.split("\n\nResponse: ")[1], rec)
         return f"Rating: {round(1 + 4.5 * (min(max(s, -1), 1) + 1))}\nBecause."
     state["reply"] = reply
     return state, httpd

@@ -1,6 +1,8 @@
-"""The embedded world, its tokenizer and batches, the world metrics, and the shipped base model."""
+"""The embedded world (world.py): scenes, splits kept apart, phrasings, the tokenizer and batches, parsing and
+metrics, the verifier, the base-model recipe, and the shipped base model."""
 import json
 import os
+import random
 
 import numpy as np
 import pytest
@@ -9,56 +11,143 @@ import torch
 import data
 import eval as ev
 import losses
+import world as W
 from model import VLM, format_chat
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # -----------------------------------------------------------------------------
-# The world
+# Scenes and splits
 
 
-@pytest.mark.parametrize("split", data.World.SPLITS)
+@pytest.mark.parametrize("split", W.World.SPLITS)
 def test_world_is_deterministic_per_seed(split):
-    a, b, c = data.World(3).example(split, 7), data.World(3).example(split, 7), data.World(4).example(split, 7)
+    a, b, c = W.World(3).example(split, 7), W.World(3).example(split, 7), W.World(4).example(split, 7)
     assert a["messages"] == b["messages"] and a["scene"] == b["scene"]
     assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
-    assert a["image"].size == (data.SIZE, data.SIZE) and a["image"].mode == "RGB"
+    assert a["image"].size == (W.SIZE, W.SIZE) and a["image"].mode == "RGB"
     # another seed gives other scenes (compare several, one could coincide by chance)
-    assert [data.World(3).scene(split, i) for i in range(5)] != [data.World(4).scene(split, i) for i in range(5)]
-    # example i does not depend on the examples generated before it
-    w = data.World(4)
+    assert [W.World(3).scene(split, i) for i in range(5)] != [W.World(4).scene(split, i) for i in range(5)]
+    w = W.World(4)  # example i does not depend on the examples generated before it
     _ = [w.example(split, i) for i in range(3)]
     assert w.example(split, 7)["messages"] == c["messages"]
 
 
+def layouts(w, splits, n):
+    return {tuple(sorted((o.category, o.cell) for o in w.scene(s, i).objects)) for s in splits for i in range(n)}
+
+
+def test_no_evaluated_scene_is_a_training_scene():
+    """Layouts fall in buckets by hash: training splits and evaluation splits never share one, whatever the seeds
+    (the base model is trained on seed 0's sft split; the test seeds' scenes must all be new to it)."""
+    train = layouts(W.World(0), ("sft",), 3000) | layouts(W.World(3), ("align",), 1000)
+    for seed in (0, 3, 5):
+        assert not train & layouts(W.World(seed), ("heldout", "broken"), 1000)
+    # alignment prompts' broken-style scenes (world_pairs' `hard` share) stay in the training buckets too
+    assert all(W.World(3).sample(random.Random(i), "align", broken=True).bucket() in W.TRAIN_BUCKETS
+               for i in range(200))
+
+
 def _partner_rate(scenes):
-    pair_members = [(s, c) for s in scenes for c in s.categories()]
-    return sum(data.PARTNER[c] in s.categories() for s, c in pair_members) / len(pair_members)
+    members = [(s, c) for s in scenes for c in s.categories()]
+    return sum(W.PARTNER[c] in s.categories() for s, c in members) / len(members)
 
 
 def test_prior_strength_knob_and_broken_split():
-    strong = [data.sample_scene(data.random.Random(i), prior=0.9) for i in range(400)]
-    weak = [data.sample_scene(data.random.Random(i), prior=0.2) for i in range(400)]
+    strong = [W.sample_scene(random.Random(i), prior=0.9) for i in range(400)]
+    weak = [W.sample_scene(random.Random(i), prior=0.2) for i in range(400)]
     assert _partner_rate(strong) > 0.75 > 0.4 > _partner_rate(weak)
     for p in (0.3, 0.9):
-        scenes = [data.sample_scene(data.random.Random(i), color_prior=p) for i in range(400)]
-        assert abs(np.mean([o.color == data.TYPICAL[o.category] for s in scenes for o in s.objects]) - p) < 0.05
-    broken = [data.World(0).scene("broken", i) for i in range(200)]
+        scenes = [W.sample_scene(random.Random(i), color_prior=p) for i in range(400)]
+        assert abs(np.mean([o.color == W.TYPICAL[o.category] for s in scenes for o in s.objects]) - p) < 0.05
+    broken = [W.World(0).scene("broken", i) for i in range(200)]
     for s in broken:  # every scene has an object whose usual partner is absent
-        assert any(data.PARTNER[c] not in s.categories() for c in s.categories())
+        assert any(W.PARTNER[c] not in s.categories() for c in s.categories())
         assert 1 <= len(s.objects) <= 5 and len({o.cell for o in s.objects}) == len(s.objects)
-    atypical = np.mean([o.color != data.TYPICAL[o.category] for s in broken for o in s.objects])
+    atypical = np.mean([o.color != W.TYPICAL[o.category] for s in broken for o in s.objects])
     assert 0.85 < atypical < 0.95  # colours are uniform: typical only by chance
 
 
+def test_halves_keep_to_their_pairs():
+    assert W.HALVES["a"] | W.HALVES["b"] == set(W.CATEGORIES) and not W.HALVES["a"] & W.HALVES["b"]
+    for h in "ab":
+        w = W.World(3, half=h)
+        assert all(s.categories() <= W.HALVES[h] for s in (w.scene("broken", i) for i in range(100)))
+        for r in W.world_pairs(w, 100):  # alignment data: the scenes, the questions and the corruptions
+            said = W.mentioned(r["chosen"] + " " + r["rejected"]) | W.mentioned(r["conversation"][0]["content"])
+            assert said <= W.HALVES[h], (r, said)
+    with pytest.raises(ValueError, match="world half 'c'"):
+        W.World(0, half="c")
+
+
 def test_descriptions_and_answers_state_the_scene():
-    s = data.Scene([data.Obj("apple", "orange", 0, 12, 10, 10), data.Obj("cup", "blue", 4, 12, 32, 32)])
-    assert data.describe(s) == ("There are two objects. An orange apple is at the top left. "
-                                "A blue cup is in the center.")
-    assert data.exist_qa("arrow", True) == ("Is there an arrow in the image?", "Yes, there is an arrow.")
-    assert data.exist_qa("cup", False)[1] == "No, there is no cup."
-    assert data.count_answer(data.Scene(s.objects[:1])) == "There is one object."
-    assert len(data.CATEGORIES) >= 12 and set(data.TYPICAL) == set(data.CATEGORIES)
+    s = W.Scene([W.Obj("apple", "orange", 0, 12, 10, 10), W.Obj("cup", "blue", 4, 12, 32, 32)])
+    assert W.describe(s) == "There are two objects. An orange apple is at the top left. A blue cup is in the center."
+    assert W.answer("exist", s, "arrow") == "No, there is no arrow."
+    assert W.answer("exist", s, "apple") == "Yes, there is an apple."
+    assert W.answer("color", s, "cup") == "The cup is blue." and W.answer("position", s, "cup") == \
+        "The cup is in the center."
+    assert W.count_answer(1) == "There is one object."
+    assert W.ask("exist", "apple") == "Is there an apple in the image?"  # the first train phrasing
+
+
+def test_phrasings_held_out_of_training():
+    """SFT and alignment prompts use only the train phrasings; the held-out ones appear only in evaluation."""
+    held = {p.split("{")[0] for _, ps in W.PHRASINGS.values() for p in ps}
+    asked = [m["content"].removeprefix("<image>\n") for i in range(300)
+             for m in W.World(0, hallucinate=0.5).example("sft", i, image=False)["messages"] if m["role"] == "user"]
+    asked += [r["conversation"][0]["content"].removeprefix("<image>\n") for r in W.world_pairs(W.World(3), 300)]
+    assert not [q for q in asked if any(q.startswith(h) for h in held)]
+    train = {p.split("{")[0] for ps, _ in W.PHRASINGS.values() for p in ps}
+    assert all(any(q.startswith(t) for t in train) for q in asked)
+    _, items = W.probes(W.World(3), "broken", 20, heldout=True)
+    assert all(any(q.startswith(h) for h in held) for _, _, q, _ in items)
+    _, plain = W.probes(W.World(3), "broken", 20)
+    assert [(i, k, g) for i, k, _, g in items] == [(i, k, g) for i, k, _, g in plain]  # the same probes, reworded
+
+
+def test_sft_question_kinds_and_turns():
+    w = W.World(0)
+    exist = [w.example("sft", i, 1, image=False, kinds={"exist": 1.0})["messages"] for i in range(20)]
+    assert all(len(m) == 2 and m[1]["content"].split()[0] in ("Yes,", "No,") for m in exist)
+    two = w.example("sft", 3, 3, image=False, kinds={"exist": 1.0, "count": 1.0})["messages"]
+    assert len(two) == 4  # two kinds asked: one question of each, a kind is not repeated
+    assert [w.example("sft", i, image=False)["messages"] for i in range(5)] == \
+        [w.example("sft", i, image=False, kinds=W.KINDS)["messages"] for i in range(5)]
+
+
+def test_sft_annotations_name_absent_partners_at_the_set_rate():
+    """hallucinate h: the sft split's answers are written as if each absent usual partner were there with
+    probability h (typical colour, a free cell, the count one higher); the image and every other split stay true."""
+    w = W.World(0, hallucinate=0.5)
+    named = lone = 0
+    for i in range(300):
+        e = w.example("sft", i, 1, image=False, kinds={"describe": 1.0})
+        cats, said = e["scene"].categories(), W.mentioned(e["messages"][1]["content"])
+        absent = {W.PARTNER[c] for c in cats} - cats
+        assert cats <= said and said - cats <= absent  # true objects all told; only absent partners invented
+        lone, named = lone + len(absent), named + len(said - cats)
+        assert e["messages"][1]["content"].startswith(W.count_answer(len(cats) + len(said - cats)))
+    assert 0.4 < named / lone < 0.6
+    for split in ("align", "heldout", "broken"):
+        assert [w.example(split, i, image=False)["messages"] for i in range(20)] == \
+            [W.World(0).example(split, i, image=False)["messages"] for i in range(20)]
+
+
+def test_world_corruptions():
+    recs = W.world_pairs(W.World(0), 300)
+    assert all(r["chosen"] != r["rejected"] for r in recs)
+    assert {r["meta"]["edit"] for r in recs} == {"exist", "color", "count", "position", "partner", "swap"}
+    for r in recs:
+        if r["meta"]["kind"] == "describe":  # one edit in place: same number of sentences, or one more (partner)
+            assert r["rejected"].count(".") - r["chosen"].count(".") == (r["meta"]["edit"] == "partner")
+        if r["meta"]["edit"] == "partner":  # one more object, the rest of the description kept
+            said, truth = W.mentioned(r["rejected"]), W.mentioned(r["chosen"])
+            assert truth < said and len(said - truth) == 1
+        if r["meta"]["edit"] == "exist":
+            assert r["chosen"].split(",")[0] != r["rejected"].split(",")[0]  # Yes <-> No
+    # existence negatives ask about an absent usual partner when there is one (the likely false "yes")
+    assert any(r["meta"]["kind"] == "exist" and r["chosen"].startswith("No") for r in recs)
+    assert [r["rejected"] for r in W.world_pairs(W.World(0), 5)] == [r["rejected"] for r in recs[:5]]
+
 
 # -----------------------------------------------------------------------------
 # Tokenizer and batches
@@ -66,35 +155,34 @@ def test_descriptions_and_answers_state_the_scene():
 
 @pytest.fixture(scope="module")
 def tiny_vlm():
-    from train_offline import Config, scratch_model
-    return scratch_model(Config())
+    return W.scratch_model(W.World(0))
 
 
 def test_tokenizer_round_trip_and_specials(tiny_vlm):
     tok = tiny_vlm.tokenizer
     for i in range(20):
-        text = format_chat(data.World(1).example("sft", i, image=False)["messages"], data.TEMPLATE, False)
+        text = format_chat(W.World(1).example("sft", i, image=False)["messages"], W.TEMPLATE, False)
         ids = tok.encode(text).ids
         assert ids[0] == 1 and tok.decode(ids[1:], skip_special_tokens=False) == text
-    for k, name in enumerate(data.SPECIALS):
+    for k, name in enumerate(W.SPECIALS):
         assert tok.token_to_id(name) == k
     assert len(tok.encode("A red cup is at the top left.", add_special_tokens=False).ids) <= 9  # words merged
 
 
 def test_encode_conversation_labels_only_replies(tiny_vlm):
-    ex = data.World(0).example("sft", 5, turns=3, image=False)
+    ex = W.World(0).example("sft", 5, turns=3, image=False)
     ids, labels = data.encode_conversation(tiny_vlm, ex["messages"])
-    text = format_chat(ex["messages"], data.TEMPLATE, False)
+    text = format_chat(ex["messages"], W.TEMPLATE, False)
     assert ids == tiny_vlm.encode_prompt(text)  # piecewise tokenization equals the whole conversation's
     scored = tiny_vlm.tokenizer.decode([t for t, l in zip(ids, labels) if l != -100], skip_special_tokens=False)
     replies = [m["content"] for m in ex["messages"] if m["role"] == "assistant"]
     assert scored == "".join(f" {r}</s>" for r in replies)
-    assert ids.count(4) == tiny_vlm.image_token_counts(None, 1)[0] == (data.SIZE // tiny_vlm.cfg.vision.patch_size) ** 2
+    assert ids.count(4) == tiny_vlm.image_token_counts(None, 1)[0] == (W.SIZE // tiny_vlm.cfg.vision.patch_size) ** 2
 
 
 def test_right_padded_batch_needs_no_attention_mask(tiny_vlm):
-    exs = [data.World(0).example("sft", i) for i in range(3)]
-    batch = data.collate(tiny_vlm, exs)
+    exs = [W.World(0).example("sft", i) for i in range(3)]
+    batch = data.collate_sft(tiny_vlm, exs)
     with torch.no_grad():
         full = tiny_vlm(batch["input_ids"], batch["pixel_values"])
         for k, ex in enumerate(exs):  # each row alone, unpadded, gives the same logits on its real tokens
@@ -105,34 +193,39 @@ def test_right_padded_batch_needs_no_attention_mask(tiny_vlm):
     loss = losses.sft_loss(full, batch["labels"])
     assert abs(loss.item() - np.log(tiny_vlm.cfg.text.vocab_size)) < 1.0  # near uniform at random init
 
+
+def test_base_model_recipe_runs_and_saves(tmp_path, monkeypatch):
+    """world.py --build_base, shortened: tower pretraining and the SFT phases train, and the result loads."""
+    calls = []
+    real_sft = W.sft
+    monkeypatch.setattr(W, "pretrain_tower", lambda vlm, w, steps, **k: calls.append(("tower", steps)))
+    monkeypatch.setattr(W, "sft", lambda vlm, w, steps, *a, **k: calls.append(("sft", steps))
+                        or real_sft(vlm, w, 2, *a, batch_size=4, **k))
+    W.main(["--build_base", str(tmp_path / "base")])
+    assert calls == [("tower", 600), ("sft", 1000), ("sft", 200), ("sft", 200)]
+    vlm = VLM.from_pretrained(str(tmp_path / "base"))
+    assert vlm.template == W.TEMPLATE and vlm.tokenizer.get_vocab_size() == vlm.cfg.text.vocab_size
+    W.pretrain_tower(vlm, W.World(0), 2, batch_size=4, log=lambda *a: None)  # and the real tower step runs
+
 # -----------------------------------------------------------------------------
-# Parsing and metrics
+# Parsing and metrics (the verifier's cases are in test_online.py)
 
 
 @pytest.mark.parametrize("text,expected", [
     ("There are two objects. A red cup is at the top left. A white saucer is in the center.",
-     [("cup", "red", False), ("saucer", "white", False)]),
+     [("cup", "red", 0, False), ("saucer", "white", 4, False)]),
     ("There are two objects. At the top, there is a pink moon. On the left, there is a yellow star.",
-     [("moon", "pink", False), ("star", "yellow", False)]),
-    ("I see two cups and three blue stars.", [("cup", None, False), ("star", "blue", False)]),
-    ("No, there is no cup.", [("cup", None, True)]),
-    ("There is not a red pencil, but there is a book.", [("pencil", "red", True), ("book", None, False)]),
-    ("Without a key, the lock stays shut.", [("key", None, True), ("lock", None, False)]),
-    ("An orange apple and a pear.", [("apple", "orange", False), ("pear", None, False)]),
-    ("There are no trees or houses.", [("tree", None, True), ("house", None, True)]),
-    ("The targets are pink; the arrow is not.", [("target", None, False), ("arrow", None, False)]),
+     [("moon", "pink", None, False), ("star", "yellow", None, False)]),
+    ("I see two cups and three blue stars at the top right.", [("cup", None, None, False), ("star", "blue", 2, False)]),
+    ("No, there is no cup.", [("cup", None, None, True)]),
+    ("There is not a red pencil, but there is a book.", [("pencil", "red", None, True), ("book", None, None, False)]),
+    ("Without a key, the lock stays shut.", [("key", None, None, True), ("lock", None, None, False)]),
+    ("There are no trees or houses.", [("tree", None, None, True), ("house", None, None, True)]),
     ("A cupboard and a starfish.", []),  # other words that merely contain a category name
 ])
 def test_parse_objects(text, expected):
-    got = [(m["category"], m["color"], m["negated"]) for m in ev.parse_objects(text)]
+    got = [(m["category"], m["color"], m["cell"], m["negated"]) for m in W.parse_objects(text)]
     assert got == expected
-
-
-@pytest.mark.parametrize("text,yes", [("Yes, there is a cup.", True), ("No, there is no cup.", False),
-                                      ("There is not a cup.", False), ("Yes", True), ("no.", False),
-                                      ("Yes. No other objects.", True)])
-def test_pope_answer_parsing(text, yes):
-    assert ev.yes_no(text) is yes
 
 
 def test_metrics_equal_hand_computed_values():
@@ -144,26 +237,42 @@ def test_metrics_equal_hand_computed_values():
     # 3 mentions, 1 absent (saucer); 1 of 3 descriptions wrong; 2 of 4 present objects mentioned
     assert c == pytest.approx(dict(chair_i=100 / 3, chair_s=100 / 3, recall=50.0))
     assert ev.accuracy(["red", "blue", None], ["red", "red", "green"]) == pytest.approx(100 / 3)
-    assert ev.first_word("There are three objects.", data.NUMBERS) == "three"
+    assert W.first_word("There are three objects.", W.NUMBERS) == "three"
+    assert W.cell_of("the cup is at the top right.") == 2 and W.cell_of("at the top.") == 1
 
 
 def test_probes_pick_the_right_negatives():
-    w = data.World(2)
-    scenes, items = ev.probes(w, "broken", 30)
+    w = W.World(2)
+    scenes, items = W.probes(w, "broken", 30)
     for i, kind, q, gold in items:
         present = scenes[i].categories()
-        cat = q.split()[3]  # "Is there a cup in the image?"
+        cat = q.split()[3] if kind.startswith("pope") else None  # "Is there a cup in the image?"
         if kind == "pope_pos":
             assert cat in present and gold is True
         elif kind.startswith("pope_"):
             assert cat not in present and gold is False
         if kind == "pope_adversarial":
-            assert data.PARTNER[cat] in present
+            assert W.PARTNER[cat] in present
         if kind == "pope_popular":
-            top = max(data.FREQUENCY[c] for c in data.CATEGORIES if c not in present
-                      and data.PARTNER[c] not in present)
-            assert data.FREQUENCY[cat] == top
+            top = max(W.FREQUENCY[c] for c in W.CATEGORIES if c not in present and W.PARTNER[c] not in present)
+            assert W.FREQUENCY[cat] == top
     assert sum(k == "pope_adversarial" for _, k, _, _ in items) == 30  # the broken split always has one
+
+
+def test_detail_and_informativeness_by_hand(monkeypatch):
+    """detail: present objects a description names with their true colour and position; informative: colour,
+    count and position answers that commit to a value."""
+    s = W.Scene([W.Obj("cup", "blue", 0, 25, 16, 16), W.Obj("saucer", "white", 4, 25, 48, 48)])
+    monkeypatch.setattr(W.World, "scene", lambda self, split, i: s)
+    def reply(q):  # the first train phrasing of each kind
+        return ("No." if q.startswith("Is there") else
+                "There are two objects. A blue cup is at the top left. A red saucer is in the center."
+                if q.startswith("Describe") else "I cannot tell." if q.startswith("What color") else
+                "There are two objects." if q.startswith("How many") else "It is at the top left.")
+    monkeypatch.setattr(ev, "answer", lambda vlm, ims, qs, n, b: [reply(q) for q in qs])
+    res = W.evaluate(None, W.World(0), "broken", 1)
+    assert res["detail"] == 50.0 and res["recall"] == 100.0 and res["chair_i"] == 0.0  # the saucer's colour is wrong
+    assert res["count_acc"] == 100.0 and res["informative"] == pytest.approx(200 / 3)  # no colour given
 
 # -----------------------------------------------------------------------------
 # The shipped base model
@@ -171,9 +280,9 @@ def test_probes_pick_the_right_negatives():
 
 def test_shipped_base_model_matches_transformers():
     transformers = pytest.importorskip("transformers")
-    ours = VLM.from_pretrained(data.BASE_MODEL).eval()
-    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(data.BASE_MODEL).eval()
-    ex = [data.World(0).example("broken", i) for i in range(2)]
+    ours = VLM.from_pretrained(W.BASE_MODEL).eval()
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(W.BASE_MODEL).eval()
+    ex = [W.World(0).example("broken", i) for i in range(2)]
     batch = ours.prepare([e["messages"][0]["content"].removeprefix("<image>\n") for e in ex], [e["image"] for e in ex])
     pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -182,59 +291,16 @@ def test_shipped_base_model_matches_transformers():
                    attention_mask=batch["attention_mask"], position_ids=pos).logits
     m = batch["attention_mask"].bool()
     assert (a[m] - b[m]).abs().max().item() < 1e-4
-    with open(os.path.join(data.BASE_MODEL, "config.json")) as f:
+    with open(os.path.join(W.BASE_MODEL, "config.json")) as f:
         assert json.load(f)["model_type"] == "llava"
-    assert sum(os.path.getsize(os.path.join(data.BASE_MODEL, f)) for f in os.listdir(data.BASE_MODEL)) < 12e6
+    assert sum(os.path.getsize(os.path.join(W.BASE_MODEL, f)) for f in os.listdir(W.BASE_MODEL)) < 12e6
 
 
 def test_shipped_base_model_is_competent_on_a_few_scenes():
-    vlm = VLM.from_pretrained(data.BASE_MODEL).eval()
-    res = ev.evaluate_world(vlm, world_seed=5, split="heldout", n=24)
-    assert res["recall"] > 70 and res["count_acc"] > 80 and res["desc_color_acc"] > 80
-    for k in ev.KEYS:
-        assert 0 <= res[k] <= 100
-
-
-def test_sft_question_kinds_and_turns():
-    w = data.World(0)
-    exist = [w.example("sft", i, 1, image=False, kinds={"exist": 1.0})["messages"] for i in range(20)]
-    assert all(len(m) == 2 and m[0]["content"].startswith("<image>\nIs there") for m in exist)
-    assert {m[1]["content"].split()[0] for m in exist} == {"Yes,", "No,"}
-    # three turns asked of two kinds: one question of each (a kind is not repeated within a conversation)
-    two = w.example("sft", 3, 3, image=False, kinds={"exist": 1.0, "count": 1.0})["messages"]
-    qs = [m["content"].split("\n")[-1] for m in two[::2]]
-    assert len(qs) == 2 and sum(q.startswith("Is there") for q in qs) == 1 and sum(q in data.COUNT for q in qs) == 1
-    assert [w.example("sft", i, image=False)["messages"] for i in range(5)] == \
-        [w.example("sft", i, image=False, kinds=data.KINDS)["messages"] for i in range(5)]
-
-
-def test_sft_annotations_name_absent_partners_at_the_set_rate():
-    """--hallucinate h: the sft split's answers are written as if each absent usual partner were there with
-    probability h (typical colour, a free cell, the count one higher); the image and every other split stay true."""
-    w = data.World(0, hallucinate=0.5)
-    named = lone = 0
-    for i in range(300):
-        e = w.example("sft", i, 1, image=False, kinds={"describe": 1.0})
-        cats, said = e["scene"].categories(), ev.mentioned(e["messages"][1]["content"])
-        absent = {data.PARTNER[c] for c in cats} - cats
-        assert cats <= said and said - cats <= absent  # true objects all told; only absent partners invented
-        lone, named = lone + len(absent), named + len(said - cats)
-        told = len(e["scene"].objects) + len(said - cats)
-        assert e["messages"][1]["content"].startswith(data.count_answer(data.Scene([None] * told)))
-    assert 0.4 < named / lone < 0.6
-    for split in ("align", "heldout", "broken"):
-        assert [w.example(split, i, image=False)["messages"] for i in range(20)] == \
-            [data.World(0).example(split, i, image=False)["messages"] for i in range(20)]
-    assert [data.World(0, hallucinate=0.0).example("sft", i, image=False)["messages"] for i in range(20)] == \
-        [data.World(0).example("sft", i, image=False)["messages"] for i in range(20)]
-
-
-def test_train_offline_sft_two_steps(tmp_path):
-    import train_offline
-    train_offline.main(["--model", "scratch", "--loss", "sft", "--lora_r", "0", "--steps", "2", "--batch_size", "4",
-                        "--vision_pretrain", "2", "--sft_kinds", "exist=1,describe=1", "--sft_turns", "1",
-                        "--out_dir", str(tmp_path)])
-    vlm = VLM.from_pretrained(str(tmp_path / "checkpoint"))
-    assert vlm.template == data.TEMPLATE and vlm.tokenizer.get_vocab_size() == vlm.cfg.text.vocab_size
-    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in recs] == [0, 1] and all(np.isfinite(r["loss"]) for r in recs)
+    vlm = VLM.from_pretrained(W.BASE_MODEL).eval()
+    res = W.evaluate(vlm, W.World(5), "heldout", 24)
+    assert res["recall"] > 70 and res["count_acc"] > 70 and res["desc_color_acc"] > 80
+    rep = W.report(vlm, 5, n=8)
+    assert {"chair_i", "hq/chair_i", "ord/detail"} <= set(rep) and all(0 <= v <= 100 for v in rep.values()
+                                                                      if isinstance(v, float))
+    assert {"a/chair_i", "b/pope_adversarial_f1"} <= set(W.report(vlm, 5, half="a", n=4))

@@ -1,0 +1,204 @@
+"""study.py: the study's tables on the world, re-run over seeds and written into STUDY.md.
+
+Each row of a table is a list of command lines, the scripts run as a user would type them; each run (row x world
+seed) keeps its output under runs/study/<table>/<row>/seed<k>/, and its results.json is the world report of
+`eval.py --data world`. A rerun runs only what is missing, so the study can be stopped and resumed. Two runs go at
+a time with one thread each (on 2 cores that beats one run with two threads: the world's model is small).
+
+The seeds: world seeds 0, 1 and 2 are the dev seeds, on which every default and choice was made; 3, 4 and 5 are
+the test seeds, on which nothing was tuned, and the tables in STUDY.md report them only (mean ± std over seeds).
+
+    python study.py                              # every table on the test seeds (a few hours on 2 CPU cores)
+    python study.py --tables table12,online      # some tables
+    python study.py --seeds 0 --tables main      # a dev seed (not written into STUDY.md)
+"""
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from model import config_from_argv
+
+DEV, TEST = [0, 1, 2], [3, 4, 5]
+PY = sys.executable
+OFF = "train_offline.py --eval_n 0 --world_seed {seed} --out_dir {out}"
+ON = "train_online.py --eval_n 0 --world_seed {seed} --out_dir {out}"
+PLAIN = "--rpo_alpha 0 --lr 1e-3"  # the paper's DPO: no NLL term (LR 1e-3 measured better without it, dev seed 0)
+SMALL = "--pairs 1100"  # the ablations: 1,000 training pairs and 100 held out, to keep the time down
+
+
+def bdhs_row(flags, train=PLAIN):
+    """BDHS pairs made by bdhs.py with the given flags, then plain DPO on them."""
+    return [f"bdhs.py --world_seed {{seed}} --n 1100 --out {{out}}/pairs.jsonl {flags}",
+            f"{OFF} --data {{out}}/pairs.jsonl {train}"]
+
+
+# table -> {row: command lines}; the world report follows every row (eval.py on its checkpoint)
+TABLES = {
+    "main": {
+        "BDHS, DPO + NLL (the main job)": [f"{OFF} --data bdhs"],
+        "corruption set, DPO + NLL": [f"{OFF} --data world"],
+        "BDHS, plain DPO": [f"{OFF} --data bdhs {PLAIN}"],
+        "corruption set, plain DPO": [f"{OFF} --data world {PLAIN}"],
+    },
+    "table12": {loss: [f"{OFF} --data world --loss {loss.lower()} {PLAIN}"] for loss in ("DPO", "IPO", "SLiC")},
+    "table6": {
+        "masking only, no guidance, ρ 0.98": bdhs_row("--guidance none --rho 0.98"),
+        "masking only, no guidance, ρ 0.99": bdhs_row("--guidance none --rho 0.99"),
+        "BDHS_attn ρ 0.98": bdhs_row("--rho 0.98"),
+        "BDHS_attn ρ 0.99": bdhs_row("--rho 0.99"),
+        "BDHS_attn ρ 1.0": bdhs_row("--rho 1.0"),
+        "BDHS_noise N 100": bdhs_row("--variant noise --noise_steps 100"),
+        "BDHS_noise N 500": bdhs_row("--variant noise --noise_steps 500"),
+        "POVID-style distortion N 500": bdhs_row("--variant distort"),
+        "corruption set alone": [f"{OFF} --data world {SMALL} {PLAIN}"],
+        "corruption set + BDHS_noise (Avg-DPO)": bdhs_row("--source world+corrupt --variant noise"),
+        "corruption set + BDHS_attn (Avg-DPO)": bdhs_row("--source world+corrupt"),
+    },
+    "ablation": {  # BDHS's own choices, never ablated in the paper: attempts x threshold, and the guidance
+        **{f"N_BDHS {n}, ε_s {e}": bdhs_row(f"--n_bdhs {n} --eps_s {e}") for n in (1, 3, 5) for e in (0.95, 0.97, 0.99)},
+        "guidance: token-level (teacher-forced, masked)": bdhs_row("--guidance token"),
+        "guidance: none (unguided, masked)": bdhs_row("--guidance none"),
+    },
+    "online": {
+        "Online-DPO (rule)": [f"{ON} --algo online-dpo"],
+        "Mixed-DPO (rule)": [f"{ON} --algo mixed-dpo"],
+        "Online-BDHS": [f"{ON} --algo online-bdhs"],
+        "Online-BDHS + corruption set (Avg-DPO)": [f"{ON} --algo online-bdhs --external true"],
+        "PPO (rule)": [f"{ON} --algo ppo"],
+        "RLOO (rule)": [f"{ON} --algo rloo"],
+        "PPO (reward model)": [f"{OFF} --data world --loss rm --out_dir {{out}}/rm",
+                               f"{ON} --algo ppo --annotator rm:{{out}}/rm/checkpoint"],
+    },
+    "generalisation": {  # aligned on half a of the usual pairs; the report measures both halves
+        "DPO + NLL, corruption set (half a)": [f"{OFF} --data world --world_half a"],
+        "DPO + NLL, BDHS (half a)": [f"{OFF} --data bdhs --world_half a"],
+        "Online-DPO (rule, half a)": [f"{ON} --algo online-dpo --world_half a"],
+    },
+}
+# the columns each table shows (keys of the world report; "hq/": held-out phrasings; "ord/": ordinary scenes;
+# "a/", "b/": the two halves of the pairs)
+COLUMNS = {
+    "main": ["chair_i", "recall", "pope_adversarial_f1", "pope_adversarial_yes_ratio", "hq/chair_i",
+             "hq/pope_adversarial_f1", "ord/detail", "ord/recall", "ord/count_acc"],
+    "generalisation": ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversarial_f1", "b/recall"],
+}
+DEFAULT_COLUMNS = ["chair_i", "chair_s", "recall", "pope_adversarial_f1", "pope_adversarial_yes_ratio",
+                   "hq/pope_adversarial_f1", "ord/detail"]
+
+
+@dataclass
+class Config:
+    tables: str = "all"        # comma-separated names of TABLES, or all
+    seeds: str = "3,4,5"       # world seeds; the test seeds by default
+    root: str = "runs/study"
+    jobs: int = 2              # runs at a time, one thread each
+    write: bool = True         # update STUDY.md's tables (test seeds only)
+
+
+def slug(row):
+    return re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
+
+
+def run_row(cfg, table, row, commands, seed):
+    """Runs one row on one seed, then its world report, unless its results exist -> results, or None after a
+    failure (its log names the command)."""
+    out = os.path.join(cfg.root, table, slug(row), f"seed{seed}")
+    done = os.path.join(out, "results.json")
+    if os.path.exists(done):
+        return json.load(open(done))
+    os.makedirs(out, exist_ok=True)
+    model = f" --model {out}/checkpoint" if commands else ""  # no command: the shipped base itself
+    half = " --world_half a" if table == "generalisation" else ""
+    report = f"eval.py --data world --world_seed {{seed}}{model}{half} --out {{out}}/report.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.time()
+    with open(os.path.join(out, "log.txt"), "a") as log:
+        for c in commands + [report]:
+            line = c.format(seed=seed, out=out)
+            log.write(f"$ python {line}\n")
+            log.flush()
+            if subprocess.run([PY, *shlex.split(line)], stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                print(f"failed: {table} / {row} / seed {seed}: see {out}/log.txt", flush=True)
+                return None
+    res = next(iter(json.load(open(os.path.join(out, "report.json"))).values()))
+    res |= {"minutes": round((time.time() - t0) / 60, 2), "commands": commands}
+    with open(done + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(done + ".tmp", done)
+    print(f"done: {table} / {row} / seed {seed} ({res['minutes']} min)", flush=True)
+    return res
+
+
+def cell(values):
+    """mean ± std over seeds (std with n - 1), or the value alone for one seed."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def markdown(table, results, seeds):
+    """One table: a row per method (the base first), its metrics as mean ± std, minutes per run, the command."""
+    cols = COLUMNS.get(table, DEFAULT_COLUMNS)
+    lines = [f"| method | {' | '.join(cols)} | min/run | command |", "|---" * (len(cols) + 3) + "|"]
+    for row, per_seed in results.items():
+        ok = [r for r in per_seed if r]
+        vals = [cell([r[c] for r in ok if c in r]) for c in cols]
+        cmds = " && ".join(f"python {c}" for c in TABLES.get(table, {}).get(row, []))
+        mins = cell([r["minutes"] for r in ok]) if row != "base" else "-"
+        lines.append(f"| {row} | {' | '.join(vals)} | {mins} | `{cmds}` |" if cmds else
+                     f"| {row} | {' | '.join(vals)} | {mins} | |")
+    return f"World seeds {', '.join(map(str, seeds))} ({len(seeds)} runs per row).\n\n" + "\n".join(lines)
+
+
+def write_study(blocks, path="STUDY.md"):
+    """Replaces each table's block between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in STUDY.md."""
+    text = open(path).read() if os.path.exists(path) else ""
+    for name, block in blocks.items():
+        start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+        new = f"{start}\n{block}\n{end}"
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: new, text, flags=re.S) \
+            if start in text else text + f"\n{new}\n"
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    cfg = config_from_argv(Config, argv, __doc__)
+    names = list(TABLES) if cfg.tables == "all" else cfg.tables.split(",")
+    if unknown := [n for n in names if n not in TABLES]:
+        raise SystemExit(f"--tables: unknown {unknown}; expected some of {', '.join(TABLES)}")
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    # the base first (once per seed), then chains: a table's rows on one seed run in order (rows may share a
+    # cache of BDHS pairs or reference log-probs), and chains run side by side
+    home = lambda t: "generalisation" if t == "generalisation" else "base"  # noqa: E731  (where a base goes)
+    bases = list(dict.fromkeys((home(t), s) for t in names for s in seeds))
+    chains = [(t, s) for t in names for s in seeds]
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        base = dict(zip(bases, pool.map(lambda ts: run_row(cfg, ts[0], "base", [], ts[1]), bases)))
+        done = list(pool.map(lambda ts: {"base": base[home(ts[0]), ts[1]]} | {
+            row: run_row(cfg, ts[0], row, cmds, ts[1]) for row, cmds in TABLES[ts[0]].items()}, chains))
+    blocks = {}
+    for t in names:
+        per_row = {}
+        for (tt, s), res in zip(chains, done):
+            if tt == t:
+                for row, r in res.items():
+                    per_row.setdefault(row, []).append(r)
+        blocks[t] = markdown(t, per_row, seeds)
+        print(f"\n## {t}\n{blocks[t]}")
+    if cfg.write and set(seeds) <= set(TEST):
+        write_study(blocks)
+
+
+if __name__ == "__main__":
+    main()
