@@ -93,7 +93,13 @@ class SentenceEmbedder:
 
     @torch.no_grad()
     def __call__(self, texts, batch_size=64):
-        """(N, D) sentence embeddings (unit length unless the checkpoint has no Normalize module)."""
+        """(N, D) sentence embeddings (unit length unless the checkpoint has no Normalize module). Each distinct
+        text is encoded once, in batches of like lengths (little padding); the result is in the order given."""
+        uniq = sorted(set(texts), key=len)
+        emb = dict(zip(uniq, self.encode(uniq, batch_size)))
+        return torch.stack([emb[t] for t in texts]) if texts else torch.zeros(0)
+
+    def encode(self, texts, batch_size):
         out = []
         for i in range(0, len(texts), batch_size):
             enc = self.tok.encode_batch(list(texts[i:i + batch_size]))

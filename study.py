@@ -1,8 +1,8 @@
 """study.py: the study's tables on the world, re-run over seeds and written into STUDY.md.
 
 Each row of a table is a list of command lines, the scripts run as a user would type them; each run (row x world
-seed) keeps its output under runs/study/<table>/<row>/seed<k>/, and its results.json is the world report of
-`eval.py --data world`. A rerun runs only what is missing, so the study can be stopped and resumed. Two runs go at
+seed) keeps its output under runs/study/<row>-<hash of its commands>/seed<k>/ (a row two tables share runs once),
+and its results.json is the world report of `eval.py --data world`. A rerun runs only what is missing, so the study can be stopped and resumed. Two runs go at
 a time with one thread each (on 2 cores that beats one run with two threads: the world's model is small).
 
 The seeds: world seeds 0, 1 and 2 are the dev seeds, on which every default and choice was made; 3, 4 and 5 are
@@ -12,6 +12,7 @@ the test seeds, on which nothing was tuned, and the tables in STUDY.md report th
     python study.py --tables table12,online      # some tables
     python study.py --seeds 0 --tables main      # a dev seed (not written into STUDY.md)
 """
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,9 +64,11 @@ TABLES = {
         "corruption set + BDHS_attn (Avg-DPO)": bdhs_row("--source world+corrupt"),
     },
     "ablation": {  # BDHS's own choices, never ablated in the paper: attempts x threshold, and the guidance
-        **{f"N_BDHS {n}, ε_s {e}": bdhs_row(f"--n_bdhs {n} --eps_s {e}") for n in (1, 3, 5) for e in (0.95, 0.97, 0.99)},
+        **{f"N_BDHS {n}, ε_s {e}": bdhs_row("--rho 0.99" if (n, e) == (5, 0.97) else f"--n_bdhs {n} --eps_s {e}")
+           for n in (1, 3, 5) for e in (0.95, 0.97, 0.99)},  # (5, 0.97), the paper's, is Table 6's BDHS_attn row
+        "guidance: sentence (Algorithm 1)": bdhs_row("--rho 0.99"),
         "guidance: token-level (teacher-forced, masked)": bdhs_row("--guidance token"),
-        "guidance: none (unguided, masked)": bdhs_row("--guidance none"),
+        "guidance: none (unguided, masked)": bdhs_row("--guidance none --rho 0.99"),
     },
     "online": {
         "Online-DPO (rule)": [f"{ON} --algo online-dpo"],
@@ -109,7 +113,17 @@ def slug(row):
 def run_row(cfg, table, row, commands, seed):
     """Runs one row on one seed, then its world report, unless its results exist -> results, or None after a
     failure (its log names the command)."""
-    out = os.path.join(cfg.root, table, slug(row), f"seed{seed}")
+    # a run's folder is named by its commands: a row that two tables share runs once
+    key = hashlib.sha256(json.dumps([commands, table == "generalisation"]).encode()).hexdigest()[:8]
+    out = os.path.join(cfg.root, f"{slug(row)[:40]}-{key}", f"seed{seed}")
+    with LOCKS.setdefault(out, threading.Lock()):  # a shared run: the second caller waits for the first
+        return run_once(commands, table, row, seed, out)
+
+
+LOCKS = {}
+
+
+def run_once(commands, table, row, seed, out):
     done = os.path.join(out, "results.json")
     if os.path.exists(done):
         return json.load(open(done))
@@ -129,6 +143,11 @@ def run_row(cfg, table, row, commands, seed):
                 return None
     res = next(iter(json.load(open(os.path.join(out, "report.json"))).values()))
     res |= {"minutes": round((time.time() - t0) / 60, 2), "commands": commands}
+    for name, sub in (("pair_acc", "metrics.jsonl"), ("rm_acc", "rm/metrics.jsonl")):  # held-out pairs (Table 7)
+        path = os.path.join(out, sub)
+        evals = [json.loads(x) for x in open(path) if '"eval/' in x] if os.path.exists(path) else []
+        if evals:
+            res[name] = 100 * evals[-1]["eval/rewards/accuracies"]
     with open(done + ".tmp", "w") as f:
         json.dump(res, f, indent=1)
     os.replace(done + ".tmp", done)

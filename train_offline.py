@@ -103,19 +103,22 @@ def main(argv=None):
                 f"micro-steps, {ranks.W} ranks)" + (f", resuming at step {start}" if start else ""))
     for step in tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.loss):
         for micro in range(cfg.grad_accum):
-            idx = [train_idx[i] for i in batch_rows(len(train_idx), cfg, step, micro, B, ranks)]
-            batch = to(data.collate_pairs(vlm, [items[i] for i in idx]), device)
-            with ranks.sync_grads(model, micro == cfg.grad_accum - 1), amp:
-                token_lp, scores = model(**batch)  # (B, K, L) log-probs of every response, from one forward
-                if cfg.loss == "rm":
-                    loss, chosen, rejected = losses.rm_loss(scores[:, 0], scores[:, 1])
-                else:
-                    ref_lp = ref[idx].to(device) if ref is not None else reference(pm, batch)
-                    loss, chosen, rejected = losses.preference_loss(
-                        cfg.loss, token_lp.sum(-1), ref_lp, counts(batch), cfg.beta, rpo_alpha=cfg.rpo_alpha)
-                # each rank averages over its share of the global batch; DDP's mean over ranks completes it
-                (loss.sum() / (B * cfg.grad_accum)).backward()
-            log.add(pair_stats(loss, chosen, rejected, token_lp))
+            rows = [train_idx[i] for i in batch_rows(len(train_idx), cfg, step, micro, B, ranks)]
+            parts = halves(rows, items)  # shorter rows together: less padding
+            for part, idx in enumerate(parts):
+                batch = to(data.collate_pairs(vlm, [items[i] for i in idx]), device)
+                last = micro == cfg.grad_accum - 1 and part == len(parts) - 1  # all-reduce the gradients after it
+                with ranks.sync_grads(model, last), amp:
+                    token_lp, scores = model(**batch)  # (b, K, L) log-probs of every response, from one forward
+                    if cfg.loss == "rm":
+                        loss, chosen, rejected = losses.rm_loss(scores[:, 0], scores[:, 1])
+                    else:
+                        ref_lp = ref[idx].to(device) if ref is not None else reference(pm, batch)
+                        loss, chosen, rejected = losses.preference_loss(
+                            cfg.loss, token_lp.sum(-1), ref_lp, counts(batch), cfg.beta, rpo_alpha=cfg.rpo_alpha)
+                    # each rank averages over its share of the global batch; DDP's mean over ranks completes it
+                    (loss.sum() / (B * cfg.grad_accum)).backward()
+                log.add(pair_stats(loss, chosen, rejected, token_lp))
         lr, norm = optimizer_step(cfg, pm, opt, step, steps)
         log.write(step, lr=lr, grad_norm=norm, epoch=(step + 1) * cfg.batch_size / len(train_idx))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
@@ -269,7 +272,7 @@ def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
     path = os.path.join(cfg.cache_dir, f"ref-{fingerprint(cfg, items)}.pt")
     if not os.path.exists(path):
         N, out = len(items), {}
-        mine = list(range(ranks.rank, N, ranks.W))
+        mine = sorted(range(ranks.rank, N, ranks.W), key=lambda j: length(items[j]))  # batches of like lengths
         mine += mine[:1] * (math.ceil(N / ranks.W) - len(mine))  # the same batch count on every rank (FSDP)
         pm.eval()
         for i in tqdm(range(0, len(mine), B), desc="reference log-probs", disable=ranks.rank != 0):
@@ -284,6 +287,18 @@ def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
             os.replace(path + ".tmp", path)
         ranks.barrier()
     return torch.load(path, weights_only=True)
+
+
+def halves(rows, items):
+    """A micro-batch's rows sorted by length and cut in two: each half is padded to its own longest row (a third
+    fewer tokens on the world), and both halves exist on every rank, so FSDP's collectives stay in step."""
+    rows = sorted(rows, key=lambda i: length(items[i]))
+    return [rows[:len(rows) // 2], rows[len(rows) // 2:]] if len(rows) > 1 else [rows]
+
+
+def length(item):
+    """A pair's packed row length: prompt and responses."""
+    return len(item["prompt"]) + sum(map(len, item["responses"]))
 
 
 def to(batch, device):
