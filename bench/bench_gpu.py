@@ -184,17 +184,21 @@ def pair_batch(vlm, B, hw, prompt_text, response, seed=0):
     return data.collate_pairs(vlm, items), n_img
 
 
+def attention_pairs(batch):
+    """(B,) query-key pairs of each packed row: causal in the prompt, each response sees the prompt and itself."""
+    resp, T = (batch["targets"] != -100).sum(-1), (batch["segment"] >= 0).sum(-1)
+    P = T - resp.sum(-1)
+    return P * (P + 1) // 2 + (resp * P[:, None] + resp * (resp + 1) // 2).sum(-1)
+
+
 def step_flops(vlm, batch, n_img):
     """Model FLOPs of one training step on `batch` (the formula in the module docstring)."""
     t, v = vlm.cfg.text, vlm.cfg.vision
     lm = vlm.model.language_model
     base = sum(m.weight.numel() for m in lm.layers.modules() if isinstance(m, torch.nn.Linear))
     lora = sum(p.numel() for n, p in lm.named_parameters() if "lora_" in n)
-    resp = (batch["targets"] != -100).sum(-1)  # (B, K)
-    T = (batch["segment"] >= 0).sum(-1)  # (B,)
-    P = T - resp.sum(-1)
-    pairs = P * (P + 1) / 2 + (resp * P[:, None] + resp * (resp + 1) / 2).sum(-1)
-    attn = 4 * t.num_attention_heads * t.head_dim * t.num_hidden_layers * pairs.sum().item()
+    resp, T = (batch["targets"] != -100).sum(-1), (batch["segment"] >= 0).sum(-1)  # (B, K), (B,)
+    attn = 4 * t.num_attention_heads * t.head_dim * t.num_hidden_layers * attention_pairs(batch).sum().item()
     flops = 4 * base * T.sum().item() + 6 * lora * T.sum().item() + 3 * attn
     flops += 4 * t.hidden_size * t.vocab_size * resp.sum().item()
     n_views = sum(1 + gh * gw for gh, gw, _ in (vlm._unpadded_grid(tuple(map(int, hw)), v.image_size // v.patch_size)[1]
