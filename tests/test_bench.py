@@ -1,5 +1,5 @@
-"""The GPU bench script at a tiny geometry on CPU (its decode, LoRA DPO step and FSDP2 paths), and the memory
-model's activation term against the tensors autograd really saves."""
+"""The GPU bench script at a tiny geometry on CPU (its decode, LoRA DPO step and FSDP2 paths), the
+FLOPs' attention term, and the memory model's activations against the tensors autograd saves."""
 import math
 import os
 import re
@@ -32,24 +32,26 @@ def test_gpu_bench_runs_tiny_on_cpu(capsys):
     (decode,) = table_rows(out, "tiny")
     assert float(decode[2]) > 0 and decode[5].endswith("%")  # tok/s and the roofline share
     (step,) = table_rows(out, "1 ")
-    assert float(step[2].replace(",", "")) > 0 and math.isfinite(float(step[3])) and float(step[3]) > 0
+    tokens_s, tflop = float(step[2].replace(",", "")), float(step[3])
+    assert tokens_s > 0 and math.isfinite(tflop) and tflop > 0
 
 
 def test_gpu_bench_fsdp_on_two_ranks():
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), *TINY, "--part", "dpo",
-                        "--fsdp_ranks", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), *TINY, "--part", "dpo",
+           "--fsdp_ranks", "2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "FSDP2 on 2 cpu device(s)" in p.stdout
     assert re.search(r"^\| 2 \| [0-9.]+ \| [0-9,]+ \|", p.stdout, re.M)
 
 
 def test_flops_count_the_pairs_the_packed_mask_allows():
-    """step_flops's attention term counts exactly the query-key pairs model.attention_mask_4d lets through."""
+    """step_flops's attention term counts the query-key pairs that attention_mask_4d allows."""
     vlm = bench_gpu.build(bench_gpu.llava16(tiny=True), torch.float32, (8, 16))
     batch, n_img = bench_gpu.pair_batch(vlm, 2, (40, 53), 8, 12)
     seg = batch["segment"]
     B, T = seg.shape
-    mask = M.attention_mask_4d(seg >= 0, torch.arange(T).expand(B, T), segment=seg)[:, 0]  # (B, T, T)
+    mask = M.attention_mask_4d(seg >= 0, torch.arange(T).expand(B, T), segment=seg)[:, 0]  # B T T
     real = (seg >= 0)[:, :, None] & (seg >= 0)[:, None, :]
     assert bench_gpu.attention_pairs(batch).tolist() == (mask & real).sum((1, 2)).tolist()
     assert bench_gpu.step_flops(vlm, batch, n_img) > 0
