@@ -276,14 +276,11 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
         guidance = "none" if last else cfg.guidance
         if guidance == "sentence":
             plans = [plan_sentences(recs[i]["chosen"], rng) for i in todo]  # rows share their prompt's prefill
-            S = max(map(len, plans))
-            prefix = [sentence_prefix(vlm, *pl[k][:2]) if k < len(pl) else [] for pl in plans for k in range(S)]
-            out = vlm.generate(**kw, max_new_tokens=cfg.sentence_tokens, num_samples=S, prefix_ids=prefix,
-                               stop_strings=(".",))
-            texts = []
-            for j, pl in enumerate(plans):
-                texts.append("".join(join_sentence(p1, vlm.tokenizer.decode(out[j * S + k]), ws)
-                                     for k, (_, p1, ws) in enumerate(pl)))
+            prefix = [sentence_prefix(vlm, ctx, p1) for pl in plans for ctx, p1, _ in pl]
+            out = iter(vlm.generate(**kw, max_new_tokens=cfg.sentence_tokens, num_samples=[len(pl) for pl in plans],
+                                    prefix_ids=prefix, stop_strings=(".",)))
+            texts = ["".join(join_sentence(p1, vlm.tokenizer.decode(next(out)), ws) for _, p1, ws in pl)
+                     for pl in plans]
         elif guidance == "token":
             texts = teacher_forced(vlm, [recs[i] for i in todo], rho, noise, gen)
         else:

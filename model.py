@@ -683,8 +683,9 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
             num_samples=1, prefix_ids=None, max_new_tokens=64, image_features=None):
     """Left-padded prompts (B, T) into a fresh cache sized for the whole run, which is then copied into
-    num_samples rows per prompt; each row's forced `prefix_ids` go in as one right-aligned chunk (its padding sits
-    mid-cache, masked). -> (cache, logits (B * n, V) of each row's next token)."""
+    num_samples rows per prompt (an int, or one count per prompt); each row's forced `prefix_ids` go in as one
+    right-aligned chunk (its padding sits mid-cache, masked). -> (cache, logits (rows, V) of each row's next
+    token)."""
     B, T = input_ids.shape
     dev = input_ids.device
     P = max(map(len, prefix_ids)) if prefix_ids else 0
@@ -694,8 +695,9 @@ def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=
     h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache,
                    image_features=image_features)
     logits = vlm.lm_head(h[:, -1])  # (B, V): only the last position is needed
-    if num_samples > 1:
-        cache, logits = cache.repeat(num_samples), logits.repeat_interleave(num_samples, 0)
+    if num_samples != 1:
+        reps = num_samples if isinstance(num_samples, int) else torch.tensor(num_samples, device=dev)
+        cache, logits = cache.repeat(reps), logits.repeat_interleave(reps, 0)
     if P:
         ids, am = (x.to(dev) for x in left_pad(prefix_ids))
         h = vlm.hidden(ids, attention_mask=am, kv_cache=cache)
