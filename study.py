@@ -130,7 +130,7 @@ def run_once(commands, table, row, seed, out):
     os.makedirs(out, exist_ok=True)
     model = f" --model {out}/checkpoint" if commands else ""  # no command: the shipped base itself
     half = " --world_half a" if table == "generalisation" else ""
-    report = f"eval.py --data world --world_seed {{seed}}{model}{half} --out {{out}}/report.json"
+    report = f"eval.py --data world --world_seed {{seed}}{model}{half} --batch_size 256 --out {{out}}/report.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.time()
     with open(os.path.join(out, "log.txt"), "a") as log:

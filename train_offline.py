@@ -104,7 +104,7 @@ def main(argv=None):
     for step in tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.loss):
         for micro in range(cfg.grad_accum):
             rows = [train_idx[i] for i in batch_rows(len(train_idx), cfg, step, micro, B, ranks)]
-            parts = halves(rows, items)  # shorter rows together: less padding
+            parts = by_length(rows, items)  # rows of like lengths together: less padding
             for part, idx in enumerate(parts):
                 batch = to(data.collate_pairs(vlm, [items[i] for i in idx]), device)
                 last = micro == cfg.grad_accum - 1 and part == len(parts) - 1  # all-reduce the gradients after it
@@ -236,7 +236,8 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
     makes them, resumed if killed. Under torchrun each rank samples its share and then reads all of them."""
     import bdhs
     bc = bdhs.Config(model=cfg.model, source="world+corrupt" if cfg.data == "bdhs+world" else "world",
-                     n=cfg.pairs, world_seed=cfg.world_seed, world_half=cfg.world_half, seed=cfg.seed)
+                     n=cfg.pairs, world_seed=cfg.world_seed, world_half=cfg.world_half, seed=cfg.seed,
+                     batch_size=256)  # the world's tiny model: more rows per decoding step cost next to nothing
     here = os.path.dirname(os.path.abspath(__file__))
     code = b"".join(open(os.path.join(here, f), "rb").read() for f in ("bdhs.py", "data.py", "model.py", "world.py"))
     key = hashlib.sha256((M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code)
@@ -289,11 +290,15 @@ def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
     return torch.load(path, weights_only=True)
 
 
-def halves(rows, items):
-    """A micro-batch's rows sorted by length and cut in two: each half is padded to its own longest row (a third
-    fewer tokens on the world), and both halves exist on every rank, so FSDP's collectives stay in step."""
+PARTS = 4  # on the world, 1.6x faster steps than one padded batch (2: 1.5x, 8: 1.5x)
+
+
+def by_length(rows, items):
+    """A micro-batch's rows sorted by length and cut in PARTS: each part is padded to its own longest row, and
+    every rank has the same number of parts, so FSDP's collectives stay in step."""
     rows = sorted(rows, key=lambda i: length(items[i]))
-    return [rows[:len(rows) // 2], rows[len(rows) // 2:]] if len(rows) > 1 else [rows]
+    k = max(1, min(PARTS, len(rows)))
+    return [rows[j * len(rows) // k:(j + 1) * len(rows) // k] for j in range(k)]
 
 
 def length(item):

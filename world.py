@@ -489,7 +489,7 @@ def probes(world: World, split, n, heldout=False):
     return scenes, items
 
 
-def evaluate(vlm, world: World, split="broken", n=500, heldout=False, batch_size=64):
+def evaluate(vlm, world: World, split="broken", n=500, heldout=False, batch_size=256):
     """All world metrics (percentages) on the first n scenes of a split, as a flat dict."""
     scenes, items = probes(world, split, n, heldout)
     images = [render(s) for s in scenes]
@@ -526,7 +526,7 @@ def evaluate(vlm, world: World, split="broken", n=500, heldout=False, batch_size
     return res
 
 
-def report(vlm, seed=0, half="", n=500, batch_size=64):
+def report(vlm, seed=0, half="", n=500, batch_size=256):
     """A model's world report, one flat dict: hallucination on the broken split asked in the train phrasings (plain
     keys) and in the held-out ones ("hq/"), and helpfulness on ordinary scenes (the heldout split, "ord/"). With
     `half`, the broken split of each half of the pairs instead ("a/", "b/"): the generalisation test."""

@@ -104,7 +104,8 @@ def recs():
 
 @pytest.mark.parametrize("stop,attempts,guidance", [(1, 1, "sentence"), (3, 3, "sentence"), (99, 5, "none"),
                                                     (2, 2, "token")])
-def test_retry_rule(base, recs, stop, attempts, guidance):
+def test_retry_rule(base, recs, stop, attempts, guidance, monkeypatch):
+    monkeypatch.setattr(bdhs, "identical", lambda text, truth: False)  # the fake embedder decides every retry
     cfg = bdhs.Config(n_bdhs=5, guidance="sentence" if guidance == "none" else guidance)
     emb, stats = FakeEmbedder(stop), [0] * 5
     out = bdhs.bdhs_batch(base, emb, recs, cfg, torch.Generator().manual_seed(0), random.Random(0), stats)
@@ -112,6 +113,18 @@ def test_retry_rule(base, recs, stop, attempts, guidance):
     assert all(m["attempts"] == attempts and m["guidance"] == guidance for _, m in out)
     assert stats == [len(recs) if k == attempts - 1 and guidance != "none" else 0 for k in range(5)]
     assert [t for t, _ in out] == emb.texts[-1]  # the accepted texts are the last attempt's
+
+
+def test_a_text_equal_to_its_truth_is_not_embedded(base, recs):
+    """With the image in full view and greedy decoding the competent base gives back short truths word for word:
+    those count as similar (similarity 1) without a call to the embedder, and are retried."""
+    emb = FakeEmbedder(0)  # every text it is asked about is dissimilar
+    out = bdhs.bdhs_batch(base, emb, recs, bdhs.Config(n_bdhs=2, temperature=0.0, rho=0.0),
+                          torch.Generator().manual_seed(0), random.Random(0))
+    asked = [t for call in emb.texts[1:] for t in call]
+    same = [(t, m) for (t, m), r in zip(out, recs) if m["attempts"] == 2]
+    assert same and all(m["similarity"] is not None for _, m in out)
+    assert all(r["chosen"] not in asked for r in recs)
 
 
 def test_guided_sentences_start_from_the_ground_truth(base):
