@@ -284,8 +284,9 @@ def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
         out = ranks.gather_dict(out)
         if ranks.rank == 0:
             os.makedirs(cfg.cache_dir, exist_ok=True)
-            torch.save(torch.stack([out[j] for j in range(N)]), path + ".tmp")
-            os.replace(path + ".tmp", path)
+            tmp = f"{path}.tmp{os.getpid()}"  # runs side by side may write the same key
+            torch.save(torch.stack([out[j] for j in range(N)]), tmp)
+            os.replace(tmp, path)
         ranks.barrier()
     return torch.load(path, weights_only=True)
 

@@ -565,10 +565,11 @@ def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
 
 
 def atomic_json(path, obj):
+    """Writes JSON through a temporary file of this process's own, then renames it in."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 # -----------------------------------------------------------------------------
 # The base model: a scratch architecture, a pretrained tower and three SFT phases (`--build_base`)
