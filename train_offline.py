@@ -70,7 +70,8 @@ class Config:
     lora_r: int = 16
     lora_alpha: float = 32.0
     warmup: int = 10             # linear warm-up steps, then cosine decay to 0
-    max_length: int = 2048       # prompt + response tokens; responses are cut, image tokens never
+    max_length: int = 4096       # prompt + response tokens (a LLaVA-1.6 prompt is up to ~2,950); responses are cut,
+                                 # image tokens never
     ref: str = "cache"           # cache: reference log-probs computed once, kept on disk; lora_off: every step
     cache_dir: str = "runs/cache"  # reference log-probs, BDHS pairs and base-model reports, shared by runs
     dtype: str = "float32"       # autocast dtype of the forward; master weights and log-probs stay fp32
