@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass
 
 import data
-from model import VLM, config_from_argv
+import world as W
+from model import VLM, config_from_argv, folder_hash
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
@@ -95,6 +96,85 @@ def table(rows: dict, keys, heads=None):
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# The world's report: every answer checked against its scene (what is asked and how it is read: world.py)
+
+
+def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=256):
+    """All world metrics (percentages) on the first n scenes of a split, as a flat dict."""
+    scenes, items = W.probes(world, split, n, heldout)
+    images = [W.render(s) for s in scenes]
+    texts = [""] * len(items)
+    for kind, max_new in (("describe", 96), ("pope", 3), ("color", 6), ("count", 6), ("position", 8)):
+        sel = [j for j, it in enumerate(items) if it[1].startswith(kind)]
+        outs = answer(vlm, [images[items[j][0]] for j in sel], [items[j][2] for j in sel], max_new, batch_size)
+        for j, t in zip(sel, outs):
+            texts[j] = t
+    got = lambda kind: [(t, it) for t, it in zip(texts, items) if it[1] == kind]  # noqa: E731
+    res = dict(split=split, world_seed=world.seed, half=world.half, heldout_phrasing=heldout, n_images=n)
+    pos = [(yes_no(t), True) for t, _ in got("pope_pos")]
+    for k in ("random", "popular", "adversarial"):
+        pred, label = zip(*(pos + [(yes_no(t), False) for t, _ in got(f"pope_{k}")]))
+        res |= {f"pope_{k}_{m}": v for m, v in pope_metrics(pred, label).items()}
+    desc = got("describe")
+    res |= chair([W.mentioned(t) for t, _ in desc], [it[3] for _, it in desc])
+    # (scene, mention, object) for every mention of an object that is there
+    hits = [(it[0], m, o) for t, it in desc for m in W.parse_objects(t) for o in scenes[it[0]].objects
+            if m["category"] == o.category and not m["negated"]]
+    coloured = [(m["color"], o.color) for _, m, o in hits if m["color"]]
+    res["desc_color_acc"] = accuracy(*zip(*coloured)) if coloured else 0.0
+    # detail: the share of present objects a description names with their true colour and position
+    right = {(i, o.category) for i, m, o in hits if m["color"] == o.color and m["cell"] == o.cell}
+    res["detail"] = 100 * len(right) / sum(len(s.objects) for s in scenes)
+    answers = {"color": [(W.first_word(t, W.COLORS), it[3]) for t, it in got("color")],
+               "count": [(W.first_word(t, W.NUMBERS), W.NUMBERS[it[3]]) for t, it in got("count")],
+               "position": [(W.cell_of(t.lower()), it[3]) for t, it in got("position")]}
+    for k, pairs in answers.items():
+        res[f"{k}_acc"] = accuracy(*zip(*pairs))
+    # informativeness: the share of colour, count and position answers that commit to a value at all
+    res["informative"] = 100 * mean([p is not None for pairs in answers.values() for p, _ in pairs])
+    res["samples"] = [t for t, _ in desc[:3]]
+    return res
+
+
+def world_report(vlm, seed=0, half="", n=500, batch_size=256):
+    """A model's world report, one flat dict: hallucination on the broken split asked in the train phrasings (plain
+    keys) and in the held-out ones ("hq/"), and helpfulness on ordinary scenes (the heldout split, "ord/"). With
+    `half`, the broken split of each half of the pairs instead ("a/", "b/"): the generalisation test."""
+    def ev_(prefix, w, split, heldout=False):
+        res = evaluate_world(vlm, w, split, n, heldout, batch_size)
+        return {prefix + k: v for k, v in res.items() if isinstance(v, float)} | \
+            ({"samples": res["samples"]} if not prefix else {})
+    if half:
+        return {k: v for h in "ab" for k, v in ev_(f"{h}/", W.World(seed, half=h), "broken").items()}
+    w = W.World(seed)
+    return ev_("", w, "broken") | ev_("hq/", w, "broken", True) | ev_("ord/", w, "heldout")
+
+
+KEYS = ["pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s", "recall", "hq/pope_adversarial_f1",
+        "hq/chair_i", "ord/recall", "ord/detail", "ord/count_acc"]
+HALF_KEYS = ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversarial_f1", "b/recall"]
+
+
+def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
+    """The world report of the starting model and of the trained one, printed and written to
+    out_dir/results.json ({"before", "after"}). The starting model's is cached (keyed by its files, the settings and
+    this code): every run from it on a seed shares it."""
+    code = b"".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f), "rb").read()
+                    for f in ("world.py", "eval.py", "model.py"))
+    key = hashlib.sha256((folder_hash(base) + json.dumps([seed, half, n])).encode() + code).hexdigest()[:16]
+    cached = os.path.join(cache_dir, f"world-report-{key}.json")
+    if os.path.exists(cached):
+        before = json.load(open(cached))
+    else:
+        before = world_report(VLM.from_pretrained(base).eval(), seed, half, n)
+        atomic_json(cached, before)
+    res = dict(before=before, after=world_report(VLM.from_pretrained(ckpt).eval(), seed, half, n))
+    print(table(res, HALF_KEYS if half else KEYS))
+    atomic_json(os.path.join(out_dir, "results.json"), res)
+    return res
+
+
 # The paper's Table 2 columns, and the keys of evaluate_bench's results that fill them
 TABLE2 = {"POPE": "pope", "MMHal": "mmhal", "MMHal-V": "mmhal_v", "LLaVA-W": "llavaw", "VQA^T": "textvqa",
           "GQA": "gqa", "MMVet": "mmvet", "Rec_coco": "objhal_recall"}
@@ -116,6 +196,15 @@ GET = {"pope": "POPE's output/coco/ folder (github.com/AoiDragon/POPE), with COC
        "gqa": "testdev_balanced_questions.json from the GQA release (cs.stanford.edu/people/dorarad/gqa), images/"}
 HUB = {"mmhal": "Shengcao1006/MMHal-Bench", "llavaw": "liuhaotian/llava-bench-in-the-wild"}  # raw files on the hub
 FOLDER = {"mmhal_v": "mmhal"}  # MMHal-V is MMHal-Bench judged with the image
+
+
+def atomic_json(path, obj):
+    """Writes JSON through a temporary file of this process's own (runs side by side share caches), then renames
+    it in."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
 def download(name, root):
@@ -825,9 +914,8 @@ def main(argv=None):
     official = cfg.official and "objhal" in names
     vocab = coco_vocab(official_file(cfg.bench_dir, "objhal") if official else
                        cfg.synonyms or SYNONYMS)
-    import world  # the world's base model and report (world.py builds on this file's metrics)
     rows = {}
-    for spec in (cfg.model or world.BASE_MODEL).split(","):
+    for spec in (cfg.model or W.BASE_MODEL).split(","):
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
@@ -835,20 +923,17 @@ def main(argv=None):
         rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit, cfg.batch_size,
                                     cfg.max_new_tokens, prompts, vocab, cfg.short_prompt) \
             if names else \
-            world.report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
+            world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
         rows[name]["seconds"] = round(time.time() - t0, 1)
     if names:
         print(table(rows, list(TABLE2.values()), list(TABLE2)))
     else:
-        print(table(rows, world.HALF_KEYS if cfg.world_half else world.KEYS))
+        print(table(rows, HALF_KEYS if cfg.world_half else KEYS))
     for name, res in rows.items():
         if "samples" in res:
             print(f"sample descriptions ({name}):", *res["samples"][:3], sep="\n  ")
     if cfg.out:
-        tmp = cfg.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, cfg.out)
+        atomic_json(cfg.out, rows)
     return rows
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,7 +126,8 @@ def run_once(commands, table, row, seed, out):
     done = os.path.join(out, "results.json")
     if os.path.exists(done):
         return json.load(open(done))
-    os.makedirs(out, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # what a killed runner left: started again
+    os.makedirs(out)
     model = f" --model {out}/checkpoint" if commands else ""  # no command: the shipped base itself
     half = " --world_half a" if table == "generalisation" else ""
     report = f"eval.py --data world --world_seed {{seed}}{model}{half} --batch_size 256 --out {{out}}/report.json"

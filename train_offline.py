@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 import data
+import eval as ev
 import losses
 import model as M
 import world
@@ -129,7 +130,7 @@ def main(argv=None):
     log.close()
     ranks.print(f"saved {cfg.out_dir}/checkpoint")
     if ranks.rank == 0 and cfg.data in ("world", "bdhs", "bdhs+world") and cfg.loss != "rm" and cfg.eval_n:
-        world.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
+        ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
                            cfg.eval_n, cfg.out_dir, cfg.cache_dir)
     del model
     ranks.end()

@@ -150,7 +150,7 @@ def main(argv=None):
     log.close()
     ranks.print(f"saved {cfg.out_dir}/checkpoint")
     if ranks.rank == 0 and cfg.data == "world" and cfg.eval_n:
-        world.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
+        ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
                            cfg.eval_n, cfg.out_dir, cfg.cache_dir)
     del model
     ranks.end()
@@ -453,7 +453,7 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
     ranks.print(f"reward normalisation from {s['s'][1]} samples of the starting policy: mean {mean:.4f}, "
                 f"std {std:.4f}")
     if ranks.rank == 0:
-        world.atomic_json(path, [mean, std])
+        ev.atomic_json(path, [mean, std])
     return mean, std
 
 

@@ -39,9 +39,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
-import eval as ev
 import losses
-from model import VLM, config_from_argv, folder_hash, format_chat
+from model import VLM, config_from_argv, format_chat
 
 # -----------------------------------------------------------------------------
 # The rules: categories, usual pairs, typical colours, positions
@@ -437,13 +436,19 @@ def first_word(text, vocab):
     return next((w for w in re.findall(r"[a-z]+", text.lower()) if w in vocab), None)
 
 
+def says_yes(text):
+    """POPE's answer rule (eval.yes_no, where it is tested against POPE's script): no "No", "not" or "no" before the
+    first period, commas out, split on single spaces."""
+    return not any(w in ("No", "not", "no") for w in text.split(".")[0].replace(",", "").split(" "))
+
+
 def rule_score(text, rec):
     """The world's verifier, the online rule annotator: +1 per object named that is there, +1 / -1 per colour
     stated right / wrong, -2 per object invented, ±1 for the count, the yes / no, the colour or the position asked
     about; over the most a perfect answer gets, so it lies in [-1, 1] for answers that invent nothing."""
     truth, kind = rec["chosen"], rec.get("meta", {}).get("kind")
     if truth.split(",")[0].lower() in ("yes", "no"):
-        return 1.0 if ev.yes_no(text) == ev.yes_no(truth) else -1.0
+        return 1.0 if says_yes(text) == says_yes(truth) else -1.0
     want = {m["category"]: m["color"] for m in parse_objects(truth) if not m["negated"]}
     said = [m for m in parse_objects(text) if not m["negated"]]
     got, top = 0.0, len(want) + sum(c is not None for c in want.values())
@@ -463,7 +468,7 @@ def rule_score(text, rec):
     return got / max(top, 1)
 
 # -----------------------------------------------------------------------------
-# The world's metrics: hallucination (POPE, CHAIR) and helpfulness (recall, detail, answers to questions)
+# What the world's report asks (eval.py's world_report measures it): POPE probes, descriptions, questions
 
 
 def probes(world: World, split, n, heldout=False):
@@ -488,88 +493,6 @@ def probes(world: World, split, n, heldout=False):
                   (i, "position", q("position", o.category), o.cell)]
     return scenes, items
 
-
-def evaluate(vlm, world: World, split="broken", n=500, heldout=False, batch_size=256):
-    """All world metrics (percentages) on the first n scenes of a split, as a flat dict."""
-    scenes, items = probes(world, split, n, heldout)
-    images = [render(s) for s in scenes]
-    texts = [""] * len(items)
-    for kind, max_new in (("describe", 96), ("pope", 3), ("color", 6), ("count", 6), ("position", 8)):
-        sel = [j for j, it in enumerate(items) if it[1].startswith(kind)]
-        outs = ev.answer(vlm, [images[items[j][0]] for j in sel], [items[j][2] for j in sel], max_new, batch_size)
-        for j, t in zip(sel, outs):
-            texts[j] = t
-    got = lambda kind: [(t, it) for t, it in zip(texts, items) if it[1] == kind]  # noqa: E731
-    res = dict(split=split, world_seed=world.seed, half=world.half, heldout_phrasing=heldout, n_images=n)
-    pos = [(ev.yes_no(t), True) for t, _ in got("pope_pos")]
-    for k in ("random", "popular", "adversarial"):
-        pred, label = zip(*(pos + [(ev.yes_no(t), False) for t, _ in got(f"pope_{k}")]))
-        res |= {f"pope_{k}_{m}": v for m, v in ev.pope_metrics(pred, label).items()}
-    desc = got("describe")
-    res |= ev.chair([mentioned(t) for t, _ in desc], [it[3] for _, it in desc])
-    # (scene, mention, object) for every mention of an object that is there
-    hits = [(it[0], m, o) for t, it in desc for m in parse_objects(t) for o in scenes[it[0]].objects
-            if m["category"] == o.category and not m["negated"]]
-    coloured = [(m["color"], o.color) for _, m, o in hits if m["color"]]
-    res["desc_color_acc"] = ev.accuracy(*zip(*coloured)) if coloured else 0.0
-    # detail: the share of present objects a description names with their true colour and position
-    right = {(i, o.category) for i, m, o in hits if m["color"] == o.color and m["cell"] == o.cell}
-    res["detail"] = 100 * len(right) / sum(len(s.objects) for s in scenes)
-    answers = {"color": [(first_word(t, COLORS), it[3]) for t, it in got("color")],
-               "count": [(first_word(t, NUMBERS), NUMBERS[it[3]]) for t, it in got("count")],
-               "position": [(cell_of(t.lower()), it[3]) for t, it in got("position")]}
-    for k, pairs in answers.items():
-        res[f"{k}_acc"] = ev.accuracy(*zip(*pairs))
-    # informativeness: the share of colour, count and position answers that commit to a value at all
-    res["informative"] = 100 * ev.mean([p is not None for pairs in answers.values() for p, _ in pairs])
-    res["samples"] = [t for t, _ in desc[:3]]
-    return res
-
-
-def report(vlm, seed=0, half="", n=500, batch_size=256):
-    """A model's world report, one flat dict: hallucination on the broken split asked in the train phrasings (plain
-    keys) and in the held-out ones ("hq/"), and helpfulness on ordinary scenes (the heldout split, "ord/"). With
-    `half`, the broken split of each half of the pairs instead ("a/", "b/"): the generalisation test."""
-    def ev_(prefix, w, split, heldout=False):
-        res = evaluate(vlm, w, split, n, heldout, batch_size)
-        return {prefix + k: v for k, v in res.items() if isinstance(v, float)} | \
-            ({"samples": res["samples"]} if not prefix else {})
-    if half:
-        return {k: v for h in "ab" for k, v in ev_(f"{h}/", World(seed, half=h), "broken").items()}
-    w = World(seed)
-    return ev_("", w, "broken") | ev_("hq/", w, "broken", True) | ev_("ord/", w, "heldout")
-
-
-KEYS = ["pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s", "recall", "hq/pope_adversarial_f1",
-        "hq/chair_i", "ord/recall", "ord/detail", "ord/count_acc"]
-HALF_KEYS = ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversarial_f1", "b/recall"]
-
-
-def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
-    """The world report of the starting model and of the trained one, printed and written to
-    out_dir/results.json ({"before", "after"}). The starting model's is cached (keyed by its files, the settings and
-    this code): every run from it on a seed shares it."""
-    code = b"".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f), "rb").read()
-                    for f in ("world.py", "eval.py", "model.py"))
-    key = hashlib.sha256((folder_hash(base) + json.dumps([seed, half, n])).encode() + code).hexdigest()[:16]
-    cached = os.path.join(cache_dir, f"world-report-{key}.json")
-    if os.path.exists(cached):
-        before = json.load(open(cached))
-    else:
-        before = report(VLM.from_pretrained(base).eval(), seed, half, n)
-        atomic_json(cached, before)
-    res = dict(before=before, after=report(VLM.from_pretrained(ckpt).eval(), seed, half, n))
-    print(ev.table(res, HALF_KEYS if half else KEYS))
-    atomic_json(os.path.join(out_dir, "results.json"), res)
-    return res
-
-
-def atomic_json(path, obj):
-    """Writes JSON through a temporary file of this process's own, then renames it in."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(f"{path}.tmp{os.getpid()}", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 # -----------------------------------------------------------------------------
 # The base model: a scratch architecture, a pretrained tower and three SFT phases (`--build_base`)

@@ -270,7 +270,7 @@ def test_detail_and_informativeness_by_hand(monkeypatch):
                 if q.startswith("Describe") else "I cannot tell." if q.startswith("What color") else
                 "There are two objects." if q.startswith("How many") else "It is at the top left.")
     monkeypatch.setattr(ev, "answer", lambda vlm, ims, qs, n, b: [reply(q) for q in qs])
-    res = W.evaluate(None, W.World(0), "broken", 1)
+    res = ev.evaluate_world(None, W.World(0), "broken", 1)
     assert res["detail"] == 50.0 and res["recall"] == 100.0 and res["chair_i"] == 0.0  # the saucer's colour is wrong
     assert res["count_acc"] == 100.0 and res["informative"] == pytest.approx(200 / 3)  # no colour given
 
@@ -298,9 +298,9 @@ def test_shipped_base_model_matches_transformers():
 
 def test_shipped_base_model_is_competent_on_a_few_scenes():
     vlm = VLM.from_pretrained(W.BASE_MODEL).eval()
-    res = W.evaluate(vlm, W.World(5), "heldout", 24)
+    res = ev.evaluate_world(vlm, W.World(5), "heldout", 24)
     assert res["recall"] > 70 and res["count_acc"] > 70 and res["desc_color_acc"] > 80
-    rep = W.report(vlm, 5, n=8)
+    rep = ev.world_report(vlm, 5, n=8)
     assert {"chair_i", "hq/chair_i", "ord/detail"} <= set(rep) and all(0 <= v <= 100 for v in rep.values()
                                                                       if isinstance(v, float))
-    assert {"a/chair_i", "b/pope_adversarial_f1"} <= set(W.report(vlm, 5, half="a", n=4))
+    assert {"a/chair_i", "b/pope_adversarial_f1"} <= set(ev.world_report(vlm, 5, half="a", n=4))
