@@ -1,7 +1,7 @@
 """study.py: the study's tables on the world, re-run over seeds and written into STUDY.md.
 
 Each row of a table is a list of command lines, the scripts run as a user would type them; each run (row x world
-seed) keeps its output under runs/study/<row>-<hash of its commands>/seed<k>/ (a row two tables share runs once),
+seed) keeps its output under runs/study/<hash of its commands>/seed<k>/ (a row two tables share runs once),
 and its results.json is the world report of `eval.py --data world`. A rerun runs only what is missing, so the study can be stopped and resumed. Two runs go at
 a time with one thread each (on 2 cores that beats one run with two threads: the world's model is small).
 
@@ -105,16 +105,12 @@ class Config:
     write: bool = True         # update STUDY.md's tables (test seeds only)
 
 
-def slug(row):
-    return re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
-
-
 def run_row(cfg, table, row, commands, seed):
     """Runs one row on one seed, then its world report, unless its results exist -> results, or None after a
     failure (its log names the command)."""
     # a run's folder is named by its commands: a row that two tables share runs once
     key = hashlib.sha256(json.dumps([commands, table == "generalisation"]).encode()).hexdigest()[:8]
-    out = os.path.join(cfg.root, f"{slug(row)[:40]}-{key}", f"seed{seed}")
+    out = os.path.join(cfg.root, key, f"seed{seed}")
     with LOCKS.setdefault(out, threading.Lock()):  # a shared run: the second caller waits for the first
         return run_once(commands, table, row, seed, out)
 
