@@ -90,6 +90,8 @@ TABLES = {
 COLUMNS = {
     "main": ["chair_i", "recall", "pope_adversarial_f1", "pope_adversarial_yes_ratio", "hq/chair_i",
              "hq/pope_adversarial_f1", "ord/detail", "ord/recall", "ord/count_acc"],
+    "online": ["chair_i", "recall", "pope_adversarial_f1", "pope_adversarial_yes_ratio", "hq/pope_adversarial_f1",
+               "ord/detail", "rm_acc"],  # rm_acc: the reward model's accuracy on held-out pairs (Table 7)
     "generalisation": ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversarial_f1", "b/recall"],
 }
 DEFAULT_COLUMNS = ["chair_i", "chair_s", "recall", "pope_adversarial_f1", "pope_adversarial_yes_ratio",

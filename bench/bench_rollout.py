@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
 import world  # noqa: E402
-from bench_model import CONFIG, timed  # noqa: E402
+from bench_model import CONFIG, inputs, timed  # noqa: E402
 from model import VLM  # noqa: E402
 
 
@@ -29,18 +29,6 @@ def world_inputs(vlm, B):
     batch = vlm.prepare([r["conversation"][0]["content"].replace("<image>\n", "") for r in recs],
                         [r["image"] for r in recs])
     return batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
-
-
-def random_inputs(B):
-    g = torch.Generator().manual_seed(0)
-    lens, N = [20 + 7 * i for i in range(B)], 576
-    T = N + max(lens)
-    ids, am = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
-    for b, n in enumerate(lens):
-        ids[b, T - N - n:T - n] = 32000
-        ids[b, T - n:] = torch.randint(3, 32000, (n,), generator=g)
-        am[b, T - N - n:] = 1
-    return ids, am, torch.randn(B, 3, 336, 336, generator=g)
 
 
 def main():
@@ -64,7 +52,7 @@ def main():
             ours = VLM.from_pretrained(path, dtype=dtype, device=dev).eval()
             hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
         hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
-        ids, am, px = world_inputs(ours, B) if name == "world base" else random_inputs(B)
+        ids, am, px = world_inputs(ours, B) if name == "world base" else inputs(B, 576, "cpu", torch.float32)
         ids, am, px = ids.to(dev), am.to(dev), px.to(dev, dtype)
         g = torch.Generator(dev).manual_seed(0)
         with torch.inference_mode():
