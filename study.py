@@ -8,7 +8,7 @@ a time with one thread each (on 2 cores that beats one run with two threads: the
 The seeds: world seeds 0, 1 and 2 are the dev seeds, on which every default and choice was made; 3, 4 and 5 are
 the test seeds, on which nothing was tuned, and the tables in STUDY.md report them only (mean ± std over seeds).
 
-    python study.py                              # every table on the test seeds (a few hours on 2 CPU cores)
+    python study.py                              # every table on the test seeds (about 2 hours on 2 CPU cores)
     python study.py --tables table12,online      # some tables
     python study.py --seeds 0 --tables main      # a dev seed (not written into STUDY.md)
 """

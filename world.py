@@ -20,8 +20,9 @@ It "sees" the saucer because cups usually come with saucers.
   the time, as text-only annotators writing from captions do. The images stay true.
 
 Also here: the world's tokenizer, its corruption set (the paper's rejected-by-corruption strategy, §4.3, done by
-rule), the rule-based verifier the online annotator uses, the world's metrics (POPE, CHAIR, recall, helpfulness),
-and the base model's recipe: a scratch architecture, tower pretraining and three SFT phases.
+rule), the rule-based verifier the online annotator uses, what the world's report asks and how it reads an answer
+(the metrics themselves are in eval.py), and the base model's recipe: a scratch architecture, tower pretraining and
+three SFT phases.
 
     python world.py --split broken --n 8 --out world_samples   # PNGs and a JSONL to look at
     python world.py --build_base assets/world-base               # the shipped base model, from scratch
