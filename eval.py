@@ -28,16 +28,13 @@ from dataclasses import dataclass
 
 import data
 import world as W
-from model import VLM, config_from_argv, folder_hash
+from model import VLM, config_from_argv, folder_hash, source_bytes
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
 
 
-def yes_no(text):
-    """POPE's rule: before the 1st period, commas out, split on single spaces: "No", "not", "no"."""
-    words = text.split(".")[0].replace(",", "").split(" ")
-    return not any(w in ("No", "not", "no") for w in words)
+yes_no = W.says_yes  # POPE's rule for a yes / no answer (in world.py, whose verifier reads answers by it too)
 
 
 def pope_metrics(pred, label):
@@ -160,8 +157,7 @@ def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
     """The world report of the starting model and of the trained one, printed and written to
     out_dir/results.json ({"before", "after"}). The starting model's is cached (keyed by its files, the settings and
     this code): every run from it on a seed shares it."""
-    code = b"".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f), "rb").read()
-                    for f in ("world.py", "eval.py", "model.py"))
+    code = source_bytes("world.py", "eval.py", "model.py")
     key = hashlib.sha256((folder_hash(base) + json.dumps([seed, half, n])).encode() + code).hexdigest()[:16]
     cached = os.path.join(cache_dir, f"world-report-{key}.json")
     if os.path.exists(cached):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import shutil
 from dataclasses import dataclass, field
 
@@ -1147,6 +1148,12 @@ def folder_hash(path):
             with open(os.path.join(path, fn), "rb") as f:
                 h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
+
+
+def source_bytes(*names):
+    """The bytes of this project's files `names`: part of a cache key, so that a change to the code that made a
+    cached result makes a new key."""
+    return b"".join(pathlib.Path(__file__).resolve().with_name(name).read_bytes() for name in names)
 
 
 def looks_local(name):

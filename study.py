@@ -2,8 +2,9 @@
 
 Each row of a table is a list of command lines, the scripts run as a user would type them; each run (row x world
 seed) keeps its output under runs/study/<hash of its commands>/seed<k>/ (a row two tables share runs once),
-and its results.json is the world report of `eval.py --data world`. A rerun runs only what is missing, so the study can be stopped and resumed. Two runs go at
-a time with one thread each (on 2 cores that beats one run with two threads: the world's model is small).
+and its results.json is the world report of `eval.py --data world`. A rerun runs only what is missing, so the
+study can be stopped and resumed. Two runs go at a time with one thread each (on 2 cores that beats one run with
+two threads: the world's model is small).
 
 The seeds: world seeds 0, 1 and 2 are the dev seeds, on which every default and choice was made; 3, 4 and 5 are
 the test seeds, on which nothing was tuned, and the tables in STUDY.md report them only (mean ± std over seeds).
@@ -107,6 +108,9 @@ class Config:
     write: bool = True         # update STUDY.md's tables (test seeds only)
 
 
+LOCKS = {}  # a run's folder -> the lock its callers share
+
+
 def run_row(cfg, table, row, commands, seed):
     """Runs one row on one seed, then its world report, unless its results exist -> results, or None after a
     failure (its log names the command)."""
@@ -115,9 +119,6 @@ def run_row(cfg, table, row, commands, seed):
     out = os.path.join(cfg.root, key, f"seed{seed}")
     with LOCKS.setdefault(out, threading.Lock()):  # a shared run: the second caller waits for the first
         return run_once(commands, table, row, seed, out)
-
-
-LOCKS = {}
 
 
 def run_once(commands, table, row, seed, out):

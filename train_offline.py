@@ -131,7 +131,7 @@ def main(argv=None):
     ranks.print(f"saved {cfg.out_dir}/checkpoint")
     if ranks.rank == 0 and cfg.data in ("world", "bdhs", "bdhs+world") and cfg.loss != "rm" and cfg.eval_n:
         ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
-                           cfg.eval_n, cfg.out_dir, cfg.cache_dir)
+                        cfg.eval_n, cfg.out_dir, cfg.cache_dir)
     del model
     ranks.end()
 
@@ -240,8 +240,7 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
     bc = bdhs.Config(model=cfg.model, source="world+corrupt" if cfg.data == "bdhs+world" else "world",
                      n=cfg.pairs, world_seed=cfg.world_seed, world_half=cfg.world_half, seed=cfg.seed,
                      batch_size=256)  # the world's tiny model: more rows per decoding step cost next to nothing
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = b"".join(open(os.path.join(here, f), "rb").read() for f in ("bdhs.py", "data.py", "model.py", "world.py"))
+    code = M.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
     key = hashlib.sha256((M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code)
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")
     ranks.print(f"BDHS pairs: {bc.out}")

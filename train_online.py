@@ -151,7 +151,7 @@ def main(argv=None):
     ranks.print(f"saved {cfg.out_dir}/checkpoint")
     if ranks.rank == 0 and cfg.data == "world" and cfg.eval_n:
         ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
-                           cfg.eval_n, cfg.out_dir, cfg.cache_dir)
+                        cfg.eval_n, cfg.out_dir, cfg.cache_dir)
     del model
     ranks.end()
 

@@ -438,8 +438,8 @@ def first_word(text, vocab):
 
 
 def says_yes(text):
-    """POPE's answer rule (eval.yes_no, where it is tested against POPE's script): no "No", "not" or "no" before the
-    first period, commas out, split on single spaces."""
+    """POPE's rule for a yes / no answer: no "No", "not" or "no" before the first period, commas out, split on
+    single spaces. eval.py scores POPE with it (as eval.yes_no, tested there against POPE's script)."""
     return not any(w in ("No", "not", "no") for w in text.split(".")[0].replace(",", "").split(" "))
 
 
