@@ -101,7 +101,16 @@ def one_run(hf, ours, a, dev, sync):
     rows = {f"forward (batch {fb}) s": (t_hf, t_us, t_hf / t_us),
             "prefill s": (med(h, 0), med(u, 0), med(h, 0) / med(u, 0)),
             "decode tok/s": (B * (K - 1) / med(h, 1), B * (K - 1) / med(u, 1), med(h, 1) / med(u, 1))}
-    return rows, diff, h[0][2] == u[0][2]
+    steps = (1e3 * med(h, 1) / (K - 1), 1e3 * med(u, 1) / (K - 1), 1e3 * matmul_floor(ours, B, a.reps))
+    return rows, diff, h[0][2] == u[0][2], steps
+
+
+def matmul_floor(vlm, B, reps):
+    """Seconds of one decode step's linear layers alone (the same weights and F.linear, B rows of one token): the
+    step's cost if attention, norms and sampling were free."""
+    lins = [m for m in vlm.model.language_model.modules() if isinstance(m, torch.nn.Linear)] + [vlm.lm_head]
+    xs = [torch.randn(B, m.in_features, device=vlm.lm_head.weight.device, dtype=m.weight.dtype) for m in lins]
+    return timed(lambda: [m(x) for m, x in zip(lins, xs)], max(reps, 3), lambda: None)[0]
 
 
 def main():
@@ -129,12 +138,15 @@ def main():
     ratios = {}
     with torch.inference_mode():
         for run in range(a.runs):
-            rows, diff, same = one_run(hf, ours, a, dev, sync)
+            rows, diff, same, (hf_ms, our_ms, floor_ms) = one_run(hf, ours, a, dev, sync)
             print(f"\nrun {run + 1}\n| measure | transformers | ours | ratio (ours faster > 1) |\n|---|---|---|---|")
             for name, (h, u, r) in rows.items():
                 print(f"| {name} | {h:.3f} | {u:.3f} | {r:.2f}x |")
                 ratios.setdefault(name, []).append(r)
             print(f"max |logit diff| {diff:.2e}; greedy ids identical: {same}")
+            print(f"decode step: transformers {hf_ms:.1f} ms, ours {our_ms:.1f} ms, of which the matmuls alone "
+                  f"{floor_ms:.1f} ms ({100 * floor_ms / our_ms:.0f}%); 2x transformers needs a step <= "
+                  f"{hf_ms / 2:.1f} ms")
         if a.runs > 1:
             print("\n| measure | median ratio | min | max |\n|---|---|---|---|")
             for name, rs in ratios.items():
