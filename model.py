@@ -583,8 +583,8 @@ class VLM(nn.Module):
         list per output row) are forced tokens that continue the prompt; `key_mask` (B, T) hides prompt keys."""
         cache, logits = prefill(self, input_ids, attention_mask, pixel_values, image_sizes, key_mask, num_samples,
                                 prefix_ids, max_new_tokens, image_features)
-        eos = self.eos_ids() if eos_token_id is None else \
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = self.eos_ids() if eos_token_id is None else eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos)
         stop = StopStrings(self.tokenizer, stop_strings) if stop_strings else None
         return decode(self, cache, logits, max_new_tokens, temperature, top_k, top_p, generator, eos, stop)
 
@@ -605,7 +605,8 @@ class VLM(nn.Module):
     def prepare(self, questions, images=None, template=None, device=None):
         """User questions (+ one PIL image each) -> left-padded model inputs for `forward` / `generate`."""
         images = images or [None] * len(questions)
-        pix = self.image_processor([im for im in images if im is not None]) if any(im is not None for im in images) else {}
+        shown = [im for im in images if im is not None]
+        pix = self.image_processor(shown) if shown else {}
         sizes = pix.get("image_sizes")
         ids, i = [], 0
         for q, im in zip(questions, images):
@@ -667,8 +668,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:  # keep the smallest set whose probability reaches top_p
         sorted_logits, idx = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
     if generator is not None and generator.device != probs.device:  # a CPU generator drives GPU sampling too
@@ -680,12 +681,11 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
             num_samples=1, prefix_ids=None, max_new_tokens=64, image_features=None):
     """Left-padded prompts (B, T) -> (a cache sized for the run, logits (R, V) of each row's next
-    token). Each prompt fills num_samples rows (an int or a count per prompt), then `prefix_ids`."""
+    token). Each prompt fills num_samples rows (an int or a count per prompt); `prefix_ids` (one
+    list per row) go in after, as one right-aligned chunk (its padding sits mid-cache, masked)."""
     B, T = input_ids.shape
     dev = input_ids.device
     P = max(map(len, prefix_ids)) if prefix_ids else 0
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     cache = KVCache(vlm.cfg.text, B, T + P + max_new_tokens, vlm.lm_head.weight.dtype, dev)
     h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache,
                    image_features=image_features)
