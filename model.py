@@ -1037,8 +1037,8 @@ def load_processors(vlm, path, template=None):
     from tokenizers import Tokenizer
     names = ("tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
              "processor_config.json", "chat_template.json", "generation_config.json")
-    files = [pathlib.Path(path, fn) for fn in names]
-    vlm.files = {f.name: f.read_text() for f in files if f.exists()}
+    paths = [pathlib.Path(path, fn) for fn in names]
+    vlm.files = {p.name: p.read_text() for p in paths if p.exists()}
     tok = os.path.join(path, "tokenizer.json")
     vlm.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else MissingTokenizer(path)
     pp = json.loads(vlm.files.get("preprocessor_config.json", "null")) or \
