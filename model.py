@@ -33,9 +33,8 @@ import torch.nn.functional as F
 
 CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                      image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-                       vision_use_head=True)
+SIGLIP_DEFAULTS = CLIP_DEFAULTS | dict(patch_size=16, hidden_act="gelu_pytorch_tanh",
+                                       layer_norm_eps=1e-6, vision_use_head=True)
 # what LlavaConfig builds when config.json has no vision_config / text_config at all
 LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                     num_attention_heads=16, image_size=336, patch_size=14)
@@ -481,20 +480,21 @@ class VLM(nn.Module):
         base = p * p + (self.cfg.select_strategy == "full" and v.kind == "clip")
         if self.cfg.model_type == "llava":
             return [base] * n
-        return [base + self._unpadded_grid(tuple(int(s) for s in hw), p)[0] for hw in image_sizes]
+        return [base + self._unpadded_grid(hw, p)[0] for hw in image_sizes]
 
     def _unpadded_grid(self, size, p):
-        """AnyRes: rows/cols of the tile grid's feature map once the padding is cut away; also the grid shape."""
-        h, w = size
-        gh, gw = (x // self.cfg.vision.image_size for x in select_best_resolution(size, self.cfg.grid_pinpoints))
+        """AnyRes: the image tokens of the tile grid without its padding, and (gh, gw, (ph, pw)):
+        the grid of tiles and the feature rows / columns of padding at each side."""
+        h, w = (int(s) for s in size)
+        best = select_best_resolution((h, w), self.cfg.grid_pinpoints)
+        gh, gw = (x // self.cfg.vision.image_size for x in best)
         H, W = gh * p, gw * p
         if w / h > W / H:  # padding was added top and bottom
-            pad = (H - int(round(h * (W / w), 7))) // 2
-            H -= 2 * pad
+            ph, pw = (H - int(round(h * (W / w), 7))) // 2, 0
         else:
-            pad = (W - int(round(w * (H / h), 7))) // 2
-            W -= 2 * pad
-        return H * (W + 1), (gh, gw, pad)  # +1: an image_newline feature closes each row
+            ph, pw = 0, (W - int(round(w * (H / h), 7))) // 2
+        # +1: an image_newline feature closes each row
+        return (H - 2 * ph) * (W - 2 * pw + 1), (gh, gw, (ph, pw))
 
     def encode_images(self, pixel_values, image_sizes=None):
         """pixel_values -> projected image features (N_tokens, C), in the order their placeholders appear."""
@@ -504,27 +504,21 @@ class VLM(nn.Module):
             return feats.flatten(0, 1)
         # AnyRes: drop padded views, encode all views at once, then per image: base view + unpadded grid + newlines
         p = cfg.vision.image_size // cfg.vision.patch_size
-        grids = [self._unpadded_grid(tuple(int(s) for s in hw), p)[1] for hw in image_sizes]
+        grids = [self._unpadded_grid(hw, p)[1] for hw in image_sizes]
         counts = [1 + gh * gw for gh, gw, _ in grids]  # views per image: the base view + the tiles
         views = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]) if pixel_values.dim() == 5 else pixel_values
         feats = self._vision_features(views).split(counts)
         out = []
-        for f, hw, (gh, gw, pad) in zip(feats, image_sizes, grids):
+        for f, (gh, gw, (ph, pw)) in zip(feats, grids):
             grid = f[1:].view(gh, gw, p, p, -1).permute(4, 0, 2, 1, 3).reshape(f.shape[-1], gh * p, gw * p)
-            H, W = grid.shape[1:]
-            h, w = (int(s) for s in hw)
-            if w / h > W / H:  # cut the padding the AnyRes resize added: top and bottom, else left and right
-                grid = grid[:, pad:H - pad]
-            else:
-                grid = grid[:, :, pad:W - pad]
+            grid = grid[:, ph:gh * p - ph, pw:gw * p - pw]  # cut the padding AnyRes's resize added
             nl = self.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid.dtype)
             grid = torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)  # (rows * (cols + 1), C)
             out += [f[0], grid]
         return torch.cat(out)
 
     def _vision_features(self, pixels):  # (N, 3, H, W) -> (N, P, C_text)
-        hs = self.model.vision_tower(pixels, self.cfg.feature_layers)
-        x = torch.cat(hs, dim=-1)
+        x = torch.cat(self.model.vision_tower(pixels, self.cfg.feature_layers), dim=-1)
         if self.cfg.select_strategy == "default":
             x = x[:, 1:]  # drop CLIP's class token
         return self.model.multi_modal_projector(x)
@@ -550,11 +544,11 @@ class VLM(nn.Module):
         """The decoder's final hidden states (B, T, C); `forward` applies the LM head on top."""
         B, T = input_ids.shape
         dev = input_ids.device
-        visible = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        if key_mask is not None:
-            visible = visible & key_mask.bool()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        real = attention_mask.bool()
+        visible = real if key_mask is None else real & key_mask.bool()
         if position_ids is None:  # count only real tokens, so left padding does not shift RoPE
-            real = torch.ones_like(visible) if attention_mask is None else attention_mask.bool()
             start = kv_cache.next_pos[:, None] if kv_cache is not None else 0
             position_ids = (start + real.long().cumsum(-1) - 1).clamp(min=0)
         x = self.embed(input_ids, pixel_values, image_sizes, image_features)
@@ -570,7 +564,7 @@ class VLM(nn.Module):
         h = self.model.language_model(x, position_ids, mask, c)
         if c is not None:
             c.pos += T
-            c.next_pos = c.next_pos + (attention_mask.long().sum(-1) if attention_mask is not None else T)
+            c.next_pos = c.next_pos + attention_mask.long().sum(-1)
         return h
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kw):
@@ -589,17 +583,14 @@ class VLM(nn.Module):
         list per output row) are forced tokens that continue the prompt; `key_mask` (B, T) hides prompt keys."""
         cache, logits = prefill(self, input_ids, attention_mask, pixel_values, image_sizes, key_mask, num_samples,
                                 prefix_ids, max_new_tokens, image_features)
-        eos = self.eos_ids() if eos_token_id is None else \
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = self.eos_ids() if eos_token_id is None else eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos)
         stop = StopStrings(self.tokenizer, stop_strings) if stop_strings else None
         return decode(self, cache, logits, max_new_tokens, temperature, top_k, top_p, generator, eos, stop)
 
     def eos_ids(self):
-        ids = set()
-        for name in ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            if self.tokenizer and self.tokenizer.token_to_id(name) is not None:
-                ids.add(self.tokenizer.token_to_id(name))
-        return ids
+        names = ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+        return {self.tokenizer.token_to_id(n) for n in names} - {None} if self.tokenizer else set()
 
     # -- prompting ------------------------------------------------------------
 
@@ -614,7 +605,8 @@ class VLM(nn.Module):
     def prepare(self, questions, images=None, template=None, device=None):
         """User questions (+ one PIL image each) -> left-padded model inputs for `forward` / `generate`."""
         images = images or [None] * len(questions)
-        pix = self.image_processor([im for im in images if im is not None]) if any(im is not None for im in images) else {}
+        shown = [im for im in images if im is not None]
+        pix = self.image_processor(shown) if shown else {}
         sizes = pix.get("image_sizes")
         ids, i = [], 0
         for q, im in zip(questions, images):
@@ -644,9 +636,14 @@ class VLM(nn.Module):
         """A local HF-layout folder or a hub id: every key and shape checked, tensors streamed one at a time
         into `dtype` on `device` (peak host memory near one copy of the weights)."""
         path = local_folder(path)
-        raw = read_config(path)
+        cfg_path = os.path.join(path, "config.json")
+        try:
+            with open(cfg_path) as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {cfg_path}: {e}") from e
         with torch.device("meta"):
-            vlm = cls(parse_config(raw, os.path.join(path, "config.json")))
+            vlm = cls(parse_config(raw, cfg_path))
         load_weights(vlm, path, raw, dtype, device)
         load_processors(vlm, path, template)
         return vlm
@@ -671,8 +668,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:  # keep the smallest set whose probability reaches top_p
         sorted_logits, idx = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
     if generator is not None and generator.device != probs.device:  # a CPU generator drives GPU sampling too
@@ -683,15 +680,12 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 @torch.no_grad()
 def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
             num_samples=1, prefix_ids=None, max_new_tokens=64, image_features=None):
-    """Left-padded prompts (B, T) into a fresh cache sized for the whole run, which is then copied into
-    num_samples rows per prompt (an int, or one count per prompt); each row's forced `prefix_ids` go in as one
-    right-aligned chunk (its padding sits mid-cache, masked). -> (cache, logits (rows, V) of each row's next
-    token)."""
+    """Left-padded prompts (B, T) -> (a cache sized for the run, logits (R, V) of each row's next
+    token). Each prompt fills num_samples rows (an int or a count per prompt); `prefix_ids` (one
+    list per row) go in after, as one right-aligned chunk (its padding sits mid-cache, masked)."""
     B, T = input_ids.shape
     dev = input_ids.device
     P = max(map(len, prefix_ids)) if prefix_ids else 0
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     cache = KVCache(vlm.cfg.text, B, T + P + max_new_tokens, vlm.lm_head.weight.dtype, dev)
     h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache,
                    image_features=image_features)
@@ -714,9 +708,8 @@ def decode_one_token(vlm, tok, cache):
 @torch.no_grad()
 def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None, eos=(),
            stop=None):
-    """Samples up to max_new_tokens per row: a row ends before an EOS token or after the token that completes a
-    stop string. Everything stays on the device; the host looks once per step (are all rows done?), and at the
-    rows a stop string may have ended. -> one list of token ids per row."""
+    """Samples up to max_new_tokens per row -> a list of ids per row. A row ends before an EOS token
+    or after the token that completes a stop string; the host syncs once per step (all done?)."""
     R, dev = logits.shape[0], logits.device
     toks = torch.zeros(R, max_new_tokens, dtype=torch.long, device=dev)
     length = torch.full((R,), max_new_tokens, device=dev)  # tokens each row keeps
@@ -765,15 +758,13 @@ def stop_table(tokenizer, chars):
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
-# Decompression bombs: a file of a few KB can declare a 20000 x 20000 image. Every image is checked
-# against this limit from its header, before it is decoded; the environment variable
-# IMAGE_MAX_PIXELS changes it (PIL's own hard limit, about 179 M pixels, still applies above that).
+# Decompression bombs: a few KB can declare a 20000 x 20000 image, so headers are checked before
+# decoding. IMAGE_MAX_PIXELS sets the limit (PIL's own, about 179 M pixels, still applies above it).
 MAX_PIXELS = int(os.environ.get("IMAGE_MAX_PIXELS", 40_000_000))
 
 
 def open_image_header(src, name=None):
-    """A PIL image from a path or file object, only its header read; an unreadable file or one with
-    more than MAX_PIXELS pixels is a ValueError naming it."""
+    """A PIL image, only its header read; unreadable or over MAX_PIXELS: a ValueError naming it."""
     import warnings
     from PIL import Image
     name = name or src
@@ -794,8 +785,7 @@ def open_image_header(src, name=None):
 
 
 def load_image(path, name=None):
-    """Opens an image file (or file object) as RGB; any failure (missing, unreadable, truncated,
-    too many pixels) names the file."""
+    """An image file (or file object) as RGB; any failure (missing, truncated...) names the file."""
     name = name or path
     with open_image_header(path, name) as im:
         try:
@@ -857,13 +847,6 @@ class ImageProcessor:
         h, w = size
         return np.array(Image.fromarray(a).resize((w, h), resample=self.resample))
 
-    def resize_per_config(self, a):
-        if "shortest_edge" in self.size:  # shortest side to `shortest_edge`, the other truncated, as HF
-            H, W = a.shape[:2]
-            s = self.size["shortest_edge"]
-            return self.resize(a, (int(s * H / W), s) if W <= H else (s, int(s * W / H)))
-        return self.resize(a, (self.size["height"], self.size["width"]))
-
     def center_crop(self, a):
         ch, cw = self.crop["height"], self.crop["width"]
         H, W = a.shape[:2]
@@ -877,7 +860,12 @@ class ImageProcessor:
         return a[t:t + ch, l:l + cw]
 
     def finish(self, a):  # resize, crop, rescale (via float64), normalise -> (3, h, w) float32
-        a = self.resize_per_config(a)
+        if "shortest_edge" in self.size:  # shortest side to `shortest_edge`, the other truncated
+            H, W = a.shape[:2]
+            s = self.size["shortest_edge"]
+            a = self.resize(a, (int(s * H / W), s) if W <= H else (s, int(s * W / H)))
+        else:
+            a = self.resize(a, (self.size["height"], self.size["width"]))
         if self.do_crop:
             a = self.center_crop(a)
         x = (a.astype(np.float64) * self.scale).astype(np.float32)
@@ -903,8 +891,7 @@ class ImageProcessor:
 
     def __call__(self, images):
         """PIL images (a list, or an iterable that opens them one by one) -> pixel_values
-        (N, 3, h, w) or, for AnyRes, (N, max_views, 3, h, w) zero-padded + image_sizes. Each image
-        is cut to its views before the next is taken: a batch never holds all its full images."""
+        (N, 3, h, w) or, for AnyRes, (N, max_views, 3, h, w) zero-padded + image_sizes."""
         views, sizes = [], []
         for im in images:
             a = np.array(to_rgb(im))
@@ -1005,15 +992,6 @@ def local_folder(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
 
-def read_config(path):
-    cfg_path = os.path.join(path, "config.json")
-    try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {cfg_path}: {e}") from e
-
-
 def load_weights(vlm, path, raw, dtype, device):
     """Fills a meta-device model from single or sharded safetensors: each parameter exactly once, each shape equal,
     every checkpoint key used (or kept in vlm.extra: SigLIP's pooling head, a reward head); errors name the key."""
@@ -1057,12 +1035,10 @@ def load_weights(vlm, path, raw, dtype, device):
 def load_processors(vlm, path, template=None):
     """The tokenizer, image processor, chat template and the other small files a checkpoint carries."""
     from tokenizers import Tokenizer
-    vlm.files = {}
-    for fn in ("tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
-               "processor_config.json", "chat_template.json", "generation_config.json"):
-        if os.path.exists(os.path.join(path, fn)):
-            with open(os.path.join(path, fn)) as f:
-                vlm.files[fn] = f.read()
+    names = ("tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+             "processor_config.json", "chat_template.json", "generation_config.json")
+    paths = [pathlib.Path(path, fn) for fn in names]
+    vlm.files = {p.name: p.read_text() for p in paths if p.exists()}
     tok = os.path.join(path, "tokenizer.json")
     vlm.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else MissingTokenizer(path)
     pp = json.loads(vlm.files.get("preprocessor_config.json", "null")) or \
@@ -1089,9 +1065,8 @@ def hf_state_dict(vlm):
 
 
 def save_checkpoint(vlm, out_dir):
-    """Writes config.json, model.safetensors, tokenizer and processor files into a temporary
-    folder, then swaps it in for out_dir (`recover_checkpoint` mends a kill between the two
-    renames). A disk error names the file it hit and leaves out_dir as it was."""
+    """Writes the checkpoint into a temporary folder, then swaps it in for out_dir
+    (recover_checkpoint mends a kill between renames); a disk error names the file."""
     out_dir = out_dir.rstrip("/")
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1125,9 +1100,8 @@ def save_checkpoint(vlm, out_dir):
 
 
 def recover_checkpoint(path):
-    """Before a run saves into `path`: what killed runs left beside it goes. A kill between
-    save_pretrained's two renames leaves no `path`, only the previous checkpoint as path.old<pid>:
-    that one is moved back first."""
+    """Removes what killed saves left beside `path`; a kill between the renames left the previous
+    checkpoint only as path.old<pid>, which is moved back first."""
     path = path.rstrip("/")
     parent, base = os.path.split(path)
     left = [os.path.join(parent, d) for d in os.listdir(parent or ".")
@@ -1151,8 +1125,7 @@ def folder_hash(path):
 
 
 def source_bytes(*names):
-    """The bytes of this project's files `names`: part of a cache key, so that a change to the code that made a
-    cached result makes a new key."""
+    """The bytes of this project's files `names`: in a cache key, code changes make new keys."""
     return b"".join(pathlib.Path(__file__).resolve().with_name(name).read_bytes() for name in names)
 
 
