@@ -1,13 +1,12 @@
-"""eval.py: evaluation (paper §4.2, §7, App. B): the world's report and the paper's benchmarks, one command line.
+"""eval.py: evaluation (paper §4.2, §7, App. B): the world's report and the paper's benchmarks.
 
-On the embedded world (`--data world`, the default) the report is world.py's: every answer is checked against its
-scene, so POPE, CHAIR, recall and the helpfulness measures are exact (world.report names its parts).
-
-On the paper's benchmarks (§7; Table 2's columns), read from each public release's own files (`--bench`): POPE,
-TextVQA and GQA scored by rule; Object HalBench's CHAIR and recall over COCO categories; MMHal-Bench, MMHal-V (the
-same judge prompt, the judge sees the image), LLaVA-Bench and MM-Vet scored by a judge model behind any
-OpenAI-compatible endpoint (JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY). Each score equals the benchmark's own
-script (the README lists the exceptions). Releases go in --bench_dir, one folder each (see GET).
+On the embedded world (`--data world`, the default), world.py checks every answer against its scene,
+so POPE, CHAIR, recall and the helpfulness measures are exact (world.report names its parts).
+On the paper's benchmarks (§7, Table 2's columns; `--bench`), read from each public release's own
+files in --bench_dir (one folder each, see GET): POPE, TextVQA and GQA scored by rule; Object
+HalBench's CHAIR and recall over COCO categories; MMHal-Bench, MMHal-V (its judge sees the image),
+LLaVA-Bench and MM-Vet by a judge model behind any OpenAI-compatible endpoint (JUDGE_BASE_URL,
+JUDGE_MODEL, JUDGE_API_KEY). Each score equals the benchmark's own script (README: the exceptions).
 
     python eval.py --model runs/offline/checkpoint --world_seed 3 --out results.json
     python eval.py --model llava-hf/llava-v1.6-vicuna-7b-hf --bench pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
@@ -38,8 +37,7 @@ yes_no = W.says_yes  # POPE's rule for a yes / no answer (in world.py, whose ver
 
 
 def pope_metrics(pred, label):
-    """pred, label: lists of bools (True = yes). Accuracy, precision, recall, F1 of the "yes" class,
-    yes-ratio; 0 where POPE's script divides by zero (no "yes" answer or label, no true yes)."""
+    """pred, label: bools (True = yes) -> POPE's metrics; 0 where its script divides by zero."""
     tp = sum(p and l for p, l in zip(pred, label))
     fp = sum(p and not l for p, l in zip(pred, label))
     fn = sum(l and not p for p, l in zip(pred, label))
@@ -53,9 +51,9 @@ def pope_metrics(pred, label):
 
 
 def chair(said, truth):
-    """said: the objects each description mentions (a list counts repeats, as Object HalBench does; a set does not);
-    truth: one set per description. CHAIR_i = absent mentions / mentions, CHAIR_s = share of descriptions with an
-    absent mention, recall = distinct present objects mentioned / present objects."""
+    """said: each description's mentions (a list counts repeats); truth: a set per description.
+    CHAIR_i = absent mentions / mentions, CHAIR_s = share of descriptions with an absent mention,
+    recall = distinct present objects mentioned / present objects."""
     mentions = sum(len(s) for s in said)
     wrong = [sum(o not in t for o in s) for s, t in zip(said, truth)]
     found = sum(len(set(s) & t) for s, t in zip(said, truth))  # distinct present objects named
@@ -73,8 +71,7 @@ def accuracy(pred, gold):
 
 
 def answer(vlm, images, questions, max_new_tokens, batch_size=64):
-    """Greedy answers to (image, question) pairs: batched, KV-cached generation. Images are PIL images or paths
-    (opened one batch at a time)."""
+    """Greedy, batched, KV-cached answers; images are PIL images or paths (opened per batch)."""
     out = []
     for i in range(0, len(questions), batch_size):
         batch = vlm.prepare(questions[i:i + batch_size], [data.open_image(im) for im in images[i:i + batch_size]])
@@ -84,8 +81,7 @@ def answer(vlm, images, questions, max_new_tokens, batch_size=64):
 
 
 def table(rows: dict, keys, heads=None):
-    """{name: results} -> a Markdown table with one row per result and the given metrics as columns ("-" where a
-    result lacks one)."""
+    """{name: results} -> a Markdown table, a row per name, a column per key ("-" where absent)."""
     lines = ["| model | " + " | ".join(heads or keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in rows.items():
         cells = ["-" if k not in r else f"{r[k]:.2f}" if k in ("mmhal", "mmhal_v") else f"{r[k]:.1f}" for k in keys]
@@ -135,9 +131,8 @@ def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=
 
 
 def world_report(vlm, seed=0, half="", n=500, batch_size=256):
-    """A model's world report, one flat dict: hallucination on the broken split asked in the train phrasings (plain
-    keys) and in the held-out ones ("hq/"), and helpfulness on ordinary scenes (the heldout split, "ord/"). With
-    `half`, the broken split of each half of the pairs instead ("a/", "b/"): the generalisation test."""
+    """One flat dict: the broken split in the train phrasings (plain keys) and the held-out ones
+    ("hq/"), ordinary scenes ("ord/"); with `half`, the broken split of each half ("a/", "b/")."""
     def ev_(prefix, w, split, heldout=False):
         res = evaluate_world(vlm, w, split, n, heldout, batch_size)
         return {prefix + k: v for k, v in res.items() if isinstance(v, float)} | \
@@ -154,9 +149,7 @@ HALF_KEYS = ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversar
 
 
 def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
-    """The world report of the starting model and of the trained one, printed and written to
-    out_dir/results.json ({"before", "after"}). The starting model's is cached (keyed by its files, the settings and
-    this code): every run from it on a seed shares it."""
+    """World reports of base and ckpt -> out_dir/results.json; base's cached (files, settings, code)."""
     code = source_bytes("world.py", "eval.py", "model.py")
     key = hashlib.sha256((folder_hash(base) + json.dumps([seed, half, n])).encode() + code).hexdigest()[:16]
     cached = os.path.join(cache_dir, f"world-report-{key}.json")
@@ -195,8 +188,7 @@ FOLDER = {"mmhal_v": "mmhal"}  # MMHal-V is MMHal-Bench judged with the image
 
 
 def atomic_json(path, obj):
-    """Writes JSON through a temporary file of this process's own (runs side by side share caches), then renames
-    it in."""
+    """Writes JSON to a temp file of this process's own (runs share caches), then renames it in."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(f"{path}.tmp{os.getpid()}", "w") as f:
         json.dump(obj, f, indent=1)
@@ -204,8 +196,7 @@ def atomic_json(path, obj):
 
 
 def download(name, root):
-    """Fetches (or completes) a benchmark's release from the hub in root/name; the images of any zip in it
-    (MMHal-Bench's test_data.zip) are unzipped once into root/name/images/."""
+    """Fetches (or completes) root/name from the hub; zipped images go once to root/name/images/."""
     from huggingface_hub import snapshot_download
     d = os.path.join(root, name)
     snapshot_download(HUB[name], repo_type="dataset", local_dir=d)  # skips the files it already has
@@ -223,9 +214,8 @@ UNZIP_MAX_BYTES, UNZIP_MAX_FILES = 2 << 30, 100_000
 
 
 def unzip(path, dest):
-    """Extracts a zip once it is checked: at most UNZIP_MAX_FILES members and UNZIP_MAX_BYTES
-    uncompressed in all (zipfile stops each member at its stated size, so the stated sizes bound
-    what is written), no absolute path and no '..'."""
+    """Extracts a checked zip: at most UNZIP_MAX_FILES members and UNZIP_MAX_BYTES in all (zipfile
+    stops each member at its stated size), no absolute path, no '..'."""
     import zipfile
     with zipfile.ZipFile(path) as f:
         infos = f.infolist()
@@ -249,24 +239,16 @@ def bench_file(root, name, fn):
 
 
 def load_bench(name, root, vocab=None):
-    """-> items {id, image (a path, or bytes), question, gold, kind, ...}, from each release's own files:
-    POPE: one JSON object per line (question_id, image, text, label); Object HalBench: JSONL (image_id, image as
-    base64, question) plus COCO's annotations; MMHal-Bench: a JSON list (question_type, question_topic, image_id,
-    image_src, image_content, question, gt_answer); LLaVA-Bench: questions.jsonl (question_id, image, text, category),
-    context.jsonl (image, caption), answers_gpt4.jsonl (question_id, text); MM-Vet: {id: {imagename, capability,
-    question, answer}}; TextVQA: {"data": [{question_id, image_id, question, answers (10)}]}; GQA: {qid: {imageId,
-    question, answer}}."""
+    """-> items {id, image (path or bytes), question, gold, kind, ...} from a release's own files."""
     folder = FOLDER.get(name, name)
     d = os.path.join(root, folder)
     rows = lambda fn, *keys: [r for _, r in data.read_jsonl(bench_file(root, folder, fn), *keys)]  # noqa: E731
     try:
         if name == "pope":
-            items = []
-            for kind in ("random", "popular", "adversarial"):
-                for r in rows(f"coco_pope_{kind}.json", "question_id", "image", "text", "label"):
-                    items.append(dict(id=f"{kind}-{r['question_id']}", image=os.path.join(d, "images", r["image"]),
-                                      question=r["text"], gold=r["label"] == "yes", kind=kind))
-            return items
+            return [dict(id=f"{kind}-{r['question_id']}", image=os.path.join(d, "images", r["image"]),
+                         question=r["text"], gold=r["label"] == "yes", kind=kind)
+                    for kind in ("random", "popular", "adversarial")
+                    for r in rows(f"coco_pope_{kind}.json", "question_id", "image", "text", "label")]
         if name == "objhal":
             recs = rows("obj_halbench_300_with_image.jsonl", "image_id", "image", "question")
             truth = coco_truth(root, {int(r["image_id"]) for r in recs}, vocab or coco_vocab())
@@ -319,10 +301,7 @@ _CONTRACT["somebody'd"] = "somebodyd"  # backwards in EvalAI's table
 
 
 def vqa_normalize(text):
-    """The TextVQA answer normalisation (EvalAI's, as LLaVA's TextVQA evaluation runs it): lower case, commas and
-    question marks out, "'s" split off; other punctuation dropped when a space is beside it somewhere in the text,
-    else made a space; periods dropped unless before a digit; number words to digits, articles out,
-    contractions given their apostrophe."""
+    """TextVQA's answer normalisation: EvalAI's, as LLaVA's TextVQA evaluation runs it."""
     t = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     t = t.replace("\n", " ").replace("\t", " ").strip()
     out = t
@@ -334,15 +313,13 @@ def vqa_normalize(text):
 
 
 def vqa_accuracy(pred, answers):
-    """Soft VQA accuracy of one prediction against the human answers: the mean over leave-one-out subsets of
-    min(1, matching answers / 3)."""
+    """Soft VQA accuracy: the mean over leave-one-out subsets of min(1, matching answers / 3)."""
     p, gts = vqa_normalize(pred), [vqa_normalize(a) for a in answers]
     return sum(min(1.0, sum(g == p for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
 
 
 def score_bench(name, items, preds, vocab=None):
-    """Percentages. POPE: accuracy, precision, recall, F1 and yes-ratio per kind, and `pope` = the mean F1; Object
-    HalBench: CHAIR_i, CHAIR_s and recall over COCO categories."""
+    """Percentages of the rule-scored benchmarks; POPE's `pope` is the mean F1 of its 3 kinds."""
     if name == "objhal":
         vocab = vocab or coco_vocab()
         said = [coco_mentions(p.replace("Assistant:", ""), vocab) for p in preds]  # as its reader
@@ -368,15 +345,10 @@ def score_bench(name, items, preds, vocab=None):
 
 
 class JudgeClient:
-    """POSTs to {JUDGE_BASE_URL}/chat/completions (default https://api.openai.com/v1) with
-    JUDGE_MODEL and the key JUDGE_API_KEY (or OPENAI_API_KEY). Retried, with exponential back-off or
-    the server's Retry-After (seconds or a date), each wait capped at `max_wait`: 429 and 5xx
-    answers, malformed replies (not JSON, no choices, null content), network errors, and requests
-    past their deadline (`timeout` seconds for the whole exchange). Requests are spaced
-    `min_interval` seconds apart. A redirect is refused, so the key goes to the configured host
-    only. Each judgment is appended to the JSONL `cache` (synced), keyed by model, messages and
-    settings, so a rerun or an interrupted run asks only for what is missing. Safe to call from
-    several threads at once."""
+    """POSTs to {JUDGE_BASE_URL}/chat/completions as JUDGE_MODEL, key JUDGE_API_KEY or OPENAI_API_KEY.
+    Retries 429, 5xx, malformed replies, network errors and timeouts (back-off or Retry-After, each
+    wait capped at max_wait); refuses redirects, so the key goes to the configured host only; appends
+    each judgment to the JSONL `cache`, so a rerun asks only for what is missing. Thread-safe."""
 
     def __init__(self, cache, base_url=None, model=None, api_key=None, retries=6, backoff=2.0,
                  min_interval=0.0, timeout=120.0, max_wait=60.0):
@@ -390,12 +362,10 @@ class JudgeClient:
         self.cache, self.last, self.lock = {}, 0.0, threading.Lock()
         if os.path.exists(cache):
             for line in open(cache, encoding="utf-8", errors="replace"):
-                try:
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut by a kill
                     r = json.loads(line)
-                    if isinstance(r["content"], str):  # an older version cached nulls: ask again
+                    if isinstance(r["content"], str):  # a cached null is asked again
                         self.cache[r["key"]] = r["content"]
-                except (ValueError, KeyError, TypeError):
-                    pass  # a line cut by a kill
         self.asked = 0  # requests sent by this client (cache hits send none)
 
     def __call__(self, messages, max_tokens=512, temperature=0.0):
@@ -431,17 +401,15 @@ class JudgeClient:
         return content
 
     def wait_turn(self):
-        """Takes the next request slot, `min_interval` after the last one, whichever thread took
-        that; then waits for it."""
+        """Takes the next request slot, min_interval after any thread's last, and waits for it."""
         with self.lock:
             t = max(time.monotonic(), self.last + self.min_interval)
             self.last, self.asked = t, self.asked + 1
         time.sleep(max(0.0, t - time.monotonic()))
 
     def post(self, payload):
-        """One POST, no redirect followed -> (status or None, headers, body, error or None). The
-        socket timeout bounds each read; a timer closes the socket at the deadline, so a server
-        that trickles bytes cannot hold the request longer."""
+        """One POST, no redirect followed -> (status or None, headers, body, error or None). A timer
+        closes the socket at the deadline, so a server that trickles bytes cannot hold it longer."""
         import http.client
         import socket
         import urllib.parse
@@ -494,8 +462,7 @@ def reply_text(raw):
 
 
 def retry_after(value):
-    """Retry-After in seconds, from either of its forms (seconds or an HTTP date); 0 when absent
-    or unreadable."""
+    """Retry-After in seconds, from seconds or an HTTP date; 0 when absent or unreadable."""
     import email.utils
     try:
         return float(value or 0)
@@ -507,8 +474,7 @@ def retry_after(value):
 
 
 def image_part(image):
-    """An image as a chat-completions content part, for judges that see it (MMHal-V): a JPEG or PNG file (path or
-    bytes) is sent as it is, anything else (a PIL image, other formats) as a PNG."""
+    """A chat-completions image part (MMHal-V): a JPEG or PNG file as it is, anything else as PNG."""
     from PIL import Image
     raw = open(image, "rb").read() if isinstance(image, str) else image if isinstance(image, bytes) else b""
     fmt = Image.open(io.BytesIO(raw)).format.lower() if raw else ""
@@ -519,12 +485,10 @@ def image_part(image):
     return {"type": "image_url", "image_url": {"url": f"data:image/{fmt};base64," + base64.b64encode(raw).decode()}}
 
 # -----------------------------------------------------------------------------
-# Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) on COCO image descriptions
-# as RLAIF-V's eval_gpt_obj_halbench.py scores them by rule: truth = COCO instances + objects the
-# captions name; a text's objects: NLTK's tokens, WordNet's lemmas, two-word names joined, a synonym
-# list. The rules and facts below give the same words without NLTK or WordNet (tests/test_eval.py).
-# Ours: a category per line, its COCO name, then its synonyms, ", "-separated; --synonyms FILE reads
-# another, --official true the benchmark's.
+# Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) on COCO descriptions, by
+# rule as RLAIF-V's eval_gpt_obj_halbench.py (NLTK tokens, WordNet lemmas, two-word names, synonyms),
+# here without NLTK or WordNet (tests/test_eval.py). Synonym list: a category per line, its COCO
+# name then its synonyms, ", "-separated; --synonyms FILE reads another, --official true the paper's.
 SYNONYMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "coco_synonyms.txt")
 # CHAIR's pairs besides the list's two-word names: "baby"/"adult" + animal, "passenger jet"/"train"
 # are only the animal or vehicle, a toilet seat a toilet; home plate and train tracks name nothing
@@ -589,9 +553,8 @@ def coco_mentions(text, vocab):
 
 
 def coco_truth(root, ids, vocab):
-    """{image id: set of categories}: each image's COCO instance categories plus those its five COCO captions name.
-    Object HalBench's images are all from val2014, so the val2014 annotation files are all it reads (the official
-    script also loads train2014's, which hold nothing for these images)."""
+    """{image id: categories}: its COCO instances plus what its captions name (val2014's files only;
+    the official script also reads train2014's, which hold nothing for these images)."""
     truth, captioned = {i: set() for i in ids}, set()
     for fn in ("instances_val2014.json", "captions_val2014.json"):
         path = bench_file(root, "objhal", os.path.join("annotations", fn))
@@ -601,9 +564,11 @@ def coco_truth(root, ids, vocab):
             if a["image_id"] in truth and fn.startswith("instances"):
                 truth[a["image_id"]].add(names[a["category_id"]])
             elif a["image_id"] in truth:
-                truth[a["image_id"]].update(coco_mentions(a["caption"], vocab)), captioned.add(a["image_id"])
+                truth[a["image_id"]].update(coco_mentions(a["caption"], vocab))
+                captioned.add(a["image_id"])
     if missing := sorted(ids - captioned):
-        raise ValueError(f"objhal: {path} has no caption of image ids {missing[:5]}: not COCO val2014's annotations?")
+        raise ValueError(f"objhal: {path} has no caption of image ids {missing[:5]}: "
+                         "not COCO val2014's annotations?")
     return truth
 
 # -----------------------------------------------------------------------------
