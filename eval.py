@@ -32,8 +32,7 @@ from model import VLM, config_from_argv, folder_hash, source_bytes
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
 
-
-yes_no = W.says_yes  # POPE's rule for a yes / no answer (in world.py, whose verifier reads answers by it too)
+yes_no = W.says_yes  # POPE's rule for a yes / no answer (world.py's verifier reads by it too)
 
 
 def pope_metrics(pred, label):
@@ -83,14 +82,15 @@ def answer(vlm, images, questions, max_new_tokens, batch_size=64):
 def table(rows: dict, keys, heads=None):
     """{name: results} -> a Markdown table, a row per name, a column per key ("-" where absent)."""
     lines = ["| model | " + " | ".join(heads or keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    digits = {"mmhal": 2, "mmhal_v": 2}  # MMHal's 0-6 ratings get two decimals, percentages one
     for name, r in rows.items():
-        cells = ["-" if k not in r else f"{r[k]:.2f}" if k in ("mmhal", "mmhal_v") else f"{r[k]:.1f}" for k in keys]
+        cells = [f"{r[k]:.{digits.get(k, 1)}f}" if k in r else "-" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
-# The world's report: every answer checked against its scene (what is asked and how it is read: world.py)
+# The world's report: every answer checked against its scene (what is asked and read: world.py)
 
 
 def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=256):
@@ -143,8 +143,8 @@ def world_report(vlm, seed=0, half="", n=500, batch_size=256):
     return ev_("", w, "broken") | ev_("hq/", w, "broken", True) | ev_("ord/", w, "heldout")
 
 
-KEYS = ["pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s", "recall", "hq/pope_adversarial_f1",
-        "hq/chair_i", "ord/recall", "ord/detail", "ord/count_acc"]
+KEYS = ["pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s", "recall",
+        "hq/pope_adversarial_f1", "hq/chair_i", "ord/recall", "ord/detail", "ord/count_acc"]
 HALF_KEYS = ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversarial_f1", "b/recall"]
 
 
@@ -165,8 +165,8 @@ def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
 
 
 # The paper's Table 2 columns, and the keys of evaluate_bench's results that fill them
-TABLE2 = {"POPE": "pope", "MMHal": "mmhal", "MMHal-V": "mmhal_v", "LLaVA-W": "llavaw", "VQA^T": "textvqa",
-          "GQA": "gqa", "MMVet": "mmvet", "Rec_coco": "objhal_recall"}
+TABLE2 = {"POPE": "pope", "MMHal": "mmhal", "MMHal-V": "mmhal_v", "LLaVA-W": "llavaw",
+          "VQA^T": "textvqa", "GQA": "gqa", "MMVet": "mmvet", "Rec_coco": "objhal_recall"}
 
 # -----------------------------------------------------------------------------
 # The paper's benchmarks (Table 2), read from their public releases' own files
@@ -183,7 +183,7 @@ GET = {"pope": "POPE's output/coco/ folder (github.com/AoiDragon/POPE), with COC
        "mmvet": "mm-vet.json and images/, unzipped from mm-vet.zip (github.com/yuweihao/MM-Vet/releases)",
        "textvqa": "TextVQA_0.5.1_val.json and train_images/ from textvqa.org/dataset",
        "gqa": "testdev_balanced_questions.json from the GQA release (cs.stanford.edu/people/dorarad/gqa), images/"}
-HUB = {"mmhal": "Shengcao1006/MMHal-Bench", "llavaw": "liuhaotian/llava-bench-in-the-wild"}  # raw files on the hub
+HUB = {"mmhal": "Shengcao1006/MMHal-Bench", "llavaw": "liuhaotian/llava-bench-in-the-wild"}
 FOLDER = {"mmhal_v": "mmhal"}  # MMHal-V is MMHal-Bench judged with the image
 
 
@@ -242,10 +242,12 @@ def load_bench(name, root, vocab=None):
     """-> items {id, image (path or bytes), question, gold, kind, ...} from a release's own files."""
     folder = FOLDER.get(name, name)
     d = os.path.join(root, folder)
-    rows = lambda fn, *keys: [r for _, r in data.read_jsonl(bench_file(root, folder, fn), *keys)]  # noqa: E731
+    load = lambda fn: json.load(open(bench_file(root, folder, fn)))  # noqa: E731
+    rows = lambda fn, *keys: [r for _, r in data.read_jsonl(bench_file(root, folder, fn), *keys)]  # noqa
+    path = lambda *p: os.path.join(d, *p)  # noqa: E731
     try:
         if name == "pope":
-            return [dict(id=f"{kind}-{r['question_id']}", image=os.path.join(d, "images", r["image"]),
+            return [dict(id=f"{kind}-{r['question_id']}", image=path("images", r["image"]),
                          question=r["text"], gold=r["label"] == "yes", kind=kind)
                     for kind in ("random", "popular", "adversarial")
                     for r in rows(f"coco_pope_{kind}.json", "question_id", "image", "text", "label")]
@@ -255,29 +257,30 @@ def load_bench(name, root, vocab=None):
             return [dict(id=i, image=base64.b64decode(r["image"]), question=r["question"],
                          gold=truth[int(r["image_id"])], kind=name) for i, r in enumerate(recs)]
         if name in ("mmhal", "mmhal_v"):
-            recs = json.load(open(bench_file(root, folder, "response_template.json")))
-            return [dict(id=i, image=os.path.join(d, "images", r["image_src"].split("/")[-1]),
+            recs = load("response_template.json")
+            return [dict(id=i, image=path("images", r["image_src"].split("/")[-1]),
                          question=r["question"], gold=r["gt_answer"], objects=r["image_content"],
                          kind=r["question_type"]) for i, r in enumerate(recs)]
         if name == "llavaw":
             qs = rows("questions.jsonl", "question_id", "image", "text", "category")
             ctx = {c["image"]: c["caption"] for c in rows("context.jsonl", "caption")}
             ref = {a["question_id"]: a["text"] for a in rows("answers_gpt4.jsonl", "question_id", "text")}
-            return [dict(id=q["question_id"], image=os.path.join(d, "images", q["image"]), question=q["text"],
-                         gold=ref[q["question_id"]], context=ctx[q["image"]], kind=q["category"]) for q in qs]
+            return [dict(id=q["question_id"], image=path("images", q["image"]), question=q["text"],
+                         gold=ref[q["question_id"]], context=ctx[q["image"]], kind=q["category"])
+                    for q in qs]
         if name == "mmvet":
-            recs = json.load(open(bench_file(root, name, "mm-vet.json")))
-            return [dict(id=k, image=os.path.join(d, "images", r["imagename"]), question=r["question"],
-                         gold=r["answer"], kind=tuple(sorted(set(r["capability"])))) for k, r in recs.items()]
+            return [dict(id=k, image=path("images", r["imagename"]), question=r["question"],
+                         gold=r["answer"], kind=tuple(sorted(set(r["capability"]))))
+                    for k, r in load("mm-vet.json").items()]
         if name == "textvqa":
-            recs = json.load(open(bench_file(root, name, "TextVQA_0.5.1_val.json")))["data"]
-            return [dict(id=r["question_id"], image=os.path.join(d, "train_images", r["image_id"] + ".jpg"),
-                         question=r["question"], gold=r["answers"], kind=name) for r in recs]
+            return [dict(id=r["question_id"], image=path("train_images", r["image_id"] + ".jpg"),
+                         question=r["question"], gold=r["answers"], kind=name)
+                    for r in load("TextVQA_0.5.1_val.json")["data"]]
         if name == "gqa":
-            recs = json.load(open(bench_file(root, name, "testdev_balanced_questions.json")))
-            return [dict(id=q, image=os.path.join(d, "images", r["imageId"] + ".jpg"), question=r["question"],
-                         gold=r["answer"], kind=name) for q, r in recs.items()]
-    except KeyError as e:  # a record without a field the release has, or a question without its context / answer
+            return [dict(id=q, image=path("images", r["imageId"] + ".jpg"), question=r["question"],
+                         gold=r["answer"], kind=name)
+                    for q, r in load("testdev_balanced_questions.json").items()]
+    except KeyError as e:  # a record without a field, or a question without its context / answer
         raise ValueError(f"{name}: {d}: no field or record {e}") from None
     raise ValueError(f"--bench {name!r}: expected one of {', '.join(list(GET) + list(FOLDER))}")
 
@@ -315,7 +318,8 @@ def vqa_normalize(text):
 def vqa_accuracy(pred, answers):
     """Soft VQA accuracy: the mean over leave-one-out subsets of min(1, matching answers / 3)."""
     p, gts = vqa_normalize(pred), [vqa_normalize(a) for a in answers]
-    return sum(min(1.0, sum(g == p for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
+    agree = [sum(g == p for j, g in enumerate(gts) if j != i) for i in range(len(gts))]  # the others
+    return sum(min(1.0, a / 3) for a in agree) / len(gts)
 
 
 def score_bench(name, items, preds, vocab=None):
@@ -324,15 +328,15 @@ def score_bench(name, items, preds, vocab=None):
         vocab = vocab or coco_vocab()
         said = [coco_mentions(p.replace("Assistant:", ""), vocab) for p in preds]  # as its reader
         truth = [it["gold"] for it in items]
-        named = [(s, t) for s, t in zip(said, truth) if s]  # its "response hallucination": over responses naming any
+        named = [(s, t) for s, t in zip(said, truth) if s]  # for its "response hallucination"
         return {f"objhal_{k}": v for k, v in chair(said, truth).items()} | \
             {"objhal_response_hall": chair(*zip(*named))["chair_s"] if named else 0.0}
     if name == "pope":
-        res = {}
-        for kind in ("random", "popular", "adversarial"):
+        res, kinds = {}, ("random", "popular", "adversarial")
+        for kind in kinds:
             sel = [(yes_no(p), it["gold"]) for it, p in zip(items, preds) if it["kind"] == kind]
             res |= {f"pope_{kind}_{k}": v for k, v in pope_metrics(*zip(*sel)).items()}
-        return res | {"pope": sum(res[f"pope_{k}_f1"] for k in ("random", "popular", "adversarial")) / 3}
+        return res | {"pope": sum(res[f"pope_{k}_f1"] for k in kinds) / 3}
     if name == "textvqa":
         acc = sum(vqa_accuracy(p, it["gold"]) for it, p in zip(items, preds)) / len(items)
         return {"textvqa": 100 * acc}
@@ -340,8 +344,8 @@ def score_bench(name, items, preds, vocab=None):
 
 
 # -----------------------------------------------------------------------------
-# A judge for the open-ended benchmarks (MMHal-Bench, MMHal-V, LLaVA-Bench, MM-Vet): any OpenAI-compatible
-# chat-completions endpoint, through the standard library, every judgment cached on disk as it arrives
+# A judge for the open-ended benchmarks (MMHal-Bench, MMHal-V, LLaVA-Bench, MM-Vet): any
+# OpenAI-compatible chat-completions endpoint, via the standard library, each judgment cached on disk
 
 
 class JudgeClient:
