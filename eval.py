@@ -458,23 +458,19 @@ class JudgeClient:
 
 def reply_text(raw):
     """A chat-completions reply's message text, or None when the reply is not one."""
-    try:
+    with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
         content = json.loads(raw)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    return content if isinstance(content, str) else None
+        return content if isinstance(content, str) else None
 
 
 def retry_after(value):
     """Retry-After in seconds, from seconds or an HTTP date; 0 when absent or unreadable."""
     import email.utils
-    try:
+    with contextlib.suppress(ValueError):
         return float(value or 0)
-    except ValueError:  # the date form
-        try:
-            return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return 0.0
+    with contextlib.suppress(TypeError, ValueError):  # the date form
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    return 0.0
 
 
 def image_part(image):
@@ -576,9 +572,16 @@ def coco_truth(root, ids, vocab):
     return truth
 
 # -----------------------------------------------------------------------------
-# The judge-scored benchmarks. Each has our wording of its judge's task, asking for the reply format the
-# benchmark's own score parsing reads; --judge_prompts FILE (JSON {bench: template}) substitutes any other wording,
-# such as the benchmark's published prompt, with the same {fields}.
+# The judge-scored benchmarks. Each has our wording of its judge's task, asking for the reply format
+# the benchmark's own score parsing reads; --judge_prompts FILE (JSON {bench: template}) substitutes
+# any other wording, such as the benchmark's published prompt, with the same {fields}.
+
+
+def review(head, role):
+    """LLaVA-Bench's review layout (its eval_gpt_review_bench.py): context, question, two answers."""
+    return (f"[{head}]\n{{context}}\n\n[Question]\n{{question}}\n\n[{role} 1]\n{{reference}}\n\n"
+            f"[End of {role} 1]\n\n[{role} 2]\n{{answer}}\n\n[End of {role} 2]\n\n")
+
 
 PROMPTS = dict(
     mmhal="""You are grading an AI assistant's answer to a question about an image, above all for hallucination: a \
@@ -604,23 +607,7 @@ End with a line of the form "Rating: N".""",
     llavaw="""Two AI assistants answered a user's question about an image. You cannot see the image; a description \
 of it is given instead.
 
-[Image description]
-{context}
-
-[Question]
-{question}
-
-[Assistant 1]
-{reference}
-
-[End of Assistant 1]
-
-[Assistant 2]
-{answer}
-
-[End of Assistant 2]
-
-Rate how helpful, relevant, accurate and detailed each answer is, from 1 to 10 (higher is better). On the first \
+""" + review("Image description", "Assistant") + """Rate how helpful, relevant, accurate and detailed each answer is, from 1 to 10 (higher is better). On the first \
 line write only the two scores, Assistant 1's then Assistant 2's, separated by a space. Then explain your rating, \
 without letting the order of the answers or their length sway it.""",
     llavaw_system="You grade answers carefully and fairly.",
@@ -655,11 +642,9 @@ def score_pair(text):
 
 def correctness(text):
     """MM-Vet's rule: the first piece split on " ", stripped, in [0, 1], else None (ask again)."""
-    try:
+    with contextlib.suppress(ValueError, IndexError):
         v = float(text.split(" ")[0].strip())
         return v if 0.0 <= v <= 1.0 else None
-    except (ValueError, IndexError):
-        return None
 
 
 def fill(template, **fields):
@@ -721,11 +706,8 @@ def official_prompts(root, names):
         out["llavaw"] = None  # a category without a rule is an error, as there
         for k, r in json.load(open(official_file(root, "llavaw"))).items():
             if k.startswith("llava_bench_") and {"role", "prompt"} <= set(r):
-                a = r["role"]
-                out[f"llavaw/{k[12:]}"] = (
-                    f"[Context]\n{{context}}\n\n[Question]\n{{question}}\n\n[{a} 1]\n"
-                    f"{{reference}}\n\n[End of {a} 1]\n\n[{a} 2]\n{{answer}}\n\n[End of {a} 2]\n\n"
-                    f"[System]\n{r['prompt']}\n\n")  # as LLaVA's eval_gpt_review_bench.py
+                layout = review("Context", r["role"])  # as LLaVA's eval_gpt_review_bench.py
+                out[f"llavaw/{k[12:]}"] = layout + f"[System]\n{r['prompt']}\n\n"
         keys = lambda n: {getattr(k, "value", 0): v for k, v in zip(n.keys, n.values)}  # noqa: E731
         system = lambda n: keys(n).get("content") if isinstance(n, ast.Dict) and \
             getattr(keys(n).get("role"), "value", 0) == "system" else None  # noqa: E731
@@ -742,10 +724,8 @@ def official_prompts(root, names):
 
 
 def judge_bench(name, items, preds, judge, prompts=PROMPTS):
-    """Scores of the judge-read benchmarks, each as its own scripts report them. judge(messages, max_tokens,
-    temperature) -> reply text; for mmhal_v it must see images. MMHal(-V): the mean 0-6 rating, the hallucination
-    rate (share rated below 3) and informativeness; LLaVA-W: 100 x the mean score of the answers over that of
-    the GPT-4 references, overall and per category; MM-Vet: 100 x the mean correctness, overall and per capability."""
+    """Scores as each benchmark's own scripts report them, overall and per kind; judge(messages,
+    max_tokens, temperature) -> reply text, seeing images for mmhal_v."""
     by_kind = lambda vals, f: {k: f([v for v, it in zip(vals, items) if it["kind"] == k])  # noqa: E731
                                for k in dict.fromkeys(it["kind"] for it in items)}
     if name in ("mmhal", "mmhal_v"):
@@ -795,11 +775,10 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS):
 RULE = ("pope", "objhal", "textvqa", "gqa")
 
 
-def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_size=64, max_new_tokens=512,
-                   prompts=PROMPTS, vocab=None, short_prompt=True):
-    """Answers every item of each benchmark (greedy, batched, KV-cached; short answers get 16 tokens, the others
-    max_new_tokens) and scores them; judge and judge_v (which sees images) read the open-ended ones.
-    POPE, TextVQA and GQA questions end with SHORT unless short_prompt is False."""
+def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_size=64,
+                   max_new_tokens=512, prompts=PROMPTS, vocab=None, short_prompt=True):
+    """Answers each benchmark (short answers: 16 tokens, and SHORT unless short_prompt is False) and
+    scores it; judge and judge_v (which sees images) read the open-ended ones."""
     res, answered = {}, {}
     for name in names:
         if name not in RULE and (judge_v if name == "mmhal_v" else judge) is None:
@@ -826,36 +805,34 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
 
 @dataclass
 class Config:
-    model: str = ""        # a checkpoint, or several as name=path,name=path (a row each); default: the world's base
+    model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL
     data: str = "world"
-    world_seed: int = 0    # the world's report (world.report): 0-2 the dev seeds, 3-5 the test seeds
-    world_half: str = ""   # a or b: report the broken split of each half of the usual pairs (the generalisation test)
+    world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
+    world_half: str = ""   # a or b: the broken split of each half of the pairs (generalisation)
     n: int = 500           # scenes per part of the world's report
     batch_size: int = 64
     out: str = ""          # JSON: {name: results}
-    bench: str = ""        # instead of the world: any of pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
+    bench: str = ""        # not the world: pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
     bench_dir: str = "benchmarks"  # one folder per benchmark, holding its release's files (see GET)
     download: bool = False  # fetch a missing MMHal-Bench or LLaVA-Bench release from the hub
     limit: int = 0         # evaluate the first N items of each benchmark (0: all)
     max_new_tokens: int = 512  # for the open-ended answers (short answers get 16)
-    judge_model: str = ""  # the text judge (default $JUDGE_MODEL, else gpt-4-0613); endpoint and key from the env
+    judge_model: str = ""  # the text judge (default $JUDGE_MODEL, else gpt-4-0613); URL, key: env
     judge_model_v: str = "gpt-4o"  # MMHal-V's judge, which sees the image
     judge_cache: str = "judgments.jsonl"  # every judgment, so a rerun asks only for what is missing
     judge_timeout: float = 120.0  # seconds for one whole request to the judge
     judge_retries: int = 6  # after a 429 / 5xx, a malformed reply, a network error or a timeout
-    judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording (same {fields})
-    synonyms: str = ""     # a COCO synonym list in the standard format, instead of ours (Object HalBench)
+    judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording ({fields})
+    synonyms: str = ""     # a COCO synonym list in the standard format instead of ours (objhal)
     short_prompt: bool = True  # end POPE, TextVQA and GQA questions with SHORT (LLaVA, lmms-eval)
-    official: bool = False  # the benchmarks' published judge prompts and synonym list, not ours,
-                            # fetched once into --bench_dir (see OFFICIAL)
+    official: bool = False  # the published judge prompts and synonym list, not ours (OFFICIAL)
 
 
 def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
     if cfg.data != "world" and not cfg.bench:
         raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
-    lows = dict(n=1, batch_size=1, limit=0, max_new_tokens=1, judge_retries=0)
-    for k, low in lows.items():
+    for k, low in dict(n=1, batch_size=1, limit=0, max_new_tokens=1, judge_retries=0).items():
         if getattr(cfg, k) < low:
             raise SystemExit(f"--{k} {getattr(cfg, k)}: must be at least {low}")
     if cfg.judge_timeout <= 0:
@@ -866,14 +843,14 @@ def main(argv=None):
                          f"{','.join(list(GET) + list(FOLDER))}")
     for b in {FOLDER.get(b, b) for b in names} & set(HUB) if cfg.download else ():
         download(b, cfg.bench_dir)
-    judged = [b for b in names if b not in RULE]  # the judges read their cache only when a benchmark needs them
+    judged = [b for b in names if b not in RULE]  # judges (and their caches) only where needed
     opts = dict(timeout=cfg.judge_timeout, retries=cfg.judge_retries)
     judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None, **opts) if judged else None
     judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v, **opts) \
         if "mmhal_v" in judged else None
     if judged and not judge.key and "api.openai.com" in judge.url:
-        raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or OPENAI_API_KEY), or "
-                         "JUDGE_BASE_URL for an endpoint without a key")
+        raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or "
+                         "OPENAI_API_KEY), or JUDGE_BASE_URL for an endpoint without a key")
     prompts = PROMPTS | (json.load(open(cfg.judge_prompts)) if cfg.judge_prompts else {})
     prompts |= official_prompts(cfg.bench_dir, names) if cfg.official else {}
     official = cfg.official and "objhal" in names
@@ -885,10 +862,12 @@ def main(argv=None):
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
         vlm = VLM.from_pretrained(path).eval()
-        rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit, cfg.batch_size,
-                                    cfg.max_new_tokens, prompts, vocab, cfg.short_prompt) \
-            if names else \
-            world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
+        if names:
+            rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,
+                                        cfg.batch_size, cfg.max_new_tokens, prompts, vocab,
+                                        cfg.short_prompt)
+        else:
+            rows[name] = world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
         rows[name]["seconds"] = round(time.time() - t0, 1)
     if names:
         print(table(rows, list(TABLE2.values()), list(TABLE2)))
