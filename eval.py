@@ -285,7 +285,7 @@ def load_bench(name, root, vocab=None):
     raise ValueError(f"--bench {name!r}: expected one of {', '.join(list(GET) + list(FOLDER))}")
 
 
-_NUMBER = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBER = dict(zip("zero one two three four five six seven eight nine ten".split(), map(str, range(11))))
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 # EvalAI's contractions, keyed by each form that lacks one apostrophe ("dont"; "couldnt've" and
 # "couldn'tve"); forms that are words (were, well, its, shell, im, ...) are not in it
@@ -476,13 +476,15 @@ def retry_after(value):
 def image_part(image):
     """A chat-completions image part (MMHal-V): a JPEG or PNG file as it is, anything else as PNG."""
     from PIL import Image
-    raw = open(image, "rb").read() if isinstance(image, str) else image if isinstance(image, bytes) else b""
+    raw = open(image, "rb").read() if isinstance(image, str) else image
+    raw = raw if isinstance(raw, bytes) else b""  # a PIL image is saved as PNG below
     fmt = Image.open(io.BytesIO(raw)).format.lower() if raw else ""
     if fmt not in ("jpeg", "png"):
         buf = io.BytesIO()
         data.open_image(image).save(buf, format="PNG")
         raw, fmt = buf.getvalue(), "png"
-    return {"type": "image_url", "image_url": {"url": f"data:image/{fmt};base64," + base64.b64encode(raw).decode()}}
+    url = f"data:image/{fmt};base64," + base64.b64encode(raw).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
 
 # -----------------------------------------------------------------------------
 # Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) on COCO descriptions, by
@@ -726,7 +728,7 @@ def official_prompts(root, names):
 def judge_bench(name, items, preds, judge, prompts=PROMPTS):
     """Scores as each benchmark's own scripts report them, overall and per kind; judge(messages,
     max_tokens, temperature) -> reply text, seeing images for mmhal_v."""
-    by_kind = lambda vals, f: {k: f([v for v, it in zip(vals, items) if it["kind"] == k])  # noqa: E731
+    by_kind = lambda vals, f: {k: f([v for v, it in zip(vals, items) if it["kind"] == k])  # noqa
                                for k in dict.fromkeys(it["kind"] for it in items)}
     if name in ("mmhal", "mmhal_v"):
         s = []
@@ -863,12 +865,12 @@ def main(argv=None):
         t0 = time.time()
         vlm = VLM.from_pretrained(path).eval()
         if names:
-            rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,
-                                        cfg.batch_size, cfg.max_new_tokens, prompts, vocab,
-                                        cfg.short_prompt)
+            res = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,
+                                 cfg.batch_size, cfg.max_new_tokens, prompts, vocab,
+                                 cfg.short_prompt)
         else:
-            rows[name] = world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
-        rows[name]["seconds"] = round(time.time() - t0, 1)
+            res = world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
+        rows[name] = res | {"seconds": round(time.time() - t0, 1)}
     if names:
         print(table(rows, list(TABLE2.values()), list(TABLE2)))
     else:
