@@ -318,7 +318,7 @@ def vqa_normalize(text):
 def vqa_accuracy(pred, answers):
     """Soft VQA accuracy: the mean over leave-one-out subsets of min(1, matching answers / 3)."""
     p, gts = vqa_normalize(pred), [vqa_normalize(a) for a in answers]
-    agree = [sum(g == p for j, g in enumerate(gts) if j != i) for i in range(len(gts))]  # the others
+    agree = [sum(g == p for j, g in enumerate(gts) if j != i) for i in range(len(gts))]
     return sum(min(1.0, a / 3) for a in agree) / len(gts)
 
 
