@@ -1,13 +1,12 @@
-"""eval.py: evaluation (paper §4.2, §7, App. B): the world's report and the paper's benchmarks, one command line.
+"""eval.py: evaluation (paper §4.2, §7, App. B): the world's report and the paper's benchmarks.
 
-On the embedded world (`--data world`, the default) the report is world.py's: every answer is checked against its
-scene, so POPE, CHAIR, recall and the helpfulness measures are exact (world.report names its parts).
-
-On the paper's benchmarks (§7; Table 2's columns), read from each public release's own files (`--bench`): POPE,
-TextVQA and GQA scored by rule; Object HalBench's CHAIR and recall over COCO categories; MMHal-Bench, MMHal-V (the
-same judge prompt, the judge sees the image), LLaVA-Bench and MM-Vet scored by a judge model behind any
-OpenAI-compatible endpoint (JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY). Each score equals the benchmark's own
-script (the README lists the exceptions). Releases go in --bench_dir, one folder each (see GET).
+On the embedded world (`--data world`, the default), world.py checks every answer against its scene,
+so POPE, CHAIR, recall and the helpfulness measures are exact (world.report names its parts).
+On the paper's benchmarks (§7, Table 2's columns; `--bench`), read from each public release's own
+files in --bench_dir (one folder each, see GET): POPE, TextVQA and GQA scored by rule; Object
+HalBench's CHAIR and recall over COCO categories; MMHal-Bench, MMHal-V (its judge sees the image),
+LLaVA-Bench and MM-Vet by a judge model behind any OpenAI-compatible endpoint (JUDGE_BASE_URL,
+JUDGE_MODEL, JUDGE_API_KEY). Each score equals the benchmark's own script (README: the exceptions).
 
     python eval.py --model runs/offline/checkpoint --world_seed 3 --out results.json
     python eval.py --model llava-hf/llava-v1.6-vicuna-7b-hf --bench pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
@@ -33,13 +32,11 @@ from model import VLM, config_from_argv, folder_hash, source_bytes
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
 
-
-yes_no = W.says_yes  # POPE's rule for a yes / no answer (in world.py, whose verifier reads answers by it too)
+yes_no = W.says_yes  # POPE's rule for a yes / no answer (world.py's verifier reads by it too)
 
 
 def pope_metrics(pred, label):
-    """pred, label: lists of bools (True = yes). Accuracy, precision, recall, F1 of the "yes" class,
-    yes-ratio; 0 where POPE's script divides by zero (no "yes" answer or label, no true yes)."""
+    """pred, label: bools (True = yes) -> POPE's metrics; 0 where its script divides by zero."""
     tp = sum(p and l for p, l in zip(pred, label))
     fp = sum(p and not l for p, l in zip(pred, label))
     fn = sum(l and not p for p, l in zip(pred, label))
@@ -53,9 +50,9 @@ def pope_metrics(pred, label):
 
 
 def chair(said, truth):
-    """said: the objects each description mentions (a list counts repeats, as Object HalBench does; a set does not);
-    truth: one set per description. CHAIR_i = absent mentions / mentions, CHAIR_s = share of descriptions with an
-    absent mention, recall = distinct present objects mentioned / present objects."""
+    """said: each description's mentions (a list counts repeats); truth: a set per description.
+    CHAIR_i = absent mentions / mentions, CHAIR_s = share of descriptions with an absent mention,
+    recall = distinct present objects mentioned / present objects."""
     mentions = sum(len(s) for s in said)
     wrong = [sum(o not in t for o in s) for s, t in zip(said, truth)]
     found = sum(len(set(s) & t) for s, t in zip(said, truth))  # distinct present objects named
@@ -73,8 +70,7 @@ def accuracy(pred, gold):
 
 
 def answer(vlm, images, questions, max_new_tokens, batch_size=64):
-    """Greedy answers to (image, question) pairs: batched, KV-cached generation. Images are PIL images or paths
-    (opened one batch at a time)."""
+    """Greedy, batched, KV-cached answers; images are PIL images or paths (opened per batch)."""
     out = []
     for i in range(0, len(questions), batch_size):
         batch = vlm.prepare(questions[i:i + batch_size], [data.open_image(im) for im in images[i:i + batch_size]])
@@ -84,17 +80,17 @@ def answer(vlm, images, questions, max_new_tokens, batch_size=64):
 
 
 def table(rows: dict, keys, heads=None):
-    """{name: results} -> a Markdown table with one row per result and the given metrics as columns ("-" where a
-    result lacks one)."""
+    """{name: results} -> a Markdown table, a row per name, a column per key ("-" where absent)."""
     lines = ["| model | " + " | ".join(heads or keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    digits = {"mmhal": 2, "mmhal_v": 2}  # MMHal's 0-6 ratings get two decimals, percentages one
     for name, r in rows.items():
-        cells = ["-" if k not in r else f"{r[k]:.2f}" if k in ("mmhal", "mmhal_v") else f"{r[k]:.1f}" for k in keys]
+        cells = [f"{r[k]:.{digits.get(k, 1)}f}" if k in r else "-" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
-# The world's report: every answer checked against its scene (what is asked and how it is read: world.py)
+# The world's report: every answer checked against its scene (what is asked and read: world.py)
 
 
 def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=256):
@@ -135,9 +131,8 @@ def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=
 
 
 def world_report(vlm, seed=0, half="", n=500, batch_size=256):
-    """A model's world report, one flat dict: hallucination on the broken split asked in the train phrasings (plain
-    keys) and in the held-out ones ("hq/"), and helpfulness on ordinary scenes (the heldout split, "ord/"). With
-    `half`, the broken split of each half of the pairs instead ("a/", "b/"): the generalisation test."""
+    """One flat dict: the broken split in the train phrasings (plain keys) and the held-out ones
+    ("hq/"), ordinary scenes ("ord/"); with `half`, the broken split of each half ("a/", "b/")."""
     def ev_(prefix, w, split, heldout=False):
         res = evaluate_world(vlm, w, split, n, heldout, batch_size)
         return {prefix + k: v for k, v in res.items() if isinstance(v, float)} | \
@@ -148,15 +143,13 @@ def world_report(vlm, seed=0, half="", n=500, batch_size=256):
     return ev_("", w, "broken") | ev_("hq/", w, "broken", True) | ev_("ord/", w, "heldout")
 
 
-KEYS = ["pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s", "recall", "hq/pope_adversarial_f1",
-        "hq/chair_i", "ord/recall", "ord/detail", "ord/count_acc"]
+KEYS = ["pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s", "recall",
+        "hq/pope_adversarial_f1", "hq/chair_i", "ord/recall", "ord/detail", "ord/count_acc"]
 HALF_KEYS = ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversarial_f1", "b/recall"]
 
 
 def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
-    """The world report of the starting model and of the trained one, printed and written to
-    out_dir/results.json ({"before", "after"}). The starting model's is cached (keyed by its files, the settings and
-    this code): every run from it on a seed shares it."""
+    """World reports of base and ckpt -> out_dir/results.json; base's cached (files, settings, code)."""
     code = source_bytes("world.py", "eval.py", "model.py")
     key = hashlib.sha256((folder_hash(base) + json.dumps([seed, half, n])).encode() + code).hexdigest()[:16]
     cached = os.path.join(cache_dir, f"world-report-{key}.json")
@@ -172,8 +165,8 @@ def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
 
 
 # The paper's Table 2 columns, and the keys of evaluate_bench's results that fill them
-TABLE2 = {"POPE": "pope", "MMHal": "mmhal", "MMHal-V": "mmhal_v", "LLaVA-W": "llavaw", "VQA^T": "textvqa",
-          "GQA": "gqa", "MMVet": "mmvet", "Rec_coco": "objhal_recall"}
+TABLE2 = {"POPE": "pope", "MMHal": "mmhal", "MMHal-V": "mmhal_v", "LLaVA-W": "llavaw",
+          "VQA^T": "textvqa", "GQA": "gqa", "MMVet": "mmvet", "Rec_coco": "objhal_recall"}
 
 # -----------------------------------------------------------------------------
 # The paper's benchmarks (Table 2), read from their public releases' own files
@@ -190,13 +183,12 @@ GET = {"pope": "POPE's output/coco/ folder (github.com/AoiDragon/POPE), with COC
        "mmvet": "mm-vet.json and images/, unzipped from mm-vet.zip (github.com/yuweihao/MM-Vet/releases)",
        "textvqa": "TextVQA_0.5.1_val.json and train_images/ from textvqa.org/dataset",
        "gqa": "testdev_balanced_questions.json from the GQA release (cs.stanford.edu/people/dorarad/gqa), images/"}
-HUB = {"mmhal": "Shengcao1006/MMHal-Bench", "llavaw": "liuhaotian/llava-bench-in-the-wild"}  # raw files on the hub
+HUB = {"mmhal": "Shengcao1006/MMHal-Bench", "llavaw": "liuhaotian/llava-bench-in-the-wild"}
 FOLDER = {"mmhal_v": "mmhal"}  # MMHal-V is MMHal-Bench judged with the image
 
 
 def atomic_json(path, obj):
-    """Writes JSON through a temporary file of this process's own (runs side by side share caches), then renames
-    it in."""
+    """Writes JSON to a temp file of this process's own (runs share caches), then renames it in."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(f"{path}.tmp{os.getpid()}", "w") as f:
         json.dump(obj, f, indent=1)
@@ -204,8 +196,7 @@ def atomic_json(path, obj):
 
 
 def download(name, root):
-    """Fetches (or completes) a benchmark's release from the hub in root/name; the images of any zip in it
-    (MMHal-Bench's test_data.zip) are unzipped once into root/name/images/."""
+    """Fetches (or completes) root/name from the hub; zipped images go once to root/name/images/."""
     from huggingface_hub import snapshot_download
     d = os.path.join(root, name)
     snapshot_download(HUB[name], repo_type="dataset", local_dir=d)  # skips the files it already has
@@ -223,9 +214,8 @@ UNZIP_MAX_BYTES, UNZIP_MAX_FILES = 2 << 30, 100_000
 
 
 def unzip(path, dest):
-    """Extracts a zip once it is checked: at most UNZIP_MAX_FILES members and UNZIP_MAX_BYTES
-    uncompressed in all (zipfile stops each member at its stated size, so the stated sizes bound
-    what is written), no absolute path and no '..'."""
+    """Extracts a checked zip: at most UNZIP_MAX_FILES members and UNZIP_MAX_BYTES in all (zipfile
+    stops each member at its stated size), no absolute path, no '..'."""
     import zipfile
     with zipfile.ZipFile(path) as f:
         infos = f.infolist()
@@ -249,58 +239,53 @@ def bench_file(root, name, fn):
 
 
 def load_bench(name, root, vocab=None):
-    """-> items {id, image (a path, or bytes), question, gold, kind, ...}, from each release's own files:
-    POPE: one JSON object per line (question_id, image, text, label); Object HalBench: JSONL (image_id, image as
-    base64, question) plus COCO's annotations; MMHal-Bench: a JSON list (question_type, question_topic, image_id,
-    image_src, image_content, question, gt_answer); LLaVA-Bench: questions.jsonl (question_id, image, text, category),
-    context.jsonl (image, caption), answers_gpt4.jsonl (question_id, text); MM-Vet: {id: {imagename, capability,
-    question, answer}}; TextVQA: {"data": [{question_id, image_id, question, answers (10)}]}; GQA: {qid: {imageId,
-    question, answer}}."""
+    """-> items {id, image (path or bytes), question, gold, kind, ...} from a release's own files."""
     folder = FOLDER.get(name, name)
     d = os.path.join(root, folder)
-    rows = lambda fn, *keys: [r for _, r in data.read_jsonl(bench_file(root, folder, fn), *keys)]  # noqa: E731
+    load = lambda fn: json.load(open(bench_file(root, folder, fn)))  # noqa: E731
+    rows = lambda fn, *keys: [r for _, r in data.read_jsonl(bench_file(root, folder, fn), *keys)]  # noqa
+    path = lambda *p: os.path.join(d, *p)  # noqa: E731
     try:
         if name == "pope":
-            items = []
-            for kind in ("random", "popular", "adversarial"):
-                for r in rows(f"coco_pope_{kind}.json", "question_id", "image", "text", "label"):
-                    items.append(dict(id=f"{kind}-{r['question_id']}", image=os.path.join(d, "images", r["image"]),
-                                      question=r["text"], gold=r["label"] == "yes", kind=kind))
-            return items
+            return [dict(id=f"{kind}-{r['question_id']}", image=path("images", r["image"]),
+                         question=r["text"], gold=r["label"] == "yes", kind=kind)
+                    for kind in ("random", "popular", "adversarial")
+                    for r in rows(f"coco_pope_{kind}.json", "question_id", "image", "text", "label")]
         if name == "objhal":
             recs = rows("obj_halbench_300_with_image.jsonl", "image_id", "image", "question")
             truth = coco_truth(root, {int(r["image_id"]) for r in recs}, vocab or coco_vocab())
             return [dict(id=i, image=base64.b64decode(r["image"]), question=r["question"],
                          gold=truth[int(r["image_id"])], kind=name) for i, r in enumerate(recs)]
         if name in ("mmhal", "mmhal_v"):
-            recs = json.load(open(bench_file(root, folder, "response_template.json")))
-            return [dict(id=i, image=os.path.join(d, "images", r["image_src"].split("/")[-1]),
+            recs = load("response_template.json")
+            return [dict(id=i, image=path("images", r["image_src"].split("/")[-1]),
                          question=r["question"], gold=r["gt_answer"], objects=r["image_content"],
                          kind=r["question_type"]) for i, r in enumerate(recs)]
         if name == "llavaw":
             qs = rows("questions.jsonl", "question_id", "image", "text", "category")
             ctx = {c["image"]: c["caption"] for c in rows("context.jsonl", "caption")}
             ref = {a["question_id"]: a["text"] for a in rows("answers_gpt4.jsonl", "question_id", "text")}
-            return [dict(id=q["question_id"], image=os.path.join(d, "images", q["image"]), question=q["text"],
-                         gold=ref[q["question_id"]], context=ctx[q["image"]], kind=q["category"]) for q in qs]
+            return [dict(id=q["question_id"], image=path("images", q["image"]), question=q["text"],
+                         gold=ref[q["question_id"]], context=ctx[q["image"]], kind=q["category"])
+                    for q in qs]
         if name == "mmvet":
-            recs = json.load(open(bench_file(root, name, "mm-vet.json")))
-            return [dict(id=k, image=os.path.join(d, "images", r["imagename"]), question=r["question"],
-                         gold=r["answer"], kind=tuple(sorted(set(r["capability"])))) for k, r in recs.items()]
+            return [dict(id=k, image=path("images", r["imagename"]), question=r["question"],
+                         gold=r["answer"], kind=tuple(sorted(set(r["capability"]))))
+                    for k, r in load("mm-vet.json").items()]
         if name == "textvqa":
-            recs = json.load(open(bench_file(root, name, "TextVQA_0.5.1_val.json")))["data"]
-            return [dict(id=r["question_id"], image=os.path.join(d, "train_images", r["image_id"] + ".jpg"),
-                         question=r["question"], gold=r["answers"], kind=name) for r in recs]
+            return [dict(id=r["question_id"], image=path("train_images", r["image_id"] + ".jpg"),
+                         question=r["question"], gold=r["answers"], kind=name)
+                    for r in load("TextVQA_0.5.1_val.json")["data"]]
         if name == "gqa":
-            recs = json.load(open(bench_file(root, name, "testdev_balanced_questions.json")))
-            return [dict(id=q, image=os.path.join(d, "images", r["imageId"] + ".jpg"), question=r["question"],
-                         gold=r["answer"], kind=name) for q, r in recs.items()]
-    except KeyError as e:  # a record without a field the release has, or a question without its context / answer
+            return [dict(id=q, image=path("images", r["imageId"] + ".jpg"), question=r["question"],
+                         gold=r["answer"], kind=name)
+                    for q, r in load("testdev_balanced_questions.json").items()]
+    except KeyError as e:  # a record without a field, or a question without its context / answer
         raise ValueError(f"{name}: {d}: no field or record {e}") from None
     raise ValueError(f"--bench {name!r}: expected one of {', '.join(list(GET) + list(FOLDER))}")
 
 
-_NUMBER = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBER = dict(zip("zero one two three four five six seven eight nine ten".split(), map(str, range(11))))
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 # EvalAI's contractions, keyed by each form that lacks one apostrophe ("dont"; "couldnt've" and
 # "couldn'tve"); forms that are words (were, well, its, shell, im, ...) are not in it
@@ -319,10 +304,7 @@ _CONTRACT["somebody'd"] = "somebodyd"  # backwards in EvalAI's table
 
 
 def vqa_normalize(text):
-    """The TextVQA answer normalisation (EvalAI's, as LLaVA's TextVQA evaluation runs it): lower case, commas and
-    question marks out, "'s" split off; other punctuation dropped when a space is beside it somewhere in the text,
-    else made a space; periods dropped unless before a digit; number words to digits, articles out,
-    contractions given their apostrophe."""
+    """TextVQA's answer normalisation: EvalAI's, as LLaVA's TextVQA evaluation runs it."""
     t = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     t = t.replace("\n", " ").replace("\t", " ").strip()
     out = t
@@ -334,28 +316,27 @@ def vqa_normalize(text):
 
 
 def vqa_accuracy(pred, answers):
-    """Soft VQA accuracy of one prediction against the human answers: the mean over leave-one-out subsets of
-    min(1, matching answers / 3)."""
+    """Soft VQA accuracy: the mean over leave-one-out subsets of min(1, matching answers / 3)."""
     p, gts = vqa_normalize(pred), [vqa_normalize(a) for a in answers]
-    return sum(min(1.0, sum(g == p for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
+    agree = [sum(g == p for j, g in enumerate(gts) if j != i) for i in range(len(gts))]
+    return sum(min(1.0, a / 3) for a in agree) / len(gts)
 
 
 def score_bench(name, items, preds, vocab=None):
-    """Percentages. POPE: accuracy, precision, recall, F1 and yes-ratio per kind, and `pope` = the mean F1; Object
-    HalBench: CHAIR_i, CHAIR_s and recall over COCO categories."""
+    """Percentages of the rule-scored benchmarks; POPE's `pope` is the mean F1 of its 3 kinds."""
     if name == "objhal":
         vocab = vocab or coco_vocab()
         said = [coco_mentions(p.replace("Assistant:", ""), vocab) for p in preds]  # as its reader
         truth = [it["gold"] for it in items]
-        named = [(s, t) for s, t in zip(said, truth) if s]  # its "response hallucination": over responses naming any
+        named = [(s, t) for s, t in zip(said, truth) if s]  # for its "response hallucination"
         return {f"objhal_{k}": v for k, v in chair(said, truth).items()} | \
             {"objhal_response_hall": chair(*zip(*named))["chair_s"] if named else 0.0}
     if name == "pope":
-        res = {}
-        for kind in ("random", "popular", "adversarial"):
+        res, kinds = {}, ("random", "popular", "adversarial")
+        for kind in kinds:
             sel = [(yes_no(p), it["gold"]) for it, p in zip(items, preds) if it["kind"] == kind]
             res |= {f"pope_{kind}_{k}": v for k, v in pope_metrics(*zip(*sel)).items()}
-        return res | {"pope": sum(res[f"pope_{k}_f1"] for k in ("random", "popular", "adversarial")) / 3}
+        return res | {"pope": sum(res[f"pope_{k}_f1"] for k in kinds) / 3}
     if name == "textvqa":
         acc = sum(vqa_accuracy(p, it["gold"]) for it, p in zip(items, preds)) / len(items)
         return {"textvqa": 100 * acc}
@@ -363,20 +344,15 @@ def score_bench(name, items, preds, vocab=None):
 
 
 # -----------------------------------------------------------------------------
-# A judge for the open-ended benchmarks (MMHal-Bench, MMHal-V, LLaVA-Bench, MM-Vet): any OpenAI-compatible
-# chat-completions endpoint, through the standard library, every judgment cached on disk as it arrives
+# A judge for the open-ended benchmarks (MMHal-Bench, MMHal-V, LLaVA-Bench, MM-Vet): any
+# OpenAI-compatible chat-completions endpoint, via the standard library, each judgment cached on disk
 
 
 class JudgeClient:
-    """POSTs to {JUDGE_BASE_URL}/chat/completions (default https://api.openai.com/v1) with
-    JUDGE_MODEL and the key JUDGE_API_KEY (or OPENAI_API_KEY). Retried, with exponential back-off or
-    the server's Retry-After (seconds or a date), each wait capped at `max_wait`: 429 and 5xx
-    answers, malformed replies (not JSON, no choices, null content), network errors, and requests
-    past their deadline (`timeout` seconds for the whole exchange). Requests are spaced
-    `min_interval` seconds apart. A redirect is refused, so the key goes to the configured host
-    only. Each judgment is appended to the JSONL `cache` (synced), keyed by model, messages and
-    settings, so a rerun or an interrupted run asks only for what is missing. Safe to call from
-    several threads at once."""
+    """POSTs to {JUDGE_BASE_URL}/chat/completions as JUDGE_MODEL, key JUDGE_API_KEY or OPENAI_API_KEY.
+    Retries 429, 5xx, malformed replies, network errors and timeouts (back-off or Retry-After, each
+    wait capped at max_wait); refuses redirects, so the key goes to the configured host only; appends
+    each judgment to the JSONL `cache`, so a rerun asks only for what is missing. Thread-safe."""
 
     def __init__(self, cache, base_url=None, model=None, api_key=None, retries=6, backoff=2.0,
                  min_interval=0.0, timeout=120.0, max_wait=60.0):
@@ -390,12 +366,10 @@ class JudgeClient:
         self.cache, self.last, self.lock = {}, 0.0, threading.Lock()
         if os.path.exists(cache):
             for line in open(cache, encoding="utf-8", errors="replace"):
-                try:
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut by a kill
                     r = json.loads(line)
-                    if isinstance(r["content"], str):  # an older version cached nulls: ask again
+                    if isinstance(r["content"], str):  # a cached null is asked again
                         self.cache[r["key"]] = r["content"]
-                except (ValueError, KeyError, TypeError):
-                    pass  # a line cut by a kill
         self.asked = 0  # requests sent by this client (cache hits send none)
 
     def __call__(self, messages, max_tokens=512, temperature=0.0):
@@ -431,17 +405,15 @@ class JudgeClient:
         return content
 
     def wait_turn(self):
-        """Takes the next request slot, `min_interval` after the last one, whichever thread took
-        that; then waits for it."""
+        """Takes the next request slot, min_interval after any thread's last, and waits for it."""
         with self.lock:
             t = max(time.monotonic(), self.last + self.min_interval)
             self.last, self.asked = t, self.asked + 1
         time.sleep(max(0.0, t - time.monotonic()))
 
     def post(self, payload):
-        """One POST, no redirect followed -> (status or None, headers, body, error or None). The
-        socket timeout bounds each read; a timer closes the socket at the deadline, so a server
-        that trickles bytes cannot hold the request longer."""
+        """One POST, no redirect followed -> (status or None, headers, body, error or None). A timer
+        closes the socket at the deadline, so a server that trickles bytes cannot hold it longer."""
         import http.client
         import socket
         import urllib.parse
@@ -486,45 +458,39 @@ class JudgeClient:
 
 def reply_text(raw):
     """A chat-completions reply's message text, or None when the reply is not one."""
-    try:
+    with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
         content = json.loads(raw)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    return content if isinstance(content, str) else None
+        return content if isinstance(content, str) else None
 
 
 def retry_after(value):
-    """Retry-After in seconds, from either of its forms (seconds or an HTTP date); 0 when absent
-    or unreadable."""
+    """Retry-After in seconds, from seconds or an HTTP date; 0 when absent or unreadable."""
     import email.utils
-    try:
+    with contextlib.suppress(ValueError):
         return float(value or 0)
-    except ValueError:  # the date form
-        try:
-            return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return 0.0
+    with contextlib.suppress(TypeError, ValueError):  # the date form
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    return 0.0
 
 
 def image_part(image):
-    """An image as a chat-completions content part, for judges that see it (MMHal-V): a JPEG or PNG file (path or
-    bytes) is sent as it is, anything else (a PIL image, other formats) as a PNG."""
+    """A chat-completions image part (MMHal-V): a JPEG or PNG file as it is, anything else as PNG."""
     from PIL import Image
-    raw = open(image, "rb").read() if isinstance(image, str) else image if isinstance(image, bytes) else b""
+    raw = open(image, "rb").read() if isinstance(image, str) else image
+    raw = raw if isinstance(raw, bytes) else b""  # a PIL image is saved as PNG below
     fmt = Image.open(io.BytesIO(raw)).format.lower() if raw else ""
     if fmt not in ("jpeg", "png"):
         buf = io.BytesIO()
         data.open_image(image).save(buf, format="PNG")
         raw, fmt = buf.getvalue(), "png"
-    return {"type": "image_url", "image_url": {"url": f"data:image/{fmt};base64," + base64.b64encode(raw).decode()}}
+    url = f"data:image/{fmt};base64," + base64.b64encode(raw).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
 
 # -----------------------------------------------------------------------------
-# Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) on COCO image descriptions
-# as RLAIF-V's eval_gpt_obj_halbench.py scores them by rule: truth = COCO instances + objects the
-# captions name; a text's objects: NLTK's tokens, WordNet's lemmas, two-word names joined, a synonym
-# list. The rules and facts below give the same words without NLTK or WordNet (tests/test_eval.py).
-# Ours: a category per line, its COCO name, then its synonyms, ", "-separated; --synonyms FILE reads
-# another, --official true the benchmark's.
+# Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) on COCO descriptions, by
+# rule as RLAIF-V's eval_gpt_obj_halbench.py (NLTK tokens, WordNet lemmas, two-word names, synonyms),
+# here without NLTK or WordNet (tests/test_eval.py). Synonym list: a category per line, its COCO
+# name then its synonyms, ", "-separated; --synonyms FILE reads another, --official true the paper's.
 SYNONYMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "coco_synonyms.txt")
 # CHAIR's pairs besides the list's two-word names: "baby"/"adult" + animal, "passenger jet"/"train"
 # are only the animal or vehicle, a toilet seat a toilet; home plate and train tracks name nothing
@@ -589,9 +555,8 @@ def coco_mentions(text, vocab):
 
 
 def coco_truth(root, ids, vocab):
-    """{image id: set of categories}: each image's COCO instance categories plus those its five COCO captions name.
-    Object HalBench's images are all from val2014, so the val2014 annotation files are all it reads (the official
-    script also loads train2014's, which hold nothing for these images)."""
+    """{image id: categories}: its COCO instances plus what its captions name (val2014's files only;
+    the official script also reads train2014's, which hold nothing for these images)."""
     truth, captioned = {i: set() for i in ids}, set()
     for fn in ("instances_val2014.json", "captions_val2014.json"):
         path = bench_file(root, "objhal", os.path.join("annotations", fn))
@@ -601,15 +566,24 @@ def coco_truth(root, ids, vocab):
             if a["image_id"] in truth and fn.startswith("instances"):
                 truth[a["image_id"]].add(names[a["category_id"]])
             elif a["image_id"] in truth:
-                truth[a["image_id"]].update(coco_mentions(a["caption"], vocab)), captioned.add(a["image_id"])
+                truth[a["image_id"]].update(coco_mentions(a["caption"], vocab))
+                captioned.add(a["image_id"])
     if missing := sorted(ids - captioned):
-        raise ValueError(f"objhal: {path} has no caption of image ids {missing[:5]}: not COCO val2014's annotations?")
+        raise ValueError(f"objhal: {path} has no caption of image ids {missing[:5]}: "
+                         "not COCO val2014's annotations?")
     return truth
 
 # -----------------------------------------------------------------------------
-# The judge-scored benchmarks. Each has our wording of its judge's task, asking for the reply format the
-# benchmark's own score parsing reads; --judge_prompts FILE (JSON {bench: template}) substitutes any other wording,
-# such as the benchmark's published prompt, with the same {fields}.
+# The judge-scored benchmarks. Each has our wording of its judge's task, asking for the reply format
+# the benchmark's own score parsing reads; --judge_prompts FILE (JSON {bench: template}) substitutes
+# any other wording, such as the benchmark's published prompt, with the same {fields}.
+
+
+def review(head, role):
+    """LLaVA-Bench's review layout (its eval_gpt_review_bench.py): context, question, two answers."""
+    return (f"[{head}]\n{{context}}\n\n[Question]\n{{question}}\n\n[{role} 1]\n{{reference}}\n\n"
+            f"[End of {role} 1]\n\n[{role} 2]\n{{answer}}\n\n[End of {role} 2]\n\n")
+
 
 PROMPTS = dict(
     mmhal="""You are grading an AI assistant's answer to a question about an image, above all for hallucination: a \
@@ -635,23 +609,7 @@ End with a line of the form "Rating: N".""",
     llavaw="""Two AI assistants answered a user's question about an image. You cannot see the image; a description \
 of it is given instead.
 
-[Image description]
-{context}
-
-[Question]
-{question}
-
-[Assistant 1]
-{reference}
-
-[End of Assistant 1]
-
-[Assistant 2]
-{answer}
-
-[End of Assistant 2]
-
-Rate how helpful, relevant, accurate and detailed each answer is, from 1 to 10 (higher is better). On the first \
+""" + review("Image description", "Assistant") + """Rate how helpful, relevant, accurate and detailed each answer is, from 1 to 10 (higher is better). On the first \
 line write only the two scores, Assistant 1's then Assistant 2's, separated by a space. Then explain your rating, \
 without letting the order of the answers or their length sway it.""",
     llavaw_system="You grade answers carefully and fairly.",
@@ -686,11 +644,9 @@ def score_pair(text):
 
 def correctness(text):
     """MM-Vet's rule: the first piece split on " ", stripped, in [0, 1], else None (ask again)."""
-    try:
+    with contextlib.suppress(ValueError, IndexError):
         v = float(text.split(" ")[0].strip())
         return v if 0.0 <= v <= 1.0 else None
-    except (ValueError, IndexError):
-        return None
 
 
 def fill(template, **fields):
@@ -752,11 +708,8 @@ def official_prompts(root, names):
         out["llavaw"] = None  # a category without a rule is an error, as there
         for k, r in json.load(open(official_file(root, "llavaw"))).items():
             if k.startswith("llava_bench_") and {"role", "prompt"} <= set(r):
-                a = r["role"]
-                out[f"llavaw/{k[12:]}"] = (
-                    f"[Context]\n{{context}}\n\n[Question]\n{{question}}\n\n[{a} 1]\n"
-                    f"{{reference}}\n\n[End of {a} 1]\n\n[{a} 2]\n{{answer}}\n\n[End of {a} 2]\n\n"
-                    f"[System]\n{r['prompt']}\n\n")  # as LLaVA's eval_gpt_review_bench.py
+                layout = review("Context", r["role"])  # as LLaVA's eval_gpt_review_bench.py
+                out[f"llavaw/{k[12:]}"] = layout + f"[System]\n{r['prompt']}\n\n"
         keys = lambda n: {getattr(k, "value", 0): v for k, v in zip(n.keys, n.values)}  # noqa: E731
         system = lambda n: keys(n).get("content") if isinstance(n, ast.Dict) and \
             getattr(keys(n).get("role"), "value", 0) == "system" else None  # noqa: E731
@@ -773,11 +726,9 @@ def official_prompts(root, names):
 
 
 def judge_bench(name, items, preds, judge, prompts=PROMPTS):
-    """Scores of the judge-read benchmarks, each as its own scripts report them. judge(messages, max_tokens,
-    temperature) -> reply text; for mmhal_v it must see images. MMHal(-V): the mean 0-6 rating, the hallucination
-    rate (share rated below 3) and informativeness; LLaVA-W: 100 x the mean score of the answers over that of
-    the GPT-4 references, overall and per category; MM-Vet: 100 x the mean correctness, overall and per capability."""
-    by_kind = lambda vals, f: {k: f([v for v, it in zip(vals, items) if it["kind"] == k])  # noqa: E731
+    """Scores as each benchmark's own scripts report them, overall and per kind; judge(messages,
+    max_tokens, temperature) -> reply text, seeing images for mmhal_v."""
+    by_kind = lambda vals, f: {k: f([v for v, it in zip(vals, items) if it["kind"] == k])  # noqa
                                for k in dict.fromkeys(it["kind"] for it in items)}
     if name in ("mmhal", "mmhal_v"):
         s = []
@@ -826,11 +777,10 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS):
 RULE = ("pope", "objhal", "textvqa", "gqa")
 
 
-def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_size=64, max_new_tokens=512,
-                   prompts=PROMPTS, vocab=None, short_prompt=True):
-    """Answers every item of each benchmark (greedy, batched, KV-cached; short answers get 16 tokens, the others
-    max_new_tokens) and scores them; judge and judge_v (which sees images) read the open-ended ones.
-    POPE, TextVQA and GQA questions end with SHORT unless short_prompt is False."""
+def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_size=64,
+                   max_new_tokens=512, prompts=PROMPTS, vocab=None, short_prompt=True):
+    """Answers each benchmark (short answers: 16 tokens, and SHORT unless short_prompt is False) and
+    scores it; judge and judge_v (which sees images) read the open-ended ones."""
     res, answered = {}, {}
     for name in names:
         if name not in RULE and (judge_v if name == "mmhal_v" else judge) is None:
@@ -857,36 +807,34 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
 
 @dataclass
 class Config:
-    model: str = ""        # a checkpoint, or several as name=path,name=path (a row each); default: the world's base
+    model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL
     data: str = "world"
-    world_seed: int = 0    # the world's report (world.report): 0-2 the dev seeds, 3-5 the test seeds
-    world_half: str = ""   # a or b: report the broken split of each half of the usual pairs (the generalisation test)
+    world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
+    world_half: str = ""   # a or b: the broken split of each half of the pairs (generalisation)
     n: int = 500           # scenes per part of the world's report
     batch_size: int = 64
     out: str = ""          # JSON: {name: results}
-    bench: str = ""        # instead of the world: any of pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
+    bench: str = ""        # not the world: pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
     bench_dir: str = "benchmarks"  # one folder per benchmark, holding its release's files (see GET)
     download: bool = False  # fetch a missing MMHal-Bench or LLaVA-Bench release from the hub
     limit: int = 0         # evaluate the first N items of each benchmark (0: all)
     max_new_tokens: int = 512  # for the open-ended answers (short answers get 16)
-    judge_model: str = ""  # the text judge (default $JUDGE_MODEL, else gpt-4-0613); endpoint and key from the env
+    judge_model: str = ""  # the text judge (default $JUDGE_MODEL, else gpt-4-0613); URL, key: env
     judge_model_v: str = "gpt-4o"  # MMHal-V's judge, which sees the image
     judge_cache: str = "judgments.jsonl"  # every judgment, so a rerun asks only for what is missing
     judge_timeout: float = 120.0  # seconds for one whole request to the judge
     judge_retries: int = 6  # after a 429 / 5xx, a malformed reply, a network error or a timeout
-    judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording (same {fields})
-    synonyms: str = ""     # a COCO synonym list in the standard format, instead of ours (Object HalBench)
+    judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording ({fields})
+    synonyms: str = ""     # a COCO synonym list in the standard format instead of ours (objhal)
     short_prompt: bool = True  # end POPE, TextVQA and GQA questions with SHORT (LLaVA, lmms-eval)
-    official: bool = False  # the benchmarks' published judge prompts and synonym list, not ours,
-                            # fetched once into --bench_dir (see OFFICIAL)
+    official: bool = False  # the published judge prompts and synonym list, not ours (OFFICIAL)
 
 
 def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
     if cfg.data != "world" and not cfg.bench:
         raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
-    lows = dict(n=1, batch_size=1, limit=0, max_new_tokens=1, judge_retries=0)
-    for k, low in lows.items():
+    for k, low in dict(n=1, batch_size=1, limit=0, max_new_tokens=1, judge_retries=0).items():
         if getattr(cfg, k) < low:
             raise SystemExit(f"--{k} {getattr(cfg, k)}: must be at least {low}")
     if cfg.judge_timeout <= 0:
@@ -897,14 +845,14 @@ def main(argv=None):
                          f"{','.join(list(GET) + list(FOLDER))}")
     for b in {FOLDER.get(b, b) for b in names} & set(HUB) if cfg.download else ():
         download(b, cfg.bench_dir)
-    judged = [b for b in names if b not in RULE]  # the judges read their cache only when a benchmark needs them
+    judged = [b for b in names if b not in RULE]  # judges (and their caches) only where needed
     opts = dict(timeout=cfg.judge_timeout, retries=cfg.judge_retries)
     judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None, **opts) if judged else None
     judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v, **opts) \
         if "mmhal_v" in judged else None
     if judged and not judge.key and "api.openai.com" in judge.url:
-        raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or OPENAI_API_KEY), or "
-                         "JUDGE_BASE_URL for an endpoint without a key")
+        raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or "
+                         "OPENAI_API_KEY), or JUDGE_BASE_URL for an endpoint without a key")
     prompts = PROMPTS | (json.load(open(cfg.judge_prompts)) if cfg.judge_prompts else {})
     prompts |= official_prompts(cfg.bench_dir, names) if cfg.official else {}
     official = cfg.official and "objhal" in names
@@ -916,11 +864,13 @@ def main(argv=None):
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
         vlm = VLM.from_pretrained(path).eval()
-        rows[name] = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit, cfg.batch_size,
-                                    cfg.max_new_tokens, prompts, vocab, cfg.short_prompt) \
-            if names else \
-            world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
-        rows[name]["seconds"] = round(time.time() - t0, 1)
+        if names:
+            res = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,
+                                 cfg.batch_size, cfg.max_new_tokens, prompts, vocab,
+                                 cfg.short_prompt)
+        else:
+            res = world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
+        rows[name] = res | {"seconds": round(time.time() - t0, 1)}
     if names:
         print(table(rows, list(TABLE2.values()), list(TABLE2)))
     else:
