@@ -190,7 +190,6 @@ def pair_stats(loss, c, r, token_lp, w=None):
     return {k: [(v * w).sum().item(), w.sum().item()] for k, v in stats.items()}
 
 
-
 def accumulate(sums, stats):
     """Adds {key: [sum, count]} into sums, in place."""
     for k, v in stats.items():
