@@ -258,8 +258,6 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
 
 def fingerprint(cfg: Config, items):
     """The reference cache's key: the model's files and dtype, each pair's tokens and images."""
-
-
     h = hashlib.sha256((M.folder_hash(cfg.model) + cfg.dtype).encode())
     for it in items:
         h.update(json.dumps([it["prompt"], it["responses"]]).encode())
@@ -444,7 +442,6 @@ def unsharded(pm):
 
 
 class Metrics:
-
     """out_dir/metrics.jsonl: per step, its micro-steps' and ranks' [sum, count] pairs, averaged."""
 
     def __init__(self, cfg, start, ranks):
@@ -535,8 +532,6 @@ class Ranks:
 
 def setup(cfg):
     """Before any compute: the process group, the non-default settings, flag and out_dir checks."""
-
-
     ranks = Ranks()
     ranks.print(f"settings other than the defaults: {json.dumps(non_defaults(cfg))}")
     for k in ("pairs", "batch_size", "grad_accum", "steps", "save_every"):
@@ -546,7 +541,6 @@ def setup(cfg):
         raise ValueError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
                          f"{ranks.W * cfg.grad_accum}")
     if cfg.loss not in (*losses.LOSSES, "rm"):
-
         raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm'])}")
     state = os.path.join(cfg.out_dir, "state.pt")
     if cfg.resume and not os.path.exists(state):

@@ -25,7 +25,6 @@ train. The machinery (setup, build_policy, PairModel, Checkpoint, Metrics) is tr
         --annotator api:llava-v1.6-34b-hf --model llava-hf/llava-v1.6-vicuna-7b-hf \\
         --data povid:/data/povid --dtype bfloat16 --fsdp true
 """
-
 import hashlib
 import json
 import math
@@ -47,7 +46,6 @@ import world
 from model import TEMPLATES, VLM, config_from_argv, left_pad
 from train_offline import (Checkpoint, Metrics, PairModel, accumulate, batch_rows, build_policy,
                            counts, optimizer_step, pair_stats, setup, to, unsharded)
-
 
 SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "online-bdhs": 1, "ppo": 1, "rloo": 4}
 CLIP, VF_COEF, GAE_LAMBDA = 0.2, 0.1, 0.95  # PPO: ratio/value clipping, value-loss weight, GAE's λ
@@ -88,7 +86,6 @@ class Config:
     resume: bool = False
     overwrite: bool = False
     eval_n: int = 500             # world data: scenes of the world report before and after; 0: none
-
     seed: int = 0
     # not flags: the reference is the policy with its adapters off: only the adapters may train
     lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", "runs/cache"
@@ -244,7 +241,6 @@ class Judge:
 class Endpoint:
     """An OpenAI-compatible endpoint ($JUDGE_BASE_URL; the key only from $JUDGE_API_KEY, not saved):
     a request per pair (JUDGE) or response (RATE), through eval.JudgeClient's retries and cache."""
-
 
     def __init__(self, model, cache, threads):
         from concurrent.futures import ThreadPoolExecutor
@@ -413,7 +409,6 @@ def objective(cfg: Config, model, roll):
 @torch.no_grad()
 def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
     """Mean and std of the annotator's scores on the starting policy's samples (§2.3), kept for resume."""
-
     path = os.path.join(cfg.out_dir, "reward_norm.json")
     if cfg.resume and os.path.exists(path):
         return tuple(json.load(open(path)))
