@@ -48,8 +48,7 @@ from model import VLM, config_from_argv, non_defaults
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
-    data: str = "world"          # world (its corruption set), bdhs (BDHS pairs of its prompts),
-                                 # bdhs+world (both rejected: Avg-DPO), a native .jsonl,
+    data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl,
                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""         # a release's images (COCO for POVID...); default: images/ by it
     loss: str = "dpo"            # dpo | ipo | slic | rm
@@ -68,8 +67,7 @@ class Config:
     lora_r: int = 16
     lora_alpha: float = 32.0
     warmup: int = 10             # linear warm-up steps, then cosine decay to 0
-    max_length: int = 4096       # prompt + response tokens (LLaVA-1.6: prompts up to ~2,950);
-                                 # responses are cut, image tokens never
+    max_length: int = 4096       # prompt + response tokens; responses are cut, image tokens never
     ref: str = "cache"           # cache: reference log-probs once, on disk; lora_off: every step
     cache_dir: str = "runs/cache"  # reference log-probs, BDHS pairs, base reports: shared by runs
     dtype: str = "float32"       # autocast dtype of the forward; weights and log-probs stay fp32
@@ -521,8 +519,7 @@ class Ranks:
             dist.barrier()
 
     def end(self):
-        """A barrier (rank 0 may still be saving), then an exit without the teardown, where gloo's
-        threads could abort ("terminate called without an active exception"). Delete DDP first."""
+        """A barrier, then an exit without the teardown, where gloo's threads could abort; DDP goes first."""
         if self.W > 1:
             dist.barrier()
             dist.destroy_process_group()
