@@ -1,26 +1,22 @@
 """train_offline.py: offline alignment of a LLaVA-style model (paper §2.2, §3.1, §3.2, §3.5).
 
-`--loss dpo|ipo|slic` trains on preference pairs (Eq. 3 and its variants; Avg-DPO, Eq. 5, when every pair has a
-second rejected response), `--loss rm` a Bradley–Terry reward model (Eq. 1: a scalar head on each response's last
-token). LoRA on every LLM linear and the projector at its own learning rate; the vision tower stays frozen.
+`--loss dpo|ipo|slic` trains on preference pairs (Eq. 3 and variants; Avg-DPO, Eq. 5, with a second
+rejected response), `--loss rm` a Bradley–Terry reward model (Eq. 1: a scalar head on a response's
+last token). LoRA on every LLM linear, the projector at its own learning rate, the tower frozen.
 
-Read main() first: the loop is batch -> packed forward -> preference loss -> backward -> optimizer step. Two things
-make a step cheap. Each pair is one packed row, [prompt | chosen | rejected], in which each response sees the prompt
-and itself only (model.py's attention mask): the image and prompt go through the tower and the LLM once for all
-responses, and the LM head runs on response positions only. The reference log-probs are computed once before
-training and cached on disk, keyed by the model's files and the data (`--ref lora_off` recomputes them each step
-with the adapters switched off). The helpers after main() are the machinery: the packed forward (PairModel), data,
-the reference cache, model and optimizer, checkpoints, torchrun. train_online.py uses seven of them: setup,
-build_policy, PairModel, Checkpoint, Metrics, optimizer_step and batch_rows.
+Read main() first: batch -> packed forward -> loss -> backward -> step. A pair is one packed row,
+[prompt | chosen | rejected], each response seeing the prompt and itself only: the image and prompt
+are encoded once. The reference log-probs are computed once and cached (`--ref lora_off`: each step,
+adapters off). After main() comes the machinery train_online.py shares.
 
-    torchrun train_offline.py --data bdhs                   # the main job: BDHS pairs of the shipped base, then DPO
-    python train_offline.py                                 # DPO on the world's corruption set
-    python train_offline.py --data bdhs+world               # Avg-DPO: the corruption set's rejected and BDHS's
-    python train_offline.py --rpo_alpha 0 --lr 1e-3         # the paper's plain DPO (no NLL term)
-    torchrun --nproc_per_node 8 train_offline.py --model llava-hf/llava-v1.6-vicuna-7b-hf --data pairs.jsonl \\
-        --dtype bfloat16 --fsdp true --lora_r 128 --lora_alpha 256   # the paper's scale (README)
+    torchrun train_offline.py --data bdhs            # the main job: the base's BDHS pairs, then DPO
+    python train_offline.py                          # DPO on the world's corruption set
+    python train_offline.py --data bdhs+world        # Avg-DPO: the world's rejected and BDHS's
+    python train_offline.py --rpo_alpha 0 --lr 1e-3  # the paper's plain DPO (no NLL term)
+    torchrun --nproc_per_node 8 train_offline.py --model llava-hf/llava-v1.6-vicuna-7b-hf \\
+        --data pairs.jsonl --dtype bfloat16 --fsdp true --lora_r 128 --lora_alpha 256  # (README)
     python train_offline.py --data povid:/data/povid --loss rm --out_dir runs/rm
-    python train_offline.py --resume true                   # continues a killed run from its last saved step
+    python train_offline.py --resume true            # continues a killed run from its last step
 """
 import contextlib
 import dataclasses
@@ -52,45 +48,45 @@ from model import VLM, config_from_argv, non_defaults
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
-    data: str = "world"          # world (its corruption set), bdhs (BDHS pairs of the world's prompts), bdhs+world
-                                 # (both rejected: Avg-DPO), a native .jsonl, or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""         # a release's image folder (COCO for POVID...); default: images/ beside its file
+    data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl,
+                                 # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
+    image_root: str = ""         # a release's images (COCO for POVID...); default: images/ by it
     loss: str = "dpo"            # dpo | ipo | slic | rm
     out_dir: str = "runs/offline"
     beta: float = 1.0            # the world's (dev seed 0); the paper searched 0.05-0.5 for DPO
-    rpo_alpha: float = 1.0       # + α x the chosen response's per-token NLL (TRL's RPO; the paper's DPO is 0)
-    world_seed: int = 0          # the world's scenes; 0-2 are the dev seeds, 3-5 the test seeds (study.py)
+    rpo_alpha: float = 1.0       # + α x the chosen's per-token NLL (TRL's RPO; the paper's DPO: 0)
+    world_seed: int = 0          # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
     world_half: str = ""         # a | b: the world's prompts about half of the usual pairs only
-    pairs: int = 2200            # world pairs to build; a tenth (at most 200) are held out, of a file too
+    pairs: int = 2200            # world pairs to build; a tenth (<= 200) held out, of a file too
     steps: int = 0               # optimizer steps; 0: `epochs` passes over the training pairs
     epochs: float = 3.0
     batch_size: int = 32         # global: micro-batch x grad_accum x ranks
     grad_accum: int = 1
-    lr: float = 2e-3             # the adapters (and a reward head); the world's, far above a 7B's (README)
+    lr: float = 2e-3             # adapters and a reward head: the world's, far above a 7B's
     lr_projector: float = 5e-5   # the projector's own learning rate (paper §2.2); 0 freezes it
     lora_r: int = 16
     lora_alpha: float = 32.0
     warmup: int = 10             # linear warm-up steps, then cosine decay to 0
-    max_length: int = 4096       # prompt + response tokens (a LLaVA-1.6 prompt is up to ~2,950); responses are cut,
-                                 # image tokens never
-    ref: str = "cache"           # cache: reference log-probs computed once, kept on disk; lora_off: every step
-    cache_dir: str = "runs/cache"  # reference log-probs, BDHS pairs and base-model reports, shared by runs
-    dtype: str = "float32"       # autocast dtype of the forward; master weights and log-probs stay fp32
+    max_length: int = 4096       # prompt + response tokens; responses are cut, image tokens never
+    ref: str = "cache"           # cache: reference log-probs once, on disk; lora_off: every step
+    cache_dir: str = "runs/cache"  # reference log-probs, BDHS pairs, base reports: shared by runs
+    dtype: str = "float32"       # autocast dtype of the forward; weights and log-probs stay fp32
     grad_ckpt: bool = False      # recompute each decoder layer in the backward pass
     fsdp: bool = False           # shard parameters, gradients and optimizer state (FSDP2); else DDP
     save_every: int = 50         # steps between checkpoints; the last step always saves
     resume: bool = False         # continue from out_dir's training state
     overwrite: bool = False      # a fresh run may replace the run already in out_dir
-    eval_n: int = 500            # world data: scenes of the world report before and after; 0 skips it
+    eval_n: int = 500            # world data: scenes of the world report before and after; 0: none
     seed: int = 0
 
 
 def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
     ranks = setup(cfg)
-    torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A must agree (DDP also broadcasts it)
+    torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A must agree
     pm, model, opt = build_policy(cfg, ranks, head="reward" if cfg.loss == "rm" else None)
-    vlm, device, B = pm.vlm, ranks.device, cfg.batch_size // (ranks.W * cfg.grad_accum)  # B: per micro-step
+    vlm, device = pm.vlm, ranks.device
+    B = cfg.batch_size // (ranks.W * cfg.grad_accum)  # pairs per micro-step and rank
     items, train_idx, val_idx = load_pairs(cfg, vlm, ranks)
     ref = reference_logps(cfg, pm, items, B, ranks) if cfg.ref == "cache" and cfg.loss != "rm" else None
     steps = cfg.steps or max(1, int(cfg.epochs * len(train_idx) // cfg.batch_size))
@@ -109,23 +105,18 @@ def main(argv=None):
             parts = by_length(rows, items)  # rows of like lengths together: less padding
             for part, idx in enumerate(parts):
                 batch = to(data.collate_pairs(vlm, [items[i] for i in idx]), device)
-                last = micro == cfg.grad_accum - 1 and part == len(parts) - 1  # all-reduce the gradients after it
+                last = micro == cfg.grad_accum - 1 and part == len(parts) - 1  # all-reduce after it
                 with ranks.sync_grads(model, last), amp:
-                    token_lp, scores = model(**batch)  # (b, K, L) log-probs of every response, from one forward
-                    if cfg.loss == "rm":
-                        loss, chosen, rejected = losses.rm_loss(scores[:, 0], scores[:, 1])
-                    else:
-                        ref_lp = ref[idx].to(device) if ref is not None else reference(pm, batch)
-                        loss, chosen, rejected = losses.preference_loss(
-                            cfg.loss, token_lp.sum(-1), ref_lp, counts(batch), cfg.beta, rpo_alpha=cfg.rpo_alpha)
-                    # each rank averages over its share of the global batch; DDP's mean over ranks completes it
+                    token_lp, scores = model(**batch)  # (b, K, L) every response's log-probs
+                    loss, chosen, rejected = pair_loss(cfg, pm, batch, token_lp, scores, ref, idx)
+                    # each rank averages over its share of the batch; DDP's mean over ranks ends it
                     (loss.sum() / (B * cfg.grad_accum)).backward()
                 log.add(pair_stats(loss, chosen, rejected, token_lp))
         lr, norm = optimizer_step(cfg, pm, opt, step, steps)
         log.write(step, lr=lr, grad_norm=norm, epoch=(step + 1) * cfg.batch_size / len(train_idx))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
             ckpt.save(step)
-    if val_idx:  # held-out pairwise accuracy: the reward model's (Table 7), or the implicit reward's
+    if val_idx:  # held-out pairwise accuracy: the reward model's (Table 7) or the implicit reward's
         log.write(steps - 1, **evaluate_pairs(cfg, pm, items, val_idx, B, ref, ranks), prefix="eval/")
     log.close()
     ranks.print(f"saved {cfg.out_dir}/checkpoint")
@@ -136,11 +127,11 @@ def main(argv=None):
     ranks.end()
 
 # -----------------------------------------------------------------------------
-# The packed forward: every response's log-probs (and a head's outputs) from one pass over each pair's row
+# The packed forward: every response's log-probs (and a head's outputs) from one pass over a pair
 
 
 class PairModel(nn.Module):
-    """What DDP / FSDP wrap: the VLM, plus a reward head (`head="reward"`) or PPO's value head ("value")."""
+    """What DDP / FSDP wrap: the VLM, plus a reward head (`head="reward"`) or PPO's ("value")."""
 
     def __init__(self, vlm: VLM, head=None):
         super().__init__()
@@ -153,8 +144,8 @@ class PairModel(nn.Module):
 
     def forward(self, input_ids, pixel_values, image_sizes=None, position_ids=None, segment=None, pred_idx=None,
                 targets=None, last_idx=None):
-        """A batch of data.collate_pairs -> per-token log-probs (B, K, L) of every response in fp32 (0 on padding)
-        and the head's outputs: reward scores (B, K) at each response's last token, or values (B, K, L)."""
+        """A collate_pairs batch -> per-token log-probs (B, K, L) in fp32, 0 on padding, and the
+        head's outputs: reward scores (B, K) at each response's last token, or values (B, K, L)."""
         h = self.vlm.hidden(input_ids, pixel_values, image_sizes, segment >= 0, position_ids, segment=segment)
         B, K, L = targets.shape
         pick = lambda idx: h.gather(1, idx.reshape(B, -1, 1).expand(-1, -1, h.shape[-1]))  # noqa: E731
@@ -176,38 +167,50 @@ def reference(pm: PairModel, batch):
         return pm(**batch)[0].sum(-1)
 
 
-def pair_stats(loss, chosen, rejected, token_lp):
-    """A micro-batch's metrics as [sum, count] under TRL's names."""
+def pair_loss(cfg: Config, pm, batch, lp, scores, ref, idx):
+    """-> per-pair losses (B,), chosen and rejected rewards; reference: ref[idx] or adapters off."""
+    if cfg.loss == "rm":
+        return losses.rm_loss(scores[:, 0], scores[:, 1])
+    ref_lp = ref[idx].to(lp.device) if ref is not None else reference(pm, batch)
+    return losses.preference_loss(cfg.loss, lp.sum(-1), ref_lp, counts(batch), cfg.beta,
+                                  rpo_alpha=cfg.rpo_alpha)
+
+
+def pair_stats(loss, c, r, token_lp, w=None):
+    """A micro-batch's metrics as [sum, count] under TRL's names; w: the pairs' weights (online)."""
     n = len(loss)
-    logps = token_lp.detach().sum(-1) if token_lp is not None else torch.zeros(n, 2)  # none for a reward model
-    return {"loss": [loss.detach().sum().item(), n], "rewards/chosen": [chosen.sum().item(), n],
-            "rewards/rejected": [rejected.sum().item(), n],
-            "rewards/margins": [(chosen - rejected).sum().item(), n],
-            "rewards/accuracies": [(chosen > rejected).float().sum().item(), n],
-            "logps/chosen": [logps[:, 0].sum().item(), n], "logps/rejected": [logps[:, 1].sum().item(), n]}
+    logps = token_lp.detach().sum(-1) if token_lp is not None else torch.zeros(n, 2)  # none: an RM
+    stats = {"loss": loss.detach(), "rewards/chosen": c, "rewards/rejected": r,
+             "rewards/margins": c - r, "rewards/accuracies": (c > r).float(),
+             "logps/chosen": logps[:, 0], "logps/rejected": logps[:, 1]}
+    if w is None:
+        return {k: [v.sum().item(), n] for k, v in stats.items()}
+    return {k: [(v * w).sum().item(), w.sum().item()] for k, v in stats.items()}
+
+
+def accumulate(sums, stats):
+    """Adds {key: [sum, count]} into sums, in place."""
+    for k, v in stats.items():
+        sums[k] = [a + b for a, b in zip(sums.get(k, [0.0, 0]), v)]
 
 
 @torch.no_grad()
 def evaluate_pairs(cfg: Config, pm, items, val_idx, B, ref, ranks):
-    """Loss, pairwise accuracy and margin on held-out pairs, every rank running the same number of forwards."""
+    """Loss, pairwise accuracy and margin on held-out pairs; every rank runs as many forwards."""
     pm.eval()
     sums, mine = {}, val_idx[ranks.rank::ranks.W]
     for k in range(math.ceil(math.ceil(len(val_idx) / ranks.W) / B)):
         idx = mine[k * B:(k + 1) * B]
-        batch = to(data.collate_pairs(pm.vlm, [items[i] for i in idx or val_idx[:1]]), ranks.device)
+        rows = idx or val_idx[:1]  # a rank with nothing left runs a forward for the others ...
+        batch = to(data.collate_pairs(pm.vlm, [items[i] for i in rows]), ranks.device)
         lp, scores = pm(**batch)
-        if cfg.loss == "rm":
-            loss, c, r = losses.rm_loss(scores[:, 0], scores[:, 1])
-        else:
-            ref_lp = ref[idx or val_idx[:1]].to(ranks.device) if ref is not None else reference(pm, batch)
-            loss, c, r = losses.preference_loss(cfg.loss, lp.sum(-1), ref_lp, counts(batch), cfg.beta,
-                                                rpo_alpha=cfg.rpo_alpha)
-        if idx:  # a rank with nothing left ran a forward for the others and counts nothing
-            for key, (s, n) in pair_stats(loss, c, r, lp).items():
-                sums[key] = [a + b for a, b in zip(sums.get(key, [0, 0]), (s, n))]
+        loss, c, r = pair_loss(cfg, pm, batch, lp, scores, ref, rows)
+        if idx:  # ... and counts nothing
+            accumulate(sums, pair_stats(loss, c, r, lp))
     pm.train()
     tot = ranks.gather_sums(sums)
     return {k: tot[k][0] / max(tot[k][1], 1) for k in ("loss", "rewards/accuracies", "rewards/margins")}
+
 
 # -----------------------------------------------------------------------------
 # Data: records -> tokenized items, a held-out tenth; BDHS pairs built once and cached
@@ -233,13 +236,11 @@ def load_pairs(cfg: Config, vlm: VLM, ranks):
 
 
 def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
-    """BDHS pairs of the world's prompts by the starting model (its adapters are still the identity), with
-    bdhs.py's defaults; built once under cache_dir, keyed by the model's files, the settings and the code that
-    makes them, resumed if killed. Under torchrun each rank samples its share and then reads all of them."""
+    """BDHS pairs of the world's prompts by the starting model, built once (each rank its share)."""
     import bdhs
-    bc = bdhs.Config(model=cfg.model, source="world+corrupt" if cfg.data == "bdhs+world" else "world",
-                     n=cfg.pairs, world_seed=cfg.world_seed, world_half=cfg.world_half, seed=cfg.seed,
-                     batch_size=256)  # the world's tiny model: more rows per decoding step cost next to nothing
+    source = "world+corrupt" if cfg.data == "bdhs+world" else "world"
+    bc = bdhs.Config(model=cfg.model, source=source, n=cfg.pairs, world_seed=cfg.world_seed,
+                     world_half=cfg.world_half, seed=cfg.seed, batch_size=256)  # wide: a tiny model
     code = M.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
     key = hashlib.sha256((M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code)
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")
@@ -254,7 +255,7 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
 
 
 def fingerprint(cfg: Config, items):
-    """The reference cache's key: the model's files and dtype, and every pair's tokens and image bytes."""
+    """The reference cache's key: the model's files and dtype, each pair's tokens and images."""
     h = hashlib.sha256((M.folder_hash(cfg.model) + cfg.dtype).encode())
     for it in items:
         h.update(json.dumps([it["prompt"], it["responses"]]).encode())
@@ -269,8 +270,7 @@ def fingerprint(cfg: Config, items):
 
 @torch.no_grad()
 def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
-    """(N, K) reference log-probs of every response, computed before training (the policy starts as the reference)
-    and cached: a rerun, a resume or another loss on the same model and data reads them back."""
+    """(N, K) reference log-probs of every response: the starting policy's, computed once."""
     path = os.path.join(cfg.cache_dir, f"ref-{fingerprint(cfg, items)}.pt")
     if not os.path.exists(path):
         N, out = len(items), {}
@@ -296,16 +296,14 @@ PARTS = 4  # on the world, 1.6x faster steps than one padded batch (2: 1.5x, 8: 
 
 
 def by_length(rows, items):
-    """A micro-batch's rows sorted by length and cut in PARTS: each part is padded to its own longest row, and
-    every rank has the same number of parts, so FSDP's collectives stay in step."""
+    """Rows sorted by length, cut in PARTS padded apart; as many on every rank (for FSDP)."""
     rows = sorted(rows, key=lambda i: length(items[i]))
     k = max(1, min(PARTS, len(rows)))
     return [rows[j * len(rows) // k:(j + 1) * len(rows) // k] for j in range(k)]
 
 
 def length(item):
-    """A pair's packed row length: prompt and responses."""
-    return len(item["prompt"]) + sum(map(len, item["responses"]))
+    return len(item["prompt"]) + sum(map(len, item["responses"]))  # a pair's packed row
 
 
 def to(batch, device):
@@ -316,8 +314,7 @@ def to(batch, device):
 
 
 def build_policy(cfg, ranks, head=None):
-    """-> (PairModel, the wrapped model to train, AdamW). Trains the adapters at cfg.lr, the projector at
-    cfg.lr_projector (0 freezes it) and a head at cfg.lr; the tower and the base weights stay frozen."""
+    """-> (PairModel, the wrapped model to train, AdamW over the adapters, projector and head)."""
     vlm = VLM.from_pretrained(cfg.model)
     vlm.requires_grad_(False)
     if cfg.lora_r:
@@ -342,16 +339,15 @@ def build_policy(cfg, ranks, head=None):
     for n, p in pm.named_parameters():
         if p.requires_grad:
             groups.setdefault(cfg.lr_projector if ".multi_modal_projector." in n else cfg.lr, []).append(p)
-    opt = torch.optim.AdamW([{"params": ps, "base_lr": lr} for lr, ps in groups.items()], betas=(0.9, 0.95),
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW([{"params": ps, "base_lr": lr} for lr, ps in groups.items()],
+                            betas=(0.9, 0.95), weight_decay=0.0)
     ranks.print(f"trainable parameters: {sum(p.numel() for ps in groups.values() for p in ps):,} of "
                 f"{sum(p.numel() for p in pm.parameters()):,}")
     return pm, model, opt
 
 
 def optimizer_step(cfg, pm, opt, step, steps):
-    """This step's learning rates (linear warm-up, then cosine decay to 0), gradients clipped at norm 1, a step.
-    -> (the adapters' learning rate, the gradient norm before clipping)."""
+    """Warm-up and cosine learning rates, clipping at 1, a step -> (lr, grad norm unclipped)."""
     scale = min(1.0, (step + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * step / steps))
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * scale
@@ -362,31 +358,30 @@ def optimizer_step(cfg, pm, opt, step, steps):
 
 
 def batch_rows(n, cfg, step, micro, B, ranks):
-    """The rows of `step` out of n: a per-epoch shuffle that is a function of the step (so resume is exact), of
-    which rank r takes r, r + W, ... of the micro-step's slice: the same data for any number of ranks."""
+    """The rows of `step` out of n: a per-epoch shuffle seeded by the step (so resume is exact), of
+    whose micro-step slice rank r takes r, r + W, ...: the same data for any number of ranks."""
     per_epoch = max(1, n // cfg.batch_size)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + step // per_epoch))
     base = (step % per_epoch) * cfg.batch_size + micro * B * ranks.W
     return [perm[base + ranks.rank + k * ranks.W].item() for k in range(B)]
 
 # -----------------------------------------------------------------------------
-# Checkpoints and metrics: the model in HF layout (adapters merged) for users, a training state for --resume
+# Checkpoints and metrics: the model in HF layout (adapters merged), a training state for --resume
 
 
 STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-VOLATILE = ("resume", "overwrite", "save_every", "eval_n", "cache_dir", "annotator_threads")  # may change on resume
+VOLATILE = ("resume", "overwrite", "save_every", "eval_n", "cache_dir", "annotator_threads")  # free
 
 
 class Checkpoint:
-    """out_dir/checkpoint (HF layout, written atomically) and out_dir/state.pt (step, trainable parameters,
-    optimizer moments, settings; loaded with weights_only=True, so a planted pickle runs no code)."""
+    """out_dir/checkpoint (HF layout, atomic) and out_dir/state.pt (the rest, for --resume)."""
 
     def __init__(self, cfg, pm, opt, ranks):
         self.cfg, self.pm, self.opt, self.ranks = cfg, pm, opt, ranks
         self.state = os.path.join(cfg.out_dir, "state.pt")
 
     def resume(self, steps):
-        """-> the step to start from (0 without --resume), or None when the resumed run is complete."""
+        """-> the step to start from (0 without --resume), or None when the run is complete."""
         if not self.cfg.resume:
             return 0
         try:
@@ -406,19 +401,14 @@ class Checkpoint:
         return st["step"] + 1
 
     def save(self, step):
-        """The HF checkpoint first, then the state: a kill between the two resumes from the older state."""
-        from torch.distributed.fsdp import FSDPModule
+        """The HF checkpoint first, then the state: a kill between the two resumes the older."""
         pm, cfg = self.pm, self.cfg
-        units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
-        for m in units:
-            m.unshard()  # FSDP: every rank holds the full parameters until reshard()
-        if self.ranks.rank == 0:
-            pm.vlm.files["train_config.json"] = json.dumps(dataclasses.asdict(cfg), indent=2)
-            if pm.score is not None:  # the reward head, saved beside the LLM's tensors
-                pm.vlm.extra["score.weight"] = pm.score.weight.detach().cpu()
-            pm.vlm.save_pretrained(os.path.join(cfg.out_dir, "checkpoint"))
-        for m in units:
-            m.reshard()
+        with unsharded(pm):
+            if self.ranks.rank == 0:
+                pm.vlm.files["train_config.json"] = json.dumps(dataclasses.asdict(cfg), indent=2)
+                if pm.score is not None:  # the reward head, saved beside the LLM's tensors
+                    pm.vlm.extra["score.weight"] = pm.score.weight.detach().cpu()
+                pm.vlm.save_pretrained(os.path.join(cfg.out_dir, "checkpoint"))
         trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
         st = dict(step=step, model={k: v for k, v in get_model_state_dict(pm, options=STATE).items()
                                     if k in trainable},
@@ -433,9 +423,24 @@ class Checkpoint:
             os.replace(self.state + ".tmp", self.state)
 
 
+@contextlib.contextmanager
+def unsharded(pm):
+    """FSDP2: every unit's full parameters within (sampling, saving): no collectives there."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_reshard_after_forward(m is not pm, recurse=False)
+            m.reshard()
+
+
 class Metrics:
-    """out_dir/metrics.jsonl, a line per step: the [sum, count] pairs of its micro-steps, summed over ranks and
-    averaged. A resumed run keeps the lines before its start, rewritten at once (atomically)."""
+    """out_dir/metrics.jsonl: per step, its micro-steps' and ranks' [sum, count] pairs, averaged."""
 
     def __init__(self, cfg, start, ranks):
         self.ranks, self.sums, self.t0, self.f = ranks, {}, time.time(), None
@@ -450,8 +455,7 @@ class Metrics:
             self.f = open(path, "a")
 
     def add(self, stats):
-        for k, (s, n) in stats.items():
-            self.sums[k] = [a + b for a, b in zip(self.sums.get(k, [0.0, 0]), (s, n))]
+        accumulate(self.sums, stats)
 
     def write(self, step, prefix="", **extra):
         """One line: the averages since the last write, then `extra` (prefixed like them)."""
@@ -473,7 +477,7 @@ class Metrics:
 
 
 class Ranks:
-    """This process's rank, the world size W and device, and the few calls the loops make across ranks."""
+    """This process's rank, the world size W and device, and the calls the loops make across ranks."""
 
     def __init__(self):
         self.W = int(os.environ.get("WORLD_SIZE", 1))
@@ -487,7 +491,7 @@ class Ranks:
             print(*a, **k, flush=True)
 
     def sync_grads(self, model, last):
-        """Gradients are all-reduced on a step's last micro-step only; the others accumulate locally."""
+        """Gradients are all-reduced on a step's last micro-step only; the others accumulate."""
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
             model.set_requires_gradient_sync(last)
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -497,12 +501,10 @@ class Ranks:
         """{key: [sum, count]} summed over ranks (whatever keys each rank has)."""
         if self.W == 1:
             return sums
-        parts = [None] * self.W
+        parts, out = [None] * self.W, {}
         dist.all_gather_object(parts, sums)
-        out = {}
         for p in parts:
-            for k, v in p.items():
-                out[k] = [a + b for a, b in zip(out.get(k, [0.0, 0]), v)]
+            accumulate(out, p)
         return out
 
     def gather_dict(self, d):
@@ -517,10 +519,7 @@ class Ranks:
             dist.barrier()
 
     def end(self):
-        """Ranks wait for each other (rank 0 may still be saving or evaluating), the process group goes, and a
-        torchrun process exits without the interpreter's teardown, in which gloo's threads could abort it
-        ("terminate called without an active exception") after everything was saved. Call it after deleting the
-        DDP model: its reducer must go before its process group."""
+        """A barrier, then an exit without the teardown, where gloo's threads could abort; DDP goes first."""
         if self.W > 1:
             dist.barrier()
             dist.destroy_process_group()
@@ -529,8 +528,7 @@ class Ranks:
 
 
 def setup(cfg):
-    """Before any compute: the process group, the settings that differ from the defaults (printed once), flags in
-    range, and an out_dir that can be written and holds no other run (unless --resume or --overwrite)."""
+    """Before any compute: the process group, the non-default settings, flag and out_dir checks."""
     ranks = Ranks()
     ranks.print(f"settings other than the defaults: {json.dumps(non_defaults(cfg))}")
     for k in ("pairs", "batch_size", "grad_accum", "steps", "save_every"):
@@ -539,7 +537,7 @@ def setup(cfg):
     if cfg.batch_size % (ranks.W * cfg.grad_accum):
         raise ValueError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
                          f"{ranks.W * cfg.grad_accum}")
-    if getattr(cfg, "loss", "dpo") not in (*losses.LOSSES, "rm"):
+    if cfg.loss not in (*losses.LOSSES, "rm"):
         raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm'])}")
     state = os.path.join(cfg.out_dir, "state.pt")
     if cfg.resume and not os.path.exists(state):

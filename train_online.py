@@ -1,38 +1,30 @@
 """train_online.py: online alignment of a LLaVA-style model (paper §2.3, §3.1, §3.3, §3.4, §6.4).
 
-Every step samples responses from the current policy for a batch of prompts, has them judged, and trains on them:
+Every step samples responses of the current policy for a batch of prompts, judged, and trains on them:
 
-    online-dpo   2 samples per prompt at temperature 1, the annotator's preferred one chosen; DPO (§3.3). With
-                 --samples k > 2 and a scoring annotator, the best of k against the worst
-    mixed-dpo    per prompt, the offline pair with probability --mix_p, else an online pair (Eq. 4); only the
-                 prompts that need an online pair are sampled
-    online-bdhs  the ground truth as chosen, a BDHS response of the current policy as rejected (§6.4); with
-                 --external true, Avg-DPO with the source's own rejected response too (Eq. 5)
-    ppo          1 sample per prompt; its reward at the last token, a per-token KL penalty to the reference, a value
-                 head, GAE and the clipped surrogate, --ppo_epochs passes per batch (§3.1)
-    rloo         4 samples per prompt; rewards normalised by statistics measured before training, R = r̂ - β·KL,
-                 the leave-one-out baseline (§3.1)
+    online-dpo   2 samples at temperature 1, the annotator's pick chosen (§3.3); k > 2: best vs worst
+    mixed-dpo    per prompt, the offline pair with probability --mix_p, else an online one (Eq. 4)
+    online-bdhs  the ground truth chosen, a BDHS response rejected (§6.4); --external: Avg-DPO (Eq. 5)
+    ppo          1 sample; its reward at the last token, a per-token KL penalty, a value head, GAE (§3.1)
+    rloo         4 samples; rewards normalised before training, R = r̂ - β·KL, leave-one-out (§3.1)
 
-Annotators (--annotator): `rule`, the world's verifier (world.rule_score); `rm:PATH`, a reward model from
-`train_offline.py --loss rm`; `judge:PATH`, any VLM in this process asked the paper's pairwise question (Table 14);
-`api:MODEL`, a VLM served by an inference engine behind an OpenAI-compatible endpoint ($JUDGE_BASE_URL,
-$JUDGE_API_KEY), asked the same question for a pair, or for a 1-10 rating of each sample (PPO, RLOO, best-of-k).
-Answers that name no response, or no rating, are counted and dropped. A prompt's samples share its image encoding
-and prefill, and are scored packed after one copy of the prompt, as offline pairs are.
+Annotators (--annotator): `rule`, the world's verifier; `rm:PATH`, a reward model from
+`train_offline.py --loss rm`; `judge:PATH`, a VLM asked the paper's pairwise question (Table 14);
+`api:MODEL`, a VLM behind an OpenAI-compatible endpoint ($JUDGE_BASE_URL, $JUDGE_API_KEY), asked
+for a pair or a 1-10 rating per sample (PPO, RLOO, best-of-k). Unreadable answers are dropped.
 
-The reference is the starting model: the policy with its LoRA adapters switched off, so only the adapters (and
-PPO's value head) train. From train_offline.py come seven helpers, the machinery both loops share: setup (torchrun
-and the out_dir checks), build_policy (model, adapters, DDP / FSDP2, AdamW), PairModel (the packed forward),
-Checkpoint (atomic checkpoints, exact resume: sampling is seeded by the step), Metrics, optimizer_step and batch_rows.
+The reference is the policy with its LoRA adapters off: only the adapters (and PPO's value head)
+train. The machinery (setup, build_policy, PairModel, Checkpoint, Metrics) is train_offline.py's.
 
-    python train_online.py --algo online-dpo              # the rule annotator on the world's align prompts
+    python train_online.py --algo online-dpo     # the rule annotator on the world's align prompts
     python train_online.py --algo online-bdhs --external true
-    python train_offline.py --loss rm --out_dir runs/rm && python train_online.py --algo ppo --annotator rm:runs/rm/checkpoint
+    python train_offline.py --loss rm --out_dir runs/rm && \\
+        python train_online.py --algo ppo --annotator rm:runs/rm/checkpoint
     torchrun --nproc_per_node 2 train_online.py --algo rloo
-    JUDGE_BASE_URL=http://host:8000/v1 torchrun --nproc_per_node 8 train_online.py --annotator api:llava-v1.6-34b-hf \\
-        --model llava-hf/llava-v1.6-vicuna-7b-hf --data povid:/data/povid --dtype bfloat16 --fsdp true
+    JUDGE_BASE_URL=http://host:8000/v1 torchrun --nproc_per_node 8 train_online.py \\
+        --annotator api:llava-v1.6-34b-hf --model llava-hf/llava-v1.6-vicuna-7b-hf \\
+        --data povid:/data/povid --dtype bfloat16 --fsdp true
 """
-import contextlib
 import hashlib
 import json
 import math
@@ -52,11 +44,12 @@ import losses
 import model as M
 import world
 from model import TEMPLATES, VLM, config_from_argv, left_pad
-from train_offline import Checkpoint, Metrics, PairModel, batch_rows, build_policy, optimizer_step, setup, to
+from train_offline import (Checkpoint, Metrics, PairModel, accumulate, batch_rows, build_policy,
+                           counts, optimizer_step, pair_stats, setup, to, unsharded)
 
 SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "online-bdhs": 1, "ppo": 1, "rloo": 4}
-CLIP, VF_COEF, GAE_LAMBDA = 0.2, 0.1, 0.95  # PPO's ratio and value clipping, value-loss weight and GAE's λ (γ 1)
-NORM_PROMPTS, JUDGE_TOKENS = 256, 64  # prompts whose samples give RL's reward statistics; a judge's reply length
+CLIP, VF_COEF, GAE_LAMBDA = 0.2, 0.1, 0.95  # PPO: ratio/value clipping, value-loss weight, GAE's λ
+NORM_PROMPTS, JUDGE_TOKENS = 256, 64  # prompts for RL's reward statistics; a judge's reply tokens
 
 
 @dataclass
@@ -65,18 +58,18 @@ class Config:
     algo: str = "online-dpo"      # online-dpo | mixed-dpo | online-bdhs | ppo | rloo
     annotator: str = "rule"       # rule | rm:PATH | judge:PATH | api:MODEL
     annotator_threads: int = 16   # api: requests in flight per rank
-    data: str = "world"           # prompts with ground truth: the world's align split, a native .jsonl or a converter
+    data: str = "world"           # the world's align split, a native .jsonl or a converter
     image_root: str = ""
     out_dir: str = "runs/online"
     world_seed: int = 0
     world_half: str = ""
     pairs: int = 2000             # world prompts
-    samples: int = 0              # per prompt; 0: 2 for the DPO algorithms (more: best vs worst), 1 PPO, 4 RLOO
+    samples: int = 0              # per prompt; 0: 2 for DPO (more: best vs worst), 1 PPO, 4 RLOO
     temperature: float = 1.0
     max_new_tokens: int = 96
     beta: float = 0.5             # DPO's β (the world's, dev seed 0)
     mix_p: float = 0.5            # Mixed-DPO: the probability of the offline pair (Eq. 4)
-    external: bool = False        # Online-BDHS: Avg-DPO with the source's rejected response too (Eq. 5)
+    external: bool = False        # Online-BDHS: Avg-DPO with the source's rejected too (Eq. 5)
     kl_coef: float = 0.4          # PPO / RLOO: β of the KL penalty (the paper's RLOO value)
     ppo_epochs: int = 4           # PPO: optimisation passes over each batch of samples
     steps: int = 0
@@ -92,9 +85,9 @@ class Config:
     save_every: int = 50
     resume: bool = False
     overwrite: bool = False
-    eval_n: int = 500             # world data: scenes of the world report before and after; 0 skips it
+    eval_n: int = 500             # world data: scenes of the world report before and after; 0: none
     seed: int = 0
-    # not flags: the reference is the policy with its adapters off, so nothing but the adapters may train
+    # not flags: the reference is the policy with its adapters off: only the adapters may train
     lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", "runs/cache"
 
 
@@ -107,11 +100,13 @@ def main(argv=None):
     vlm, device, B = pm.vlm, ranks.device, cfg.batch_size // (ranks.W * cfg.grad_accum)
     annotate = annotator(cfg, device)
     embedder = bdhs.SentenceEmbedder.from_pretrained() if cfg.algo == "online-bdhs" else None
-    recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs) if cfg.data == "world" \
-        else data.load_pairs(cfg.data, cfg.image_root, need_rejected=cfg.algo == "mixed-dpo")
+    if cfg.data == "world":
+        recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
+    else:
+        recs = data.load_pairs(cfg.data, cfg.image_root, need_rejected=cfg.algo == "mixed-dpo")
     if len(recs) < cfg.batch_size:
         raise ValueError(f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}")
-    if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward, which must come before sampling
+    if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward: before sampling
         with torch.no_grad():
             pm(**to(data.collate_pairs(vlm, [dict(image=recs[0]["image"], prompt=data.prompt_ids(vlm, recs[0]),
                                                   responses=[[0]])]), device))
@@ -129,7 +124,7 @@ def main(argv=None):
                 + (f", resuming at step {start}" if start else ""))
     for step in tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.algo):
         rolls = []
-        for micro in range(cfg.grad_accum):  # sample and judge everything first: the optimizer steps come after
+        for micro in range(cfg.grad_accum):  # sample and judge everything, then train
             key = f"{cfg.seed}-{step}-{micro}-{ranks.rank}".encode()
             gen = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
             idx = batch_rows(len(recs), cfg, step, micro, B, ranks)
@@ -140,7 +135,7 @@ def main(argv=None):
             for micro, roll in enumerate(rolls):
                 with ranks.sync_grads(model, micro == cfg.grad_accum - 1), amp:
                     loss, stats = objective(cfg, model, roll)
-                    # DDP averages gradients over ranks: x W / (the global weight) gives the mean over every item
+                    # DDP averages over ranks: x W / (the global weight) gives the mean over all items
                     ((loss * roll["w"].to(loss)).sum() * ranks.W / max(weight, 1)).backward()
                 log.add(stats | (roll["stats"] if epoch == 0 else {}))
             lr, grad_norm = optimizer_step(cfg, pm, opt, step, steps)
@@ -167,11 +162,11 @@ def check(cfg: Config):
         raise ValueError("--annotator judge compares two responses: --samples must be 2")
 
 # -----------------------------------------------------------------------------
-# Annotators: a score per response (rule, reward model, endpoint ratings) or a pairwise choice (judge VLM, endpoint)
+# Annotators: a score per response (rule, reward model, endpoint) or a pairwise choice (judge, endpoint)
 
 
 class RewardModel:
-    """A Bradley–Terry reward model saved by `train_offline.py --loss rm`: the scalar head on the last token."""
+    """A Bradley–Terry reward model from `train_offline.py --loss rm`: a scalar head on the last token."""
 
     def __init__(self, path, device):
         vlm = VLM.from_pretrained(path, device=device)
@@ -188,7 +183,7 @@ class RewardModel:
         return self.pm(**to(data.collate_pairs(vlm, items), vlm.lm_head.weight.device))[1].tolist()
 
 
-# The annotator prompt of paper Table 14, in our words: less hallucination, image-grounded help, say which and why.
+# Paper Table 14's annotator prompt, in our words: less hallucination, grounded help, which and why.
 JUDGE = ("Here are a question about the image and two responses to it, Response 1 and Response 2. Decide which "
          "response is better. The better response hallucinates less: every object, attribute, colour and relation "
          "it states is in the image, and it avoids ambiguous details. It also gives more helpful information that is "
@@ -208,9 +203,8 @@ _VERDICTS = [re.compile(r"response\s*#?\s*([12])\s+(?:is|was|seems|appears)\s+(?
 
 
 def parse_judgment(text):
-    """The judge's free text -> 0 (Response 1), 1 (Response 2), or None when it names neither or cannot be read. A
-    verdict phrase decides ("Response 2 is better", "I prefer Response 1"; negated ones do not count, conflicting
-    ones make it unreadable); without one, a text that names one response only, and hedges nothing, picks it."""
+    """The judge's text -> 0 (Response 1), 1 (Response 2) or None. A verdict phrase decides (unless
+    negated; conflicting ones: None); else naming only one response, with no hedge, picks it."""
     t = text.lower()
     picks = {m.group(1) for rx in _VERDICTS for m in rx.finditer(t) if not re.search(r"\bnot\b|n't", m.group(0))}
     if picks:
@@ -231,7 +225,7 @@ def question(rec):
 
 
 class Judge:
-    """Any VLM in this process asked the pairwise question with the image; greedy, parsed by `parse_judgment`."""
+    """Any VLM in this process asked the pairwise question with the image; greedy."""
 
     def __init__(self, path, device):
         self.vlm = VLM.from_pretrained(path, device=device).eval()
@@ -245,17 +239,15 @@ class Judge:
 
 
 class Endpoint:
-    """An annotator served behind an OpenAI-compatible endpoint ($JUDGE_BASE_URL; the key only from $JUDGE_API_KEY,
-    so it is never saved with the settings). Each pair (JUDGE) or response (RATE) is one request with the image; a
-    batch's requests go out together, `threads` in flight, through eval.JudgeClient (retries, and the on-disk cache
-    with which a resumed run asks only for what is missing)."""
+    """An OpenAI-compatible endpoint ($JUDGE_BASE_URL; the key only from $JUDGE_API_KEY, not saved):
+    a request per pair (JUDGE) or response (RATE), through eval.JudgeClient's retries and cache."""
 
     def __init__(self, model, cache, threads):
         from concurrent.futures import ThreadPoolExecutor
         self.client, self.pool = ev.JudgeClient(cache, model=model), ThreadPoolExecutor(threads)
 
     def ask(self, recs, texts):
-        """texts[i] with recs[i]'s image -> the replies, in order; a repeated request is sent once."""
+        """texts[i] with recs[i]'s image -> the replies, in order; a repeated request goes once."""
         def one(key):
             content = [{"type": "text", "text": key[1]}, ev.image_part(jobs[key]["image"])]
             return self.client([{"role": "user", "content": content}], JUDGE_TOKENS, 0.0)
@@ -274,7 +266,7 @@ class Endpoint:
 
 
 def annotator(cfg: Config, device):
-    """-> (scorer, judge): scorer(recs, texts per rec) -> scores per rec; judge(recs, pairs) -> 0 / 1 / None."""
+    """-> (scorer, judge): scorer(recs, texts per rec) -> scores per rec; judge(recs, pairs) -> 0/1/None."""
     kind, _, path = cfg.annotator.partition(":")
     if kind == "rule":
         return (lambda recs, texts: [[world.rule_score(t, r) for t in ts] for r, ts in zip(recs, texts)]), None
@@ -286,7 +278,7 @@ def annotator(cfg: Config, device):
             raise ValueError(f"--annotator {cfg.annotator}: set JUDGE_BASE_URL to the endpoint serving {path} "
                              "(and JUDGE_API_KEY if it needs a key)")
         api = Endpoint(path, os.path.join(cfg.out_dir, "annotator.jsonl"), cfg.annotator_threads)
-        pairwise = cfg.samples == 2 and cfg.algo not in ("ppo", "rloo")  # else ratings: RL and best-of-k
+        pairwise = cfg.samples == 2 and cfg.algo not in ("ppo", "rloo")  # else ratings (RL, best-of-k)
         return api.score, api.judge if pairwise else None
     if kind == "rm":
         return RewardModel(path, device), None
@@ -298,29 +290,12 @@ def annotator(cfg: Config, device):
     raise ValueError(f"--annotator {cfg.annotator!r}: expected rule, rm:PATH, judge:PATH or api:MODEL")
 
 # -----------------------------------------------------------------------------
-# Rollouts: samples of the current policy, judged, packed with the reference's (and PPO's old) log-probs
-
-
-@contextlib.contextmanager
-def unsharded(pm):
-    """FSDP2: every unit's full parameters for the length of a sampling call, so that no collective runs inside it
-    (ranks may take different numbers of decoding steps). Nothing to do without FSDP."""
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for m in units:
-            m.set_reshard_after_forward(m is not pm, recurse=False)
-            m.reshard()
+# Rollouts: the policy's samples, judged, packed with the reference's (and PPO's old) log-probs
 
 
 @torch.no_grad()
 def sample(pm, recs, n, cfg: Config, gen):
-    """n responses per record: token ids (the template's end tokens appended when a sample ended) and texts."""
+    """n responses per record: token ids (the template's end tokens after an ended one) and texts."""
     vlm = pm.vlm
     dev = vlm.lm_head.weight.device
     ids, am = left_pad([data.prompt_ids(vlm, r) for r in recs])
@@ -328,7 +303,8 @@ def sample(pm, recs, n, cfg: Config, gen):
     with unsharded(pm):
         out = vlm.generate(ids.to(dev), am.to(dev), pix["pixel_values"].to(dev),
                            pix["image_sizes"].to(dev) if "image_sizes" in pix else None,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen, num_samples=n)
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           generator=gen, num_samples=n)
     end = vlm.encode_prompt(TEMPLATES[vlm.template]["reply"].split("{}")[1], add_special_tokens=False)
     ids = [o + end * (len(o) < cfg.max_new_tokens) for o in out]
     texts = [vlm.tokenizer.decode(o).strip() for o in out]
@@ -336,13 +312,12 @@ def sample(pm, recs, n, cfg: Config, gen):
 
 
 def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), embedder=None):
-    """One micro-batch of training material: packed items, per-item weights (0 marks a stand-in when every pair was
-    dropped), the tensors the objective needs, and metrics {name: [sum, count]}."""
+    """A micro-batch's packed items, weights (0: a stand-in), the objective's tensors, metrics."""
     vlm, (scorer, judge) = pm.vlm, annotate
     enc = vlm.encode_reply
     item = lambda r, resps: dict(id=r["id"], image=r["image"], prompt=data.prompt_ids(vlm, r), responses=resps)  # noqa
     st, roll = {}, {}
-    add = lambda k, s, n=1: st.__setitem__(k, [st.get(k, [0, 0])[0] + s, st.get(k, [0, 0])[1] + n])  # noqa
+    add = lambda k, s, n=1: accumulate(st, {k: [s, n]})  # noqa: E731
     if cfg.algo in ("ppo", "rloo"):
         ids, texts = sample(pm, recs, cfg.samples, cfg, gen)
         t0 = time.perf_counter()
@@ -395,13 +370,13 @@ def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), 
         if cfg.algo in ("ppo", "rloo"):
             old, values = pm(**roll["batch"])
             mask = roll["batch"]["targets"] != -100
-            kl = ((old - roll["ref"]) * mask).sum(-1)  # (B, K) per-sequence KL estimate on the samples
+            kl = ((old - roll["ref"]) * mask).sum(-1)  # (B, K) per-sequence KL estimates
             reward = roll["scores"].to(kl) - cfg.kl_coef * kl
             add("objective/kl", kl.sum().item(), kl.numel())
             add("objective/rlhf_reward", reward.sum().item(), kl.numel())
             if cfg.algo == "rloo":
                 roll["adv"] = losses.rloo_advantages(reward)
-            else:  # per-token rewards: -β·KL_t, plus the normalised score at the last token; then GAE
+            else:  # per-token rewards: -β·KL_t, plus the normalised score at the last token, then GAE
                 old, values, mask, ref = old[:, 0], values[:, 0], mask[:, 0], roll["ref"][:, 0]
                 rew = -cfg.kl_coef * (old - ref) * mask
                 rew[torch.arange(len(rew)), mask.sum(-1) - 1] += roll["scores"][:, 0].to(rew)
@@ -424,20 +399,16 @@ def objective(cfg: Config, model, roll):
     elif cfg.algo == "rloo":
         loss = losses.rloo_loss(lp.sum(-1), roll["adv"]).mean(1)
     else:
-        counts = (b["targets"] != -100).sum(-1)
-        loss, c, rj = losses.preference_loss("dpo", lp.sum(-1), roll["ref"].sum(-1), counts, cfg.beta)
-        d = lp.detach().sum(-1)
-        for k, v in {"rewards/chosen": c, "rewards/rejected": rj, "rewards/margins": c - rj,
-                     "rewards/accuracies": (c > rj).float(), "logps/chosen": d[:, 0], "logps/rejected": d[:, 1]}.items():
-            st[k] = [(v * w).sum().item(), n]
+        ref = roll["ref"].sum(-1)
+        loss, c, rj = losses.preference_loss("dpo", lp.sum(-1), ref, counts(b), cfg.beta)
+        st = pair_stats(loss, c, rj, lp, w)
     st["loss"] = [(loss.detach() * w).sum().item(), n]
     return loss, st
 
 
 @torch.no_grad()
 def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
-    """Mean and std of the annotator's scores on samples of the starting policy (paper §2.3: computed before
-    training), kept in out_dir so that a resumed run uses the same."""
+    """Mean and std of the annotator's scores on the starting policy's samples (§2.3), kept for resume."""
     path = os.path.join(cfg.out_dir, "reward_norm.json")
     if cfg.resume and os.path.exists(path):
         return tuple(json.load(open(path)))
