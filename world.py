@@ -1,28 +1,22 @@
-"""world.py: the embedded synthetic world, the one concept the study's own file list has no home for.
+"""world.py: the embedded synthetic world, the default everywhere (nothing can be downloaded here).
 
-No weights or datasets can be downloaded where this project is built and tested, so the default everywhere is a
-small world made to carry the study's premise (paper §1, §6): a base model whose language prior outweighs the image.
-It "sees" the saucer because cups usually come with saucers.
+It carries the study's premise (paper §1, §6): a base model whose language prior outweighs the image,
+that "sees" the saucer because cups usually come with saucers.
 
-- 14 object categories in 7 usual pairs (cup+saucer, moon+star, ...), each with a typical colour; scenes of 1-5
-  objects on a 3x3 grid, drawn as 96 px images. A unit of a scene is a pair with probability `prior`; an object has
-  its typical colour with probability `color_prior`.
-- LLaVA-Instruct-style conversations: detailed descriptions, yes/no existence, counting, colour and position questions.
-  Each kind has TRAIN phrasings (SFT and alignment prompts use them) and HELDOUT phrasings that no training data uses:
-  evaluation with the held-out ones measures transfer, not template matching.
-- Splits: `sft` (the base model's training), `align` (prompts with ground truth, the role POVID's prompts play),
-  `heldout` (ordinary scenes, unseen) and `broken` (each scene has one of a usual pair without its partner, colours
-  uniformly random). A scene's layout (which category in which cell) falls in one of ten buckets by its hash:
-  training splits take buckets 0-6, evaluation splits 7-9, so no evaluated scene equals a training scene, for any
-  world seed. `half` keeps a world to half of the pairs (a: cup, house, pencil, arrow; b: moon, key, apple) for the
-  generalisation test: align on one half, measure on the other.
-- The base model's annotations hallucinate (`hallucinate`): in the sft split an absent usual partner is named half
-  the time, as text-only annotators writing from captions do. The images stay true.
+- 14 categories in 7 usual pairs (cup+saucer, moon+star, ...), each with a typical colour; scenes of 1-5
+  objects on a 3x3 grid, drawn as 96 px images.
+- LLaVA-Instruct-style questions (description, existence, count, colour, position), each kind with TRAIN
+  phrasings and HELDOUT ones that no training data uses, so evaluation measures transfer.
+- Splits: `sft` (the base model's), `align` (prompts with ground truth, as POVID's), `heldout` and `broken`
+  (one of a usual pair without its partner, random colours). Layouts hash to ten buckets: training splits
+  take 0-6, evaluation splits 7-9, so no evaluated scene is a training scene. `half` keeps a world to half
+  of the pairs (a: cup, house, pencil, arrow; b: moon, key, apple): align on one, measure on the other.
+- The sft annotations hallucinate (`hallucinate`): an absent usual partner is named half the time, as
+  text-only annotators do. The images stay true.
 
-Also here: the world's tokenizer, its corruption set (the paper's rejected-by-corruption strategy, §4.3, done by
-rule), the rule-based verifier the online annotator uses, what the world's report asks and how it reads an answer
-(the metrics themselves are in eval.py), and the base model's recipe: a scratch architecture, tower pretraining and
-three SFT phases.
+Also here: the tokenizer, the corruption set (the paper's rejected-by-corruption strategy, §4.3, by rule),
+the online annotator's rule-based verifier, what the world's report asks (eval.py scores it), and the base
+model's recipe: a scratch architecture, tower pretraining and three SFT phases.
 
     python world.py --split broken --n 8 --out world_samples   # PNGs and a JSONL to look at
     python world.py --build_base assets/world-base               # the shipped base model, from scratch
@@ -100,9 +94,8 @@ class Scene:
 
 
 def sample_scene(rng, prior=0.9, color_prior=0.6, broken=False, cats=CATEGORIES):
-    """1-3 units from `cats`, each a usual pair with probability `prior` (if it fits in 5 objects) or a single
-    object; an object has its typical colour with probability `color_prior`. `broken`: the first unit is a single
-    object whose partner is absent, and colours are typical only by chance (1 in 10)."""
+    """1-3 units from `cats`, each a usual pair with probability `prior` (if it fits in 5 objects), else one
+    object. `broken`: the first unit is a lone object, colours typical only by chance (1 in 10)."""
     chosen = []
     for u in range(rng.randint(1, 3)):
         free = [c for c in cats if c not in chosen and PARTNER[c] not in chosen]
@@ -116,7 +109,7 @@ def sample_scene(rng, prior=0.9, color_prior=0.6, broken=False, cats=CATEGORIES)
     for c, cell in zip(chosen, rng.sample(range(9), len(chosen))):
         other = [k for k in COLORS if k != TYPICAL[c]]
         color = TYPICAL[c] if rng.random() < p_typical else rng.choice(other)
-        x = (cell % 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)  # a little jitter around the cell's centre
+        x = (cell % 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)  # jitter around the centre
         y = (cell // 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)
         objects.append(Obj(c, color, cell, rng.randint(22, 28), x, y))
     bg = tuple(128 + rng.randint(-20, 20) for _ in range(3))
@@ -173,7 +166,7 @@ def glyph(d: ImageDraw.ImageDraw, c, s):
 
 
 def render(scene: Scene) -> Image.Image:
-    """The scene as a SIZE x SIZE RGB image: glyphs drawn at 3x and downsampled, over faint sensor noise."""
+    """The scene as a SIZE x SIZE RGB image: glyphs drawn at 3x, downsampled, over faint noise."""
     k = 3  # supersampling
     img = Image.new("RGB", (SIZE * k, SIZE * k), scene.background)
     for o in scene.objects:
@@ -208,7 +201,7 @@ KINDS = {"describe": 0.35, "exist": 0.35, "color": 0.1, "count": 0.1, "position"
 
 
 def ask(kind, c=None, rng=None, heldout=False):
-    """A question of `kind` about category c: a random phrasing from its set, or the set's first without rng."""
+    """A question of `kind` about category c: a random phrasing of the set, or its first without rng."""
     options = PHRASINGS[kind][heldout]
     q = rng.choice(options) if rng else options[0]
     return q.format(a=an(c), c=c) if c else q
@@ -239,8 +232,7 @@ def answer(kind, scene, c=None):
 
 
 def sample_qa(rng, scene: Scene, kind, cats=CATEGORIES):
-    """(question, answer, category asked about) of a kind, in a train phrasing; existence is asked half the time
-    about a category of `cats` that is absent."""
+    """(question, answer, category) in a train phrasing; `exist` asks half the time about an absent one."""
     c = None
     if kind == "exist":
         present = rng.random() < 0.5
@@ -282,8 +274,7 @@ class World:
         return self.sample(self.rng(split, i), split)
 
     def example(self, split, i, turns=None, image=True, kinds=None):
-        """{"id", "scene", "image", "messages"}: sft examples have 1-3 turns of distinct kinds (weighted by
-        `kinds`, default KINDS), the others one; sft answers may name absent partners (`hallucinate`)."""
+        """{"id", "scene", "image", "messages"}: sft has 1-3 turns of distinct kinds (weights `kinds`)."""
         rng = self.rng(split, i)
         scene = told = self.sample(rng, split)
         if split == "sft" and self.hallucinate:  # the annotator "sees" each absent usual partner at this rate
@@ -338,9 +329,8 @@ def with_object(rng, scene: Scene, c):
 
 
 def corrupt(rng, scene: Scene, kind, c, allowed=CATEGORIES):
-    """A rejected answer about category c: the kind of error a biased model makes (an absent usual partner added,
-    an object named as another category of `allowed`, a colour turned typical, a count or a position changed).
-    -> (answer, edit)."""
+    """(rejected answer about c, edit): an error a biased model makes (a partner added, an object named as
+    another category of `allowed`, a colour turned typical, a count or a position changed)."""
     objs, cats = scene.objects, scene.categories()
 
     def added():  # the partner of a lone object (else the most popular absent category)
@@ -379,11 +369,9 @@ def corrupt(rng, scene: Scene, kind, c, allowed=CATEGORIES):
 
 
 def world_pairs(world: World, n, split="align", rejected=True, hard=0.5):
-    """n records in the native preference format: one question each, the ground truth as chosen and, with
-    `rejected`, its corruption. A share `hard` of the scenes break the prior as the broken split's do: on scenes
-    where the prior holds the base model is already right, and the data must hold the images a model hallucinates
-    on for any preference method to have something to fix. Existence negatives ask about an absent usual partner
-    when there is one (the likely false "yes")."""
+    """n native records, one question each: the ground truth as chosen and, with `rejected`, its corruption.
+    A share `hard` of scenes break the prior (as the broken split's): where it holds the base model is right
+    already, nothing to fix. Existence negatives ask about an absent usual partner (the likely false "yes")."""
     recs = []
     for i in range(n):
         rng = world.rng(split, i)
@@ -413,8 +401,8 @@ def cell_of(text):
 
 
 def parse_objects(text):
-    """[{"category", "color" or None, "cell" or None, "negated"}] in order of appearance. A mention is negated when
-    a negation word comes before it in its clause ("there is no cup", "not a red cup")."""
+    """[{"category", "color" or None, "cell" or None, "negated"}] in order; negated: a negation word comes
+    before it in its clause ("there is no cup", "not a red cup")."""
     out = []
     for clause in re.split(r"[.;!?,]| but | and ", text.lower()):
         words = re.findall(r"[a-z]+", clause)
@@ -438,15 +426,13 @@ def first_word(text, vocab):
 
 
 def says_yes(text):
-    """POPE's rule for a yes / no answer: no "No", "not" or "no" before the first period, commas out, split on
-    single spaces. eval.py scores POPE with it (as eval.yes_no, tested there against POPE's script)."""
+    """POPE's yes / no rule: no "No", "not" or "no" before the first period (commas out, split on spaces)."""
     return not any(w in ("No", "not", "no") for w in text.split(".")[0].replace(",", "").split(" "))
 
 
 def rule_score(text, rec):
-    """The world's verifier, the online rule annotator: +1 per object named that is there, +1 / -1 per colour
-    stated right / wrong, -2 per object invented, ±1 for the count, the yes / no, the colour or the position asked
-    about; over the most a perfect answer gets, so it lies in [-1, 1] for answers that invent nothing."""
+    """The online rule annotator: +1 per object there, -2 per invented, ±1 per colour, the count, the yes / no
+    and the colour or position asked; over a perfect answer's score, so in [-1, 1] if nothing is invented."""
     truth, kind = rec["chosen"], rec.get("meta", {}).get("kind")
     if truth.split(",")[0].lower() in ("yes", "no"):
         return 1.0 if says_yes(text) == says_yes(truth) else -1.0
@@ -473,9 +459,8 @@ def rule_score(text, rec):
 
 
 def probes(world: World, split, n, heldout=False):
-    """Per scene: a description, one POPE positive, a negative of each kind (random; popular: the most frequent
-    absent category; adversarial: the absent usual partner of a present object), a colour, a count and a position
-    question, in the first train phrasing or in held-out phrasings. -> scenes, [(scene, kind, question, gold)]."""
+    """-> scenes, [(scene, kind, question, gold)]: per scene a description, a POPE positive, a negative of each
+    kind, a colour, a count and a position question (the first train phrasing, or held-out ones)."""
     rng, phrasing = random.Random(f"probes-{world.seed}-{split}"), random.Random(f"phrasing-{world.seed}-{split}")
     scenes, items = [world.scene(split, i) for i in range(n)], []
     q = lambda kind, c=None: ask(kind, c, phrasing if heldout else None, heldout)  # noqa: E731
@@ -521,9 +506,8 @@ def scratch_model(world: World, seed=0) -> VLM:
 
 
 def pretrain_tower(vlm: VLM, world: World, steps, batch_size=32, log=print):
-    """LLaVA starts from a pretrained CLIP tower; ours learns to name the category and colour in each grid cell (a
-    linear head per cell, thrown away after). Colours are uniformly random, so the tower learns shapes that do not
-    lean on colour; the language prior is left to SFT."""
+    """As LLaVA's CLIP tower comes pretrained, ours learns the category and colour in each cell (a linear
+    head, thrown away); colours are uniform so it learns shapes, leaving the language prior to SFT."""
     tower, v = vlm.model.vision_tower, vlm.cfg.vision
     g = v.image_size // v.patch_size  # patches per side; each grid cell is (g/3)^2 of them
     K, colors = len(CATEGORIES), list(COLORS)
@@ -554,10 +538,10 @@ def pretrain_tower(vlm: VLM, world: World, steps, batch_size=32, log=print):
             log(f"tower pretraining step {step}: loss {loss.item():.3f}, category accuracy {acc:.3f}")
 
 
-def sft(vlm: VLM, world: World, steps, lr, warmup, kinds=None, turns=None, text_only=0.0, batch_size=32, log=print):
-    """Supervised fine-tuning on the sft split (every reply token scored), the tower frozen. With `text_only`, that
-    share of conversations has every image token hidden: the LLM's text-only training, in which it learns the
-    world's language prior from text alone."""
+def sft(vlm: VLM, world: World, steps, lr, warmup, kinds=None, turns=None, text_only=0.0, batch_size=32,
+        log=print):
+    """SFT on the sft split, tower frozen; a share `text_only` of rows hide their image tokens (text-only
+    training, where the LLM learns the world's language prior from text alone)."""
     vlm.model.vision_tower.requires_grad_(False)
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
@@ -579,8 +563,8 @@ def sft(vlm: VLM, world: World, steps, lr, warmup, kinds=None, turns=None, text_
 
 
 def build_base(out, seed=0, log=print):
-    """The shipped base model: tower pretraining, then SFT in three phases on hallucinating annotations (mixed
-    questions; existence only, which grounds yes/no answers; mixed again at a lower LR)."""
+    """Tower pretraining, then SFT on hallucinating annotations: mixed, existence only (grounds yes / no
+    answers), mixed again at a lower LR."""
     torch.manual_seed(seed)
     world = World(seed, hallucinate=0.5)
     vlm = scratch_model(world, seed)
