@@ -1,23 +1,20 @@
 """world.py: the embedded synthetic world, the default everywhere (nothing can be downloaded here).
+It carries the study's premise (paper §1, §6): a base model whose language prior outweighs the
+image, that "sees" the saucer because cups usually come with saucers.
 
-It carries the study's premise (paper §1, §6): a base model whose language prior outweighs
-the image, that "sees" the saucer because cups usually come with saucers.
-
-- 14 categories in 7 usual pairs (cup+saucer, moon+star, ...), each with a typical colour;
-  scenes of 1-5 objects on a 3x3 grid, drawn as 96 px images.
-- LLaVA-Instruct-style questions (description, existence, count, colour, position), each kind
-  with TRAIN phrasings and HELDOUT ones that no training data uses: evaluation measures transfer.
-- Splits: `sft` (the base model's), `align` (prompts with ground truth, as POVID's), `heldout`
-  and `broken` (one of a usual pair without its partner, random colours). Layouts hash to ten
-  buckets: training splits take 0-6, evaluation splits 7-9, so no evaluated scene is a training
-  scene. `half` keeps a world to half of the pairs (a: cup, house, pencil, arrow; b: moon, key,
-  apple): align on one half, measure on the other.
-- The sft annotations hallucinate (`hallucinate`): an absent usual partner is named half the
-  time, as text-only annotators do. The images stay true.
+- 14 categories in 7 usual pairs (cup+saucer, moon+star, ...), each with a typical colour; scenes
+  of 1-5 objects on a 3x3 grid, drawn as 96 px images.
+- LLaVA-Instruct-style questions (description, existence, count, colour, position), each kind with
+  TRAIN phrasings and HELDOUT ones that no training data uses: evaluation measures transfer.
+- Splits: `sft` (the base model's; its annotations name an absent usual partner at the rate
+  `hallucinate`, as text-only annotators do), `align` (prompts with ground truth, as POVID's),
+  `heldout` and `broken` (one of a usual pair without its partner, random colours). Layouts hash
+  to ten buckets, 0-6 for training splits and 7-9 for evaluation, so no evaluated scene is a
+  training scene. `half` keeps a world to half of the pairs: align on one, measure on the other.
 
 Also here: the tokenizer, the corruption set (the paper's rejected-by-corruption strategy, §4.3,
-by rule), the online annotator's rule-based verifier, what the world's report asks (eval.py
-scores it), and the base model's recipe: a scratch architecture, tower pretraining, three SFTs.
+by rule), the online annotator's rule-based verifier, what the world's report asks (eval.py scores
+it), and the base model's recipe: a scratch architecture, tower pretraining, three SFT phases.
 
     python world.py --split broken --n 8 --out world_samples   # PNGs and a JSONL to look at
     python world.py --build_base assets/world-base               # the shipped base model
@@ -238,9 +235,8 @@ def answer(kind, scene, c=None):
 def sample_qa(rng, scene: Scene, kind, cats=CATEGORIES):
     """(question, answer, category), train phrasing; `exist` asks of an absent c half the time."""
     c = None
-    if kind == "exist":
-        present = rng.random() < 0.5
-        c = rng.choice([o.category for o in scene.objects] if present else
+    if kind == "exist":  # about a present or an absent category, half the time each
+        c = rng.choice([o.category for o in scene.objects] if rng.random() < 0.5 else
                        [c for c in cats if c not in scene.categories()])
     elif kind in ("color", "position"):
         c = rng.choice(scene.objects).category
@@ -441,9 +437,8 @@ def rule_score(text, rec):
         return 1.0 if says_yes(text) == says_yes(truth) else -1.0
     want = {m["category"]: m["color"] for m in parse_objects(truth) if not m["negated"]}
     said = [m for m in parse_objects(text) if not m["negated"]]
-    got, top = 0.0, len(want) + sum(c is not None for c in want.values())
-    for c in {m["category"] for m in said}:
-        got += 1 if c in want else -2
+    got = sum(1 if c in want else -2 for c in {m["category"] for m in said})
+    top = len(want) + sum(c is not None for c in want.values())
     for m in said:
         if m["category"] in want and m["color"] and want[m["category"]]:
             got += 1 if m["color"] == want[m["category"]] else -1
