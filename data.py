@@ -1,20 +1,15 @@
-"""data.py: preference data (paper §4, Table 1): the native format, converters from the public releases, and
-batches in which each pair is one packed row.
+"""data.py: preference data (paper §4, Table 1): the native format, converters from the public
+releases, and batches in which each pair is one packed row. The native format: JSONL, a pair a line,
 
-The native format is JSONL, one pair per line:
+    {"id": "42", "image": "images/42.jpg", "chosen": "...", "rejected": "...", "rejected2": "...",
+     "conversation": [{"role": "user", "content": "<image>\nWhat is this?"}], "meta": {...}}
 
-    {"id": "42", "image": "images/42.jpg", "conversation": [{"role": "user", "content": "<image>\nWhat is this?"}],
-     "chosen": "...", "rejected": "...", "rejected2": "...", "meta": {...}}
-
-`image` is relative to the file (or absolute); `conversation` ends with the user turn the responses answer, and
-earlier turns may hold assistant replies; `rejected2` is optional, a second rejected response for Avg-DPO (Eq. 5);
-`meta` is free-form (BDHS records its attempts there). Converters from the public releases (POVID, VLFeedback,
-RLHF-V, LLaVA-RLHF) yield the same records, `image` then also allowed to be bytes (parquet releases keep images
-inline). Every record and every image is checked when a file is read, so bad data stops a run before any compute,
-with the file and line that hold it.
-
-Batches: a pair's prompt and image are tokenized and encoded once, its responses packed after them in one row
-(`collate_pairs`); image tokens are never cut to fit `max_length`, responses are.
+`image` is relative to the file (or absolute; converters may give bytes); `conversation` ends
+with the user turn the responses answer; `rejected2` (optional) is a second rejected response for
+Avg-DPO (Eq. 5); `meta` is free-form (BDHS records its attempts there). Every record and image is
+checked when a file is read, so bad data stops a run before any compute, naming its file and line.
+A pair's prompt and image are encoded once, its responses packed after them (`collate_pairs`);
+image tokens are never cut.
 """
 import hashlib
 import io
@@ -31,8 +26,8 @@ from model import TEMPLATES, load_image, open_image_header, to_rgb
 
 
 def check_pair(rec, where, base="", need_rejected=True):
-    """Raises ValueError naming `where` (file:line) unless `rec` is a well-formed pair (without `need_rejected`, a
-    prompt and its ground truth, as BDHS starts from); resolves its image path."""
+    """ValueError naming `where` (file:line) unless `rec` is a well-formed pair (without
+    `need_rejected`: a prompt and its ground truth, BDHS's start); resolves its image path."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for k in ("id", "image", "conversation", "chosen") + ("rejected",) * need_rejected:
@@ -47,11 +42,11 @@ def check_pair(rec, where, base="", need_rejected=True):
         raise ValueError(f"{where}: 'image' must be a path (a string), got "
                          f"{type(rec['image']).__name__}")
     conv = rec["conversation"]
-    if not (isinstance(conv, list) and conv and all(isinstance(m, dict) and m.get("role") in ("user", "assistant")
-                                                    and isinstance(m.get("content"), str) for m in conv)
-            and conv[-1]["role"] == "user"):
-        raise ValueError(f"{where}: 'conversation' must be a list of {{role: user|assistant, content: str}} "
-                         f"messages that ends with a user turn")
+    ok = isinstance(conv, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                        and m.get("role") in ("user", "assistant") for m in conv)
+    if not (ok and conv and conv[-1]["role"] == "user"):
+        raise ValueError(f"{where}: 'conversation' must be a list of {{role: user|assistant, "
+                         f"content: str}} messages that ends with a user turn")
     if sum(m["content"].count("<image>") for m in conv) != 1:
         raise ValueError(f"{where}: the conversation must hold exactly one '<image>' placeholder")
     if isinstance(rec["image"], str):
@@ -63,9 +58,8 @@ def check_pair(rec, where, base="", need_rejected=True):
 
 
 def check_image(image, where):
-    """Reads a path's or bytes' image header (size limit included) and checks its data without a
-    full decode (PNG: chunk checksums; JPEG: a 1/8-scale decode; others: a decode), so a bad image
-    stops the run before any compute, with its file:line."""
+    """Checks an image's header (size limit included) and data without a full decode (PNG: chunk
+    checksums; JPEG: a 1/8-scale decode; others: a decode); errors name `where`."""
     src, name = image_source(image)
     try:
         with open_image_header(src, name) as im:
@@ -81,8 +75,7 @@ def check_image(image, where):
 
 
 def read_jsonl(path, *keys):
-    """(line number, record) for each non-blank line of a JSONL file; a line that is not JSON, or lacks one of the
-    keys, is an error naming file:line."""
+    """(line number, record) per non-blank line; bad JSON or a missing key is an error."""
     out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -98,12 +91,12 @@ def read_jsonl(path, *keys):
 
 
 def read_pairs(path, need_rejected=True):
-    """A native JSONL file -> checked records; a malformed line or a missing image is an error naming file:line."""
+    """A native JSONL file -> checked records; errors name file:line."""
     return [check_pair(rec, f"{path}:{n}", os.path.dirname(path), need_rejected) for n, rec in read_jsonl(path)]
 
 
 def pair_line(r, out_dir):
-    """One record as a JSONL line for a file in out_dir; an in-memory image is saved as a PNG in out_dir/images/."""
+    """A record as a JSONL line of a file in out_dir; in-memory images go to out_dir/images/."""
     r = dict(r)
     if not isinstance(r["image"], str):
         os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -134,31 +127,40 @@ def open_image(image):
     """A path, encoded bytes or a PIL image -> RGB PIL image (files and bytes: model.MAX_PIXELS)."""
     return load_image(*image_source(image)) if isinstance(image, (str, bytes)) else to_rgb(image)
 
+
+def image_hw(image):
+    """(h, w) of a path, encoded bytes or a PIL image; files are read up to their header only."""
+    if isinstance(image, (str, bytes)):
+        with open_image_header(*image_source(image)) as im:
+            return im.size[::-1]
+    return image.size[::-1]
+
 # -----------------------------------------------------------------------------
-# Converters from the public releases (paper Table 1) to native records. Images: RLHF-V's parquet holds them; the
-# others name files that `image_root` must hold (COCO train2014 for POVID, COCO train2017 for LLaVA-RLHF, the
-# unzipped merged_images/ for VLFeedback); by default a folder images/ beside the data file.
+# Converters from the public releases (paper Table 1). Images: RLHF-V's parquet holds them; the
+# others name files in `image_root` (COCO train2014 for POVID, COCO train2017 for LLaVA-RLHF, the
+# unzipped merged_images/ for VLFeedback), by default a folder images/ beside the data file.
 
 
 def llava_turns(turns):
-    """LLaVA's [{from: human|gpt, value}] -> our messages, the "<image>" placeholder moved to the first turn's start."""
-    msgs = [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"].replace("<image>", "").strip()}
+    """LLaVA's [{from: human|gpt, value}] -> messages, "<image>" moved to the first turn's start."""
+    role = {"human": "user", "gpt": "assistant"}
+    msgs = [{"role": role[t["from"]], "content": t["value"].replace("<image>", "").strip()}
             for t in turns]
     msgs[0]["content"] = "<image>\n" + msgs[0]["content"]
     return msgs
 
 
 def from_povid(r, n, root):
-    """POVID (YiyangAiLab/POVID_preference_data_for_VLLMs): a JSON array of {id, image, conversations,
-    rejected_conversations}; the last gpt turn of each is the chosen / rejected answer (a GPT-4V corruption)."""
+    """POVID: a JSON array of {id, image, conversations, rejected_conversations}; the last gpt turn
+    of each is the chosen / rejected answer (a GPT-4V corruption)."""
     return dict(id=f"povid-{n}", image=os.path.join(root, os.path.basename(r["image"])),
                 conversation=llava_turns(r["conversations"][:-1]), chosen=r["conversations"][-1]["value"],
                 rejected=r["rejected_conversations"][-1]["value"], meta=dict(source_id=r["id"]))
 
 
 def from_llava_rlhf(r, n, root):
-    """LLaVA-RLHF's human preferences (zhiqings/LLaVA-Human-Preference-10K): a JSON array of {id, image,
-    conversations, output_1, output_2, preference: 1|2, hallucination}; the last gpt turn is a reference answer."""
+    """LLaVA-RLHF's human preferences: a JSON array of {id, image, conversations, output_1,
+    output_2, preference: 1|2, hallucination}; the last gpt turn is a reference answer."""
     if r["preference"] not in (1, 2):
         raise ValueError(f"preference must be 1 or 2, got {r['preference']!r}")
     win, lose = (r["output_1"], r["output_2"])[::1 if r["preference"] == 1 else -1]
@@ -168,9 +170,9 @@ def from_llava_rlhf(r, n, root):
 
 
 def from_vlfeedback(r, n, root):
-    """VLFeedback (MMInstruction/VLFeedback): JSONL of {id, prompt, models, completions: [{model, response,
-    annotations: {aspect: {Rating, Rationale}}}]}, four completions rated 1-5 by GPT-4V on three aspects. Chosen: the
-    best mean rating, rejected: the worst; ties and unrated completions ("N/A") are left out."""
+    """VLFeedback: JSONL of {id, prompt, models, completions: [{model, response, annotations:
+    {aspect: {Rating, Rationale}}}]} rated 1-5 by GPT-4V. Chosen: the best mean rating, rejected:
+    the worst; ties and unrated completions ("N/A") are left out."""
     comps = r["completions"]
     if isinstance(comps, dict):  # the `datasets` library turns the list of dicts into a dict of lists
         comps = [dict(zip(comps, v)) for v in zip(*comps.values())]
@@ -191,8 +193,8 @@ def from_vlfeedback(r, n, root):
 
 
 def from_rlhfv(r, n, root):
-    """RLHF-V (openbmb/RLHF-V-Dataset): parquet rows {ds_name, image: {bytes, path}, text: JSON string of {question,
-    chosen, rejected}, origin_dataset, origin_split, idx, image_path}; chosen is the human-corrected answer."""
+    """RLHF-V: parquet rows {ds_name, image: {bytes, path}, text: JSON of {question, chosen,
+    rejected}, origin_dataset, origin_split, idx, image_path}; chosen: the human-corrected one."""
     t = json.loads(r["text"])
     return dict(id=f"rlhfv-{r['idx']}", image=r["image"]["bytes"], conversation=[
         {"role": "user", "content": "<image>\n" + t["question"].replace("<image>", "").strip()}],
@@ -221,8 +223,8 @@ CONVERTERS = {"povid": (from_povid, "YiyangAiLab/POVID_preference_data_for_VLLMs
 
 
 def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
-    """`spec`: a native .jsonl, or NAME[:PATH] with NAME in CONVERTERS and PATH the release's file or folder (without
-    it, the file is fetched from the hub through huggingface_hub). Every record is checked; errors name file and item."""
+    """`spec`: a native .jsonl, or NAME[:PATH], NAME in CONVERTERS and PATH the release's file or
+    folder (without it, fetched from the hub). Errors name file and item."""
     name, _, path = spec.partition(":")
     if name not in CONVERTERS:
         if not os.path.isfile(spec):
@@ -249,21 +251,14 @@ def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
         raise ValueError(f"{f}: {where}: not in {name}'s layout ({type(e).__name__}: {e})") from None
     return recs
 
-def image_hw(image):
-    """(h, w) of a path, encoded bytes or a PIL image; files are read up to their header, not decoded."""
-    if isinstance(image, (str, bytes)):
-        with open_image_header(*image_source(image)) as im:
-            return im.size[::-1]
-    return image.size[::-1]
-
 # -----------------------------------------------------------------------------
 # Tokens: a conversation in the model's chat template, labels only on the replies
 
 
 def encode_conversation(vlm, messages, image_sizes=None):
-    """(ids, labels) of a whole conversation in the model's chat template; labels are -100 except on the replies
-    (their end-of-turn token included). Pieces are tokenized one by one, so the split is exact; each "<image>" becomes
-    one placeholder per image feature (AnyRes models need the image's (h, w) in `image_sizes` to count them)."""
+    """(ids, labels) of a conversation in the chat template; labels -100 but on replies (end of turn
+    included). Pieces are tokenized one by one, so the split is exact; "<image>" becomes one token
+    per image feature (AnyRes counts them from the image's (h, w) in `image_sizes`)."""
     t = TEMPLATES[vlm.template]
     ids, labels = [], []
     for k, m in enumerate(messages):
@@ -278,8 +273,8 @@ def encode_conversation(vlm, messages, image_sizes=None):
 
 
 def collate_sft(vlm, examples, pad_id=0):
-    """Examples with one image each -> right-padded batch: input_ids, labels (-100 on pads), pixel_values.
-    Right padding means real tokens never see a pad under the causal mask, so no attention mask is needed."""
+    """Examples with one image each -> right-padded input_ids, labels (-100 on pads), pixel_values.
+    Under the causal mask real tokens never see a right pad, so no attention mask is needed."""
     enc = [encode_conversation(vlm, e["messages"]) for e in examples]
     T = max(len(i) for i, _ in enc)
     ids = torch.tensor([i + [pad_id] * (T - len(i)) for i, _ in enc])
@@ -297,10 +292,10 @@ def prompt_ids(vlm, rec):
 
 
 def prepare_pairs(vlm, recs, max_length=2048, warn=True):
-    """Records -> tokenized items {id, image, prompt, responses} plus counts. Pairs whose chosen equals a rejected
-    response are skipped; a response that does not fit after the prompt is cut (text only); a prompt that does not fit
-    by itself (its image tokens included) drops the pair: truncating inside the image tokens would misalign them."""
-    K = 3 if recs and all("rejected2" in r for r in recs) else 2  # Avg-DPO only when every pair has a second rejected
+    """Records -> tokenized items {id, image, prompt, responses} plus counts. Ties are skipped; a
+    response too long after the prompt is cut; a prompt too long by itself (image tokens included)
+    drops the pair: truncating inside the image tokens would misalign them."""
+    K = 3 if recs and all("rejected2" in r for r in recs) else 2  # Avg-DPO if all have rejected2
     keys = ("chosen", "rejected", "rejected2")[:K]
     items, stats = [], dict(pairs=len(recs), ties=0, too_long=0, truncated=0, rejected2_ignored=0)
     for r in recs:
@@ -308,8 +303,7 @@ def prepare_pairs(vlm, recs, max_length=2048, warn=True):
         if any(r[k].strip() == r["chosen"].strip() for k in keys[1:]):
             stats["ties"] += 1
             continue
-        sizes = None if vlm.cfg.model_type == "llava" else torch.tensor([image_hw(r["image"])])
-        prompt, _ = encode_conversation(vlm, r["conversation"], sizes)
+        prompt = prompt_ids(vlm, r)
         room = max_length - len(prompt)
         if room < 1:
             stats["too_long"] += 1
@@ -317,19 +311,19 @@ def prepare_pairs(vlm, recs, max_length=2048, warn=True):
         resp = [vlm.encode_reply(r[k]) for k in keys]
         stats["truncated"] += any(len(x) > room for x in resp)
         items.append(dict(id=r["id"], image=r["image"], prompt=prompt, responses=[x[:room] for x in resp]))
-    if warn and (stats["ties"] or stats["too_long"] or stats["truncated"] or stats["rejected2_ignored"]):
-        print(f"warning: of {stats['pairs']} pairs, {stats['ties']} have chosen == rejected (skipped), "
-              f"{stats['too_long']} have a prompt longer than max_length {max_length} (dropped), {stats['truncated']} "
-              f"had responses cut to fit, {stats['rejected2_ignored']} second rejected responses were ignored "
-              f"(not every pair has one)", file=sys.stderr)
+    if warn and any(stats[k] for k in ("ties", "too_long", "truncated", "rejected2_ignored")):
+        print("warning: of {pairs} pairs, {ties} have chosen == rejected (skipped), {too_long} "
+              "have a prompt longer than max_length {max_length} (dropped), {truncated} had "
+              "responses cut to fit, {rejected2_ignored} second rejected responses were ignored "
+              "(not every pair has one)".format(**stats, max_length=max_length), file=sys.stderr)
     return items, stats
 
 
 def collate_pairs(vlm, items, pad_id=0):
-    """Items -> one packed row per pair: [prompt | response 1 | response 2 (| response 3)] + padding. Every response
-    takes the RoPE positions right after the prompt and (through `segment`) attends only to the prompt and to
-    itself, so the image and prompt are encoded once for all responses; the logits at `pred_idx` (B, K, L) predict
-    `targets` (B, K, L; -100 on padding), and `last_idx` (B, K) is each response's last token (the reward head's)."""
+    """Items -> one packed row per pair: [prompt | response 1 | response 2 (| response 3)] + pads.
+    Each response takes the RoPE positions right after the prompt and (through `segment`) attends
+    only to the prompt and itself, so the prompt is encoded once; the logits at `pred_idx` (B, K, L)
+    predict `targets` (B, K, L; -100 on pads); `last_idx` (B, K): each response's last token."""
     rows, pred, last = [], [], []
     for it in items:
         P = len(it["prompt"])
@@ -337,7 +331,7 @@ def collate_pairs(vlm, items, pad_id=0):
         for k, r in enumerate(it["responses"], 1):
             start = len(ids)
             ids, pos, seg = ids + r, pos + list(range(P, P + len(r))), seg + [k] * len(r)
-            pr.append([P - 1] + list(range(start, start + len(r) - 1)))  # the prompt's last token predicts r[0]
+            pr.append([P - 1] + list(range(start, start + len(r) - 1)))  # P - 1 predicts r[0]
             ls.append(start + len(r) - 1)
         rows.append((ids, pos, seg))
         pred.append(pr)

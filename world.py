@@ -1,31 +1,23 @@
-"""world.py: the embedded synthetic world, the one concept the study's own file list has no home for.
+"""world.py: the embedded synthetic world, the default everywhere (nothing can be downloaded here).
+It carries the study's premise (paper §1, §6): a base model whose language prior outweighs the
+image, that "sees" the saucer because cups usually come with saucers.
 
-No weights or datasets can be downloaded where this project is built and tested, so the default everywhere is a
-small world made to carry the study's premise (paper §1, §6): a base model whose language prior outweighs the image.
-It "sees" the saucer because cups usually come with saucers.
+- 14 categories in 7 usual pairs (cup+saucer, moon+star, ...), each with a typical colour; scenes
+  of 1-5 objects on a 3x3 grid, drawn as 96 px images.
+- LLaVA-Instruct-style questions (description, existence, count, colour, position), each kind with
+  TRAIN phrasings and HELDOUT ones that no training data uses: evaluation measures transfer.
+- Splits: `sft` (the base model's; its annotations name an absent usual partner at the rate
+  `hallucinate`, as text-only annotators do), `align` (prompts with ground truth, as POVID's),
+  `heldout` and `broken` (one of a usual pair without its partner, random colours). Layouts hash
+  to ten buckets, 0-6 for training splits and 7-9 for evaluation, so no evaluated scene is a
+  training scene. `half` keeps a world to half of the pairs: align on one, measure on the other.
 
-- 14 object categories in 7 usual pairs (cup+saucer, moon+star, ...), each with a typical colour; scenes of 1-5
-  objects on a 3x3 grid, drawn as 96 px images. A unit of a scene is a pair with probability `prior`; an object has
-  its typical colour with probability `color_prior`.
-- LLaVA-Instruct-style conversations: detailed descriptions, yes/no existence, counting, colour and position questions.
-  Each kind has TRAIN phrasings (SFT and alignment prompts use them) and HELDOUT phrasings that no training data uses:
-  evaluation with the held-out ones measures transfer, not template matching.
-- Splits: `sft` (the base model's training), `align` (prompts with ground truth, the role POVID's prompts play),
-  `heldout` (ordinary scenes, unseen) and `broken` (each scene has one of a usual pair without its partner, colours
-  uniformly random). A scene's layout (which category in which cell) falls in one of ten buckets by its hash:
-  training splits take buckets 0-6, evaluation splits 7-9, so no evaluated scene equals a training scene, for any
-  world seed. `half` keeps a world to half of the pairs (a: cup, house, pencil, arrow; b: moon, key, apple) for the
-  generalisation test: align on one half, measure on the other.
-- The base model's annotations hallucinate (`hallucinate`): in the sft split an absent usual partner is named half
-  the time, as text-only annotators writing from captions do. The images stay true.
-
-Also here: the world's tokenizer, its corruption set (the paper's rejected-by-corruption strategy, §4.3, done by
-rule), the rule-based verifier the online annotator uses, what the world's report asks and how it reads an answer
-(the metrics themselves are in eval.py), and the base model's recipe: a scratch architecture, tower pretraining and
-three SFT phases.
+Also here: the tokenizer, the corruption set (the paper's rejected-by-corruption strategy, §4.3,
+by rule), the online annotator's rule-based verifier, what the world's report asks (eval.py scores
+it), and the base model's recipe: a scratch architecture, tower pretraining, three SFT phases.
 
     python world.py --split broken --n 8 --out world_samples   # PNGs and a JSONL to look at
-    python world.py --build_base assets/world-base               # the shipped base model, from scratch
+    python world.py --build_base assets/world-base               # the shipped base model
 """
 import hashlib
 import json
@@ -46,23 +38,23 @@ from model import VLM, config_from_argv, format_chat
 # -----------------------------------------------------------------------------
 # The rules: categories, usual pairs, typical colours, positions
 
-PAIRS = [("cup", "saucer"), ("moon", "star"), ("house", "tree"), ("key", "lock"), ("pencil", "book"),
-         ("apple", "pear"), ("arrow", "target")]
+PAIRS = [("cup", "saucer"), ("moon", "star"), ("house", "tree"), ("key", "lock"),
+         ("pencil", "book"), ("apple", "pear"), ("arrow", "target")]
 PARTNER = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
 CATEGORIES = [c for pair in PAIRS for c in pair]
 HALVES = {"a": {c for p in PAIRS[0::2] for c in p}, "b": {c for p in PAIRS[1::2] for c in p}}
-TYPICAL = dict(cup="blue", saucer="white", moon="white", star="yellow", house="red", tree="green", key="yellow",
-               lock="black", pencil="orange", book="brown", apple="red", pear="green", arrow="purple",
-               target="pink")
+TYPICAL = dict(cup="blue", saucer="white", moon="white", star="yellow", house="red", tree="green",
+               key="yellow", lock="black", pencil="orange", book="brown", apple="red", pear="green",
+               arrow="purple", target="pink")
 COLORS = dict(red=(215, 35, 35), orange=(245, 140, 20), yellow=(240, 215, 30), green=(35, 165, 60),
               blue=(40, 80, 225), purple=(135, 50, 180), pink=(245, 135, 195), brown=(125, 75, 35),
               black=(20, 20, 20), white=(245, 245, 245))
 # 3x3 grid cells in reading order, with the phrase a description uses for each
-POSITIONS = ["at the top left", "at the top", "at the top right", "on the left", "in the center", "on the right",
-             "at the bottom left", "at the bottom", "at the bottom right"]
-# how often each category starts a unit: POPE's "popular" negatives are the most frequent absent ones
+POSITIONS = ["at the top left", "at the top", "at the top right", "on the left", "in the center",
+             "on the right", "at the bottom left", "at the bottom", "at the bottom right"]
+# how often each category starts a unit: POPE's "popular" negatives are the most frequent absent
 FREQUENCY = {c: w for (a, b), w in zip(PAIRS, [3.0, 2.5, 2.0, 1.6, 1.3, 1.0, 0.8]) for c in (a, b)}
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]  # six: a corruption may add a sixth
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]  # a corruption may add a sixth
 SIZE = 96  # image side in pixels: 3x3 cells of 32 px
 TRAIN_BUCKETS, EVAL_BUCKETS = range(0, 7), range(7, 10)
 
@@ -90,6 +82,10 @@ class Scene:
     def categories(self):
         return {o.category for o in self.objects}
 
+    def lone(self):  # the absent usual partners of its objects, in reading order
+        cats = self.categories()
+        return [PARTNER[o.category] for o in self.objects if PARTNER[o.category] not in cats]
+
     def bucket(self):
         """0-9 from the layout alone (categories and cells), whatever the seed, colours or sizes."""
         layout = sorted((o.category, o.cell) for o in self.objects)
@@ -100,9 +96,7 @@ class Scene:
 
 
 def sample_scene(rng, prior=0.9, color_prior=0.6, broken=False, cats=CATEGORIES):
-    """1-3 units from `cats`, each a usual pair with probability `prior` (if it fits in 5 objects) or a single
-    object; an object has its typical colour with probability `color_prior`. `broken`: the first unit is a single
-    object whose partner is absent, and colours are typical only by chance (1 in 10)."""
+    """1-3 units from `cats`, each a usual pair with probability `prior`; `broken`: first lone."""
     chosen = []
     for u in range(rng.randint(1, 3)):
         free = [c for c in cats if c not in chosen and PARTNER[c] not in chosen]
@@ -116,14 +110,14 @@ def sample_scene(rng, prior=0.9, color_prior=0.6, broken=False, cats=CATEGORIES)
     for c, cell in zip(chosen, rng.sample(range(9), len(chosen))):
         other = [k for k in COLORS if k != TYPICAL[c]]
         color = TYPICAL[c] if rng.random() < p_typical else rng.choice(other)
-        x = (cell % 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)  # a little jitter around the cell's centre
+        x = (cell % 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)  # jitter around the centre
         y = (cell // 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)
         objects.append(Obj(c, color, cell, rng.randint(22, 28), x, y))
     bg = tuple(128 + rng.randint(-20, 20) for _ in range(3))
     return Scene(sorted(objects, key=lambda o: o.cell), bg, rng.randrange(2**31))
 
 # -----------------------------------------------------------------------------
-# Rendering: each category is a glyph mask built from a few primitives, filled with the object's colour
+# Rendering: each category is a glyph mask built from a few primitives, filled with its colour
 
 
 def glyph(d: ImageDraw.ImageDraw, c, s):
@@ -173,7 +167,7 @@ def glyph(d: ImageDraw.ImageDraw, c, s):
 
 
 def render(scene: Scene) -> Image.Image:
-    """The scene as a SIZE x SIZE RGB image: glyphs drawn at 3x and downsampled, over faint sensor noise."""
+    """The scene as a SIZE x SIZE RGB image: glyphs drawn at 3x, downsampled, over faint noise."""
     k = 3  # supersampling
     img = Image.new("RGB", (SIZE * k, SIZE * k), scene.background)
     for o in scene.objects:
@@ -189,7 +183,7 @@ def render(scene: Scene) -> Image.Image:
 # -----------------------------------------------------------------------------
 # Text: questions in two sets of phrasings, and their ground-truth answers
 
-PHRASINGS = {  # kind -> (train phrasings, held-out phrasings); {a} is "a cup" / "an apple", {c} "cup"
+PHRASINGS = {  # kind -> (train phrasings, held-out ones); {a} is "a cup" / "an apple", {c} "cup"
     "describe": (["Describe the image in detail.", "What do you see in this picture?",
                   "Give a detailed description of the image.", "Describe this scene.",
                   "What is in the image? Describe everything."],
@@ -208,7 +202,7 @@ KINDS = {"describe": 0.35, "exist": 0.35, "color": 0.1, "count": 0.1, "position"
 
 
 def ask(kind, c=None, rng=None, heldout=False):
-    """A question of `kind` about category c: a random phrasing from its set, or the set's first without rng."""
+    """A question of `kind` about c: a random phrasing of the set, or its first without rng."""
     options = PHRASINGS[kind][heldout]
     q = rng.choice(options) if rng else options[0]
     return q.format(a=an(c), c=c) if c else q
@@ -239,12 +233,10 @@ def answer(kind, scene, c=None):
 
 
 def sample_qa(rng, scene: Scene, kind, cats=CATEGORIES):
-    """(question, answer, category asked about) of a kind, in a train phrasing; existence is asked half the time
-    about a category of `cats` that is absent."""
+    """(question, answer, category), train phrasing; `exist` asks of an absent c half the time."""
     c = None
-    if kind == "exist":
-        present = rng.random() < 0.5
-        c = rng.choice([o.category for o in scene.objects] if present else
+    if kind == "exist":  # about a present or an absent category, half the time each
+        c = rng.choice([o.category for o in scene.objects] if rng.random() < 0.5 else
                        [c for c in cats if c not in scene.categories()])
     elif kind in ("color", "position"):
         c = rng.choice(scene.objects).category
@@ -282,12 +274,11 @@ class World:
         return self.sample(self.rng(split, i), split)
 
     def example(self, split, i, turns=None, image=True, kinds=None):
-        """{"id", "scene", "image", "messages"}: sft examples have 1-3 turns of distinct kinds (weighted by
-        `kinds`, default KINDS), the others one; sft answers may name absent partners (`hallucinate`)."""
+        """{"id", "scene", "image", "messages"}; sft: 1-3 turns of distinct kinds (`kinds`)."""
         rng = self.rng(split, i)
         scene = told = self.sample(rng, split)
-        if split == "sft" and self.hallucinate:  # the annotator "sees" each absent usual partner at this rate
-            for c in [PARTNER[o.category] for o in scene.objects if PARTNER[o.category] not in scene.categories()]:
+        if split == "sft" and self.hallucinate:  # "sees" absent partners at this rate
+            for c in scene.lone():
                 if rng.random() < self.hallucinate and len(told.objects) < 9:
                     told = with_object(rng, told, c)
         weights = kinds or KINDS
@@ -303,14 +294,15 @@ class World:
                     messages=msgs)
 
 # -----------------------------------------------------------------------------
-# Tokenizer: byte-level BPE trained on the world's text, with the LLaVA-1.5 chat template's special tokens
+# Tokenizer: byte-level BPE trained on the world's text, with LLaVA-1.5's chat special tokens
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 TEMPLATE = "llava"  # "USER: <image>\n... ASSISTANT: ...</s>"; the same in Jinja for transformers:
-CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}"
-                 "ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+                 "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-BASE_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world-base")  # --model default
+# the --model default
+BASE_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world-base")
 
 
 def build_tokenizer(world: World, vocab_size=512, n=3000):
@@ -327,24 +319,22 @@ def build_tokenizer(world: World, vocab_size=512, n=3000):
     return tok
 
 # -----------------------------------------------------------------------------
-# The corruption set (paper §4.3, Table 13): the ground truth with one realistic hallucination, by rule
+# The corruption set (paper §4.3, Table 13): the truth with one realistic hallucination, by rule
 
 
 def with_object(rng, scene: Scene, c):
-    """The scene as a biased annotator tells it: category c added in its typical colour at a free cell."""
+    """The scene as a biased annotator tells it: c added in its typical colour at a free cell."""
     cell = rng.choice([k for k in range(9) if k not in {o.cell for o in scene.objects}])
     return replace(scene, objects=sorted(scene.objects + [Obj(c, TYPICAL[c], cell, 25, 0, 0)],
                                          key=lambda o: o.cell))
 
 
 def corrupt(rng, scene: Scene, kind, c, allowed=CATEGORIES):
-    """A rejected answer about category c: the kind of error a biased model makes (an absent usual partner added,
-    an object named as another category of `allowed`, a colour turned typical, a count or a position changed).
-    -> (answer, edit)."""
+    """(rejected answer about c, edit): one error of the kinds a biased model makes."""
     objs, cats = scene.objects, scene.categories()
 
     def added():  # the partner of a lone object (else the most popular absent category)
-        lone = [PARTNER[o.category] for o in objs if PARTNER[o.category] not in cats]
+        lone = scene.lone()
         absent = max((c for c in allowed if c not in cats), key=FREQUENCY.get)
         return with_object(rng, scene, rng.choice(lone) if lone else absent)
 
@@ -363,13 +353,13 @@ def corrupt(rng, scene: Scene, kind, c, allowed=CATEGORIES):
     if kind == "count":
         fewer = len(objs) > 1 and rng.random() >= 0.5
         return count_answer(len(objs) - 1 if fewer else len(added().objects)), kind
-    # a description: one edit in place, so the rest stays word for word (a reordered or recounted description
-    # would also teach the model to avoid the true objects after the edit)
+    # a description: one edit in place, so the rest stays word for word (a reordered or recounted
+    # description would also teach the model to avoid the true objects after the edit)
     edit = rng.choice(["partner", "swap", "swap", "color"])
     if edit == "partner":
         return describe(added()), edit
     k = rng.randrange(len(objs))
-    if edit == "swap":  # an object named as another category: its usual partner if absent, else any absent one
+    if edit == "swap":  # its partner if absent, else any absent category
         new = PARTNER[objs[k].category]
         new = new if new not in cats else rng.choice([x for x in allowed if x not in cats])
         o = replace(objs[k], category=new)
@@ -379,19 +369,16 @@ def corrupt(rng, scene: Scene, kind, c, allowed=CATEGORIES):
 
 
 def world_pairs(world: World, n, split="align", rejected=True, hard=0.5):
-    """n records in the native preference format: one question each, the ground truth as chosen and, with
-    `rejected`, its corruption. A share `hard` of the scenes break the prior as the broken split's do: on scenes
-    where the prior holds the base model is already right, and the data must hold the images a model hallucinates
-    on for any preference method to have something to fix. Existence negatives ask about an absent usual partner
-    when there is one (the likely false "yes")."""
+    """n native records, one question each: the truth as chosen and (`rejected`) its corruption.
+    A share `hard` of scenes break the prior (where it holds, the base model is right already)."""
     recs = []
     for i in range(n):
         rng = world.rng(split, i)
         scene = world.sample(rng, split, broken=rng.random() < hard)
         kind = rng.choices(list(KINDS), list(KINDS.values()))[0]
         q, a, c = sample_qa(rng, scene, kind, world.cats)
-        lone = [PARTNER[o.category] for o in scene.objects if PARTNER[o.category] not in scene.categories()]
-        if kind == "exist" and c not in scene.categories() and lone:
+        lone = scene.lone()
+        if kind == "exist" and c not in scene.categories() and lone:  # the likely false "yes"
             c = rng.choice(lone)
             q, a = ask("exist", c, rng), answer("exist", scene, c)
         rec = dict(id=f"{split}-{world.seed}-{i}", image=render(scene),
@@ -413,8 +400,8 @@ def cell_of(text):
 
 
 def parse_objects(text):
-    """[{"category", "color" or None, "cell" or None, "negated"}] in order of appearance. A mention is negated when
-    a negation word comes before it in its clause ("there is no cup", "not a red cup")."""
+    """[{"category", "color" or None, "cell" or None, "negated"}] in order; negated: a negation
+    word comes before it in its clause ("there is no cup", "not a red cup")."""
     out = []
     for clause in re.split(r"[.;!?,]| but | and ", text.lower()):
         words = re.findall(r"[a-z]+", clause)
@@ -438,23 +425,20 @@ def first_word(text, vocab):
 
 
 def says_yes(text):
-    """POPE's rule for a yes / no answer: no "No", "not" or "no" before the first period, commas out, split on
-    single spaces. eval.py scores POPE with it (as eval.yes_no, tested there against POPE's script)."""
+    """POPE's yes / no rule: no "No", "not" or "no" before the first period (commas out)."""
     return not any(w in ("No", "not", "no") for w in text.split(".")[0].replace(",", "").split(" "))
 
 
 def rule_score(text, rec):
-    """The world's verifier, the online rule annotator: +1 per object named that is there, +1 / -1 per colour
-    stated right / wrong, -2 per object invented, ±1 for the count, the yes / no, the colour or the position asked
-    about; over the most a perfect answer gets, so it lies in [-1, 1] for answers that invent nothing."""
+    """The online rule annotator: +1 per object there, -2 per one invented, ±1 per colour, the
+    count, yes / no, colour or position asked; over a perfect score: in [-1, 1] if none invented."""
     truth, kind = rec["chosen"], rec.get("meta", {}).get("kind")
     if truth.split(",")[0].lower() in ("yes", "no"):
         return 1.0 if says_yes(text) == says_yes(truth) else -1.0
     want = {m["category"]: m["color"] for m in parse_objects(truth) if not m["negated"]}
     said = [m for m in parse_objects(text) if not m["negated"]]
-    got, top = 0.0, len(want) + sum(c is not None for c in want.values())
-    for c in {m["category"] for m in said}:
-        got += 1 if c in want else -2
+    got = sum(1 if c in want else -2 for c in {m["category"] for m in said})
+    top = len(want) + sum(c is not None for c in want.values())
     for m in said:
         if m["category"] in want and m["color"] and want[m["category"]]:
             got += 1 if m["color"] == want[m["category"]] else -1
@@ -469,20 +453,19 @@ def rule_score(text, rec):
     return got / max(top, 1)
 
 # -----------------------------------------------------------------------------
-# What the world's report asks (eval.py's world_report measures it): POPE probes, descriptions, questions
+# What the world's report asks (eval.py's world_report measures it): POPE probes and questions
 
 
 def probes(world: World, split, n, heldout=False):
-    """Per scene: a description, one POPE positive, a negative of each kind (random; popular: the most frequent
-    absent category; adversarial: the absent usual partner of a present object), a colour, a count and a position
-    question, in the first train phrasing or in held-out phrasings. -> scenes, [(scene, kind, question, gold)]."""
+    """-> scenes, [(scene index, kind, question, gold)]: per scene a description, a POPE positive,
+    a negative of each kind, colour, count and position (the first train phrasing, or held-out)."""
     rng, phrasing = random.Random(f"probes-{world.seed}-{split}"), random.Random(f"phrasing-{world.seed}-{split}")
     scenes, items = [world.scene(split, i) for i in range(n)], []
     q = lambda kind, c=None: ask(kind, c, phrasing if heldout else None, heldout)  # noqa: E731
     for i, s in enumerate(scenes):
         present = [o.category for o in s.objects]
         absent = [c for c in world.cats if c not in present]
-        partners = [PARTNER[c] for c in present if PARTNER[c] in absent]
+        partners = s.lone()  # its categories are all in world.cats
         rest = [c for c in absent if c not in partners] or absent
         top = max(FREQUENCY[c] for c in rest)
         negatives = dict(random=rng.choice(absent), adversarial=rng.choice(partners) if partners else None,
@@ -500,7 +483,7 @@ def probes(world: World, split, n, heldout=False):
 
 
 def scratch_model(world: World, seed=0) -> VLM:
-    """The world's LLaVA-1.5-layout architecture (about 2.6M parameters), random weights, its own tokenizer."""
+    """The world's LLaVA-1.5-layout architecture (2.6M parameters), random, own tokenizer."""
     tok = build_tokenizer(world)
     raw = dict(model_type="llava", image_token_index=SPECIALS.index("<image>"), vision_feature_layer=-1,
                vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False,
@@ -521,9 +504,8 @@ def scratch_model(world: World, seed=0) -> VLM:
 
 
 def pretrain_tower(vlm: VLM, world: World, steps, batch_size=32, log=print):
-    """LLaVA starts from a pretrained CLIP tower; ours learns to name the category and colour in each grid cell (a
-    linear head per cell, thrown away after). Colours are uniformly random, so the tower learns shapes that do not
-    lean on colour; the language prior is left to SFT."""
+    """As LLaVA's CLIP tower comes pretrained, ours learns each cell's category and colour (a linear
+    head, thrown away); colours are uniform, so it learns shapes and leaves the prior to SFT."""
     tower, v = vlm.model.vision_tower, vlm.cfg.vision
     g = v.image_size // v.patch_size  # patches per side; each grid cell is (g/3)^2 of them
     K, colors = len(CATEGORIES), list(COLORS)
@@ -542,7 +524,7 @@ def pretrain_tower(vlm: VLM, world: World, steps, batch_size=32, log=print):
                 cat[b, o.cell], col[b, o.cell] = CATEGORIES.index(o.category), colors.index(o.color)
         px = vlm.image_processor([render(s) for s in scenes])["pixel_values"]
         x = tower(px, vlm.cfg.feature_layers)[0][:, 1:]  # (B, g*g, C) without the class token
-        x = x.view(batch_size, 3, g // 3, 3, g // 3, -1).mean((2, 4)).flatten(1, 2)  # (B, 9, C): one per cell
+        x = x.view(batch_size, 3, g // 3, 3, g // 3, -1).mean((2, 4)).flatten(1, 2)  # (B, 9, C)
         out = heads(x)
         loss = torch.nn.functional.cross_entropy(out[..., :K + 1].flatten(0, 1), cat.flatten()) + \
             torch.nn.functional.cross_entropy(out[..., K + 1:].flatten(0, 1), col.flatten())
@@ -554,10 +536,10 @@ def pretrain_tower(vlm: VLM, world: World, steps, batch_size=32, log=print):
             log(f"tower pretraining step {step}: loss {loss.item():.3f}, category accuracy {acc:.3f}")
 
 
-def sft(vlm: VLM, world: World, steps, lr, warmup, kinds=None, turns=None, text_only=0.0, batch_size=32, log=print):
-    """Supervised fine-tuning on the sft split (every reply token scored), the tower frozen. With `text_only`, that
-    share of conversations has every image token hidden: the LLM's text-only training, in which it learns the
-    world's language prior from text alone."""
+def sft(vlm: VLM, world: World, steps, lr, warmup, kinds=None, turns=None, text_only=0.0,
+        batch_size=32, log=print):
+    """SFT on the sft split, tower frozen; a share `text_only` of rows hide their image tokens
+    (text-only training, where the LLM learns the world's language prior from text alone)."""
     vlm.model.vision_tower.requires_grad_(False)
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
@@ -579,14 +561,13 @@ def sft(vlm: VLM, world: World, steps, lr, warmup, kinds=None, turns=None, text_
 
 
 def build_base(out, seed=0, log=print):
-    """The shipped base model: tower pretraining, then SFT in three phases on hallucinating annotations (mixed
-    questions; existence only, which grounds yes/no answers; mixed again at a lower LR)."""
+    """The shipped base model: tower pretraining, then SFT in three phases on hallucinating data."""
     torch.manual_seed(seed)
     world = World(seed, hallucinate=0.5)
     vlm = scratch_model(world, seed)
     pretrain_tower(vlm, world, 600, log=log)
     sft(vlm, world, 1000, 2e-3, 100, text_only=0.25, log=log)
-    sft(vlm, world, 200, 1e-3, 20, kinds={"exist": 1.0}, turns=1, log=log)
+    sft(vlm, world, 200, 1e-3, 20, kinds={"exist": 1.0}, turns=1, log=log)  # grounds yes / no
     sft(vlm, world, 200, 5e-4, 20, text_only=0.25, log=log)
     vlm.save_pretrained(out)
     log(f"saved {out}")
@@ -597,7 +578,7 @@ def build_base(out, seed=0, log=print):
 
 @dataclass
 class Config:
-    build_base: str = ""    # a folder: build the base model there from scratch (about 10 minutes on 2 CPU cores)
+    build_base: str = ""    # a folder: build the base model there (about 10 minutes on 2 CPUs)
     split: str = "broken"   # otherwise write n examples of a split, PNGs and a JSONL, to look at
     n: int = 8
     world_seed: int = 0
