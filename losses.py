@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 
 def gathered_logps(logits, targets):
-    """(..., V) logits, (...) targets, already shifted (logits[i] predicts targets[i]) -> fp32
-    log-probs, 0 at -100."""
+    """(..., V) logits, (...) targets, already shifted -> (...) fp32 log-probs, 0 at -100."""
     lp = -F.cross_entropy(logits.float().flatten(0, -2), targets.clamp(min=0).flatten(), reduction="none")
     return lp.view(targets.shape) * (targets != -100)
 
@@ -79,10 +78,9 @@ def rm_loss(sc, sr):
 
 
 def preference_loss(name, logps, ref_logps, counts, beta=0.1, gamma=0.5, rpo_alpha=0.0):
-    """The whole loss of a training step, per pair. logps, ref_logps, counts: (B, K) summed
-    log-probs of the policy and reference and token counts; response 0 is chosen, 1 rejected and,
-    with K = 3, 2 a second rejected (Avg-DPO, Eq. 5, both on the clean input). rpo_alpha adds α x
-    the chosen per-token NLL (TRL's RPO; not in the paper). -> losses (B,), chosen and rejected
+    """A step's loss per pair. logps, ref_logps, counts: (B, K) summed log-probs and token counts;
+    response 0 is chosen, 1 rejected, 2 a second rejected (K = 3: Avg-DPO, Eq. 5). rpo_alpha adds
+    α x the chosen per-token NLL (TRL's RPO; not in the paper). -> losses (B,), chosen and rejected
     rewards (the latter γ-weighted for Avg-DPO)."""
     p, r = (logps / counts, ref_logps / counts) if name in LENGTH_NORM else (logps, ref_logps)
     loss, chosen, rejected = LOSSES[name](p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta)

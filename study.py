@@ -111,8 +111,7 @@ LOCKS = {}  # a run's folder -> the lock its callers share
 
 
 def run_row(cfg, table, row, commands, seed):
-    """Runs one row on one seed, then its world report, unless its results exist -> results, or
-    None after a failure (its log names the command)."""
+    """One row on one seed, then its world report, unless done -> results, or None on a failure."""
     # a run's folder is named by its commands: a row that two tables share runs once
     key = hashlib.sha256(json.dumps([commands, table == "generalisation"]).encode()).hexdigest()[:8]
     out = os.path.join(cfg.root, key, f"seed{seed}")
