@@ -62,7 +62,7 @@ TABLES = {
         "corruption set + BDHS_noise (Avg-DPO)": bdhs_row("--source world+corrupt --variant noise"),
         "corruption set + BDHS_attn (Avg-DPO)": bdhs_row("--source world+corrupt"),
     },
-    "ablation": {  # BDHS's own choices, never ablated in the paper: attempts x threshold, and the guidance
+    "ablation": {  # BDHS's own choices, not ablated in the paper: attempts x threshold, guidance
         **{f"N_BDHS {n}, ε_s {e}": bdhs_row("--rho 0.99" if (n, e) == (5, 0.97) else f"--n_bdhs {n} --eps_s {e}")
            for n in (1, 3, 5) for e in (0.95, 0.97, 0.99)},  # (5, 0.97), the paper's, is Table 6's BDHS_attn row
         "guidance: sentence (Algorithm 1)": bdhs_row("--rho 0.99"),
@@ -85,8 +85,8 @@ TABLES = {
         "Online-DPO (rule, half a)": [f"{ON} --algo online-dpo --world_half a"],
     },
 }
-# the columns each table shows (keys of the world report; "hq/": held-out phrasings; "ord/": ordinary scenes;
-# "a/", "b/": the two halves of the pairs)
+# the columns each table shows (keys of the world report; "hq/": held-out phrasings; "ord/":
+# ordinary scenes; "a/", "b/": the two halves of the pairs)
 COLUMNS = {
     "main": ["chair_i", "recall", "pope_adversarial_f1", "pope_adversarial_yes_ratio", "hq/chair_i",
              "hq/pope_adversarial_f1", "ord/detail", "ord/recall", "ord/count_acc"],
@@ -94,8 +94,8 @@ COLUMNS = {
                "ord/detail", "rm_acc"],  # rm_acc: the reward model's accuracy on held-out pairs (Table 7)
     "generalisation": ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversarial_f1", "b/recall"],
 }
-DEFAULT_COLUMNS = ["chair_i", "chair_s", "recall", "pope_adversarial_f1", "pope_adversarial_yes_ratio",
-                   "hq/pope_adversarial_f1", "ord/detail"]
+DEFAULT_COLUMNS = ["chair_i", "chair_s", "recall", "pope_adversarial_f1",
+                   "pope_adversarial_yes_ratio", "hq/pope_adversarial_f1", "ord/detail"]
 
 
 @dataclass
