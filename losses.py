@@ -1,21 +1,17 @@
 """losses.py: log-probabilities and the training objectives, as pure functions (paper §3).
 
-Every preference loss takes per-sequence log-probs of the policy (pc, pr: chosen, rejected) and of the reference
-(rc, rr), computed once in fp32, and returns per-example losses plus the detached implicit rewards
-β·(log π - log π_ref) that the metrics report; the training scripts average the losses. With
-h = (pc - rc) - (pr - rr), the log-ratio margin of paper §3.2:
+A preference loss takes fp32 per-sequence log-probs of the policy (pc, pr: chosen, rejected) and of
+the reference (rc, rr) and returns per-example losses plus the detached implicit rewards
+β·(log π - log π_ref). With h = (pc - rc) - (pr - rr), the log-ratio margin of paper §3.2:
 
-    DPO (Eq. 3)   -log σ(β h)
-    IPO           (h - 1/(2β))²     Azar et al.'s form, as TRL writes it; fed per-token mean log-probs (see `LENGTH_NORM`)
-    SLiC          max(0, 1 - β h)   the hinge
-    Avg-DPO (Eq. 5)  γ L(y⁺, y⁻) + (1 - γ) L(y⁺, ỹ⁻): two rejected responses, one external and one from the policy
-    RM (Eq. 1)    -log σ(r(x, y⁺) - r(x, y⁻)), the Bradley–Terry reward-model loss
+    DPO (Eq. 3)      -log σ(β h)
+    IPO              (h - 1/(2β))², Azar et al.'s form as TRL writes it, on mean log-probs per token
+    SLiC             max(0, 1 - β h), the hinge
+    Avg-DPO (Eq. 5)  γ L(y⁺, y⁻) + (1 - γ) L(y⁺, ỹ⁻): one external rejected, one from the policy
+    RM (Eq. 1)       -log σ(r(x, y⁺) - r(x, y⁻)), the Bradley–Terry reward-model loss
 
-`preference_loss` is the whole loss a training step applies: the chosen one of these on (B, K) log-probs, length
-normalisation where the loss wants it, Avg-DPO when a pair has two rejected responses, and the optional NLL term.
-
-The RL objectives (Eq. 2) work on sampled responses: PPO on per-token log-probs, values and GAE advantages, RLOO on
-per-sequence log-probs with the leave-one-out baseline.
+The RL objectives (Eq. 2) work on sampled responses: PPO on per-token log-probs, values and GAE
+advantages, RLOO on per-sequence log-probs with the leave-one-out baseline.
 """
 import torch
 import torch.nn.functional as F
@@ -25,13 +21,13 @@ import torch.nn.functional as F
 
 
 def gathered_logps(logits, targets):
-    """(..., V) logits and (...) targets, already aligned (logits[i] predicts targets[i]) -> fp32 log-probs, 0 at -100."""
+    """(..., V) logits, (...) targets, already shifted -> (...) fp32 log-probs, 0 at -100."""
     lp = -F.cross_entropy(logits.float().flatten(0, -2), targets.clamp(min=0).flatten(), reduction="none")
     return lp.view(targets.shape) * (targets != -100)
 
 
 def token_logps(logits, labels):
-    """(B, T, V) logits and (B, T) labels -> (B, T-1) log p(label_t | x_<t): shift by one, position t predicts t+1."""
+    """(B, T, V) logits, (B, T) labels -> (B, T-1) log p(label_t | x_<t): t predicts t+1."""
     return gathered_logps(logits[:, :-1], labels[:, 1:])
 
 
@@ -50,7 +46,7 @@ def sft_loss(logits, labels):
 
 
 def rewards(p, r, beta):
-    """The implicit reward β·log(π/π_ref) of each response (detached: a diagnostic, not a gradient path)."""
+    """The implicit reward β·log(π/π_ref) per response, detached: a diagnostic, not a gradient."""
     return (beta * (p - r)).detach()
 
 
@@ -73,20 +69,19 @@ def slic_loss(pc, pr, rc, rr, beta=0.1):
 
 
 LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
-LENGTH_NORM = {"ipo"}  # losses fed per-token mean log-probs (TRL does the same for IPO); the others take sums
+LENGTH_NORM = {"ipo"}  # fed per-token mean log-probs, as TRL does for IPO; the others take sums
 
 
 def rm_loss(sc, sr):
-    """Eq. 1, Bradley–Terry: -log σ(r(x, y⁺) - r(x, y⁻)) on the reward head's scalar scores (B,)."""
+    """Eq. 1, Bradley–Terry: -log σ(r(x, y⁺) - r(x, y⁻)) on the reward head's scores (B,)."""
     return -F.logsigmoid(sc - sr), sc.detach(), sr.detach()
 
 
 def preference_loss(name, logps, ref_logps, counts, beta=0.1, gamma=0.5, rpo_alpha=0.0):
-    """The loss a training step applies to each pair: (B, K) summed log-probs of the policy and the reference and
-    the responses' token counts; response 0 is chosen, 1 rejected and, with K = 3, 2 a second rejected one (Avg-DPO,
-    Eq. 5: γ L(y⁺, y⁻) + (1-γ) L(y⁺, ỹ⁻), both on the clean input). `rpo_alpha` adds α x the chosen response's
-    per-token NLL (TRL's RPO; not in the paper). -> losses (B,) and the chosen and rejected rewards (the latter
-    γ-weighted for Avg-DPO)."""
+    """A step's loss per pair. logps, ref_logps, counts: (B, K) summed log-probs and token counts;
+    response 0 is chosen, 1 rejected, 2 a second rejected (K = 3: Avg-DPO, Eq. 5). rpo_alpha adds
+    α x the chosen per-token NLL (TRL's RPO; not in the paper). -> losses (B,), chosen and rejected
+    rewards (the latter γ-weighted for Avg-DPO)."""
     p, r = (logps / counts, ref_logps / counts) if name in LENGTH_NORM else (logps, ref_logps)
     loss, chosen, rejected = LOSSES[name](p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta)
     if p.shape[1] == 3:
@@ -112,8 +107,8 @@ def whiten(x, mask):
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Generalised advantage estimation, right to left: δ_t = r_t + γ V_{t+1} - V_t, A_t = δ_t + γλ A_{t+1}, with
-    V = 0 after the last real token. Returns (advantages, returns = advantages + values)."""
+    """GAE, right to left: δ_t = r_t + γ V_{t+1} - V_t, A_t = δ_t + γλ A_{t+1}, V = 0 after the last
+    real token. -> (advantages, returns = advantages + values)."""
     adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         nxt = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
@@ -123,9 +118,9 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
 
 
 def ppo_loss(lp, old_lp, adv, values, old_values, returns, mask, clip=0.2, clip_value=0.2, vf_coef=0.1):
-    """The clipped surrogate max(-A r, -A clip(r, 1±ε)) with r = π/π_old per token, plus vf_coef x the clipped value
-    loss ½ max((V - R)², (V_old + clip(V - V_old, ±ε_v) - R)²); both token means per sequence -> (N,). Also the
-    share of clipped tokens per sequence."""
+    """Clipped surrogate max(-A r, -A clip(r, 1±ε)), r = π/π_old per token, plus vf_coef x the
+    clipped value loss ½ max((V - R)², (V_old + clip(V - V_old, ±ε_v) - R)²): token means per
+    sequence, (N,); and the share of clipped tokens per sequence."""
     ratio = torch.exp(lp - old_lp)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
     v_clipped = old_values + (values - old_values).clamp(-clip_value, clip_value)
@@ -135,7 +130,7 @@ def ppo_loss(lp, old_lp, adv, values, old_values, returns, mask, clip=0.2, clip_
 
 
 def rloo_advantages(rewards):
-    """(P, k) rewards of k samples per prompt -> A_i = R_i - mean_{j≠i} R_j (the leave-one-out baseline)."""
+    """(P, k) rewards, k samples per prompt -> A_i = R_i - mean_{j≠i} R_j, leave-one-out."""
     k = rewards.shape[1]
     return (rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)).detach()
 
