@@ -14,14 +14,12 @@ The forward takes a `key_mask` that hides chosen keys (e.g. image tokens) from e
 positions stay unchanged: this is how BDHS (paper §3.4) blinds the model to most of the image.
 """
 import contextlib
-import ctypes
 import functools
 import hashlib
 import json
 import math
 import os
 import pathlib
-import platform
 import shutil
 from dataclasses import dataclass, field
 
@@ -1216,21 +1214,6 @@ def st_write(tensors: dict, path, metadata=None):
             if t.numel():
                 # a copy: numpy() pins a storage's size, and FSDP must free its gathered parameters afterwards
                 f.write(t.detach().cpu().clone().view(-1).view(torch.uint8).numpy().tobytes())
-
-# -----------------------------------------------------------------------------
-# Host memory: glibc hands each freed block over 128 KB back to the OS and maps a fresh one at the next
-# allocation, so on CPU every activation tensor page-faults on first touch (a LLaVA-1.5-shaped prefill on 2
-# cores: 19 s, 15 s without). Freed blocks under 1 GB stay in the process for reuse instead. Set at import.
-
-
-def keep_freed_memory():
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap ...
-        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: ... and are not returned when freed
-
-
-keep_freed_memory()
 
 # -----------------------------------------------------------------------------
 # Command lines: every script's @dataclass Config becomes its argparse CLI; try a checkpoint with `python model.py`
