@@ -67,6 +67,7 @@ class SentenceEmbedder:
                        for i in range(cfg["num_hidden_layers"])]
         need = [n + s for L in self.layers for n in L.values() for s in (".weight", ".bias")]
         need += ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+                 "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias",
                  "embeddings.token_type_embeddings.weight" if self.kind == "bert"
                  else "encoder.relative_attention_bias.weight"]
         if missing := [k for k in need if k not in self.w]:

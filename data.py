@@ -209,9 +209,11 @@ def read_records(f):
         except ImportError:
             raise ImportError(f"reading {f} needs pyarrow: pip install pyarrow") from None
         return ((f"row {n}", r) for n, r in enumerate(pq.read_table(f).to_pylist(), 1))
-    if f.endswith(".jsonl"):
-        return ((f"line {n}", json.loads(line)) for n, line in enumerate(open(f), 1) if line.strip())
-    return ((f"item {n}", r) for n, r in enumerate(json.load(open(f)), 1))
+    with open(f) as fh:
+        if not f.endswith(".jsonl"):
+            return ((f"item {n}", r) for n, r in enumerate(json.load(fh), 1))
+        lines = fh.readlines()
+    return ((f"line {n}", json.loads(line)) for n, line in enumerate(lines, 1) if line.strip())
 
 
 # name -> (converter, hub dataset, its data file)

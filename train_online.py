@@ -419,6 +419,9 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
             got = scorer(mine[i:i + b], sample(pm, mine[i:i + b], max(cfg.samples, 2), cfg, gen)[1])
         xs += [v for s in got for v in s if v is not None]  # unreadable ratings are left out
     s = ranks.gather_sums({"s": [sum(xs), len(xs)], "s2": [sum(x * x for x in xs), 0]})
+    if not s["s"][1]:
+        raise ValueError(f"--annotator {cfg.annotator}: no readable rating among the starting policy's samples, so "
+                         "the rewards cannot be normalised; check the annotator's replies")
     mean = s["s"][0] / s["s"][1]
     std = max(math.sqrt(max(s["s2"][0] / s["s"][1] - mean ** 2, 0.0)), 1e-6)
     ranks.print(f"reward normalisation from {s['s'][1]} samples of the starting policy: mean {mean:.4f}, "

