@@ -101,16 +101,16 @@ def one_run(hf, ours, a, dev, sync):
     rows = {f"forward (batch {fb}) s": (t_hf, t_us, t_hf / t_us),
             "prefill s": (med(h, 0), med(u, 0), med(h, 0) / med(u, 0)),
             "decode tok/s": (B * (K - 1) / med(h, 1), B * (K - 1) / med(u, 1), med(h, 1) / med(u, 1))}
-    steps = (1e3 * med(h, 1) / (K - 1), 1e3 * med(u, 1) / (K - 1), 1e3 * matmul_floor(ours, B, a.reps))
+    steps = (1e3 * med(h, 1) / (K - 1), 1e3 * med(u, 1) / (K - 1), 1e3 * matmul_floor(ours, B, a.reps, sync))
     return rows, diff, h[0][2] == u[0][2], steps
 
 
-def matmul_floor(vlm, B, reps):
+def matmul_floor(vlm, B, reps, sync):
     """Seconds of one decode step's linear layers alone (the same weights and F.linear, B rows of one token): the
     step's cost if attention, norms and sampling were free."""
     lins = [m for m in vlm.model.language_model.modules() if isinstance(m, torch.nn.Linear)] + [vlm.lm_head]
     xs = [torch.randn(B, m.in_features, device=vlm.lm_head.weight.device, dtype=m.weight.dtype) for m in lins]
-    return timed(lambda: [m(x) for m, x in zip(lins, xs)], max(reps, 3), lambda: None)[0]
+    return timed(lambda: [m(x) for m, x in zip(lins, xs)], max(reps, 3), sync)[0]
 
 
 def main():
