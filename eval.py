@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import pathlib
 import re
 import threading
 import string
@@ -242,7 +243,7 @@ def load_bench(name, root, vocab=None):
     """-> items {id, image (path or bytes), question, gold, kind, ...} from a release's own files."""
     folder = FOLDER.get(name, name)
     d = os.path.join(root, folder)
-    load = lambda fn: json.load(open(bench_file(root, folder, fn)))  # noqa: E731
+    load = lambda fn: json.loads(pathlib.Path(bench_file(root, folder, fn)).read_text())  # noqa
     rows = lambda fn, *keys: [r for _, r in data.read_jsonl(bench_file(root, folder, fn), *keys)]  # noqa
     path = lambda *p: os.path.join(d, *p)  # noqa: E731
     try:
