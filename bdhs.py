@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -49,7 +50,10 @@ class SentenceEmbedder:
     def __init__(self, path):
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
-        cfg = json.load(open(os.path.join(path, "config.json")))
+        def read(fn, default=None):  # one of the folder's JSON files; `default` where an optional one is absent
+            f = pathlib.Path(path, fn)
+            return default if default is not None and not f.exists() else json.loads(f.read_text())
+        cfg = read("config.json")
         self.kind = cfg["model_type"]
         if self.kind not in ("bert", "mpnet"):
             raise ValueError(f"{path}/config.json: model_type {self.kind!r} is not supported (bert or mpnet)")
@@ -72,10 +76,8 @@ class SentenceEmbedder:
                  else "encoder.relative_attention_bias.weight"]
         if missing := [k for k in need if k not in self.w]:
             raise KeyError(f"{path}/model.safetensors: missing tensor {missing[0]!r}")
-        st = os.path.join(path, "sentence_bert_config.json")
-        self.max_len = json.load(open(st)).get("max_seq_length", 512) if os.path.exists(st) else 512
-        mods = os.path.join(path, "modules.json")
-        self.normalize = not os.path.exists(mods) or any("Normalize" in m["type"] for m in json.load(open(mods)))
+        self.max_len = read("sentence_bert_config.json", {}).get("max_seq_length", 512)
+        self.normalize = any("Normalize" in m["type"] for m in read("modules.json", [{"type": "Normalize"}]))
         self.tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
         self.tok.no_padding()
         self.tok.enable_truncation(self.max_len)

@@ -155,7 +155,7 @@ def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
     key = hashlib.sha256((folder_hash(base) + json.dumps([seed, half, n])).encode() + code).hexdigest()[:16]
     cached = os.path.join(cache_dir, f"world-report-{key}.json")
     if os.path.exists(cached):
-        before = json.load(open(cached))
+        before = json.loads(pathlib.Path(cached).read_text())
     else:
         before = world_report(VLM.from_pretrained(base).eval(), seed, half, n)
         atomic_json(cached, before)
@@ -561,7 +561,7 @@ def coco_truth(root, ids, vocab):
     truth, captioned = {i: set() for i in ids}, set()
     for fn in ("instances_val2014.json", "captions_val2014.json"):
         path = bench_file(root, "objhal", os.path.join("annotations", fn))
-        ann = json.load(open(path))
+        ann = json.loads(pathlib.Path(path).read_text())
         names = {c["id"]: vocab.get(c["name"], c["name"]) for c in ann.get("categories", [])}
         for a in ann["annotations"]:
             if a["image_id"] in truth and fn.startswith("instances"):
@@ -707,7 +707,7 @@ def official_prompts(root, names):
         out["mmhal"] = "".join(s + (next(fields) if f is not None else "") for s, f, _, _ in parts)
     if "llavaw" in names:  # rule.json: {"llava_bench_<category>": {"role", "prompt"}}, laid out
         out["llavaw"] = None  # a category without a rule is an error, as there
-        for k, r in json.load(open(official_file(root, "llavaw"))).items():
+        for k, r in json.loads(pathlib.Path(official_file(root, "llavaw")).read_text()).items():
             if k.startswith("llava_bench_") and {"role", "prompt"} <= set(r):
                 layout = review("Context", r["role"])  # as LLaVA's eval_gpt_review_bench.py
                 out[f"llavaw/{k[12:]}"] = layout + f"[System]\n{r['prompt']}\n\n"
@@ -854,7 +854,7 @@ def main(argv=None):
     if judged and not judge.key and "api.openai.com" in judge.url:
         raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or "
                          "OPENAI_API_KEY), or JUDGE_BASE_URL for an endpoint without a key")
-    prompts = PROMPTS | (json.load(open(cfg.judge_prompts)) if cfg.judge_prompts else {})
+    prompts = PROMPTS | json.loads(pathlib.Path(cfg.judge_prompts).read_text() if cfg.judge_prompts else "{}")
     prompts |= official_prompts(cfg.bench_dir, names) if cfg.official else {}
     official = cfg.official and "objhal" in names
     vocab = coco_vocab(official_file(cfg.bench_dir, "objhal") if official else

@@ -577,12 +577,12 @@ class VLM(nn.Module):
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
                  max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, generator=None, eos_token_id=None,
-                 stop_strings=(), num_samples=1, prefix_ids=None, image_features=None):
+                 stop_strings=(), num_samples=1, prefix_ids=None):
         """Samples continuations of left-padded prompts (B, T): B * num_samples lists of new token ids (rows
         b*n .. b*n+n-1 belong to prompt b); EOS is dropped, a stop string's last token is kept. `prefix_ids` (one
         list per output row) are forced tokens that continue the prompt; `key_mask` (B, T) hides prompt keys."""
         cache, logits = prefill(self, input_ids, attention_mask, pixel_values, image_sizes, key_mask, num_samples,
-                                prefix_ids, max_new_tokens, image_features)
+                                prefix_ids, max_new_tokens)
         eos = self.eos_ids() if eos_token_id is None else eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos)
         stop = StopStrings(self.tokenizer, stop_strings) if stop_strings else None
@@ -679,7 +679,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 @torch.no_grad()
 def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
-            num_samples=1, prefix_ids=None, max_new_tokens=64, image_features=None):
+            num_samples=1, prefix_ids=None, max_new_tokens=64):
     """Left-padded prompts (B, T) -> (a cache sized for the run, logits (R, V) of each row's next
     token). Each prompt fills num_samples rows (an int or a count per prompt); `prefix_ids` (one
     list per row) go in after, as one right-aligned chunk (its padding sits mid-cache, masked)."""
@@ -687,8 +687,7 @@ def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=
     dev = input_ids.device
     P = max(map(len, prefix_ids)) if prefix_ids else 0
     cache = KVCache(vlm.cfg.text, B, T + P + max_new_tokens, vlm.lm_head.weight.dtype, dev)
-    h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache,
-                   image_features=image_features)
+    h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache)
     logits = vlm.lm_head(h[:, -1])  # (B, V): only the last position is needed
     if num_samples != 1:
         reps = num_samples if isinstance(num_samples, int) else torch.tensor(num_samples, device=dev)

@@ -15,6 +15,7 @@ test seeds, on which nothing was tuned, and the only ones STUDY.md reports (mean
 import hashlib
 import json
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -118,7 +119,7 @@ def run_row(cfg, table, row, commands, seed):
     done = os.path.join(out, "results.json")
     with LOCKS.setdefault(out, threading.Lock()):  # a shared run: the second caller waits
         if os.path.exists(done):
-            return json.load(open(done))
+            return json.loads(pathlib.Path(done).read_text())
         shutil.rmtree(out, ignore_errors=True)  # what a killed runner left: started again
         os.makedirs(out)
         model = f" --model {out}/checkpoint" if commands else ""  # no command: the shipped base
@@ -136,7 +137,7 @@ def run_row(cfg, table, row, commands, seed):
                 if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
                     print(f"failed: {table} / {row} / seed {seed}: see {out}/log.txt", flush=True)
                     return None
-        res = next(iter(json.load(open(os.path.join(out, "report.json"))).values()))
+        res = next(iter(json.loads(pathlib.Path(out, "report.json").read_text()).values()))
         res |= {"minutes": round((time.time() - t0) / 60, 2), "commands": commands}
         # the held-out pairs' accuracy (Table 7) of the policy and of a reward model
         for name, sub in (("pair_acc", "metrics.jsonl"), ("rm_acc", "rm/metrics.jsonl")):

@@ -324,9 +324,6 @@ def build_policy(cfg, ranks, head=None):
     vlm.model.multi_modal_projector.requires_grad_(cfg.lr_projector > 0)
     vlm.model.language_model.checkpointing = cfg.grad_ckpt
     pm = PairModel(vlm, head).to(ranks.device)
-    if cfg.ref == "lora_off" and (cfg.lr_projector > 0 or not cfg.lora_r):
-        raise ValueError("--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
-                         "gives back the reference model only if nothing else trains")
     model = pm
     if ranks.W > 1 and cfg.fsdp:  # FSDP2: each decoder layer its own unit, the rest the root's
         from torch.distributed.fsdp import fully_shard
@@ -537,6 +534,9 @@ def setup(cfg):
     if cfg.batch_size % (ranks.W * cfg.grad_accum):
         raise ValueError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
                          f"{ranks.W * cfg.grad_accum}")
+    if cfg.ref == "lora_off" and (cfg.lr_projector > 0 or not cfg.lora_r):
+        raise ValueError("--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
+                         "gives back the reference model only if nothing else trains")
     if cfg.loss not in (*losses.LOSSES, "rm"):
         raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm'])}")
     state = os.path.join(cfg.out_dir, "state.pt")

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import time
@@ -411,7 +412,7 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
     """Mean and std of the annotator's scores on the starting policy's samples (§2.3), kept for resume."""
     path = os.path.join(cfg.out_dir, "reward_norm.json")
     if cfg.resume and os.path.exists(path):
-        return tuple(json.load(open(path)))
+        return tuple(json.loads(pathlib.Path(path).read_text()))
     mine, b = recs[:NORM_PROMPTS][ranks.rank::ranks.W], cfg.batch_size // ranks.W
     gen, xs = torch.Generator().manual_seed(cfg.seed + 7919 * ranks.rank), []
     for i in tqdm(range(0, len(mine), b), desc="reward statistics", disable=ranks.rank != 0):
