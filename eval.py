@@ -352,8 +352,9 @@ def score_bench(name, items, preds, vocab=None):
 class JudgeClient:
     """POSTs to {JUDGE_BASE_URL}/chat/completions as JUDGE_MODEL, key JUDGE_API_KEY or OPENAI_API_KEY.
     Retries 429, 5xx, malformed replies, network errors and timeouts (back-off or Retry-After, each
-    wait capped at max_wait); refuses redirects, so the key goes to the configured host only; appends
-    each judgment to the JSONL `cache`, so a rerun asks only for what is missing. Thread-safe."""
+    wait capped at max_wait); refuses redirects, so the key goes to the configured host only (an https
+    one through HTTPS_PROXY's tunnel where set); appends each judgment to the JSONL `cache`, so a rerun
+    asks only for what is missing. Thread-safe."""
 
     def __init__(self, cache, base_url=None, model=None, api_key=None, retries=6, backoff=2.0,
                  min_interval=0.0, timeout=120.0, max_wait=60.0):
@@ -418,9 +419,17 @@ class JudgeClient:
         import http.client
         import socket
         import urllib.parse
+        import urllib.request
         u = urllib.parse.urlsplit(self.url)
         http_ = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        conn = http_(u.hostname, u.port, timeout=self.timeout)
+        proxy = urllib.request.getproxies().get("https", "")  # plain http goes direct: a proxy would read the key
+        if u.scheme == "https" and proxy and not urllib.request.proxy_bypass(u.hostname):  # a CONNECT tunnel:
+            p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)  # the key stays in TLS
+            conn = http_(p.hostname, p.port or 8080, timeout=self.timeout)
+            cred = base64.b64encode(urllib.parse.unquote(f"{p.username}:{p.password or ''}").encode()).decode()
+            conn.set_tunnel(u.hostname, u.port, {"Proxy-Authorization": f"Basic {cred}"} if p.username else None)
+        else:
+            conn = http_(u.hostname, u.port, timeout=self.timeout)
         late = threading.Event()
 
         def cut():  # at the deadline: wakes the read blocked in the calling thread

@@ -1,13 +1,18 @@
 """The paper's benchmarks: the rule-scored ones (POPE, TextVQA, GQA) on fixtures in their releases' layouts against
 hand-computed values, and the judge client of the open-ended ones against a fake chat-completions server on
 127.0.0.1 (retries on 429 / 500 and malformed replies, cached judgments reused, a judge that stays down gives a clear
-error and keeps what was finished, redirects refused, a deadline per request, threads), and the zip caps."""
+error and keeps what was finished, redirects refused, HTTPS_PROXY's tunnel, a deadline per request, threads), and
+the zip caps."""
 import base64
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
+import ssl
+import subprocess
 import threading
 import time
 import types
@@ -136,8 +141,8 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
 # The judge client
 
 
-def fake_server():
-    """A fake endpoint that answers with the scripted answers first, then 200 with a reply naming
+def fake_server(tls=None):
+    """A fake endpoint (over TLS with an ssl server context `tls`) that answers with the scripted answers first, then 200 with a reply naming
     the request's last message (state["reply"](body): a text, or a status code to answer with); it
     records every request's body and Authorization header. A scripted answer is a status code or a
     dict(code, headers, body (bytes), trickle: seconds between the bytes of the reply).
@@ -172,8 +177,10 @@ def fake_server():
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    state["url"] = f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}/v1"
     return state, httpd
 
 
@@ -248,6 +255,66 @@ def test_a_redirect_is_refused_and_the_key_stays_home(server, tmp_path):
         assert other["bodies"] == [] and other["auth"] == [] and server["auth"] == ["Bearer k1"] * 2
     finally:
         httpd.shutdown()
+
+
+def connect_proxy():
+    """A CONNECT proxy on 127.0.0.1 that records each request's head, then pipes bytes both ways.
+    -> (heads, url)."""
+    heads, srv = [], socket.create_server(("127.0.0.1", 0))
+
+    def pipe(a, b):
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def serve():
+        while True:
+            c, _ = srv.accept()
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += c.recv(1)
+            heads.append(head.decode())
+            host, port = head.split()[1].decode().rsplit(":", 1)
+            up = socket.create_connection((host, int(port)))
+            c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            threading.Thread(target=pipe, args=(c, up), daemon=True).start()
+            threading.Thread(target=pipe, args=(up, c), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    return heads, f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_https_proxy_tunnels_and_the_key_stays_inside_tls(tmp_path, monkeypatch):
+    """HTTPS_PROXY: the request goes through a CONNECT tunnel, so the proxy sees the target's name and
+    its own credentials, never the key; NO_PROXY skips it; a plain-http endpoint never uses it."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=t",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    secure, httpd = fake_server(tls)
+    plain, httpd2 = fake_server()
+    heads, proxy = connect_proxy()
+    for var in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client trusts the test certificate
+    monkeypatch.setenv("https_proxy", proxy.replace("://", "://u:p%40ss@"))
+    try:
+        assert client(secure, tmp_path)(msg("a")) == "rated: a"
+        target = secure["url"].split("/")[2]
+        assert heads[0].startswith(f"CONNECT {target} HTTP/1.")
+        assert "Bearer" not in heads[0] and "k1" not in heads[0]  # the key went inside the tunnel
+        assert f"Proxy-Authorization: Basic {base64.b64encode(b'u:p@ss').decode()}" in heads[0]
+        assert secure["auth"] == ["Bearer k1"]
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        assert client(secure, tmp_path)(msg("b")) == "rated: b" and len(heads) == 1  # direct
+        monkeypatch.delenv("no_proxy")
+        assert client(plain, tmp_path)(msg("c")) == "rated: c" and len(heads) == 1  # plain http: direct
+        assert plain["auth"] == ["Bearer k1"]
+    finally:
+        httpd.shutdown(), httpd2.shutdown()
 
 
 def test_malformed_replies_are_retried_and_never_cached(server, tmp_path):

@@ -446,8 +446,9 @@ def test_dpo_trains_saves_and_caches_reference(tmp_path):
     out2 = str(tmp_path / "run2")
     to.main(SMALL + ["--steps", "1", "--out_dir", out2, "--cache_dir", cache, "--ref", "lora_off",
                      "--lr_projector", "0"])
-    with pytest.raises(ValueError, match="--ref lora_off needs"):
-        to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "x"), "--ref", "lora_off"])
+    with pytest.raises(ValueError, match="--ref lora_off needs"):  # checked before the model loads
+        to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "x"), "--ref", "lora_off",
+                         "--model", str(tmp_path / "no-such-model")])
     to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "run3"), "--cache_dir", cache, "--lr_projector", "0"])
     assert len(os.listdir(cache)) == 1  # read back, not recomputed
     same(run_metrics(os.path.join(out2, "metrics.jsonl")), run_metrics(str(tmp_path / "run3" / "metrics.jsonl")))
