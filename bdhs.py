@@ -50,6 +50,7 @@ class SentenceEmbedder:
     def __init__(self, path):
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
+
         def read(fn, default=None):  # one of the folder's JSON files; `default` where an optional one is absent
             f = pathlib.Path(path, fn)
             return default if default is not None and not f.exists() else json.loads(f.read_text())

@@ -425,7 +425,7 @@ class JudgeClient:
         proxy = urllib.request.getproxies().get("https", "")  # plain http goes direct: a proxy would read the key
         if u.scheme == "https" and proxy and not urllib.request.proxy_bypass(u.hostname):  # a CONNECT tunnel:
             p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)  # the key stays in TLS
-            conn = http_(p.hostname, p.port or 8080, timeout=self.timeout)
+            conn = http_(p.hostname, p.port or 80, timeout=self.timeout)
             cred = base64.b64encode(urllib.parse.unquote(f"{p.username}:{p.password or ''}").encode()).decode()
             conn.set_tunnel(u.hostname, u.port, {"Proxy-Authorization": f"Basic {cred}"} if p.username else None)
         else:
