@@ -142,11 +142,11 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
 
 
 def fake_server(tls=None):
-    """A fake endpoint (over TLS with an ssl server context `tls`) that answers with the scripted answers first, then 200 with a reply naming
-    the request's last message (state["reply"](body): a text, or a status code to answer with); it
-    records every request's body and Authorization header. A scripted answer is a status code or a
-    dict(code, headers, body (bytes), trickle: seconds between the bytes of the reply).
-    -> (state, server)."""
+    """A fake endpoint (over TLS with an ssl server context `tls`) that answers with the scripted
+    answers first, then 200 with a reply naming the request's last message (state["reply"](body): a
+    text, or a status code to answer with); it records every request's body and Authorization
+    header. A scripted answer is a status code or a dict(code, headers, body (bytes), trickle:
+    seconds between the bytes of the reply). -> (state, server)."""
     state = dict(script=[], bodies=[], auth=[], reply=lambda body: f"rated: {body['messages'][-1]['content']}")
 
     class Handler(BaseHTTPRequestHandler):
@@ -259,7 +259,7 @@ def test_a_redirect_is_refused_and_the_key_stays_home(server, tmp_path):
 
 def connect_proxy():
     """A CONNECT proxy on 127.0.0.1 that records each request's head, then pipes bytes both ways.
-    -> (heads, url)."""
+    -> (heads, url, its listening socket)."""
     heads, srv = [], socket.create_server(("127.0.0.1", 0))
 
     def pipe(a, b):
@@ -270,19 +270,20 @@ def connect_proxy():
             b.shutdown(socket.SHUT_WR)
 
     def serve():
-        while True:
-            c, _ = srv.accept()
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += c.recv(1)
-            heads.append(head.decode())
-            host, port = head.split()[1].decode().rsplit(":", 1)
-            up = socket.create_connection((host, int(port)))
-            c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            threading.Thread(target=pipe, args=(c, up), daemon=True).start()
-            threading.Thread(target=pipe, args=(up, c), daemon=True).start()
+        with contextlib.suppress(OSError):  # the listening socket closed: the test is over
+            while True:
+                c, _ = srv.accept()
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += c.recv(1)
+                heads.append(head.decode())
+                host, port = head.split()[1].decode().rsplit(":", 1)
+                up = socket.create_connection((host, int(port)))
+                c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                threading.Thread(target=pipe, args=(c, up), daemon=True).start()
+                threading.Thread(target=pipe, args=(up, c), daemon=True).start()
     threading.Thread(target=serve, daemon=True).start()
-    return heads, f"http://127.0.0.1:{srv.getsockname()[1]}"
+    return heads, f"http://127.0.0.1:{srv.getsockname()[1]}", srv
 
 
 def test_https_proxy_tunnels_and_the_key_stays_inside_tls(tmp_path, monkeypatch):
@@ -296,7 +297,7 @@ def test_https_proxy_tunnels_and_the_key_stays_inside_tls(tmp_path, monkeypatch)
     tls.load_cert_chain(cert, key)
     secure, httpd = fake_server(tls)
     plain, httpd2 = fake_server()
-    heads, proxy = connect_proxy()
+    heads, proxy, srv = connect_proxy()
     for var in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client trusts the test certificate
@@ -314,7 +315,7 @@ def test_https_proxy_tunnels_and_the_key_stays_inside_tls(tmp_path, monkeypatch)
         assert client(plain, tmp_path)(msg("c")) == "rated: c" and len(heads) == 1  # plain http: direct
         assert plain["auth"] == ["Bearer k1"]
     finally:
-        httpd.shutdown(), httpd2.shutdown()
+        httpd.shutdown(), httpd2.shutdown(), srv.close()
 
 
 def test_malformed_replies_are_retried_and_never_cached(server, tmp_path):
