@@ -237,6 +237,16 @@ def test_rule_annotator_only_on_the_world(tmp_path, monkeypatch):
     on.check(on.Config(data=path, annotator="api:m"))
 
 
+def test_online_bdhs_external_needs_every_rejected(tmp_path):
+    """--external true (Avg-DPO) on prompts without a rejected response is an error naming the record, not a run
+    that trains one rejected per pair while its settings say two."""
+    path = str(tmp_path / "prompts.jsonl")
+    data.write_pairs(path, world.world_pairs(world.World(0), 8, rejected=False))
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: missing key 'rejected'"):
+        on.main(SMALL + ["--algo", "online-bdhs", "--external", "true", "--data", path, "--steps", "1",
+                         "--out_dir", str(tmp_path / "run")])
+
+
 class Unhelpful:
     """An annotator with no signal until call `signal` (a step's call; 0: never): a judge whose replies never
     parse, or a scorer (RL: after `readable` calls for the reward statistics) that ties or cannot read."""
