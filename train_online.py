@@ -198,7 +198,8 @@ def objective_line(cfg: Config, recs):
         rejected = "2 rejected (Avg-DPO: the data's and BDHS's)" if ext else "1 rejected (BDHS's)"
         return f"Online-BDHS ({dpo}), the ground truth chosen, {rejected}"
     if cfg.algo == "ppo":
-        return f"PPO (clip {CLIP}, KL β {cfg.kl_coef} per token, GAE λ {GAE_LAMBDA}, {cfg.ppo_epochs} epochs), {per}, {by}"
+        ppo = f"clip {CLIP}, KL β {cfg.kl_coef} per token, GAE λ {GAE_LAMBDA}, {cfg.ppo_epochs} epochs"
+        return f"PPO ({ppo}), {per}, {by}"
     return f"RLOO (KL β {cfg.kl_coef}), {per}, {by}"
 
 
