@@ -8,10 +8,11 @@ Every step samples responses of the current policy for a batch of prompts, judge
     ppo          1 sample; its reward at the last token, a per-token KL penalty, a value head, GAE (§3.1)
     rloo         4 samples; rewards normalised before training, R = r̂ - β·KL, leave-one-out (§3.1)
 
-Annotators (--annotator): `rule`, the world's verifier; `rm:PATH`, a reward model from
+Annotators (--annotator): `rule`, the world's verifier (world data only); `rm:PATH`, a reward model from
 `train_offline.py --loss rm`; `judge:PATH`, a VLM asked the paper's pairwise question (Table 14);
 `api:MODEL`, a VLM behind an OpenAI-compatible endpoint ($JUDGE_BASE_URL, $JUDGE_API_KEY), asked
-for a pair or a 1-10 rating per sample (PPO, RLOO, best-of-k). Unreadable answers are dropped.
+for a pair or a 1-10 rating per sample (PPO, RLOO, best-of-k). Unreadable answers are dropped;
+5 steps in a row with nothing to train on (all ties or unreadable) stop the run with an error.
 
 The reference is the policy with its LoRA adapters off: only the adapters (and PPO's value head)
 train. The machinery (setup, build_policy, PairModel, Checkpoint, Metrics) is train_offline.py's.
