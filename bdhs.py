@@ -11,7 +11,8 @@ the masked, teacher-forced y+).
 
     python bdhs.py --out runs/bdhs/pairs.jsonl   # the world's align prompts, the shipped base model
     python bdhs.py --model M --source povid:/data/povid --out pairs.jsonl \
-        --embedder sentence-transformers/all-mpnet-base-v2
+        --embedder sentence-transformers/all-mpnet-base-v2   # BDHS's rejected replaces POVID's
+    python bdhs.py --source povid:/data/povid --external true  # both: Avg-DPO (Eq. 5), 3 responses
 """
 import hashlib
 import json
@@ -231,7 +232,8 @@ class Config:
     temperature: float = 1.0
     sentence_tokens: int = 64     # new tokens per guided sentence
     max_new_tokens: int = 256     # new tokens of an unguided response
-    external: bool = True         # keep a source's rejected, BDHS's as rejected2 (Avg-DPO, Eq. 5)
+    external: bool = False        # also keep a source's rejected, BDHS's then as rejected2 (Avg-DPO, Eq. 5);
+                                  # false: BDHS's rejected replaces the source's (plain DPO on BDHS pairs)
     batch_size: int = 32
     seed: int = 0
 
@@ -240,7 +242,8 @@ def source_records(cfg):
     if cfg.source in ("world", "world+corrupt"):
         w = world.World(cfg.world_seed, half=cfg.world_half)
         return world.world_pairs(w, cfg.n, rejected=cfg.source == "world+corrupt")
-    return data.load_pairs(cfg.source, cfg.image_root, need_rejected=False, flag="--source")
+    # --external true: every record needs the rejected it keeps
+    return data.load_pairs(cfg.source, cfg.image_root, need_rejected=cfg.external, flag="--source")
 
 
 @torch.no_grad()
@@ -403,8 +406,12 @@ def main(argv=None):
         raise ValueError(f"--variant {cfg.variant!r}: expected attn, noise or distort")
     if cfg.guidance not in ("sentence", "token", "none"):
         raise ValueError(f"--guidance {cfg.guidance!r}: expected sentence, token or none")
+    if cfg.external and cfg.source == "world":
+        raise ValueError("--external true keeps the source's rejected, and --source world has none: "
+                         "--source world+corrupt has the world's rule-made ones")
     build_pairs(cfg)
-    print(f"wrote {cfg.out}")
+    kept = "the source's rejected kept, BDHS's as rejected2 (Avg-DPO)" if cfg.external else "BDHS's rejected"
+    print(f"wrote {cfg.out}: {kept}")
 
 
 if __name__ == "__main__":

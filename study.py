@@ -60,8 +60,8 @@ TABLES = {
         "BDHS_noise N 500": bdhs_row("--variant noise --noise_steps 500"),
         "POVID-style distortion N 500": bdhs_row("--variant distort"),
         "corruption set alone": [f"{OFF} --data world {SMALL} {PLAIN}"],
-        "corruption set + BDHS_noise (Avg-DPO)": bdhs_row("--source world+corrupt --variant noise"),
-        "corruption set + BDHS_attn (Avg-DPO)": bdhs_row("--source world+corrupt"),
+        "corruption set + BDHS_noise (Avg-DPO)": bdhs_row("--source world+corrupt --external true --variant noise"),
+        "corruption set + BDHS_attn (Avg-DPO)": bdhs_row("--source world+corrupt --external true"),
     },
     "ablation": {  # BDHS's own choices, not ablated in the paper: attempts x threshold, guidance
         **{f"N_BDHS {n}, ε_s {e}": bdhs_row("--rho 0.99" if (n, e) == (5, 0.97) else f"--n_bdhs {n} --eps_s {e}")

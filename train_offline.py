@@ -88,6 +88,8 @@ def main(argv=None):
     vlm, device = pm.vlm, ranks.device
     B = cfg.batch_size // (ranks.W * cfg.grad_accum)  # pairs per micro-step and rank
     items, train_idx, val_idx = load_pairs(cfg, vlm, ranks)
+    ranks.print(f"objective: {objective_line(cfg, len(items[0]['responses']))}; {len(val_idx)} pairs held out, "
+                f"{len(train_idx)} to train on")
     ref = reference_logps(cfg, pm, items, B, ranks) if cfg.ref == "cache" and cfg.loss != "rm" else None
     steps = cfg.steps or max(1, int(cfg.epochs * len(train_idx) // cfg.batch_size))
     ckpt = Checkpoint(cfg, pm, opt, ranks)
@@ -176,6 +178,16 @@ def pair_loss(cfg: Config, pm, batch, lp, scores, ref, idx):
                                   rpo_alpha=cfg.rpo_alpha)
 
 
+def objective_line(cfg: Config, K):
+    """What a run trains, in words; K: responses per pair in the data as loaded (3: two rejected)."""
+    if cfg.loss == "rm":
+        return "Bradley–Terry reward model" + (", the second rejected unused" if K == 3 else "")
+    name = {"dpo": "DPO", "ipo": "IPO", "slic": "SLiC"}[cfg.loss]
+    nll = f" + {cfg.rpo_alpha} × NLL" if cfg.rpo_alpha else ""
+    avg = (" (Avg-DPO)" if cfg.loss == "dpo" else " (averaged, as Avg-DPO)") if K == 3 else ""
+    return f"{name} (β {cfg.beta}){nll}, {K - 1} rejected{avg}"
+
+
 def pair_stats(loss, c, r, token_lp, w=None):
     """A micro-batch's metrics as [sum, count] under TRL's names; w: the pairs' weights (online)."""
     n = len(loss)
@@ -240,7 +252,8 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
     import bdhs
     source = "world+corrupt" if cfg.data == "bdhs+world" else "world"
     bc = bdhs.Config(model=cfg.model, source=source, n=cfg.pairs, world_seed=cfg.world_seed,
-                     world_half=cfg.world_half, seed=cfg.seed, batch_size=256)  # wide: a tiny model
+                     world_half=cfg.world_half, seed=cfg.seed, batch_size=256,  # wide: a tiny model
+                     external=cfg.data == "bdhs+world")  # Avg-DPO: the world's rejected and BDHS's
     code = M.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
     key = hashlib.sha256((M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code)
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")

@@ -8,10 +8,11 @@ Every step samples responses of the current policy for a batch of prompts, judge
     ppo          1 sample; its reward at the last token, a per-token KL penalty, a value head, GAE (§3.1)
     rloo         4 samples; rewards normalised before training, R = r̂ - β·KL, leave-one-out (§3.1)
 
-Annotators (--annotator): `rule`, the world's verifier; `rm:PATH`, a reward model from
+Annotators (--annotator): `rule`, the world's verifier (world data only); `rm:PATH`, a reward model from
 `train_offline.py --loss rm`; `judge:PATH`, a VLM asked the paper's pairwise question (Table 14);
 `api:MODEL`, a VLM behind an OpenAI-compatible endpoint ($JUDGE_BASE_URL, $JUDGE_API_KEY), asked
-for a pair or a 1-10 rating per sample (PPO, RLOO, best-of-k). Unreadable answers are dropped.
+for a pair or a 1-10 rating per sample (PPO, RLOO, best-of-k). Unreadable answers are dropped;
+5 steps in a row with nothing to train on (all ties or unreadable) stop the run with an error.
 
 The reference is the policy with its LoRA adapters off: only the adapters (and PPO's value head)
 train. The machinery (setup, build_policy, PairModel, Checkpoint, Metrics) is train_offline.py's.
@@ -51,6 +52,7 @@ from train_offline import (Checkpoint, Metrics, PairModel, accumulate, batch_row
 SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "online-bdhs": 1, "ppo": 1, "rloo": 4}
 CLIP, VF_COEF, GAE_LAMBDA = 0.2, 0.1, 0.95  # PPO: ratio/value clipping, value-loss weight, GAE's λ
 NORM_PROMPTS, JUDGE_TOKENS = 256, 64  # prompts for RL's reward statistics; a judge's reply tokens
+STALL = 5  # steps in a row with every pair a tie or unparsed (no training signal) that stop a run
 
 
 @dataclass
@@ -104,7 +106,9 @@ def main(argv=None):
     if cfg.data == "world":
         recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
     else:
-        recs = data.load_pairs(cfg.data, cfg.image_root, need_rejected=cfg.algo == "mixed-dpo")
+        # Mixed-DPO's offline pairs and Online-BDHS's --external (Avg-DPO) need every record's rejected
+        need = cfg.algo == "mixed-dpo" or (cfg.algo == "online-bdhs" and cfg.external)
+        recs = data.load_pairs(cfg.data, cfg.image_root, need_rejected=need)
     if len(recs) < cfg.batch_size:
         raise ValueError(f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}")
     if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward: before sampling
@@ -120,10 +124,13 @@ def main(argv=None):
     amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
     norm = reward_norm(cfg, pm, recs, annotate[0], ranks, amp) if cfg.algo in ("ppo", "rloo") else (0.0, 1.0)
     log = Metrics(cfg, start, ranks)
+    ranks.print(f"objective: {objective_line(cfg, recs)}; no pairs held out (online: each step samples anew)")
     ranks.print(f"{cfg.algo}: {steps} steps of {cfg.batch_size} prompts x {cfg.samples} samples ({B} per "
                 f"micro-step per rank, {cfg.grad_accum} micro-steps, {ranks.W} ranks)"
                 + (f", resuming at step {start}" if start else ""))
-    for step in tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.algo):
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.algo)
+    stalled = 0  # steps in a row without a training signal
+    for step in bar:
         rolls = []
         for micro in range(cfg.grad_accum):  # sample and judge everything, then train
             key = f"{cfg.seed}-{step}-{micro}-{ranks.rank}".encode()
@@ -140,7 +147,18 @@ def main(argv=None):
                     ((loss * roll["w"].to(loss)).sum() * ranks.W / max(weight, 1)).backward()
                 log.add(stats | (roll["stats"] if epoch == 0 else {}))
             lr, grad_norm = optimizer_step(cfg, pm, opt, step, steps)
-        log.write(step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs))
+        rec = log.write(step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs))
+        bar.set_postfix(drop_shares(rec), refresh=False)
+        stalled = stalled + 1 if no_signal(cfg, rec, weight) else 0
+        if stalled == STALL:  # rec and weight are summed over ranks: every rank stops here
+            bar.close()
+            log.close()
+            raise ValueError(
+                f"--annotator {cfg.annotator}: no training signal for {STALL} steps in a row (to step {step}): "
+                f"every pair was a tie or an unparsed reply (ties {drop_shares(rec).get('ties', '-')}, "
+                f"unparsed {drop_shares(rec).get('unparsed', '-')}), so the loss and its gradient are 0. "
+                f"Check that the annotator fits --data {cfg.data} and read its replies"
+                + (f" in {cfg.out_dir}/annotator.jsonl" if cfg.annotator.startswith("api:") else ""))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
             ckpt.save(step)
     log.close()
@@ -161,6 +179,47 @@ def check(cfg: Config):
         raise ValueError(f"--algo {cfg.algo} needs --samples >= 2")
     if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
         raise ValueError("--annotator judge compares two responses: --samples must be 2")
+    if cfg.annotator == "rule" and cfg.data != "world" and cfg.algo != "online-bdhs":  # BDHS asks no annotator
+        raise ValueError(f"--annotator rule (the default) is the world's verifier: it scores the world's scenes "
+                         f"only, not --data {cfg.data}; pass --annotator rm:PATH, judge:PATH or api:MODEL")
+
+
+def objective_line(cfg: Config, recs):
+    """What a run trains, in words: the algorithm, its loss and settings, samples and annotator."""
+    dpo = f"DPO, β {cfg.beta}"
+    per = f"{cfg.samples} sample{'s' * (cfg.samples != 1)} per prompt"
+    by = f"annotator: {cfg.annotator}"
+    if cfg.algo == "online-dpo":
+        pick = " (best vs worst)" if cfg.samples > 2 else ""
+        return f"Online-DPO ({dpo}), {per}{pick}, {by}"
+    if cfg.algo == "mixed-dpo":
+        return f"Mixed-DPO ({dpo}; the offline pair with p {cfg.mix_p}), {per}, {by}"
+    if cfg.algo == "online-bdhs":  # main() loaded every record with its rejected under --external
+        ext = cfg.external and all("rejected" in r for r in recs)
+        rejected = "2 rejected (Avg-DPO: the data's and BDHS's)" if ext else "1 rejected (BDHS's)"
+        return f"Online-BDHS ({dpo}), the ground truth chosen, {rejected}"
+    if cfg.algo == "ppo":
+        ppo = f"clip {CLIP}, KL β {cfg.kl_coef} per token, GAE λ {GAE_LAMBDA}, {cfg.ppo_epochs} epochs"
+        return f"PPO ({ppo}), {per}, {by}"
+    return f"RLOO (KL β {cfg.kl_coef}), {per}, {by}"
+
+
+def drop_shares(rec):
+    """A step's metrics -> the progress bar's shares of ties and unparsed replies, e.g. {"ties": "25%"}."""
+    out = {}
+    if "online/ties_or_dropped" in rec:  # a pair with no pick: a tie, or a reply unparsed
+        out["ties"] = f"{rec['online/ties_or_dropped'] - rec.get('online/unparsed', 0.0):.0%}"
+    if "online/unparsed" in rec:
+        out["unparsed"] = f"{rec['online/unparsed']:.0%}"
+    return out
+
+
+def no_signal(cfg: Config, rec, weight):
+    """True when a step trained on nothing: every pair dropped (weight 0: only stand-ins), or every RL
+    score unreadable (each then gets the mean: no advantage from the annotator)."""
+    if cfg.algo in ("ppo", "rloo"):
+        return rec.get("online/unparsed", 0.0) == 1.0
+    return weight == 0
 
 # -----------------------------------------------------------------------------
 # Annotators: a score per response (rule, reward model, endpoint) or a pairwise choice (judge, endpoint)

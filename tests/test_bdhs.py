@@ -282,7 +282,9 @@ def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
     import train_offline as to
     cache = str(tmp_path / "c")
     to.main(SMALL + ["--out_dir", str(tmp_path / "a"), "--cache_dir", cache])
-    assert "non-similar share after each attempt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "non-similar share after each attempt" in out
+    assert "objective: DPO (β 1.0) + 1.0 × NLL, 1 rejected; 1 pairs held out, 15 to train on" in out
     (folder,) = [d for d in os.listdir(cache) if d.startswith("bdhs-")]
     recs = data.read_pairs(os.path.join(cache, folder, "pairs.jsonl"))
     assert len(recs) == 16 and all("bdhs" in r["meta"] and "rejected2" not in r for r in recs)
@@ -292,10 +294,46 @@ def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
     assert metrics[0]["rewards/margins"] == 0 and len([m for m in metrics if "step" in m and "loss" in m]) == 2
     # Avg-DPO with the world's corruption as the external rejected (Eq. 5): a new key, three responses per pair
     to.main(SMALL + ["--out_dir", str(tmp_path / "c2"), "--cache_dir", cache, "--data", "bdhs+world"])
+    assert "objective: DPO (β 1.0) + 1.0 × NLL, 2 rejected (Avg-DPO); 1 pairs held out" in capsys.readouterr().out
     folders = [d for d in os.listdir(cache) if d.startswith("bdhs-")]
     assert len(folders) == 2
     ext = data.read_pairs(os.path.join(cache, [d for d in folders if d != folder][0], "pairs.jsonl"))
-    assert all("rejected2" in r for r in ext)
+    corrupt = {r["id"]: r["rejected"] for r in world.world_pairs(world.World(0), 16)}
+    assert all(r["rejected"] == corrupt[r["id"]] and r["rejected2"] for r in ext)  # the world's, then BDHS's
+
+
+def test_avg_dpo_is_asked_for(tmp_path, capsys):
+    """bdhs.py --source with rejected responses: BDHS's replaces the source's, unless --external true keeps both
+    (Avg-DPO), as study.py's Avg-DPO rows ask; their training then uses three responses per pair."""
+    import shlex
+
+    import study
+    import train_offline as to
+    small = ["--n", "4", "--batch_size", "4", "--n_bdhs", "2"]
+    bdhs.main(["--source", "world+corrupt", "--out", str(tmp_path / "plain.jsonl")] + small)
+    assert "plain.jsonl: BDHS's rejected" in capsys.readouterr().out
+    plain = data.read_pairs(str(tmp_path / "plain.jsonl"))
+    corrupt = {r["id"]: r["rejected"] for r in world.world_pairs(world.World(0), 4)}
+    assert len(plain) == 4 and all("rejected2" not in r for r in plain)
+    assert any(r["rejected"] != corrupt[r["id"]] for r in plain)  # BDHS's, not the world's corruption
+    for row in ("corruption set + BDHS_noise (Avg-DPO)", "corruption set + BDHS_attn (Avg-DPO)"):
+        make, train = (shlex.split(c.format(seed=0, out=str(tmp_path / "row"))) for c in study.TABLES["table6"][row])
+        bdhs.main(make[1:] + small)
+        assert "rejected kept, BDHS's as rejected2 (Avg-DPO)" in capsys.readouterr().out
+        recs = data.read_pairs(str(tmp_path / "row" / "pairs.jsonl"))
+        assert all(r["rejected"] == corrupt[r["id"]] and "rejected2" in r for r in recs)
+        if "attn" in row:  # the same sampling as the plain file's: BDHS's rejected moved to rejected2
+            assert [r["rejected2"] for r in recs] == [r["rejected"] for r in plain]
+        to.main(train[1:] + ["--steps", "1", "--batch_size", "2", "--cache_dir", str(tmp_path / "c"),
+                             "--overwrite", "true"])
+        assert "objective: DPO (β 1.0), 2 rejected (Avg-DPO); 0 pairs held out" in capsys.readouterr().out
+        os.remove(tmp_path / "row" / "pairs.jsonl")  # the next row's settings differ
+    with pytest.raises(ValueError, match="--external true keeps the source's rejected, and --source world has none"):
+        bdhs.main(["--external", "true", "--out", str(tmp_path / "x.jsonl")])
+    prompts = str(tmp_path / "prompts.jsonl")  # a native file of prompts and ground truths only
+    data.write_pairs(prompts, [{k: v for k, v in r.items() if k != "rejected"} for r in plain])
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: missing key 'rejected'"):
+        bdhs.main(["--source", prompts, "--external", "true", "--out", str(tmp_path / "y.jsonl")] + small)
 
 
 def test_bdhs_cli_variants_and_flag_errors(tmp_path):

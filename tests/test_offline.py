@@ -455,9 +455,14 @@ def test_dpo_trains_saves_and_caches_reference(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["ipo", "slic", "rm", "rpo"])
-def test_other_losses_run(tmp_path, loss):
+def test_other_losses_run(tmp_path, capsys, loss):
     extra = ["--loss", "dpo", "--rpo_alpha", "1.0"] if loss == "rpo" else ["--loss", loss]
+    extra += ["--rpo_alpha", "0"] if loss == "slic" else []
     to.main(SMALL + ["--steps", "2", "--out_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c")] + extra)
+    said = {"ipo": "IPO (β 1.0) + 1.0 × NLL, 1 rejected", "slic": "SLiC (β 1.0), 1 rejected",
+            "rm": "Bradley–Terry reward model", "rpo": "DPO (β 1.0) + 1.0 × NLL, 1 rejected"}[loss]
+    out = capsys.readouterr().out
+    assert out.count("objective: ") == 1 and f"objective: {said}; 6 pairs held out, 58 to train on" in out
     recs = run_metrics(str(tmp_path / "metrics.jsonl"))
     assert len(recs) == 2 and all(math.isfinite(r["loss"]) for r in recs)
     if loss == "rpo":  # log 2 plus the chosen responses' mean per-token NLL at the start

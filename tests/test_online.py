@@ -187,8 +187,17 @@ def test_its_own_flags(capsys):
                                         ("mixed-dpo", ["--dtype", "bfloat16"]),
                                         ("online-bdhs", ["--external", "true"]),
                                         ("ppo", []), ("rloo", [])])
-def test_two_steps_of_every_algorithm(tmp_path, algo, extra):
+def test_two_steps_of_every_algorithm(tmp_path, capsys, algo, extra):
     on.main(SMALL + ["--algo", algo, "--steps", "2", "--out_dir", str(tmp_path)] + extra)
+    said = {"online-dpo": "Online-DPO (DPO, β 0.5), 2 samples per prompt, annotator: rule",
+            "mixed-dpo": "Mixed-DPO (DPO, β 0.5; the offline pair with p 0.5), 2 samples per prompt",
+            "online-bdhs": "Online-BDHS (DPO, β 0.5), the ground truth chosen, 2 rejected (Avg-DPO",
+            "ppo": "PPO (clip 0.2, KL β 0.4 per token, GAE λ 0.95, 4 epochs), 1 sample per prompt, annotator: rule",
+            "rloo": "RLOO (KL β 0.4), 4 samples per prompt, annotator: rule"}[algo]
+    if "--samples" in extra:
+        said = "Online-DPO (DPO, β 0.5), 3 samples per prompt (best vs worst), annotator: rule"
+    out = capsys.readouterr().out
+    assert out.count("objective: ") == 1 and f"objective: {said}" in out and "no pairs held out" in out
     recs = run_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in recs] == [0, 1] and all(math.isfinite(r["loss"]) for r in recs)
     want = {"ppo": ["objective/scores", "objective/kl", "policy/clipfrac", "val/values"],
@@ -212,6 +221,77 @@ def test_judge_answers_that_name_neither_are_dropped(tmp_path, monkeypatch):
                      "--out_dir", str(tmp_path)])
     rec = run_metrics(str(tmp_path / "metrics.jsonl"))[0]
     assert rec["online/unparsed"] == 1.0 and rec["online/ties_or_dropped"] == 1.0 and rec["loss"] == 0.0
+
+
+def test_rule_annotator_only_on_the_world(tmp_path, monkeypatch):
+    """--annotator rule (the default) checks answers against the world's scenes: with other --data it is refused
+    before anything loads, naming the flag. Online-BDHS asks no annotator, so it keeps the default."""
+    path = str(tmp_path / "mine.jsonl")
+    data.write_pairs(path, world.world_pairs(world.World(0), 8))
+    monkeypatch.setattr(on, "build_policy", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    for algo in ("online-dpo", "mixed-dpo", "ppo", "rloo"):
+        with pytest.raises(ValueError, match=r"--annotator rule \(the default\) is the world's verifier.*--data "
+                                             r".*mine\.jsonl; pass --annotator rm:PATH"):
+            on.main(SMALL + ["--algo", algo, "--data", path, "--out_dir", str(tmp_path / "run")])
+    on.check(on.Config(algo="online-bdhs", data=path))
+    on.check(on.Config(data=path, annotator="api:m"))
+
+
+def test_online_bdhs_external_needs_every_rejected(tmp_path):
+    """--external true (Avg-DPO) on prompts without a rejected response is an error naming the record, not a run
+    that trains one rejected per pair while its settings say two."""
+    path = str(tmp_path / "prompts.jsonl")
+    data.write_pairs(path, world.world_pairs(world.World(0), 8, rejected=False))
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:1: missing key 'rejected'"):
+        on.main(SMALL + ["--algo", "online-bdhs", "--external", "true", "--data", path, "--steps", "1",
+                         "--out_dir", str(tmp_path / "run")])
+
+
+class Unhelpful:
+    """An annotator with no signal until call `signal` (a step's call; 0: never): a judge whose replies never
+    parse, or a scorer (RL: after `readable` calls for the reward statistics) that ties or cannot read."""
+
+    def __init__(self, kind, signal=0, readable=0):
+        self.kind, self.signal, self.readable, self.calls = kind, signal, readable, 0
+
+    def judge(self, recs, pairs):
+        self.calls += 1
+        return [0 if self.calls == self.signal else None for _ in recs]
+
+    def score(self, recs, texts):
+        self.calls += 1
+        if self.calls <= self.readable or self.calls - self.readable == self.signal:
+            return [[float(i) for i in range(len(ts))] for ts in texts]
+        return [[None if self.kind == "unparsed" else 0.5 for _ in ts] for ts in texts]
+
+
+@pytest.mark.parametrize("algo,kind", [("online-dpo", "unparsed"), ("online-dpo", "ties"), ("rloo", "unparsed")])
+def test_a_run_without_signal_stops(tmp_path, monkeypatch, capsys, algo, kind):
+    """Every pair a tie or an unreadable reply: loss and gradient 0. The progress bar shows the shares, and after
+    5 such steps in a row the run stops with an error that says why, before any checkpoint claims success."""
+    fake = Unhelpful(kind, readable=2 * (algo == "rloo"))  # RLOO: 8 readable prompts for the reward statistics
+    pairwise = algo == "online-dpo" and kind == "unparsed"
+    monkeypatch.setattr(on, "annotator", lambda cfg, device: (None, fake.judge) if pairwise else (fake.score, None))
+    with pytest.raises(ValueError, match=r"--annotator rule: no training signal for 5 steps in a row \(to step 4\)"):
+        on.main(SMALL + ["--algo", algo, "--steps", "8", "--out_dir", str(tmp_path)])
+    recs = run_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4] and not os.path.exists(tmp_path / "checkpoint")
+    assert all(r["online/unparsed"] == (kind == "unparsed") for r in recs)
+    bar = capsys.readouterr().err
+    assert (f"{kind}=100%" in bar) and (algo == "rloo" or "ties=" in bar)
+    if algo == "online-dpo":
+        assert all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 and r["online/ties_or_dropped"] == 1 for r in recs)
+
+
+def test_a_signal_between_dead_steps_resets_the_count(tmp_path, monkeypatch, capsys):
+    """4 steps of ties, one with pairs, 4 of ties: never 5 in a row, so the run ends and saves."""
+    fake = Unhelpful("ties", signal=5)
+    monkeypatch.setattr(on, "annotator", lambda cfg, device: (fake.score, None))
+    on.main(SMALL + ["--algo", "online-dpo", "--steps", "9", "--out_dir", str(tmp_path)])
+    recs = run_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["online/ties_or_dropped"] for r in recs] == [1.0] * 4 + [0.0] + [1.0] * 4
+    assert os.path.exists(tmp_path / "checkpoint" / "model.safetensors")
+    assert "ties=100%, unparsed=0%" in capsys.readouterr().err
 
 
 def test_ppo_with_the_reward_model(tmp_path):
