@@ -15,11 +15,12 @@ import hashlib
 import io
 import json
 import os
+import random
 import sys
 
 import torch
 
-from model import TEMPLATES, UserError, UserFileError, load_image, open_image_header, to_rgb
+from model import TEMPLATES, UserError, UserFileError, arg_parser, load_image, open_image_header, run_main, to_rgb
 
 # -----------------------------------------------------------------------------
 # The native format: checked records, JSONL files, images
@@ -357,3 +358,33 @@ def collate_pairs(vlm, items, pad_id=0):
                 targets=torch.tensor([[pad(r, L, -100) for r in it["responses"]] for it in items]),
                 last_idx=torch.tensor(last),
                 **vlm.image_processor(open_image(it["image"]) for it in items))  # one at a time
+
+# -----------------------------------------------------------------------------
+# Command line: a release (or a native file) into a native file, checked, optionally subsampled
+
+
+def main(argv=None):
+    ap = arg_parser(description="Write a native preference JSONL from a release or another native file; every "
+                                "record and image is checked on the way.")
+    ap.add_argument("--convert", required=True,
+                    help=f"a native .jsonl, or NAME[:PATH] with NAME one of {'|'.join(CONVERTERS)} (no PATH: "
+                         f"from the hub)")
+    ap.add_argument("--image_root", default="", help="the release's images (default: images/ beside its file)")
+    ap.add_argument("--out", required=True, help="the native .jsonl to write (in-memory images go to images/ by it)")
+    ap.add_argument("--limit", type=int, default=0, help="keep N pairs drawn at random (default: 0, all of them)")
+    ap.add_argument("--seed", type=int, default=0, help="the draw of --limit (default: %(default)s)")
+    a = ap.parse_args(argv)
+    if a.limit < 0:
+        raise UserError(f"--limit {a.limit}: must be >= 0")
+    recs = load_pairs(a.convert, a.image_root, flag="--convert")
+    if a.limit and a.limit < len(recs):
+        keep = sorted(random.Random(a.seed).sample(range(len(recs)), a.limit))  # the release's order kept
+        recs = [recs[i] for i in keep]
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    write_pairs(a.out, recs)
+    print(f"wrote {len(recs)} pairs to {a.out}")
+    return recs
+
+
+if __name__ == "__main__":
+    run_main(main)

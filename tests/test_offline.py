@@ -571,3 +571,25 @@ def test_grad_checkpointing_is_exact_and_bf16_runs(tmp_path):
     same(run_metrics(str(tmp_path / "plain" / "metrics.jsonl")), run_metrics(str(tmp_path / "ckpt" / "metrics.jsonl")))
     to.main(common + ["--out_dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
     assert all(math.isfinite(r["loss"]) for r in run_metrics(str(tmp_path / "bf16" / "metrics.jsonl")))
+
+
+def test_data_convert_writes_a_native_file(tmp_path):
+    """`data.py --convert NAME:PATH --out F [--limit N --seed S]`: a native file that reads back as the
+    release's records (in-memory images saved beside it), subsampled in the release's order."""
+    for name, sub in (("povid", "povid"), ("rlhfv", "rlhf_v")):
+        spec = f"{name}:{os.path.join(FIX, sub)}"
+        out = str(tmp_path / name / "pairs.jsonl")
+        data.main(["--convert", spec, "--image_root", os.path.join(FIX, "images"), "--out", out])
+        want = data.load_pairs(spec, os.path.join(FIX, "images"))
+        back = data.read_pairs(out)
+        assert [(r["id"], r["chosen"], r["rejected"]) for r in back] == [
+            (r["id"], r["chosen"], r["rejected"]) for r in want]
+        assert [data.open_image(r["image"]).tobytes() for r in back] == [
+            data.open_image(r["image"]).tobytes() for r in want]
+    out = str(tmp_path / "two.jsonl")
+    data.main(["--convert", str(tmp_path / "povid" / "pairs.jsonl"), "--out", out, "--limit", "2", "--seed", "1"])
+    ids = [r["id"] for r in data.read_pairs(out)]
+    all_ids = [r["id"] for r in data.read_pairs(str(tmp_path / "povid" / "pairs.jsonl"))]
+    assert len(ids) == 2 and ids == [i for i in all_ids if i in ids]
+    with pytest.raises(UserError, match="--convert 'nope': not a file"):
+        data.main(["--convert", "nope", "--out", out])
