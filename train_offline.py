@@ -43,7 +43,7 @@ import eval as ev
 import losses
 import model as M
 import world
-from model import VLM, config_from_argv, non_defaults
+from model import VLM, non_defaults
 
 
 @dataclass
