@@ -22,6 +22,7 @@ import pathlib
 import random
 import re
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 import data
 import world
-from model import TEMPLATES, VLM, config_from_argv, left_pad
+from model import TEMPLATES, VLM, UserError, UserKeyError, config_from_argv, left_pad, run_main
 
 # -----------------------------------------------------------------------------
 # Sentence embedder: BERT (all-MiniLM-L6-v2) or MPNet (all-mpnet-base-v2), mean pooled, normalised
@@ -58,7 +59,7 @@ class SentenceEmbedder:
         cfg = read("config.json")
         self.kind = cfg["model_type"]
         if self.kind not in ("bert", "mpnet"):
-            raise ValueError(f"{path}/config.json: model_type {self.kind!r} is not supported (bert or mpnet)")
+            raise UserError(f"{path}/config.json: model_type {self.kind!r} is not supported (bert or mpnet)")
         self.heads, self.eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
         self.w = {re.sub(r"^(bert|mpnet)\.", "", k): v.float()
                   for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
@@ -77,7 +78,7 @@ class SentenceEmbedder:
                  "embeddings.token_type_embeddings.weight" if self.kind == "bert"
                  else "encoder.relative_attention_bias.weight"]
         if missing := [k for k in need if k not in self.w]:
-            raise KeyError(f"{path}/model.safetensors: missing tensor {missing[0]!r}")
+            raise UserKeyError(f"{path}/model.safetensors: missing tensor {missing[0]!r}")
         self.max_len = read("sentence_bert_config.json", {}).get("max_seq_length", 512)
         self.normalize = any("Normalize" in m["type"] for m in read("modules.json", [{"type": "Normalize"}]))
         self.tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
@@ -214,28 +215,31 @@ def add_diffusion_noise(pixels, N, generator):
 
 @dataclass
 class Config:
-    model: str = world.BASE_MODEL
+    model: str = world.BASE_MODEL  # an HF-layout folder or a hub id: the policy that hallucinates
     source: str = "world"         # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
                                   # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""
-    out: str = "runs/bdhs/pairs.jsonl"
+    image_root: str = ""          # a release's images (COCO for POVID...); default: images/ by it
+    out: str = "runs/bdhs/pairs.jsonl"  # native JSONL, with its settings beside it
     n: int = 2000                 # world prompts (ignored for files: all of them)
-    world_seed: int = 0
-    world_half: str = ""          # a or b: prompts about half of the world's pairs (world.py)
-    variant: str = "attn"         # attn (BDHS_attn) | noise (BDHS_noise) | distort (POVID-style)
+    world_seed: int = 0           # the world's scenes: 0-2 dev seeds, 3-5 test seeds
+    world_half: Literal["", "a", "b"] = ""  # a or b: prompts about half of the world's pairs (world.py)
+    variant: Literal["attn", "noise", "distort"] = "attn"  # BDHS_attn, BDHS_noise, or POVID-style
     rho: float = 0.99             # rho_th: share of image tokens hidden (0.99: ~1% stay visible)
     noise_steps: int = 500        # N of the diffusion noise (noise, distort)
-    guidance: str = "sentence"    # sentence (Algorithm 1) | token (masked, teacher-forced) | none
+    guidance: Literal["sentence", "token", "none"] = "sentence"  # sentence: Algorithm 1; token: masked,
+                                                                 # teacher-forced; none: unguided
     n_bdhs: int = 5               # attempts; the last one unguided
     eps_s: float = 0.97           # similarity at or above which an attempt is rejected
     embedder: str = ""            # a sentence-transformers folder or hub id; "": the MiniLM package
-    temperature: float = 1.0
+    temperature: float = 1.0      # of the sampled responses; 0: greedy
     sentence_tokens: int = 64     # new tokens per guided sentence
     max_new_tokens: int = 256     # new tokens of an unguided response
     external: bool = False        # also keep a source's rejected, BDHS's then as rejected2 (Avg-DPO, Eq. 5);
                                   # false: BDHS's rejected replaces the source's (plain DPO on BDHS pairs)
-    batch_size: int = 32
-    seed: int = 0
+    batch_size: int = 32          # prompts per batch
+    seed: int = 0                 # the sampling generator's
+    BOUNDS = dict(n=">= 1", rho=">= 0, <= 1", noise_steps=">= 0, <= 999", n_bdhs=">= 1", eps_s="<= 1",
+                  temperature=">= 0", sentence_tokens=">= 1", max_new_tokens=">= 1", batch_size=">= 1")
 
 
 def source_records(cfg):
@@ -335,12 +339,12 @@ def check_settings(cfg: Config, out, world_size):
         os.replace(path + ".tmp", path)
         return
     if not os.path.exists(path):
-        raise ValueError(f"{out}: no {path} beside it, so its settings are unknown: pass another "
+        raise UserError(f"{out}: no {path} beside it, so its settings are unknown: pass another "
                          f"--out or delete it")
     with open(path) as f:
         theirs = json.load(f)
     if changed := sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)):
-        raise ValueError(f"{out} was made with other settings ({', '.join(changed)} differ; see "
+        raise UserError(f"{out} was made with other settings ({', '.join(changed)} differ; see "
                          f"{path}): pass another --out, or delete both files to start over")
 
 
@@ -402,17 +406,15 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
 
 def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
-    if cfg.variant not in ("attn", "noise", "distort"):
-        raise ValueError(f"--variant {cfg.variant!r}: expected attn, noise or distort")
-    if cfg.guidance not in ("sentence", "token", "none"):
-        raise ValueError(f"--guidance {cfg.guidance!r}: expected sentence, token or none")
     if cfg.external and cfg.source == "world":
-        raise ValueError("--external true keeps the source's rejected, and --source world has none: "
-                         "--source world+corrupt has the world's rule-made ones")
+        raise UserError("--external true keeps the source's rejected, and --source world has none: "
+                        "--source world+corrupt has the world's rule-made ones")
+    if cfg.source not in ("world", "world+corrupt"):
+        data.check_spec(cfg.source, "--source")
     build_pairs(cfg)
     kept = "the source's rejected kept, BDHS's as rejected2 (Avg-DPO)" if cfg.external else "BDHS's rejected"
     print(f"wrote {cfg.out}: {kept}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,11 +15,12 @@ import hashlib
 import io
 import json
 import os
+import random
 import sys
 
 import torch
 
-from model import TEMPLATES, load_image, open_image_header, to_rgb
+from model import TEMPLATES, UserError, UserFileError, arg_parser, load_image, open_image_header, run_main, to_rgb
 
 # -----------------------------------------------------------------------------
 # The native format: checked records, JSONL files, images
@@ -29,30 +30,30 @@ def check_pair(rec, where, base="", need_rejected=True):
     """ValueError naming `where` (file:line) unless `rec` is a well-formed pair (without
     `need_rejected`: a prompt and its ground truth, BDHS's start); resolves its image path."""
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for k in ("id", "image", "conversation", "chosen") + ("rejected",) * need_rejected:
         if k not in rec:
-            raise ValueError(f"{where}: missing key {k!r}")
+            raise UserError(f"{where}: missing key {k!r}")
     for k in ("chosen", "rejected", "rejected2"):
         if k in rec and not isinstance(rec[k], str):
-            raise ValueError(f"{where}: {k!r} must be a string, got {type(rec[k]).__name__}")
+            raise UserError(f"{where}: {k!r} must be a string, got {type(rec[k]).__name__}")
         if k in rec and "<image>" in rec[k]:
-            raise ValueError(f"{where}: {k!r} holds an '<image>' placeholder (only the prompt may)")
+            raise UserError(f"{where}: {k!r} holds an '<image>' placeholder (only the prompt may)")
     if not isinstance(rec["image"], (str, bytes)):
-        raise ValueError(f"{where}: 'image' must be a path (a string), got "
+        raise UserError(f"{where}: 'image' must be a path (a string), got "
                          f"{type(rec['image']).__name__}")
     conv = rec["conversation"]
     ok = isinstance(conv, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                         and m.get("role") in ("user", "assistant") for m in conv)
     if not (ok and conv and conv[-1]["role"] == "user"):
-        raise ValueError(f"{where}: 'conversation' must be a list of {{role: user|assistant, "
+        raise UserError(f"{where}: 'conversation' must be a list of {{role: user|assistant, "
                          f"content: str}} messages that ends with a user turn")
     if sum(m["content"].count("<image>") for m in conv) != 1:
-        raise ValueError(f"{where}: the conversation must hold exactly one '<image>' placeholder")
+        raise UserError(f"{where}: the conversation must hold exactly one '<image>' placeholder")
     if isinstance(rec["image"], str):
         rec["image"] = os.path.join(base, rec["image"])
         if not os.path.isfile(rec["image"]):
-            raise ValueError(f"{where}: image not found: {rec['image']}")
+            raise UserError(f"{where}: image not found: {rec['image']}")
     check_image(rec["image"], where)
     return rec
 
@@ -69,9 +70,9 @@ def check_image(image, where):
                 im.draft("RGB", (1, 1))  # JPEG decodes at 1/8 scale; a no-op for other formats
                 im.load()
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
     except Exception as e:
-        raise ValueError(f"{where}: cannot read image {name}: {e}") from None
+        raise UserError(f"{where}: cannot read image {name}: {e}") from None
 
 
 def read_jsonl(path, *keys):
@@ -83,9 +84,9 @@ def read_jsonl(path, *keys):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
+                    raise UserError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
                 if missing := [k for k in keys if k not in rec]:
-                    raise ValueError(f"{path}:{n}: no field {missing[0]!r}")
+                    raise UserError(f"{path}:{n}: no field {missing[0]!r}")
                 out.append((n, rec))
     return out
 
@@ -162,7 +163,7 @@ def from_llava_rlhf(r, n, root):
     """LLaVA-RLHF's human preferences: a JSON array of {id, image, conversations, output_1,
     output_2, preference: 1|2, hallucination}; the last gpt turn is a reference answer."""
     if r["preference"] not in (1, 2):
-        raise ValueError(f"preference must be 1 or 2, got {r['preference']!r}")
+        raise UserError(f"preference must be 1 or 2, got {r['preference']!r}")
     win, lose = (r["output_1"], r["output_2"])[::1 if r["preference"] == 1 else -1]
     return dict(id=f"llava-rlhf-{n}", image=os.path.join(root, r["image"]), conversation=llava_turns(
         r["conversations"][:-1]), chosen=win["value"], rejected=lose["value"],
@@ -224,14 +225,23 @@ CONVERTERS = {"povid": (from_povid, "YiyangAiLab/POVID_preference_data_for_VLLMs
               "llava-rlhf": (from_llava_rlhf, "zhiqings/LLaVA-Human-Preference-10K", "llava_7b_v1_preference.json")}
 
 
+def check_spec(spec, flag="--data"):
+    """UserError naming `flag` unless `spec` is a file, NAME or NAME:PATH of a CONVERTERS release whose
+    PATH exists: checked before anything loads."""
+    name, _, path = spec.partition(":")
+    if name not in CONVERTERS and not os.path.isfile(spec):
+        raise UserError(f"{flag} {spec!r}: not a file, and not one of {', '.join(CONVERTERS)} "
+                        f"(NAME or NAME:PATH)")
+    if name in CONVERTERS and path and not os.path.exists(path):
+        raise UserFileError(f"{flag} {spec!r}: {path} not found")
+
+
 def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
     """`spec`: a native .jsonl, or NAME[:PATH], NAME in CONVERTERS and PATH the release's file or
     folder (without it, fetched from the hub). Errors name file and item."""
+    check_spec(spec, flag)
     name, _, path = spec.partition(":")
     if name not in CONVERTERS:
-        if not os.path.isfile(spec):
-            raise ValueError(f"{flag} {spec!r}: not a file, and not one of {', '.join(CONVERTERS)} "
-                             f"(NAME or NAME:PATH)")
         return read_pairs(spec, need_rejected)
     convert, repo, fn = CONVERTERS[name]
     if not path:
@@ -239,7 +249,7 @@ def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
         path = hf_hub_download(repo, fn, repo_type="dataset")
     f = os.path.join(path, fn) if os.path.isdir(path) else path
     if not os.path.isfile(f):
-        raise FileNotFoundError(f"{f}: not found; {name} is {fn} from the hub dataset {repo}")
+        raise UserFileError(f"{f}: not found; {name} is {fn} from the hub dataset {repo}")
     root = image_root or os.path.join(os.path.dirname(f), "images")
     recs, where = [], "start"
     try:
@@ -250,7 +260,7 @@ def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
     except (KeyError, TypeError, IndexError, ValueError) as e:
         if str(e).startswith(f"{f}:"):
             raise
-        raise ValueError(f"{f}: {where}: not in {name}'s layout ({type(e).__name__}: {e})") from None
+        raise UserError(f"{f}: {where}: not in {name}'s layout ({type(e).__name__}: {e})") from None
     return recs
 
 # -----------------------------------------------------------------------------
@@ -348,3 +358,33 @@ def collate_pairs(vlm, items, pad_id=0):
                 targets=torch.tensor([[pad(r, L, -100) for r in it["responses"]] for it in items]),
                 last_idx=torch.tensor(last),
                 **vlm.image_processor(open_image(it["image"]) for it in items))  # one at a time
+
+# -----------------------------------------------------------------------------
+# Command line: a release (or a native file) into a native file, checked, optionally subsampled
+
+
+def main(argv=None):
+    ap = arg_parser(description="Write a native preference JSONL from a release or another native file; every "
+                                "record and image is checked on the way.")
+    ap.add_argument("--convert", required=True,
+                    help=f"a native .jsonl, or NAME[:PATH] with NAME one of {'|'.join(CONVERTERS)} (no PATH: "
+                         f"from the hub)")
+    ap.add_argument("--image_root", default="", help="the release's images (default: images/ beside its file)")
+    ap.add_argument("--out", required=True, help="the native .jsonl to write (in-memory images go to images/ by it)")
+    ap.add_argument("--limit", type=int, default=0, help="keep N pairs drawn at random (default: 0, all of them)")
+    ap.add_argument("--seed", type=int, default=0, help="the draw of --limit (default: %(default)s)")
+    a = ap.parse_args(argv)
+    if a.limit < 0:
+        raise UserError(f"--limit {a.limit}: must be >= 0")
+    recs = load_pairs(a.convert, a.image_root, flag="--convert")
+    if a.limit and a.limit < len(recs):
+        keep = sorted(random.Random(a.seed).sample(range(len(recs)), a.limit))  # the release's order kept
+        recs = [recs[i] for i in keep]
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    write_pairs(a.out, recs)
+    print(f"wrote {len(recs)} pairs to {a.out}")
+    return recs
+
+
+if __name__ == "__main__":
+    run_main(main)

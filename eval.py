@@ -25,10 +25,11 @@ import threading
 import string
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import data
 import world as W
-from model import VLM, config_from_argv, folder_hash, source_bytes
+from model import VLM, UserError, UserFileError, config_from_argv, folder_hash, run_main, source_bytes
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
@@ -222,12 +223,12 @@ def unzip(path, dest):
         infos = f.infolist()
         total = sum(i.file_size for i in infos)
         if total > UNZIP_MAX_BYTES or len(infos) > UNZIP_MAX_FILES:
-            raise ValueError(f"{path}: {len(infos)} files, {total} bytes uncompressed: over the "
+            raise UserError(f"{path}: {len(infos)} files, {total} bytes uncompressed: over the "
                              f"cap of {UNZIP_MAX_FILES} files and {UNZIP_MAX_BYTES} bytes "
                              "(eval.UNZIP_MAX_*); not extracted")
         for i in infos:
             if i.filename.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", i.filename):
-                raise ValueError(f"{path}: member {i.filename!r} would be written outside {dest}; "
+                raise UserError(f"{path}: member {i.filename!r} would be written outside {dest}; "
                                  "not extracted")
         f.extractall(dest)
 
@@ -235,7 +236,7 @@ def unzip(path, dest):
 def bench_file(root, name, fn):
     path = os.path.join(root, name, fn)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{name}: {path} not found. Put {GET[name]} in {os.path.join(root, name)}")
+        raise UserFileError(f"{name}: {path} not found. Put {GET[name]} in {os.path.join(root, name)}")
     return path
 
 
@@ -282,8 +283,8 @@ def load_bench(name, root, vocab=None):
                          gold=r["answer"], kind=name)
                     for q, r in load("testdev_balanced_questions.json").items()]
     except KeyError as e:  # a record without a field, or a question without its context / answer
-        raise ValueError(f"{name}: {d}: no field or record {e}") from None
-    raise ValueError(f"--bench {name!r}: expected one of {', '.join(list(GET) + list(FOLDER))}")
+        raise UserError(f"{name}: {d}: no field or record {e}") from None
+    raise UserError(f"--bench {name!r}: expected one of {', '.join(list(GET) + list(FOLDER))}")
 
 
 _NUMBER = dict(zip("zero one two three four five six seven eight nine ten".split(), map(str, range(11))))
@@ -579,7 +580,7 @@ def coco_truth(root, ids, vocab):
                 truth[a["image_id"]].update(coco_mentions(a["caption"], vocab))
                 captioned.add(a["image_id"])
     if missing := sorted(ids - captioned):
-        raise ValueError(f"objhal: {path} has no caption of image ids {missing[:5]}: "
+        raise UserError(f"objhal: {path} has no caption of image ids {missing[:5]}: "
                          "not COCO val2014's annotations?")
     return truth
 
@@ -689,7 +690,7 @@ def official_file(root, key):
             with urllib.request.urlopen(url, timeout=60) as r, open(path + ".tmp", "wb") as f:
                 f.write(r.read())
         except OSError as e:
-            raise FileNotFoundError(f"--official: cannot download {url} ({e}); put that file at "
+            raise UserFileError(f"--official: cannot download {url} ({e}); put that file at "
                                     f"{path}") from None
         os.replace(path + ".tmp", path)
     return path
@@ -700,7 +701,7 @@ def py_string(path, what, pick):
     for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
         if isinstance(s := pick(node), ast.Constant) and isinstance(s.value, str):
             return s.value
-    raise ValueError(f"--official: {path} has no {what}; is it the published file?")
+    raise UserError(f"--official: {path} has no {what}; is it the published file?")
 
 
 def official_prompts(root, names):
@@ -711,7 +712,7 @@ def official_prompts(root, names):
         path = official_file(root, "mmhal")
         parts = list(string.Formatter().parse(py_string(path, "template", named("template"))))
         if sum(f is not None for _, f, _, _ in parts) != 4:
-            raise ValueError(f"--official: {path}: the template should have 4 {{}} fields")
+            raise UserError(f"--official: {path}: the template should have 4 {{}} fields")
         fields = iter(["{objects}", "{question}", "{reference}", "{answer}"])
         out["mmhal"] = "".join(s + (next(fields) if f is not None else "") for s, f, _, _ in parts)
     if "llavaw" in names:  # rule.json: {"llava_bench_<category>": {"role", "prompt"}}, laid out
@@ -756,7 +757,7 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS):
             ctx = "\n".join(it["context"]) if isinstance(it["context"], list) else it["context"]
             tpl = prompts.get(f"llavaw/{it['kind']}", prompts["llavaw"])  # official: per category
             if tpl is None:
-                raise ValueError(f"llavaw: the official rule.json has no llava_bench_{it['kind']}")
+                raise UserError(f"llavaw: the official rule.json has no llava_bench_{it['kind']}")
             text = fill(tpl, context=ctx, question=it["question"], reference=it["gold"], answer=p)
             pairs.append(score_pair(judge([{"role": "system", "content": prompts["llavaw_system"]},
                                            {"role": "user", "content": text}], 1024, 0.2)))
@@ -794,7 +795,7 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
     res, answered = {}, {}
     for name in names:
         if name not in RULE and (judge_v if name == "mmhal_v" else judge) is None:
-            raise ValueError(f"--bench {name}: needs a judge (JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)")
+            raise UserError(f"--bench {name}: needs a judge (JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)")
         items = load_bench(name, root, vocab)[:limit or None]
         key = FOLDER.get(name, name)  # MMHal and MMHal-V judge the same answers
         if key not in answered:
@@ -818,11 +819,11 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
 @dataclass
 class Config:
     model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL
-    data: str = "world"
+    data: str = "world"    # world: the world's report (other data: through --bench)
     world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
-    world_half: str = ""   # a or b: the broken split of each half of the pairs (generalisation)
+    world_half: Literal["", "a", "b"] = ""  # a or b: the broken split of each half of the pairs (generalisation)
     n: int = 500           # scenes per part of the world's report
-    batch_size: int = 64
+    batch_size: int = 64   # prompts answered at once
     out: str = ""          # JSON: {name: results}
     bench: str = ""        # not the world: pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
     bench_dir: str = "benchmarks"  # one folder per benchmark, holding its release's files (see GET)
@@ -838,20 +839,17 @@ class Config:
     synonyms: str = ""     # a COCO synonym list in the standard format instead of ours (objhal)
     short_prompt: bool = True  # end POPE, TextVQA and GQA questions with SHORT (LLaVA, lmms-eval)
     official: bool = False  # the published judge prompts and synonym list, not ours (OFFICIAL)
+    BOUNDS = dict(n=">= 1", batch_size=">= 1", limit=">= 0", max_new_tokens=">= 1", judge_retries=">= 0",
+                  judge_timeout="> 0")
 
 
 def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
     if cfg.data != "world" and not cfg.bench:
-        raise SystemExit(f"--data {cfg.data!r}: only the embedded world is implemented so far")
-    for k, low in dict(n=1, batch_size=1, limit=0, max_new_tokens=1, judge_retries=0).items():
-        if getattr(cfg, k) < low:
-            raise SystemExit(f"--{k} {getattr(cfg, k)}: must be at least {low}")
-    if cfg.judge_timeout <= 0:
-        raise SystemExit(f"--judge_timeout {cfg.judge_timeout}: must be positive")
+        raise UserError(f"--data {cfg.data!r}: only the embedded world is implemented so far")
     names = [b for b in cfg.bench.split(",") if b]
     if unknown := [b for b in names if b not in GET and b not in FOLDER]:
-        raise SystemExit(f"--bench {','.join(unknown)}: no such benchmark; expected any of "
+        raise UserError(f"--bench {','.join(unknown)}: no such benchmark; expected any of "
                          f"{','.join(list(GET) + list(FOLDER))}")
     for b in {FOLDER.get(b, b) for b in names} & set(HUB) if cfg.download else ():
         download(b, cfg.bench_dir)
@@ -861,7 +859,7 @@ def main(argv=None):
     judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v, **opts) \
         if "mmhal_v" in judged else None
     if judged and not judge.key and "api.openai.com" in judge.url:
-        raise SystemExit(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or "
+        raise UserError(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or "
                          "OPENAI_API_KEY), or JUDGE_BASE_URL for an endpoint without a key")
     prompts = PROMPTS | json.loads(pathlib.Path(cfg.judge_prompts).read_text() if cfg.judge_prompts else "{}")
     prompts |= official_prompts(cfg.bench_dir, names) if cfg.official else {}
@@ -894,4 +892,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -102,11 +102,11 @@ def parse_config(raw: dict, path="config.json") -> VLMConfig:
     """Builds a VLMConfig from a transformers config.json dict; unknown architectures fail naming the key."""
     mt = raw.get("model_type")
     if mt not in ("llava", "llava_next"):
-        raise ValueError(f"{path}: model_type {mt!r} is not supported (expected 'llava' or 'llava_next')")
+        raise UserError(f"{path}: model_type {mt!r} is not supported (expected 'llava' or 'llava_next')")
     v = raw.get("vision_config") or LLAVA_VISION
     vkind = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}.get(v.get("model_type"))
     if vkind is None:
-        raise ValueError(f"{path}: vision_config.model_type {v.get('model_type')!r} is not supported")
+        raise UserError(f"{path}: vision_config.model_type {v.get('model_type')!r} is not supported")
     v = {**(CLIP_DEFAULTS if vkind == "clip" else SIGLIP_DEFAULTS), **v}
     vision = VisionConfig(vkind, v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"],
                           v["num_attention_heads"], v["image_size"], v["patch_size"], v["hidden_act"],
@@ -114,16 +114,16 @@ def parse_config(raw: dict, path="config.json") -> VLMConfig:
     t = raw.get("text_config") or {"model_type": "llama"}
     tkind = t.get("model_type")
     if tkind not in TEXT_DEFAULTS:
-        raise ValueError(f"{path}: text_config.model_type {tkind!r} is not supported (llama, mistral, qwen2)")
+        raise UserError(f"{path}: text_config.model_type {tkind!r} is not supported (llama, mistral, qwen2)")
     t = {**TEXT_DEFAULTS[tkind], **t}
     # RoPE: transformers 5 writes rope_parameters, 4.x wrote rope_theta + rope_scaling
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     theta = rope.get("rope_theta", t.get("rope_theta", 10000.0))
     rtype = rope.get("rope_type", rope.get("type", "default"))
     if rtype not in ("default", "linear"):
-        raise ValueError(f"{path}: text_config rope_type {rtype!r} is not supported (default, linear)")
+        raise UserError(f"{path}: text_config rope_type {rtype!r} is not supported (default, linear)")
     if tkind == "qwen2" and t.get("use_sliding_window"):
-        raise ValueError(f"{path}: text_config.use_sliding_window=true is not supported for qwen2")
+        raise UserError(f"{path}: text_config.use_sliding_window=true is not supported for qwen2")
     heads = t["num_attention_heads"]
     text = TextConfig(tkind, t["vocab_size"], t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"],
                       heads, t.get("num_key_value_heads") or heads, t.get("head_dim") or t["hidden_size"] // heads,
@@ -641,7 +641,7 @@ class VLM(nn.Module):
             with open(cfg_path) as f:
                 raw = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {cfg_path}: {e}") from e
+            raise UserError(f"cannot read {cfg_path}: {e}") from e
         with torch.device("meta"):
             vlm = cls(parse_config(raw, cfg_path))
         load_weights(vlm, path, raw, dtype, device)
@@ -772,13 +772,13 @@ def open_image_header(src, name=None):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides
             im = Image.open(src)
     except Image.DecompressionBombError as e:
-        raise ValueError(f"image {name}: over the limit of {MAX_PIXELS:,} pixels ({e})") from None
+        raise UserError(f"image {name}: over the limit of {MAX_PIXELS:,} pixels ({e})") from None
     except Exception as e:
-        raise ValueError(f"cannot read image {name}: {e}") from e
+        raise UserError(f"cannot read image {name}: {e}") from e
     w, h = im.size
     if w * h > MAX_PIXELS:
         im.close()
-        raise ValueError(f"image {name}: {w}x{h} is {w * h:,} pixels, over the limit of "
+        raise UserError(f"image {name}: {w}x{h} is {w * h:,} pixels, over the limit of "
                          f"{MAX_PIXELS:,} pixels (IMAGE_MAX_PIXELS sets it)")
     return im
 
@@ -791,7 +791,7 @@ def load_image(path, name=None):
             im.load()  # decode now, so a truncated file fails here and not later
             return to_rgb(im)
         except Exception as e:
-            raise ValueError(f"cannot read image {name}: {e}") from e
+            raise UserError(f"cannot read image {name}: {e}") from e
 
 
 def to_rgb(im):
@@ -986,7 +986,7 @@ def local_folder(path):
     if os.path.isdir(path):
         return path
     if looks_local(path):
-        raise FileNotFoundError(f"{path}: no such model folder (and not a hub id, which is owner/name)")
+        raise UserFileError(f"{path}: no such model folder (and not a hub id, which is owner/name)")
     from huggingface_hub import snapshot_download
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
@@ -1003,7 +1003,7 @@ def load_weights(vlm, path, raw, dtype, device):
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        raise UserFileError(f"{path}: no model.safetensors or model.safetensors.index.json")
     filled = set()
     for fn in files:
         header, base = st_header(os.path.join(path, fn))
@@ -1016,17 +1016,17 @@ def load_weights(vlm, path, raw, dtype, device):
                     vlm.extra[name] = st_read(f, base, info)
                     continue
                 if name not in params:
-                    raise KeyError(f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)")
+                    raise UserKeyError(f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)")
                 p = params[name]
                 if tuple(info["shape"]) != tuple(p.shape):
-                    raise ValueError(f"{fn}: {key!r} has shape {tuple(info['shape'])}, expected "
+                    raise UserError(f"{fn}: {key!r} has shape {tuple(info['shape'])}, expected "
                                      f"{tuple(p.shape)}{defaulted_keys(raw, cfg_path)}")
                 mod, _, attr = name.rpartition(".")
                 tensor = st_read(f, base, info).to(device=device, dtype=dtype)
                 vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(tensor, requires_grad=p.requires_grad)
                 filled.add(name)
     if missing := sorted(set(params) - filled):
-        raise KeyError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+        raise UserKeyError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
     if cfg.tie_word_embeddings:
         vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
 
@@ -1157,7 +1157,7 @@ class MissingTokenizer:
     def __getattr__(self, name):
         if name.startswith("__"):  # copy / pickle probing for optional hooks
             raise AttributeError(name)
-        raise FileNotFoundError(f"{self.path}: no tokenizer.json, so this model cannot encode or "
+        raise UserFileError(f"{self.path}: no tokenizer.json, so this model cannot encode or "
                                 f"decode text; copy the checkpoint's tokenizer.json there")
 
 # -----------------------------------------------------------------------------
@@ -1175,13 +1175,13 @@ def st_header(path):
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if size < 8 or not 2 <= n <= size - 8:  # bounded by the file: a bad length costs no memory
-            raise ValueError(f"{path}: not a safetensors file, or truncated (header length {n}, "
+            raise UserError(f"{path}: not a safetensors file, or truncated (header length {n}, "
                              f"file size {size})")
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
         except (ValueError, AttributeError) as e:  # not JSON (or not UTF-8), or not a JSON object
-            raise ValueError(f"{path}: malformed safetensors header ({e})") from None
+            raise UserError(f"{path}: malformed safetensors header ({e})") from None
     return header, 8 + n
 
 
@@ -1193,7 +1193,7 @@ def st_read(f, base, info):
         f.seek(base + start)
         buf = t.view(-1).view(torch.uint8).numpy()
         if f.readinto(memoryview(buf)) != end - start or buf.nbytes != end - start:
-            raise ValueError(f"{f.name}: tensor data is truncated or inconsistent")
+            raise UserError(f"{f.name}: tensor data is truncated or inconsistent")
     return t
 
 
@@ -1218,6 +1218,33 @@ def st_write(tensors: dict, path, metadata=None):
 # Command lines: every script's @dataclass Config becomes its argparse CLI; try a checkpoint with `python model.py`
 
 
+class UserError(ValueError):
+    """A mistake in a flag, file, record or checkpoint, not a bug: a script prints it as one line and exits 2."""
+
+
+class UserFileError(UserError, FileNotFoundError):
+    """A UserError about a file or folder (missing, unwritable), still caught as the OSError it is."""
+
+
+class UserKeyError(UserError, KeyError):
+    """A UserError about a checkpoint's tensor names, still caught as the KeyError it is."""
+
+
+def run_main(main):
+    """Every script's __main__: a UserError is one `error: ...` line (rank 0) and exit status 2.
+    Anything else is a bug and keeps its traceback; `main(argv)` itself still raises, for tests."""
+    import sys
+    try:
+        main()
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype's choices
+
+
 def parse_bool(s):
     """A yes/no flag's value: a typo (`--resume ture`) is an error, never a silent false."""
     import argparse
@@ -1227,16 +1254,95 @@ def parse_bool(s):
     return v in ("1", "true", "yes")
 
 
-def config_from_argv(cls, argv=None, doc=None):
-    """argparse generated from a dataclass: each field is `--name value` (or `--name=value`) with its default."""
+def field_comments(cls):
+    """{field: its trailing `# comment`}, from the class's source: each flag's help. A comment-only
+    line aligned under a field's comment continues it; one at the fields' own indent does not."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+    src = textwrap.dedent(inspect.getsource(cls))
+    comments, code = {}, set()  # row -> (column, text); rows holding code
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code.update(range(tok.start[0], tok.end[0] + 1))
+    out = {}
+    for node in ast.parse(src).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        row = node.end_lineno
+        if row not in comments:
+            continue
+        text = [comments[row][1]]
+        while row + 1 in comments and row + 1 not in code and comments[row + 1][0] > node.col_offset:
+            row += 1
+            text.append(comments[row][1])
+        out[node.target.id] = " ".join(text)
+    return out
+
+
+def field_choices(cls):
+    """{field: its allowed values}, for the fields annotated `typing.Literal[...]`."""
+    import typing
+    hints = typing.get_type_hints(cls)
+    return {k: typing.get_args(t) for k, t in hints.items() if typing.get_origin(t) is typing.Literal}
+
+
+def check_config(cfg):
+    """UserError naming the flag unless every value in the Config's BOUNDS holds, e.g.
+    `BOUNDS = dict(batch_size=">= 1", rho=">= 0, <= 1")`."""
+    import operator
+    ops = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+    for name, bound in getattr(cfg, "BOUNDS", {}).items():
+        value = getattr(cfg, name)
+        for cond in bound.split(","):
+            op, limit = cond.split()
+            if not ops[op](value, float(limit)):
+                raise UserError(f"--{name} {value}: must be {bound}")
+    return cfg
+
+
+def arg_parser(**kw):
+    """An ArgumentParser whose errors raise UserError (main(argv) raises; run_main prints one line).
+    Abbreviations are off: `--lr` must never silently mean another flag that starts alike."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UserError(f"{message} (see --help)")
+
+    return Parser(formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False, **kw)
+
+
+def flag_parser(cls, doc=None):
+    """argparse for a dataclass: `--name value` (or `--name=value`) per field, helped by its comment,
+    default, choices and bounds; only the flags given land in the namespace, and errors raise."""
     import argparse
     import dataclasses
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(description=doc, argument_default=argparse.SUPPRESS)
+    comments, choices, bounds = field_comments(cls), field_choices(cls), getattr(cls, "BOUNDS", {})
     for f in dataclasses.fields(cls):
         kind = type(f.default)
-        parse = parse_bool if kind is bool else kind
-        ap.add_argument(f"--{f.name}", type=parse, default=f.default, metavar=kind.__name__.upper())
-    return cls(**vars(ap.parse_args(argv)))
+        default = repr(f.default) if f.default == "" else f.default
+        notes = [f"default: {default}"] + ([bounds[f.name]] if f.name in bounds else [])
+        help = (comments.get(f.name, "") + f" ({'; '.join(notes)})").strip().replace("%", "%%")
+        opts = dict(choices=choices[f.name]) if f.name in choices else dict(metavar=kind.__name__.upper())
+        ap.add_argument(f"--{f.name}", type=parse_bool if kind is bool else kind, help=help, **opts)
+    return ap
+
+
+def flags_from_argv(cls, argv=None, doc=None):
+    """{name: value} of the flags given on the command line (`argv`, else sys.argv)."""
+    return vars(flag_parser(cls, doc).parse_args(argv))
+
+
+def config_from_argv(cls, argv=None, doc=None):
+    """argparse generated from a dataclass: each field is `--name value` (or `--name=value`) with its
+    default; choices and bounds are checked here, before anything loads."""
+    return check_config(cls(**flags_from_argv(cls, argv, doc)))
 
 
 def non_defaults(cfg):
@@ -1246,16 +1352,16 @@ def non_defaults(cfg):
 
 
 def main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description="Answer a question about an image with a LLaVA checkpoint.")
-    ap.add_argument("--model", required=True, help="local HF-layout folder or hub id")
-    ap.add_argument("--image", default=None)
-    ap.add_argument("--prompt", default="Describe the image.")
-    ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = arg_parser(description="Answer a question about an image with a LLaVA checkpoint.")
+    ap.add_argument("--model", required=True, help="a local HF-layout folder or a hub id")
+    ap.add_argument("--image", default=None, help="an image file (default: none, a text-only prompt)")
+    ap.add_argument("--prompt", default="Describe the image.", help="the question (default: %(default)s)")
+    ap.add_argument("--max_new_tokens", type=int, default=64, help="(default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="the sampling generator's seed (default: %(default)s)")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES, help="the weights' dtype (default: %(default)s)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="(default: %(default)s)")
     a = ap.parse_args(argv)
     vlm = VLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device).eval()
     batch = vlm.prepare([a.prompt], [load_image(a.image)] if a.image else None)
@@ -1267,4 +1373,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

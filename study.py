@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from model import config_from_argv
+from model import UserError, config_from_argv, run_main
 
 DEV, TEST = [0, 1, 2], [3, 4, 5]
 PY = sys.executable
@@ -103,9 +103,10 @@ DEFAULT_COLUMNS = ["chair_i", "chair_s", "recall", "pope_adversarial_f1",
 class Config:
     tables: str = "all"        # comma-separated names of TABLES, or all
     seeds: str = "3,4,5"       # world seeds; the test seeds by default
-    root: str = "runs/study"
+    root: str = "runs/study"   # a folder per run, kept: a rerun does only what is missing
     jobs: int = 2              # runs at a time, one thread each
     write: bool = True         # update STUDY.md's tables (test seeds only)
+    BOUNDS = dict(jobs=">= 1")
 
 
 LOCKS = {}  # a run's folder -> the lock its callers share
@@ -193,7 +194,9 @@ def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
     names = list(TABLES) if cfg.tables == "all" else cfg.tables.split(",")
     if unknown := [n for n in names if n not in TABLES]:
-        raise SystemExit(f"--tables: unknown {unknown}; expected some of {', '.join(TABLES)}")
+        raise UserError(f"--tables: unknown {unknown}; expected some of {', '.join(TABLES)}")
+    if not all(s.strip().isdigit() for s in cfg.seeds.split(",")):
+        raise UserError(f"--seeds {cfg.seeds!r}: expected comma-separated world seeds, e.g. 3,4,5")
     seeds = [int(s) for s in cfg.seeds.split(",")]
     # the base once per seed (generalisation's apart: its report differs), then chains side by side:
     # a table's rows on one seed run in order (they may share cached BDHS pairs or ref log-probs)
@@ -214,4 +217,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

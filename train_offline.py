@@ -28,6 +28,7 @@ import pickle
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,7 @@ import eval as ev
 import losses
 import model as M
 import world
-from model import VLM, config_from_argv, non_defaults
+from model import VLM, non_defaults
 
 
 @dataclass
@@ -51,37 +52,41 @@ class Config:
     data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl,
                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""         # a release's images (COCO for POVID...); default: images/ by it
-    loss: str = "dpo"            # dpo | ipo | slic | rm
-    out_dir: str = "runs/offline"
+    loss: Literal[(*losses.LOSSES, "rm")] = "dpo"  # a preference loss (losses.py), or rm: a reward model
+    out_dir: str = "runs/offline"  # the checkpoint, training state and metrics
     beta: float = 1.0            # the world's (dev seed 0); the paper searched 0.05-0.5 for DPO
     rpo_alpha: float = 1.0       # + α x the chosen's per-token NLL (TRL's RPO; the paper's DPO: 0)
     world_seed: int = 0          # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
-    world_half: str = ""         # a | b: the world's prompts about half of the usual pairs only
+    world_half: Literal["", "a", "b"] = ""  # the world's prompts about half of the usual pairs only
     pairs: int = 2200            # world pairs to build; a tenth (<= 200) held out, of a file too
     steps: int = 0               # optimizer steps; 0: `epochs` passes over the training pairs
-    epochs: float = 3.0
+    epochs: float = 3.0          # passes over the training pairs (without --steps)
     batch_size: int = 32         # global: micro-batch x grad_accum x ranks
-    grad_accum: int = 1
+    grad_accum: int = 1          # micro-steps per optimizer step
     lr: float = 2e-3             # adapters and a reward head: the world's, far above a 7B's
     lr_projector: float = 5e-5   # the projector's own learning rate (paper §2.2); 0 freezes it
-    lora_r: int = 16
-    lora_alpha: float = 32.0
+    lora_r: int = 16             # LoRA rank on every LLM linear; 0: the whole LLM trains
+    lora_alpha: float = 32.0     # LoRA's scale is lora_alpha / lora_r
     warmup: int = 10             # linear warm-up steps, then cosine decay to 0
     max_length: int = 4096       # prompt + response tokens; responses are cut, image tokens never
-    ref: str = "cache"           # cache: reference log-probs once, on disk; lora_off: every step
+    ref: Literal["cache", "lora_off"] = "cache"  # cache: reference log-probs once, on disk; lora_off:
+                                                 # the adapters off, every step
     cache_dir: str = "runs/cache"  # reference log-probs, BDHS pairs, base reports: shared by runs
-    dtype: str = "float32"       # autocast dtype of the forward; weights and log-probs stay fp32
+    dtype: Literal[M.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
     grad_ckpt: bool = False      # recompute each decoder layer in the backward pass
     fsdp: bool = False           # shard parameters, gradients and optimizer state (FSDP2); else DDP
     save_every: int = 50         # steps between checkpoints; the last step always saves
-    resume: bool = False         # continue from out_dir's training state
+    resume: bool = False         # continue from out_dir's training state, with its settings
     overwrite: bool = False      # a fresh run may replace the run already in out_dir
     eval_n: int = 500            # world data: scenes of the world report before and after; 0: none
-    seed: int = 0
+    seed: int = 0                # LoRA's initialisation and the order of the pairs
+    BOUNDS = dict(beta="> 0", rpo_alpha=">= 0", pairs=">= 1", steps=">= 0", epochs="> 0", batch_size=">= 1",
+                  grad_accum=">= 1", lr=">= 0", lr_projector=">= 0", lora_r=">= 0", lora_alpha="> 0",
+                  warmup=">= 0", max_length=">= 1", save_every=">= 0", eval_n=">= 0")  # checked at parse
 
 
 def main(argv=None):
-    cfg = config_from_argv(Config, argv, __doc__)
+    cfg = resumable_config(Config, argv, __doc__)
     ranks = setup(cfg)
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A must agree
     pm, model, opt = build_policy(cfg, ranks, head="reward" if cfg.loss == "rm" else None)
@@ -241,7 +246,7 @@ def load_pairs(cfg: Config, vlm: VLM, ranks):
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     nval = min(200, len(items) // 10)
     if len(items) - nval < cfg.batch_size:
-        raise ValueError(f"--data {cfg.data}: {len(items) - nval} training pairs, fewer than one batch of "
+        raise M.UserError(f"--data {cfg.data}: {len(items) - nval} training pairs, fewer than one batch of "
                          f"{cfg.batch_size} (of {stats['pairs']} records, {stats['ties']} have chosen == rejected, "
                          f"{stats['too_long']} do not fit --max_length {cfg.max_length}; {nval} held out)")
     return items, order[nval:], order[:nval]
@@ -383,6 +388,34 @@ STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 VOLATILE = ("resume", "overwrite", "save_every", "eval_n", "cache_dir", "annotator_threads")  # free
 
 
+def load_state(path, mmap=False):
+    """A training state (tensors and plain values only); `mmap`: its tensors stay on disk until read."""
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise M.UserError(f"--resume: refused to load {path}: it holds more than tensors and plain values, "
+                          f"which a training state never does ({str(e).splitlines()[0]})") from None
+
+
+def resumable_config(cls, argv=None, doc=None):
+    """The Config of the flags; with `--resume true`, the settings kept in out_dir's training state fill
+    the flags not given, before anything loads. A flag given with another value than the run's is an
+    error naming both values (but the VOLATILE ones, free to change between a run's legs)."""
+    given = M.flags_from_argv(cls, argv, doc)
+    cfg = M.check_config(cls(**given))
+    if not cfg.resume:
+        return cfg
+    state = os.path.join(cfg.out_dir, "state.pt")
+    if not os.path.exists(state):
+        raise M.UserFileError(f"--resume: no training state at {state}")
+    saved = load_state(state, mmap=True)["config"]  # the weights stay unread
+    if changed := [k for k, v in given.items() if k in saved and k not in VOLATILE and saved[k] != v]:
+        raise M.UserError(f"--resume: {state} was written with other settings: " + ", ".join(
+            f"--{k} {given[k]} (the run's: {saved[k]})" for k in changed))
+    names = {f.name for f in dataclasses.fields(cls)}  # a setting since removed is dropped
+    return M.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given)))
+
+
 class Checkpoint:
     """out_dir/checkpoint (HF layout, atomic) and out_dir/state.pt (the rest, for --resume)."""
 
@@ -394,14 +427,10 @@ class Checkpoint:
         """-> the step to start from (0 without --resume), or None when the run is complete."""
         if not self.cfg.resume:
             return 0
-        try:
-            st = torch.load(self.state, weights_only=True)  # tensors and plain values only
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"--resume: refused to load {self.state}: it holds more than tensors and plain "
-                             f"values, which a training state never does ({str(e).splitlines()[0]})") from None
+        st = load_state(self.state)
         if changed := sorted(k for k, v in st["config"].items()
                              if k not in VOLATILE and getattr(self.cfg, k, v) != v):
-            raise ValueError(f"--resume: {self.state} was written with different settings: {changed}")
+            raise M.UserError(f"--resume: {self.state} was written with different settings: {changed}")
         set_model_state_dict(self.pm, st["model"], options=StateDictOptions(full_state_dict=True, strict=False))
         set_optimizer_state_dict(self.pm, self.opt, st["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -541,22 +570,17 @@ def setup(cfg):
     """Before any compute: the process group, the non-default settings, flag and out_dir checks."""
     ranks = Ranks()
     ranks.print(f"settings other than the defaults: {json.dumps(non_defaults(cfg))}")
-    for k in ("pairs", "batch_size", "grad_accum", "steps", "save_every"):
-        if getattr(cfg, k) < (0 if k in ("steps", "save_every") else 1):
-            raise ValueError(f"--{k} {getattr(cfg, k)}: out of range")
+    if cfg.data not in ("world", "bdhs", "bdhs+world"):
+        data.check_spec(cfg.data)
     if cfg.batch_size % (ranks.W * cfg.grad_accum):
-        raise ValueError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
+        raise M.UserError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
                          f"{ranks.W * cfg.grad_accum}")
     if cfg.ref == "lora_off" and (cfg.lr_projector > 0 or not cfg.lora_r):
-        raise ValueError("--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
+        raise M.UserError("--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
                          "gives back the reference model only if nothing else trains")
-    if cfg.loss not in (*losses.LOSSES, "rm"):
-        raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm'])}")
     state = os.path.join(cfg.out_dir, "state.pt")
-    if cfg.resume and not os.path.exists(state):
-        raise FileNotFoundError(f"--resume: no training state at {state}")
     if not cfg.resume and not cfg.overwrite and os.path.exists(state):
-        raise ValueError(f"--out_dir {cfg.out_dir} already holds a run ({state}): pass --resume true to continue "
+        raise M.UserError(f"--out_dir {cfg.out_dir} already holds a run ({state}): pass --resume true to continue "
                          f"it, --overwrite true to replace it, or another --out_dir")
     probe = os.path.join(cfg.out_dir, f".write-test{os.getpid()}")
     try:
@@ -564,11 +588,11 @@ def setup(cfg):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise OSError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
+        raise M.UserFileError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
     if ranks.rank == 0:
         M.recover_checkpoint(os.path.join(cfg.out_dir, "checkpoint"))
     return ranks
 
 
 if __name__ == "__main__":
-    main()
+    M.run_main(main)

@@ -35,6 +35,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -45,9 +46,9 @@ import eval as ev
 import losses
 import model as M
 import world
-from model import TEMPLATES, VLM, config_from_argv, left_pad
+from model import TEMPLATES, VLM, left_pad
 from train_offline import (Checkpoint, Metrics, PairModel, accumulate, batch_rows, build_policy,
-                           counts, optimizer_step, pair_stats, setup, to, unsharded)
+                           counts, optimizer_step, pair_stats, resumable_config, setup, to, unsharded)
 
 SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "online-bdhs": 1, "ppo": 1, "rloo": 4}
 CLIP, VF_COEF, GAE_LAMBDA = 0.2, 0.1, 0.95  # PPO: ratio/value clipping, value-loss weight, GAE's λ
@@ -57,45 +58,50 @@ STALL = 5  # steps in a row with every pair a tie or unparsed (no training signa
 
 @dataclass
 class Config:
-    model: str = world.BASE_MODEL
-    algo: str = "online-dpo"      # online-dpo | mixed-dpo | online-bdhs | ppo | rloo
+    model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
+    algo: Literal[tuple(SAMPLES)] = "online-dpo"  # the objective (the docstring above says each)
     annotator: str = "rule"       # rule | rm:PATH | judge:PATH | api:MODEL
     annotator_threads: int = 16   # api: requests in flight per rank
-    data: str = "world"           # the world's align split, a native .jsonl or a converter
-    image_root: str = ""
-    out_dir: str = "runs/online"
-    world_seed: int = 0
-    world_half: str = ""
+    data: str = "world"           # world (its align split), a native .jsonl,
+                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
+    image_root: str = ""          # a release's images (COCO for POVID...); default: images/ by it
+    out_dir: str = "runs/online"  # the checkpoint, training state and metrics
+    world_seed: int = 0           # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
+    world_half: Literal["", "a", "b"] = ""  # the world's prompts about half of the usual pairs only
     pairs: int = 2000             # world prompts
     samples: int = 0              # per prompt; 0: 2 for DPO (more: best vs worst), 1 PPO, 4 RLOO
-    temperature: float = 1.0
+    temperature: float = 1.0      # of the policy's samples; 0: greedy
     max_new_tokens: int = 96
     beta: float = 0.5             # DPO's β (the world's, dev seed 0)
     mix_p: float = 0.5            # Mixed-DPO: the probability of the offline pair (Eq. 4)
     external: bool = False        # Online-BDHS: Avg-DPO with the source's rejected too (Eq. 5)
     kl_coef: float = 0.4          # PPO / RLOO: β of the KL penalty (the paper's RLOO value)
     ppo_epochs: int = 4           # PPO: optimisation passes over each batch of samples
-    steps: int = 0
+    steps: int = 0                # optimizer steps; 0: `epochs` passes over the prompts
     epochs: float = 1.0
     batch_size: int = 32          # prompts, global
-    grad_accum: int = 1
-    lr: float = 1e-3
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    warmup: int = 10
-    dtype: str = "float32"
-    fsdp: bool = False
-    save_every: int = 50
-    resume: bool = False
-    overwrite: bool = False
+    grad_accum: int = 1           # micro-steps per optimizer step
+    lr: float = 1e-3              # the LoRA adapters' (and PPO's value head's)
+    lora_r: int = 16              # LoRA rank on every LLM linear (the reference: the adapters off)
+    lora_alpha: float = 32.0      # LoRA's scale is lora_alpha / lora_r
+    warmup: int = 10              # linear warm-up steps, then cosine decay to 0
+    dtype: Literal[M.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
+    fsdp: bool = False            # shard parameters, gradients and optimizer state (FSDP2); else DDP
+    save_every: int = 50          # steps between checkpoints; the last step always saves
+    resume: bool = False          # continue from out_dir's training state, with its settings
+    overwrite: bool = False       # a fresh run may replace the run already in out_dir
     eval_n: int = 500             # world data: scenes of the world report before and after; 0: none
-    seed: int = 0
+    seed: int = 0                 # LoRA's initialisation, the order of the prompts, sampling
+    BOUNDS = dict(annotator_threads=">= 1", pairs=">= 1", samples=">= 0", temperature=">= 0", max_new_tokens=">= 1",
+                  beta="> 0", mix_p=">= 0, <= 1", kl_coef=">= 0", ppo_epochs=">= 1", steps=">= 0", epochs="> 0",
+                  batch_size=">= 1", grad_accum=">= 1", lr=">= 0", lora_r=">= 1", lora_alpha="> 0", warmup=">= 0",
+                  save_every=">= 0", eval_n=">= 0")  # checked at parse
     # not flags: the reference is the policy with its adapters off: only the adapters may train
     lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", "runs/cache"
 
 
 def main(argv=None):
-    cfg = config_from_argv(Config, argv, __doc__)
+    cfg = resumable_config(Config, argv, __doc__)
     check(cfg)
     ranks = setup(cfg)
     torch.manual_seed(cfg.seed)
@@ -110,7 +116,7 @@ def main(argv=None):
         need = cfg.algo == "mixed-dpo" or (cfg.algo == "online-bdhs" and cfg.external)
         recs = data.load_pairs(cfg.data, cfg.image_root, need_rejected=need)
     if len(recs) < cfg.batch_size:
-        raise ValueError(f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}")
+        raise M.UserError(f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}")
     if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward: before sampling
         with torch.no_grad():
             pm(**to(data.collate_pairs(vlm, [dict(image=recs[0]["image"], prompt=data.prompt_ids(vlm, recs[0]),
@@ -153,7 +159,7 @@ def main(argv=None):
         if stalled == STALL:  # rec and weight are summed over ranks: every rank stops here
             bar.close()
             log.close()
-            raise ValueError(
+            raise M.UserError(
                 f"--annotator {cfg.annotator}: no training signal for {STALL} steps in a row (to step {step}): "
                 f"every pair was a tie or an unparsed reply (ties {drop_shares(rec).get('ties', '-')}, "
                 f"unparsed {drop_shares(rec).get('unparsed', '-')}), so the loss and its gradient are 0. "
@@ -172,15 +178,15 @@ def main(argv=None):
 
 def check(cfg: Config):
     """Flags that do not go together, named before any compute."""
-    if cfg.algo not in SAMPLES:
-        raise ValueError(f"--algo {cfg.algo!r}: expected one of {', '.join(SAMPLES)}")
+    if cfg.data != "world":
+        data.check_spec(cfg.data)
     cfg.samples = cfg.samples or SAMPLES[cfg.algo]
     if cfg.samples < 2 and cfg.algo in ("rloo", "online-dpo", "mixed-dpo"):
-        raise ValueError(f"--algo {cfg.algo} needs --samples >= 2")
+        raise M.UserError(f"--algo {cfg.algo} needs --samples >= 2")
     if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
-        raise ValueError("--annotator judge compares two responses: --samples must be 2")
+        raise M.UserError("--annotator judge compares two responses: --samples must be 2")
     if cfg.annotator == "rule" and cfg.data != "world" and cfg.algo != "online-bdhs":  # BDHS asks no annotator
-        raise ValueError(f"--annotator rule (the default) is the world's verifier: it scores the world's scenes "
+        raise M.UserError(f"--annotator rule (the default) is the world's verifier: it scores the world's scenes "
                          f"only, not --data {cfg.data}; pass --annotator rm:PATH, judge:PATH or api:MODEL")
 
 
@@ -231,7 +237,7 @@ class RewardModel:
     def __init__(self, path, device):
         vlm = VLM.from_pretrained(path, device=device)
         if "score.weight" not in vlm.extra:
-            raise ValueError(f"{path}: no score.weight (reward head); train one with train_offline.py --loss rm")
+            raise M.UserError(f"{path}: no score.weight (reward head); train one with train_offline.py --loss rm")
         self.pm = PairModel(vlm, head="reward").to(device).eval()
         self.pm.score.weight.data.copy_(vlm.extra["score.weight"])
 
@@ -331,11 +337,11 @@ def annotator(cfg: Config, device):
     if kind == "rule":
         return (lambda recs, texts: [[world.rule_score(t, r) for t in ts] for r, ts in zip(recs, texts)]), None
     if kind in ("rm", "judge", "api") and not path:
-        raise ValueError(f"--annotator {kind}:" + ("MODEL needs the served model's name" if kind == "api" else
+        raise M.UserError(f"--annotator {kind}:" + ("MODEL needs the served model's name" if kind == "api" else
                                                    "PATH needs the checkpoint's path"))
     if kind == "api":
         if not os.environ.get("JUDGE_BASE_URL"):  # never a silent default host for training images
-            raise ValueError(f"--annotator {cfg.annotator}: set JUDGE_BASE_URL to the endpoint serving {path} "
+            raise M.UserError(f"--annotator {cfg.annotator}: set JUDGE_BASE_URL to the endpoint serving {path} "
                              "(and JUDGE_API_KEY if it needs a key)")
         api = Endpoint(path, os.path.join(cfg.out_dir, "annotator.jsonl"), cfg.annotator_threads)
         pairwise = cfg.samples == 2 and cfg.algo not in ("ppo", "rloo")  # else ratings (RL, best-of-k)
@@ -344,10 +350,10 @@ def annotator(cfg: Config, device):
         return RewardModel(path, device), None
     if kind == "judge":
         if cfg.algo in ("ppo", "rloo"):
-            raise ValueError("--annotator judge gives pairwise choices, not rewards: PPO and RLOO need rule, "
+            raise M.UserError("--annotator judge gives pairwise choices, not rewards: PPO and RLOO need rule, "
                              "rm:PATH or api:MODEL")
         return None, Judge(path, device)
-    raise ValueError(f"--annotator {cfg.annotator!r}: expected rule, rm:PATH, judge:PATH or api:MODEL")
+    raise M.UserError(f"--annotator {cfg.annotator!r}: expected rule, rm:PATH, judge:PATH or api:MODEL")
 
 # -----------------------------------------------------------------------------
 # Rollouts: the policy's samples, judged, packed with the reference's (and PPO's old) log-probs
@@ -480,7 +486,7 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
         xs += [v for s in got for v in s if v is not None]  # unreadable ratings are left out
     s = ranks.gather_sums({"s": [sum(xs), len(xs)], "s2": [sum(x * x for x in xs), 0]})
     if not s["s"][1]:
-        raise ValueError(f"--annotator {cfg.annotator}: no readable rating among the starting policy's samples, so "
+        raise M.UserError(f"--annotator {cfg.annotator}: no readable rating among the starting policy's samples, so "
                          "the rewards cannot be normalised; check the annotator's replies")
     mean = s["s"][0] / s["s"][1]
     std = max(math.sqrt(max(s["s2"][0] / s["s"][1] - mean ** 2, 0.0)), 1e-6)
@@ -492,4 +498,4 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
 
 
 if __name__ == "__main__":
-    main()
+    M.run_main(main)

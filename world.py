@@ -26,6 +26,7 @@ import os
 import random
 import re
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from PIL import Image, ImageDraw
 
 import data
 import losses
-from model import VLM, config_from_argv, format_chat
+from model import VLM, config_from_argv, format_chat, run_main
 
 # -----------------------------------------------------------------------------
 # The rules: categories, usual pairs, typical colours, positions
@@ -579,11 +580,13 @@ def build_base(out, seed=0, log=print):
 @dataclass
 class Config:
     build_base: str = ""    # a folder: build the base model there (about 10 minutes on 2 CPUs)
-    split: str = "broken"   # otherwise write n examples of a split, PNGs and a JSONL, to look at
-    n: int = 8
-    world_seed: int = 0
-    half: str = ""
-    out: str = "world_samples"
+    split: Literal[World.SPLITS] = "broken"  # otherwise write n examples of a split, PNGs and a JSONL,
+                                             # to look at
+    n: int = 8              # examples to write
+    world_seed: int = 0     # the world's scenes: 0-2 dev seeds, 3-5 test seeds
+    half: Literal["", "a", "b"] = ""  # the categories of one half of the world only
+    out: str = "world_samples"  # the folder of the examples
+    BOUNDS = dict(n=">= 0")
 
 
 def main(argv=None):
@@ -603,4 +606,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

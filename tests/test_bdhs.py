@@ -344,7 +344,11 @@ def test_bdhs_cli_variants_and_flag_errors(tmp_path):
     assert len(recs) == 4 and all(r["meta"]["bdhs"]["guidance"] == "none" for r in recs)
     assert all(world.mentioned(r["chosen"]) <= world.HALVES["b"] for r in recs)
     for flag, v in (("--variant", "nope"), ("--guidance", "words")):
-        with pytest.raises(ValueError, match=rf"{flag} 'nope'|{flag} 'words'"):
+        with pytest.raises(ValueError, match=rf"{flag}: invalid choice: '{v}'"):
+            bdhs.main([flag, v, "--out", str(tmp_path / "q.jsonl")])
+    for flag, v, bound in (("--rho", "1.5", ">= 0, <= 1"), ("--noise_steps", "1000", ">= 0, <= 999"),
+                           ("--n_bdhs", "0", ">= 1")):
+        with pytest.raises(ValueError, match=rf"{flag} {v}: must be {bound}"):
             bdhs.main([flag, v, "--out", str(tmp_path / "q.jsonl")])
 
 

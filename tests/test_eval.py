@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 import eval as ev
+from model import UserError
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bench")
 
@@ -391,14 +392,16 @@ def test_threads_share_the_cache_and_the_spacing(server, tmp_path, monkeypatch):
 def test_eval_flag_errors(monkeypatch):
     for k in ("JUDGE_BASE_URL", "JUDGE_API_KEY", "OPENAI_API_KEY"):
         monkeypatch.delenv(k, raising=False)
-    with pytest.raises(SystemExit, match="--bench foo: no such benchmark; expected any of pope,"):
+    with pytest.raises(UserError, match="--bench foo: no such benchmark; expected any of pope,"):
         ev.main(["--bench", "pope,foo,mmvet"])
-    for flag, value in (("n", "-5"), ("n", "0"), ("batch_size", "0"), ("limit", "-1"),
-                        ("judge_retries", "-1")):
-        with pytest.raises(SystemExit, match=f"--{flag} {value}: must be at least"):
+    for flag, value, bound in (("n", "-5", ">= 1"), ("n", "0", ">= 1"), ("batch_size", "0", ">= 1"),
+                               ("limit", "-1", ">= 0"), ("judge_retries", "-1", ">= 0")):
+        with pytest.raises(UserError, match=f"--{flag} {value}: must be {bound}"):
             ev.main([f"--{flag}", value])
-    with pytest.raises(SystemExit, match="--judge_timeout 0.0: must be positive"):
+    with pytest.raises(UserError, match="--judge_timeout 0.0: must be > 0"):
         ev.main(["--judge_timeout", "0"])
+    with pytest.raises(UserError, match=r"--world_half: invalid choice: 'c' \(choose from '', 'a', 'b'\)"):
+        ev.main(["--world_half", "c"])
 
 
 def test_judge_timeout_and_retries_flags(server, tmp_path, monkeypatch):
@@ -608,7 +611,7 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
 def test_judged_benchmarks_without_a_key_stop_before_generating(monkeypatch):
     for k in ("JUDGE_BASE_URL", "JUDGE_API_KEY", "OPENAI_API_KEY"):
         monkeypatch.delenv(k, raising=False)
-    with pytest.raises(SystemExit, match="need JUDGE_API_KEY"):
+    with pytest.raises(UserError, match="need JUDGE_API_KEY"):
         ev.main(["--bench", "pope,mmvet", "--bench_dir", FIX, "--model", "does/not/exist"])
 
 

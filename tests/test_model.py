@@ -485,3 +485,102 @@ def test_checkpoint_leftovers_are_mended_and_disk_errors_named(tmp_path, monkeyp
         vlm.save_pretrained(ck)
     assert os.listdir(tmp_path) == ["checkpoint"]  # the earlier one stays, the partial folder goes
     VLM.from_pretrained(ck)
+
+# -----------------------------------------------------------------------------
+# Command lines: help from the Config's comments, errors at parse time, one line per user error
+
+
+def script_configs():
+    import bdhs
+    import eval as ev
+    import study
+    import train_offline as to
+    import train_online as on
+    return {"train_offline": to.Config, "train_online": on.Config, "bdhs": bdhs.Config, "eval": ev.Config,
+            "world": world.Config, "study": study.Config}
+
+
+def help_text(cls, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no wrapping inside a word
+    with pytest.raises(SystemExit) as e:
+        M.config_from_argv(cls, ["--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("script", ["train_offline", "train_online", "bdhs", "eval", "world", "study"])
+def test_help_shows_each_flags_comment_default_and_choices(script, monkeypatch, capsys):
+    import dataclasses
+    cls = script_configs()[script]
+    out = help_text(cls, monkeypatch, capsys)
+    comments = M.field_comments(cls)
+    for f in dataclasses.fields(cls):
+        default = repr(f.default) if f.default == "" else f.default
+        assert f"(default: {default}" in out.split(f"--{f.name} ", 1)[1], f.name
+        if f.name in comments:
+            assert comments[f.name] in out, f.name
+    for name, values in M.field_choices(cls).items():
+        assert f"--{name} {{{','.join(values)}}}" in out
+    assert "not flags" not in out  # a comment at the fields' indent belongs to no field
+
+
+def test_help_comments_choices_and_bounds(monkeypatch, capsys):
+    import losses
+    import train_offline as to
+    out = help_text(to.Config, monkeypatch, capsys)
+    assert "--loss {" + ",".join([*losses.LOSSES, "rm"]) + "}" in out
+    assert "--dtype {float32,bfloat16,float16}" in out
+    # a comment continued on the next `#` line, aligned under it, is the same field's
+    assert ("--data STR world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl, or "
+            "povid|vlfeedback|rlhfv|llava-rlhf[:PATH] (default: world)") in out
+    assert "--batch_size INT global: micro-batch x grad_accum x ranks (default: 32; >= 1)" in out
+    out = help_text(script_configs()["bdhs"], monkeypatch, capsys)
+    assert "a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]" in out
+    out = help_text(script_configs()["train_online"], monkeypatch, capsys)
+    assert "--data STR world (its align split), a native .jsonl, or povid|vlfeedback" in out
+
+
+def test_model_py_help_and_dtype(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        M.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--dtype {float32,bfloat16,float16} the weights' dtype (default: float32)" in out
+    with pytest.raises(M.UserError, match=r"--dtype: invalid choice: 'bf16' \(choose from 'float32'"):
+        M.main(["--model", world.BASE_MODEL, "--dtype", "bf16"])
+
+
+def test_run_main_prints_one_line_for_a_user_error(monkeypatch, capsys):
+    def user():
+        raise M.UserKeyError("ckpt: checkpoint is missing 1 tensor(s): lm_head.weight")
+
+    def bug():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(SystemExit) as e:
+        M.run_main(user)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: ckpt: checkpoint is missing 1 tensor(s): lm_head.weight\n"
+    monkeypatch.setenv("RANK", "1")  # the other ranks exit quietly
+    with pytest.raises(SystemExit):
+        M.run_main(user)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="a bug"):  # a bug is no user error: its traceback stays
+        M.run_main(bug)
+
+
+@pytest.mark.parametrize("args,want", [
+    (["train_offline.py", "--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16' (choose from 'float32', "
+                                              "'bfloat16', 'float16')"),
+    (["train_online.py", "--lora_r", "-4"], "--lora_r -4: must be >= 1"),
+    (["bdhs.py", "--source", "missing.jsonl"], "--source 'missing.jsonl': not a file"),
+    (["model.py", "--model", "no/such/folder"], "no/such/folder: no such model folder"),
+])
+def test_scripts_exit_2_with_one_error_line(args, want, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], p.stderr
+    assert "Traceback" not in p.stderr

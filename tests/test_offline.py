@@ -16,7 +16,7 @@ import data
 import losses
 import world
 import train_offline as to
-from model import VLM
+from model import VLM, UserError, UserFileError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures", "prefs")
@@ -249,9 +249,29 @@ def test_yes_no_flags_reject_typos(capsys):
     cfg = config_from_argv(to.Config, ["--resume", "YES", "--fsdp", "0", "--grad_ckpt", "True",
                                        "--overwrite", "no"])
     assert (cfg.resume, cfg.fsdp, cfg.grad_ckpt, cfg.overwrite) == (True, False, True, False)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="argument --resume: 'ture' is not a yes/no value"):
         config_from_argv(to.Config, ["--resume", "ture"])
-    assert "argument --resume: 'ture' is not a yes/no value" in capsys.readouterr().err
+
+
+def test_resume_takes_the_runs_settings_before_anything_loads(tmp_path, monkeypatch):
+    """--resume true --out_dir D: the flags not given are the run's, read from D's training state;
+    a flag given with another value is an error naming both values; nothing is loaded first."""
+    import dataclasses
+    monkeypatch.setattr(to, "build_policy", lambda *a, **kw: pytest.fail("built the model"))
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = to.Config(out_dir=str(run), beta=0.3, lora_r=4, data="bdhs", steps=7, save_every=2, seed=5)
+    torch.save(dict(step=1, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt")
+    cfg = to.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run)])
+    assert cfg == dataclasses.replace(saved, resume=True)
+    cfg = to.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run), "--beta", "0.3",
+                                          "--save_every", "3"])  # the same value; a free one
+    assert (cfg.beta, cfg.save_every, cfg.lora_r) == (0.3, 3, 4)
+    with pytest.raises(UserError, match=r"other settings: --beta 0.5 \(the run's: 0.3\), --data world "
+                                        r"\(the run's: bdhs\)"):
+        to.main(["--resume", "true", "--out_dir", str(run), "--beta", "0.5", "--data", "world"])
+    with pytest.raises(UserError, match=r"--lora_r -1: must be >= 0"):
+        to.main(["--resume", "true", "--out_dir", str(run), "--lora_r", "-1"])
 
 
 def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
@@ -263,12 +283,22 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
                  "--eval_n", "0", "--batch_size", "2"] + list(args))
     real_build = to.build_policy
     monkeypatch.setattr(to, "build_policy", lambda *a, **kw: pytest.fail("built the model"))
-    for flag, v in (("--pairs", "0"), ("--batch_size", "0"), ("--steps", "-1"),
-                    ("--grad_accum", "0")):
-        with pytest.raises(ValueError, match=rf"{flag} {v}: out of range"):
+    for flag, v, bound in (("--pairs", "0", ">= 1"), ("--batch_size", "0", ">= 1"), ("--steps", "-1", ">= 0"),
+                           ("--grad_accum", "0", ">= 1"), ("--lora_r", "-4", ">= 0"), ("--beta", "0.0", "> 0")):
+        with pytest.raises(UserError, match=rf"{flag} {v}: must be {bound}"):
             run(flag, v)
-    with pytest.raises(ValueError, match="--loss 'kto': expected one of dpo, ipo, slic, rm"):
+    with pytest.raises(UserError, match=r"--loss: invalid choice: 'kto' \(choose from 'dpo', 'ipo', 'slic', 'rm'\)"):
         run("--loss", "kto")
+    with pytest.raises(UserError, match=r"--dtype: invalid choice: 'bf16' \(choose from 'float32', 'bfloat16'"):
+        run("--dtype", "bf16")
+    with pytest.raises(UserError, match=r"--ref: invalid choice: 'none'"):
+        run("--ref", "none")
+    with pytest.raises(UserError, match=r"--data 'nope\.jsonl': not a file, and not one of povid"):
+        run("--data", "nope.jsonl")
+    with pytest.raises(UserFileError, match=r"--data 'povid:/nowhere': /nowhere not found"):
+        run("--data", "povid:/nowhere")
+    with pytest.raises(UserError, match=r"unrecognized arguments: --lora_rank"):
+        run("--lora_rank", "4")
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match=r"--out_dir .*file/run: cannot write there"):
         to.main(["--out_dir", str(tmp_path / "file" / "run")])
@@ -535,7 +565,7 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys):
     to.main(common + ["--out_dir", str(out), "--resume", "true"])
     assert not (out / "checkpoint.tmp999999").exists()
     same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(UserError, match=r"other settings: --beta 0.2 \(the run's: 1.0\)"):
         to.main(common + ["--out_dir", str(out), "--resume", "true", "--beta", "0.2"])
 
 
@@ -546,3 +576,25 @@ def test_grad_checkpointing_is_exact_and_bf16_runs(tmp_path):
     same(run_metrics(str(tmp_path / "plain" / "metrics.jsonl")), run_metrics(str(tmp_path / "ckpt" / "metrics.jsonl")))
     to.main(common + ["--out_dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
     assert all(math.isfinite(r["loss"]) for r in run_metrics(str(tmp_path / "bf16" / "metrics.jsonl")))
+
+
+def test_data_convert_writes_a_native_file(tmp_path):
+    """`data.py --convert NAME:PATH --out F [--limit N --seed S]`: a native file that reads back as the
+    release's records (in-memory images saved beside it), subsampled in the release's order."""
+    for name, sub in (("povid", "povid"), ("rlhfv", "rlhf_v")):
+        spec = f"{name}:{os.path.join(FIX, sub)}"
+        out = str(tmp_path / name / "pairs.jsonl")
+        data.main(["--convert", spec, "--image_root", os.path.join(FIX, "images"), "--out", out])
+        want = data.load_pairs(spec, os.path.join(FIX, "images"))
+        back = data.read_pairs(out)
+        assert [(r["id"], r["chosen"], r["rejected"]) for r in back] == [
+            (r["id"], r["chosen"], r["rejected"]) for r in want]
+        assert [data.open_image(r["image"]).tobytes() for r in back] == [
+            data.open_image(r["image"]).tobytes() for r in want]
+    out = str(tmp_path / "two.jsonl")
+    data.main(["--convert", str(tmp_path / "povid" / "pairs.jsonl"), "--out", out, "--limit", "2", "--seed", "1"])
+    ids = [r["id"] for r in data.read_pairs(out)]
+    all_ids = [r["id"] for r in data.read_pairs(str(tmp_path / "povid" / "pairs.jsonl"))]
+    assert len(ids) == 2 and ids == [i for i in all_ids if i in ids]
+    with pytest.raises(UserError, match="--convert 'nope': not a file"):
+        data.main(["--convert", "nope", "--out", out])

@@ -19,7 +19,7 @@ import losses
 import train_offline as TO
 import train_online as on
 import world
-from model import VLM, config_from_argv, format_chat
+from model import VLM, UserError, config_from_argv, format_chat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_offline import kill_midway, run_metrics, same, torchrun  # noqa: E402
@@ -174,9 +174,28 @@ def test_its_own_flags(capsys):
     out = capsys.readouterr().out
     assert "--kl_coef" in out and "--val_pairs" not in out and "--rpo_alpha" not in out
     assert len(dataclasses.fields(on.Config)) <= 34
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="unrecognized arguments: --lr_projector"):
         config_from_argv(on.Config, ["--lr_projector", "0.5"])  # fixed: only the adapters may train
-    assert "unrecognized arguments: --lr_projector" in capsys.readouterr().err
+
+
+def test_flags_are_checked_before_anything_loads(tmp_path, monkeypatch):
+    """Choices and ranges fail at parse time, naming the flag; --resume takes the run's settings."""
+    import dataclasses
+    monkeypatch.setattr(on, "build_policy", lambda *a, **kw: pytest.fail("built the model"))
+    for args, want in ((["--algo", "dpo"], r"--algo: invalid choice: 'dpo' \(choose from 'online-dpo', "),
+                       (["--dtype", "bf16"], r"--dtype: invalid choice: 'bf16'"),
+                       (["--mix_p", "1.5"], r"--mix_p 1.5: must be >= 0, <= 1"),
+                       (["--lora_r", "0"], r"--lora_r 0: must be >= 1"),
+                       (["--data", "nope.jsonl"], r"--data 'nope\.jsonl': not a file")):
+        with pytest.raises(UserError, match=want):
+            on.main(args + ["--out_dir", str(tmp_path / "x")])
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = on.Config(out_dir=str(run), algo="rloo", samples=4, kl_coef=0.1)
+    torch.save(dict(step=0, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt")
+    assert on.resumable_config(on.Config, ["--resume", "true", "--out_dir", str(run)]).kl_coef == 0.1
+    with pytest.raises(UserError, match=r"--algo ppo \(the run's: rloo\)"):
+        on.main(["--resume", "true", "--out_dir", str(run), "--algo", "ppo"])
 
 
 # -----------------------------------------------------------------------------
