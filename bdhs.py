@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 import world
-from model import TEMPLATES, VLM, config_from_argv, left_pad
+from model import TEMPLATES, VLM, check_template, config_from_argv, left_pad, template_line
 
 # -----------------------------------------------------------------------------
 # Sentence embedder: BERT (all-MiniLM-L6-v2) or MPNet (all-mpnet-base-v2), mean pooled, normalised
@@ -214,6 +214,7 @@ def add_diffusion_noise(pixels, N, generator):
 @dataclass
 class Config:
     model: str = world.BASE_MODEL
+    template: str = ""            # chat template: vicuna | llava | mistral | chatml; "": the model's own
     source: str = "world"         # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
                                   # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""
@@ -348,7 +349,10 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
     out = cfg.out if world_size == 1 else f"{cfg.out}.rank{rank}"
     check_settings(cfg, out, world_size)
     recs = source_records(cfg)[rank::world_size]
-    vlm = vlm or VLM.from_pretrained(cfg.model)
+    if vlm is None:
+        vlm = VLM.from_pretrained(cfg.model, template=cfg.template)
+        if rank == 0:
+            log(template_line(vlm))
     if not embedder and cfg.variant != "distort":
         embedder = SentenceEmbedder.from_pretrained(cfg.embedder)
     done = set()
@@ -403,6 +407,7 @@ def main(argv=None):
         raise ValueError(f"--variant {cfg.variant!r}: expected attn, noise or distort")
     if cfg.guidance not in ("sentence", "token", "none"):
         raise ValueError(f"--guidance {cfg.guidance!r}: expected sentence, token or none")
+    check_template(cfg.template)
     build_pairs(cfg)
     print(f"wrote {cfg.out}")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import data
 import world as W
-from model import VLM, config_from_argv, folder_hash, source_bytes
+from model import VLM, check_template, config_from_argv, folder_hash, source_bytes, template_line
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
@@ -818,6 +818,7 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
 @dataclass
 class Config:
     model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL
+    template: str = ""     # chat template: vicuna | llava | mistral | chatml; "": each model's own
     data: str = "world"
     world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
     world_half: str = ""   # a or b: the broken split of each half of the pairs (generalisation)
@@ -849,6 +850,7 @@ def main(argv=None):
             raise SystemExit(f"--{k} {getattr(cfg, k)}: must be at least {low}")
     if cfg.judge_timeout <= 0:
         raise SystemExit(f"--judge_timeout {cfg.judge_timeout}: must be positive")
+    check_template(cfg.template)
     names = [b for b in cfg.bench.split(",") if b]
     if unknown := [b for b in names if b not in GET and b not in FOLDER]:
         raise SystemExit(f"--bench {','.join(unknown)}: no such benchmark; expected any of "
@@ -873,7 +875,8 @@ def main(argv=None):
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
-        vlm = VLM.from_pretrained(path).eval()
+        vlm = VLM.from_pretrained(path, template=cfg.template).eval()
+        print(f"{name}: {template_line(vlm)}")
         if names:
             res = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,
                                  cfg.batch_size, cfg.max_new_tokens, prompts, vocab,

@@ -48,6 +48,7 @@ from model import VLM, config_from_argv, non_defaults
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
+    template: str = ""           # chat template: vicuna | llava | mistral | chatml; "": the model's own
     data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl,
                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""         # a release's images (COCO for POVID...); default: images/ by it
@@ -240,7 +241,7 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
     import bdhs
     source = "world+corrupt" if cfg.data == "bdhs+world" else "world"
     bc = bdhs.Config(model=cfg.model, source=source, n=cfg.pairs, world_seed=cfg.world_seed,
-                     world_half=cfg.world_half, seed=cfg.seed, batch_size=256)  # wide: a tiny model
+                     world_half=cfg.world_half, seed=cfg.seed, batch_size=256, template=cfg.template)  # wide: a tiny model
     code = M.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
     key = hashlib.sha256((M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code)
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")
@@ -315,7 +316,8 @@ def to(batch, device):
 
 def build_policy(cfg, ranks, head=None):
     """-> (PairModel, the wrapped model to train, AdamW over the adapters, projector and head)."""
-    vlm = VLM.from_pretrained(cfg.model)
+    vlm = VLM.from_pretrained(cfg.model, template=cfg.template)
+    ranks.print(M.template_line(vlm))
     vlm.requires_grad_(False)
     if cfg.lora_r:
         M.add_lora(vlm, cfg.lora_r, cfg.lora_alpha)
@@ -539,6 +541,7 @@ def setup(cfg):
                          "gives back the reference model only if nothing else trains")
     if cfg.loss not in (*losses.LOSSES, "rm"):
         raise ValueError(f"--loss {cfg.loss!r}: expected one of {', '.join([*losses.LOSSES, 'rm'])}")
+    M.check_template(cfg.template)
     state = os.path.join(cfg.out_dir, "state.pt")
     if cfg.resume and not os.path.exists(state):
         raise FileNotFoundError(f"--resume: no training state at {state}")

@@ -56,6 +56,7 @@ NORM_PROMPTS, JUDGE_TOKENS = 256, 64  # prompts for RL's reward statistics; a ju
 @dataclass
 class Config:
     model: str = world.BASE_MODEL
+    template: str = ""            # chat template: vicuna | llava | mistral | chatml; "": the model's own
     algo: str = "online-dpo"      # online-dpo | mixed-dpo | online-bdhs | ppo | rloo
     annotator: str = "rule"       # rule | rm:PATH | judge:PATH | api:MODEL
     annotator_threads: int = 16   # api: requests in flight per rank
