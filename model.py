@@ -661,7 +661,8 @@ class VLM(nn.Module):
         return vlm
 
     def save_pretrained(self, out_dir):
-        """config.json, model.safetensors (adapters merged), tokenizer and processor files, atomically."""
+        """config.json, model.safetensors (adapters merged, in the source's dtype), and the source's tokenizer and
+        processor files as they were, atomically."""
         save_checkpoint(self, out_dir)
 
 
@@ -1143,7 +1144,11 @@ def load_processors(vlm, path, template=""):
 def hf_state_dict(vlm, dtype=None):
     """Tensors as transformers names them, adapters merged (in fp32), tied head left out; floating tensors
     cast to `dtype` (None: as they are)."""
-    sd = dict(vlm.extra)
+    def host(t):  # cast where the tensor is, then copy: the host holds it once, in the saved dtype
+        t = t.detach()
+        return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().cpu()
+
+    sd = {k: host(v) for k, v in vlm.extra.items()}
     for name, mod in vlm.named_modules():
         for attr, p in mod.named_parameters(recurse=False):
             key = f"{name}.{attr}" if name else attr
@@ -1151,9 +1156,7 @@ def hf_state_dict(vlm, dtype=None):
                 continue
             if attr == "weight" and isinstance(mod, LoRALinear):
                 p = mod.merged_weight(dtype)
-            sd[key] = p.detach().contiguous().cpu()
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+            sd[key] = host(p)
     # the hub's layout keeps the tower's `vision_model.` level, which our module tree flattens
     return {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v for k, v in sd.items()}
 
