@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import data
 import world
-from model import TEMPLATES, VLM, UserError, UserKeyError, config_from_argv, left_pad, run_main
+from model import TEMPLATES, VLM, UserError, UserKeyError, check_template, config_from_argv, left_pad, run_main, template_line
 
 # -----------------------------------------------------------------------------
 # Sentence embedder: BERT (all-MiniLM-L6-v2) or MPNet (all-mpnet-base-v2), mean pooled, normalised
@@ -216,6 +216,7 @@ def add_diffusion_noise(pixels, N, generator):
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id: the policy that hallucinates
+    template: str = ""            # chat template: vicuna | llava | mistral | chatml; "": the model's own
     source: str = "world"         # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
                                   # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""          # a release's images (COCO for POVID...); default: images/ by it
@@ -355,7 +356,10 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
     out = cfg.out if world_size == 1 else f"{cfg.out}.rank{rank}"
     check_settings(cfg, out, world_size)
     recs = source_records(cfg)[rank::world_size]
-    vlm = vlm or VLM.from_pretrained(cfg.model)
+    if vlm is None:
+        vlm = VLM.from_pretrained(cfg.model, template=cfg.template)
+        if rank == 0:
+            log(template_line(vlm))
     if not embedder and cfg.variant != "distort":
         embedder = SentenceEmbedder.from_pretrained(cfg.embedder)
     done = set()
@@ -411,6 +415,7 @@ def main(argv=None):
                         "--source world+corrupt has the world's rule-made ones")
     if cfg.source not in ("world", "world+corrupt"):
         data.check_spec(cfg.source, "--source")
+    check_template(cfg.template)
     build_pairs(cfg)
     kept = "the source's rejected kept, BDHS's as rejected2 (Avg-DPO)" if cfg.external else "BDHS's rejected"
     print(f"wrote {cfg.out}: {kept}")

@@ -29,7 +29,7 @@ from typing import Literal
 
 import data
 import world as W
-from model import VLM, UserError, UserFileError, config_from_argv, folder_hash, run_main, source_bytes
+from model import VLM, UserError, UserFileError, check_template, config_from_argv, folder_hash, run_main, source_bytes, template_line
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
@@ -819,6 +819,7 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
 @dataclass
 class Config:
     model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL
+    template: str = ""     # chat template: vicuna | llava | mistral | chatml; "": each model's own
     data: str = "world"    # world: the world's report (other data: through --bench)
     world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
     world_half: Literal["", "a", "b"] = ""  # a or b: the broken split of each half of the pairs (generalisation)
@@ -847,6 +848,7 @@ def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
     if cfg.data != "world" and not cfg.bench:
         raise UserError(f"--data {cfg.data!r}: only the embedded world is implemented so far")
+    check_template(cfg.template)
     names = [b for b in cfg.bench.split(",") if b]
     if unknown := [b for b in names if b not in GET and b not in FOLDER]:
         raise UserError(f"--bench {','.join(unknown)}: no such benchmark; expected any of "
@@ -871,7 +873,8 @@ def main(argv=None):
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
-        vlm = VLM.from_pretrained(path).eval()
+        vlm = VLM.from_pretrained(path, template=cfg.template).eval()
+        print(f"{name}: {template_line(vlm)}")
         if names:
             res = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,
                                  cfg.batch_size, cfg.max_new_tokens, prompts, vocab,

@@ -14,12 +14,14 @@ The forward takes a `key_mask` that hides chosen keys (e.g. image tokens) from e
 positions stay unchanged: this is how BDHS (paper §3.4) blinds the model to most of the image.
 """
 import contextlib
+import copy
 import functools
 import hashlib
 import json
 import math
 import os
 import pathlib
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -410,8 +412,11 @@ class LoRALinear(nn.Linear):
             y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
         return y
 
-    def merged_weight(self):
-        return self.weight + (self.lora_B @ self.lora_A * self.scale).to(self.weight.dtype)
+    def merged_weight(self, dtype=None):
+        """W + scale * B A, summed in fp32 and then cast once to `dtype` (default: the weight's): a bf16 base
+        keeps the small update that a sum in bf16 would round away. In fp32 the same ops as the forward."""
+        w = self.weight.float() + (self.lora_B.float() @ self.lora_A.float() * self.scale)
+        return w.to(dtype or self.weight.dtype)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -470,6 +475,10 @@ class VLM(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         self.extra = {}  # tensors outside LLaVA's forward (SigLIP's pooling head, a reward head), kept to be saved
         self.tokenizer, self.image_processor, self.template, self.files = None, None, "vicuna", {}
+        self.template_source = "the default"  # where self.template came from, for the line a run prints
+        # the dtype the source checkpoint's weights were stored in, which a save writes back (None: save
+        # the tensors as they are in memory, as for a model built by from_config)
+        self.source_dtype = None
 
     # -- images ---------------------------------------------------------------
 
@@ -632,9 +641,11 @@ class VLM(nn.Module):
         return vlm
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=None):
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=""):
         """A local HF-layout folder or a hub id: every key and shape checked, tensors streamed one at a time
-        into `dtype` on `device` (peak host memory near one copy of the weights)."""
+        into `dtype` on `device` (peak host memory near one copy of the weights). `template`: one of TEMPLATES,
+        or "" to detect it from the checkpoint's chat template. The stored dtype is kept in `source_dtype`."""
+        check_template(template)
         path = local_folder(path)
         cfg_path = os.path.join(path, "config.json")
         try:
@@ -645,11 +656,13 @@ class VLM(nn.Module):
         with torch.device("meta"):
             vlm = cls(parse_config(raw, cfg_path))
         load_weights(vlm, path, raw, dtype, device)
+        vlm.source_dtype = stored_dtype(path, raw)
         load_processors(vlm, path, template)
         return vlm
 
     def save_pretrained(self, out_dir):
-        """config.json, model.safetensors (adapters merged), tokenizer and processor files, atomically."""
+        """config.json, model.safetensors (adapters merged, in the source's dtype), and the source's tokenizer and
+        processor files as they were, atomically."""
         save_checkpoint(self, out_dir)
 
 
@@ -940,14 +953,43 @@ def left_pad(seqs, pad_id=0):
             torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs]))
 
 
-def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = ""):
+def check_template(name):
+    """A --template value: "" (detect it from the checkpoint) or one of TEMPLATES."""
+    if name and name not in TEMPLATES:
+        raise UserError(f"--template {name!r}: expected one of {', '.join(TEMPLATES)}, or '' to detect it")
+    return name
+
+
+def match_template(text):
+    """Which of TEMPLATES a Jinja chat template renders, from markers its output must hold (no Jinja at run
+    time), or None. "USER" / "ASSISTANT" may be literal or built from the role names
+    (`message['role'].upper()`, `message.role | upper`); a system line "A chat between..." makes it vicuna."""
+    if "<|im_start|>" in text:
+        return "chatml"
+    if "[INST]" in text:
+        return "mistral"
+    from_roles = re.search(r"role\W*upper\b", text) is not None
+    if ("USER" in text or from_roles) and ("ASSISTANT" in text or from_roles):
+        return "vicuna" if "A chat between" in text else "llava"
+    return None
+
+
+def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = "", source="the chat template"):
     """The template a checkpoint was trained with, from its chat template text, else from its architecture."""
-    for needle, name in (("im_start", "chatml"), ("[INST]", "mistral"), ("A chat between", "vicuna"), ("USER:", "llava")):
-        if needle in chat_template:
-            return name
+    if chat_template:
+        name = match_template(chat_template)
+        if name is None:
+            raise UserError(f"{source}: its chat template matches none of ours ({', '.join(TEMPLATES)}); "
+                             f"pass --template NAME for the one its prompts follow")
+        return name
     if tokenizer and tokenizer.token_to_id("<|im_start|>") is not None:
         return "chatml"
     return {"mistral": "mistral", "qwen2": "chatml"}.get(cfg.text.kind, "vicuna")
+
+
+def template_line(vlm):
+    """The one line a run prints about the template its prompts use, and why."""
+    return f"chat template: {vlm.template} (from {vlm.template_source})"
 
 # -----------------------------------------------------------------------------
 # Checkpoints in the Hugging Face layout: loading, saving, and the errors that name what is wrong
@@ -988,7 +1030,7 @@ def local_folder(path):
     if looks_local(path):
         raise UserFileError(f"{path}: no such model folder (and not a hub id, which is owner/name)")
     from huggingface_hub import snapshot_download
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", *CARRIED])
 
 
 def load_weights(vlm, path, raw, dtype, device):
@@ -1031,34 +1073,90 @@ def load_weights(vlm, path, raw, dtype, device):
         vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
 
 
-def load_processors(vlm, path, template=None):
+def stored_dtype(path, raw):
+    """The dtype a checkpoint's weights are stored in (the floating dtype holding the most elements), which a
+    save writes back; config.json's `dtype` (`torch_dtype` in older files) only where no tensor is floating."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(json.loads(pathlib.Path(index).read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    counts = {}
+    for fn in files:
+        for info in st_header(os.path.join(path, fn))[0].values():
+            dt = ST_DTYPES[info["dtype"]]
+            if dt.is_floating_point:
+                counts[dt] = counts.get(dt, 0) + math.prod(info["shape"])
+    if counts:
+        return max(counts, key=counts.get)
+    return getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32")
+
+
+# the tokenizer and processor files a checkpoint may carry: each is copied byte for byte into every save,
+# so that the aligned model replaces the original (chat_template.jinja is where transformers 5 keeps it)
+CARRIED = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+           "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+           "processor_config.json", "preprocessor_config.json", "generation_config.json")
+# where a chat template is looked up, first found first: the processor's files (a VLM's apply_chat_template
+# is the processor's), then the tokenizer's
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+
+
+def chat_template_text(files, path):
+    """The checkpoint's chat template text and the file holding it, or ("", "") when it has none."""
+    for fn in TEMPLATE_FILES:
+        if fn not in files:
+            continue
+        if fn.endswith(".jinja"):
+            return files[fn].decode(), os.path.join(path, fn)
+        try:
+            t = json.loads(files[fn]).get("chat_template")
+        except (ValueError, AttributeError) as e:
+            raise UserError(f"{os.path.join(path, fn)}: not a JSON object ({e})") from None
+        if isinstance(t, list):  # named templates, [{"name": ..., "template": ...}]: the default one
+            t = {d.get("name"): d.get("template") for d in t}
+        if isinstance(t, dict):
+            t = t.get("default")
+        if t:
+            return t, os.path.join(path, fn)
+    return "", ""
+
+
+def load_processors(vlm, path, template=""):
     """The tokenizer, image processor, chat template and the other small files a checkpoint carries."""
     from tokenizers import Tokenizer
-    names = ("tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
-             "processor_config.json", "chat_template.json", "generation_config.json")
-    paths = [pathlib.Path(path, fn) for fn in names]
-    vlm.files = {p.name: p.read_text() for p in paths if p.exists()}
+    folder = pathlib.Path(path)
+    paths = [folder / fn for fn in CARRIED] + sorted(folder.glob("additional_chat_templates/*.jinja"))
+    vlm.files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in paths if p.is_file()}
     tok = os.path.join(path, "tokenizer.json")
     vlm.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else MissingTokenizer(path)
     pp = json.loads(vlm.files.get("preprocessor_config.json", "null")) or \
         json.loads(vlm.files.get("processor_config.json", "{}")).get("image_processor")  # transformers 5 nests it
     vlm.image_processor = ImageProcessor(pp, vlm.cfg.grid_pinpoints) if pp else ImageProcessor.default_for(vlm.cfg)
-    chat = "".join(json.loads(vlm.files[f]).get("chat_template") or "" for f in
-                   ("chat_template.json", "tokenizer_config.json", "processor_config.json") if f in vlm.files)
-    vlm.template = template or guess_template(vlm.cfg, vlm.tokenizer, chat)
+    text, source = chat_template_text(vlm.files, path)
+    if template:
+        vlm.template, vlm.template_source = template, "--template"
+    else:
+        vlm.template = guess_template(vlm.cfg, vlm.tokenizer, text, source)
+        vlm.template_source = source or f"its {vlm.cfg.text.kind} architecture: no chat template in {path}"
 
 
-def hf_state_dict(vlm):
-    """Tensors as transformers names them, adapters merged, tied head left out."""
-    sd = dict(vlm.extra)
+def hf_state_dict(vlm, dtype=None):
+    """Tensors as transformers names them, adapters merged (in fp32), tied head left out; floating tensors
+    cast to `dtype` (None: as they are)."""
+    def host(t):  # cast where the tensor is, then copy: the host holds it once, in the saved dtype
+        t = t.detach()
+        return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().cpu()
+
+    sd = {k: host(v) for k, v in vlm.extra.items()}
     for name, mod in vlm.named_modules():
         for attr, p in mod.named_parameters(recurse=False):
             key = f"{name}.{attr}" if name else attr
             if attr.startswith("lora_") or (key == "lm_head.weight" and vlm.cfg.tie_word_embeddings):
                 continue
             if attr == "weight" and isinstance(mod, LoRALinear):
-                p = mod.merged_weight()
-            sd[key] = p.detach().contiguous().cpu()
+                p = mod.merged_weight(dtype)
+            sd[key] = host(p)
     # the hub's layout keeps the tower's `vision_model.` level, which our module tree flattens
     return {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v for k, v in sd.items()}
 
@@ -1069,8 +1167,18 @@ def save_checkpoint(vlm, out_dir):
     out_dir = out_dir.rstrip("/")
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    raw = dict(vlm.cfg.raw)
-    raw["dtype"] = str(vlm.lm_head.weight.dtype).removeprefix("torch.")
+    # the source's dtype (a bf16 checkpoint stays bf16); every dtype key of the config says it: `dtype`,
+    # `torch_dtype` for older readers (absent, they read float32), and those of the sub-configs
+    dtype = vlm.source_dtype or vlm.lm_head.weight.dtype
+    name = str(dtype).removeprefix("torch.")
+    raw = copy.deepcopy(vlm.cfg.raw)
+    raw["dtype"] = name
+    if "torch_dtype" in raw or dtype != torch.float32:
+        raw["torch_dtype"] = name
+    for sub in (raw.get("text_config"), raw.get("vision_config")):
+        for k in ("dtype", "torch_dtype"):
+            if isinstance(sub, dict) and k in sub:
+                sub[k] = name
     raw.setdefault("architectures", ["LlavaNextForConditionalGeneration" if vlm.cfg.model_type == "llava_next"
                                      else "LlavaForConditionalGeneration"])
     files = {"config.json": json.dumps(raw, indent=2)} | vlm.files
@@ -1080,14 +1188,15 @@ def save_checkpoint(vlm, out_dir):
     try:
         os.makedirs(tmp)
         target = os.path.join(tmp, "model.safetensors")
-        st_write(hf_state_dict(vlm), target, metadata={"format": "pt"})
-        if vlm.tokenizer:
+        st_write(hf_state_dict(vlm, vlm.source_dtype), target, metadata={"format": "pt"})
+        if vlm.tokenizer and "tokenizer.json" not in files:  # a model built here: its tokenizer object
             target = os.path.join(tmp, "tokenizer.json")
             vlm.tokenizer.save(target)
-        for fn, text in files.items():
+        for fn, content in files.items():  # the source's files as they were (bytes), ours as text
             target = os.path.join(tmp, fn)
-            with open(target, "w") as f:
-                f.write(text)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb" if isinstance(content, bytes) else "w") as f:
+                f.write(content)
     except OSError as e:  # e.g. ENOSPC: free what was written, so that a later save can fit
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(e.errno, f"cannot write {target}: {e.strerror or e}") from e
@@ -1362,8 +1471,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=DTYPES, help="the weights' dtype (default: %(default)s)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="(default: %(default)s)")
+    ap.add_argument("--template", default="", help=f"one of {', '.join(TEMPLATES)}; default: detect it")
     a = ap.parse_args(argv)
-    vlm = VLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device).eval()
+    vlm = VLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device, template=a.template).eval()
+    print(template_line(vlm))
     batch = vlm.prepare([a.prompt], [load_image(a.image)] if a.image else None)
     g = torch.Generator(a.device).manual_seed(a.seed)
     out = vlm.generate(**batch, max_new_tokens=a.max_new_tokens, temperature=a.temperature, generator=g)

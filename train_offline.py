@@ -49,6 +49,7 @@ from model import VLM, non_defaults
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
+    template: str = ""           # chat template: vicuna | llava | mistral | chatml; "": the model's own
     data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl,
                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""         # a release's images (COCO for POVID...); default: images/ by it
@@ -258,7 +259,8 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
     source = "world+corrupt" if cfg.data == "bdhs+world" else "world"
     bc = bdhs.Config(model=cfg.model, source=source, n=cfg.pairs, world_seed=cfg.world_seed,
                      world_half=cfg.world_half, seed=cfg.seed, batch_size=256,  # wide: a tiny model
-                     external=cfg.data == "bdhs+world")  # Avg-DPO: the world's rejected and BDHS's
+                     external=cfg.data == "bdhs+world",  # Avg-DPO: the world's rejected and BDHS's
+                     template=cfg.template)
     code = M.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
     key = hashlib.sha256((M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code)
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")
@@ -333,7 +335,8 @@ def to(batch, device):
 
 def build_policy(cfg, ranks, head=None):
     """-> (PairModel, the wrapped model to train, AdamW over the adapters, projector and head)."""
-    vlm = VLM.from_pretrained(cfg.model)
+    vlm = VLM.from_pretrained(cfg.model, template=cfg.template)
+    ranks.print(M.template_line(vlm))
     vlm.requires_grad_(False)
     if cfg.lora_r:
         M.add_lora(vlm, cfg.lora_r, cfg.lora_alpha)
@@ -578,6 +581,7 @@ def setup(cfg):
     if cfg.ref == "lora_off" and (cfg.lr_projector > 0 or not cfg.lora_r):
         raise M.UserError("--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
                          "gives back the reference model only if nothing else trains")
+    M.check_template(cfg.template)
     state = os.path.join(cfg.out_dir, "state.pt")
     if not cfg.resume and not cfg.overwrite and os.path.exists(state):
         raise M.UserError(f"--out_dir {cfg.out_dir} already holds a run ({state}): pass --resume true to continue "

@@ -60,6 +60,7 @@ STALL = 5  # steps in a row with every pair a tie or unparsed (no training signa
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
     algo: Literal[tuple(SAMPLES)] = "online-dpo"  # the objective (the docstring above says each)
+    template: str = ""            # chat template: vicuna | llava | mistral | chatml; "": the model's own
     annotator: str = "rule"       # rule | rm:PATH | judge:PATH | api:MODEL
     annotator_threads: int = 16   # api: requests in flight per rank
     data: str = "world"           # world (its align split), a native .jsonl,

@@ -590,7 +590,9 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
             str(tmp_path / "r.json"), "--judge_cache", str(tmp_path / "j.jsonl"), "--max_new_tokens", "48"]
     r = ev.main(argv)["world-base"]
     assert set(ev.TABLE2.values()) <= set(r) and (r["mmhal"], r["mmhal_v"], r["llavaw"], r["mmvet"]) == (5, 5, 75, 50)
-    head = capsys.readouterr().out.splitlines()[0]
+    said, head = capsys.readouterr().out.splitlines()[:2]
+    found = os.path.join(ev.W.BASE_MODEL, "tokenizer_config.json")  # the world's template, printed per model
+    assert said == f"world-base: chat template: llava (from {found})"
     assert head == "| model | " + " | ".join(ev.TABLE2) + " |"
     vision = [b for b in server["bodies"] if not isinstance(b["messages"][-1]["content"], str)]
     assert len(vision) == 2 and all(b["model"] == "gpt-4o" for b in vision)
