@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model as M  # noqa: E402
 from model import VLM, KVCache, load_image, parse_config, sample  # noqa: E402
-from tiny import bomb_png, build_hf, hf_config, random_image  # noqa: E402
+from tiny import bomb_png, build_hf, build_llava_hf, hf_config, random_image  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,6 +294,51 @@ def test_stop_strings_and_eos(pair):
     assert stop in ours.tokenizer.decode(cut) and cut == free[:len(cut)] and len(cut) < len(free)
     i = next((i for i in range(1, len(free)) if free[i] not in free[:i]), 0)  # a token first seen at step i
     assert ours.generate(*args, max_new_tokens=12, eos_token_id=free[i])[0] == free[:i]  # EOS ends and is dropped
+
+
+@pytest.fixture(scope="module", params=[("llama", torch.float32), ("mistral", torch.bfloat16)])
+def padded(request, tmp_path_factory):
+    """A llava-hf-shaped folder whose padded logit rows, <image> and <pad> are the likeliest at every step."""
+    text, dtype = request.param
+    path = str(tmp_path_factory.mktemp(f"llava_hf_{text}"))
+    info = build_llava_hf(path, text=text, dtype=dtype)[2]
+    return VLM.from_pretrained(path, dtype=dtype).eval(), info
+
+
+def bad_ids(ids, info):
+    """The sampled ids the rest of the code cannot handle: past the tokenizer, the image token, the pad token."""
+    return [t for t in ids if t >= info["tokens"] or t in (info["image"], info["pad"])]
+
+
+def test_never_sampled_holds_the_padded_rows_image_and_pad(padded):
+    vlm, info = padded
+    assert vlm.tokenizer.get_vocab_size() == info["tokens"] < info["rows"] == vlm.lm_head.weight.shape[0]
+    want = set(range(info["tokens"], info["rows"])) | {info["image"], info["pad"]}
+    assert set(vlm.never_sampled().nonzero().flatten().tolist()) == want
+    assert vlm.eos_ids().isdisjoint(want)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0), dict(temperature=1.0, top_k=3),
+                                dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=20, top_p=0.5)])
+def test_sampling_never_emits_a_padded_row_image_or_pad_id(padded, kw):
+    """Every sampling rule, several seeds, with the stop strings BDHS uses and several samples per prompt: no id
+    that would index past the tokenizer's tables or be read as an image slot. The builder makes those ids the
+    likeliest, so an unmasked sampler emits them at once."""
+    vlm, info = padded
+    batch = vlm.prepare(["What is in the image?", "Describe the picture."],
+                        [random_image(40, 70, seed=0), random_image(90, 30, seed=1)])
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        for stop in ((), (".",)):
+            out = vlm.generate(**batch, max_new_tokens=10, generator=g, stop_strings=stop, num_samples=2, **kw)
+            assert len(out) == 4 and all(out)
+            assert [bad_ids(o, info) for o in out] == [[]] * 4, (seed, stop)
+    # the masked ids are skipped, the rest untouched: greedy's first token is the best of the others
+    with torch.no_grad():
+        logits = vlm(**batch)[:, -1].float()
+    logits[:, vlm.never_sampled()] = float("-inf")
+    first = [o[0] for o in vlm.generate(**batch, max_new_tokens=1, eos_token_id=[])]
+    assert first == logits.argmax(-1).tolist()
 
 
 def test_kv_cache_repeat_layout():

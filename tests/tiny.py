@@ -32,14 +32,14 @@ TEXT = {
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 
 
-def build_tokenizer(path):
+def build_tokenizer(path, specials=SPECIALS):
     """A byte-level BPE tokenizer.json with the chat specials and a BOS post-processor; returns the HF wrapper."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -113,3 +113,53 @@ def bomb_png(path, w, h):
     with open(path, "wb") as f:
         f.write(raw)
     return raw
+
+
+# Chat templates in the style of llava-hf's: the role name upper-cased ("USER: "), images before the text of a
+# message, content as a plain string or as a list of {"type": "image"} / {"type": "text", "text": ...} parts.
+# Their output equals model.py's "llava" and "mistral" templates.
+PARTS = ("{%- if m['content'] is string -%}{{- m['content'] -}}{%- else -%}"
+         "{%- for p in m['content'] if p['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+         "{%- for p in m['content'] if p['type'] == 'text' -%}{{- p['text'] -}}{%- endfor -%}{%- endif -%}")
+JINJA = {
+    "llama": ("{%- for m in messages -%}{{- m['role'].upper() + ': ' -}}" + PARTS +
+              "{{- '</s>' if m['role'] == 'assistant' else ' ' -}}{%- endfor -%}"
+              "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"),
+    "mistral": ("{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{- '[INST] ' -}}" + PARTS +
+                "{{- ' [/INST]' -}}{%- else -%}{{- ' ' -}}" + PARTS + "{{- '</s>' -}}{%- endif -%}{%- endfor -%}"),
+}
+
+
+def build_llava_hf(path, text="llama", dtype=torch.float32, model_type="llava_next", seed=0, pad_rows=64):
+    """A tiny folder shaped like a llava-hf checkpoint, saved by transformers, that exposes the ids sampling must
+    never emit. As llava-hf's 7B models (32,064 logit rows for about 32,002 tokens), `text_config.vocab_size`
+    exceeds the tokenizer by at least `pad_rows` rows; the folder holds `chat_template.jinja` and
+    `processor_config.json`, its weights in `dtype`. Every embedding carries a large constant in hidden dimension 0,
+    and the LM head rows of the padded ids, `<image>` and `<pad>` read that dimension, so they are the likeliest
+    logits at every text position: a sampler that does not mask them emits them. Returns (model, processor, info),
+    info = dict(tokens=tokenizer size, rows=logit rows, image=id, pad=id)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    hf_tok = build_tokenizer(path, SPECIALS[:5])  # llava-hf's specials: no ChatML tokens
+    n_tok = len(hf_tok)
+    rows = -(-(n_tok + pad_rows) // 64) * 64  # padded up to a multiple of 64, as llava-hf's 32,064
+    cfg = hf_config("clip", text, model_type)
+    cfg["text_config"]["vocab_size"] = rows
+    cfg["pad_token_id"] = cfg["text_config"]["pad_token_id"] = SPECIALS.index("<pad>")
+    config = AutoConfig.for_model(**cfg)
+    torch.manual_seed(seed)
+    cls = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+    model = cls(config).eval()
+    image, pad = SPECIALS.index("<image>"), SPECIALS.index("<pad>")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.get_input_embeddings().weight[:, 0] = 1.0  # the residual stream's constant direction
+        head = model.get_output_embeddings().weight  # (rows, C)
+        head[:, 0] = 0.0
+        head[n_tok:, 0] = 2.0  # the padded rows
+        head[[image, pad], 0] = 2.5  # above the padded rows: masking those alone still leaves these on top
+    model.to(dtype).save_pretrained(path)
+    proc = hf_processor(cfg, hf_tok)
+    proc.chat_template = JINJA[text]
+    proc.save_pretrained(path)
+    return model, proc, dict(tokens=n_tok, rows=rows, image=image, pad=pad)
