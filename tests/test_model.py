@@ -341,6 +341,25 @@ def test_sampling_never_emits_a_padded_row_image_or_pad_id(padded, kw):
     assert first == logits.argmax(-1).tolist()
 
 
+def test_eval_answers_on_a_padded_head_are_text(padded, monkeypatch):
+    """eval.py's greedy answers sample no masked id, so they decode to text (unmasked: <image> after <image>,
+    which decodes to nothing)."""
+    import eval as ev
+    vlm, info = padded
+    sampled = []
+    real_decode = M.decode
+
+    def spy(*a, **kw):
+        out = real_decode(*a, **kw)
+        sampled.extend(t for o in out for t in o)
+        return out
+    monkeypatch.setattr(M, "decode", spy)
+    ims = [random_image(40, 70, seed=0), random_image(90, 30, seed=1), random_image(28, 28, seed=2)]
+    got = ev.answer(vlm, ims, ["Is there a dog?", "What is this?", "Describe it."], max_new_tokens=6, batch_size=2)
+    assert len(got) == 3 and all(a.strip() for a in got)
+    assert sampled and not bad_ids(sampled, info)
+
+
 def test_kv_cache_repeat_layout():
     cfg = parse_config(hf_config()).text
     c = KVCache(cfg, 2, 5, torch.float32, "cpu")
