@@ -81,8 +81,12 @@ def test_greedy_generate_matches_transformers(pair):
     _, inp = hf_inputs(proc)
     hf.generation_config.eos_token_id = None  # random weights: generate exactly 20 tokens in both
     hf.generation_config.pad_token_id = 0
+    # our sampling never emits the head's rows past the tokenizer (20 here), <image> or <pad>; transformers'
+    # suppress_tokens does the same: those logits -inf, the others as they are
+    banned = ours.never_sampled().nonzero().flatten().tolist()
     with torch.no_grad():
-        ref = hf.generate(**inp, max_new_tokens=20, do_sample=False)[:, inp["input_ids"].shape[1]:]
+        ref = hf.generate(**inp, max_new_tokens=20, do_sample=False, suppress_tokens=banned)
+    ref = ref[:, inp["input_ids"].shape[1]:]
     got = ours.generate(inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes"),
                         max_new_tokens=20, eos_token_id=[])
     assert got == ref.tolist()
