@@ -595,21 +595,21 @@ class VLM(nn.Module):
         return {self.tokenizer.token_to_id(n) for n in names} - {None} if self.tokenizer else set()
 
     def pad_ids(self):
-        """The pad token's id, wherever the checkpoint names it: config.json's pad_token_id (top level or
-        text_config), tokenizer_config.json's pad_token, or a "<pad>" token in the tokenizer."""
+        """The pad token's ids, wherever the checkpoint names one: config.json's pad_token_id (top
+        level or text_config), tokenizer_config.json's pad_token, a "<pad>" token."""
         raw = self.cfg.raw
         ids = {raw.get("pad_token_id"), (raw.get("text_config") or {}).get("pad_token_id")}
         if self.tokenizer:
             pad = json.loads(self.files.get("tokenizer_config.json", "{}")).get("pad_token")
-            pad = pad.get("content") if isinstance(pad, dict) else pad  # older files keep an AddedToken dict
+            pad = pad.get("content") if isinstance(pad, dict) else pad  # older files: a dict
             ids |= {self.tokenizer.token_to_id(t) for t in ("<pad>", pad) if t}
         return {i for i in ids if isinstance(i, int)}
 
     def never_sampled(self):
-        """(V,) bool on the LM head's device: the logit rows sampling skips. Rows past the tokenizer decode to
-        nothing (checkpoints round the head up: llava-hf's 7B models have 32,064 rows for about 32,002 tokens);
-        the image token would be read as an image feature's slot by the next forward; the pad token ends no
-        reply. An EOS id stays (Qwen's pad token is its <|endoftext|>)."""
+        """(V,) bool on the LM head's device: the logit rows sampling skips. Rows past the tokenizer
+        decode to nothing (heads are rounded up: llava-hf's 7B models have 32,064 rows for about
+        32,002 tokens); the next forward reads an image token as an image feature's slot; the pad
+        token ends no reply. An EOS id stays (Qwen's pad token is its <|endoftext|>)."""
         V, dev = self.lm_head.weight.shape[0], self.lm_head.weight.device
         banned = torch.zeros(V, dtype=torch.bool, device=dev)
         if self.tokenizer:
@@ -734,8 +734,9 @@ def decode_one_token(vlm, tok, cache):
 def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None, eos=(),
            stop=None, banned=None):
     """Samples up to max_new_tokens per row -> a list of ids per row. A row ends before an EOS token
-    or after the token that completes a stop string; the host syncs once per step (all done?). `banned`
-    (V,) bool: ids never sampled (`VLM.never_sampled`); their logits become -inf, the others stay as they are."""
+    or after the token that completes a stop string; the host syncs once per step (all done?).
+    `banned` (V,) bool: ids never sampled (`VLM.never_sampled`); their logits become -inf, the
+    others stay as they are."""
     R, dev = logits.shape[0], logits.device
     toks = torch.zeros(R, max_new_tokens, dtype=torch.long, device=dev)
     length = torch.full((R,), max_new_tokens, device=dev)  # tokens each row keeps
@@ -743,7 +744,7 @@ def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_
     eos = torch.tensor(list(eos), dtype=torch.long, device=dev)
     for t in range(max_new_tokens):
         if banned is not None:
-            logits = logits.masked_fill(banned, float("-inf"))  # (R, V); greedy and every filter see it
+            logits = logits.masked_fill(banned, float("-inf"))  # (R, V): greedy and filters too
         tok = sample(logits, temperature, top_k, top_p, generator)
         toks[:, t] = tok
         ended = ~done & torch.isin(tok, eos)  # dropped: the row keeps t tokens
@@ -760,7 +761,7 @@ def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_
 class StopStrings:
     """Which rows a stop string has just ended. Only rows whose new token holds a stop string's last character
     (a vocabulary table, built once per tokenizer) decode their last few tokens, never their whole output.
-    The table has one entry per logit row (V), which may be more than the tokenizer's tokens."""
+    The table has an entry per logit row (V), which may be more than the tokenizer's tokens."""
 
     def __init__(self, tokenizer, strings, rows):
         self.strings, self.tokenizer = list(strings), tokenizer
@@ -777,8 +778,8 @@ class StopStrings:
 
 @functools.lru_cache(maxsize=8)
 def stop_table(tokenizer, chars, rows):
-    """(rows,) bool: the tokens whose text holds one of `chars`, or part of a character (decoded as U+FFFD);
-    False for rows past the tokenizer."""
+    """(rows,) bool: the tokens whose text holds one of `chars`, or part of a character (decoded
+    as U+FFFD); False for rows past the tokenizer."""
     text = [tokenizer.decode([v]) for v in range(min(rows, tokenizer.get_vocab_size()))]
     hit = [any(c in x for c in chars) or "\ufffd" in x for x in text]
     return torch.tensor(hit + [False] * (rows - len(hit)), dtype=torch.bool)

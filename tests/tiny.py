@@ -115,9 +115,9 @@ def bomb_png(path, w, h):
     return raw
 
 
-# Chat templates in the style of llava-hf's: the role name upper-cased ("USER: "), images before the text of a
-# message, content as a plain string or as a list of {"type": "image"} / {"type": "text", "text": ...} parts.
-# Their output equals model.py's "llava" and "mistral" templates.
+# Chat templates in the style of llava-hf's: the role name upper-cased ("USER: "), a message's
+# images before its text, content a plain string or a list of {"type": "image"} and
+# {"type": "text", "text": ...} parts. They write what model.py's "llava" and "mistral" write.
 PARTS = ("{%- if m['content'] is string -%}{{- m['content'] -}}{%- else -%}"
          "{%- for p in m['content'] if p['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
          "{%- for p in m['content'] if p['type'] == 'text' -%}{{- p['text'] -}}{%- endfor -%}{%- endif -%}")
@@ -131,13 +131,14 @@ JINJA = {
 
 
 def build_llava_hf(path, text="llama", dtype=torch.float32, model_type="llava_next", seed=0, pad_rows=64):
-    """A tiny folder shaped like a llava-hf checkpoint, saved by transformers, that exposes the ids sampling must
-    never emit. As llava-hf's 7B models (32,064 logit rows for about 32,002 tokens), `text_config.vocab_size`
-    exceeds the tokenizer by at least `pad_rows` rows; the folder holds `chat_template.jinja` and
-    `processor_config.json`, its weights in `dtype`. Every embedding carries a large constant in hidden dimension 0,
-    and the LM head rows of the padded ids, `<image>` and `<pad>` read that dimension, so they are the likeliest
-    logits at every text position: a sampler that does not mask them emits them. Returns (model, processor, info),
-    info = dict(tokens=tokenizer size, rows=logit rows, image=id, pad=id)."""
+    """A tiny llava-hf-shaped folder saved by transformers, whose likeliest ids are the ones sampling
+    must never emit. As in llava-hf's 7B models (32,064 logit rows for about 32,002 tokens),
+    `text_config.vocab_size` exceeds the tokenizer by `pad_rows` or more; the folder holds
+    `chat_template.jinja` (llama: "USER: ... ASSISTANT:", mistral: "[INST] ... [/INST]") and
+    `processor_config.json`, weights in `dtype`. Every embedding carries a large constant in hidden
+    dimension 0, and only the LM head rows of the padded ids, <image> and <pad> read it, so those
+    are the likeliest logits at every text position. Returns (model, processor, info), info =
+    dict(tokens=tokenizer size, rows=logit rows, image=<image> id, pad=<pad> id)."""
     from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
     hf_tok = build_tokenizer(path, SPECIALS[:5])  # llava-hf's specials: no ChatML tokens
     n_tok = len(hf_tok)
@@ -157,7 +158,7 @@ def build_llava_hf(path, text="llama", dtype=torch.float32, model_type="llava_ne
         head = model.get_output_embeddings().weight  # (rows, C)
         head[:, 0] = 0.0
         head[n_tok:, 0] = 2.0  # the padded rows
-        head[[image, pad], 0] = 2.5  # above the padded rows: masking those alone still leaves these on top
+        head[[image, pad], 0] = 2.5  # above the padded rows: if only those were masked, these win
     model.to(dtype).save_pretrained(path)
     proc = hf_processor(cfg, hf_tok)
     proc.chat_template = JINJA[text]
