@@ -145,7 +145,8 @@ def build_llava_hf(path, text="llama", dtype=torch.float32, model_type="llava_ne
     rows = -(-(n_tok + pad_rows) // 64) * 64  # padded up to a multiple of 64, as llava-hf's 32,064
     cfg = hf_config("clip", text, model_type)
     cfg["text_config"]["vocab_size"] = rows
-    cfg["pad_token_id"] = cfg["text_config"]["pad_token_id"] = SPECIALS.index("<pad>")
+    cfg["pad_token_id"] = SPECIALS.index("<pad>")  # llava-hf's configs name it at both levels
+    cfg["text_config"]["pad_token_id"] = SPECIALS.index("<pad>")
     config = AutoConfig.for_model(**cfg)
     torch.manual_seed(seed)
     cls = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
