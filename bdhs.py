@@ -320,7 +320,10 @@ def teacher_forced(vlm: VLM, recs, rho, noise, gen):
     pv = add_diffusion_noise(b["pixel_values"], noise, gen).to(dev)
     h = vlm.hidden(b["input_ids"].to(dev), pv, sizes, position_ids=b["position_ids"].to(dev),
                    key_mask=keep.to(dev))
-    pred = vlm.lm_head(h[torch.arange(len(items))[:, None], b["pred_idx"][:, 0].to(dev)]).argmax(-1).cpu()
+    rows = h[torch.arange(len(items))[:, None], b["pred_idx"][:, 0].to(dev)]
+    logits = vlm.lm_head(rows)  # (B, T, V)
+    # the ids generate never samples are never predicted either (a padded head, <image>, <pad>)
+    pred = logits.masked_fill(vlm.never_sampled(), float("-inf")).argmax(-1).cpu()
     eos = vlm.eos_ids()
     return [vlm.tokenizer.decode([t for t in p[:len(it["responses"][0])].tolist() if t not in eos]).strip()
             for it, p in zip(items, pred)]

@@ -594,12 +594,38 @@ class VLM(nn.Module):
                                 prefix_ids, max_new_tokens)
         eos = self.eos_ids() if eos_token_id is None else eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos)
-        stop = StopStrings(self.tokenizer, stop_strings) if stop_strings else None
-        return decode(self, cache, logits, max_new_tokens, temperature, top_k, top_p, generator, eos, stop)
+        rows = self.lm_head.weight.shape[0]  # V: a sampled id can be any logit row
+        stop = StopStrings(self.tokenizer, stop_strings, rows) if stop_strings else None
+        return decode(self, cache, logits, max_new_tokens, temperature, top_k, top_p, generator, eos, stop,
+                      self.never_sampled())
 
     def eos_ids(self):
         names = ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
         return {self.tokenizer.token_to_id(n) for n in names} - {None} if self.tokenizer else set()
+
+    def pad_ids(self):
+        """The pad token's ids, wherever the checkpoint names one: config.json's pad_token_id (top
+        level or text_config), tokenizer_config.json's pad_token, a "<pad>" token."""
+        raw = self.cfg.raw
+        ids = {raw.get("pad_token_id"), (raw.get("text_config") or {}).get("pad_token_id")}
+        if self.tokenizer:
+            pad = json.loads(self.files.get("tokenizer_config.json", "{}")).get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad  # older files: a dict
+            ids |= {self.tokenizer.token_to_id(t) for t in ("<pad>", pad) if t}
+        return {i for i in ids if isinstance(i, int)}
+
+    def never_sampled(self):
+        """(V,) bool on the LM head's device: the logit rows sampling skips. Rows past the tokenizer
+        decode to nothing (heads are rounded up: llava-hf's 7B models have 32,064 rows for about
+        32,002 tokens); the next forward reads an image token as an image feature's slot; the pad
+        token ends no reply. An EOS id stays (Qwen's pad token is its <|endoftext|>)."""
+        V, dev = self.lm_head.weight.shape[0], self.lm_head.weight.device
+        banned = torch.zeros(V, dtype=torch.bool, device=dev)
+        if self.tokenizer:
+            banned[self.tokenizer.get_vocab_size():] = True
+        ids = ({self.cfg.image_token_id} | self.pad_ids()) - self.eos_ids()
+        banned[[i for i in ids if 0 <= i < V]] = True
+        return banned
 
     # -- prompting ------------------------------------------------------------
 
@@ -719,15 +745,19 @@ def decode_one_token(vlm, tok, cache):
 
 @torch.no_grad()
 def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None, eos=(),
-           stop=None):
+           stop=None, banned=None):
     """Samples up to max_new_tokens per row -> a list of ids per row. A row ends before an EOS token
-    or after the token that completes a stop string; the host syncs once per step (all done?)."""
+    or after the token that completes a stop string; the host syncs once per step (all done?).
+    `banned` (V,) bool: ids never sampled (`VLM.never_sampled`); their logits become -inf, the
+    others stay as they are."""
     R, dev = logits.shape[0], logits.device
     toks = torch.zeros(R, max_new_tokens, dtype=torch.long, device=dev)
     length = torch.full((R,), max_new_tokens, device=dev)  # tokens each row keeps
     done = torch.zeros(R, dtype=torch.bool, device=dev)
     eos = torch.tensor(list(eos), dtype=torch.long, device=dev)
     for t in range(max_new_tokens):
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))  # (R, V): greedy and filters too
         tok = sample(logits, temperature, top_k, top_p, generator)
         toks[:, t] = tok
         ended = ~done & torch.isin(tok, eos)  # dropped: the row keeps t tokens
@@ -743,11 +773,12 @@ def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_
 
 class StopStrings:
     """Which rows a stop string has just ended. Only rows whose new token holds a stop string's last character
-    (a vocabulary table, built once per tokenizer) decode their last few tokens, never their whole output."""
+    (a vocabulary table, built once per tokenizer) decode their last few tokens, never their whole output.
+    The table has an entry per logit row (V), which may be more than the tokenizer's tokens."""
 
-    def __init__(self, tokenizer, strings):
+    def __init__(self, tokenizer, strings, rows):
         self.strings, self.tokenizer = list(strings), tokenizer
-        self.table = stop_table(tokenizer, "".join(sorted({s[-1] for s in strings})))
+        self.table = stop_table(tokenizer, "".join(sorted({s[-1] for s in strings})), rows)
         self.window = 4 * max(map(len, strings)) + 1  # tokens that hold the longest string's bytes, and one more
 
     def __call__(self, toks, live):
@@ -759,10 +790,12 @@ class StopStrings:
 
 
 @functools.lru_cache(maxsize=8)
-def stop_table(tokenizer, chars):
-    """(V,) bool: the tokens whose text holds one of `chars`, or part of a character (decoded as U+FFFD)."""
-    text = [tokenizer.decode([v]) for v in range(tokenizer.get_vocab_size())]
-    return torch.tensor([any(c in x for c in chars) or "\ufffd" in x for x in text])
+def stop_table(tokenizer, chars, rows):
+    """(rows,) bool: the tokens whose text holds one of `chars`, or part of a character (decoded
+    as U+FFFD); False for rows past the tokenizer."""
+    text = [tokenizer.decode([v]) for v in range(min(rows, tokenizer.get_vocab_size()))]
+    hit = [any(c in x for c in chars) or "\ufffd" in x for x in text]
+    return torch.tensor(hit + [False] * (rows - len(hit)), dtype=torch.bool)
 
 # -----------------------------------------------------------------------------
 # Image preprocessing: the pixel values of transformers' CLIP / SigLIP / LLaVA-NeXT image processors, in PIL + numpy

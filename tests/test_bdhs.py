@@ -13,7 +13,11 @@ import torch
 import bdhs
 import data
 import world
+import model as M
 from model import VLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny import build_llava_hf, random_image  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,6 +203,41 @@ def test_token_guidance_is_the_masked_argmax(base, recs):
     assert got == base.tokenizer.decode([t for t in pred if t not in base.eos_ids()]).strip()
     hidden = bdhs.teacher_forced(base, recs, 1.0, 0, torch.Generator().manual_seed(0))  # the image all hidden
     assert hidden != bdhs.teacher_forced(base, recs, 0.0, 0, torch.Generator().manual_seed(0))
+
+
+def test_bdhs_on_a_llava_hf_folder_samples_only_ids_the_tokenizer_holds(tmp_path, monkeypatch):
+    """A llava-hf-shaped folder (a logit head padded past the tokenizer; its padded rows, <image> and <pad> the
+    likeliest) and a native prompts file: every variant and guidance runs, for two seeds, and no sampled id is
+    past the tokenizer, the image token or the pad token. Unmasked, the stop-string table was indexed past its
+    end (IndexError) and token guidance decoded specials into empty texts."""
+    model_dir = str(tmp_path / "model")
+    info = build_llava_hf(model_dir)[2]
+    vlm = VLM.from_pretrained(model_dir).eval()
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for i, truth in enumerate(["A red cup is on the table. It is small.", "Yes, there is a dog.",
+                                   "There are three objects.", "No."]):
+            random_image(40 + 10 * i, 60, seed=i).save(tmp_path / f"{i}.png")
+            f.write(json.dumps(dict(id=str(i), image=f"{i}.png", chosen=truth, conversation=[
+                dict(role="user", content="<image>\nWhat is in the image?")])) + "\n")
+    sampled = []
+    real_decode = M.decode
+
+    def spy(*a, **kw):  # every id any generate call samples
+        out = real_decode(*a, **kw)
+        sampled.extend(t for o in out for t in o)
+        return out
+    monkeypatch.setattr(M, "decode", spy)
+    runs = [dict(variant="attn", guidance="sentence"), dict(variant="attn", guidance="token"),
+            dict(variant="noise", guidance="sentence", noise_steps=50), dict(variant="distort")]
+    for k, run in enumerate(runs):
+        for seed in (0, 1):
+            out = tmp_path / f"{k}-{seed}.jsonl"
+            cfg = bdhs.Config(model=model_dir, source=str(tmp_path / "prompts.jsonl"), out=str(out), n_bdhs=2,
+                              sentence_tokens=6, max_new_tokens=8, batch_size=3, seed=seed, **run)
+            bdhs.build_pairs(cfg, vlm, FakeEmbedder(2), log=lambda *a: None)  # every attempt is sampled
+            recs = data.read_pairs(str(out))
+            assert len(recs) == 4 and all(r["rejected"] for r in recs), run
+    assert sampled and not [t for t in sampled if t >= info["tokens"] or t in (info["image"], info["pad"])]
 
 
 def test_embedder_matches_sentence_transformers_minilm():

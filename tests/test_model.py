@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model as M  # noqa: E402
 from model import VLM, KVCache, load_image, parse_config, sample  # noqa: E402
-from tiny import bomb_png, build_hf, hf_config, random_image  # noqa: E402
+from tiny import bomb_png, build_hf, build_llava_hf, hf_config, random_image  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,8 +81,12 @@ def test_greedy_generate_matches_transformers(pair):
     _, inp = hf_inputs(proc)
     hf.generation_config.eos_token_id = None  # random weights: generate exactly 20 tokens in both
     hf.generation_config.pad_token_id = 0
+    # our sampling never emits the head's rows past the tokenizer (20 here), <image> or <pad>; transformers'
+    # suppress_tokens does the same: those logits -inf, the others as they are
+    banned = ours.never_sampled().nonzero().flatten().tolist()
     with torch.no_grad():
-        ref = hf.generate(**inp, max_new_tokens=20, do_sample=False)[:, inp["input_ids"].shape[1]:]
+        ref = hf.generate(**inp, max_new_tokens=20, do_sample=False, suppress_tokens=banned)
+    ref = ref[:, inp["input_ids"].shape[1]:]
     got = ours.generate(inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes"),
                         max_new_tokens=20, eos_token_id=[])
     assert got == ref.tolist()
@@ -294,6 +298,70 @@ def test_stop_strings_and_eos(pair):
     assert stop in ours.tokenizer.decode(cut) and cut == free[:len(cut)] and len(cut) < len(free)
     i = next((i for i in range(1, len(free)) if free[i] not in free[:i]), 0)  # a token first seen at step i
     assert ours.generate(*args, max_new_tokens=12, eos_token_id=free[i])[0] == free[:i]  # EOS ends and is dropped
+
+
+@pytest.fixture(scope="module", params=[("llama", torch.float32), ("mistral", torch.bfloat16)])
+def padded(request, tmp_path_factory):
+    """A llava-hf-shaped folder whose padded logit rows, <image> and <pad> are the likeliest at every step."""
+    text, dtype = request.param
+    path = str(tmp_path_factory.mktemp(f"llava_hf_{text}"))
+    info = build_llava_hf(path, text=text, dtype=dtype)[2]
+    return VLM.from_pretrained(path, dtype=dtype).eval(), info
+
+
+def bad_ids(ids, info):
+    """The sampled ids the rest of the code cannot handle: past the tokenizer, the image token, the pad token."""
+    return [t for t in ids if t >= info["tokens"] or t in (info["image"], info["pad"])]
+
+
+def test_never_sampled_holds_the_padded_rows_image_and_pad(padded):
+    vlm, info = padded
+    assert vlm.tokenizer.get_vocab_size() == info["tokens"] < info["rows"] == vlm.lm_head.weight.shape[0]
+    want = set(range(info["tokens"], info["rows"])) | {info["image"], info["pad"]}
+    assert set(vlm.never_sampled().nonzero().flatten().tolist()) == want
+    assert vlm.eos_ids().isdisjoint(want)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0), dict(temperature=1.0, top_k=3),
+                                dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=20, top_p=0.5)])
+def test_sampling_never_emits_a_padded_row_image_or_pad_id(padded, kw):
+    """Every sampling rule, several seeds, with the stop strings BDHS uses and several samples per prompt: no id
+    that would index past the tokenizer's tables or be read as an image slot. The builder makes those ids the
+    likeliest, so an unmasked sampler emits them at once."""
+    vlm, info = padded
+    batch = vlm.prepare(["What is in the image?", "Describe the picture."],
+                        [random_image(40, 70, seed=0), random_image(90, 30, seed=1)])
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        for stop in ((), (".",)):
+            out = vlm.generate(**batch, max_new_tokens=10, generator=g, stop_strings=stop, num_samples=2, **kw)
+            assert len(out) == 4 and all(out)
+            assert [bad_ids(o, info) for o in out] == [[]] * 4, (seed, stop)
+    # the masked ids are skipped, the rest untouched: greedy's first token is the best of the others
+    with torch.no_grad():
+        logits = vlm(**batch)[:, -1].float()
+    logits[:, vlm.never_sampled()] = float("-inf")
+    first = [o[0] for o in vlm.generate(**batch, max_new_tokens=1, eos_token_id=[])]
+    assert first == logits.argmax(-1).tolist()
+
+
+def test_eval_answers_on_a_padded_head_are_text(padded, monkeypatch):
+    """eval.py's greedy answers sample no masked id, so they decode to text (unmasked: <image> after <image>,
+    which decodes to nothing)."""
+    import eval as ev
+    vlm, info = padded
+    sampled = []
+    real_decode = M.decode
+
+    def spy(*a, **kw):
+        out = real_decode(*a, **kw)
+        sampled.extend(t for o in out for t in o)
+        return out
+    monkeypatch.setattr(M, "decode", spy)
+    ims = [random_image(40, 70, seed=0), random_image(90, 30, seed=1), random_image(28, 28, seed=2)]
+    got = ev.answer(vlm, ims, ["Is there a dog?", "What is this?", "Describe it."], max_new_tokens=6, batch_size=2)
+    assert len(got) == 3 and all(a.strip() for a in got)
+    assert sampled and not bad_ids(sampled, info)
 
 
 def test_kv_cache_repeat_layout():

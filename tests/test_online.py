@@ -16,6 +16,7 @@ import torch
 import data
 import eval as ev
 import losses
+import model as M
 import train_offline as TO
 import train_online as on
 import world
@@ -23,6 +24,7 @@ from model import VLM, UserError, config_from_argv, format_chat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_offline import kill_midway, run_metrics, same, torchrun  # noqa: E402
+from tiny import build_llava_hf, random_image  # noqa: E402
 
 SMALL = ["--pairs", "64", "--batch_size", "4", "--max_new_tokens", "24", "--eval_n", "0"]
 
@@ -230,6 +232,39 @@ def test_two_steps_of_every_algorithm(tmp_path, capsys, algo, extra):
         assert abs(recs[0]["rewards/margins"]) < 1e-5
     vlm = VLM.from_pretrained(str(tmp_path / "checkpoint"))
     assert not any("lora" in n for n, _ in vlm.named_parameters())
+
+
+def test_rollouts_on_a_llava_hf_folder_sample_only_ids_the_tokenizer_holds(tmp_path, monkeypatch):
+    """Online-DPO, RLOO and PPO on a llava-hf-shaped folder (its padded logit rows, <image> and <pad> the likeliest)
+    with a native prompts file, two seeds each: no rollout samples an id past the tokenizer, the image token or the
+    pad token. Unmasked, a sampled <image> id crashed the next forward ("input_ids hold N image tokens but the
+    images give N - 1 features")."""
+    model_dir = str(tmp_path / "model")
+    info = build_llava_hf(model_dir, model_type="llava")[2]
+    rm = VLM.from_pretrained(model_dir)  # the same folder with a score head: a reward model for every algorithm
+    rm.extra["score.weight"] = torch.randn(1, rm.cfg.text.hidden_size) * 0.01
+    rm.save_pretrained(str(tmp_path / "rm"))
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for i in range(4):
+            random_image(40, 50 + 10 * i, seed=i).save(tmp_path / f"{i}.png")
+            f.write(json.dumps(dict(id=str(i), image=f"{i}.png", chosen="A red cup.", conversation=[
+                dict(role="user", content="<image>\nWhat is in the image?")])) + "\n")
+    sampled = []
+    real_decode = M.decode
+
+    def spy(*a, **kw):  # every id any generate call samples
+        out = real_decode(*a, **kw)
+        sampled.extend(t for o in out for t in o)
+        return out
+    monkeypatch.setattr(M, "decode", spy)
+    for algo in ("online-dpo", "rloo", "ppo"):
+        for seed in ("0", "1"):
+            out = tmp_path / f"{algo}-{seed}"
+            on.main(["--model", model_dir, "--data", str(tmp_path / "prompts.jsonl"), "--algo", algo,
+                     "--annotator", f"rm:{tmp_path / 'rm'}", "--steps", "1", "--batch_size", "2",
+                     "--max_new_tokens", "8", "--eval_n", "0", "--seed", seed, "--out_dir", str(out)])
+            assert math.isfinite(run_metrics(str(out / "metrics.jsonl"))[0]["loss"])
+    assert sampled and not [t for t in sampled if t >= info["tokens"] or t in (info["image"], info["pad"])]
 
 
 def test_judge_answers_that_name_neither_are_dropped(tmp_path, monkeypatch):

@@ -32,14 +32,14 @@ TEXT = {
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 
 
-def build_tokenizer(path):
+def build_tokenizer(path, specials=SPECIALS):
     """A byte-level BPE tokenizer.json with the chat specials and a BOS post-processor; returns the HF wrapper."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -113,3 +113,55 @@ def bomb_png(path, w, h):
     with open(path, "wb") as f:
         f.write(raw)
     return raw
+
+
+# Chat templates in the style of llava-hf's: the role name upper-cased ("USER: "), a message's
+# images before its text, content a plain string or a list of {"type": "image"} and
+# {"type": "text", "text": ...} parts. They write what model.py's "llava" and "mistral" write.
+PARTS = ("{%- if m['content'] is string -%}{{- m['content'] -}}{%- else -%}"
+         "{%- for p in m['content'] if p['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+         "{%- for p in m['content'] if p['type'] == 'text' -%}{{- p['text'] -}}{%- endfor -%}{%- endif -%}")
+JINJA = {
+    "llama": ("{%- for m in messages -%}{{- m['role'].upper() + ': ' -}}" + PARTS +
+              "{{- '</s>' if m['role'] == 'assistant' else ' ' -}}{%- endfor -%}"
+              "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"),
+    "mistral": ("{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{- '[INST] ' -}}" + PARTS +
+                "{{- ' [/INST]' -}}{%- else -%}{{- ' ' -}}" + PARTS + "{{- '</s>' -}}{%- endif -%}{%- endfor -%}"),
+}
+
+
+def build_llava_hf(path, text="llama", dtype=torch.float32, model_type="llava_next", seed=0, pad_rows=64):
+    """A tiny llava-hf-shaped folder saved by transformers, whose likeliest ids are the ones sampling
+    must never emit. As in llava-hf's 7B models (32,064 logit rows for about 32,002 tokens),
+    `text_config.vocab_size` exceeds the tokenizer by `pad_rows` or more; the folder holds
+    `chat_template.jinja` (llama: "USER: ... ASSISTANT:", mistral: "[INST] ... [/INST]") and
+    `processor_config.json`, weights in `dtype`. Every embedding carries a large constant in hidden
+    dimension 0, and only the LM head rows of the padded ids, <image> and <pad> read it, so those
+    are the likeliest logits at every text position. Returns (model, processor, info), info =
+    dict(tokens=tokenizer size, rows=logit rows, image=<image> id, pad=<pad> id)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    hf_tok = build_tokenizer(path, SPECIALS[:5])  # llava-hf's specials: no ChatML tokens
+    n_tok = len(hf_tok)
+    rows = -(-(n_tok + pad_rows) // 64) * 64  # padded up to a multiple of 64, as llava-hf's 32,064
+    cfg = hf_config("clip", text, model_type)
+    cfg["text_config"]["vocab_size"] = rows
+    cfg["pad_token_id"] = SPECIALS.index("<pad>")  # llava-hf's configs name it at both levels
+    cfg["text_config"]["pad_token_id"] = SPECIALS.index("<pad>")
+    config = AutoConfig.for_model(**cfg)
+    torch.manual_seed(seed)
+    cls = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+    model = cls(config).eval()
+    image, pad = SPECIALS.index("<image>"), SPECIALS.index("<pad>")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.get_input_embeddings().weight[:, 0] = 1.0  # the residual stream's constant direction
+        head = model.get_output_embeddings().weight  # (rows, C)
+        head[:, 0] = 0.0
+        head[n_tok:, 0] = 2.0  # the padded rows
+        head[[image, pad], 0] = 2.5  # above the padded rows: if only those were masked, these win
+    model.to(dtype).save_pretrained(path)
+    proc = hf_processor(cfg, hf_tok)
+    proc.chat_template = JINJA[text]
+    proc.save_pretrained(path)
+    return model, proc, dict(tokens=n_tok, rows=rows, image=image, pad=pad)
