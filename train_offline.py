@@ -50,7 +50,8 @@ class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
     data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl,
                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""         # a release's images (COCO for POVID...); default: images/ by it
+    image_root: str = ""         # what a .jsonl's relative image paths resolve against (default: its
+                                 # folder); a release's images (COCO for POVID...; default: images/ by it)
     loss: str = "dpo"            # dpo | ipo | slic | rm
     out_dir: str = "runs/offline"
     beta: float = 1.0            # the world's (dev seed 0); the paper searched 0.05-0.5 for DPO

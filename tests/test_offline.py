@@ -357,6 +357,43 @@ def test_converter_errors_name_file(tmp_path):
         data.load_pairs(str(tmp_path / "nope.jsonl"))
 
 
+def test_native_image_paths_resolve_against_image_root(tmp_path):
+    """A native file's relative image path resolves against --image_root when it is given (the
+    train scripts pass it through load_pairs), else against the file's folder; an absolute path is
+    used as given; a missing image's error names --image_root."""
+    (tmp_path / "data").mkdir()
+    path = str(tmp_path / "data" / "pairs.jsonl")
+    jpg = os.path.join(FIX, "images", "COCO_train2014_000000000001.jpg")
+    write_jsonl(path, [pair(0, image="COCO_train2014_000000000001.jpg"), pair(1, image=jpg)])
+    recs = data.load_pairs(path, os.path.join(FIX, "images"))
+    assert [r["image"] for r in recs] == [jpg, jpg]
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: image not found: .*data/COCO_train2014_000000000001\.jpg "
+                                         r"\(relative image paths resolve against the data file's folder; "
+                                         r"--image_root sets another\)"):
+        data.load_pairs(path)
+    with pytest.raises(ValueError, match=rf"pairs\.jsonl:1: image not found: .*resolve against --image_root "
+                                         rf"{tmp_path}"):
+        data.load_pairs(path, str(tmp_path))
+    os.symlink(os.path.join(FIX, "images"), tmp_path / "data" / "images")
+    write_jsonl(path, [pair(0), pair(1, image=jpg)])  # images/... beside the file, no --image_root
+    assert [r["image"] for r in data.load_pairs(path)] == [str(tmp_path / "data" / pair(0)["image"]), jpg]
+
+
+def test_vlfeedback_images_unzipped_beside_its_jsonl(tmp_path):
+    """VLFeedback's merged_images.zip unzipped beside vlfeedback_80k.jsonl gives merged_images/<id>.jpg
+    there (the dataset repo's VLFeedback.py reads that layout): found without --image_root."""
+    import shutil
+    shutil.copy(os.path.join(FIX, "vlfeedback", "vlfeedback_80k.jsonl"), tmp_path)
+    shutil.copytree(os.path.join(FIX, "images", "merged_images"), tmp_path / "merged_images")
+    recs = data.load_pairs(f"vlfeedback:{tmp_path}")
+    assert len(recs) == 2
+    assert recs[0]["image"] == os.path.join(str(tmp_path), "merged_images", "fixture-detail-0001.jpg")
+    shutil.rmtree(tmp_path / "merged_images")
+    with pytest.raises(ValueError, match=r"vlfeedback_80k\.jsonl: line 1: image not found: .*merged_images/"
+                                         r"fixture-detail-0001\.jpg \(.*--image_root"):
+        data.load_pairs(f"vlfeedback:{tmp_path}")
+
+
 def test_write_then_read_pairs(tmp_path):
     recs = world.world_pairs(world.World(0), 3)
     data.write_pairs(str(tmp_path / "p.jsonl"), recs)
