@@ -335,7 +335,8 @@ def score_bench(name, items, preds, vocab=None):
     if name == "pope":
         res, kinds = {}, ("random", "popular", "adversarial")
         for kind in kinds:
-            sel = [(yes_no(p), it["gold"]) for it, p in zip(items, preds) if it["kind"] == kind]
+            # LLaVA's model_vqa_loader.py strips each answer before eval_pope.py reads it: "No\n" is no
+            sel = [(yes_no(p.strip()), it["gold"]) for it, p in zip(items, preds) if it["kind"] == kind]
             res |= {f"pope_{kind}_{k}": v for k, v in pope_metrics(*zip(*sel)).items()}
         return res | {"pope": sum(res[f"pope_{k}_f1"] for k in kinds) / 3}
     if name == "textvqa":

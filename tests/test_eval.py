@@ -100,6 +100,11 @@ def test_benchmark_scores_on_fixtures():
     assert r["pope_random_f1"] == 100.0 and abs(r["pope_popular_f1"] - 200 / 3) < 1e-9
     assert r["pope_adversarial_f1"] == 0.0 and r["pope_popular_yes_ratio"] == 100.0
     assert abs(r["pope"] - (100 + 200 / 3) / 3) < 1e-9
+    # LLaVA strips the generated answer before eval_pope.py's parse: "No\n" is no, "Yes\n" yes
+    r = ev.score_bench("pope", pope, ["Yes\n", "No\n", "yes", "No \n", "\nNo.\n", "no"])
+    assert r["pope_random_f1"] == 100.0 and r["pope_popular_yes_ratio"] == 50.0
+    assert r["pope_adversarial_yes_ratio"] == 0.0
+    assert ev.yes_no("No\n") and not ev.yes_no("No")  # the world's reader (and the rule) stay as they were
     tv = ev.load_bench("textvqa", FIX)
     assert len(tv) == 2 and len(tv[0]["gold"]) == 10 and tv[0]["question"].endswith("?")
     assert abs(ev.score_bench("textvqa", tv, ["3", "Blue."])["textvqa"] - 65.0) < 1e-9  # (0.3 + 1.0) / 2
