@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from model import config_from_argv
+from model import CACHE_ENV, cache_home, config_from_argv
 
 DEV, TEST = [0, 1, 2], [3, 4, 5]
 PY = sys.executable
@@ -195,6 +195,7 @@ def main(argv=None):
     if unknown := [n for n in names if n not in TABLES]:
         raise SystemExit(f"--tables: unknown {unknown}; expected some of {', '.join(TABLES)}")
     seeds = [int(s) for s in cfg.seeds.split(",")]
+    print(f"cache: {cache_home()} (${CACHE_ENV}): BDHS pairs, reference log-probs, shared by the runs", flush=True)
     # the base once per seed (generalisation's apart: its report differs), then chains side by side:
     # a table's rows on one seed run in order (they may share cached BDHS pairs or ref log-probs)
     home = {t: "generalisation" if t == "generalisation" else "base" for t in names}

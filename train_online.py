@@ -45,8 +45,9 @@ import losses
 import model as M
 import world
 from model import TEMPLATES, VLM, config_from_argv, left_pad
-from train_offline import (Checkpoint, Metrics, PairModel, accumulate, batch_rows, build_policy,
-                           counts, optimizer_step, pair_stats, setup, to, unsharded)
+from train_offline import (Checkpoint, Metrics, PairModel, accumulate, bar_postfix, batch_rows,
+                           build_policy, counts, optimizer_step, pair_stats, setup, summary, to,
+                           unsharded)
 
 SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "online-bdhs": 1, "ppo": 1, "rloo": 4}
 CLIP, VF_COEF, GAE_LAMBDA = 0.2, 0.1, 0.95  # PPO: ratio/value clipping, value-loss weight, GAE's λ
@@ -89,7 +90,8 @@ class Config:
     eval_n: int = 500             # world data: scenes of the world report before and after; 0: none
     seed: int = 0
     # not flags: the reference is the policy with its adapters off: only the adapters may train
-    lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", "runs/cache"
+    # (the base's world report is cached in the shared cache folder: "" is model.cache_home())
+    lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", ""
 
 
 def main(argv=None):
@@ -123,7 +125,8 @@ def main(argv=None):
     ranks.print(f"{cfg.algo}: {steps} steps of {cfg.batch_size} prompts x {cfg.samples} samples ({B} per "
                 f"micro-step per rank, {cfg.grad_accum} micro-steps, {ranks.W} ranks)"
                 + (f", resuming at step {start}" if start else ""))
-    for step in tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.algo):
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.algo)
+    for step in bar:
         rolls = []
         for micro in range(cfg.grad_accum):  # sample and judge everything, then train
             key = f"{cfg.seed}-{step}-{micro}-{ranks.rank}".encode()
@@ -140,11 +143,12 @@ def main(argv=None):
                     ((loss * roll["w"].to(loss)).sum() * ranks.W / max(weight, 1)).backward()
                 log.add(stats | (roll["stats"] if epoch == 0 else {}))
             lr, grad_norm = optimizer_step(cfg, pm, opt, step, steps)
-        log.write(step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs))
+        rec = log.write(step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs))
+        bar.set_postfix(bar_postfix(rec))  # the step's metrics, already on the host
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
             ckpt.save(step)
     log.close()
-    ranks.print(f"saved {cfg.out_dir}/checkpoint")
+    ranks.print(summary(steps, rec, cfg.out_dir))
     if ranks.rank == 0 and cfg.data == "world" and cfg.eval_n:
         ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
                         cfg.eval_n, cfg.out_dir, cfg.cache_dir)

@@ -15,6 +15,7 @@ import torch
 import data
 import losses
 import world
+import model as M
 import train_offline as to
 from model import VLM
 
@@ -489,6 +490,40 @@ def test_dpo_trains_saves_and_caches_reference(tmp_path):
     to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "run3"), "--cache_dir", cache, "--lr_projector", "0"])
     assert len(os.listdir(cache)) == 1  # read back, not recomputed
     same(run_metrics(os.path.join(out2, "metrics.jsonl")), run_metrics(str(tmp_path / "run3" / "metrics.jsonl")))
+
+
+def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(tmp_path, monkeypatch, capsys):
+    """Without --cache_dir the reference log-probs go to $MMALIGN_CACHE (printed at the start), never
+    the current directory; the bar shows each step's loss; the run closes with its steps, final loss
+    and reward accuracy, and where the checkpoint is."""
+    cache, cwd, out = tmp_path / "cache", tmp_path / "cwd", str(tmp_path / "run")
+    cwd.mkdir()
+    monkeypatch.setenv(M.CACHE_ENV, str(cache))
+    monkeypatch.chdir(cwd)
+    to.main(SMALL + ["--steps", "2", "--out_dir", out])
+    cap = capsys.readouterr()
+    assert f"cache: {cache} (--cache_dir, $MMALIGN_CACHE)" in cap.out
+    assert len([f for f in os.listdir(cache) if f.startswith("ref-")]) == 1 and os.listdir(cwd) == []
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    last, held = lines[-2], lines[-1]
+    assert f"loss={last['loss']:.4f}, acc={last['rewards/accuracies']:.2f}" in cap.err  # the bar's postfix
+    assert (f"done: 2 steps, final loss {last['loss']:.4f}, reward accuracy {100 * last['rewards/accuracies']:.1f}%, "
+            f"held-out reward accuracy {100 * held['eval/rewards/accuracies']:.1f}%; checkpoint in "
+            f"{os.path.join(out, 'checkpoint')}\n") in cap.out
+
+
+def test_cache_home(monkeypatch, tmp_path):
+    """$MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign (an absolute one), else ~/.cache/mmalign."""
+    assert os.environ[M.CACHE_ENV] == M.cache_home()  # conftest.py: the tests never write into the home
+    monkeypatch.setenv(M.CACHE_ENV, str(tmp_path / "c"))
+    assert M.cache_home() == str(tmp_path / "c")
+    monkeypatch.delenv(M.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert M.cache_home() == str(tmp_path / "xdg" / "mmalign")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for xdg in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert M.cache_home() == str(tmp_path / "home" / ".cache" / "mmalign")
 
 
 @pytest.mark.parametrize("loss", ["ipo", "slic", "rm", "rpo"])

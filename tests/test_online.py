@@ -187,10 +187,19 @@ def test_its_own_flags(capsys):
                                         ("mixed-dpo", ["--dtype", "bfloat16"]),
                                         ("online-bdhs", ["--external", "true"]),
                                         ("ppo", []), ("rloo", [])])
-def test_two_steps_of_every_algorithm(tmp_path, algo, extra):
+def test_two_steps_of_every_algorithm(tmp_path, algo, extra, capsys):
     on.main(SMALL + ["--algo", algo, "--steps", "2", "--out_dir", str(tmp_path)] + extra)
     recs = run_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in recs] == [0, 1] and all(math.isfinite(r["loss"]) for r in recs)
+    # the shared cache folder printed at the start, each step's loss on the bar, a closing summary
+    cap, last = capsys.readouterr(), recs[-1]
+    assert f"cache: {os.environ['MMALIGN_CACHE']} " in cap.out and f"loss={last['loss']:.4f}" in cap.err
+    done = f"done: 2 steps, final loss {last['loss']:.4f}, "
+    if "rewards/accuracies" in last:
+        done += f"reward accuracy {100 * last['rewards/accuracies']:.1f}%"
+    else:
+        done += f"mean score {last['objective/scores']:.3f}"
+    assert done + f"; checkpoint in {tmp_path / 'checkpoint'}\n" in cap.out
     want = {"ppo": ["objective/scores", "objective/kl", "policy/clipfrac", "val/values"],
             "rloo": ["objective/scores", "objective/kl", "objective/rlhf_reward"],
             "online-bdhs": ["rewards/margins", "bdhs/attempts"], "mixed-dpo": ["online/offline_share"]}
