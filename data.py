@@ -4,12 +4,12 @@ releases, and batches in which each pair is one packed row. The native format: J
     {"id": "42", "image": "images/42.jpg", "chosen": "...", "rejected": "...", "rejected2": "...",
      "conversation": [{"role": "user", "content": "<image>\nWhat is this?"}], "meta": {...}}
 
-`image` is relative to the file (or absolute; converters may give bytes); `conversation` ends
-with the user turn the responses answer; `rejected2` (optional) is a second rejected response for
-Avg-DPO (Eq. 5); `meta` is free-form (BDHS records its attempts there). Every record and image is
-checked when a file is read, so bad data stops a run before any compute, naming its file and line.
-A pair's prompt and image are encoded once, its responses packed after them (`collate_pairs`);
-image tokens are never cut.
+`image` is a path relative to `--image_root` when given, else to the file's folder (or absolute;
+converters may give bytes); `conversation` ends with the user turn the responses answer;
+`rejected2` (optional) is a second rejected response for Avg-DPO (Eq. 5); `meta` is free-form
+(BDHS records its attempts there). Every record and image is checked when a file is read, so bad
+data stops a run before any compute, naming its file and line. A pair's prompt and image are
+encoded once, its responses packed after them (`collate_pairs`); image tokens are never cut.
 """
 import hashlib
 import io
@@ -26,9 +26,10 @@ from model import TEMPLATES, UserError, UserFileError, arg_parser, load_image, o
 # The native format: checked records, JSONL files, images
 
 
-def check_pair(rec, where, base="", need_rejected=True):
+def check_pair(rec, where, base="", need_rejected=True, hint="--image_root"):
     """ValueError naming `where` (file:line) unless `rec` is a well-formed pair (without
-    `need_rejected`: a prompt and its ground truth, BDHS's start); resolves its image path."""
+    `need_rejected`: a prompt and its ground truth, BDHS's start); resolves its image path against
+    `base` (an absolute path stays); `hint` says where a missing image was looked for."""
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for k in ("id", "image", "conversation", "chosen") + ("rejected",) * need_rejected:
@@ -53,7 +54,7 @@ def check_pair(rec, where, base="", need_rejected=True):
     if isinstance(rec["image"], str):
         rec["image"] = os.path.join(base, rec["image"])
         if not os.path.isfile(rec["image"]):
-            raise UserError(f"{where}: image not found: {rec['image']}")
+            raise UserError(f"{where}: image not found: {rec['image']} ({hint})")
     check_image(rec["image"], where)
     return rec
 
@@ -91,9 +92,15 @@ def read_jsonl(path, *keys):
     return out
 
 
-def read_pairs(path, need_rejected=True):
-    """A native JSONL file -> checked records; errors name file:line."""
-    return [check_pair(rec, f"{path}:{n}", os.path.dirname(path), need_rejected) for n, rec in read_jsonl(path)]
+def read_pairs(path, need_rejected=True, image_root=""):
+    """A native JSONL file -> checked records; errors name file:line. A relative `image` resolves
+    against image_root when given, else against the file's folder."""
+    base = image_root or os.path.dirname(path)
+    if image_root:
+        hint = f"relative image paths resolve against --image_root {image_root}"
+    else:
+        hint = "relative image paths resolve against the data file's folder; --image_root sets another"
+    return [check_pair(rec, f"{path}:{n}", base, need_rejected, hint) for n, rec in read_jsonl(path)]
 
 
 def pair_line(r, out_dir):
@@ -138,8 +145,9 @@ def image_hw(image):
 
 # -----------------------------------------------------------------------------
 # Converters from the public releases (paper Table 1). Images: RLHF-V's parquet holds them; the
-# others name files in `image_root` (COCO train2014 for POVID, COCO train2017 for LLaVA-RLHF, the
-# unzipped merged_images/ for VLFeedback), by default a folder images/ beside the data file.
+# others name files in `image_root` (COCO train2014 for POVID, COCO train2017 for LLaVA-RLHF), by
+# default a folder images/ beside the data file; VLFeedback's, in the folder merged_images.zip was
+# unzipped in (see load_pairs), by default the data file's own.
 
 
 def llava_turns(turns):
@@ -242,7 +250,7 @@ def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
     check_spec(spec, flag)
     name, _, path = spec.partition(":")
     if name not in CONVERTERS:
-        return read_pairs(spec, need_rejected)
+        return read_pairs(spec, need_rejected, image_root)
     convert, repo, fn = CONVERTERS[name]
     if not path:
         from huggingface_hub import hf_hub_download
@@ -250,13 +258,21 @@ def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
     f = os.path.join(path, fn) if os.path.isdir(path) else path
     if not os.path.isfile(f):
         raise UserFileError(f"{f}: not found; {name} is {fn} from the hub dataset {repo}")
-    root = image_root or os.path.join(os.path.dirname(f), "images")
+    # VLFeedback's images: merged_images.zip unzipped beside its JSONL. The dataset repo's loading
+    # script (VLFeedback.py) reads <where the zip was extracted>/merged_images/<id>.jpg, so that
+    # folder, the JSONL's, is the root; the other releases' default is a folder images/ beside it
+    folder = os.path.dirname(f)
+    root = image_root or (folder if name == "vlfeedback" else os.path.join(folder, "images"))
+    if image_root:
+        hint = f"--image_root {image_root}: the release's images"
+    else:
+        hint = f"the default image folder of {name}; --image_root sets another"
     recs, where = [], "start"
     try:
         for n, (where, raw) in enumerate(read_records(f), 1):
             rec = convert(raw, n, root)
             if rec is not None:
-                recs.append(check_pair(rec, f"{f}: {where}"))
+                recs.append(check_pair(rec, f"{f}: {where}", hint=hint))
     except (KeyError, TypeError, IndexError, ValueError) as e:
         if str(e).startswith(f"{f}:"):
             raise

@@ -27,9 +27,12 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from tqdm import tqdm
+
 import data
 import world as W
-from model import VLM, UserError, UserFileError, check_template, config_from_argv, folder_hash, run_main, source_bytes, template_line
+from model import (VLM, UserError, UserFileError, cache_home, check_template, config_from_argv, folder_hash,
+                   run_main, source_bytes, template_line)
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
@@ -71,13 +74,16 @@ def accuracy(pred, gold):
 # Answers, and tables of results
 
 
-def answer(vlm, images, questions, max_new_tokens, batch_size=64):
+def answer(vlm, images, questions, max_new_tokens, batch_size=64, desc="answers"):
     """Greedy, batched, KV-cached answers; images are PIL images or paths (opened per batch)."""
     out = []
+    bar = tqdm(total=len(questions), desc=desc, unit="q", leave=False)  # a tick per batch
     for i in range(0, len(questions), batch_size):
         batch = vlm.prepare(questions[i:i + batch_size], [data.open_image(im) for im in images[i:i + batch_size]])
         ids = vlm.generate(**batch, max_new_tokens=max_new_tokens, temperature=0.0)
         out += [vlm.tokenizer.decode(x) for x in ids]
+        bar.update(len(ids))
+    bar.close()
     return out
 
 
@@ -102,7 +108,8 @@ def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=
     texts = [""] * len(items)
     for kind, max_new in (("describe", 96), ("pope", 3), ("color", 6), ("count", 6), ("position", 8)):
         sel = [j for j, it in enumerate(items) if it[1].startswith(kind)]
-        outs = answer(vlm, [images[items[j][0]] for j in sel], [items[j][2] for j in sel], max_new, batch_size)
+        outs = answer(vlm, [images[items[j][0]] for j in sel], [items[j][2] for j in sel], max_new, batch_size,
+                      f"{split} {kind}")
         for j, t in zip(sel, outs):
             texts[j] = t
     got = lambda kind: [(t, it) for t, it in zip(texts, items) if it[1] == kind]  # noqa: E731
@@ -168,7 +175,8 @@ def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
 
 # The paper's Table 2 columns, and the keys of evaluate_bench's results that fill them
 TABLE2 = {"POPE": "pope", "MMHal": "mmhal", "MMHal-V": "mmhal_v", "LLaVA-W": "llavaw",
-          "VQA^T": "textvqa", "GQA": "gqa", "MMVet": "mmvet", "Rec_coco": "objhal_recall"}
+          "VQA^T": "textvqa", "GQA": "gqa", "MMVet": "mmvet", "Rec_coco": "objhal_recall",
+          "CHAIR_s": "objhal_chair_s", "CHAIR_i": "objhal_chair_i"}  # Object HalBench's CHAIR too
 
 # -----------------------------------------------------------------------------
 # The paper's benchmarks (Table 2), read from their public releases' own files
@@ -324,25 +332,34 @@ def vqa_accuracy(pred, answers):
     return sum(min(1.0, a / 3) for a in agree) / len(gts)
 
 
-def score_bench(name, items, preds, vocab=None):
-    """Percentages of the rule-scored benchmarks; POPE's `pope` is the mean F1 of its 3 kinds."""
+def score_bench(name, items, preds, vocab=None, scores=None):
+    """Percentages of the rule-scored benchmarks; POPE's `pope` is the mean F1 of its 3 kinds. A list
+    `scores` gets each item's score, a dict each (answers.jsonl)."""
+    scores = [] if scores is None else scores
     if name == "objhal":
         vocab = vocab or coco_vocab()
         said = [coco_mentions(p.replace("Assistant:", ""), vocab) for p in preds]  # as its reader
         truth = [it["gold"] for it in items]
+        scores += [dict(mentions=s, hallucinated=[o for o in s if o not in t]) for s, t in zip(said, truth)]
         named = [(s, t) for s, t in zip(said, truth) if s]  # for its "response hallucination"
         return {f"objhal_{k}": v for k, v in chair(said, truth).items()} | \
             {"objhal_response_hall": chair(*zip(*named))["chair_s"] if named else 0.0}
     if name == "pope":
+        # LLaVA's model_vqa_loader.py strips each answer before eval_pope.py reads it: "No\n" is no
+        yes = [yes_no(p.strip()) for p in preds]
+        scores += [dict(yes=y, correct=y == it["gold"]) for y, it in zip(yes, items)]
         res, kinds = {}, ("random", "popular", "adversarial")
         for kind in kinds:
-            sel = [(yes_no(p), it["gold"]) for it, p in zip(items, preds) if it["kind"] == kind]
+            sel = [(y, it["gold"]) for it, y in zip(items, yes) if it["kind"] == kind]
             res |= {f"pope_{kind}_{k}": v for k, v in pope_metrics(*zip(*sel)).items()}
         return res | {"pope": sum(res[f"pope_{k}_f1"] for k in kinds) / 3}
     if name == "textvqa":
-        acc = sum(vqa_accuracy(p, it["gold"]) for it, p in zip(items, preds)) / len(items)
-        return {"textvqa": 100 * acc}
-    return {"gqa": accuracy([p.strip().rstrip(".").lower() for p in preds], [it["gold"] for it in items])}
+        acc = [vqa_accuracy(p, it["gold"]) for it, p in zip(items, preds)]
+        scores += [dict(accuracy=a) for a in acc]
+        return {"textvqa": 100 * sum(acc) / len(items)}
+    pred = [p.strip().rstrip(".").lower() for p in preds]
+    scores += [dict(correct=p == it["gold"]) for p, it in zip(pred, items)]
+    return {"gqa": accuracy(pred, [it["gold"] for it in items])}
 
 
 # -----------------------------------------------------------------------------
@@ -736,9 +753,11 @@ def official_prompts(root, names):
     return out
 
 
-def judge_bench(name, items, preds, judge, prompts=PROMPTS):
+def judge_bench(name, items, preds, judge, prompts=PROMPTS, scores=None):
     """Scores as each benchmark's own scripts report them, overall and per kind; judge(messages,
-    max_tokens, temperature) -> reply text, seeing images for mmhal_v."""
+    max_tokens, temperature) -> reply text, seeing images for mmhal_v. A list `scores` gets each
+    item's score, a dict each (answers.jsonl)."""
+    scores = [] if scores is None else scores
     by_kind = lambda vals, f: {k: f([v for v, it in zip(vals, items) if it["kind"] == k])  # noqa
                                for k in dict.fromkeys(it["kind"] for it in items)}
     if name in ("mmhal", "mmhal_v"):
@@ -748,6 +767,7 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS):
                         reference=it["gold"], answer=p)
             content = [{"type": "text", "text": text}, image_part(it["image"])] if name == "mmhal_v" else text
             s.append(rating(judge([{"role": "user", "content": content}], 1024, 0.0)))
+        scores += [dict(rating=x) for x in s]
         return {name: mean(s), f"{name}_hallucination_rate": 100 * mean([x < 3 for x in s]),
                 f"{name}_informativeness": 100 * mean([x - 3 if x >= 3 else x for x in s]) / 3} | \
             {f"{name}/{k}": v for k, v in by_kind(s, mean).items()}
@@ -761,6 +781,7 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS):
             text = fill(tpl, context=ctx, question=it["question"], reference=it["gold"], answer=p)
             pairs.append(score_pair(judge([{"role": "system", "content": prompts["llavaw_system"]},
                                            {"role": "user", "content": text}], 1024, 0.2)))
+        scores += [dict(reference_score=q[0], score=q[1]) for q in pairs]
         # LLaVA's summary: per-column means (failed parses count as -1) rounded to 3 places, their
         # ratio times 100 rounded to 1 (NaN where its script divides by zero)
         rel = lambda ps: round(round(mean([q[1] for q in ps]), 3)  # noqa: E731
@@ -778,6 +799,7 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS):
                 if v is not None:
                     break
             s.append(v or 0.0)
+        scores += [dict(correctness=v) for v in s]
         caps = dict.fromkeys(c for it in items for c in it["kind"])
         pct = lambda xs: round(mean(xs) * 100 * 10) / 10  # noqa: E731 (MM-Vet's: numpy's round)
         res = {f"mmvet/{c}": pct([v for v, it in zip(s, items) if c in it["kind"]]) for c in caps}
@@ -789,10 +811,12 @@ RULE = ("pope", "objhal", "textvqa", "gqa")
 
 
 def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_size=64,
-                   max_new_tokens=512, prompts=PROMPTS, vocab=None, short_prompt=True):
+                   max_new_tokens=512, prompts=PROMPTS, vocab=None, short_prompt=True, answers=None):
     """Answers each benchmark (short answers: 16 tokens, and SHORT unless short_prompt is False) and
-    scores it; judge and judge_v (which sees images) read the open-ended ones."""
+    scores it; judge and judge_v (which sees images) read the open-ended ones. A list `answers` gets
+    a record per question: {bench, id, kind, question, answer, its score's fields}."""
     res, answered = {}, {}
+    answers = [] if answers is None else answers
     for name in names:
         if name not in RULE and (judge_v if name == "mmhal_v" else judge) is None:
             raise UserError(f"--bench {name}: needs a judge (JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)")
@@ -802,13 +826,15 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
             short = name in ("pope", "textvqa", "gqa")
             qs = [it["question"] + (SHORT if short and short_prompt else "") for it in items]
             images = [it["image"] for it in items]
-            answered[key] = answer(vlm, images, qs, 16 if short else max_new_tokens, batch_size)
-        preds = answered[key]
+            answered[key] = answer(vlm, images, qs, 16 if short else max_new_tokens, batch_size, name)
+        preds, scores = answered[key], []
         if name in RULE:
-            res |= score_bench(name, items, preds, vocab)
+            res |= score_bench(name, items, preds, vocab, scores)
         else:
-            res |= judge_bench(name, items, preds, judge_v if name == "mmhal_v" else judge, prompts)
+            res |= judge_bench(name, items, preds, judge_v if name == "mmhal_v" else judge, prompts, scores)
         res[f"{name}_n"] = len(items)
+        answers += [dict(bench=name, id=it["id"], kind=it["kind"], question=it["question"], answer=p) | sc
+                    for it, p, sc in zip(items, preds, scores)]
     return res
 
 
@@ -825,7 +851,8 @@ class Config:
     world_half: Literal["", "a", "b"] = ""  # a or b: the broken split of each half of the pairs (generalisation)
     n: int = 500           # scenes per part of the world's report
     batch_size: int = 64   # prompts answered at once
-    out: str = ""          # JSON: {name: results}
+    out: str = ""          # JSON: {name: results}; beside it, answers.jsonl (each question's answer
+                           # and score) and judgments.jsonl
     bench: str = ""        # not the world: pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
     bench_dir: str = "benchmarks"  # one folder per benchmark, holding its release's files (see GET)
     download: bool = False  # fetch a missing MMHal-Bench or LLaVA-Bench release from the hub
@@ -833,7 +860,8 @@ class Config:
     max_new_tokens: int = 512  # for the open-ended answers (short answers get 16)
     judge_model: str = ""  # the text judge (default $JUDGE_MODEL, else gpt-4-0613); URL, key: env
     judge_model_v: str = "gpt-4o"  # MMHal-V's judge, which sees the image
-    judge_cache: str = "judgments.jsonl"  # every judgment, so a rerun asks only for what is missing
+    judge_cache: str = ""  # every judgment, so a rerun asks only for what is missing; "": judgments.jsonl
+                           # beside --out, else in the shared cache folder (model.cache_home)
     judge_timeout: float = 120.0  # seconds for one whole request to the judge
     judge_retries: int = 6  # after a 429 / 5xx, a malformed reply, a network error or a timeout
     judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording ({fields})
@@ -857,9 +885,11 @@ def main(argv=None):
         download(b, cfg.bench_dir)
     judged = [b for b in names if b not in RULE]  # judges (and their caches) only where needed
     opts = dict(timeout=cfg.judge_timeout, retries=cfg.judge_retries)
-    judge = JudgeClient(cfg.judge_cache, model=cfg.judge_model or None, **opts) if judged else None
-    judge_v = JudgeClient(cfg.judge_cache, model=cfg.judge_model_v, **opts) \
-        if "mmhal_v" in judged else None
+    cache = cfg.judge_cache or os.path.join(os.path.dirname(cfg.out) if cfg.out else cache_home(), "judgments.jsonl")
+    if judged:
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    judge = JudgeClient(cache, model=cfg.judge_model or None, **opts) if judged else None
+    judge_v = JudgeClient(cache, model=cfg.judge_model_v, **opts) if "mmhal_v" in judged else None
     if judged and not judge.key and "api.openai.com" in judge.url:
         raise UserError(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or "
                          "OPENAI_API_KEY), or JUDGE_BASE_URL for an endpoint without a key")
@@ -868,7 +898,7 @@ def main(argv=None):
     official = cfg.official and "objhal" in names
     vocab = coco_vocab(official_file(cfg.bench_dir, "objhal") if official else
                        cfg.synonyms or SYNONYMS)
-    rows = {}
+    rows, answers = {}, []
     for spec in (cfg.model or W.BASE_MODEL).split(","):
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path.rstrip("/"))
@@ -876,9 +906,11 @@ def main(argv=None):
         vlm = VLM.from_pretrained(path, template=cfg.template).eval()
         print(f"{name}: {template_line(vlm)}")
         if names:
+            mine = []
             res = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,
                                  cfg.batch_size, cfg.max_new_tokens, prompts, vocab,
-                                 cfg.short_prompt)
+                                 cfg.short_prompt, mine)
+            answers += [dict(model=name) | a for a in mine]
         else:
             res = world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
         rows[name] = res | {"seconds": round(time.time() - t0, 1)}
@@ -891,6 +923,14 @@ def main(argv=None):
             print(f"sample descriptions ({name}):", *res["samples"][:3], sep="\n  ")
     if cfg.out:
         atomic_json(cfg.out, rows)
+    if cfg.out and answers:  # each question's answer and score, a line each, beside the summary
+        path = os.path.join(os.path.dirname(cfg.out), "answers.jsonl")
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            f.writelines(json.dumps(a) + "\n" for a in answers)
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+        print(f"answers: {path}")
+    if judged:
+        print(f"judgments: {cache}")
     return rows
 
 

@@ -1270,6 +1270,20 @@ def source_bytes(*names):
     return b"".join(pathlib.Path(__file__).resolve().with_name(name).read_bytes() for name in names)
 
 
+CACHE_ENV = "MMALIGN_CACHE"  # overrides the cache folder (the tests point it at a temporary one)
+
+
+def cache_home():
+    """The folder every run's caches share (reference log-probs, BDHS pairs, base reports), never
+    the current directory: $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign."""
+    if os.environ.get(CACHE_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[CACHE_ENV]))
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, or relative: the XDG spec says to ignore a relative one
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mmalign")
+
+
 def looks_local(name):
     """A model name that can only mean a local folder: a hub id is `name` or `owner/name`, never
     ./x, /x, ~/x, a deeper path, an existing file or one whose parent folder exists here."""

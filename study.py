@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from model import UserError, config_from_argv, run_main
+from model import CACHE_ENV, UserError, cache_home, config_from_argv, run_main
 
 DEV, TEST = [0, 1, 2], [3, 4, 5]
 PY = sys.executable
@@ -198,6 +198,7 @@ def main(argv=None):
     if not all(s.strip().isdigit() for s in cfg.seeds.split(",")):
         raise UserError(f"--seeds {cfg.seeds!r}: expected comma-separated world seeds, e.g. 3,4,5")
     seeds = [int(s) for s in cfg.seeds.split(",")]
+    print(f"cache: {cache_home()} (${CACHE_ENV}): BDHS pairs, reference log-probs, shared by the runs", flush=True)
     # the base once per seed (generalisation's apart: its report differs), then chains side by side:
     # a table's rows on one seed run in order (they may share cached BDHS pairs or ref log-probs)
     home = {t: "generalisation" if t == "generalisation" else "base" for t in names}

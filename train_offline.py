@@ -52,7 +52,8 @@ class Config:
     template: str = ""           # chat template: vicuna | llava | mistral | chatml; "": the model's own
     data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl,
                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""         # a release's images (COCO for POVID...); default: images/ by it
+    image_root: str = ""         # what a .jsonl's relative image paths resolve against (default: its
+                                 # folder); a release's images (COCO for POVID...; default: images/ by it)
     loss: Literal[(*losses.LOSSES, "rm")] = "dpo"  # a preference loss (losses.py), or rm: a reward model
     out_dir: str = "runs/offline"  # the checkpoint, training state and metrics
     beta: float = 1.0            # the world's (dev seed 0); the paper searched 0.05-0.5 for DPO
@@ -72,7 +73,8 @@ class Config:
     max_length: int = 4096       # prompt + response tokens; responses are cut, image tokens never
     ref: Literal["cache", "lora_off"] = "cache"  # cache: reference log-probs once, on disk; lora_off:
                                                  # the adapters off, every step
-    cache_dir: str = "runs/cache"  # reference log-probs, BDHS pairs, base reports: shared by runs
+    cache_dir: str = ""          # reference log-probs, BDHS pairs, base reports, shared by runs; "":
+                                 # $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign
     dtype: Literal[M.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
     grad_ckpt: bool = False      # recompute each decoder layer in the backward pass
     fsdp: bool = False           # shard parameters, gradients and optimizer state (FSDP2); else DDP
@@ -107,7 +109,8 @@ def main(argv=None):
     amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
     ranks.print(f"{steps} steps of {cfg.batch_size} pairs ({B} per micro-step per rank, {cfg.grad_accum} "
                 f"micro-steps, {ranks.W} ranks)" + (f", resuming at step {start}" if start else ""))
-    for step in tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.loss):
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.loss)
+    for step in bar:
         for micro in range(cfg.grad_accum):
             rows = [train_idx[i] for i in batch_rows(len(train_idx), cfg, step, micro, B, ranks)]
             parts = by_length(rows, items)  # rows of like lengths together: less padding
@@ -121,13 +124,15 @@ def main(argv=None):
                     (loss.sum() / (B * cfg.grad_accum)).backward()
                 log.add(pair_stats(loss, chosen, rejected, token_lp))
         lr, norm = optimizer_step(cfg, pm, opt, step, steps)
-        log.write(step, lr=lr, grad_norm=norm, epoch=(step + 1) * cfg.batch_size / len(train_idx))
+        rec = log.write(step, lr=lr, grad_norm=norm, epoch=(step + 1) * cfg.batch_size / len(train_idx))
+        bar.set_postfix(bar_postfix(rec))  # the step's metrics, already on the host
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
             ckpt.save(step)
+    held = {}
     if val_idx:  # held-out pairwise accuracy: the reward model's (Table 7) or the implicit reward's
-        log.write(steps - 1, **evaluate_pairs(cfg, pm, items, val_idx, B, ref, ranks), prefix="eval/")
+        held = log.write(steps - 1, **evaluate_pairs(cfg, pm, items, val_idx, B, ref, ranks), prefix="eval/")
     log.close()
-    ranks.print(f"saved {cfg.out_dir}/checkpoint")
+    ranks.print(summary(steps, rec, cfg.out_dir, held))
     if ranks.rank == 0 and cfg.data in ("world", "bdhs", "bdhs+world") and cfg.loss != "rm" and cfg.eval_n:
         ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
                         cfg.eval_n, cfg.out_dir, cfg.cache_dir)
@@ -514,6 +519,28 @@ class Metrics:
         if self.f:
             self.f.close()
 
+
+def bar_postfix(rec):
+    """What the progress bar shows of a step's metrics: its loss, and its reward accuracy or score."""
+    out = {"loss": f"{rec['loss']:.4f}"}
+    if "rewards/accuracies" in rec:
+        out["acc"] = f"{rec['rewards/accuracies']:.2f}"
+    if "objective/scores" in rec:  # PPO, RLOO: the annotator's mean score of the samples
+        out["score"] = f"{rec['objective/scores']:.3f}"
+    return out
+
+
+def summary(steps, rec, out_dir, held=None):
+    """A run's closing line: its steps, the last step's loss and reward accuracy, the checkpoint."""
+    parts = [f"{steps} steps", f"final loss {rec['loss']:.4f}"]
+    if "rewards/accuracies" in rec:
+        parts.append(f"reward accuracy {100 * rec['rewards/accuracies']:.1f}%")
+    if "objective/scores" in rec:
+        parts.append(f"mean score {rec['objective/scores']:.3f}")
+    if held:
+        parts.append(f"held-out reward accuracy {100 * held['eval/rewards/accuracies']:.1f}%")
+    return "done: " + ", ".join(parts) + f"; checkpoint in {os.path.join(out_dir, 'checkpoint')}"
+
 # -----------------------------------------------------------------------------
 # torchrun: the process group from its environment variables; the same code path with one process
 
@@ -573,6 +600,8 @@ def setup(cfg):
     """Before any compute: the process group, the non-default settings, flag and out_dir checks."""
     ranks = Ranks()
     ranks.print(f"settings other than the defaults: {json.dumps(non_defaults(cfg))}")
+    cfg.cache_dir = cfg.cache_dir or M.cache_home()
+    ranks.print(f"cache: {cfg.cache_dir} (--cache_dir, ${M.CACHE_ENV})")
     if cfg.data not in ("world", "bdhs", "bdhs+world"):
         data.check_spec(cfg.data)
     if cfg.batch_size % (ranks.W * cfg.grad_accum):

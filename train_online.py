@@ -47,8 +47,8 @@ import losses
 import model as M
 import world
 from model import TEMPLATES, VLM, left_pad
-from train_offline import (Checkpoint, Metrics, PairModel, accumulate, batch_rows, build_policy,
-                           counts, optimizer_step, pair_stats, resumable_config, setup, to, unsharded)
+from train_offline import (Checkpoint, Metrics, PairModel, accumulate, bar_postfix, batch_rows, build_policy,
+                           counts, optimizer_step, pair_stats, resumable_config, setup, summary, to, unsharded)
 
 SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "online-bdhs": 1, "ppo": 1, "rloo": 4}
 CLIP, VF_COEF, GAE_LAMBDA = 0.2, 0.1, 0.95  # PPO: ratio/value clipping, value-loss weight, GAE's λ
@@ -98,7 +98,8 @@ class Config:
                   batch_size=">= 1", grad_accum=">= 1", lr=">= 0", lora_r=">= 1", lora_alpha="> 0", warmup=">= 0",
                   save_every=">= 0", eval_n=">= 0")  # checked at parse
     # not flags: the reference is the policy with its adapters off: only the adapters may train
-    lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", "runs/cache"
+    # (the base's world report is cached in the shared cache folder: "" is model.cache_home())
+    lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", ""
 
 
 def main(argv=None):
@@ -155,7 +156,7 @@ def main(argv=None):
                 log.add(stats | (roll["stats"] if epoch == 0 else {}))
             lr, grad_norm = optimizer_step(cfg, pm, opt, step, steps)
         rec = log.write(step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs))
-        bar.set_postfix(drop_shares(rec), refresh=False)
+        bar.set_postfix(bar_postfix(rec) | drop_shares(rec))  # the step's metrics, already on the host
         stalled = stalled + 1 if no_signal(cfg, rec, weight) else 0
         if stalled == STALL:  # rec and weight are summed over ranks: every rank stops here
             bar.close()
@@ -169,7 +170,7 @@ def main(argv=None):
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
             ckpt.save(step)
     log.close()
-    ranks.print(f"saved {cfg.out_dir}/checkpoint")
+    ranks.print(summary(steps, rec, cfg.out_dir))
     if ranks.rank == 0 and cfg.data == "world" and cfg.eval_n:
         ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
                         cfg.eval_n, cfg.out_dir, cfg.cache_dir)

@@ -101,6 +101,11 @@ def test_benchmark_scores_on_fixtures():
     assert r["pope_random_f1"] == 100.0 and abs(r["pope_popular_f1"] - 200 / 3) < 1e-9
     assert r["pope_adversarial_f1"] == 0.0 and r["pope_popular_yes_ratio"] == 100.0
     assert abs(r["pope"] - (100 + 200 / 3) / 3) < 1e-9
+    # LLaVA strips the generated answer before eval_pope.py's parse: "No\n" is no, "Yes\n" yes
+    r = ev.score_bench("pope", pope, ["Yes\n", "No\n", "yes", "No \n", "\nNo.\n", "no"])
+    assert r["pope_random_f1"] == 100.0 and r["pope_popular_yes_ratio"] == 50.0
+    assert r["pope_adversarial_yes_ratio"] == 0.0
+    assert ev.yes_no("No\n") and not ev.yes_no("No")  # the world's reader (and the rule) stay as they were
     tv = ev.load_bench("textvqa", FIX)
     assert len(tv) == 2 and len(tv[0]["gold"]) == 10 and tv[0]["question"].endswith("?")
     assert abs(ev.score_bench("textvqa", tv, ["3", "Blue."])["textvqa"] - 65.0) < 1e-9  # (0.3 + 1.0) / 2
@@ -587,18 +592,40 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
     monkeypatch.setenv("JUDGE_BASE_URL", server["url"])
     monkeypatch.setenv("JUDGE_MODEL", "judge-x")
     argv = ["--bench", "pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa", "--bench_dir", FIX, "--out",
-            str(tmp_path / "r.json"), "--judge_cache", str(tmp_path / "j.jsonl"), "--max_new_tokens", "48"]
+            str(tmp_path / "out" / "r.json"), "--max_new_tokens", "48"]
     r = ev.main(argv)["world-base"]
     assert set(ev.TABLE2.values()) <= set(r) and (r["mmhal"], r["mmhal_v"], r["llavaw"], r["mmvet"]) == (5, 5, 75, 50)
-    said, head = capsys.readouterr().out.splitlines()[:2]
+    cap = capsys.readouterr()
+    said, head = cap.out.splitlines()[:2]
     found = os.path.join(ev.W.BASE_MODEL, "tokenizer_config.json")  # the world's template, printed per model
     assert said == f"world-base: chat template: llava (from {found})"
-    assert head == "| model | " + " | ".join(ev.TABLE2) + " |"
+        assert head == "| model | " + " | ".join(ev.TABLE2) + " |" and "| Rec_coco | CHAIR_s | CHAIR_i |" in head
+    row = cap.out.splitlines()[3].split(" | ")  # Object HalBench's CHAIR beside its recall
+    assert row[-2:] == [f"{r['objhal_chair_s']:.1f}", f"{r['objhal_chair_i']:.1f} |"]
+    assert all(f"{b}: " in cap.err for b in ("pope", "objhal", "mmhal", "llavaw", "mmvet"))  # progress bars
+    # judgments cached beside --out; each question's answer and score in answers.jsonl beside it
+    assert cap.out.splitlines()[-2:] == [f"answers: {tmp_path / 'out' / 'answers.jsonl'}",
+                                         f"judgments: {tmp_path / 'out' / 'judgments.jsonl'}"]
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "answers.jsonl")]
+    items = {b: ev.load_bench(b, FIX) for b in ("pope", "objhal", "mmhal", "llavaw", "mmvet", "textvqa", "gqa")}
+    assert len(lines) == sum(map(len, items.values())) + len(items["mmhal"])  # mmhal_v judges mmhal's answers
+    by = {b: [a for a in lines if a["bench"] == b] for b in items}
+    assert all(a["model"] == "world-base" and isinstance(a["answer"], str) for a in lines)
+    assert [(a["id"], a["question"]) for a in by["pope"]] == [(it["id"], it["question"]) for it in items["pope"]]
+    for kind in ("random", "popular", "adversarial"):  # the per-question yes / no give POPE's scores
+        sel = [(a["yes"], a["correct"]) for a in by["pope"] if a["kind"] == kind]
+        assert ev.pope_metrics([y for y, _ in sel], [y == c for y, c in sel])["f1"] == r[f"pope_{kind}_f1"]
+    hall = [a for a in by["objhal"] if a["hallucinated"]]
+    assert abs(100 * len(hall) / len(by["objhal"]) - r["objhal_chair_s"]) < 1e-9
+    assert {a["rating"] for a in by["mmhal"]} == {5} and {a["correctness"] for a in by["mmvet"]} == {0.5}
+    assert {(a["reference_score"], a["score"]) for a in by["llavaw"]} == {(8.0, 6.0)}
+    assert abs(100 * sum(a["accuracy"] for a in by["textvqa"]) / len(by["textvqa"]) - r["textvqa"]) < 1e-9
+    assert abs(100 * sum(a["correct"] for a in by["gqa"]) / len(by["gqa"]) - r["gqa"]) < 1e-9
+    n = len(server["bodies"])
+    assert n == 2 + 2 + 2 + 2 and json.load(open(tmp_path / "out" / "r.json"))["world-base"]["mmvet"] == 50
     vision = [b for b in server["bodies"] if not isinstance(b["messages"][-1]["content"], str)]
     assert len(vision) == 2 and all(b["model"] == "gpt-4o" for b in vision)
     assert {b["model"] for b in server["bodies"]} == {"judge-x", "gpt-4o"}
-    n = len(server["bodies"])
-    assert n == 2 + 2 + 2 + 2 and json.load(open(tmp_path / "r.json"))["world-base"]["mmvet"] == 50
     again = ev.main(argv)["world-base"]
     assert len(server["bodies"]) == n  # every judgment came from the cache
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in r.items() if k != "seconds"}
@@ -608,6 +635,19 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
     assert [b["messages"][0]["content"] for b in server["bodies"][-4:-2]] == ["SYS", "SYS"]
     own = server["bodies"][-2]["messages"][0]["content"]
     assert own.startswith("OWN What colour is the cup? / ") and own.endswith(" / Cup, Saucer, House, Tree {x}")
+
+
+def test_judgments_without_out_go_to_the_shared_cache(server, tmp_path, monkeypatch, capsys):
+    """Without --out (and --judge_cache) the judgments are cached in $MMALIGN_CACHE, never the
+    current directory; no answers.jsonl is written without a summary to put it beside."""
+    server["reply"] = lambda body: "0.5"
+    monkeypatch.setenv("JUDGE_BASE_URL", server["url"])
+    monkeypatch.setenv("MMALIGN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    ev.main(["--bench", "mmvet", "--bench_dir", FIX, "--limit", "1", "--max_new_tokens", "4"])
+    assert os.listdir(tmp_path / "cwd") == [] and os.listdir(tmp_path / "cache") == ["judgments.jsonl"]
+    assert capsys.readouterr().out.splitlines()[-1] == f"judgments: {tmp_path / 'cache' / 'judgments.jsonl'}"
 
 
 def test_judged_benchmarks_without_a_key_stop_before_generating(monkeypatch):

@@ -15,6 +15,7 @@ import torch
 import data
 import losses
 import world
+import model as M
 import train_offline as to
 from model import VLM, UserError, UserFileError
 
@@ -387,6 +388,43 @@ def test_converter_errors_name_file(tmp_path):
         data.load_pairs(str(tmp_path / "nope.jsonl"))
 
 
+def test_native_image_paths_resolve_against_image_root(tmp_path):
+    """A native file's relative image path resolves against --image_root when it is given (the
+    train scripts pass it through load_pairs), else against the file's folder; an absolute path is
+    used as given; a missing image's error names --image_root."""
+    (tmp_path / "data").mkdir()
+    path = str(tmp_path / "data" / "pairs.jsonl")
+    jpg = os.path.join(FIX, "images", "COCO_train2014_000000000001.jpg")
+    write_jsonl(path, [pair(0, image="COCO_train2014_000000000001.jpg"), pair(1, image=jpg)])
+    recs = data.load_pairs(path, os.path.join(FIX, "images"))
+    assert [r["image"] for r in recs] == [jpg, jpg]
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: image not found: .*data/COCO_train2014_000000000001\.jpg "
+                                         r"\(relative image paths resolve against the data file's folder; "
+                                         r"--image_root sets another\)"):
+        data.load_pairs(path)
+    with pytest.raises(ValueError, match=rf"pairs\.jsonl:1: image not found: .*resolve against --image_root "
+                                         rf"{tmp_path}"):
+        data.load_pairs(path, str(tmp_path))
+    os.symlink(os.path.join(FIX, "images"), tmp_path / "data" / "images")
+    write_jsonl(path, [pair(0), pair(1, image=jpg)])  # images/... beside the file, no --image_root
+    assert [r["image"] for r in data.load_pairs(path)] == [str(tmp_path / "data" / pair(0)["image"]), jpg]
+
+
+def test_vlfeedback_images_unzipped_beside_its_jsonl(tmp_path):
+    """VLFeedback's merged_images.zip unzipped beside vlfeedback_80k.jsonl gives merged_images/<id>.jpg
+    there (the dataset repo's VLFeedback.py reads that layout): found without --image_root."""
+    import shutil
+    shutil.copy(os.path.join(FIX, "vlfeedback", "vlfeedback_80k.jsonl"), tmp_path)
+    shutil.copytree(os.path.join(FIX, "images", "merged_images"), tmp_path / "merged_images")
+    recs = data.load_pairs(f"vlfeedback:{tmp_path}")
+    assert len(recs) == 2
+    assert recs[0]["image"] == os.path.join(str(tmp_path), "merged_images", "fixture-detail-0001.jpg")
+    shutil.rmtree(tmp_path / "merged_images")
+    with pytest.raises(ValueError, match=r"vlfeedback_80k\.jsonl: line 1: image not found: .*merged_images/"
+                                         r"fixture-detail-0001\.jpg \(.*--image_root"):
+        data.load_pairs(f"vlfeedback:{tmp_path}")
+
+
 def test_write_then_read_pairs(tmp_path):
     recs = world.world_pairs(world.World(0), 3)
     data.write_pairs(str(tmp_path / "p.jsonl"), recs)
@@ -482,6 +520,40 @@ def test_dpo_trains_saves_and_caches_reference(tmp_path):
     to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "run3"), "--cache_dir", cache, "--lr_projector", "0"])
     assert len(os.listdir(cache)) == 1  # read back, not recomputed
     same(run_metrics(os.path.join(out2, "metrics.jsonl")), run_metrics(str(tmp_path / "run3" / "metrics.jsonl")))
+
+
+def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(tmp_path, monkeypatch, capsys):
+    """Without --cache_dir the reference log-probs go to $MMALIGN_CACHE (printed at the start), never
+    the current directory; the bar shows each step's loss; the run closes with its steps, final loss
+    and reward accuracy, and where the checkpoint is."""
+    cache, cwd, out = tmp_path / "cache", tmp_path / "cwd", str(tmp_path / "run")
+    cwd.mkdir()
+    monkeypatch.setenv(M.CACHE_ENV, str(cache))
+    monkeypatch.chdir(cwd)
+    to.main(SMALL + ["--steps", "2", "--out_dir", out])
+    cap = capsys.readouterr()
+    assert f"cache: {cache} (--cache_dir, $MMALIGN_CACHE)" in cap.out
+    assert len([f for f in os.listdir(cache) if f.startswith("ref-")]) == 1 and os.listdir(cwd) == []
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    last, held = lines[-2], lines[-1]
+    assert f"loss={last['loss']:.4f}, acc={last['rewards/accuracies']:.2f}" in cap.err  # the bar's postfix
+    assert (f"done: 2 steps, final loss {last['loss']:.4f}, reward accuracy {100 * last['rewards/accuracies']:.1f}%, "
+            f"held-out reward accuracy {100 * held['eval/rewards/accuracies']:.1f}%; checkpoint in "
+            f"{os.path.join(out, 'checkpoint')}\n") in cap.out
+
+
+def test_cache_home(monkeypatch, tmp_path):
+    """$MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign (an absolute one), else ~/.cache/mmalign."""
+    assert os.environ[M.CACHE_ENV] == M.cache_home()  # conftest.py: the tests never write into the home
+    monkeypatch.setenv(M.CACHE_ENV, str(tmp_path / "c"))
+    assert M.cache_home() == str(tmp_path / "c")
+    monkeypatch.delenv(M.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert M.cache_home() == str(tmp_path / "xdg" / "mmalign")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for xdg in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert M.cache_home() == str(tmp_path / "home" / ".cache" / "mmalign")
 
 
 @pytest.mark.parametrize("loss", ["ipo", "slic", "rm", "rpo"])

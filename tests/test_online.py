@@ -221,6 +221,15 @@ def test_two_steps_of_every_algorithm(tmp_path, capsys, algo, extra):
     assert out.count("objective: ") == 1 and f"objective: {said}" in out and "no pairs held out" in out
     recs = run_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in recs] == [0, 1] and all(math.isfinite(r["loss"]) for r in recs)
+    # the shared cache folder printed at the start, each step's loss on the bar, a closing summary
+    cap, last = capsys.readouterr(), recs[-1]
+    assert f"cache: {os.environ['MMALIGN_CACHE']} " in cap.out and f"loss={last['loss']:.4f}" in cap.err
+    done = f"done: 2 steps, final loss {last['loss']:.4f}, "
+    if "rewards/accuracies" in last:
+        done += f"reward accuracy {100 * last['rewards/accuracies']:.1f}%"
+    else:
+        done += f"mean score {last['objective/scores']:.3f}"
+    assert done + f"; checkpoint in {tmp_path / 'checkpoint'}\n" in cap.out
     want = {"ppo": ["objective/scores", "objective/kl", "policy/clipfrac", "val/values"],
             "rloo": ["objective/scores", "objective/kl", "objective/rlhf_reward"],
             "online-bdhs": ["rewards/margins", "bdhs/attempts"], "mixed-dpo": ["online/offline_share"]}
