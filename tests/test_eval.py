@@ -599,7 +599,7 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
     said, head = cap.out.splitlines()[:2]
     found = os.path.join(ev.W.BASE_MODEL, "tokenizer_config.json")  # the world's template, printed per model
     assert said == f"world-base: chat template: llava (from {found})"
-        assert head == "| model | " + " | ".join(ev.TABLE2) + " |" and "| Rec_coco | CHAIR_s | CHAIR_i |" in head
+    assert head == "| model | " + " | ".join(ev.TABLE2) + " |" and "| Rec_coco | CHAIR_s | CHAIR_i |" in head
     row = cap.out.splitlines()[3].split(" | ")  # Object HalBench's CHAIR beside its recall
     assert row[-2:] == [f"{r['objhal_chair_s']:.1f}", f"{r['objhal_chair_i']:.1f} |"]
     assert all(f"{b}: " in cap.err for b in ("pope", "objhal", "mmhal", "llavaw", "mmvet"))  # progress bars
