@@ -217,12 +217,13 @@ def test_two_steps_of_every_algorithm(tmp_path, capsys, algo, extra):
             "rloo": "RLOO (KL β 0.4), 4 samples per prompt, annotator: rule"}[algo]
     if "--samples" in extra:
         said = "Online-DPO (DPO, β 0.5), 3 samples per prompt (best vs worst), annotator: rule"
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
     assert out.count("objective: ") == 1 and f"objective: {said}" in out and "no pairs held out" in out
     recs = run_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in recs] == [0, 1] and all(math.isfinite(r["loss"]) for r in recs)
     # the shared cache folder printed at the start, each step's loss on the bar, a closing summary
-    cap, last = capsys.readouterr(), recs[-1]
+    last = recs[-1]
     assert f"cache: {os.environ['MMALIGN_CACHE']} " in cap.out and f"loss={last['loss']:.4f}" in cap.err
     done = f"done: 2 steps, final loss {last['loss']:.4f}, "
     if "rewards/accuracies" in last:
