@@ -1,5 +1,6 @@
 """Offline alignment: the losses, preference data (native files, converters, the world's corruption set), packed pair
 scoring, and train_offline.py end to end (DDP equals one process, kill + resume equals an uninterrupted run)."""
+import dataclasses
 import json
 import math
 import os
@@ -269,6 +270,8 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
             run(flag, v)
     with pytest.raises(ValueError, match="--loss 'kto': expected one of dpo, ipo, slic, rm"):
         run("--loss", "kto")
+    with pytest.raises(ValueError, match=r"--dtype 'float16': expected float32 or bfloat16 .*loss scaling"):
+        run("--dtype", "float16")  # no GradScaler: small LoRA gradients would underflow
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match=r"--out_dir .*file/run: cannot write there"):
         to.main(["--out_dir", str(tmp_path / "file" / "run")])
@@ -532,6 +535,48 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys):
     same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)
     with pytest.raises(ValueError, match="different settings"):
         to.main(common + ["--out_dir", str(out), "--resume", "true", "--beta", "0.2"])
+
+
+def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_path):
+    """--dtype bfloat16: the frozen base in bf16, what trains and AdamW's moments in fp32, and the reference
+    pass under the policy's autocast, so that at step 0 policy and reference agree exactly."""
+    cache = str(tmp_path / "c")
+    # --batch_size 4 is cut in PARTS = 4 parts of one pair each: step 0's own batches are single pairs
+    args = SMALL + ["--batch_size", "4", "--dtype", "bfloat16", "--lr_projector", "0", "--cache_dir", cache]
+    cfg = to.config_from_argv(to.Config, args + ["--lr_projector", "1e-4", "--out_dir", str(tmp_path / "x")])
+    ranks = to.Ranks()
+    assert not torch.backends.cuda.matmul.allow_tf32  # TF32 on CUDA only: the CPU's fp32 stays exact
+    torch.manual_seed(0)
+    pm, _, opt = to.build_policy(cfg, ranks)
+    lm = pm.vlm.model.language_model
+    for frozen in (pm.vlm.model.vision_tower.embeddings.patch_embedding.weight, lm.embed_tokens.weight,
+                   lm.layers[0].self_attn.q_proj.weight, lm.norm.weight, pm.vlm.lm_head.weight):
+        assert frozen.dtype == torch.bfloat16 and not frozen.requires_grad
+    trained = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trained) and any("multi_modal_projector" in n for n in trained)
+    assert all(p.dtype == torch.float32 for p in trained.values()), {n: p.dtype for n, p in trained.items()}
+    items, train_idx, _ = to.load_pairs(cfg, pm.vlm, ranks)
+    batch = to.to(data.collate_pairs(pm.vlm, [items[i] for i in train_idx[:2]]), "cpu")
+    with to.autocast(cfg, "cpu"):
+        lp = pm(**batch)[0]
+    assert lp.dtype == torch.float32  # log-probs in fp32, from bf16 logits
+    lp.sum().backward()
+    opt.step()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    # the cache built in single pairs, step 0's own batches (above); then step 0 from it, and with lora_off
+    torch.manual_seed(0)
+    pm = to.build_policy(dataclasses.replace(cfg, lr_projector=0.0), ranks)[0]
+    ref = to.reference_logps(cfg, pm, items, 1, ranks)
+    for idx in to.by_length([train_idx[i] for i in to.batch_rows(len(train_idx), cfg, 0, 0, 4, ranks)], items):
+        batch = to.to(data.collate_pairs(pm.vlm, [items[i] for i in idx]), "cpu")
+        with to.autocast(cfg, "cpu"):
+            assert torch.equal(pm(**batch)[0].sum(-1), ref[idx])
+            assert (to.reference(pm, batch) - ref[idx]).abs().max() <= 1e-6  # --ref lora_off's reference
+    to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "cache")])
+    to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "off"), "--ref", "lora_off"])
+    got = run_metrics(str(tmp_path / "cache" / "metrics.jsonl"))[0]
+    assert got["rewards/chosen"] == got["rewards/rejected"] == got["rewards/accuracies"] == 0  # exactly: no c > r
+    same([got], run_metrics(str(tmp_path / "off" / "metrics.jsonl")), tol=1e-6)
 
 
 def test_grad_checkpointing_is_exact_and_bf16_runs(tmp_path):
