@@ -502,6 +502,42 @@ def test_two_ranks_equal_one(tmp_path):
         assert torch.allclose(p, q, atol=1e-5), n
 
 
+# rank 1 stands for a node that does not see some files: os.path.exists says no for the prefixes in $HIDE
+HIDE = """import os, runpy, sys
+hidden = os.environ["HIDE"].split(",")
+real = os.path.exists
+
+
+def exists(p):
+    return real(p) and not (os.environ["RANK"] == "1" and any(os.path.abspath(p).startswith(h) for h in hidden))
+
+
+os.path.exists = exists
+sys.path.insert(0, os.environ["ROOT"])
+sys.argv[0] = os.path.join(os.environ["ROOT"], "train_offline.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_rank_0_decides_what_is_on_disk(tmp_path, monkeypatch):
+    """Nodes that see different files: rank 0's view of the reference cache and of the training state decides for
+    every rank, and its reference tensor reaches the others; an out_dir a rank cannot see stops the run, saying
+    that it must be shared."""
+    (tmp_path / "hide.py").write_text(HIDE)
+    common = SMALL + ["--steps", "2", "--cache_dir", str(tmp_path / "c")]
+    to.main(common + ["--out_dir", str(tmp_path / "one")])  # writes the reference cache
+    monkeypatch.setenv("ROOT", ROOT)
+    monkeypatch.setenv("HIDE", f"{tmp_path / 'c'},{tmp_path / 'two' / 'state.pt'}")
+    run = dict(script=str(tmp_path / "hide.py"), timeout=180)  # the old code hangs: rank 1 alone recomputes
+    torchrun(2, common + ["--out_dir", str(tmp_path / "two")], **run)
+    same(run_metrics(str(tmp_path / "one" / "metrics.jsonl")), run_metrics(str(tmp_path / "two" / "metrics.jsonl")))
+    torchrun(2, common + ["--out_dir", str(tmp_path / "two"), "--resume", "true"], **run)  # complete: a no-op
+    monkeypatch.setenv("HIDE", str(tmp_path / "three" / ".shared-"))
+    with pytest.raises(AssertionError, match=r"rank 1 \(host .*\) cannot see: --out_dir must be a folder shared "
+                                             r"by every node"):
+        torchrun(2, common + ["--out_dir", str(tmp_path / "three")], **run)
+
+
 def kill_midway(script, args, out, at=2, timeout=120):
     """Runs a training script into `out` and SIGKILLs it once its saved training state reaches step `at`; -> the
     step of the state it left behind."""
