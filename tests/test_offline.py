@@ -538,6 +538,23 @@ def test_rank_0_decides_what_is_on_disk(tmp_path, monkeypatch):
         torchrun(2, common + ["--out_dir", str(tmp_path / "three")], **run)
 
 
+def test_rank_0_decides_whether_the_bdhs_pairs_exist(tmp_path, monkeypatch):
+    """BDHS pairs built on 2 ranks, then a run where rank 1 does not see them: it reads them, not rebuilds."""
+    (tmp_path / "hide.py").write_text(HIDE)
+    common = ["--data", "bdhs", "--pairs", "32", "--batch_size", "8", "--steps", "1", "--eval_n", "0",
+              "--cache_dir", str(tmp_path / "c")]
+    monkeypatch.setenv("ROOT", ROOT)
+    monkeypatch.setenv("HIDE", str(tmp_path / "nothing"))
+    run = dict(script=str(tmp_path / "hide.py"), timeout=180)
+    torchrun(2, common + ["--out_dir", str(tmp_path / "one")], **run)
+    parts = sorted((tmp_path / "c").glob("bdhs-*/pairs.jsonl.rank*"))
+    assert len(parts) == 6  # each rank's pairs, settings and .done
+    built = [p.stat().st_mtime_ns for p in parts]
+    monkeypatch.setenv("HIDE", str(tmp_path / "c" / "bdhs-"))
+    torchrun(2, common + ["--out_dir", str(tmp_path / "two")], **run)
+    assert [p.stat().st_mtime_ns for p in parts] == built
+
+
 def kill_midway(script, args, out, at=2, timeout=120):
     """Runs a training script into `out` and SIGKILLs it once its saved training state reaches step `at`; -> the
     step of the state it left behind."""
