@@ -244,8 +244,8 @@ class Projector(nn.Module):
         self.linear_2 = nn.Linear(Ct, Ct, bias=cfg.projector_bias)
         self.act = ACT[cfg.projector_act]
 
-    def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
+    def forward(self, x):  # x in the tower's dtype; the projector may train in fp32 beside a bf16 tower
+        return self.linear_2(self.act(self.linear_1(x.to(self.linear_1.weight.dtype))))
 
 # -----------------------------------------------------------------------------
 # The language model: Llama / Mistral / Qwen2 decoder with RMSNorm, RoPE (HF rotate_half convention) and GQA
@@ -396,20 +396,23 @@ def attention_mask_4d(key_mask, q_slots, sliding_window=None, segment=None):
 class LoRALinear(nn.Linear):
     """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with B = 0 at start so training begins at the base model."""
 
-    def __init__(self, base: nn.Linear, r, alpha, dropout):
+    def __init__(self, base: nn.Linear, r, alpha, dropout, dtype=torch.float32):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: frozen, checkpoint keys unchanged
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        # A and B in fp32 whatever the base's dtype, and so AdamW's moments: in bf16, an update at LR 1e-6
+        # would round away
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale, self.dropout, self.enabled = alpha / r, nn.Dropout(dropout), True
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.enabled:
-            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        if self.enabled:  # under autocast both go to its dtype; without, x joins the adapters' dtype and back
+            a = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
+            y = y + (F.linear(F.linear(self.dropout(a), self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         return y
 
     def merged_weight(self, dtype=None):
@@ -422,12 +425,13 @@ class LoRALinear(nn.Linear):
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def add_lora(vlm, r=128, alpha=256, dropout=0.0, targets=LORA_TARGETS):
-    """Wraps the LLM's linears in LoRA adapters, their base weights frozen; other parameters keep requires_grad."""
+def add_lora(vlm, r=128, alpha=256, dropout=0.0, targets=LORA_TARGETS, dtype=torch.float32):
+    """Wraps the LLM's linears in LoRA adapters (in `dtype`), their base weights frozen; other parameters keep
+    requires_grad."""
     for mod in list(vlm.model.language_model.modules()):
         for name, child in list(mod.named_children()):
             if name in targets and type(child) is nn.Linear:
-                setattr(mod, name, LoRALinear(child, r, alpha, dropout))
+                setattr(mod, name, LoRALinear(child, r, alpha, dropout, dtype))
                 child.requires_grad_(False)
     return vlm
 

@@ -25,8 +25,10 @@ import json
 import math
 import os
 import pickle
+import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,7 +77,8 @@ class Config:
                                                  # the adapters off, every step
     cache_dir: str = ""          # reference log-probs, BDHS pairs, base reports, shared by runs; "":
                                  # $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign
-    dtype: Literal[M.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
+    dtype: Literal[M.DTYPES] = "float32"  # the frozen base stored in it and the autocast dtype; what
+                                          # trains, AdamW's moments and log-probs stay fp32 (float16: refused)
     grad_ckpt: bool = False      # recompute each decoder layer in the backward pass
     fsdp: bool = False           # shard parameters, gradients and optimizer state (FSDP2); else DDP
     save_every: int = 50         # steps between checkpoints; the last step always saves
@@ -106,7 +109,7 @@ def main(argv=None):
         del model  # DDP's reducer goes before its process group
         return ranks.end()
     log = Metrics(cfg, start, ranks)
-    amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
+    amp = autocast(cfg, device)
     ranks.print(f"{steps} steps of {cfg.batch_size} pairs ({B} per micro-step per rank, {cfg.grad_accum} "
                 f"micro-steps, {ranks.W} ranks)" + (f", resuming at step {start}" if start else ""))
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.loss)
@@ -173,6 +176,11 @@ def counts(batch):
     return (batch["targets"] != -100).sum(-1)  # (B, K) tokens per response
 
 
+def autocast(cfg, device):
+    """--dtype's one autocast context, for the policy's forwards and the reference's alike (off in fp32)."""
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
+
+
 @torch.no_grad()
 def reference(pm: PairModel, batch):
     """The reference's (B, K) log-probs: the same weights with the adapters switched off."""
@@ -226,8 +234,9 @@ def evaluate_pairs(cfg: Config, pm, items, val_idx, B, ref, ranks):
         idx = mine[k * B:(k + 1) * B]
         rows = idx or val_idx[:1]  # a rank with nothing left runs a forward for the others ...
         batch = to(data.collate_pairs(pm.vlm, [items[i] for i in rows]), ranks.device)
-        lp, scores = pm(**batch)
-        loss, c, r = pair_loss(cfg, pm, batch, lp, scores, ref, rows)
+        with autocast(cfg, ranks.device):  # as in training: a bf16 base runs under autocast only
+            lp, scores = pm(**batch)
+            loss, c, r = pair_loss(cfg, pm, batch, lp, scores, ref, rows)
         if idx:  # ... and counts nothing
             accumulate(sums, pair_stats(loss, c, r, lp))
     pm.train()
@@ -271,7 +280,7 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")
     ranks.print(f"BDHS pairs: {bc.out}")
     parts = [bc.out] if ranks.W == 1 else [f"{bc.out}.rank{r}" for r in range(ranks.W)]
-    if not all(os.path.exists(p + ".done") for p in parts):
+    if not ranks.broadcast(all(os.path.exists(p + ".done") for p in parts)):  # rank 0's view decides
         with M.lora_disabled(vlm):  # the identity anyway: skip the adapters' matmuls while sampling
             bdhs.build_pairs(bc, vlm, rank=ranks.rank, world_size=ranks.W, log=ranks.print)
         open(parts[ranks.rank] + ".done", "w").close()
@@ -281,7 +290,8 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
 
 def fingerprint(cfg: Config, items):
     """The reference cache's key: the model's files and dtype, each pair's tokens and images."""
-    h = hashlib.sha256((M.folder_hash(cfg.model) + cfg.dtype).encode())
+    # "/amp": not the key of an older bf16 cache, whose reference ran outside autocast; fp32 keys unchanged
+    h = hashlib.sha256((M.folder_hash(cfg.model) + cfg.dtype + ("/amp" if cfg.dtype != "float32" else "")).encode())
     for it in items:
         h.update(json.dumps([it["prompt"], it["responses"]]).encode())
         im = it["image"]
@@ -295,26 +305,29 @@ def fingerprint(cfg: Config, items):
 
 @torch.no_grad()
 def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
-    """(N, K) reference log-probs of every response: the starting policy's, computed once."""
+    """(N, K) reference log-probs of every response: the starting policy's, computed once, packed and
+    under autocast as the policy's are. Rank 0 alone reads and writes the file; the others get its tensor."""
     path = os.path.join(cfg.cache_dir, f"ref-{fingerprint(cfg, items)}.pt")
-    if not os.path.exists(path):
-        N, out = len(items), {}
-        mine = sorted(range(ranks.rank, N, ranks.W), key=lambda j: length(items[j]))  # batches of like lengths
-        mine += mine[:1] * (math.ceil(N / ranks.W) - len(mine))  # the same batch count on every rank (FSDP)
-        pm.eval()
-        for i in tqdm(range(0, len(mine), B), desc="reference log-probs", disable=ranks.rank != 0):
-            idx = mine[i:i + B]
-            out.update(zip(idx, pm(**to(data.collate_pairs(pm.vlm, [items[j] for j in idx]), ranks.device))[0]
-                           .sum(-1).cpu()))
-        pm.train()
-        out = ranks.gather_dict(out)
-        if ranks.rank == 0:
-            os.makedirs(cfg.cache_dir, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"  # runs side by side may write the same key
-            torch.save(torch.stack([out[j] for j in range(N)]), tmp)
-            os.replace(tmp, path)
-        ranks.barrier()
-    return torch.load(path, weights_only=True)
+    if ranks.broadcast(os.path.exists(path)):  # rank 0's view decides: a node may not see the file
+        return ranks.broadcast(torch.load(path, weights_only=True) if ranks.rank == 0 else None)
+    N, out = len(items), {}
+    mine = sorted(range(ranks.rank, N, ranks.W), key=lambda j: length(items[j]))  # batches of like lengths
+    mine += mine[:1] * (math.ceil(N / ranks.W) - len(mine))  # the same batch count on every rank (FSDP)
+    pm.eval()
+    for i in tqdm(range(0, len(mine), B), desc="reference log-probs", disable=ranks.rank != 0):
+        idx = mine[i:i + B]
+        with autocast(cfg, ranks.device):  # the policy's dtype: at step 0 policy and reference agree
+            lp = pm(**to(data.collate_pairs(pm.vlm, [items[j] for j in idx]), ranks.device))[0]
+        out.update(zip(idx, lp.sum(-1).cpu()))
+    pm.train()
+    out = ranks.gather_dict(out)
+    ref = torch.stack([out[j] for j in range(N)])
+    if ranks.rank == 0:
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"  # runs side by side may write the same key
+        torch.save(ref, tmp)
+        os.replace(tmp, path)
+    return ref
 
 
 PARTS = 4  # on the world, 1.6x faster steps than one padded batch (2: 1.5x, 8: 1.5x)
@@ -340,7 +353,7 @@ def to(batch, device):
 
 def build_policy(cfg, ranks, head=None):
     """-> (PairModel, the wrapped model to train, AdamW over the adapters, projector and head)."""
-    vlm = VLM.from_pretrained(cfg.model, template=cfg.template)
+    vlm = VLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), template=cfg.template)  # bf16: the frozen base's half
     ranks.print(M.template_line(vlm))
     vlm.requires_grad_(False)
     if cfg.lora_r:
@@ -349,7 +362,14 @@ def build_policy(cfg, ranks, head=None):
         vlm.model.language_model.requires_grad_(True), vlm.lm_head.requires_grad_(head is None)
     vlm.model.multi_modal_projector.requires_grad_(cfg.lr_projector > 0)
     vlm.model.language_model.checkpointing = cfg.grad_ckpt
-    pm = PairModel(vlm, head).to(ranks.device)
+    pm = PairModel(vlm, head)
+    # What trains is fp32, and so are its AdamW moments (the adapters and heads already are): a bf16
+    # weight would round an update at LR 1e-6 away. From a bf16 load it starts at the bf16 value, which
+    # is the reference's weight too.
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    pm = pm.to(ranks.device)
     model = pm
     if ranks.W > 1 and cfg.fsdp:  # FSDP2: each decoder layer its own unit, the rest the root's
         from torch.distributed.fsdp import fully_shard
@@ -550,10 +570,20 @@ class Ranks:
 
     def __init__(self):
         self.W = int(os.environ.get("WORLD_SIZE", 1))
+        cuda = torch.cuda.is_available()
+        self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+        if cuda:
+            # before any collective: FSDP2's shards and all_gather_object's staging go to the current
+            # device, which is otherwise cuda:0 on every rank
+            torch.cuda.set_device(self.device)
+            # TF32 for the fp32 matmuls left on the GPU; the CPU's fp32 stays exact
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if self.W > 1:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            device_id = torch.device(self.device) if cuda else None  # NCCL: bound to this rank's GPU
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device_id)
         self.rank = dist.get_rank() if self.W > 1 else 0
-        self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.host = socket.gethostname()
 
     def print(self, *a, **k):
         if self.rank == 0:
@@ -575,6 +605,36 @@ class Ranks:
         for p in parts:
             accumulate(out, p)
         return out
+
+    def broadcast(self, obj):
+        """Rank 0's obj on every rank: what rank 0 sees on disk decides for all (nodes' disks may differ)."""
+        if self.W == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def check_shared(self, folder, flag):
+        """Rank 0 writes a token into `folder`; a rank that does not see it stops every rank, naming `flag`."""
+        if self.W == 1:
+            return
+        token = os.path.join(folder, f".shared-{self.broadcast(uuid.uuid4().hex)}")
+        if self.rank == 0:
+            open(token, "w").close()
+        self.barrier()
+        seen = os.path.exists(token)
+        for _ in range(10):  # a network filesystem may show a new file a little later
+            if seen:
+                break
+            time.sleep(0.5)
+            seen = os.path.exists(token)
+        blind = sorted(self.gather_dict({self.rank: self.host} if not seen else {}).items())
+        if self.rank == 0:
+            os.remove(token)
+        if blind:
+            raise OSError(f"{flag} {folder}: rank 0 (host {self.host}) wrote a file there that "
+                          f"{', '.join(f'rank {r} (host {h})' for r, h in blind)} cannot see: {flag} must be a "
+                          f"folder shared by every node (a shared filesystem), not a path on each node's own disk")
 
     def gather_dict(self, d):
         if self.W == 1:
@@ -611,17 +671,26 @@ def setup(cfg):
         raise M.UserError("--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
                          "gives back the reference model only if nothing else trains")
     M.check_template(cfg.template)
+    if cfg.dtype not in ("float32", "bfloat16"):  # float16 would need a GradScaler: small LoRA gradients underflow
+        raise M.UserError(f"--dtype {cfg.dtype!r}: expected float32 or bfloat16 (float16 is not supported: its "
+                          f"gradients would underflow without loss scaling; bfloat16 has float32's range)")
     state = os.path.join(cfg.out_dir, "state.pt")
-    if not cfg.resume and not cfg.overwrite and os.path.exists(state):
+    has_state = ranks.broadcast(os.path.exists(state))  # rank 0's view decides for all
+    if not cfg.resume and not cfg.overwrite and has_state:
         raise M.UserError(f"--out_dir {cfg.out_dir} already holds a run ({state}): pass --resume true to continue "
                          f"it, --overwrite true to replace it, or another --out_dir")
-    probe = os.path.join(cfg.out_dir, f".write-test{os.getpid()}")
+    # the host and rank in the name: processes of two nodes may share a pid
+    probe = os.path.join(cfg.out_dir, f".write-test-{ranks.host}-{ranks.rank}-{os.getpid()}")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise M.UserFileError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
+    ranks.check_shared(cfg.out_dir, "--out_dir")  # rank 0 writes the checkpoint, every rank resumes from it
+    if cfg.data in ("bdhs", "bdhs+world"):  # each rank writes its share of the pairs, and reads them all
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+        ranks.check_shared(cfg.cache_dir, "--cache_dir")
     if ranks.rank == 0:
         M.recover_checkpoint(os.path.join(cfg.out_dir, "checkpoint"))
     return ranks

@@ -204,6 +204,27 @@ def test_lora_off_merge_and_save(pair, tmp_path):
         assert torch.allclose(M.merge_lora(vlm)(*args), tuned, atol=1e-5)
 
 
+def test_a_bf16_base_with_fp32_adapters_and_projector(pair):
+    """The training layout of --dtype bfloat16: the base in bf16, what trains in fp32. It runs with and without
+    autocast (sampling runs without), and both give the same logits up to bf16 rounding."""
+    _, proc, _, path = pair
+    _, inp = hf_inputs(proc, n=2)
+    vlm = VLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    M.add_lora(vlm, r=4, alpha=8)
+    vlm.model.multi_modal_projector.float()
+    assert {p.dtype for n, p in vlm.named_parameters() if "lora_" in n} == {torch.float32}
+    args = (inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"), inp["attention_mask"])
+    with torch.no_grad():
+        for n, p in vlm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        plain = vlm(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = vlm(*args)
+    assert plain.dtype == amp.dtype == torch.bfloat16
+    assert (plain.float() - amp.float()).abs().max() < 0.1 * amp.float().abs().max()
+
+
 def test_missing_or_misshapen_tensor_is_named(pair, tmp_path):
     from safetensors.torch import load_file, save_file
     _, _, _, path = pair

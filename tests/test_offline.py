@@ -1,5 +1,6 @@
 """Offline alignment: the losses, preference data (native files, converters, the world's corruption set), packed pair
 scoring, and train_offline.py end to end (DDP equals one process, kill + resume equals an uninterrupted run)."""
+import dataclasses
 import json
 import math
 import os
@@ -300,6 +301,8 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
         run("--data", "povid:/nowhere")
     with pytest.raises(UserError, match=r"unrecognized arguments: --lora_rank"):
         run("--lora_rank", "4")
+    with pytest.raises(UserError, match=r"--dtype 'float16': expected float32 or bfloat16 .*loss scaling"):
+        run("--dtype", "float16")  # no GradScaler: small LoRA gradients would underflow
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match=r"--out_dir .*file/run: cannot write there"):
         to.main(["--out_dir", str(tmp_path / "file" / "run")])
@@ -606,6 +609,59 @@ def test_two_ranks_equal_one(tmp_path):
         assert torch.allclose(p, q, atol=1e-5), n
 
 
+# rank 1 stands for a node that does not see some files: os.path.exists says no for the prefixes in $HIDE
+HIDE = """import os, runpy, sys
+hidden = os.environ["HIDE"].split(",")
+real = os.path.exists
+
+
+def exists(p):
+    return real(p) and not (os.environ["RANK"] == "1" and any(os.path.abspath(p).startswith(h) for h in hidden))
+
+
+os.path.exists = exists
+sys.path.insert(0, os.environ["ROOT"])
+sys.argv[0] = os.path.join(os.environ["ROOT"], "train_offline.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_rank_0_decides_what_is_on_disk(tmp_path, monkeypatch):
+    """Nodes that see different files: rank 0's view of the reference cache and of the training state decides for
+    every rank, and its reference tensor reaches the others; an out_dir a rank cannot see stops the run, saying
+    that it must be shared."""
+    (tmp_path / "hide.py").write_text(HIDE)
+    common = SMALL + ["--steps", "2", "--cache_dir", str(tmp_path / "c")]
+    to.main(common + ["--out_dir", str(tmp_path / "one")])  # writes the reference cache
+    monkeypatch.setenv("ROOT", ROOT)
+    monkeypatch.setenv("HIDE", f"{tmp_path / 'c'},{tmp_path / 'two' / 'state.pt'}")
+    run = dict(script=str(tmp_path / "hide.py"), timeout=180)  # the old code hangs: rank 1 alone recomputes
+    torchrun(2, common + ["--out_dir", str(tmp_path / "two")], **run)
+    same(run_metrics(str(tmp_path / "one" / "metrics.jsonl")), run_metrics(str(tmp_path / "two" / "metrics.jsonl")))
+    torchrun(2, common + ["--out_dir", str(tmp_path / "two"), "--resume", "true"], **run)  # complete: a no-op
+    monkeypatch.setenv("HIDE", str(tmp_path / "three" / ".shared-"))
+    with pytest.raises(AssertionError, match=r"rank 1 \(host .*\) cannot see: --out_dir must be a folder shared "
+                                             r"by every node"):
+        torchrun(2, common + ["--out_dir", str(tmp_path / "three")], **run)
+
+
+def test_rank_0_decides_whether_the_bdhs_pairs_exist(tmp_path, monkeypatch):
+    """BDHS pairs built on 2 ranks, then a run where rank 1 does not see them: it reads them, not rebuilds."""
+    (tmp_path / "hide.py").write_text(HIDE)
+    common = ["--data", "bdhs", "--pairs", "32", "--batch_size", "8", "--steps", "1", "--eval_n", "0",
+              "--cache_dir", str(tmp_path / "c")]
+    monkeypatch.setenv("ROOT", ROOT)
+    monkeypatch.setenv("HIDE", str(tmp_path / "nothing"))
+    run = dict(script=str(tmp_path / "hide.py"), timeout=180)
+    torchrun(2, common + ["--out_dir", str(tmp_path / "one")], **run)
+    parts = sorted((tmp_path / "c").glob("bdhs-*/pairs.jsonl.rank*"))
+    assert len(parts) == 6  # each rank's pairs, settings and .done
+    built = [p.stat().st_mtime_ns for p in parts]
+    monkeypatch.setenv("HIDE", str(tmp_path / "c" / "bdhs-"))
+    torchrun(2, common + ["--out_dir", str(tmp_path / "two")], **run)
+    assert [p.stat().st_mtime_ns for p in parts] == built
+
+
 def kill_midway(script, args, out, at=2, timeout=120):
     """Runs a training script into `out` and SIGKILLs it once its saved training state reaches step `at`; -> the
     step of the state it left behind."""
@@ -639,6 +695,48 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys):
     same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)
     with pytest.raises(UserError, match=r"other settings: --beta 0.2 \(the run's: 1.0\)"):
         to.main(common + ["--out_dir", str(out), "--resume", "true", "--beta", "0.2"])
+
+
+def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_path):
+    """--dtype bfloat16: the frozen base in bf16, what trains and AdamW's moments in fp32, and the reference
+    pass under the policy's autocast, so that at step 0 policy and reference agree exactly."""
+    cache = str(tmp_path / "c")
+    # --batch_size 4 is cut in PARTS = 4 parts of one pair each: step 0's own batches are single pairs
+    args = SMALL + ["--batch_size", "4", "--dtype", "bfloat16", "--lr_projector", "0", "--cache_dir", cache]
+    cfg = to.config_from_argv(to.Config, args + ["--lr_projector", "1e-4", "--out_dir", str(tmp_path / "x")])
+    ranks = to.Ranks()
+    assert not torch.backends.cuda.matmul.allow_tf32  # TF32 on CUDA only: the CPU's fp32 stays exact
+    torch.manual_seed(0)
+    pm, _, opt = to.build_policy(cfg, ranks)
+    lm = pm.vlm.model.language_model
+    for frozen in (pm.vlm.model.vision_tower.embeddings.patch_embedding.weight, lm.embed_tokens.weight,
+                   lm.layers[0].self_attn.q_proj.weight, lm.norm.weight, pm.vlm.lm_head.weight):
+        assert frozen.dtype == torch.bfloat16 and not frozen.requires_grad
+    trained = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trained) and any("multi_modal_projector" in n for n in trained)
+    assert all(p.dtype == torch.float32 for p in trained.values()), {n: p.dtype for n, p in trained.items()}
+    items, train_idx, _ = to.load_pairs(cfg, pm.vlm, ranks)
+    batch = to.to(data.collate_pairs(pm.vlm, [items[i] for i in train_idx[:2]]), "cpu")
+    with to.autocast(cfg, "cpu"):
+        lp = pm(**batch)[0]
+    assert lp.dtype == torch.float32  # log-probs in fp32, from bf16 logits
+    lp.sum().backward()
+    opt.step()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    # the cache built in single pairs, step 0's own batches (above); then step 0 from it, and with lora_off
+    torch.manual_seed(0)
+    pm = to.build_policy(dataclasses.replace(cfg, lr_projector=0.0), ranks)[0]
+    ref = to.reference_logps(cfg, pm, items, 1, ranks)
+    for idx in to.by_length([train_idx[i] for i in to.batch_rows(len(train_idx), cfg, 0, 0, 4, ranks)], items):
+        batch = to.to(data.collate_pairs(pm.vlm, [items[i] for i in idx]), "cpu")
+        with to.autocast(cfg, "cpu"):
+            assert torch.equal(pm(**batch)[0].sum(-1), ref[idx])
+            assert (to.reference(pm, batch) - ref[idx]).abs().max() <= 1e-6  # --ref lora_off's reference
+    to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "cache")])
+    to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "off"), "--ref", "lora_off"])
+    got = run_metrics(str(tmp_path / "cache" / "metrics.jsonl"))[0]
+    assert got["rewards/chosen"] == got["rewards/rejected"] == got["rewards/accuracies"] == 0  # exactly: no c > r
+    same([got], run_metrics(str(tmp_path / "off" / "metrics.jsonl")), tol=1e-6)
 
 
 def test_grad_checkpointing_is_exact_and_bf16_runs(tmp_path):
