@@ -434,9 +434,14 @@ def resumable_config(cls, argv=None, doc=None):
     if not cfg.resume:
         return cfg
     state = os.path.join(cfg.out_dir, "state.pt")
-    if not os.path.exists(state):
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0 and not os.path.exists(state):  # rank 0 decides: there is no process group yet to ask it
         raise M.UserFileError(f"--resume: no training state at {state}")
-    saved = load_state(state, mmap=True)["config"]  # the weights stay unread
+    try:
+        saved = load_state(state, mmap=True)["config"]  # the weights stay unread
+    except FileNotFoundError:  # rank 0 found it: this node does not share out_dir
+        raise M.UserFileError(f"--resume: rank {rank} cannot read {state}, which rank 0 sees: --out_dir must "
+                              f"be a folder shared by every node") from None
     if changed := [k for k, v in given.items() if k in saved and k not in VOLATILE and saved[k] != v]:
         raise M.UserError(f"--resume: {state} was written with other settings: " + ", ".join(
             f"--{k} {given[k]} (the run's: {saved[k]})" for k in changed))
