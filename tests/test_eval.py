@@ -78,15 +78,15 @@ def test_pope_where_the_reference_script_crashes():
 def test_short_answer_prompt_is_the_default(monkeypatch):
     """POPE, TextVQA and GQA questions end with LLaVA's short-answer suffix, or go bare."""
     asked = []
-    monkeypatch.setattr(ev, "answer", lambda vlm, ims, qs, *a: asked.extend(qs) or ["y"] * len(qs))
+    monkeypatch.setattr(ev, "answer", lambda vlm, ims, qs, *a, **k: asked.extend(qs) or ["y"] * len(qs))
     ev.evaluate_bench(None, ["pope", "textvqa", "gqa"], FIX)
     assert len(asked) == 10 and all(q.endswith(ev.SHORT) and q.count("?") == 1 for q in asked)
     asked.clear()
     ev.evaluate_bench(None, ["pope", "textvqa", "gqa"], FIX, short_prompt=False)
     assert len(asked) == 10 and not any(ev.SHORT in q for q in asked) and asked[0].endswith("?")
     asked.clear()
-    stub = types.SimpleNamespace(eval=lambda: None)
-    monkeypatch.setattr(ev.VLM, "from_pretrained", lambda path: stub)
+    stub = types.SimpleNamespace(eval=lambda: stub, template="llava", template_source="a stub")
+    monkeypatch.setattr(ev.VLM, "from_pretrained", lambda path, **kw: stub)
     ev.main(["--bench", "pope", "--bench_dir", FIX, "--short_prompt", "false"])  # the switch
     assert len(asked) == 6 and not any(ev.SHORT in q for q in asked)
 

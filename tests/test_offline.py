@@ -703,7 +703,7 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
     cache = str(tmp_path / "c")
     # --batch_size 4 is cut in PARTS = 4 parts of one pair each: step 0's own batches are single pairs
     args = SMALL + ["--batch_size", "4", "--dtype", "bfloat16", "--lr_projector", "0", "--cache_dir", cache]
-    cfg = to.config_from_argv(to.Config, args + ["--lr_projector", "1e-4", "--out_dir", str(tmp_path / "x")])
+    cfg = M.config_from_argv(to.Config, args + ["--lr_projector", "1e-4", "--out_dir", str(tmp_path / "x")])
     ranks = to.Ranks()
     assert not torch.backends.cuda.matmul.allow_tf32  # TF32 on CUDA only: the CPU's fp32 stays exact
     torch.manual_seed(0)

@@ -269,7 +269,7 @@ def test_detail_and_informativeness_by_hand(monkeypatch):
                 "There are two objects. A blue cup is at the top left. A red saucer is in the center."
                 if q.startswith("Describe") else "I cannot tell." if q.startswith("What color") else
                 "There are two objects." if q.startswith("How many") else "It is at the top left.")
-    monkeypatch.setattr(ev, "answer", lambda vlm, ims, qs, n, b: [reply(q) for q in qs])
+    monkeypatch.setattr(ev, "answer", lambda vlm, ims, qs, *a: [reply(q) for q in qs])
     res = ev.evaluate_world(None, W.World(0), "broken", 1)
     assert res["detail"] == 50.0 and res["recall"] == 100.0 and res["chair_i"] == 0.0  # the saucer's colour is wrong
     assert res["count_acc"] == 100.0 and res["informative"] == pytest.approx(200 / 3)  # no colour given
