@@ -33,7 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from model import CACHE_ENV, UserError, cache_home, config_from_argv, folder_hash, run_main, source_bytes
+from model import (CACHE_ENV, UserError, cache_home, config_from_argv, folder_hash, run_main,
+                   source_bytes)
 
 DEV, TEST = [0, 1, 2], [3, 4, 5]
 PY = sys.executable

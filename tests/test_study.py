@@ -1,7 +1,7 @@
 """study.py: the paired t-interval and its calls on fixed numbers, the run folder keyed by commands and code,
 failed runs counted and shown, the shortcut row evaluated by its own report."""
 import json
-import os
+import pathlib
 import shlex
 
 import pytest
@@ -57,7 +57,7 @@ def test_failed_runs_are_counted_and_shown(tmp_path, capsys):
     assert study.run_row(cfg, "main", "broken row", fail, 3, 0) is None
     out = study.run_dir(cfg, "main", fail, 3, 0)
     assert out in study.FAILED and "failed: main / broken row / seed 3" in capsys.readouterr().out
-    assert "$ python -c" in open(os.path.join(out, "log.txt")).read()
+    assert "$ python -c" in pathlib.Path(out, "log.txt").read_text()
     ok = dict(chair_i=1.0, recall=90.0, minutes=1.0)
     md = study.markdown("main", {"base": [ok, ok], "broken row": [ok, None]}, [3, 4])
     assert "1 failed" in md and "| broken row | 1.0 |" in md and "| 1/2 |" in md and "| 2/2 |" in md
