@@ -139,9 +139,32 @@ def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=
     return res
 
 
+def evaluate_twins(vlm, world, split="broken", n=500, batch_size=256):
+    """The twin test (world.twin_probes) on the first n scenes of a split, as "twin/" keys: each
+    scene (missing a usual partner) and its twin (the partner added) asked the same two held-out
+    questions. A model that looks raises grounding = P(yes | twin) - P(yes | broken); one that
+    learned "a usual partner is absent" moves both rates together (grounding about 0)."""
+    pairs, skipped = W.twin_probes(world, split, n)
+    images = [W.render(s) for p in pairs for s in p[:2]]  # scene, its twin, the next scene, ...
+
+    def twice(k):  # field k of each pair, once for the scene and once for its twin
+        return [p[k] for p in pairs for _ in range(2)]
+
+    said = answer(vlm, images, twice(4), 3, batch_size, "twin exist")  # 3 tokens, as POPE's probes
+    told = answer(vlm, images, twice(3), 96, batch_size, "twin describe")
+    yes = [yes_no(t) for t in said]
+    named = [c in W.mentioned(t) for t, c in zip(told, twice(2))]
+    res = {"twin/yes_twin": 100 * mean(yes[1::2]), "twin/no_broken": 100 * mean([not y for y in yes[0::2]]),
+           "twin/mention_twin": 100 * mean(named[1::2]), "twin/mention_broken": 100 * mean(named[0::2])}
+    res["twin/grounding"] = res["twin/yes_twin"] - (100 - res["twin/no_broken"])
+    res["twin/mention_grounding"] = res["twin/mention_twin"] - res["twin/mention_broken"]
+    return res | {"twin/pairs": len(pairs), "twin/skipped": skipped}  # counts: ints
+
+
 def world_report(vlm, seed=0, half="", n=500, batch_size=256):
     """One flat dict: the broken split in the train phrasings (plain keys) and the held-out ones
-    ("hq/"), ordinary scenes ("ord/"); with `half`, the broken split of each half ("a/", "b/")."""
+    ("hq/"), ordinary scenes ("ord/"), the twin test ("twin/"); with `half`, the broken split of
+    each half ("a/", "b/")."""
     def ev_(prefix, w, split, heldout=False):
         res = evaluate_world(vlm, w, split, n, heldout, batch_size)
         return {prefix + k: v for k, v in res.items() if isinstance(v, float)} | \
@@ -149,7 +172,8 @@ def world_report(vlm, seed=0, half="", n=500, batch_size=256):
     if half:
         return {k: v for h in "ab" for k, v in ev_(f"{h}/", W.World(seed, half=h), "broken").items()}
     w = W.World(seed)
-    return ev_("", w, "broken") | ev_("hq/", w, "broken", True) | ev_("ord/", w, "heldout")
+    return ev_("", w, "broken") | ev_("hq/", w, "broken", True) | ev_("ord/", w, "heldout") | \
+        evaluate_twins(vlm, w, "broken", n, batch_size)
 
 
 KEYS = ["pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s", "recall",
@@ -844,7 +868,8 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
 
 @dataclass
 class Config:
-    model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL
+    model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL;
+                           # `shortcut`: the no-training shortcut baseline (shortcut.py)
     template: str = ""     # chat template: vicuna | llava | mistral | chatml; "": each model's own
     data: str = "world"    # world: the world's report (other data: through --bench)
     world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
@@ -870,6 +895,16 @@ class Config:
     official: bool = False  # the published judge prompts and synonym list, not ours (OFFICIAL)
     BOUNDS = dict(n=">= 1", batch_size=">= 1", limit=">= 0", max_new_tokens=">= 1", judge_retries=">= 0",
                   judge_timeout="> 0")
+
+
+def load_model(path, template=""):
+    """A checkpoint, or `shortcut[:base]`: shortcut.py's no-training baseline over a base model
+    (the shipped one by default), which the world report evaluates as a model."""
+    if path == "shortcut" or path.startswith("shortcut:"):
+        import shortcut  # a baseline of the world's, not a model the benchmarks need
+        base = path.removeprefix("shortcut").removeprefix(":") or W.BASE_MODEL
+        return shortcut.Shortcut(VLM.from_pretrained(base, template=template)).eval()
+    return VLM.from_pretrained(path, template=template).eval()
 
 
 def main(argv=None):
@@ -903,7 +938,7 @@ def main(argv=None):
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
-        vlm = VLM.from_pretrained(path, template=cfg.template).eval()
+        vlm = load_model(path, cfg.template)
         print(f"{name}: {template_line(vlm)}")
         if names:
             mine = []

@@ -479,6 +479,43 @@ def probes(world: World, split, n, heldout=False):
     return scenes, items
 
 
+def twin(scene: Scene, rng):
+    """-> (twin, partner): the scene with one of its absent usual partners (rng's pick) added in a
+    free cell, every other object, the background and the noise kept, so the two images differ by
+    that glyph only; twin is None where no free cell puts the new layout in an evaluation bucket
+    (a layout's bucket is its hash: a twin must never be a scene that training could have seen),
+    or where every usual partner is there already (partner None; never in the broken split)."""
+    if not scene.lone():
+        return None, None
+    c = rng.choice(scene.lone())
+    free = [k for k in range(9) if k not in {o.cell for o in scene.objects}]
+    cells = [k for k in free if Scene(scene.objects + [Obj(c, "", k, 0, 0, 0)]).bucket() in EVAL_BUCKETS]
+    if not cells:
+        return None, c
+    cell = rng.choice(cells)
+    color = rng.choice(list(COLORS))  # uniform, as the broken split's colours: no colour cue
+    x = (cell % 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)  # jittered as sample_scene's glyphs
+    y = (cell // 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)
+    new = Obj(c, color, cell, rng.randint(22, 28), x, y)
+    return replace(scene, objects=sorted(scene.objects + [new], key=lambda o: o.cell)), c
+
+
+def twin_probes(world: World, split, n):
+    """The twin test of the first n scenes of a split -> (pairs, skipped): per scene that has a twin,
+    (scene, twin, partner, description question, existence question about the partner), the two
+    questions in held-out phrasings and the same for both scenes; skipped: scenes with no twin."""
+    phrasing = random.Random(f"twin-phrasing-{world.seed}-{split}")
+    pairs, skipped = [], 0
+    for i in range(n):
+        s = world.scene(split, i)
+        t, c = twin(s, random.Random(f"twin-{world.seed}-{split}-{i}"))
+        if t is None:
+            skipped += 1
+            continue
+        pairs.append((s, t, c, ask("describe", None, phrasing, True), ask("exist", c, phrasing, True)))
+    return pairs, skipped
+
+
 # -----------------------------------------------------------------------------
 # The base model: a scratch architecture, a pretrained tower and three SFT phases (`--build_base`)
 

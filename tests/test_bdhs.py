@@ -356,7 +356,7 @@ def test_avg_dpo_is_asked_for(tmp_path, capsys):
     assert len(plain) == 4 and all("rejected2" not in r for r in plain)
     assert any(r["rejected"] != corrupt[r["id"]] for r in plain)  # BDHS's, not the world's corruption
     for row in ("corruption set + BDHS_noise (Avg-DPO)", "corruption set + BDHS_attn (Avg-DPO)"):
-        make, train = (shlex.split(c.format(seed=0, out=str(tmp_path / "row"))) for c in study.TABLES["table6"][row])
+        make, train = (shlex.split(c.format(seed=0, train=0, out=str(tmp_path / "row"))) for c in study.TABLES["table6"][row])
         bdhs.main(make[1:] + small)
         assert "rejected kept, BDHS's as rejected2 (Avg-DPO)" in capsys.readouterr().out
         recs = data.read_pairs(str(tmp_path / "row" / "pairs.jsonl"))
