@@ -869,7 +869,7 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
 @dataclass
 class Config:
     model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL;
-                           # `shortcut`: the no-training shortcut baseline (shortcut.py)
+                           # `shortcut`: the no-training shortcut baseline (world.py)
     template: str = ""     # chat template: vicuna | llava | mistral | chatml; "": each model's own
     data: str = "world"    # world: the world's report (other data: through --bench)
     world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
@@ -898,12 +898,11 @@ class Config:
 
 
 def load_model(path, template=""):
-    """A checkpoint, or `shortcut[:base]`: shortcut.py's no-training baseline over a base model
+    """A checkpoint, or `shortcut[:base]`: world.py's no-training baseline over a base model
     (the shipped one by default), which the world report evaluates as a model."""
     if path == "shortcut" or path.startswith("shortcut:"):
-        import shortcut  # a baseline of the world's, not a model the benchmarks need
         base = path.removeprefix("shortcut").removeprefix(":") or W.BASE_MODEL
-        return shortcut.Shortcut(VLM.from_pretrained(base, template=template)).eval()
+        return W.Shortcut(VLM.from_pretrained(base, template=template)).eval()
     return VLM.from_pretrained(path, template=template).eval()
 
 

@@ -62,7 +62,7 @@ TABLES = {
         "corruption set, DPO + NLL": [f"{OFF} --data world"],
         "BDHS, plain DPO": [f"{OFF} --data bdhs {PLAIN}"],
         "corruption set, plain DPO": [f"{OFF} --data world {PLAIN}"],
-        # no training: the text rule "a usual partner is absent" over the base model (shortcut.py);
+        # no training: the text rule "a usual partner is absent" over the base model (world.py);
         # an aligned row that only learned the shortcut matches it
         "shortcut baseline (no training)": [SHORTCUT],
     },
@@ -184,7 +184,7 @@ LOCKS = {}  # a run's folder -> the lock its callers share
 FAILED = set()  # the folders of the runs that failed in this invocation
 # the code a run executes: a change to any of them (or to the shipped base model) is a new run
 CODE = ("model.py", "data.py", "losses.py", "world.py", "eval.py", "bdhs.py", "train_offline.py",
-        "train_online.py", "shortcut.py")
+        "train_online.py")
 
 
 @functools.cache

@@ -517,6 +517,82 @@ def twin_probes(world: World, split, n):
 
 
 # -----------------------------------------------------------------------------
+# The shortcut baseline (no training): what an aligned model may have learned instead of looking. The alignment data
+# switches existence negatives to the absent usual partner, and half its scenes are `broken`, so a text rule can
+# score: an existence question about some category's usual partner is answered "no" without looking (every category
+# here has a partner, so it always says no: POPE F1 0, twin grounding 0 by construction, the floor to beat); a
+# description is the base model's, minus every sentence that names X after X's partner was named; any other question
+# gets the base model's answer. `python eval.py --model shortcut[:BASE] --world_seed 0` reports it like a model.
+
+# existence phrasings, train and held-out, as patterns that catch the category: "Is there (a|an) X ..."
+EXIST = [re.compile(re.escape(p).replace(re.escape("{a}"), r"an? ([a-z]+)") + "$")
+         for ps in PHRASINGS["exist"] for p in ps]
+DESCRIBE = {p for ps in PHRASINGS["describe"] for p in ps}
+
+
+def asked_about(question):
+    """The category an existence question asks about, or None for any other question."""
+    for pattern in EXIST:
+        m = pattern.match(question.strip())
+        if m and m[1] in PARTNER:
+            return m[1]
+    return None
+
+
+def drop_second_of_pairs(text):
+    """The description without every sentence that names X after an earlier sentence named X's
+    usual partner (sentences end with '.'; a sentence naming no category is kept)."""
+    kept, named = [], set()
+    for sentence in re.findall(r"[^.]*\.?", text):
+        said = mentioned(sentence)
+        if any(PARTNER[c] in named for c in said):
+            continue
+        named |= said
+        kept.append(sentence)
+    return "".join(kept)
+
+
+class TextsAsIs:
+    """The tokenizer eval.answer decodes with: Shortcut.generate returns texts already."""
+
+    def decode(self, text, skip_special_tokens=True):
+        return text
+
+
+class Shortcut:
+    """The shortcut over a base model (a VLM or anything with its prepare / generate / tokenizer)."""
+
+    def __init__(self, base):
+        self.base = base
+        self.tokenizer = TextsAsIs()
+        self.template = getattr(base, "template", None)
+        self.template_source = f"the base model's ({getattr(base, 'template_source', None)})"
+
+    def eval(self):
+        self.base.eval()
+        return self
+
+    def prepare(self, questions, images=None, template=None, device=None):
+        """Keeps the questions: what to ask the base model is decided per question in generate."""
+        return dict(questions=list(questions), images=images, template=template, device=device)
+
+    def generate(self, questions, images=None, template=None, device=None, max_new_tokens=64, **sampling):
+        """Texts, one per question: the rule's answer, or the base model's (descriptions filtered)."""
+        out = [None] * len(questions)
+        for j, q in enumerate(questions):
+            if (c := asked_about(q)) is not None:
+                out[j] = answer("exist", Scene(), c)  # "No, there is no c.": the scene is not read
+        rest = [j for j, t in enumerate(out) if t is None]
+        if rest:
+            shown = [images[j] for j in rest] if images else None
+            batch = self.base.prepare([questions[j] for j in rest], shown, template, device)
+            ids = self.base.generate(**batch, max_new_tokens=max_new_tokens, **sampling)
+            for j, x in zip(rest, ids):
+                text = self.base.tokenizer.decode(x)
+                out[j] = drop_second_of_pairs(text) if questions[j].strip() in DESCRIBE else text
+        return out
+
+# -----------------------------------------------------------------------------
 # The base model: a scratch architecture, a pretrained tower and three SFT phases (`--build_base`)
 
 

@@ -841,31 +841,29 @@ def test_main_with_official_texts(official, server, tmp_path, monkeypatch):
     assert first.startswith("Give a score.\nQ | GT | A | S\n\n")
 
 # -----------------------------------------------------------------------------
-# The world's shortcut baseline (shortcut.py), evaluated as a model
+# The world's shortcut baseline (world.py), evaluated as a model
 
 
 def test_shortcut_rules_read_text_only():
-    import shortcut
     import world as W
-    assert [shortcut.asked_about(W.ask("exist", "apple", None, h)) for h in (False, True)] == ["apple", "apple"]
-    assert all(shortcut.asked_about(p.format(a="a key")) == "key" for ps in W.PHRASINGS["exist"] for p in ps)
-    assert shortcut.asked_about("Is there a cupboard in the image?") is None  # not a category
-    assert shortcut.asked_about(W.ask("color", "cup")) is None and shortcut.asked_about(W.ask("describe")) is None
+    assert [W.asked_about(W.ask("exist", "apple", None, h)) for h in (False, True)] == ["apple", "apple"]
+    assert all(W.asked_about(p.format(a="a key")) == "key" for ps in W.PHRASINGS["exist"] for p in ps)
+    assert W.asked_about("Is there a cupboard in the image?") is None  # not a category
+    assert W.asked_about(W.ask("color", "cup")) is None and W.asked_about(W.ask("describe")) is None
     text = ("There are three objects. A red saucer is at the top. A blue cup is on the left. "
             "A green tree is at the bottom.")
-    assert shortcut.drop_second_of_pairs(text) == "There are three objects. A red saucer is at the top. " \
+    assert W.drop_second_of_pairs(text) == "There are three objects. A red saucer is at the top. " \
         "A green tree is at the bottom."  # the cup comes after its saucer: dropped
-    assert shortcut.drop_second_of_pairs("A cup. No saucer. A saucer.") == "A cup. No saucer."  # "no saucer" names none
+    assert W.drop_second_of_pairs("A cup. No saucer. A saucer.") == "A cup. No saucer."  # "no saucer" names none
 
 
 def test_shortcut_baseline_on_a_few_scenes(tmp_path):
     """Over the shipped base model on a dev seed: "no" to every existence question, descriptions that never name
-    both of a usual pair, the base model's answers to everything else; eval.py runs it as --model shortcut."""
-    import shortcut
+    both of a usual pair, the base model's answers to everything else; eval.py runs it as --model W."""
     import world as W
     from model import VLM
     base = VLM.from_pretrained(W.BASE_MODEL).eval()
-    rule = shortcut.Shortcut(base)
+    rule = W.Shortcut(base)
     scenes, items = W.probes(W.World(1), "broken", 6, heldout=True)
     images = [W.render(scenes[i]) for i, _, _, _ in items]
     questions = [q for _, _, q, _ in items]
@@ -873,10 +871,10 @@ def test_shortcut_baseline_on_a_few_scenes(tmp_path):
     ours = ev.answer(rule, images, questions, 96)
     for (i, kind, q, _), a, b in zip(items, theirs, ours):
         if kind.startswith("pope"):
-            assert not ev.yes_no(b) and b == f"No, there is no {shortcut.asked_about(q)}."
+            assert not ev.yes_no(b) and b == f"No, there is no {W.asked_about(q)}."
         elif kind == "describe":
             said = W.mentioned(b)
-            assert not any(W.PARTNER[c] in said for c in said) and b == shortcut.drop_second_of_pairs(a)
+            assert not any(W.PARTNER[c] in said for c in said) and b == W.drop_second_of_pairs(a)
         else:
             assert a == b
     assert any(k == "describe" and a != b for (_, k, _, _), a, b in zip(items, theirs, ours))  # it did drop some

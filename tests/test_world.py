@@ -11,7 +11,6 @@ import torch
 import data
 import eval as ev
 import losses
-import shortcut
 import world as W
 from model import VLM, format_chat
 
@@ -302,7 +301,7 @@ class SceneReader:
     """A made-up model that reads the scene from the image (the rendered image of each known scene, looked up by
     its pixels) and answers its ground truth: what a model that looks would say."""
 
-    tokenizer = shortcut.Texts()  # generate returns texts
+    tokenizer = W.TextsAsIs()  # generate returns texts
 
     def __init__(self, scenes):
         self.scenes = {W.render(s).tobytes(): s for s in scenes}
@@ -315,13 +314,13 @@ class SceneReader:
 
     def generate(self, questions, images, max_new_tokens=64, **sampling):
         seen = [self.scenes[im.tobytes()] for im in images]
-        return [W.answer("exist", s, shortcut.asked_about(q)) if shortcut.asked_about(q) else W.describe(s)
+        return [W.answer("exist", s, W.asked_about(q)) if W.asked_about(q) else W.describe(s)
                 for q, s in zip(questions, seen)]
 
 
 def test_twin_score_tells_a_model_that_looks_from_the_shortcut():
     """grounding = P(yes | twin) - P(yes | broken): about 100 for a model that reads the scene, about 0 for one that
-    follows "a usual partner is absent" (shortcut.py over the same reader), whatever it sees."""
+    follows "a usual partner is absent" (world.Shortcut over the same reader), whatever it sees."""
     w = W.World(0)
     pairs, skipped = W.twin_probes(w, "broken", 40)
     reader = SceneReader([s for p in pairs for s in p[:2]])
@@ -329,7 +328,7 @@ def test_twin_score_tells_a_model_that_looks_from_the_shortcut():
     assert looks == {"twin/yes_twin": 100.0, "twin/no_broken": 100.0, "twin/mention_twin": 100.0,
                      "twin/mention_broken": 0.0, "twin/grounding": 100.0, "twin/mention_grounding": 100.0,
                      "twin/pairs": len(pairs), "twin/skipped": skipped}
-    rule = ev.evaluate_twins(shortcut.Shortcut(reader), w, "broken", 40)
+    rule = ev.evaluate_twins(W.Shortcut(reader), w, "broken", 40)
     assert rule["twin/grounding"] == 0.0 and rule["twin/yes_twin"] == 0.0 and rule["twin/no_broken"] == 100.0
     # its descriptions keep the first of a pair they name: the partner only where it comes first in reading order
     first = [next(o.category for o in t.objects if o.category in (c, W.PARTNER[c])) == c for _, t, c, _, _ in pairs]
