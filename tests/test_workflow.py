@@ -146,6 +146,14 @@ def test_a_users_workflow_on_a_llava_hf_folder(tmp_path, monkeypatch, capsys):
                    for i, r in enumerate(pairs))
     spy.check("bdhs", info)
     pairs = str(tmp_path / "bdhs0" / "pairs.jsonl")
+    # POVID-style distortion: each position's argmax, the image under noise; one attempt, never compared to the
+    # truth, so its bar shows no non-similar share (it showed 0%)
+    capsys.readouterr()
+    distort = str(tmp_path / "distort" / "pairs.jsonl")
+    bdhs.main(["--model", base, "--source", prompts, "--out", distort, "--variant", "distort"])
+    bar = capsys.readouterr().err
+    assert "BDHS distort: 100%" in bar and "non_similar" not in bar
+    assert all(r["rejected"] and "<image>" not in r["rejected"] for r in data.read_pairs(distort))
 
     # 3. train_offline with LoRA on those pairs: killed mid-run and resumed with --resume alone, it ends with the
     # uninterrupted run's metrics; its checkpoint replaces the fp32 source
@@ -195,14 +203,22 @@ def test_a_users_workflow_on_a_llava_hf_folder(tmp_path, monkeypatch, capsys):
         asked = {(a["id"], a["answer"]) for a in answers if a["bench"] == "mmhal"}
         assert len(state["bodies"]) == len(asked)  # MMHal's answers judged, an answer two models share once
 
-        # 5. train_online: Online-DPO on the bf16 Mistral folder and the native prompts, judged by an
-        # OpenAI-compatible endpoint that always prefers Response 1; two seeds
+        # 5. train_online: Online-DPO on the bf16 Mistral folder and 4 of the native prompts (data.py --convert
+        # draws them; a prompts file has no rejected, which --convert required), judged by an OpenAI-compatible
+        # endpoint that always prefers Response 1; two seeds
+        few = str(tmp_path / "few" / "prompts.jsonl")
+        assert len(data.main(["--convert", prompts, "--out", few, "--limit", "4", "--seed", "1"])) == 4
+        assert f"wrote 4 prompts to {few}" in capsys.readouterr().out
+        mixed = tmp_path / "data" / "mixed.jsonl"  # a pair (its image path absolute), then a prompt
+        mixed.write_text(open(pairs).readline() + open(prompts).readlines()[1])
+        with pytest.raises(M.UserError, match="record 'p1' has no 'rejected' though others have one"):
+            data.main(["--convert", str(mixed), "--out", str(tmp_path / "x.jsonl")])
         state["reply"] = lambda body: "Response 1 is better: it names what is in the image."
         state["bodies"].clear()
         spy.label = "online"
         for seed in ("0", "1"):
             out_dir = tmp_path / f"online{seed}"
-            on.main(["--model", base_bf16, "--data", prompts, "--algo", "online-dpo", "--annotator", "api:judge-x",
+            on.main(["--model", base_bf16, "--data", few, "--algo", "online-dpo", "--annotator", "api:judge-x",
                      "--steps", "2", "--batch_size", "2", "--max_new_tokens", "8", "--eval_n", "0", "--seed", seed,
                      "--out_dir", str(out_dir)])
             recs = run_metrics(str(out_dir / "metrics.jsonl"))
