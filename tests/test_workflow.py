@@ -171,15 +171,20 @@ def test_a_users_workflow_on_a_llava_hf_folder(tmp_path, monkeypatch, capsys):
     ckpt = str(killed / "checkpoint")
     check_checkpoint(base, ckpt, torch.float32, "llama", "LlavaNextForConditionalGeneration")
 
-    # the trained checkpoint through the library: top-k and top-p sampling on a left-padded batch, three seeds
+    # the trained checkpoint through the library: LoRA merged into the LLM's linears (the vision tower untouched);
+    # top-k and top-p sampling on a left-padded batch, three seeds
     vlm = VLM.from_pretrained(ckpt).eval()
+    src = VLM.from_pretrained(base).state_dict()
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(vlm.state_dict()[q], src[q])
+    assert all(torch.equal(v, src[k]) for k, v in vlm.state_dict().items() if ".vision_tower." in k)
     batch = vlm.prepare([QUESTION, "Describe the picture in detail, please."],
                         [data.open_image(image), data.open_image(str(tmp_path / "data" / "images" / "5.png"))])
     for label, kw in (("top-k", dict(top_k=5)), ("top-p", dict(top_p=0.9))):
         spy.label = label
         for seed in range(3):
-            out = vlm.generate(**batch, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(seed),
-                               **kw)
+            gen = torch.Generator().manual_seed(seed)
+            out = vlm.generate(**batch, max_new_tokens=8, temperature=1.0, generator=gen, **kw)
             assert len(out) == 2
         spy.check(label, info, {(1.0, kw.get("top_k"), kw.get("top_p"))})
 
