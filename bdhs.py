@@ -400,8 +400,9 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
             os.fsync(f.fileno())
             bar.update(len(lines))
             seen = sum(map(len, todo[:b + 1]))  # records sampled so far (stats counts them all)
-            bar.set_postfix(non_similar=" ".join(f"{sum(stats[:k + 1]) / seen:.0%}"
-                                                  for k in range(cfg.n_bdhs)), refresh=False)
+            if cfg.variant != "distort":  # one attempt, never compared: its stats stay 0
+                bar.set_postfix(non_similar=" ".join(f"{sum(stats[:k + 1]) / seen:.0%}"
+                                                      for k in range(cfg.n_bdhs)), refresh=False)
     bar.close()
     n = max(1, sum(map(len, todo)))
     if todo and cfg.variant != "distort":

@@ -392,13 +392,19 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.limit < 0:
         raise UserError(f"--limit {a.limit}: must be >= 0")
-    recs = load_pairs(a.convert, a.image_root, flag="--convert")
+    # a native file of prompts (bdhs.py --source, train_online.py --data) has no rejected: one or
+    # the other, never a mix, which would fail only later, in training
+    recs = load_pairs(a.convert, a.image_root, need_rejected=False, flag="--convert")
+    if missing := [r["id"] for r in recs if "rejected" not in r]:
+        if len(missing) < len(recs):
+            raise UserError(f"--convert {a.convert}: record {missing[0]!r} has no 'rejected' though others have one: "
+                            f"a file holds pairs (each with a rejected) or prompts (none)")
     if a.limit and a.limit < len(recs):
         keep = sorted(random.Random(a.seed).sample(range(len(recs)), a.limit))  # the release's order kept
         recs = [recs[i] for i in keep]
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     write_pairs(a.out, recs)
-    print(f"wrote {len(recs)} pairs to {a.out}")
+    print(f"wrote {len(recs)} {'prompts' if missing else 'pairs'} to {a.out}")
     return recs
 
 
