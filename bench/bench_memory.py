@@ -409,7 +409,7 @@ def epoch_time(a):
           f"{a.batch_size}), assumed, not measured: " +
           (f"measured {a.step_s} s per step of {a.measured_batch} pairs per GPU" if a.step_s
            else f"{a.mfu:.0%} of {a.peak_tflops:g} TFLOP/s") +
-          f"; the reference pass runs once per run")
+          "; the reference pass runs once per run")
     print("| GPUs | pairs per GPU per step | time per epoch (min) | reference pass (min) |\n"
           "|---|---|---|---|")
     peak = a.peak_tflops * 1e12
@@ -445,13 +445,13 @@ def main(argv=None):
     if a.measure:
         w, n, full, p, r = (int(x) for x in a.measure.split(","))
         print(json.dumps(measure(w, n, bool(full), p, r)))
-        return None
+        return
     _, _, rows = table(a)
     goal(rows)
     epoch_time(a)
     if a.check:
         check()
-    return None
+
 
 
 if __name__ == "__main__":
