@@ -453,6 +453,5 @@ def main(argv=None):
         check()
 
 
-
 if __name__ == "__main__":
     main()
