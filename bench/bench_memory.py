@@ -1,40 +1,63 @@
-"""Memory per GPU and time per epoch of the paper's recipe (issue 21, item 7): LLaVA-1.6-7B, LoRA r
-128 / alpha 256, bf16, FSDP2 on 8 GPUs and on 2 nodes x 8, as train_offline.py runs it.
+"""Memory per GPU of the paper's LoRA DPO at 7B (issue 29, item 7), ours beside TRL + PEFT, and the
+time per epoch: LLaVA-1.6-vicuna-7B, LoRA r 128 / alpha 256, gradient checkpointing, bf16.
 
-    python bench/bench_memory.py                   # the tables, then the CPU check
-    python bench/bench_memory.py --check false --mfu 0.35        # another assumed utilisation
+    python bench/bench_memory.py                       # the tables (modelled), no measurement
+    python bench/bench_memory.py --check true          # + one measured 7B-width model, 2 layers, CPU
     python bench/bench_memory.py --step_s 1.9 --measured_batch 2 # a step time bench_gpu.py measured
 
-What is exact, what is measured, what is assumed:
-- parameter counts: exact, from the 7B geometry (bench_gpu.llava16) built on the meta device with
-  model.add_lora;
-- weights: train_offline.py keeps fp32 master weights (`--dtype bfloat16` is an autocast), 4 B per
-  parameter, sharded over the ranks by FSDP2. While a unit runs its parameters are gathered whole:
-  the root (tower, projector, embeddings, LM head), which FSDP2 keeps gathered from forward to
-  backward, and two decoder layers (the one running, the one prefetched). Trainable (LoRA,
-  projector): fp32 gradients + AdamW's two moments, 12 B each, sharded;
-- activations, measured at small scale: per decoder layer and pair of T tokens, the tensors autograd
-  saves under bf16 autocast with fp32 weights are Wc + T·(26d + 8I + 14r + 4H + 8) + 2T² bytes (d
-  width, I MLP width, r LoRA rank, H heads; MHA), where Wc = 2 B x the layer's weights (autocast's
-  bf16 copies of the frozen weights, which the backward keeps) and 2T² the attention mask as SDPA
-  keeps it (bf16). The coefficients come from torch's saved-tensor hooks on small CPU configs;
-  `--check` measures them again on a config of its own, and the peak RSS of one PairModel
-  forward+backward at two lengths. With gradient checkpointing a layer keeps only its fp32 input
-  (4Td) and one layer at a time is recomputed. Outside the layers: the shared bool mask (T²), RoPE
-  tables, the final norm (8Td), the LM head's bf16 weight copy and fp32 logits of the response
-  tokens, the projector's activations. The backward's working set (three fp32 hidden-state gradients
-  and the logits' gradient) is an estimate;
-- --overhead_gb (CUDA context, allocator fragmentation, NCCL buffers): assumed, not measured;
-- time per epoch: assumed, not measured (no GPU here): FLOPs executed per pair
-  (bench_gpu.step_flops, plus the forward that checkpointing recomputes) / (GPUs x peak bf16 x
-  --mfu); --step_s takes a measured step time of bench_gpu.py instead. The cached reference pass
-  (one forward per pair, once per run) is shown apart.
+Settings (GB = 1e9 B per GPU): the README's recipe (FSDP2, 8 GPUs of 80 GB, one node); 2 x 8 (HSDP:
+replicated across the nodes, sharded over the 8 GPUs of a node, so the same shards per GPU); one 80 GB
+card; one 24 GB card (no FSDP). Phases: load (weights in place), steady state (the peak of a training
+micro-step: forward, then backward), the save, and the cached reference pass (once per run, before
+the first step).
+
+What the model assumes (the design of issue 29 items 2-4): the frozen base (tower, LLM, embeddings,
+LM head) stored in bf16, 2 B per parameter; what trains (LoRA A/B, the projector) in fp32, 4 B, with
+fp32 gradients and AdamW's two fp32 moments (12 B more); all sharded over the S GPUs of a node.
+Under FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) a unit's parameters are
+gathered in bf16 while it runs: the root (tower, projector, embeddings, head), which FSDP2 keeps
+gathered from forward to backward, and two decoder layers (the one running, the one prefetched), plus
+one layer's unsharded fp32 gradients before their reduce-scatter. On one card (no FSDP) autocast
+casts the fp32 adapters and projector to bf16 once and keeps the copies until the autocast region
+ends (after the backward: train_offline runs both inside it). Gradients are counted whole at the
+peak (from the second micro-step of an accumulated step on, they exist; the recipe accumulates).
+Intermediate saves hold only the trainables (gathered one tensor at a time); the final merged save
+gathers one unit at a time and merges LoRA in fp32 (weight + B A, then cast).
+
+Activations, exact at small scale (tests/test_bench.py compares them with the tensors autograd saves):
+a decoder layer keeps, per row of T tokens under bf16 autocast with a bf16 base,
+T (20 d + 8 I + 14 r + 4 H + 8) + 2 T^2 bytes (d width, I MLP width, r LoRA rank, H heads; 2 T^2 the
+bf16 mask SDPA keeps), plus 2 B per adapter weight (its bf16 copy); in fp32 without autocast
+T (28 d + 16 I + 28 r + 4 H + 8) + 4 T^2. With checkpointing a layer keeps its bf16 input (2 T d) and
+one layer at a time is recomputed. Outside the layers: RoPE tables, the final norm, the bool mask,
+the fp32 log-probs of the response tokens (4 R V), the projector's activations. The backward's
+working set (gradients of the hidden states and of the logits, one layer's transients) is an
+estimate, checked by the measured peak below. The overheads (CUDA context, allocator
+fragmentation, NCCL buffers) are assumed: --context_gb, --nccl_gb.
+
+TRL + PEFT (modelled, not measured at 7B): DPOTrainer with a peft LoraConfig on the same linears,
+the base in bf16 and the adapters in fp32 (peft's default), bf16 autocast, gradient checkpointing,
+and, to compare like with like, the same weights and sharding per GPU as ours. What differs is the
+batch: trl concatenates [chosen; rejected], so a pair is two rows of prompt + one response (the image
+and prompt go through the tower and the LLM twice), the LM head runs in tiles on the response tokens
+(trl's fused head), and the reference forward with the adapters disabled runs on every step. At
+bench_dpo.py's CPU shape (fp32, no checkpointing, 8 pairs) this model is compared with that script's
+measured peak (--check).
+
+--check measures, on this CPU, one model of 7B width (hidden 4096, MLP 11008, 32 heads, vocab 32064,
+the full CLIP ViT-L/336 tower) with 2 decoder layers, as the model assumes (bf16 base, fp32
+trainables): RSS growth over an in-process baseline after the load, and the peak of a LoRA DPO
+micro-step with the gradients and AdamW moments of an earlier step in place. Its modelled figures
+are the same functions at that geometry, with no GPU overheads. The CPU's SDPA keeps what CUDA's
+memory-efficient kernel keeps (measured: no T^2 per head).
 """
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -46,70 +69,202 @@ import train_offline as to  # noqa: E402
 from model import parse_bool  # noqa: E402
 
 GB = 1e9
+# name, GPUs sharing the weights (FSDP2 shards; HSDP shards within a node), GB per card
+SETTINGS = [("8 GPUs (FSDP2, 1 node)", 8, 80), ("2 x 8 (HSDP)", 8, 80), ("one 80 GB card", 1, 80),
+            ("one 24 GB card", 1, 24)]
+# bench_dpo.py --mode lora, trl DPOTrainer + peft: peak extra RSS, MB (2^20 B), README "Speed and
+# memory" (median of 3 runs, 2026-12-02); its shape is hidden 512 x 4 layers, vocab 32000, 8 pairs
+TRL_MEASURED_MB = 8312
+# fit on one measurement, the CI test's (width 1024, 2 layers, CPU): its measured step peak less
+# the rest of the model, per token and unit of d + I; the 7B-width --check is out of that sample
+WORK = 14
+HW = (672, 672)  # a square image: 5 anyres tiles (2 x 2 and the overview), 2,928 image tokens
 
 
 def count(ps):
     return sum(p.numel() for p in ps)
 
 
-def layer_bytes(vlm, T, b):
-    """What a decoder layer saves for its backward, b pairs of T tokens: (constant, per-pair) B."""
-    t, lm = vlm.cfg.text, vlm.model.language_model
-    r = lm.layers[0].self_attn.q_proj.lora_A.shape[0]
-    k = 26 * t.hidden_size + 8 * t.intermediate_size + 14 * r + 4 * t.num_attention_heads + 8
-    return 2 * count(lm.layers[0].parameters()), b * (T * k + 2 * T * T)
-
-
-def outside_bytes(vlm, T, R, n_feat, b):
-    """Saved outside the layers: bool mask, RoPE tables, final norm, LM head (bf16 weight, fp32
-    logits), projector (bf16 weights, activations)."""
-    t, v = vlm.cfg.text, vlm.cfg.vision
-    const = 2 * t.vocab_size * t.hidden_size  # the LM head's bf16 copy
-    const += 2 * count(vlm.model.multi_modal_projector.parameters())
-    per_pair = T * T + 8 * T * t.head_dim + 8 * T * t.hidden_size + 4 * R * t.vocab_size
-    per_pair += n_feat * (2 * v.hidden_size + 4 * t.hidden_size)  # bf16 in, linear_1 and GELU out
-    return const + b * per_pair
-
-
-def memory(vlm, W, b, T, R, n_feat, ckpt, weight_bytes=4):
-    """GB per GPU by term, for W ranks (FSDP2 when W > 1) and b pairs per micro-batch."""
-    t, lm = vlm.cfg.text, vlm.model.language_model
-    L, total = t.num_hidden_layers, count(vlm.parameters())
-    layer = count(lm.layers[0].parameters())
-    root = total - L * layer
-    weights = total * weight_bytes / W + ((root + 2 * layer) * weight_bytes if W > 1 else 0)
-    state = 12 * count(p for p in vlm.parameters() if p.requires_grad) / W
-    const, per = layer_bytes(vlm, T, b)
-    acts = L * b * 4 * T * t.hidden_size if ckpt else L * (const + per)
-    acts += outside_bytes(vlm, T, R, n_feat, b)
-    # in flight in the backward: hidden-state and logit gradients, and one layer's SDPA mask
-    # conversions (the bool mask -> fp32 -> bf16, a torch profile shows them)
-    work = b * (3 * 4 * T * t.hidden_size + 4 * R * t.vocab_size + 6 * T * T)
-    work += (const + per) if ckpt else 0  # the layer being recomputed
-    return dict(weights=weights / GB, state=state / GB, activations=acts / GB, backward=work / GB)
-
-
-def largest_batch(vlm, W, T, R, n_feat, ckpt, cap, overhead):
-    b = 0
-    while b < 256 and sum(memory(vlm, W, b + 1, T, R, n_feat, ckpt).values()) + overhead <= cap:
-        b += 1
-    return b
-
-# -----------------------------------------------------------------------------
-# The check at small scale on CPU: saved-tensor bytes (exact) and peak RSS (what the process holds)
-
-
-def small_model(ckpt=False):
-    raw = bench_gpu.llava16(tiny=True)
-    raw["text_config"].update(hidden_size=192, intermediate_size=520, num_hidden_layers=4,
-                              num_attention_heads=6, num_key_value_heads=6)
-    vlm = bench_gpu.materialize(bench_gpu.build(raw, torch.float32, (24, 48)), "cpu")
-    vlm.model.language_model.checkpointing = ckpt
+def build(raw, lora=(128, 256.0), base=torch.bfloat16, device=None):
+    """The design's model: the frozen base in `base`, LoRA and the projector in fp32; on the meta
+    device (no memory), or filled with random values on `device`."""
+    vlm = bench_gpu.build(raw, base, lora)
+    for p in vlm.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # as build_policy: what trains is fp32
+    if device is not None:
+        bench_gpu.materialize(vlm, device)
     return vlm
 
 
+def geometry(vlm):
+    """The counts the model needs, from a (meta) VLM with LoRA."""
+    t, v = vlm.cfg.text, vlm.cfg.vision
+    layer = vlm.model.language_model.layers[0]
+    L = t.num_hidden_layers
+    train = [p for p in vlm.parameters() if p.requires_grad]
+    frozen = [p for p in vlm.parameters() if not p.requires_grad]
+    linears = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    return dict(d=t.hidden_size, I=t.intermediate_size, H=t.num_attention_heads, D=t.head_dim, L=L,
+                V=t.vocab_size, Cv=v.hidden_size,
+                r=layer.self_attn.q_proj.lora_A.shape[0],
+                frozen=count(frozen), train=count(train),
+                lora=count(p for n, p in vlm.named_parameters() if "lora_" in n),
+                layer=count(layer.parameters()),
+                layer_lora=count(p for n, p in layer.named_parameters() if "lora_" in n),
+                proj=count(vlm.model.multi_modal_projector.parameters()),
+                root=count(vlm.parameters()) - L * count(layer.parameters()),
+                largest=max(p.numel() for p in vlm.parameters()),
+                largest_train=max(p.numel() for p in train),
+                largest_linear=max(w.numel() for w in linears))
+
+
+def layer_saved(g, T, fp32=False):
+    """Bytes one decoder layer saves for its backward, one row of T tokens (adapter copies aside)."""
+    d, I, r, H = g["d"], g["I"], g["r"], g["H"]
+    if fp32:
+        return T * (28 * d + 16 * I + 28 * r + 4 * H + 8) + 4 * T * T
+    return T * (20 * d + 8 * I + 14 * r + 4 * H + 8) + 2 * T * T
+
+
+def activations(g, rows, R, n_feat, ckpt, fp32=False):
+    """Saved for the backward, one pair: `rows` the token count of each row (ours: one packed row;
+    trl: chosen and rejected), R response tokens in all, n_feat image features the projector
+    trains on (0: a frozen projector)."""
+    d, L, V, D = g["d"], g["L"], g["V"], g["D"]
+    w = 4 if fp32 else 2
+    out = 0
+    for T in rows:
+        if ckpt:  # every layer's input, the bool mask, one layer recomputed
+            out += L * w * T * d + T * T + layer_saved(g, T, fp32)
+        else:
+            out += L * layer_saved(g, T, fp32)
+        out += T * (3 * w * d + 4 + 2 * w * D + 1)  # final norm (fp32 in, rsqrt, out), RoPE tables
+    out += R * (4 * V + 16)  # the response tokens' fp32 log-probs, the gather's index
+    out += n_feat * (w * g["Cv"] + 2 * w * d)  # projector: its input, linear_1 and GELU out
+    return out
+
+
+def backward_work(g, rows, R, fp32=False):
+    """In flight during the backward, one pair (an estimate): the logits' fp32 gradient and its
+    cast, the hidden-state gradients (the residual's and a norm's), one layer's MLP gradients, and
+    WORK B per token per unit of d + I of kernel transients and memory the allocator keeps."""
+    d, I = g["d"], g["I"]
+    w = 4 if fp32 else 2
+    return R * 6 * g["V"] + sum(T * (3 * 4 * d + 3 * w * I + WORK * (d + I)) for T in rows)
+
+
+def reference_work(g, rows, R, fp32=False):
+    """The live set of a no-grad forward (the reference pass), one pair: one layer's transients
+    (hidden state, norm in fp32, q/k/v, the MLP's three intermediates, the masks), the log-probs."""
+    d, I = g["d"], g["I"]
+    w = 4 if fp32 else 2
+    per = sum(T * (6 * w * d + 4 * d + 3 * w * I) + 3 * T * T for T in rows)
+    return per + R * (6 * g["V"])
+
+
+def memory(g, S, b, rows, R, n_feat, ckpt=True, fp32=False, train=None):
+    """Bytes per GPU by term at b pairs per micro-step, S GPUs sharing the weights (FSDP2 if > 1).
+    `train`: the trainable count (default: the geometry's; trl trains LoRA alone)."""
+    train = g["train"] if train is None else train
+    frozen = g["frozen"] + g["train"] - train
+    wf = 4 if fp32 else 2
+    m = dict(weights=(wf * frozen + 4 * train) / S, state=12 * train / S)
+    if S > 1:  # the root and two layers gathered in bf16, one layer's fp32 gradients unsharded
+        m["gathered"] = 2 * g["root"] + 2 * 2 * g["layer"] + 4 * g["layer_lora"]
+    else:  # autocast's cached bf16 copies of the fp32 trainables
+        m["gathered"] = 0 if fp32 else 2 * train
+    m["activations"] = b * activations(g, rows, R, n_feat, ckpt, fp32)
+    m["backward"] = b * backward_work(g, rows, R, fp32)
+    return m
+
+
+def phases(g, S, b, rows, R, n_feat, ckpt=True, train=None, ref_rows=None):
+    """GB per GPU: load, steady state at b pairs, save (the larger of an intermediate and the final
+    merged one), the cached reference pass at b pairs; overheads not included."""
+    m = memory(g, S, b, rows, R, n_feat, ckpt, train=train)
+    resident = m["weights"] + m["state"]
+    load = m["weights"] + 2 * g["largest"]  # one tensor read at a time (its slice under FSDP2)
+    intermediate = resident + 3 * 4 * g["largest_train"]  # one tensor and its two moments gathered
+    unit = 2 * g["layer"] + 4 * g["layer_lora"] if S > 1 else 0  # a layer gathered for the merge
+    final = resident + unit + 2 * 4 * g["largest_linear"] + 2 * g["largest_linear"]  # W + BA, cast
+    ref = m["weights"] + (m["gathered"] if S > 1 else 0)
+    ref += b * reference_work(g, ref_rows or rows, R)
+    return dict(load=load / GB, steady=sum(m.values()) / GB, save=max(intermediate, final) / GB,
+                ref=ref / GB)
+
+
+def largest_batch(g, S, cap, rows, R, n_feat, overhead, train=None):
+    b = 0
+    while b < 256 and phases(g, S, b + 1, rows, R, n_feat, train=train)["steady"] + overhead <= cap:
+        b += 1
+    return b
+
+
+def shapes(vlm, prompt_text, response, hw=HW):
+    """Ours: (rows, R, n_feat) of one packed pair; trl's rows: prompt + one response, twice."""
+    batch, n_img = bench_gpu.pair_batch(vlm, 1, hw, prompt_text, response)
+    T = int((batch["segment"] >= 0).sum())
+    R = 2 * response
+    n_feat = int((batch["pixel_values"].abs().flatten(2).sum(-1) > 0).sum()) * 576  # views x 576
+    P = T - R
+    return dict(ours=[T], trl=[P + response, P + response], R=R, n_feat=n_feat, n_img=n_img, T=T)
+
+
+def table(a):
+    vlm = build(bench_gpu.llava16(), (a.lora_r, a.lora_alpha))  # meta: no memory
+    g = geometry(vlm)
+    s = shapes(vlm, a.prompt_text, a.response_tokens)
+    print(f"LLaVA-1.6-vicuna-7B geometry: {(g['frozen'] + g['train']) / 1e9:.2f} B parameters; "
+          f"trainable {g['train'] / 1e6:.0f} M (LoRA r {g['r']}: {g['lora'] / 1e6:.0f} M, projector "
+          f"{g['proj'] / 1e6:.0f} M); a pair is {s['T']} tokens packed ({s['n_img']} image tokens, "
+          f"{HW[1]} x {HW[0]}, anyres), responses {a.response_tokens} + {a.response_tokens}; trl's two rows "
+          f"{s['trl'][0]} tokens each. Gradient checkpointing on. Overheads assumed: CUDA context "
+          f"{a.context_gb:g} GB, NCCL {a.nccl_gb:g} GB. GB = 1e9 B per GPU.")
+    print("\n| setting | side | load | steady state, 1 pair / micro-step | max pairs / micro-step "
+          "| save peak | reference pass peak (1 pair) | fits |\n|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name, S, cap in SETTINGS:
+        over = a.context_gb + (a.nccl_gb if S > 1 else 0)
+        for side in ("ours", "trl + peft (modelled)"):
+            trl = side != "ours"
+            kw = dict(train=g["lora"]) if trl else {}
+            shape = s["trl"] if trl else s["ours"]
+            n_feat = 0 if trl else s["n_feat"]
+            p = phases(g, S, 1, shape, s["R"], n_feat, **kw)
+            p = {k: v + over for k, v in p.items()}
+            if trl:  # its reference forward runs every step, beside the gradients and moments
+                p["ref"] += 12 * g["lora"] / S / GB
+            fit = largest_batch(g, S, cap, shape, s["R"], n_feat, over, **kw)
+            ok = max(p.values()) <= cap and fit >= 1
+            rows.append(dict(setting=name, side=side, cap=cap, fit=fit, ok=ok, **p))
+            print(f"| {name} | {side} | {p['load']:.1f} | {p['steady']:.1f} | {fit} | "
+                  f"{p['save']:.1f} | {p['ref']:.1f} | {'yes' if ok else 'no'} |")
+    return g, s, rows
+
+
+def goal(rows):
+    """The issue's goal: one 24 GB card at one pair per micro-step, and the recipe's peak per GPU at
+    or below trl + peft's at equal micro-batch."""
+    by = {(r["setting"], r["side"].split()[0]): r for r in rows}
+    card = by[("one 24 GB card", "ours")]
+    ours, trl = by[(SETTINGS[0][0], "ours")], by[(SETTINGS[0][0], "trl")]
+    peak_o = max(ours[k] for k in ("load", "steady", "save", "ref"))
+    peak_t = max(trl[k] for k in ("load", "steady", "save", "ref"))
+    print(f"\nGoal: one 24 GB card runs LoRA DPO at 7B with one pair per micro-step: "
+          f"{'met' if card['ok'] else 'not met'} (modelled peak "
+          f"{max(card[k] for k in ('load', 'steady', 'save', 'ref')):.1f} GB); the recipe's peak "
+          f"per GPU {peak_o:.1f} GB against trl + peft's {peak_t:.1f} GB (modelled) at 1 pair per "
+          f"micro-step: {'met' if peak_o <= peak_t else 'not met'}")
+    return card["ok"] and peak_o <= peak_t
+
+# -----------------------------------------------------------------------------
+# Measured on CPU: the tensors autograd saves (the test's check of the activation terms)
+
+
 def saved_bytes(pm, batch):
-    """Bytes of the tensors autograd saves in a forward (parameters aside), each storage once."""
+    """Bytes of the tensors autograd saves in a bf16-autocast forward (parameters aside), each
+    storage once."""
     params = {p.untyped_storage().data_ptr() for p in pm.parameters()}
     seen = {}
 
@@ -123,27 +278,8 @@ def saved_bytes(pm, batch):
         pm(**batch)
     return sum(seen.values())
 
-
-def rss_peak(resp, ckpt):
-    """In a fresh process: {T: tokens, grow: peak RSS of a forward+backward over the RSS before}."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--rss", str(resp), "--rss_ckpt", str(ckpt)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def rss_child(resp, ckpt):
-    torch.set_num_threads(1)
-    vlm = small_model(ckpt)
-    pm = to.PairModel(vlm).train()
-    batch, _ = bench_gpu.pair_batch(vlm, 1, (40, 53), 8, resp)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak resident size (VmHWM) restarts from the current one
-    before = status_kb("VmRSS")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        lp, _ = pm(**batch)
-    lp.sum().backward()
-    grow = (status_kb("VmHWM") - before) * 1024
-    print(json.dumps(dict(T=int((batch["segment"] >= 0).sum()), grow=grow)))
+# -----------------------------------------------------------------------------
+# Measured on CPU: RSS growth over an in-process baseline (VmRSS, VmHWM of /proc/self/status)
 
 
 def status_kb(key):
@@ -151,88 +287,129 @@ def status_kb(key):
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def check(lengths=(400, 1000)):
-    """Predicted against measured activation bytes of a small model at two lengths."""
-    print("\nCheck at small scale on CPU (width 192, MLP 520, 4 layers, 6 heads, LoRA r 24; fp32 "
-          "weights, bf16 autocast; one pair, two responses of R tokens each):")
-    print("| R | tokens | checkpointing | saved, measured (MB) | saved, model (MB) | peak RSS "
-          "growth, measured (MB) | model + backward estimate (MB) |\n|---|---|---|---|---|---|---|")
-    for ckpt in (False, True):
-        vlm = small_model(ckpt)
-        pm = to.PairModel(vlm).train()
-        rows = []
-        for resp in lengths:
-            batch, n_img = bench_gpu.pair_batch(vlm, 1, (40, 53), 8, resp)
-            T, R = int((batch["segment"] >= 0).sum()), 2 * resp
-            n_feat = batch["pixel_values"].shape[1] * (vlm.cfg.vision.image_size // 14) ** 2
-            m = memory(vlm, 1, 1, T, R, n_feat, ckpt)
-            rows.append((rss_peak(resp, ckpt)["grow"] / 1e6,
-                         (m["activations"] + m["backward"]) * 1e3))
-            print(f"| {resp} | {T} | {ckpt} | {saved_bytes(pm, batch) / 1e6:.1f} | "
-                  f"{m['activations'] * 1e3:.1f} | {rows[-1][0]:.1f} | {rows[-1][1]:.1f} |")
-        growth = [b - a for a, b in zip(*rows)]  # the longer pair's extra: one-off costs cancel
-        print(f"| | | {ckpt} | | | longer - shorter: {growth[0]:.1f} | {growth[1]:.1f} "
-              f"(measured / model {growth[0] / growth[1]:.2f}) |")
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size (VmHWM) restarts from the current one
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=5000)
-    ap.add_argument("--batch_size", type=int, default=32, help="global pairs per optimizer step")
-    ap.add_argument("--prompt_text", type=int, default=60, help="text tokens; the image adds 2,340")
-    ap.add_argument("--response_tokens", type=int, default=250)
-    ap.add_argument("--overhead_gb", type=float, default=3.0, help="assumed: CUDA context, NCCL...")
-    ap.add_argument("--peak_tflops", type=float, default=989.0, help="H100 SXM dense bf16")
-    ap.add_argument("--mfu", type=float, default=0.40, help="assumed share of peak, FLOPs executed")
-    ap.add_argument("--step_s", type=float, default=0.0, help="measured s/step (bench_gpu.py)")
-    ap.add_argument("--measured_batch", type=int, default=2)
-    ap.add_argument("--check", type=parse_bool, default=True)
-    ap.add_argument("--rss", type=int, default=0)  # internal: one peak-RSS measurement
-    ap.add_argument("--rss_ckpt", type=parse_bool, default=False)
-    a = ap.parse_args(argv)
-    if a.rss:
-        return rss_child(a.rss, a.rss_ckpt)
-    vlm = bench_gpu.build(bench_gpu.llava16(), torch.float32, (128, 256.0))  # meta: no memory
-    batch, n_img = bench_gpu.pair_batch(vlm, 1, (480, 640), a.prompt_text, a.response_tokens)
+def width_config(width, layers, tower_full):
+    """LLaVA-1.6 geometry at LLM width `width` (MLP 11008 / 4096 of it, heads of 128), `layers`
+    decoder layers; the full ViT-L/336 tower, or a small one (CI)."""
+    raw = bench_gpu.llava16()
+    raw["text_config"].update(hidden_size=width, intermediate_size=width * 11008 // 4096,
+                              num_hidden_layers=layers, num_attention_heads=width // 128,
+                              num_key_value_heads=width // 128)
+    if not tower_full:
+        raw["vision_config"].update(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                    num_attention_heads=4)
+    return raw
+
+
+def measure(width, layers, tower_full, prompt_text, response):
+    """In this process (a fresh one): load, then one LoRA DPO micro-step with gradients and AdamW
+    moments in place, as train_offline runs it with --dtype bfloat16 --grad_ckpt true. -> measured
+    and modelled bytes of the load and of the step's peak, over the baseline."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    raw = width_config(width, layers, tower_full)
+    meta = build(raw)
+    g = geometry(meta)
+    s = shapes(meta, prompt_text, response)
+    batch, _ = bench_gpu.pair_batch(meta, 1, HW, prompt_text, response)
+    del meta
+    gc.collect()
+    base = status_kb("VmRSS") * 1024
+    vlm = build(raw, device="cpu")
+    vlm.model.language_model.checkpointing = True
+    pm = to.PairModel(vlm).train()
+    load = status_kb("VmRSS") * 1024 - base
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    for p in params:  # an earlier micro-step's gradients and AdamW's moments (the memory they hold)
+        p.grad = torch.zeros_like(p).fill_(0.0)
+        opt.state[p] = dict(step=torch.tensor(1.0), exp_avg=torch.zeros_like(p).fill_(0.0),
+                            exp_avg_sq=torch.zeros_like(p).fill_(0.0))
+    gc.collect()
+    reset_peak()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, _ = pm(**batch)
+        loss = -lp.sum()
+        loss.backward()
+    peak = status_kb("VmHWM") * 1024 - base
+    m = memory(g, 1, 1, s["ours"], s["R"], s["n_feat"])
+    return dict(T=s["T"], load=load, step=peak, load_model=m["weights"],
+                step_model=sum(m.values()), width=width, layers=layers)
+
+
+def measure_child(width, layers, tower_full, prompt_text, response):
+    """measure() in a fresh process, so that nothing of this one's counts."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure", f"{width},{layers},"
+           f"{int(tower_full)},{prompt_text},{response}"]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"the measurement failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def trl_at_bench_dpo():
+    """Modelled peak of bench_dpo.py --mode lora's trl side (fp32, no checkpointing, 8 pairs of its
+    texts and 336 x 336 images), MB: weights, LoRA's state, activations of 16 rows of prompt + one
+    response (padded to the longest) and the backward's working set."""
+    import bench_dpo
+    import data
+    import model as M
+    a = argparse.Namespace(vision_hidden=256, vocab=32000, hidden=512, layers=4)
+    with tempfile.TemporaryDirectory() as path:
+        bench_dpo.build(a, path)
+        vlm = M.VLM.from_pretrained(path)
+        recs = [dict(id=str(i), image=e["image"], chosen=e["chosen"], rejected=e["rejected"],
+                     conversation=[{"role": "user", "content": "<image>\n" + e["question"]}])
+                for i, e in enumerate(bench_dpo.examples(8))]
+        items, _ = data.prepare_pairs(vlm, recs, warn=False)
+    vlm.requires_grad_(False)
+    M.add_lora(vlm, 128, 256.0)
+    g = geometry(vlm)
+    longest = max(len(it["prompt"]) + len(r) for it in items for r in it["responses"])
+    R = sum(len(r) for it in items for r in it["responses"])  # trl counts the real tokens only
+    m = memory(g, 1, 1, [longest] * 16, R, 0, ckpt=False, fp32=True, train=g["lora"])
+    return sum(m.values()) / 2**20, longest
+
+
+def check():
+    print("\nCheck on CPU (measured: RSS growth over the baseline before the load; modelled: the "
+          "functions above at that geometry, no GPU overheads):")
+    r = measure_child(4096, 2, True, 60, 250)
+    print("| model | tokens | load, measured (GB) | load, modelled | micro-step peak, measured "
+          "| micro-step peak, modelled | measured / modelled |\n|---|---|---|---|---|---|---|")
+    print(f"| width 4096, MLP 11008, 32 heads, 2 layers, ViT-L/336 | {r['T']} | {r['load'] / GB:.2f} "
+          f"| {r['load_model'] / GB:.2f} | {r['step'] / GB:.2f} | {r['step_model'] / GB:.2f} | "
+          f"{r['step'] / r['step_model']:.3f} |")
+    trl, longest = trl_at_bench_dpo()
+    print(f"trl + peft at bench_dpo.py --mode lora's shape (16 rows of {longest} tokens, fp32): "
+          f"modelled {trl:,.0f} MB, measured {TRL_MEASURED_MB:,} MB (README), modelled / measured "
+          f"{trl / TRL_MEASURED_MB:.2f}")
+    return r
+
+
+def epoch_time(a):
+    """Time per epoch: model FLOPs (bench_gpu.step_flops, plus the forward that checkpointing
+    recomputes) / (GPUs x peak bf16 x --mfu), or a measured step of bench_gpu.py."""
+    vlm = build(bench_gpu.llava16(), (a.lora_r, a.lora_alpha))
+    batch, n_img = bench_gpu.pair_batch(vlm, 1, HW, a.prompt_text, a.response_tokens)
     T, R = int((batch["segment"] >= 0).sum()), 2 * a.response_tokens
-    n_feat = int((batch["pixel_values"].abs().flatten(2).sum(-1) > 0).sum()) * 576  # views x 576
-    lora = count(p for n, p in vlm.named_parameters() if "lora_" in n)
-    train = count(p for p in vlm.parameters() if p.requires_grad)
-    print(f"LLaVA-1.6-7B geometry: {count(vlm.parameters()) / 1e9:.2f} B parameters, of which LoRA "
-          f"(r 128) {lora / 1e6:.0f} M and trainable (LoRA + projector) {train / 1e6:.0f} M; "
-          f"a pair is "
-          f"{T} tokens ({n_img} image tokens, 640 x 480), responses {a.response_tokens} + "
-          f"{a.response_tokens}; fp32 master weights, bf16 autocast; overhead {a.overhead_gb:g} GB "
-          f"assumed; GB = 1e9 bytes")
-    print("\n| GPUs | checkpointing | weights | LoRA + projector grads and AdamW | saved "
-          "activations: constant (bf16 weight copies) | per pair | backward working set at 1 pair "
-          "| total at 1 pair | largest micro-batch in 40 GB | in 80 GB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
-    for W in (8, 16):
-        for ckpt in (True, False):
-            m1, m2 = (memory(vlm, W, b, T, R, n_feat, ckpt) for b in (1, 2))
-            tot = sum(m1.values()) + a.overhead_gb
-            fits = [largest_batch(vlm, W, T, R, n_feat, ckpt, cap, a.overhead_gb)
-                    for cap in (40, 80)]
-            print(f"| {W} ({W // 8} x 8) | {'on' if ckpt else 'off'} | {m1['weights']:.1f} | "
-                  f"{m1['state']:.2f} | {2 * m1['activations'] - m2['activations']:.2f} | "
-                  f"{m2['activations'] - m1['activations']:.2f} | "
-                  f"{m1['backward']:.2f} | {tot:.1f} | {fits[0]} | {fits[1]} |")
-    flops = bench_gpu.step_flops(vlm, batch, n_img)  # model FLOPs of one pair's training step
     t = vlm.cfg.text
+    flops = bench_gpu.step_flops(vlm, batch, n_img)
     layers = vlm.model.language_model.layers
     base = count(m.weight for m in layers.modules() if isinstance(m, torch.nn.Linear))
     fwd = 2 * base * T  # the linears' forward, which checkpointing runs again
     train_pairs = a.pairs - min(200, a.pairs // 10)  # train_offline holds out a tenth, at most 200
     steps = train_pairs // a.batch_size
-    ref_flops = 2 * base * T + 2 * t.hidden_size * t.vocab_size * R  # the linears' forward
+    ref_flops = 2 * base * T + 2 * t.hidden_size * t.vocab_size * R
     print(f"\nTime per epoch of {a.pairs} pairs ({train_pairs} trained, {steps} steps of "
-          f"{a.batch_size}); model FLOPs per pair {flops / 1e12:.1f} T, "
-          f"{(flops + fwd) / 1e12:.1f} T executed with checkpointing; " +
+          f"{a.batch_size}), assumed, not measured: " +
           (f"measured {a.step_s} s per step of {a.measured_batch} pairs per GPU" if a.step_s
-           else f"assumed {a.mfu:.0%} of {a.peak_tflops:g} TFLOP/s") +
-          f"; the reference pass runs once per run ({ref_flops / 1e12:.1f} T per pair)")
+           else f"{a.mfu:.0%} of {a.peak_tflops:g} TFLOP/s") +
+          "; the reference pass runs once per run")
     print("| GPUs | pairs per GPU per step | time per epoch (min) | reference pass (min) |\n"
           "|---|---|---|---|")
     peak = a.peak_tflops * 1e12
@@ -244,6 +421,34 @@ def main(argv=None):
             epoch = steps * a.batch_size * (flops + fwd) / (W * peak * a.mfu)
         ref = a.pairs * ref_flops / (W * peak * a.mfu)
         print(f"| {W} | {per_gpu:g} | {epoch / 60:.1f} | {ref / 60:.1f} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=5000)
+    ap.add_argument("--batch_size", type=int, default=32, help="global pairs per optimizer step")
+    ap.add_argument("--prompt_text", type=int, default=60, help="text tokens; the image adds 2,868")
+    ap.add_argument("--response_tokens", type=int, default=250)
+    ap.add_argument("--lora_r", type=int, default=128)
+    ap.add_argument("--lora_alpha", type=float, default=256.0)
+    ap.add_argument("--context_gb", type=float, default=1.0, help="assumed: CUDA context, cuBLAS "
+                    "workspace, allocator fragmentation")
+    ap.add_argument("--nccl_gb", type=float, default=1.0, help="assumed: NCCL buffers (> 1 GPU)")
+    ap.add_argument("--peak_tflops", type=float, default=989.0, help="H100 SXM dense bf16")
+    ap.add_argument("--mfu", type=float, default=0.40, help="assumed share of peak, FLOPs executed")
+    ap.add_argument("--step_s", type=float, default=0.0, help="measured s/step (bench_gpu.py)")
+    ap.add_argument("--measured_batch", type=int, default=2)
+    ap.add_argument("--check", type=parse_bool, default=False, help="measure on CPU (~1 min, 5 GB)")
+    ap.add_argument("--measure", default="")  # internal: width,layers,tower_full,prompt,response
+    a = ap.parse_args(argv)
+    if a.measure:
+        w, n, full, p, r = (int(x) for x in a.measure.split(","))
+        print(json.dumps(measure(w, n, bool(full), p, r)))
+        return
+    _, _, rows = table(a)
+    goal(rows)
+    epoch_time(a)
     if a.check:
         check()
 
