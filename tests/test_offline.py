@@ -1,5 +1,6 @@
 """Offline alignment: the losses, preference data (native files, converters, the world's corruption set), packed pair
 scoring, and train_offline.py end to end (DDP equals one process, kill + resume equals an uninterrupted run)."""
+import dataclasses
 import json
 import math
 import os
@@ -336,6 +337,19 @@ def test_a_full_disk_names_the_state_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
         to.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, to.Ranks()).save(0, final=True)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+
+def test_resume_names_a_state_of_other_trainable_tensors(tmp_path):
+    """The trainable tensors load with strict=False (the frozen ones are not saved): a state whose names differ
+    from what this model trains is an error, not a run that silently continues from the base."""
+    cfg = to.Config(out_dir=str(tmp_path), resume=True)
+    pm = to.PairModel(VLM.from_pretrained(world.BASE_MODEL))
+    pm.requires_grad_(False)
+    pm.vlm.lm_head.requires_grad_(True)
+    torch.save(dict(step=0, model={"vlm.lm_head.bias": torch.zeros(1)}, optimizer={},
+                    config=dataclasses.asdict(cfg)), tmp_path / "state.pt")
+    with pytest.raises(UserError, match=r"state\.pt does not hold this model's trainable tensors: 2 differ"):
+        to.Checkpoint(cfg, pm, None, to.Ranks()).resume(10)
 
 
 def test_ties_are_counted_and_skipped(tmp_path, capsys):
