@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import socket
 import sys
 import time
@@ -35,9 +36,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
 import data
@@ -81,7 +81,8 @@ class Config:
                                           # trains, AdamW's moments and log-probs stay fp32 (float16: refused)
     grad_ckpt: bool = False      # recompute each decoder layer in the backward pass
     fsdp: bool = False           # shard parameters, gradients and optimizer state (FSDP2); else DDP
-    save_every: int = 50         # steps between checkpoints; the last step always saves
+    save_every: int = 50         # steps between saves of the training state; the last step saves it and the
+                                 # merged checkpoint
     resume: bool = False         # continue from out_dir's training state, with its settings
     overwrite: bool = False      # a fresh run may replace the run already in out_dir
     eval_n: int = 500            # world data: scenes of the world report before and after; 0: none
@@ -130,7 +131,7 @@ def main(argv=None):
         rec = log.write(step, lr=lr, grad_norm=norm, epoch=(step + 1) * cfg.batch_size / len(train_idx))
         bar.set_postfix(bar_postfix(rec))  # the step's metrics, already on the host
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
-            ckpt.save(step)
+            ckpt.save(step, final=step == steps - 1)
     held = {}
     if val_idx:  # held-out pairwise accuracy: the reward model's (Table 7) or the implicit reward's
         held = log.write(steps - 1, **evaluate_pairs(cfg, pm, items, val_idx, B, ref, ranks), prefix="eval/")
@@ -450,7 +451,8 @@ def resumable_config(cls, argv=None, doc=None):
 
 
 class Checkpoint:
-    """out_dir/checkpoint (HF layout, atomic) and out_dir/state.pt (the rest, for --resume)."""
+    """out_dir/state.pt (what trains, the optimizer and the step, for --resume) at every save; out_dir/checkpoint
+    (HF layout, adapters merged, atomic) once, at the last step."""
 
     def __init__(self, cfg, pm, opt, ranks):
         self.cfg, self.pm, self.opt, self.ranks = cfg, pm, opt, ranks
@@ -464,6 +466,11 @@ class Checkpoint:
         if changed := sorted(k for k, v in st["config"].items()
                              if k not in VOLATILE and getattr(self.cfg, k, v) != v):
             raise M.UserError(f"--resume: {self.state} was written with different settings: {changed}")
+        want = {n for n, p in self.pm.named_parameters() if p.requires_grad}
+        if odd := sorted(set(st["model"]) ^ want):  # strict=False below would skip them silently
+            raise M.UserError(f"--resume: {self.state} does not hold this model's trainable tensors: "
+                             f"{len(odd)} differ, e.g. {odd[:3]}")
+        # the trainable tensors onto the base just loaded (FSDP2: each rank takes its shards)
         set_model_state_dict(self.pm, st["model"], options=StateDictOptions(full_state_dict=True, strict=False))
         set_optimizer_state_dict(self.pm, self.opt, st["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -472,18 +479,21 @@ class Checkpoint:
             return None
         return st["step"] + 1
 
-    def save(self, step):
-        """The HF checkpoint first, then the state: a kill between the two resumes the older."""
+    def save(self, step, final=False):
+        """The state of what trains, never the frozen model (a save mid-run of a 7B LoRA run is its
+        adapters and their AdamW moments, not 28 GB). `final` (the last step) writes the merged HF
+        checkpoint first, then the state: a kill between the two resumes the older state, whose run
+        ends by writing the checkpoint again."""
         pm, cfg = self.pm, self.cfg
-        with unsharded(pm):
-            if self.ranks.rank == 0:
-                pm.vlm.files["train_config.json"] = json.dumps(dataclasses.asdict(cfg), indent=2)
-                if pm.score is not None:  # the reward head, saved beside the LLM's tensors
-                    pm.vlm.extra["score.weight"] = pm.score.weight.detach().cpu()
-                pm.vlm.save_pretrained(os.path.join(cfg.out_dir, "checkpoint"))
-        trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
-        st = dict(step=step, model={k: v for k, v in get_model_state_dict(pm, options=STATE).items()
-                                    if k in trainable},
+        hf_dir = os.path.join(cfg.out_dir, "checkpoint")
+        if final:
+            with unsharded(pm):
+                if self.ranks.rank == 0:
+                    pm.vlm.files["train_config.json"] = json.dumps(dataclasses.asdict(cfg), indent=2)
+                    if pm.score is not None:  # the reward head, saved beside the LLM's tensors
+                        pm.vlm.extra["score.weight"] = pm.score.weight.detach().cpu()
+                    pm.vlm.save_pretrained(hf_dir)
+        st = dict(step=step, model=trainable_state(pm),
                   optimizer=get_optimizer_state_dict(pm, self.opt, options=STATE), config=dataclasses.asdict(cfg))
         if self.ranks.rank == 0:
             try:
@@ -493,6 +503,19 @@ class Checkpoint:
                     os.remove(self.state + ".tmp")  # its space back, so that a later save can fit
                 raise OSError(f"cannot write {self.state}.tmp: {e}") from e
             os.replace(self.state + ".tmp", self.state)
+            if not final and os.path.isdir(hf_dir):  # an earlier run's (--overwrite): out_dir/checkpoint is
+                shutil.rmtree(hf_dir)  # this run's final model or nothing, never an older model mid-run
+
+
+def trainable_state(pm):
+    """{name: full tensor on the host} of the parameters that train (LoRA A/B, the projector when it trains,
+    a head), in their own dtype. FSDP2: each one gathered alone from its shards; a frozen one never is."""
+    out = {}
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
+    return out
 
 
 @contextlib.contextmanager

@@ -88,7 +88,8 @@ class Config:
     warmup: int = 10              # linear warm-up steps, then cosine decay to 0
     dtype: Literal[M.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
     fsdp: bool = False            # shard parameters, gradients and optimizer state (FSDP2); else DDP
-    save_every: int = 50          # steps between checkpoints; the last step always saves
+    save_every: int = 50          # steps between saves of the training state; the last step saves it and the
+                                  # merged checkpoint
     resume: bool = False          # continue from out_dir's training state, with its settings
     overwrite: bool = False       # a fresh run may replace the run already in out_dir
     eval_n: int = 500             # world data: scenes of the world report before and after; 0: none
@@ -168,7 +169,7 @@ def main(argv=None):
                 f"Check that the annotator fits --data {cfg.data} and read its replies"
                 + (f" in {cfg.out_dir}/annotator.jsonl" if cfg.annotator.startswith("api:") else ""))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
-            ckpt.save(step)
+            ckpt.save(step, final=step == steps - 1)
     log.close()
     ranks.print(summary(steps, rec, cfg.out_dir))
     if ranks.rank == 0 and cfg.data == "world" and cfg.eval_n:

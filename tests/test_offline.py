@@ -336,7 +336,23 @@ def test_a_full_disk_names_the_state_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
         to.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, to.Ranks()).save(0)
+    assert sorted(os.listdir(tmp_path)) == []  # a save mid-run writes the state only
+    with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
+        to.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, to.Ranks()).save(0, final=True)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+
+def test_resume_names_a_state_of_other_trainable_tensors(tmp_path):
+    """The trainable tensors load with strict=False (the frozen ones are not saved): a state whose names differ
+    from what this model trains is an error, not a run that silently continues from the base."""
+    cfg = to.Config(out_dir=str(tmp_path), resume=True)
+    pm = to.PairModel(VLM.from_pretrained(world.BASE_MODEL))
+    pm.requires_grad_(False)
+    pm.vlm.lm_head.requires_grad_(True)
+    torch.save(dict(step=0, model={"vlm.lm_head.bias": torch.zeros(1)}, optimizer={},
+                    config=dataclasses.asdict(cfg)), tmp_path / "state.pt")
+    with pytest.raises(UserError, match=r"state\.pt does not hold this model's trainable tensors: 2 differ"):
+        to.Checkpoint(cfg, pm, None, to.Ranks()).resume(10)
 
 
 def test_ties_are_counted_and_skipped(tmp_path, capsys):
@@ -737,6 +753,146 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
     got = run_metrics(str(tmp_path / "cache" / "metrics.jsonl"))[0]
     assert got["rewards/chosen"] == got["rewards/rejected"] == got["rewards/accuracies"] == 0  # exactly: no c > r
     same([got], run_metrics(str(tmp_path / "off" / "metrics.jsonl")), tol=1e-6)
+
+
+def record_saves(monkeypatch, out, stop_at=None):
+    """Wraps Checkpoint.save: after each save, what out_dir holds (a list of dicts, one a save); a save at step
+    `stop_at` then raises Stopped, as a kill right after it would."""
+    seen, real = [], to.Checkpoint.save
+
+    def save(self, step, final=False):
+        real(self, step, final)
+        seen.append(dict(step=step, final=final, bytes=os.path.getsize(out / "state.pt"),
+                         hf=os.path.exists(out / "checkpoint"), st=torch.load(out / "state.pt", weights_only=True)))
+        if step == stop_at:
+            raise Stopped
+    monkeypatch.setattr(to.Checkpoint, "save", save)
+    return seen
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_saves_mid_run_hold_only_what_trains(tmp_path, monkeypatch):
+    """Issue 29 item 4: a save mid-run is state.pt alone: the trainable tensors and their AdamW moments, at most
+    3.1x the trainable parameters' fp32 bytes, no frozen tensor and no merged checkpoint. The last step writes the
+    merged checkpoint, which transformers loads with the logits of the base plus state.pt's trainable tensors; a
+    run resumed from a save mid-run ends with the uninterrupted run's tensors, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)  # an older run's (as under --overwrite): gone at the first save
+    (out / "checkpoint" / "config.json").write_text("{}")
+    seen = record_saves(monkeypatch, out)
+    argv = SMALL + ["--steps", "3", "--save_every", "1", "--out_dir", str(out), "--cache_dir", str(tmp_path / "c")]
+    to.main(argv)
+    assert [(s["step"], s["final"], s["hf"]) for s in seen] == [(0, False, False), (1, False, False), (2, True, True)]
+    pm, _, _ = to.build_policy(to.Config(), to.Ranks())  # the same model: the base, adapters, projector
+    trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    n_train = sum(p.numel() for p in trainable.values())
+    assert any("lora_A" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    for s in seen:
+        st = s["st"]
+        assert s["bytes"] <= 3.1 * 4 * n_train, (s["bytes"], 4 * n_train)
+        assert set(st["model"]) == set(trainable) == set(st["optimizer"]["state"])
+        tensors = list(st["model"].values()) + [t for v in st["optimizer"]["state"].values() for t in v.values()]
+        assert all(t.dtype == torch.float32 for t in tensors)
+        assert sum(t.numel() for t in tensors) == 3 * n_train + len(trainable)  # weights, 2 moments, AdamW's steps
+    # the final checkpoint: transformers' logits equal the base's with state.pt's trainable tensors put in
+    pm.load_state_dict(seen[-1]["st"]["model"], strict=False)
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(str(out / "checkpoint")).eval()
+    ex = [world.World(0).example("broken", i) for i in range(2)]
+    batch = pm.vlm.prepare([e["messages"][0]["content"].removeprefix("<image>\n") for e in ex],
+                           [e["image"] for e in ex])
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = pm.vlm(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"])
+        b = theirs(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                   attention_mask=batch["attention_mask"], position_ids=pos).logits
+    m = batch["attention_mask"].bool()
+    assert (a[m] - b[m]).abs().max().item() < 1e-4
+    # exact resume from the save of step 1: the same final tensors and moments
+    torch.save(seen[1]["st"], out / "state.pt")
+    to.main(argv + ["--resume", "true"])
+    assert (seen[-1]["step"], seen[-1]["hf"]) == (2, True)
+    for k, v in seen[2]["st"]["model"].items():
+        assert torch.equal(seen[-1]["st"]["model"][k], v), k
+        for name, t in seen[2]["st"]["optimizer"]["state"][k].items():
+            assert torch.equal(seen[-1]["st"]["optimizer"]["state"][k][name], t), (k, name)
+
+
+def test_fsdp_resumes_a_save_mid_run_and_saves_what_trains(tmp_path, monkeypatch):
+    """FSDP2 on 2 gloo ranks resumes a one-process run's save of step 0 (the trainable tensors, full, onto each
+    rank's shards) and continues it: the same losses, and its saves (each trainable tensor gathered alone) equal
+    the one-process run's."""
+    common = SMALL + ["--steps", "3", "--save_every", "1", "--fsdp", "true", "--cache_dir", str(tmp_path / "c")]
+    to.main(common + ["--out_dir", str(tmp_path / "one")])  # one process: --fsdp has no effect
+    record_saves(monkeypatch, tmp_path / "two", stop_at=0)
+    with pytest.raises(Stopped):
+        to.main(common + ["--out_dir", str(tmp_path / "two")])
+    torchrun(2, common + ["--out_dir", str(tmp_path / "two"), "--resume", "true"])
+    same(run_metrics(str(tmp_path / "one" / "metrics.jsonl")), run_metrics(str(tmp_path / "two" / "metrics.jsonl")),
+         tol=1e-4)
+    a, b = (torch.load(tmp_path / d / "state.pt", weights_only=True) for d in ("one", "two"))
+    assert a["step"] == b["step"] == 2 and set(a["model"]) == set(b["model"])
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], atol=1e-5), k
+        for name, t in a["optimizer"]["state"][k].items():
+            assert torch.allclose(t, b["optimizer"]["state"][k][name], atol=1e-6), (k, name)
+    VLM.from_pretrained(str(tmp_path / "two" / "checkpoint"))
+
+
+# Under torchrun, 2 ranks: FSDP2's model and one optimizer step, then a save mid-run that counts what it gathers
+SAVE_UNDER_FSDP = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+import train_offline as to
+gathered, unshards = [], []
+full_tensor = DTensor.full_tensor
+unshard = FSDPModule.unshard
+
+
+def counted_full_tensor(self, *a, **k):
+    gathered.append(self.shape.numel())
+    return full_tensor(self, *a, **k)
+
+
+def counted_unshard(self, *a, **k):
+    unshards.append(1)
+    return unshard(self, *a, **k)
+
+
+DTensor.full_tensor = counted_full_tensor
+FSDPModule.unshard = counted_unshard
+cfg = to.Config(out_dir=sys.argv[1], fsdp=True)
+ranks = to.Ranks()
+pm, model, opt = to.build_policy(cfg, ranks)
+for p in pm.parameters():
+    if p.requires_grad:
+        p.grad = torch.ones_like(p)
+opt.step()
+to.Checkpoint(cfg, pm, opt, ranks).save(0)
+if ranks.rank == 0:
+    train = [p for p in pm.parameters() if p.requires_grad]
+    with open(sys.argv[1] + "/counts.json", "w") as f:
+        json.dump(dict(gathered=sorted(gathered), unshards=len(unshards), trainable=sorted(p.numel() for p in train),
+                       sharded=all(isinstance(p, DTensor) for p in train)), f)
+ranks.end()
+"""
+
+
+def test_a_save_under_fsdp_gathers_only_what_trains(tmp_path):
+    """FSDP2 on 2 ranks: a save mid-run gathers each trainable tensor once (DTensor.full_tensor) and unshards no
+    unit: the frozen model is never gathered."""
+    script = tmp_path / "save.py"
+    script.write_text(SAVE_UNDER_FSDP.format(root=ROOT))
+    torchrun(2, [str(tmp_path)], script=str(script))
+    got = json.loads((tmp_path / "counts.json").read_text())
+    assert got["sharded"] and got["unshards"] == 0 and got["gathered"] == got["trainable"]
+    assert sorted(os.listdir(tmp_path)) == ["counts.json", "save.py", "state.pt"]
 
 
 def test_grad_checkpointing_is_exact_and_bf16_runs(tmp_path):
