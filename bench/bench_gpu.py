@@ -17,8 +17,9 @@ Rows (--part, comma-separated; all by default):
   checkpoint load swapped for random weights of the 7B geometry, made where they run: writing a 7B
   checkpoint to read back would take minutes), reference_logps (the cached reference, in a
   temporary --cache_dir), by_length, PairModel, pair_loss, pair_stats and optimizer_step, as
-  main() calls them. s/step, MFU, peak memory, and the max |Δ| between the cached reference's
-  log-probs and the policy's at step 0 (the same weights there: any gap is precision).
+  main() calls them. s/step, MFU, peak memory (allocated, over the build, the reference pass and
+  the steps), and the max |Δ| between the cached reference's log-probs and the policy's at step 0
+  (the same weights there: any gap is precision).
 - kernel: the attention a packed pair's mask gets: the attention ops the LLM's forward calls (from
   the profiler; a Flex path shows there as well), model.py's Flex switch if it has one, which SDPA
   backends accept the mask when forced (sdpa_kernel), and one layer's attention with the mask
@@ -411,6 +412,8 @@ def dpo_row(a, dev, peak, ranks):
                 gap = (token_lp.detach().sum(-1).cpu() - ref[idx]).abs().max()
                 delta = max(delta, float(gap))
                 cpu = to.to(batch, "cpu")
+                # the frozen base's matmuls: 6·N·T, the standard count (2·N·T forward + 4·N·T
+                # backward), for "MFU"; 4·N·T, what the step computes (no weight grads), "MFU 4NT"
                 flops += step_flops(vlm, cpu, n_img, base=6) * W
                 flops_4nt += step_flops(vlm, cpu, n_img) * W
                 tokens += int((cpu["segment"] >= 0).sum()) * W
@@ -643,6 +646,8 @@ def main(argv=None):
     parts = PARTS if a.part == "all" else a.part.split(",")
     if bad := [p for p in parts if p not in PARTS]:
         ap.error(f"--part {a.part}: {bad} not among {', '.join(PARTS)} (or all)")
+    if a.steps < 1 or a.new_tokens < 2 or a.reps < 1:
+        ap.error("--steps, --reps >= 1 and --new_tokens >= 2: a row needs something to time")
     a.image_hw = (40, 53) if a.tiny else (480, 640)
     if a.tiny:
         a.prompt_text, a.response_tokens = min(a.prompt_text, 8), min(a.response_tokens, 12)
