@@ -1,5 +1,7 @@
-"""The GPU bench script at a tiny geometry on CPU (its decode, LoRA DPO step and FSDP2 paths), the
-FLOPs' attention term, and the memory model's activations against the tensors autograd saves."""
+"""The GPU check at a tiny geometry on CPU (each of its rows, their independence, the FSDP2 path,
+the sync counter), the FLOPs' attention term, and the memory model's activations against the
+tensors autograd saves."""
+import json
 import math
 import os
 import re
@@ -26,23 +28,81 @@ def table_rows(text, first):
             if line.startswith(f"| {first}")]
 
 
-def test_gpu_bench_runs_tiny_on_cpu(capsys):
-    bench_gpu.main(TINY + ["--fsdp_ranks", "0", "--peak_tflops", "1", "--bandwidth_gbs", "10"])
-    out = capsys.readouterr().out
-    (decode,) = table_rows(out, "tiny")
-    assert float(decode[2]) > 0 and decode[5].endswith("%")  # tok/s and the roofline share
-    (step,) = table_rows(out, "1 ")
-    tokens_s, tflop = float(step[2].replace(",", "")), float(step[3])
-    assert tokens_s > 0 and math.isfinite(tflop) and tflop > 0
+def test_gpu_bench_runs_tiny_on_cpu(capsys, tmp_path):
+    """Every row of the GPU check at tiny shapes: the markdown table and the JSON agree, no row fails."""
+    out = str(tmp_path / "gpu.json")
+    bench_gpu.main(TINY + ["--fsdp_ranks", "0", "--peak_tflops", "1", "--bandwidth", "10",
+                           "--out", out])
+    text = capsys.readouterr().out
+    with open(out) as f:
+        rows = json.load(f)["rows"]
+    assert list(rows) == list(bench_gpu.PARTS)
+    assert not [k for k, r in rows.items() if "error" in r], rows
+    assert len(table_rows(text, "")) == 1 + len(rows)  # the header, then a line per row
+    p = rows["parity"]  # bf16 on both sides: a few units in the last place of logits near 1
+    assert p["max_abs_delta"] <= 0.02 and isinstance(p["greedy_equal"], bool)
+    d = rows["dpo"]
+    assert d["s_per_step"] > 0 and d["tflop_per_step"] > 0 and d["mfu_4nt"] < d["mfu_6nt"]
+    assert math.isfinite(d["ref_delta"])
+    k = rows["kernel"]
+    assert k["accepted"]["math"] and any("scaled_dot_product" in o for o in k["ops"])
+    s = rows["syncs"]
+    assert s["counts"][1] > 0 and 0 <= s["per_token"] <= 1  # at most one sync a token
+    dec = rows["decode"]
+    assert dec["tok_s"] > 0 and 0 < dec["share"] and f"| {dec['title']} |" in text
 
 
-def test_gpu_bench_fsdp_on_two_ranks():
+def test_gpu_bench_step0_reference_is_the_policy_in_fp32(tmp_path):
+    """In fp32 the cached reference (train_offline.reference_logps) is the policy at step 0."""
+    out = str(tmp_path / "gpu.json")
+    rows = bench_gpu.main(TINY + ["--part", "dpo", "--autocast", "false", "--out", out])
+    assert rows["dpo"]["ref_delta"] == 0.0 and rows["dpo"]["rewards_chosen"] == 0.0
+
+
+def test_gpu_bench_rows_fail_alone(monkeypatch, capsys):
+    """A failing row prints its error in its cells; the rows after it still run. Without
+    transformers, or without its LLaVA-NeXT class, the parity row says n/a and why."""
+    def broken(*args):
+        raise RuntimeError("no kernel today")
+    monkeypatch.setattr(bench_gpu, "kernel_row", broken)
+    monkeypatch.setitem(bench_gpu.HF_CLASSES, "llava_next", "NoSuchModelClass")
+    rows = bench_gpu.main(TINY + ["--part", "parity,kernel,syncs"])
+    text = capsys.readouterr().out
+    assert rows["kernel"]["error"] == "RuntimeError: no kernel today"
+    assert "| error | RuntimeError: no kernel today |" in text
+    assert rows["syncs"]["per_token"] >= 0
+    assert rows["parity"]["result"] == "n/a" and "NoSuchModelClass" in rows["parity"]["detail"]
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers: ImportError
+    rows = bench_gpu.main(TINY + ["--part", "parity"])
+    assert rows["parity"]["result"] == "n/a" and "transformers" in rows["parity"]["detail"]
+
+
+def test_sync_count_counts_host_reads_and_restores_tensor():
+    x = torch.ones(3)
+    before = {n: vars(torch.Tensor).get(n) for n in bench_gpu.SyncCount.CALLS}
+    with bench_gpu.SyncCount(torch.device("cpu")) as c:
+        x.sum().item(), bool(x[0]), x.tolist(), int(x[1]), float(x[2])
+        y = x * 2  # no host read
+    assert c.n == 5 and y.sum() == 6
+    assert {n: vars(torch.Tensor).get(n) for n in bench_gpu.SyncCount.CALLS} == before
+    x[0].item()
+    assert c.n == 5  # the counter is gone after the block
+
+
+def test_gpu_bench_fsdp_on_two_ranks(tmp_path):
+    """The dpo row under torchrun on 2 gloo ranks (FSDP2 through build_policy), its own JSON file."""
+    out = str(tmp_path / "gpu.json")
     cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), *TINY, "--part", "dpo",
-           "--fsdp_ranks", "2"]
+           "--fsdp_ranks", "2", "--out", out]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "FSDP2 on 2 cpu device(s)" in p.stdout
-    assert re.search(r"^\| 2 \| [0-9.]+ \| [0-9,]+ \|", p.stdout, re.M)
+    assert "failed" not in p.stdout
+    with open(str(tmp_path / "gpu-fsdp2.json")) as f:
+        dpo = json.load(f)["rows"]["dpo"]
+    assert "error" not in dpo, dpo
+    assert "2 cpu device(s), FSDP2" in dpo["detail"] and dpo["s_per_step"] > 0
+    assert re.search(r"^\| LoRA DPO step, train_offline \(tiny, 2 device\(s\)\) \| [0-9.]+ s/step",
+                     p.stdout, re.M)
 
 
 def test_flops_count_the_pairs_the_packed_mask_allows():
