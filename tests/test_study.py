@@ -235,3 +235,26 @@ def test_every_compared_metric_has_a_margin():
     assert study.margin("b/chair_i") == study.MARGINS["chair_i"]
     with pytest.raises(KeyError, match="no margin for 'nope'"):
         study.margin("nope")
+
+
+def test_main_writes_the_file_study_figures_and_readme(tmp_path, monkeypatch):
+    """python study.py's whole path with fake runs: the per-run file, STUDY.md's blocks, figures, README's block."""
+    def fake_row(cfg, table, row, cmds, seed, train=0):
+        res = {m: fake_value(row, m, seed, train) for m in BASE_VALUES}
+        return res | {"pairs_kept": 700} if row.startswith("Online") else res
+    monkeypatch.setattr(study, "run_row", fake_row)
+    monkeypatch.chdir(tmp_path)
+    pathlib.Path("STUDY.md").write_text("<!-- table:main -->\n<!-- /table:main -->\n")
+    pathlib.Path("README.md").write_text("<!-- study:headline -->\n<!-- /study:headline -->\n")
+    study.main(["--tables", "main,twin,online"])
+    runs = study.read_runs("study_runs.csv")
+    assert set(runs) == {"main", "twin", "online"}
+    assert set(runs["main"]["BDHS, DPO + NLL (the main job)"]) == {(s, j) for s in range(3, 8) for j in (0, 1)}
+    assert set(runs["main"]["shortcut baseline (no training)"]) == {(s, None) for s in range(3, 8)}
+    assert set(runs["online"]["Online-DPO (rule)"]) == {(s, j) for s in (3, 4, 5) for j in (0, 1)}
+    text = pathlib.Path("STUDY.md").read_text()
+    assert "World seeds 3, 4, 5, 6, 7 × training seeds 0, 1" in study.block_of(text, "main")
+    assert "holds" in study.block_of(text, "verdicts") and os.path.exists("figures/main.png")
+    check_headline(pathlib.Path("README.md").read_text(), text)
+    study.main(["--tables", "main", "--seeds", "0"])  # a dev seed: printed, nothing written
+    assert study.read_runs("study_runs.csv") == runs
