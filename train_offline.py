@@ -48,11 +48,15 @@ import world
 from model import VLM, non_defaults
 
 
+WORLD_DATA = ("world", "bdhs", "bdhs+world", "world+partners")  # --data built from the world, not read
+
+
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
     template: str = ""           # chat template: vicuna | llava | mistral | chatml; "": the model's own
-    data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl,
+    data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), world+partners
+                                 # (opt-in: partner-present pairs too, world.partner_pairs), a .jsonl,
                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""         # what a .jsonl's relative image paths resolve against (default: its
                                  # folder); a release's images (COCO for POVID...; default: images/ by it)
@@ -137,7 +141,7 @@ def main(argv=None):
         held = log.write(steps - 1, **evaluate_pairs(cfg, pm, items, val_idx, B, ref, ranks), prefix="eval/")
     log.close()
     ranks.print(summary(steps, rec, cfg.out_dir, held))
-    if ranks.rank == 0 and cfg.data in ("world", "bdhs", "bdhs+world") and cfg.loss != "rm" and cfg.eval_n:
+    if ranks.rank == 0 and cfg.data in WORLD_DATA and cfg.loss != "rm" and cfg.eval_n:
         ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
                         cfg.eval_n, cfg.out_dir, cfg.cache_dir)
     del model
@@ -253,6 +257,8 @@ def load_pairs(cfg: Config, vlm: VLM, ranks):
     """-> items (tokenized once), training and held-out indices."""
     if cfg.data == "world":
         recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
+    elif cfg.data == "world+partners":  # opt-in: a share of partner-present pairs (world.partner_pairs)
+        recs = world.world_partner_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
     elif cfg.data in ("bdhs", "bdhs+world"):
         recs = bdhs_pairs(cfg, vlm, ranks)
     else:
@@ -690,7 +696,7 @@ def setup(cfg):
     ranks.print(f"settings other than the defaults: {json.dumps(non_defaults(cfg))}")
     cfg.cache_dir = cfg.cache_dir or M.cache_home()
     ranks.print(f"cache: {cfg.cache_dir} (--cache_dir, ${M.CACHE_ENV})")
-    if cfg.data not in ("world", "bdhs", "bdhs+world"):
+    if cfg.data not in WORLD_DATA:
         data.check_spec(cfg.data)
     if cfg.batch_size % (ranks.W * cfg.grad_accum):
         raise M.UserError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "

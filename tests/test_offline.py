@@ -541,6 +541,13 @@ def test_dpo_trains_saves_and_caches_reference(tmp_path):
     same(run_metrics(os.path.join(out2, "metrics.jsonl")), run_metrics(str(tmp_path / "run3" / "metrics.jsonl")))
 
 
+def test_world_partners_data_trains(tmp_path, capsys):
+    """--data world+partners (opt-in) builds its pairs from the world, as --data world does, and trains."""
+    out = str(tmp_path / "run")
+    to.main(SMALL + ["--data", "world+partners", "--steps", "1", "--out_dir", out, "--cache_dir", str(tmp_path / "c")])
+    assert '"pairs": 64' in capsys.readouterr().out and len(run_metrics(os.path.join(out, "metrics.jsonl"))) == 1
+
+
 def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(tmp_path, monkeypatch, capsys):
     """Without --cache_dir the reference log-probs go to $MMALIGN_CACHE (printed at the start), never
     the current directory; the bar shows each step's loss; the run closes with its steps, final loss

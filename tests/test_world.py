@@ -172,6 +172,24 @@ def test_world_corruptions():
     assert [r["rejected"] for r in W.world_pairs(W.World(0), 5)] == [r["rejected"] for r in recs[:5]]
 
 
+def test_partner_pairs_reject_the_shortcuts_answer():
+    """world+partners (opt-in): scenes with a usual pair present; the chosen names the partner, the rejected is
+    what world.Shortcut says (no, or the description without the second of each pair); the default data unchanged."""
+    recs = W.partner_pairs(W.World(0), 60)
+    assert {r["meta"]["kind"] for r in recs} == {"exist", "describe"}
+    for r in recs:
+        c = r["meta"]["category"]
+        if r["meta"]["kind"] == "exist":
+            assert r["chosen"] == f"Yes, there is {W.an(c)}." and r["rejected"] == f"No, there is no {c}."
+        else:  # both of a pair named in the truth; the rejected drops the second, as the shortcut does
+            assert c in W.mentioned(r["chosen"]) and W.PARTNER[c] in W.mentioned(r["chosen"])
+            assert r["rejected"] == W.drop_second_of_pairs(r["chosen"]) != r["chosen"]
+            assert W.mentioned(r["rejected"]) < W.mentioned(r["chosen"])
+    mixed = W.world_partner_pairs(W.World(0), 40)  # PARTNER_SHARE 0.25: 30 corruption-set records, 10 partner ones
+    assert [r["rejected"] for r in mixed[:30]] == [r["rejected"] for r in W.world_pairs(W.World(0), 30)]
+    assert [r["id"] for r in mixed[30:]] == [r["id"] for r in recs[:10]] and len({r["id"] for r in mixed}) == 40
+
+
 # -----------------------------------------------------------------------------
 # Tokenizer and batches
 
