@@ -86,7 +86,8 @@ class Config:
                                  # -1: 4 on CUDA, 0 on the host (in the loop)
     BOUNDS = dict(beta="> 0", rpo_alpha=">= 0", pairs=">= 1", steps=">= 0", epochs="> 0", batch_size=">= 1",
                   grad_accum=">= 1", lr=">= 0", lr_projector=">= 0", lora_r=">= 0", lora_alpha="> 0",
-                  warmup=">= 0", max_length=">= 1", save_every=">= 0", eval_n=">= 0", workers=">= -1")  # checked at parse
+                  warmup=">= 0", max_length=">= 1", save_every=">= 0", eval_n=">= 0",
+                  workers=">= -1")  # checked at parse
 
 
 def main(argv=None):
@@ -354,7 +355,8 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, j):
         step, micro = self.start + j // self.cfg.grad_accum, j % self.cfg.grad_accum
-        rows = [self.train_idx[i] for i in batch_rows(len(self.train_idx), self.cfg, step, micro, self.B, self.ranks)]
+        at = batch_rows(len(self.train_idx), self.cfg, step, micro, self.B, self.ranks)
+        rows = [self.train_idx[i] for i in at]
         parts = by_length(rows, self.items, self.device)  # rows of like lengths together: less padding
         return [(idx, data.collate_pairs(self.vlm, [self.items[i] for i in idx])) for idx in parts]
 
@@ -370,9 +372,10 @@ def micro_batches(cfg, vlm, items, train_idx, B, ranks, start, steps):
         workers = 4 if cuda else 0
     if not workers:
         return (ds[j] for j in range(n))
-    # batch_size None: each item is already a micro-step's batches; the data depend on j only (exact resume)
+    # batch_size None: each item is already a micro-step's batches; the data depend on j only (exact resume).
+    # Its own generator: the workers' seeds are not drawn from the global RNG, which stays as in the loop
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(n), num_workers=workers,
-                                            pin_memory=cuda))
+                                            pin_memory=cuda, generator=torch.Generator().manual_seed(cfg.seed)))
 
 
 def to(batch, device):
