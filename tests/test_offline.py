@@ -16,6 +16,7 @@ import torch
 
 import data
 import losses
+import model as M
 import world
 import train_offline as to
 from model import VLM, UserError, UserFileError
@@ -440,6 +441,23 @@ def test_packed_pairs_equal_separate_forwards(scored_model):
             assert abs(lp[b, k].item() - want) < 1e-4 * max(1, abs(want)), (b, k)
             assert n[b, k] == len(it["responses"][k])
             assert torch.allclose(sc[b, k], rm.score(last_h).squeeze(), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_packed_pairs_through_flex_attention(monkeypatch):
+    """CUDA's path for packed pairs (FlexAttention, here eager: forward only) gives the dense mask's log-probs on
+    the world's image pairs of unequal lengths, as the reference pass and evaluation run them."""
+    vlm = VLM.from_pretrained(world.BASE_MODEL).eval()
+    items, _ = data.prepare_pairs(vlm, world.world_pairs(world.World(0), 4))
+    batch = data.collate_pairs(vlm, items)
+    assert (batch["segment"] == -1).any()  # some rows padded
+    pm = to.PairModel(vlm)
+    with torch.no_grad():
+        dense = pm(**batch)[0]
+        monkeypatch.setattr(M, "FLEX_DEVICES", ("cuda", "cpu"))
+        flex = pm(**batch)[0]
+    assert (flex - dense).abs().max() <= 1e-5
+
 
 # -----------------------------------------------------------------------------
 # train_offline.py end to end
