@@ -295,8 +295,14 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:  # write this chunk at its slots, attend over every filled slot
             k, v = cache.write(layer, k, v)
-        # mask None = plain causal attention (nothing padded or hidden), which lets SDPA pick its fastest kernel
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.Hk != self.H)
+        if mask is None or torch.is_tensor(mask):
+            # mask None = plain causal attention (nothing padded or hidden), which lets SDPA pick its fastest kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.Hk != self.H)
+        else:  # a BlockMask (packed rows on CUDA, see `block_mask`). Autocast casts SDPA's inputs to one dtype
+            # but not FlexAttention's, and RoPE's fp32 tables may have promoted q and k: v's dtype is autocast's
+            y = flex_kernel(x.device.type)(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask,
+                                           enable_gqa=self.Hk != self.H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
 
@@ -334,7 +340,8 @@ class LanguageModel(nn.Module):
         self.checkpointing = False  # gradient checkpointing, one layer at a time
 
     def forward(self, x, positions, mask, cache=None):
-        """x (B, T, C) input embeddings, positions (B, T), mask (B, 1, T, S) bool over keys or None (causal)."""
+        """x (B, T, C) input embeddings, positions (B, T), mask (B, 1, T, S) bool over keys, a BlockMask
+        (FlexAttention) or None (causal)."""
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.checkpointing and self.training and cache is None:
@@ -388,6 +395,34 @@ def attention_mask_4d(key_mask, q_slots, sliding_window=None, segment=None):
         own = segment.gather(1, q_slots)[..., None]  # (B, Tq, 1): each query's segment
         allowed &= (segment[:, None, :] == 0) | (segment[:, None, :] == own)
     return (allowed | (s == q))[:, None]
+
+
+FLEX_DEVICES = ("cuda",)  # device types whose packed rows attend through FlexAttention (a test adds "cpu")
+
+
+def block_mask(key_mask, segment, sliding_window=None):
+    """`attention_mask_4d`'s mask for a packed forward without a cache (B, T), as a FlexAttention BlockMask:
+    its kernel skips the (128 x 128) blocks no query sees (above the diagonal, one response's queries against
+    another's keys) instead of computing all T x T scores as SDPA does under a dense mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def seen(b, h, q, s):  # one (query, key) pair; the same rule as attention_mask_4d
+        same = (segment[b, s] == 0) | (segment[b, s] == segment[b, q])
+        ok = (s <= q) & key_mask[b, s] & same
+        if sliding_window is not None:
+            ok = ok & (s > q - sliding_window)
+        return ok | (s == q)
+
+    B, T = segment.shape
+    return create_block_mask(seen, B, None, T, T, device=segment.device)
+
+
+@functools.cache
+def flex_kernel(device_type):
+    """FlexAttention compiled into a fused kernel on CUDA; elsewhere eager (a reference that materializes the
+    scores, forward only: what the CPU test compares with SDPA)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 # -----------------------------------------------------------------------------
 # LoRA (paper §2.2: r 128, alpha 256 on every LLM linear). Base weights keep their checkpoint names.
@@ -572,8 +607,12 @@ class VLM(nn.Module):
             q_slots = torch.arange(c.pos, c.pos + T, device=dev)
         else:
             keys, q_slots = visible, torch.arange(T, device=dev)
-        plain = c is None and segment is None and self.cfg.text.sliding_window is None and bool(visible.all())
-        mask = None if plain else attention_mask_4d(keys, q_slots.expand(B, T), self.cfg.text.sliding_window, segment)
+        window = self.cfg.text.sliding_window
+        plain = c is None and segment is None and window is None and bool(visible.all())
+        if c is None and segment is not None and dev.type in FLEX_DEVICES:  # packed rows: skip the masked blocks
+            mask = block_mask(keys, segment, window)
+        else:
+            mask = None if plain else attention_mask_4d(keys, q_slots.expand(B, T), window, segment)
         h = self.model.language_model(x, position_ids, mask, c)
         if c is not None:
             c.pos += T

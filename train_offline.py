@@ -29,6 +29,7 @@ import shutil
 import socket
 import sys
 import time
+import types
 import uuid
 from dataclasses import dataclass
 from typing import Literal
@@ -91,9 +92,12 @@ class Config:
     overwrite: bool = False      # a fresh run may replace the run already in out_dir
     eval_n: int = 500            # world data: scenes of the world report before and after; 0: none
     seed: int = 0                # LoRA's initialisation and the order of the pairs
+    workers: int = -1            # processes decoding the images ahead of the step, into pinned memory;
+                                 # -1: 4 on CUDA, 0 on the host (in the loop)
     BOUNDS = dict(beta="> 0", rpo_alpha=">= 0", pairs=">= 1", steps=">= 0", epochs="> 0", batch_size=">= 1",
                   grad_accum=">= 1", lr=">= 0", lr_projector=">= 0", lora_r=">= 0", lora_alpha="> 0",
-                  warmup=">= 0", max_length=">= 1", save_every=">= 0", eval_n=">= 0")  # checked at parse
+                  warmup=">= 0", max_length=">= 1", save_every=">= 0", eval_n=">= 0",
+                  workers=">= -1")  # checked at parse
 
 
 def main(argv=None):
@@ -117,13 +121,13 @@ def main(argv=None):
     amp = autocast(cfg, device)
     ranks.print(f"{steps} steps of {cfg.batch_size} pairs ({B} per micro-step per rank, {cfg.grad_accum} "
                 f"micro-steps, {ranks.W} ranks)" + (f", resuming at step {start}" if start else ""))
+    batches = micro_batches(cfg, vlm, items, train_idx, B, ranks, start, steps)
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.loss)
     for step in bar:
         for micro in range(cfg.grad_accum):
-            rows = [train_idx[i] for i in batch_rows(len(train_idx), cfg, step, micro, B, ranks)]
-            parts = by_length(rows, items)  # rows of like lengths together: less padding
-            for part, idx in enumerate(parts):
-                batch = to(data.collate_pairs(vlm, [items[i] for i in idx]), device)
+            parts = next(batches)  # [(rows, batch)]: one per forward (by_length)
+            for part, (idx, batch) in enumerate(parts):
+                batch = to(batch, device)
                 last = micro == cfg.grad_accum - 1 and part == len(parts) - 1  # all-reduce after it
                 with ranks.sync_grads(model, last), amp:
                     token_lp, scores = model(**batch)  # (b, K, L) every response's log-probs
@@ -136,6 +140,7 @@ def main(argv=None):
         bar.set_postfix(bar_postfix(rec))  # the step's metrics, already on the host
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
             ckpt.save(step, final=step == steps - 1)
+    del batches  # a DataLoader's workers end here
     held = {}
     if val_idx:  # held-out pairwise accuracy: the reward model's (Table 7) or the implicit reward's
         held = log.write(steps - 1, **evaluate_pairs(cfg, pm, items, val_idx, B, ref, ranks), prefix="eval/")
@@ -197,7 +202,7 @@ def pair_loss(cfg: Config, pm, batch, lp, scores, ref, idx):
     """-> per-pair losses (B,), chosen and rejected rewards; reference: ref[idx] or adapters off."""
     if cfg.loss == "rm":
         return losses.rm_loss(scores[:, 0], scores[:, 1])
-    ref_lp = ref[idx].to(lp.device) if ref is not None else reference(pm, batch)
+    ref_lp = ref[idx].to(lp.device, non_blocking=True) if ref is not None else reference(pm, batch)
     return losses.preference_loss(cfg.loss, lp.sum(-1), ref_lp, counts(batch), cfg.beta,
                                   rpo_alpha=cfg.rpo_alpha)
 
@@ -213,14 +218,15 @@ def objective_line(cfg: Config, K):
 
 
 def pair_stats(loss, c, r, token_lp, w=None):
-    """A micro-batch's metrics as [sum, count] under TRL's names; w: the pairs' weights (online)."""
+    """A micro-batch's metrics as [sum, count] under TRL's names; w: the pairs' weights (online). The
+    sums stay on the device, in fp64 (what Python's floats were), until `to_host` reads them all at once."""
     n = len(loss)
-    logps = token_lp.detach().sum(-1) if token_lp is not None else torch.zeros(n, 2)  # none: an RM
+    logps = token_lp.detach().sum(-1) if token_lp is not None else loss.new_zeros(n, 2)  # none: an RM
     stats = {"loss": loss.detach(), "rewards/chosen": c, "rewards/rejected": r,
              "rewards/margins": c - r, "rewards/accuracies": (c > r).float(),
              "logps/chosen": logps[:, 0], "logps/rejected": logps[:, 1]}
     if w is None:
-        return {k: [v.sum().item(), n] for k, v in stats.items()}
+        return {k: [v.detach().sum().double(), n] for k, v in stats.items()}
     return {k: [(v * w).sum().item(), w.sum().item()] for k, v in stats.items()}
 
 
@@ -228,6 +234,16 @@ def accumulate(sums, stats):
     """Adds {key: [sum, count]} into sums, in place."""
     for k, v in stats.items():
         sums[k] = [a + b for a, b in zip(sums.get(k, [0.0, 0]), v)]
+
+
+def to_host(sums, extra=None):
+    """-> sums {key: [sum, count]} and extra {key: value} with their 0-d tensors as Python floats, read
+    back in one host sync (a step's only one on a GPU) rather than one per value."""
+    extra = extra or {}
+    ts = [s for s, _ in sums.values() if torch.is_tensor(s)] + [v for v in extra.values() if torch.is_tensor(v)]
+    got = iter(torch.stack([t.double() for t in ts]).tolist() if ts else [])
+    sums = {k: [next(got) if torch.is_tensor(s) else s, n] for k, (s, n) in sums.items()}
+    return sums, {k: next(got) if torch.is_tensor(v) else v for k, v in extra.items()}
 
 
 @torch.no_grad()
@@ -245,7 +261,7 @@ def evaluate_pairs(cfg: Config, pm, items, val_idx, B, ref, ranks):
         if idx:  # ... and counts nothing
             accumulate(sums, pair_stats(loss, c, r, lp))
     pm.train()
-    tot = ranks.gather_sums(sums)
+    tot = ranks.gather_sums(to_host(sums)[0])
     return {k: tot[k][0] / max(tot[k][1], 1) for k in ("loss", "rewards/accuracies", "rewards/margins")}
 
 
@@ -337,13 +353,14 @@ def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
     return ref
 
 
-PARTS = 4  # on the world, 1.6x faster steps than one padded batch (2: 1.5x, 8: 1.5x)
+PARTS = 4  # on the world's CPU runs, 1.6x faster steps than one padded batch (2: 1.5x, 8: 1.5x)
 
 
-def by_length(rows, items):
-    """Rows sorted by length, cut in PARTS padded apart; as many on every rank (for FSDP)."""
+def by_length(rows, items, device="cpu"):
+    """Rows sorted by length, cut in PARTS padded apart; as many on every rank (for FSDP). On a GPU one
+    forward holds them all: padding costs less there than PARTS forwards (and FSDP gathers) do."""
     rows = sorted(rows, key=lambda i: length(items[i]))
-    k = max(1, min(PARTS, len(rows)))
+    k = max(1, min(PARTS if device == "cpu" else 1, len(rows)))
     return [rows[j * len(rows) // k:(j + 1) * len(rows) // k] for j in range(k)]
 
 
@@ -351,8 +368,45 @@ def length(item):
     return len(item["prompt"]) + sum(map(len, item["responses"]))  # a pair's packed row
 
 
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-step j of a run from step `start`: [(rows, collated batch)], one per forward. It keeps only
+    what collate_pairs reads of the VLM and batch_rows of Ranks, so that DataLoader workers get a copy."""
+
+    def __init__(self, cfg, vlm, items, train_idx, B, ranks, start):
+        self.cfg, self.items, self.train_idx, self.B, self.start = cfg, items, train_idx, B, start
+        self.vlm = types.SimpleNamespace(image_processor=vlm.image_processor)
+        self.ranks = types.SimpleNamespace(W=ranks.W, rank=ranks.rank)
+        self.device = ranks.device.split(":")[0]
+
+    def __getitem__(self, j):
+        step, micro = self.start + j // self.cfg.grad_accum, j % self.cfg.grad_accum
+        at = batch_rows(len(self.train_idx), self.cfg, step, micro, self.B, self.ranks)
+        rows = [self.train_idx[i] for i in at]
+        parts = by_length(rows, self.items, self.device)  # rows of like lengths together: less padding
+        return [(idx, data.collate_pairs(self.vlm, [self.items[i] for i in idx])) for idx in parts]
+
+
+def micro_batches(cfg, vlm, items, train_idx, B, ranks, start, steps):
+    """An iterator over the micro-steps' batches from step `start` to `steps`: decoded in the loop on the
+    host; on CUDA (or with --workers N) in a DataLoader's processes, ahead of the step, pinned for the copy."""
+    ds = MicroBatches(cfg, vlm, items, train_idx, B, ranks, start)
+    n = (steps - start) * cfg.grad_accum
+    cuda = ranks.device.startswith("cuda")
+    workers = cfg.workers
+    if workers < 0:
+        workers = 4 if cuda else 0
+    if not workers:
+        return (ds[j] for j in range(n))
+    # batch_size None: each item is already a micro-step's batches; the data depend on j only (exact resume).
+    # Its own generator: the workers' seeds are not drawn from the global RNG, which stays as in the loop
+    return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(n), num_workers=workers,
+                                            pin_memory=cuda, generator=torch.Generator().manual_seed(cfg.seed)))
+
+
 def to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
+    """A batch onto the device: non-blocking (from pinned memory, no host sync); image_sizes stay on
+    the host, where the image-token counts are read."""
+    return {k: v if k == "image_sizes" else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 # -----------------------------------------------------------------------------
 # The policy: the model with LoRA adapters (and a head), wrapped for DDP / FSDP2, and its optimizer
@@ -404,7 +458,7 @@ def optimizer_step(cfg, pm, opt, step, steps):
     norm = torch.nn.utils.clip_grad_norm_(pm.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return cfg.lr * scale, float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return cfg.lr * scale, norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # read by Metrics.write
 
 
 def batch_rows(n, cfg, step, micro, B, ranks):
@@ -420,7 +474,7 @@ def batch_rows(n, cfg, step, micro, B, ranks):
 
 
 STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-VOLATILE = ("resume", "overwrite", "save_every", "eval_n", "cache_dir", "annotator_threads")  # free
+VOLATILE = ("resume", "overwrite", "save_every", "eval_n", "cache_dir", "annotator_threads", "workers")  # free
 
 
 def load_state(path, mmap=False):
@@ -560,7 +614,8 @@ class Metrics:
 
     def write(self, step, prefix="", **extra):
         """One line: the averages since the last write, then `extra` (prefixed like them)."""
-        tot = self.ranks.gather_sums(self.sums)
+        sums, extra = to_host(self.sums, extra)
+        tot = self.ranks.gather_sums(sums)
         self.sums = {}
         rec = {prefix + k: round(s / max(n, 1), 5) for k, (s, n) in sorted(tot.items())}
         rec |= {prefix + k: round(v, 6) if isinstance(v, float) else v for k, v in extra.items()}

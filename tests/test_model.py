@@ -448,6 +448,35 @@ def test_causal_fast_path_equals_explicit_mask(pair):
     assert (a - b).abs().max() <= 1e-5
 
 
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("text,window", [("llama", None), ("mistral", 5)])
+def test_flex_attention_equals_the_dense_mask(text, window, monkeypatch):
+    """The packed forward through FlexAttention's block mask (CUDA's path; here eager, forward only) equals SDPA
+    under attention_mask_4d: packed segments, padding at the left and the right, hidden keys (BDHS), GQA (4 query
+    heads on 2 or 1 key heads), a sliding window narrower than the rows."""
+    raw = hf_config(text=text)
+    raw["text_config"]["sliding_window"] = window
+    vlm = VLM.from_config(raw, seed=1).eval()
+    assert vlm.cfg.text.num_key_value_heads < vlm.cfg.text.num_attention_heads
+    # row 0: pads, a prompt of 6, responses of 4 and 3, pads; row 1: a prompt of 9, responses of 5, 2 and 3, then pads
+    segment = torch.tensor([[-1] * 4 + [0] * 6 + [1] * 4 + [2] * 3 + [-1] * 3,
+                            [0] * 9 + [1] * 5 + [2] * 2 + [3] * 3 + [-1]])
+    ids = torch.randint(5, 300, segment.shape, generator=torch.Generator().manual_seed(0))
+    hide = torch.ones_like(segment, dtype=torch.bool)
+    hide[0, 5:8] = hide[1, 1:6] = False  # prompt keys hidden from every query, as BDHS hides image tokens
+    with torch.no_grad():
+        dense = vlm.hidden(ids, attention_mask=segment >= 0, key_mask=hide, segment=segment)
+        monkeypatch.setattr(M, "FLEX_DEVICES", ("cuda", "cpu"))
+        flex = vlm.hidden(ids, attention_mask=segment >= 0, key_mask=hide, segment=segment)
+    assert flex.shape == dense.shape and (flex - dense).abs().max() <= 1e-5
+    # at scale, blocks are skipped: a prompt of 256 and two responses of 384 are 8 x 8 blocks of 128, of which
+    # causal attention needs 36; the second response's 3 query blocks skip the first's 3 key blocks too
+    segment = torch.tensor([[0] * 256 + [1] * 384 + [2] * 384])
+    blocks = M.block_mask(segment >= 0, segment).to_dense()[0, 0]  # (8, 8) 1: a block the kernel computes
+    assert blocks.sum() == 36 - 9 and blocks[5:, 2:5].sum() == 0 and blocks.tril().sum() == blocks.sum()
+
+
 # -----------------------------------------------------------------------------
 # Hostile and careless input: images, checkpoint files, model names, flags
 

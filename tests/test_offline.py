@@ -4,17 +4,20 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
 
 import data
 import losses
+import model as M
 import world
 import model as M
 import train_offline as to
@@ -496,6 +499,23 @@ def test_packed_pairs_equal_separate_forwards(scored_model):
             assert n[b, k] == len(it["responses"][k])
             assert torch.allclose(sc[b, k], rm.score(last_h).squeeze(), atol=1e-5)
 
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_packed_pairs_through_flex_attention(monkeypatch):
+    """CUDA's path for packed pairs (FlexAttention, here eager: forward only) gives the dense mask's log-probs on
+    the world's image pairs of unequal lengths, as the reference pass and evaluation run them."""
+    vlm = VLM.from_pretrained(world.BASE_MODEL).eval()
+    items, _ = data.prepare_pairs(vlm, world.world_pairs(world.World(0), 4))
+    batch = data.collate_pairs(vlm, items)
+    assert (batch["segment"] == -1).any()  # some rows padded
+    pm = to.PairModel(vlm)
+    with torch.no_grad():
+        dense = pm(**batch)[0]
+        monkeypatch.setattr(M, "FLEX_DEVICES", ("cuda", "cpu"))
+        flex = pm(**batch)[0]
+    assert (flex - dense).abs().max() <= 1e-5
+
+
 # -----------------------------------------------------------------------------
 # train_offline.py end to end
 
@@ -900,6 +920,78 @@ def test_a_save_under_fsdp_gathers_only_what_trains(tmp_path):
     got = json.loads((tmp_path / "counts.json").read_text())
     assert got["sharded"] and got["unshards"] == 0 and got["gathered"] == got["trainable"]
     assert sorted(os.listdir(tmp_path)) == ["counts.json", "save.py", "state.pt"]
+
+
+def test_workers_decode_ahead_and_resume_exactly(tmp_path, monkeypatch):
+    """--workers 2 (CUDA's default path, forced here on the host): a DataLoader's processes collate the same
+    micro-batches as the loop does, so a run killed mid-way and resumed with them gives the uninterrupted in-loop
+    run's metrics."""
+    loaders = []
+
+    class Spy(torch.utils.data.DataLoader):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            loaders.append(self.num_workers)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Spy)
+    common = SMALL + ["--steps", "12", "--save_every", "1", "--cache_dir", str(tmp_path / "c")]
+    to.main(common + ["--out_dir", str(tmp_path / "whole")])  # on the host: in the loop
+    assert loaders == []
+    out = tmp_path / "killed"
+    killed_at = kill_midway("train_offline.py", common + ["--workers", "2"], out)
+    assert 2 <= killed_at < 11, killed_at
+    to.main(common + ["--out_dir", str(out), "--resume", "true", "--workers", "2"])
+    assert loaders == [2]
+    same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)
+
+
+def test_one_forward_per_micro_batch_on_a_gpu():
+    """PARTS forwards of like lengths on the host, where they were tuned; one on CUDA (padding is cheaper there
+    than PARTS forwards and FSDP gathers). The micro-step's data pickle (DataLoader workers may be spawned)."""
+    items = [dict(prompt=[1] * n, responses=[[2], [3]]) for n in (5, 1, 4, 2, 8, 3, 7, 6)]
+    rows = list(range(8))
+    assert to.by_length(rows, items) == [[1, 3], [5, 2], [0, 7], [6, 4]]
+    assert to.by_length(rows, items, "cuda") == [[1, 3, 5, 2, 0, 7, 6, 4]]
+    vlm = VLM.from_pretrained(world.BASE_MODEL)
+    cfg = to.Config(batch_size=4, grad_accum=2)
+    recs = world.world_pairs(world.World(0), 8)
+    items, _ = data.prepare_pairs(vlm, recs)
+    ranks = types.SimpleNamespace(W=1, rank=0, device="cuda:0")
+    ds = pickle.loads(pickle.dumps(to.MicroBatches(cfg, vlm, items, list(range(8)), 2, ranks, start=3)))
+    (idx, batch), = ds[1]  # step 3, micro-step 1: one forward of both rows
+    assert sorted(idx) == sorted(to.batch_rows(8, cfg, 3, 1, 2, ranks))
+    want = data.collate_pairs(vlm, [items[i] for i in idx])
+    assert all(torch.equal(batch[k], want[k]) for k in want)
+
+
+def test_metrics_stay_on_the_device_until_one_read_per_step(tmp_path, monkeypatch):
+    """pair_stats and accumulate read nothing back (no .item()); Metrics.write reads the step's sums and the
+    grad norm in one tolist(). The sums are fp64 adds of the same fp32 sums, so equal to the old Python floats."""
+    g = torch.Generator().manual_seed(0)
+    parts = [[torch.randn(n, generator=g) for _ in range(3)] + [torch.randn(n, 2, 5, generator=g)] for n in (3, 5, 2)]
+    want = {}  # the old way: a Python float per part and key
+    for loss, c, r, lp in parts:
+        old = {"loss": loss, "rewards/chosen": c, "rewards/margins": c - r, "logps/rejected": lp.sum(-1)[:, 1]}
+        for k, v in old.items():
+            want[k] = want.get(k, 0.0) + v.sum().item()
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("a host sync per value"))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or tolist(t))
+    log = to.Metrics(to.Config(out_dir=str(tmp_path)), 0, to.Ranks())
+    sums = {}
+    for loss, c, r, lp in parts:
+        to.accumulate(sums, to.pair_stats(loss, c, r, lp))
+    assert all(torch.is_tensor(s) for s, _ in sums.values())
+    log.sums = sums
+    rec = log.write(0, grad_norm=torch.tensor(0.25), lr=1e-3)
+    log.close()
+    assert reads == [8]  # 7 metrics and the grad norm, in one read
+    assert rec["grad_norm"] == 0.25 and rec["lr"] == 1e-3
+    assert json.loads(open(tmp_path / "metrics.jsonl").read())["grad_norm"] == 0.25
+    for k, v in want.items():
+        assert to.to_host(sums)[0][k] == [v, 10], k  # exactly equal, not close
+        assert rec[k] == round(v / 10, 5)
 
 
 def test_grad_checkpointing_is_exact_and_bf16_runs(tmp_path):
