@@ -781,9 +781,38 @@ def compute_dtype(vlm, device):
     """The dtype attention computes in: autocast's where autocast is on (the KV cache then holds keys
     already cast, not fp32 ones cast again at every layer and token), else the weights'."""
     kind = torch.device(device).type
-    if torch.is_autocast_enabled(kind):
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return vlm.lm_head.weight.dtype
+
+
+def kv_bytes_per_token(vlm, device):
+    """Bytes one cached token takes: 2 (keys and values) x layers x Hk x D x the compute dtype's size.
+    LLaVA-1.6-7B in bf16: 2 x 32 x 32 x 128 x 2 = 524,288 bytes, 0.5 MiB a token."""
+    t = vlm.cfg.text
+    size = torch.empty(0, dtype=compute_dtype(vlm, device)).element_size()
+    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * size
+
+
+def max_prompt_tokens(vlm, text=256):
+    """The longest prompt an image can make: its most image tokens (AnyRes: at the largest grid) + `text`."""
+    sizes = [tuple(pp) for pp in vlm.cfg.grid_pinpoints]
+    image = max(vlm.image_token_counts(sizes, len(sizes))) if sizes else vlm.image_token_counts(None)[0]
+    return image + text
+
+
+def rows_that_fit(vlm, tokens_per_row, default, total=None):
+    """Prompts per generation batch: `default` off CUDA; on CUDA, as many as half the memory the weights
+    leave can cache `tokens_per_row` tokens for (the other half: the prefill's activations, the vision
+    tower's, the allocator's slack). From the card's total memory (or `total` bytes), so a rerun on it
+    cuts the same batches. At 7B in bf16 on 80 GB: a 3,000-token prompt is 3,000 x 0.5 MiB = 1.5 GiB,
+    and (80 - 14 GB of weights) / 2 / 1.5 GiB is about 20 prompts."""
+    w = vlm.lm_head.weight
+    if total is None and w.device.type != "cuda":
+        return default
+    total = total or torch.cuda.get_device_properties(w.device).total_memory
+    weights = sum(p.numel() * p.element_size() for p in vlm.parameters())
+    return max(1, int((total - weights) / 2 // (kv_bytes_per_token(vlm, w.device) * tokens_per_row)))
 
 
 @torch.no_grad()

@@ -399,7 +399,7 @@ def test_eval_flag_errors(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(UserError, match="--bench foo: no such benchmark; expected any of pope,"):
         ev.main(["--bench", "pope,foo,mmvet"])
-    for flag, value, bound in (("n", "-5", ">= 1"), ("n", "0", ">= 1"), ("batch_size", "0", ">= 1"),
+    for flag, value, bound in (("n", "-5", ">= 1"), ("n", "0", ">= 1"), ("batch_size", "-1", ">= 0"),
                                ("limit", "-1", ">= 0"), ("judge_retries", "-1", ">= 0")):
         with pytest.raises(UserError, match=f"--{flag} {value}: must be {bound}"):
             ev.main([f"--{flag}", value])
