@@ -19,6 +19,7 @@ import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 from PIL import Image
 
 import eval as ev
@@ -839,3 +840,23 @@ def test_main_with_official_texts(official, server, tmp_path, monkeypatch):
     assert [b["messages"][0]["content"] for b in server["bodies"][:2]] == ["Judge fairly."] * 2
     first = server["bodies"][2]["messages"][0]["content"]
     assert first.startswith("Give a score.\nQ | GT | A | S\n\n")
+
+
+def test_eval_device_dtype_and_batch_size(monkeypatch):
+    """--device and --dtype load the weights as asked; --batch_size 0 answers 64 prompts at once off CUDA."""
+    import model as M
+    seen, sizes = [], []
+    real_prefill, real_report = M.prefill, ev.world_report
+
+    def spy(vlm, *a, **kw):
+        cache, logits = real_prefill(vlm, *a, **kw)
+        seen.append((vlm.lm_head.weight.dtype, cache.k.dtype, cache.k.device.type))
+        return cache, logits
+
+    def report(vlm, seed, half, n, batch_size):
+        sizes.append(batch_size)
+        return real_report(vlm, seed, half, n, batch_size)
+    monkeypatch.setattr(M, "prefill", spy)
+    monkeypatch.setattr(ev, "world_report", report)
+    ev.main(["--n", "2", "--device", "cpu", "--dtype", "bfloat16"])
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, "cpu")} and sizes == [64]
