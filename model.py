@@ -366,7 +366,8 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def repeat(self, n):
-        """Copies every row's cache into n consecutive rows: one prompt prefill serves n samples."""
+        """Copies every row's cache into n consecutive rows: one prompt prefill serves n samples (the
+        reference `share` is tested against: it holds the prompt n times)."""
         new = object.__new__(KVCache)
         new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
         new.key_mask, new.next_pos = self.key_mask.repeat_interleave(n, 0), self.next_pos.repeat_interleave(n, 0)
