@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import data
 import world
-from model import TEMPLATES, VLM, UserError, UserKeyError, check_template, config_from_argv, left_pad, run_main, template_line
+from model import (DTYPES, TEMPLATES, VLM, UserError, UserKeyError, check_template, config_from_argv,
+                   device_generator, left_pad, max_prompt_tokens, rows_that_fit, run_main, template_line)
 
 # -----------------------------------------------------------------------------
 # Sentence embedder: BERT (all-MiniLM-L6-v2) or MPNet (all-mpnet-base-v2), mean pooled, normalised
@@ -237,10 +238,27 @@ class Config:
     max_new_tokens: int = 256     # new tokens of an unguided response
     external: bool = False        # also keep a source's rejected, BDHS's then as rejected2 (Avg-DPO, Eq. 5);
                                   # false: BDHS's rejected replaces the source's (plain DPO on BDHS pairs)
-    batch_size: int = 32          # prompts per batch
+    batch_size: int = 0           # prompts per batch; 0: 32 on CPU, on a GPU as many as half the memory the
+                                  # weights leave holds the KV cache of (batch_rows): LLaVA-1.6-7B in bf16 on
+                                  # 80 GB gets 10 (a prompt of up to 3,184 tokens shared by its rows, plus 8 rows
+                                  # of 256 + sentence_tokens; 0.5 MiB a cached token)
     seed: int = 0                 # the sampling generator's
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the model runs and samples
+    dtype: Literal[DTYPES] = "float32"  # the weights' (and so the KV cache's) dtype; bfloat16 at 7B
     BOUNDS = dict(n=">= 1", rho=">= 0, <= 1", noise_steps=">= 0, <= 999", n_bdhs=">= 1", eps_s="<= 1",
-                  temperature=">= 0", sentence_tokens=">= 1", max_new_tokens=">= 1", batch_size=">= 1")
+                  temperature=">= 0", sentence_tokens=">= 1", max_new_tokens=">= 1", batch_size=">= 0")
+
+
+SENTENCES = 8  # sample rows a prompt is budgeted for (the sentences of its y+) when batch_size is 0
+
+
+def batch_rows(vlm: VLM, cfg: Config):
+    """--batch_size, or with 0 the prompts whose caches fit (model.rows_that_fit): each prompt's own
+    tokens once, its SENTENCES guided rows' forced context (up to 256 tokens) and new tokens."""
+    if cfg.batch_size:
+        return cfg.batch_size
+    rows = SENTENCES * (256 + cfg.sentence_tokens)
+    return rows_that_fit(vlm, max_prompt_tokens(vlm) + max(rows, cfg.max_new_tokens), 32)
 
 
 def source_records(cfg):
@@ -260,6 +278,9 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
     ids, am = left_pad([data.prompt_ids(vlm, r) for r in recs])
     pix = vlm.image_processor(data.open_image(r["image"]) for r in recs)
     dev = vlm.lm_head.weight.device
+    # masks and noise are drawn on the host from `gen`; sampling from a stream on the model's device
+    # (gen itself on CPU, so the host's draws interleave as they always did)
+    sample_gen = device_generator(gen, dev)
     gt_emb = embedder([r["chosen"] for r in recs])
     result, todo = [None] * len(recs), list(range(len(recs)))
     rho, noise = (0.0, cfg.noise_steps) if cfg.variant == "noise" else (cfg.rho, 0)
@@ -269,7 +290,7 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
         sizes = pix["image_sizes"][todo].to(dev) if "image_sizes" in pix else None
         kw = dict(input_ids=ids[todo].to(dev), attention_mask=am[todo].to(dev),
                   key_mask=keep.to(dev), pixel_values=pv.to(dev), image_sizes=sizes,
-                  temperature=cfg.temperature, generator=gen)
+                  temperature=cfg.temperature, generator=sample_gen)
         last = cfg.n_bdhs > 1 and attempt == cfg.n_bdhs  # the last attempt is unguided
         guidance = "none" if last else cfg.guidance
         if guidance == "sentence":
@@ -360,7 +381,8 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
     check_settings(cfg, out, world_size)
     recs = source_records(cfg)[rank::world_size]
     if vlm is None:
-        vlm = VLM.from_pretrained(cfg.model, template=cfg.template)
+        vlm = VLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device,
+                                  template=cfg.template).eval()
         if rank == 0:
             log(template_line(vlm))
     if not embedder and cfg.variant != "distort":
@@ -377,7 +399,8 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
         with open(out + ".tmp", "w") as f:
             f.writelines(ln + "\n" for ln in good)
         os.replace(out + ".tmp", out)
-    batches = [recs[b:b + cfg.batch_size] for b in range(0, len(recs), cfg.batch_size)]
+    size = batch_rows(vlm, cfg)
+    batches = [recs[b:b + size] for b in range(0, len(recs), size)]
     todo = [bt for bt in batches if any(r["id"] not in done for r in bt)]  # half-written: redone
     left = sum(r["id"] not in done for bt in todo for r in bt)
     stats = [0] * cfg.n_bdhs

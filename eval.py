@@ -27,12 +27,13 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from tqdm import tqdm
 
 import data
 import world as W
-from model import (VLM, UserError, UserFileError, cache_home, check_template, config_from_argv, folder_hash,
-                   run_main, source_bytes, template_line)
+from model import (DTYPES, VLM, UserError, UserFileError, cache_home, check_template, config_from_argv, folder_hash,
+                   max_prompt_tokens, rows_that_fit, run_main, source_bytes, template_line)
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
@@ -875,7 +876,11 @@ class Config:
     world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
     world_half: Literal["", "a", "b"] = ""  # a or b: the broken split of each half of the pairs (generalisation)
     n: int = 500           # scenes per part of the world's report
-    batch_size: int = 64   # prompts answered at once
+    batch_size: int = 0    # prompts answered at once; 0: 64 on CPU, on a GPU as many as half the memory the
+                           # weights leave holds the KV cache of (model.rows_that_fit): LLaVA-1.6-7B in bf16
+                           # on 80 GB gets 16 (3,184 prompt + 512 new tokens a row, 0.5 MiB a token)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the models run
+    dtype: Literal[DTYPES] = "float32"  # the weights' (and so the KV cache's) dtype; bfloat16 at 7B
     out: str = ""          # JSON: {name: results}; beside it, answers.jsonl (each question's answer
                            # and score) and judgments.jsonl
     bench: str = ""        # not the world: pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
@@ -893,17 +898,18 @@ class Config:
     synonyms: str = ""     # a COCO synonym list in the standard format instead of ours (objhal)
     short_prompt: bool = True  # end POPE, TextVQA and GQA questions with SHORT (LLaVA, lmms-eval)
     official: bool = False  # the published judge prompts and synonym list, not ours (OFFICIAL)
-    BOUNDS = dict(n=">= 1", batch_size=">= 1", limit=">= 0", max_new_tokens=">= 1", judge_retries=">= 0",
+    BOUNDS = dict(n=">= 1", batch_size=">= 0", limit=">= 0", max_new_tokens=">= 1", judge_retries=">= 0",
                   judge_timeout="> 0")
 
 
-def load_model(path, template=""):
+def load_model(path, template="", dtype=torch.float32, device="cpu"):
     """A checkpoint, or `shortcut[:base]`: world.py's no-training baseline over a base model
     (the shipped one by default), which the world report evaluates as a model."""
+    kw = dict(template=template, dtype=dtype, device=device)
     if path == "shortcut" or path.startswith("shortcut:"):
         base = path.removeprefix("shortcut").removeprefix(":") or W.BASE_MODEL
-        return W.Shortcut(VLM.from_pretrained(base, template=template)).eval()
-    return VLM.from_pretrained(path, template=template).eval()
+        return W.Shortcut(VLM.from_pretrained(base, **kw)).eval()
+    return VLM.from_pretrained(path, **kw).eval()
 
 
 def main(argv=None):
@@ -937,16 +943,17 @@ def main(argv=None):
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path.rstrip("/"))
         t0 = time.time()
-        vlm = load_model(path, cfg.template)
+        vlm = load_model(path, cfg.template, getattr(torch, cfg.dtype), cfg.device)
         print(f"{name}: {template_line(vlm)}")
+        size = cfg.batch_size or rows_that_fit(vlm, max_prompt_tokens(vlm) + cfg.max_new_tokens, 64)
         if names:
             mine = []
             res = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,
-                                 cfg.batch_size, cfg.max_new_tokens, prompts, vocab,
+                                 size, cfg.max_new_tokens, prompts, vocab,
                                  cfg.short_prompt, mine)
             answers += [dict(model=name) | a for a in mine]
         else:
-            res = world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, cfg.batch_size)
+            res = world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, size)
         rows[name] = res | {"seconds": round(time.time() - t0, 1)}
     if names:
         print(table(rows, list(TABLE2.values()), list(TABLE2)))

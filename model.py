@@ -373,12 +373,55 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def repeat(self, n):
-        """Copies every row's cache into n consecutive rows: one prompt prefill serves n samples."""
+        """Copies every row's cache into n consecutive rows: one prompt prefill serves n samples (the
+        reference `share` is tested against: it holds the prompt n times)."""
         new = object.__new__(KVCache)
         new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
         new.key_mask, new.next_pos = self.key_mask.repeat_interleave(n, 0), self.next_pos.repeat_interleave(n, 0)
         new.pos = self.pos
         return new
+
+    def share(self, reps, S):
+        """The rows of `reps` samples per prompt (an int or a count per prompt), over this prompt cache
+        without copying it, with S slots in all (prompt slots included): see SharedKVCache."""
+        return SharedKVCache(self, reps, S)
+
+
+class SharedKVCache:
+    """R sample rows over B prompts' caches, the prompts stored once. Shapes: the prompts' keys/values
+    (layers, B, Hk, Tp, D), each row's own (layers, R, Hk, S - Tp, D), `prompt` (R,) each row's prompt.
+    A layer's attention reads [its prompt's keys, gathered for that layer only | its own keys]: the
+    same slots, in the same order, as a KVCache copied per row, which would hold R x S slots instead
+    of B x Tp + R x (S - Tp). `key_mask` (R, S) and `next_pos` (R,) are per row, as in KVCache."""
+
+    def __init__(self, cache: KVCache, reps, S):
+        B, Tp, dev = cache.k.shape[1], cache.pos, cache.k.device
+        self.prompt = torch.arange(B, device=dev).repeat_interleave(reps)  # (R,)
+        R = self.prompt.shape[0]
+        self.pk, self.pv = cache.k[:, :, :, :Tp], cache.v[:, :, :, :Tp]  # views: no copy
+        L, _, Hk, _, D = cache.k.shape
+        self.k = torch.zeros(L, R, Hk, S - Tp, D, dtype=cache.k.dtype, device=dev)
+        self.v = torch.zeros_like(self.k)
+        self.key_mask = torch.zeros(R, S, dtype=torch.bool, device=dev)
+        self.key_mask[:, :Tp] = cache.key_mask[self.prompt, :Tp]
+        self.next_pos = cache.next_pos[self.prompt]
+        self.start = Tp  # the first slot a row owns
+        self.pos = Tp
+
+    def write(self, layer, k, v):
+        """Stores a (R, Hk, T, D) chunk at slots [pos, pos+T) and returns keys/values of slots [0, pos+T)."""
+        a, b = self.pos - self.start, self.pos - self.start + k.shape[2]
+        self.k[layer, :, :, a:b], self.v[layer, :, :, a:b] = k, v
+        # (R, Hk, pos+T, D), built for this layer and freed after it: one layer's worth, never L of them
+        keys = torch.cat([self.pk[layer].index_select(0, self.prompt), self.k[layer, :, :, :b]], 2)
+        values = torch.cat([self.pv[layer].index_select(0, self.prompt), self.v[layer, :, :, :b]], 2)
+        return keys, values
+
+
+def cache_bytes(cache):
+    """Bytes a KVCache or SharedKVCache holds for keys and values."""
+    parts = [cache.k, cache.v] + ([cache.pk, cache.pv] if isinstance(cache, SharedKVCache) else [])
+    return sum(t.numel() * t.element_size() for t in parts)
 
 
 def attention_mask_4d(key_mask, q_slots, sliding_window=None, segment=None):
@@ -740,8 +783,15 @@ class VLM(nn.Module):
 # once, decode one token at a time from the cache
 
 
+# Samples of a prompt read its one prefill cache (SharedKVCache); False: each row gets a copy (KVCache.repeat),
+# the reference the tests compare with. In fp32 on CPU both give the same bits (tests/test_model.py).
+SHARE_PREFILL = True
+SYNC_EVERY = 8  # on CUDA, decode steps between host checks (all rows done? a stop string?); on CPU: 1
+
+
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next token ids (B,). Temperature 0 is greedy."""
+    """logits (B, V) -> next token ids (B,). Temperature 0 is greedy. The generator must be on the
+    logits' device (`torch.Generator(device)`)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -754,9 +804,59 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = p.cumsum(-1) - p >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
-    if generator is not None and generator.device != probs.device:  # a CPU generator drives GPU sampling too
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is not None and generator.device.type != probs.device.type:  # ("cuda" is any index)
+        raise ValueError(f"the sampling generator is on {generator.device} and the logits on {probs.device}: "
+                         f"make it with torch.Generator({str(probs.device)!r})")
+    # what torch.multinomial(probs, 1) computes, draw for draw (argmax of p / q with q ~ Exp(1)), without
+    # its check that probs hold no inf or negative value: that check reads a value back on the host
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
+
+
+def device_generator(gen, device):
+    """`gen` itself where it is on `device`, else a new generator there with gen's seed (one stream:
+    make it once per run or batch, not once per call, or calls would repeat each other's draws)."""
+    if gen is None or gen.device.type == torch.device(device).type:
+        return gen
+    return torch.Generator(device).manual_seed(gen.initial_seed())
+
+
+def compute_dtype(vlm, device):
+    """The dtype attention computes in: autocast's where autocast is on (the KV cache then holds keys
+    already cast, not fp32 ones cast again at every layer and token), else the weights'."""
+    kind = torch.device(device).type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return vlm.lm_head.weight.dtype
+
+
+def kv_bytes_per_token(vlm, device):
+    """Bytes one cached token takes: 2 (keys and values) x layers x Hk x D x the compute dtype's size.
+    LLaVA-1.6-7B in bf16: 2 x 32 x 32 x 128 x 2 = 524,288 bytes, 0.5 MiB a token."""
+    t = vlm.cfg.text
+    size = torch.empty(0, dtype=compute_dtype(vlm, device)).element_size()
+    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * size
+
+
+def max_prompt_tokens(vlm, text=256):
+    """The longest prompt an image can make: its most image tokens (AnyRes: at the largest grid) + `text`."""
+    sizes = [tuple(pp) for pp in vlm.cfg.grid_pinpoints]
+    image = max(vlm.image_token_counts(sizes, len(sizes))) if sizes else vlm.image_token_counts(None)[0]
+    return image + text
+
+
+def rows_that_fit(vlm, tokens_per_row, default, total=None):
+    """Prompts per generation batch: `default` off CUDA; on CUDA, as many as half the memory the weights
+    leave can cache `tokens_per_row` tokens for (the other half: the prefill's activations, the vision
+    tower's, the allocator's slack). From the card's total memory (or `total` bytes), so a rerun on it
+    cuts the same batches. At 7B in bf16 on 80 GB: a 3,000-token prompt is 3,000 x 0.5 MiB = 1.5 GiB,
+    and (80 - 14 GB of weights) / 2 / 1.5 GiB is about 20 prompts."""
+    w = vlm.lm_head.weight
+    if total is None and w.device.type != "cuda":
+        return default
+    total = total or torch.cuda.get_device_properties(w.device).total_memory
+    weights = sum(p.numel() * p.element_size() for p in vlm.parameters())
+    return max(1, int((total - weights) / 2 // (kv_bytes_per_token(vlm, w.device) * tokens_per_row)))
 
 
 @torch.no_grad()
@@ -768,12 +868,15 @@ def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=
     B, T = input_ids.shape
     dev = input_ids.device
     P = max(map(len, prefix_ids)) if prefix_ids else 0
-    cache = KVCache(vlm.cfg.text, B, T + P + max_new_tokens, vlm.lm_head.weight.dtype, dev)
+    S = T + P + max_new_tokens
+    share = num_samples != 1 and SHARE_PREFILL
+    cache = KVCache(vlm.cfg.text, B, T if share else S, compute_dtype(vlm, dev), dev)
     h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache)
     logits = vlm.lm_head(h[:, -1])  # (B, V): only the last position is needed
     if num_samples != 1:
         reps = num_samples if isinstance(num_samples, int) else torch.tensor(num_samples, device=dev)
-        cache, logits = cache.repeat(reps), logits.repeat_interleave(reps, 0)
+        cache = cache.share(reps, S) if share else cache.repeat(reps)
+        logits = logits.repeat_interleave(reps, 0)
     if P:
         ids, am = (x.to(dev) for x in left_pad(prefix_ids))
         h = vlm.hidden(ids, attention_mask=am, kv_cache=cache)
@@ -788,48 +891,65 @@ def decode_one_token(vlm, tok, cache):
 
 @torch.no_grad()
 def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None, eos=(),
-           stop=None, banned=None):
+           stop=None, banned=None, sync_every=None):
     """Samples up to max_new_tokens per row -> a list of ids per row. A row ends before an EOS token
-    or after the token that completes a stop string; the host syncs once per step (all done?).
-    `banned` (V,) bool: ids never sampled (`VLM.never_sampled`); their logits become -inf, the
-    others stay as they are."""
+    or after the token that completes a stop string. EOS is checked on the device; the host looks
+    (stop strings, all rows ended?) every `sync_every` steps (default: 1 on CPU, SYNC_EVERY on CUDA).
+    Rows that ended keep being decoded until then, their extra tokens cut: the outputs are the same
+    for any sync_every. `banned` (V,) bool: ids never sampled (`VLM.never_sampled`); their logits
+    become -inf, the others stay as they are."""
     R, dev = logits.shape[0], logits.device
+    every = sync_every or (1 if dev.type == "cpu" else SYNC_EVERY)
     toks = torch.zeros(R, max_new_tokens, dtype=torch.long, device=dev)
-    length = torch.full((R,), max_new_tokens, device=dev)  # tokens each row keeps
-    done = torch.zeros(R, dtype=torch.bool, device=dev)
+    # tokens each row keeps; a row is live at step t while length > t (it ended before t otherwise)
+    length = torch.full((R,), max_new_tokens, device=dev)
     eos = torch.tensor(list(eos), dtype=torch.long, device=dev)
+    checked = 0  # steps whose stop strings the host has looked at
     for t in range(max_new_tokens):
         if banned is not None:
             logits = logits.masked_fill(banned, float("-inf"))  # (R, V): greedy and filters too
         tok = sample(logits, temperature, top_k, top_p, generator)
         toks[:, t] = tok
-        ended = ~done & torch.isin(tok, eos)  # dropped: the row keeps t tokens
-        length, done = torch.where(ended, t, length), done | ended
-        if stop is not None:  # kept: the row keeps t + 1
-            ended = stop(toks[:, :t + 1], ~done)
-            length, done = torch.where(ended, t + 1, length), done | ended
-        if t == max_new_tokens - 1 or bool(done.all()):
-            break
+        length = torch.where((length > t) & torch.isin(tok, eos), t, length)  # dropped: the row keeps t tokens
+        last = t == max_new_tokens - 1
+        if (t + 1) % every == 0 or last:
+            if stop is not None:  # kept: the row keeps t' + 1 for the first t' a stop string ends at
+                length = stop(toks, checked, t + 1, length)
+                checked = t + 1
+            if last or bool((length <= t + 1).all()):  # every row ended at a step <= t
+                break
         logits = decode_one_token(vlm, tok, cache)
-    return [row[:n].tolist() for row, n in zip(toks, length.tolist())]
+    return [row[:n] for row, n in zip(toks.tolist(), length.tolist())]
 
 
 class StopStrings:
-    """Which rows a stop string has just ended. Only rows whose new token holds a stop string's last character
-    (a vocabulary table, built once per tokenizer) decode their last few tokens, never their whole output.
+    """Which rows a stop string has ended. Only the steps whose token holds a stop string's last character
+    (a vocabulary table, built once per tokenizer) decode their last few tokens, never a whole output.
     The table has an entry per logit row (V), which may be more than the tokenizer's tokens."""
 
     def __init__(self, tokenizer, strings, rows):
         self.strings, self.tokenizer = list(strings), tokenizer
-        self.table = stop_table(tokenizer, "".join(sorted({s[-1] for s in strings})), rows)
+        # a host list: the check runs on the host, so nothing is copied to the device per step
+        self.table = stop_table(tokenizer, "".join(sorted({s[-1] for s in strings})), rows).tolist()
         self.window = 4 * max(map(len, strings)) + 1  # tokens that hold the longest string's bytes, and one more
 
-    def __call__(self, toks, live):
-        hit = live & self.table.to(toks.device)[toks[:, -1]]
-        for r in hit.nonzero().flatten().tolist():
-            tail = self.tokenizer.decode(toks[r, -self.window:].tolist())
-            hit[r] = any(s in tail for s in self.strings)
-        return hit
+    def __call__(self, toks, lo, hi, length):
+        """toks (R, >= hi), length (R,) as in `decode` -> length with the first stop string ending at a
+        step in [lo, hi) of each row still live there. One copy to the host."""
+        w = self.window
+        first = max(0, lo - w + 1)  # the earliest token a window of a step in [lo, hi) holds
+        host = torch.cat([length[:, None], toks[:, first:hi]], 1).tolist()
+        new = [row[0] for row in host]
+        for r, row in enumerate(host):
+            ids = row[1:]
+            for t in range(lo, min(hi, row[0])):  # steps where the row is live
+                if self.table[ids[t - first]]:
+                    tail = self.tokenizer.decode(ids[max(first, t - w + 1) - first:t + 1 - first])
+                    if any(s in tail for s in self.strings):
+                        new[r] = t + 1
+                        break
+        changed = any(n != row[0] for n, row in zip(new, host))
+        return torch.tensor(new, device=length.device) if changed else length
 
 
 @functools.lru_cache(maxsize=8)

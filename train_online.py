@@ -80,7 +80,9 @@ class Config:
     ppo_epochs: int = 4           # PPO: optimisation passes over each batch of samples
     steps: int = 0                # optimizer steps; 0: `epochs` passes over the prompts
     epochs: float = 1.0
-    batch_size: int = 32          # prompts, global
+    batch_size: int = 32          # prompts, global; a rank samples its micro-batch's prompts at once: at 7B in
+                                  # bf16 on 8 GPUs, 4 prompts' shared caches (<= 3,184 tokens each, 0.5 MiB a
+                                  # token: 6.2 GiB) + their samples' fit 80 GB beside the model; one GPU: --grad_accum
     grad_accum: int = 1           # micro-steps per optimizer step
     lr: float = 1e-3              # the LoRA adapters' (and PPO's value head's)
     lora_r: int = 16              # LoRA rank on every LLM linear (the reference: the adapters off)
@@ -364,7 +366,10 @@ def annotator(cfg: Config, device):
 
 @torch.no_grad()
 def sample(pm, recs, n, cfg: Config, gen):
-    """n responses per record: token ids (the template's end tokens after an ended one) and texts."""
+    """n responses per record: token ids (the template's end tokens after an ended one) and texts. The
+    samples draw from `gen` where it is on the model's device, else from a device stream with its seed
+    (one call per host generator: a second call would repeat the draws). Run under the step's autocast,
+    the KV cache is in its dtype (model.compute_dtype)."""
     vlm = pm.vlm
     dev = vlm.lm_head.weight.device
     ids, am = left_pad([data.prompt_ids(vlm, r) for r in recs])
@@ -373,7 +378,7 @@ def sample(pm, recs, n, cfg: Config, gen):
         out = vlm.generate(ids.to(dev), am.to(dev), pix["pixel_values"].to(dev),
                            pix["image_sizes"].to(dev) if "image_sizes" in pix else None,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           generator=gen, num_samples=n)
+                           generator=M.device_generator(gen, dev), num_samples=n)
     end = vlm.encode_prompt(TEMPLATES[vlm.template]["reply"].split("{}")[1], add_special_tokens=False)
     ids = [o + end * (len(o) < cfg.max_new_tokens) for o in out]
     texts = [vlm.tokenizer.decode(o).strip() for o in out]
@@ -482,7 +487,8 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
     if cfg.resume and os.path.exists(path):
         return tuple(json.loads(pathlib.Path(path).read_text()))
     mine, b = recs[:NORM_PROMPTS][ranks.rank::ranks.W], cfg.batch_size // ranks.W
-    gen, xs = torch.Generator().manual_seed(cfg.seed + 7919 * ranks.rank), []
+    # on the device: every batch's samples continue one stream
+    gen, xs = torch.Generator(ranks.device).manual_seed(cfg.seed + 7919 * ranks.rank), []
     for i in tqdm(range(0, len(mine), b), desc="reward statistics", disable=ranks.rank != 0):
         with amp:
             got = scorer(mine[i:i + b], sample(pm, mine[i:i + b], max(cfg.samples, 2), cfg, gen)[1])

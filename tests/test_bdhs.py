@@ -400,3 +400,20 @@ def test_main_job_under_two_ranks(tmp_path):
     ids = [r["id"] for s in shards for r in data.read_pairs(str(tmp_path / "c" / folder / s))]
     assert sorted(ids) == sorted(f"align-0-{i}" for i in range(16))
     assert os.path.exists(tmp_path / "r" / "checkpoint" / "model.safetensors")
+
+
+def test_bdhs_cli_device_and_dtype(tmp_path, monkeypatch):
+    """--device and --dtype load the weights as asked, and bf16 weights sample into a bf16 KV cache there."""
+    seen = []
+    real = M.prefill
+
+    def spy(vlm, *a, **kw):
+        cache, logits = real(vlm, *a, **kw)
+        seen.append((vlm.lm_head.weight.dtype, cache.k.dtype, cache.k.device.type))
+        return cache, logits
+    monkeypatch.setattr(M, "prefill", spy)
+    out = str(tmp_path / "p.jsonl")
+    bdhs.main(["--n", "4", "--n_bdhs", "2", "--device", "cpu", "--dtype", "bfloat16", "--out", out])
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, "cpu")}
+    assert len(data.read_pairs(out)) == 4
+    assert bdhs.batch_rows(None, bdhs.Config(batch_size=5)) == 5  # a given --batch_size is kept

@@ -19,6 +19,7 @@ import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 from PIL import Image
 
 import eval as ev
@@ -399,7 +400,7 @@ def test_eval_flag_errors(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(UserError, match="--bench foo: no such benchmark; expected any of pope,"):
         ev.main(["--bench", "pope,foo,mmvet"])
-    for flag, value, bound in (("n", "-5", ">= 1"), ("n", "0", ">= 1"), ("batch_size", "0", ">= 1"),
+    for flag, value, bound in (("n", "-5", ">= 1"), ("n", "0", ">= 1"), ("batch_size", "-1", ">= 0"),
                                ("limit", "-1", ">= 0"), ("judge_retries", "-1", ">= 0")):
         with pytest.raises(UserError, match=f"--{flag} {value}: must be {bound}"):
             ev.main([f"--{flag}", value])
@@ -881,3 +882,24 @@ def test_shortcut_baseline_on_a_few_scenes(tmp_path):
     rows = ev.main(["--model", "shortcut", "--world_seed", "1", "--n", "3", "--out", str(tmp_path / "r.json")])
     res = rows["shortcut"]
     assert res["pope_adversarial_yes_ratio"] == 0.0 and res["twin/grounding"] == 0.0 and res["twin/yes_twin"] == 0.0
+
+
+
+def test_eval_device_dtype_and_batch_size(monkeypatch):
+    """--device and --dtype load the weights as asked; --batch_size 0 answers 64 prompts at once off CUDA."""
+    import model as M
+    seen, sizes = [], []
+    real_prefill, real_report = M.prefill, ev.world_report
+
+    def spy(vlm, *a, **kw):
+        cache, logits = real_prefill(vlm, *a, **kw)
+        seen.append((vlm.lm_head.weight.dtype, cache.k.dtype, cache.k.device.type))
+        return cache, logits
+
+    def report(vlm, seed, half, n, batch_size):
+        sizes.append(batch_size)
+        return real_report(vlm, seed, half, n, batch_size)
+    monkeypatch.setattr(M, "prefill", spy)
+    monkeypatch.setattr(ev, "world_report", report)
+    ev.main(["--n", "2", "--device", "cpu", "--dtype", "bfloat16"])
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, "cpu")} and sizes == [64]

@@ -702,3 +702,127 @@ def test_scripts_exit_2_with_one_error_line(args, want, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], p.stderr
     assert "Traceback" not in p.stderr
+
+
+# -- generation on the device (#29 item 5): shared prefill cache, compute dtype, device generator, host syncs --
+
+
+def test_shared_prefill_equals_copies_in_prompt_plus_n_responses_bytes(pair, monkeypatch):
+    """Samples of a prompt read its one prefill cache (SharedKVCache): the same ids, bit for bit in fp32, as a
+    copy of it per row (KVCache.repeat), ragged counts and forced prefixes included; and it holds the prompts
+    once plus each row's own slots, B x T + R x new, where the copies hold R x (T + new)."""
+    _, proc, ours, _ = pair
+    _, inp = hf_inputs(proc, n=2)
+    ids, am, px, sz = inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes")
+    prefix = [[], [40, 41], [42, 43, 44], [46], [47, 48, 49, 50]]  # 2 rows for prompt 0, 3 for prompt 1
+    kw = dict(max_new_tokens=6, eos_token_id=[], num_samples=[2, 3], prefix_ids=prefix, temperature=1.0)
+    got = {}
+    for share in (True, False):
+        monkeypatch.setattr(M, "SHARE_PREFILL", share)
+        got[share] = ours.generate(ids, am, px, sz, generator=torch.Generator().manual_seed(0), **kw)
+        greedy = ours.generate(ids, am, px, sz, max_new_tokens=6, eos_token_id=[], num_samples=3)
+        got[share, "greedy"] = greedy
+    assert got[True] == got[False] and got[True, "greedy"] == got[False, "greedy"]
+    B, T = ids.shape
+    N, new = 8, 5
+    per_token = M.kv_bytes_per_token(ours, "cpu")
+    sizes = {}
+    for share in (True, False):
+        monkeypatch.setattr(M, "SHARE_PREFILL", share)
+        cache, logits = M.prefill(ours, ids, am, px, sz, num_samples=N, max_new_tokens=new)
+        assert logits.shape[0] == B * N and cache.next_pos.shape == (B * N,)
+        sizes[share] = M.cache_bytes(cache)
+    assert sizes[True] == per_token * (B * T + B * N * new)  # the prompts once + N x each response
+    assert sizes[False] == per_token * B * N * (T + new)  # the prompt copied into every row
+
+
+def test_sample_draws_as_multinomial_on_the_logits_device():
+    """`sample` draws exactly what torch.multinomial would from the same generator (without the check that
+    reads the probabilities back on the host), and refuses a generator on another device."""
+    for seed in range(20):
+        logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(100 + seed)) * 3
+        logits[:, :5] = float("-inf")
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            want = torch.multinomial((logits / 0.7).softmax(-1), 1, generator=g1).squeeze(-1)
+            assert torch.equal(sample(logits, 0.7, generator=g2), want)
+    with pytest.raises(ValueError, match=r"torch.Generator\('meta'\)"):
+        sample(torch.zeros(2, 5, device="meta"), 1.0, generator=torch.Generator())
+    g = torch.Generator().manual_seed(3)
+    assert M.device_generator(g, "cpu") is g  # on CPU the caller's own stream, so results stay as they were
+
+
+def count_host_syncs(monkeypatch):
+    """A counter of the Tensor methods that read a value back on the host (a CUDA sync each)."""
+    n = [0]
+    for name in ("__bool__", "item", "tolist", "cpu", "numpy", "__int__", "__float__", "__index__", "nonzero"):
+        def spy(self, *a, _real=getattr(torch.Tensor, name), **kw):
+            n[0] += 1
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return n
+
+
+@pytest.fixture(scope="module")
+def world_base():
+    return VLM.from_pretrained(BASE).eval()
+
+
+def test_decode_syncs_the_host_every_few_tokens_with_the_same_outputs(world_base, monkeypatch):
+    """With sync_every 8 (CUDA's default) decode reads back at most 2 values per 8 tokens (stop strings, all
+    ended?) and 2 at the end; per token (CPU's default) 2 a token. Rows that ended keep decoding until the
+    check and are cut, so EOS and stop strings end every row where the per-token loop ends it."""
+    vlm = world_base
+    batch = vlm.prepare(["What color is the cup?", "Describe the image.", "Describe the picture."],
+                        [random_image(64, 64, seed=i) for i in range(3)])
+    K = 24
+    out, syncs = {}, {}
+    for every in (1, 8):
+        cache, logits = M.prefill(vlm, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                  num_samples=4, max_new_tokens=K)
+        stop = M.StopStrings(vlm.tokenizer, ["top"], vlm.lm_head.weight.shape[0])
+        gen = torch.Generator().manual_seed(0)
+        with monkeypatch.context() as m:
+            n = count_host_syncs(m)
+            out[every] = M.decode(vlm, cache, logits, K, 1.0, generator=gen, eos=vlm.eos_ids(), stop=stop,
+                                  banned=vlm.never_sampled(), sync_every=every)
+        syncs[every] = n[0]
+    assert out[1] == out[8]
+    lengths = [len(o) for o in out[1]]
+    assert len(set(lengths)) > 2, lengths  # rows end at different steps
+    texts = [vlm.tokenizer.decode(o) for o in out[1]]
+    assert any(t.endswith("top") for t in texts) and "blue." in texts[0]  # by the stop string, by EOS
+    assert syncs[8] <= 2 * -(-K // 8) + 2 < syncs[1], syncs
+
+
+def test_kv_cache_is_kept_in_the_compute_dtype(world_base):
+    """The cache holds what attention computes in: autocast's dtype where it is on, else the weights'; and
+    sampling under bf16 autocast runs on the shared cache with forced prefixes."""
+    vlm = world_base
+    batch = vlm.prepare(["What color is the cup?", "Is there a dog?"], [random_image(64, 64, seed=i) for i in range(2)])
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    cache, _ = M.prefill(vlm, *args, max_new_tokens=2)
+    assert cache.k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache, _ = M.prefill(vlm, *args, num_samples=[1, 2], prefix_ids=[[5], [], [6, 7]], max_new_tokens=2)
+        assert isinstance(cache, M.SharedKVCache) and cache.k.dtype == cache.pk.dtype == torch.bfloat16
+        out = vlm.generate(*args, max_new_tokens=4, num_samples=2, temperature=1.0,
+                           generator=torch.Generator().manual_seed(0))
+    assert len(out) == 4
+    bf16 = VLM.from_pretrained(BASE, dtype=torch.bfloat16)
+    assert M.prefill(bf16, *args, max_new_tokens=2)[0].k.dtype == torch.bfloat16
+
+
+def test_generation_batches_fit_80gb_at_7b():
+    """The --batch_size 0 figures bdhs.py's and eval.py's --help state: LLaVA-1.6-7B (Vicuna) in bf16 on an
+    80 GB card, 0.5 MiB a cached token; and the CPU defaults elsewhere."""
+    import bdhs
+    raw = dict(model_type="llava_next", text_config=dict(model_type="llama"), image_token_index=32000)
+    with torch.device("meta"):
+        vlm = VLM(parse_config(raw)).to(torch.bfloat16)
+    assert M.kv_bytes_per_token(vlm, "cpu") == 2 * 32 * 4096 * 2 == 2 ** 19
+    assert M.max_prompt_tokens(vlm) == 2928 + 256  # 672 x 672: the base view, 2 x 2 tiles, newlines
+    guided = M.max_prompt_tokens(vlm) + bdhs.SENTENCES * (256 + bdhs.Config.sentence_tokens)
+    assert M.rows_that_fit(vlm, guided, 32, total=80e9) == 10
+    assert M.rows_that_fit(vlm, M.max_prompt_tokens(vlm) + 512, 64, total=80e9) == 16
+    assert M.rows_that_fit(vlm, guided, 32) == 32  # not on CUDA: the default
