@@ -945,7 +945,10 @@ def main(argv=None):
         t0 = time.time()
         vlm = load_model(path, cfg.template, getattr(torch, cfg.dtype), cfg.device)
         print(f"{name}: {template_line(vlm)}")
-        size = cfg.batch_size or rows_that_fit(vlm, max_prompt_tokens(vlm) + cfg.max_new_tokens, 64)
+        size = cfg.batch_size
+        if not size:  # off CUDA the default; on CUDA what the card's memory holds
+            on_gpu = cfg.device.startswith("cuda")
+            size = rows_that_fit(vlm, max_prompt_tokens(vlm) + cfg.max_new_tokens, 64) if on_gpu else 64
         if names:
             mine = []
             res = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,

@@ -602,6 +602,9 @@ class Shortcut:
         self.template = getattr(base, "template", None)
         self.template_source = f"the base model's ({getattr(base, 'template_source', None)})"
 
+    def __getattr__(self, name):  # the rest (cfg, lm_head, parameters: batch sizing) is the base model's
+        return getattr(self.__dict__["base"], name)
+
     def eval(self):
         self.base.eval()
         return self

@@ -394,7 +394,7 @@ def dpo_row(a, dev, peak, ranks):
     ref = to.reference_logps(cfg, pm, items, a.batch, ranks)  # (N, K): the cache, as main() has it
     ref_s = time.perf_counter() - t0
     amp = torch.autocast(dev.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
-    parts = to.by_length(list(range(ranks.rank, cfg.batch_size, W)), items)  # this rank's pairs
+    parts = to.by_length(list(range(ranks.rank, cfg.batch_size, W)), items, dev.type)  # this rank's pairs
     times, delta, flops, flops_4nt, tokens, sums = [], 0.0, 0, 0, 0, {}
     for step in range(cfg.steps):
         ranks.barrier()
@@ -426,6 +426,7 @@ def dpo_row(a, dev, peak, ranks):
     mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
     n_lora = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)  # DTensors: global
     weights = str(next(p for n, p in pm.named_parameters() if "q_proj.weight" in n).dtype)
+    sums, _ = to.to_host(sums)
     r = {k: s / max(n, 1) for k, (s, n) in sums.items()}  # step 0's metrics
     del model, pm, vlm, opt
     mem_text = f"{mem:.1f} GiB" if dev.type == "cuda" else "n/a (not CUDA)"

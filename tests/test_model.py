@@ -649,8 +649,9 @@ def test_help_comments_choices_and_bounds(monkeypatch, capsys):
     assert "--loss {" + ",".join([*losses.LOSSES, "rm"]) + "}" in out
     assert "--dtype {float32,bfloat16,float16}" in out
     # a comment continued on the next `#` line, aligned under it, is the same field's
-    assert ("--data STR world (its corruption set), bdhs, bdhs+world (Avg-DPO), a .jsonl, or "
-            "povid|vlfeedback|rlhfv|llava-rlhf[:PATH] (default: world)") in out
+    assert ("--data STR world (its corruption set), bdhs, bdhs+world (Avg-DPO), world+partners (opt-in: "
+            "partner-present pairs too, world.partner_pairs), a .jsonl, or povid|vlfeedback|rlhfv|llava-rlhf[:PATH] "
+            "(default: world)") in out
     assert "--batch_size INT global: micro-batch x grad_accum x ranks (default: 32; >= 1)" in out
     out = help_text(script_configs()["bdhs"], monkeypatch, capsys)
     assert "a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]" in out
