@@ -98,7 +98,7 @@ def main(argv=None):
     pm, model, opt = build_policy(cfg, ranks, head="reward" if cfg.loss == "rm" else None)
     vlm, device = pm.vlm, ranks.device
     B = cfg.batch_size // (ranks.W * cfg.grad_accum)  # pairs per micro-step and rank
-    items, train_idx, val_idx = load_pairs(cfg, vlm, ranks)
+    items, train_idx, val_idx = load_pairs(cfg, vlm, ranks, pm)
     ranks.print(f"objective: {objective_line(cfg, len(items[0]['responses']))}; {len(val_idx)} pairs held out, "
                 f"{len(train_idx)} to train on")
     ref = reference_logps(cfg, pm, items, B, ranks) if cfg.ref == "cache" and cfg.loss != "rm" else None
@@ -254,12 +254,13 @@ def evaluate_pairs(cfg: Config, pm, items, val_idx, B, ref, ranks):
 # Data: records -> tokenized items, a held-out tenth; BDHS pairs built once and cached
 
 
-def load_pairs(cfg: Config, vlm: VLM, ranks):
-    """-> items (tokenized once), training and held-out indices."""
+def load_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
+    """-> items (tokenized once), training and held-out indices; pm: the policy around vlm, which BDHS
+    samples from with its FSDP2 units gathered."""
     if cfg.data == "world":
         recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
     elif cfg.data in ("bdhs", "bdhs+world"):
-        recs = bdhs_pairs(cfg, vlm, ranks)
+        recs = bdhs_pairs(cfg, vlm, ranks, pm)
     else:
         recs = data.load_pairs(cfg.data, cfg.image_root)
     items, stats = data.prepare_pairs(vlm, recs, cfg.max_length)
@@ -273,7 +274,7 @@ def load_pairs(cfg: Config, vlm: VLM, ranks):
     return items, order[nval:], order[:nval]
 
 
-def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
+def bdhs_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
     """BDHS pairs of the world's prompts by the starting model, built once (each rank its share)."""
     import bdhs
     source = "world+corrupt" if cfg.data == "bdhs+world" else "world"
@@ -287,7 +288,9 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
     ranks.print(f"BDHS pairs: {bc.out}")
     parts = [bc.out] if ranks.W == 1 else [f"{bc.out}.rank{r}" for r in range(ranks.W)]
     if not ranks.broadcast(all(os.path.exists(p + ".done") for p in parts)):  # rank 0's view decides
-        with M.lora_disabled(vlm):  # the identity anyway: skip the adapters' matmuls while sampling
+        # FSDP2: the whole model gathered on each rank for its share (ranks decode different lengths, so
+        # no collective may run while sampling); lora off: the identity anyway, its matmuls skipped
+        with unsharded(pm or vlm), M.lora_disabled(vlm):
             bdhs.build_pairs(bc, vlm, rank=ranks.rank, world_size=ranks.W, log=ranks.print)
         open(parts[ranks.rank] + ".done", "w").close()
     ranks.barrier()
@@ -578,6 +581,8 @@ def unsharded(pm):
     """FSDP2: every unit's full parameters within (sampling, saving): no collectives there."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
+    if isinstance(pm, FSDPModule):  # the root's first forward sets FSDP2 up; sampling before it would run a
+        pm._get_fsdp_state()._lazy_init()  # layer's hooks first, which makes that layer a root
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)

@@ -400,3 +400,18 @@ def test_main_job_under_two_ranks(tmp_path):
     ids = [r["id"] for s in shards for r in data.read_pairs(str(tmp_path / "c" / folder / s))]
     assert sorted(ids) == sorted(f"align-0-{i}" for i in range(16))
     assert os.path.exists(tmp_path / "r" / "checkpoint" / "model.safetensors")
+
+
+def test_main_job_under_fsdp_on_two_ranks(tmp_path):
+    """--fsdp true: BDHS samples from the sharded policy (its units gathered, as the old code did not: "got
+    mixed torch.Tensor and DTensor"), and in fp32 builds the very pairs DDP builds."""
+    from test_offline import torchrun
+    for name, flags in (("fsdp", ["--fsdp", "true"]), ("ddp", [])):
+        torchrun(2, SMALL + ["--out_dir", str(tmp_path / name), "--cache_dir",
+                             str(tmp_path / f"c-{name}")] + flags)
+    pairs = {}
+    for name in ("fsdp", "ddp"):
+        (folder,) = (tmp_path / f"c-{name}").glob("bdhs-*")
+        pairs[name] = [open(folder / f"pairs.jsonl.rank{r}").read() for r in range(2)]
+    assert pairs["fsdp"] == pairs["ddp"] and all(pairs["fsdp"])
+    assert os.path.exists(tmp_path / "fsdp" / "checkpoint" / "model.safetensors")
