@@ -422,6 +422,8 @@ def sharded_policy(cfg, ranks, head):
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if cfg.dtype != "float32" \
         else MixedPrecisionPolicy()
     mesh = fsdp_mesh(ranks)
+    ranks.print(f"FSDP2: sharded over {mesh.size(-1)} ranks" + (f", replicated across {mesh.size(0)} nodes (HSDP)"
+                                                                if mesh.ndim == 2 else ""))
     for unit in fsdp_units(vlm):  # children first; the root keeps the rest
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(pm, mesh=mesh, mp_policy=mp)

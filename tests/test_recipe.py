@@ -9,10 +9,11 @@ import sys
 import torch
 
 import data
+import model as M
 from model import VLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_offline import torchrun  # noqa: E402
+from test_offline import ROOT, torchrun  # noqa: E402
 from tiny import build_hf, random_image  # noqa: E402
 
 # every flag of the paper's run but --model, --data and the run's folders (the README's recipe)
@@ -34,7 +35,30 @@ def flags(**over):
     return out
 
 
-def test_recipe_runs_on_two_ranks(tmp_path):
+# train_offline.py with model.st_read counting the checkpoint bytes each rank reads, into $OUT/read-<rank>.json
+COUNT_READS = """import json, os, runpy, sys
+sys.path.insert(0, os.environ["ROOT"])
+import model
+real, read = model.st_read, []
+
+
+def st_read(f, base, info, rows=None):
+    t = real(f, base, info, rows)
+    read.append(t.numel() * t.element_size())
+    with open(os.path.join(os.environ["OUT"], f"read-{os.environ['RANK']}.json"), "w") as out:
+        json.dump(read, out)
+    return t
+
+
+model.st_read = st_read
+sys.argv[0] = os.path.join(os.environ["ROOT"], "train_offline.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_recipe_runs_on_two_ranks(tmp_path, monkeypatch):
+    """... and FSDP2 builds on the meta device: each rank reads its half of every tensor from the checkpoint,
+    never the whole model."""
     build_hf(str(tmp_path / "model"), model_type="llava_next")
     os.makedirs(tmp_path / "images")
     recs, ask = [], [{"role": "user", "content": "<image>\nWhat is in the image?"}]
@@ -48,7 +72,15 @@ def test_recipe_runs_on_two_ranks(tmp_path):
     out = tmp_path / "run"
     paths = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "pairs.jsonl"),
              "--out_dir", str(out), "--cache_dir", str(tmp_path / "cache")]
-    torchrun(2, paths + flags(batch_size="4", steps="2"))
+    (tmp_path / "count.py").write_text(COUNT_READS)
+    monkeypatch.setenv("ROOT", ROOT)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    torchrun(2, paths + flags(batch_size="4", steps="2"), script=str(tmp_path / "count.py"))
+    header, _ = M.st_header(str(tmp_path / "model" / "model.safetensors"))
+    total = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
+    read = [sum(json.load(open(tmp_path / f"read-{r}.json"))) for r in range(2)]
+    assert sum(read) == total  # every byte once, by one rank or the other
+    assert max(read) < 0.55 * total, (read, total)  # about half each (rows cut in ceil-sized chunks)
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [x["step"] for x in lines if "loss" in x] == [0, 1]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if "loss" in x)
