@@ -88,3 +88,55 @@ def test_recipe_runs_on_two_ranks(tmp_path, monkeypatch):
     got = (cfg["lora_r"], cfg["lora_alpha"], cfg["dtype"], cfg["fsdp"], cfg["grad_ckpt"])
     assert got == (128, 256.0, "bfloat16", True, True)
     assert VLM.from_pretrained(str(out / "checkpoint")).cfg.model_type == "llava_next"
+
+
+# on each rank: the FSDP2 policy (read in shards) against the one a process builds whole, for the same seed
+CHECK_SHARDS = """import dataclasses, json, os, sys
+sys.path.insert(0, os.environ["ROOT"])
+import torch
+from torch.distributed.fsdp import FSDPModule
+import train_offline as to
+
+cfg = to.resumable_config(to.Config, sys.argv[1:])
+ranks = to.setup(cfg)
+torch.manual_seed(cfg.seed)
+pm = to.build_policy(cfg, ranks, head="reward")[0]
+torch.manual_seed(cfg.seed)
+whole = dict(to.build_policy(dataclasses.replace(cfg, fsdp=False), ranks, head="reward")[0].named_parameters())
+lm = pm.vlm.model.language_model
+got = dict(buffers=len(list(pm.buffers())), differ=[], local_rows={}, dtypes={},
+           units=all(isinstance(m, FSDPModule) for m in [*lm.layers, pm.vlm.model.multi_modal_projector, pm]))
+for n, p in pm.named_parameters():  # full_tensor gathers: every rank in the same order
+    full = p.full_tensor()
+    if full.dtype != whole[n].dtype or not torch.equal(full, whole[n]):
+        got["differ"].append(n)
+    got["local_rows"][n] = [p.to_local().shape[0], p.shape[0]]
+    got["dtypes"][n] = str(p.dtype)
+with to.unsharded(pm):  # gathered in MixedPrecisionPolicy's param_dtype
+    got["gathered"] = [str(lm.layers[0].self_attn.q_proj.lora_A.dtype), str(pm.score.weight.dtype)]
+with open(os.path.join(os.environ["OUT"], f"shards-{ranks.rank}.json"), "w") as f:
+    json.dump(got, f)
+ranks.end()
+"""
+
+
+def test_fsdp_shards_equal_the_whole_model(tmp_path, monkeypatch):
+    """--fsdp true on 2 ranks: a model built on the meta device and read in slices holds, gathered, exactly
+    the values (and dtypes) of one built whole: the base's bf16 rows, LoRA's A and the reward head as a single
+    process draws them; units per decoder layer and the projector; bf16 gathers, fp32 shards of what trains."""
+    build_hf(str(tmp_path / "model"), model_type="llava_next")
+    (tmp_path / "check.py").write_text(CHECK_SHARDS)
+    monkeypatch.setenv("ROOT", ROOT)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    torchrun(2, ["--model", str(tmp_path / "model"), "--out_dir", str(tmp_path / "run")] + flags(),
+             script=str(tmp_path / "check.py"))
+    for r in range(2):
+        got = json.load(open(tmp_path / f"shards-{r}.json"))
+        assert got["differ"] == [] and got["units"] and got["buffers"] == 0
+        assert got["gathered"] == ["torch.bfloat16", "torch.bfloat16"]
+        rows = got["local_rows"]
+        assert all(n <= -(-full // 2) for n, full in rows.values())  # at most half of each tensor's rows
+        dtypes = got["dtypes"]
+        assert dtypes["vlm.model.language_model.layers.0.self_attn.q_proj.lora_A"] == "torch.float32"
+        assert dtypes["vlm.model.multi_modal_projector.linear_1.weight"] == "torch.float32"
+        assert dtypes["vlm.model.language_model.layers.0.self_attn.q_proj.weight"] == "torch.bfloat16"
