@@ -436,8 +436,9 @@ def sharded_policy(cfg, ranks, head):
                 fill_rows(m.lora_A, M.init_lora_A(torch.empty(m.lora_A.shape)))
                 m.lora_B.to_local().zero_()
         for mine, drawn in zip((pm.score, pm.value), new_heads(vlm.cfg.text.hidden_size, head)):
-            for p, q in zip(mine.parameters() if mine else (), drawn.parameters() if drawn else ()):
-                fill_rows(p, q)
+            if drawn is not None:  # after LoRA's draws, as in a single process
+                for p, q in zip(mine.parameters(), drawn.parameters()):
+                    fill_rows(p, q)
     M.load_weights(vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device)  # each rank its rows of each tensor
     return pm
 
