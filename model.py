@@ -483,7 +483,7 @@ class LoRALinear(nn.Linear):
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=dev))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init_lora_A(self.lora_A)
         self.scale, self.dropout, self.enabled = alpha / r, nn.Dropout(dropout), True
 
     def forward(self, x):
@@ -498,6 +498,12 @@ class LoRALinear(nn.Linear):
         keeps the small update that a sum in bf16 would round away. In fp32 the same ops as the forward."""
         w = self.weight.float() + (self.lora_B.float() @ self.lora_A.float() * self.scale)
         return w.to(dtype or self.weight.dtype)
+
+
+def init_lora_A(t):
+    """LoRA's A as nn.Linear's weight starts (kaiming-uniform, from torch's global generator): a model built
+    on the meta device draws the same values in the same order as one built in memory."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -561,6 +567,7 @@ class VLM(nn.Module):
         # the dtype the source checkpoint's weights were stored in, which a save writes back (None: save
         # the tensors as they are in memory, as for a model built by from_config)
         self.source_dtype = None
+        self.folder = None  # from_pretrained's local folder
 
     # -- images ---------------------------------------------------------------
 
@@ -756,7 +763,9 @@ class VLM(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=""):
         """A local HF-layout folder or a hub id: every key and shape checked, tensors streamed one at a time
         into `dtype` on `device` (peak host memory near one copy of the weights). `template`: one of TEMPLATES,
-        or "" to detect it from the checkpoint's chat template. The stored dtype is kept in `source_dtype`."""
+        or "" to detect it from the checkpoint's chat template. The stored dtype is kept in `source_dtype`.
+        device "meta": no weight is read; `load_weights(vlm, vlm.folder, ...)` fills the model later (FSDP2:
+        each rank its own shards, after `fully_shard`)."""
         check_template(template)
         path = local_folder(path)
         cfg_path = os.path.join(path, "config.json")
@@ -767,7 +776,9 @@ class VLM(nn.Module):
             raise UserError(f"cannot read {cfg_path}: {e}") from e
         with torch.device("meta"):
             vlm = cls(parse_config(raw, cfg_path))
-        load_weights(vlm, path, raw, dtype, device)
+        vlm.folder = path  # the local folder the weights are read from
+        if str(device) != "meta":
+            load_weights(vlm, path, raw, dtype, device)
         vlm.source_dtype = stored_dtype(path, raw)
         load_processors(vlm, path, template)
         return vlm
@@ -1260,13 +1271,41 @@ def load_weights(vlm, path, raw, dtype, device):
                     raise UserError(f"{fn}: {key!r} has shape {tuple(info['shape'])}, expected "
                                      f"{tuple(p.shape)}{defaulted_keys(raw, cfg_path)}")
                 mod, _, attr = name.rpartition(".")
+                if hasattr(p, "to_local"):  # an FSDP2 DTensor: this rank's rows only, read from the file
+                    start, stop = shard_rows(p, name)
+                    with torch.no_grad():  # in `dtype` first, as a whole load: what trains is then fp32
+                        p.to_local().copy_(st_read(f, base, info, (start, stop)).to(dtype).to(p.dtype))
+                    filled.add(name)
+                    continue
                 tensor = st_read(f, base, info).to(device=device, dtype=dtype)
                 vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(tensor, requires_grad=p.requires_grad)
                 filled.add(name)
-    if missing := sorted(set(params) - filled):
+    adapters = {n for n in params if n.rpartition(".")[2] in ("lora_A", "lora_B")}  # never in a checkpoint
+    if missing := sorted(set(params) - filled - adapters):
         raise UserKeyError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and vlm.lm_head.weight is not vlm.model.language_model.embed_tokens.weight:
         vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
+
+
+def shard_rows(p, name="a parameter"):
+    """The rows [start, stop) of dim 0 that an FSDP2 DTensor parameter keeps on this rank: Shard(0) cuts
+    as torch.chunk does (ceil(rows / shards) each, the last ones shorter or empty), on the mesh's shard
+    dimension; Replicate() dimensions (HSDP's nodes) hold the same rows."""
+    rows = p.shape[0]
+    start = 0
+    stop = rows
+    for dim, place in enumerate(p.placements):
+        if not place.is_shard():
+            continue  # Replicate(): HSDP's nodes hold the same rows
+        if place.dim != 0:
+            raise ValueError(f"{name}: sharded on dim {place.dim}; only dim-0 shards are read in slices")
+        chunk = math.ceil(rows / p.device_mesh.size(dim))
+        start = min(rows, chunk * p.device_mesh.get_local_rank(dim))
+        stop = min(rows, start + chunk)
+    if p.to_local().shape[0] != stop - start:  # FSDP2 cut otherwise than assumed: stop, not load wrong rows
+        raise RuntimeError(f"{name}: this rank holds {p.to_local().shape[0]} of its {rows} rows, expected "
+                           f"rows {start}..{stop}")
+    return start, stop
 
 
 def stored_dtype(path, raw):
@@ -1504,10 +1543,19 @@ def st_header(path):
     return header, 8 + n
 
 
-def st_read(f, base, info):
-    """Reads one tensor's bytes straight into a fresh CPU tensor."""
-    t = torch.empty(info["shape"], dtype=ST_DTYPES[info["dtype"]])
+def st_read(f, base, info, rows=None):
+    """Reads one tensor's bytes straight into a fresh CPU tensor; `rows` (start, stop): those of its first
+    dimension only (a rank's shard), which are contiguous in the file."""
+    shape = list(info["shape"])
     start, end = info["data_offsets"]
+    if rows is not None:
+        row = math.prod(shape[1:]) * ST_DTYPES[info["dtype"]].itemsize  # bytes per row
+        if row * shape[0] != end - start:
+            raise UserError(f"{f.name}: tensor data is truncated or inconsistent")
+        end = start + rows[1] * row
+        start = start + rows[0] * row
+        shape[0] = rows[1] - rows[0]
+    t = torch.empty(shape, dtype=ST_DTYPES[info["dtype"]])
     if t.numel():
         f.seek(base + start)
         buf = t.view(-1).view(torch.uint8).numpy()

@@ -107,7 +107,7 @@ def main(argv=None):
     pm, model, opt = build_policy(cfg, ranks, head="reward" if cfg.loss == "rm" else None)
     vlm, device = pm.vlm, ranks.device
     B = cfg.batch_size // (ranks.W * cfg.grad_accum)  # pairs per micro-step and rank
-    items, train_idx, val_idx = load_pairs(cfg, vlm, ranks)
+    items, train_idx, val_idx = load_pairs(cfg, vlm, ranks, pm)
     ranks.print(f"objective: {objective_line(cfg, len(items[0]['responses']))}; {len(val_idx)} pairs held out, "
                 f"{len(train_idx)} to train on")
     ref = reference_logps(cfg, pm, items, B, ranks) if cfg.ref == "cache" and cfg.loss != "rm" else None
@@ -161,12 +161,8 @@ class PairModel(nn.Module):
 
     def __init__(self, vlm: VLM, head=None):
         super().__init__()
-        C = vlm.cfg.text.hidden_size
         self.vlm = vlm
-        self.score = nn.Linear(C, 1, bias=False) if head == "reward" else None
-        self.value = nn.Linear(C, 1) if head == "value" else None
-        if self.value is not None:  # values start at 0
-            nn.init.zeros_(self.value.weight), nn.init.zeros_(self.value.bias)
+        self.score, self.value = new_heads(vlm.cfg.text.hidden_size, head)
 
     def forward(self, input_ids, pixel_values, image_sizes=None, position_ids=None, segment=None, pred_idx=None,
                 targets=None, last_idx=None):
@@ -180,6 +176,16 @@ class PairModel(nn.Module):
         hp = pick(pred_idx)  # (B, K * L, C): the positions that predict a response token
         lp = losses.gathered_logps(self.vlm.lm_head(hp).view(B, K, L, -1), targets)
         return lp, None if self.value is None else self.value(hp).view(B, K, L).float()
+
+
+def new_heads(C, head):
+    """(score, value) on hidden size C: a reward head (`head="reward"`) or PPO's value head ("value"), the
+    other None, drawn from torch's global generator (build_policy's sharded path draws them again)."""
+    score = nn.Linear(C, 1, bias=False) if head == "reward" else None
+    value = nn.Linear(C, 1) if head == "value" else None
+    if value is not None:  # values start at 0
+        nn.init.zeros_(value.weight), nn.init.zeros_(value.bias)
+    return score, value
 
 
 def counts(batch):
@@ -269,14 +275,15 @@ def evaluate_pairs(cfg: Config, pm, items, val_idx, B, ref, ranks):
 # Data: records -> tokenized items, a held-out tenth; BDHS pairs built once and cached
 
 
-def load_pairs(cfg: Config, vlm: VLM, ranks):
-    """-> items (tokenized once), training and held-out indices."""
+def load_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
+    """-> items (tokenized once), training and held-out indices; pm: the policy around vlm, which BDHS
+    samples from with its FSDP2 units gathered."""
     if cfg.data == "world":
         recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
     elif cfg.data == "world+partners":  # opt-in: a share of partner-present pairs (world.partner_pairs)
         recs = world.world_partner_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
     elif cfg.data in ("bdhs", "bdhs+world"):
-        recs = bdhs_pairs(cfg, vlm, ranks)
+        recs = bdhs_pairs(cfg, vlm, ranks, pm)
     else:
         recs = data.load_pairs(cfg.data, cfg.image_root)
     items, stats = data.prepare_pairs(vlm, recs, cfg.max_length)
@@ -290,7 +297,7 @@ def load_pairs(cfg: Config, vlm: VLM, ranks):
     return items, order[nval:], order[:nval]
 
 
-def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
+def bdhs_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
     """BDHS pairs of the world's prompts by the starting model, built once (each rank its share)."""
     import bdhs
     source = "world+corrupt" if cfg.data == "bdhs+world" else "world"
@@ -304,7 +311,9 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks):
     ranks.print(f"BDHS pairs: {bc.out}")
     parts = [bc.out] if ranks.W == 1 else [f"{bc.out}.rank{r}" for r in range(ranks.W)]
     if not ranks.broadcast(all(os.path.exists(p + ".done") for p in parts)):  # rank 0's view decides
-        with M.lora_disabled(vlm):  # the identity anyway: skip the adapters' matmuls while sampling
+        # FSDP2: the whole model gathered on each rank for its share (ranks decode different lengths, so
+        # no collective may run while sampling); lora off: the identity anyway, its matmuls skipped
+        with unsharded(pm or vlm), M.lora_disabled(vlm):
             bdhs.build_pairs(bc, vlm, rank=ranks.rank, world_size=ranks.W, log=ranks.print)
         open(parts[ranks.rank] + ".done", "w").close()
     ranks.barrier()
@@ -414,31 +423,24 @@ def to(batch, device):
 
 def build_policy(cfg, ranks, head=None):
     """-> (PairModel, the wrapped model to train, AdamW over the adapters, projector and head)."""
-    vlm = VLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), template=cfg.template)  # bf16: the frozen base's half
-    ranks.print(M.template_line(vlm))
-    vlm.requires_grad_(False)
-    if cfg.lora_r:
-        M.add_lora(vlm, cfg.lora_r, cfg.lora_alpha)
-    else:  # full fine-tuning of the LLM (its LM head included)
-        vlm.model.language_model.requires_grad_(True), vlm.lm_head.requires_grad_(head is None)
-    vlm.model.multi_modal_projector.requires_grad_(cfg.lr_projector > 0)
-    vlm.model.language_model.checkpointing = cfg.grad_ckpt
-    pm = PairModel(vlm, head)
-    # What trains is fp32, and so are its AdamW moments (the adapters and heads already are): a bf16
-    # weight would round an update at LR 1e-6 away. From a bf16 load it starts at the bf16 value, which
-    # is the reference's weight too.
-    for p in pm.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    pm = pm.to(ranks.device)
-    model = pm
-    if ranks.W > 1 and cfg.fsdp:  # FSDP2: each decoder layer its own unit, the rest the root's
-        from torch.distributed.fsdp import fully_shard
-        for layer in vlm.model.language_model.layers:
-            fully_shard(layer)
-        model = fully_shard(pm)
-    elif ranks.W > 1:
-        model = nn.parallel.DistributedDataParallel(pm)
+    if ranks.W > 1 and cfg.fsdp:
+        pm = sharded_policy(cfg, ranks, head)
+        model = pm
+    else:
+        vlm = VLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), template=cfg.template)  # bf16: the frozen base's half
+        ranks.print(M.template_line(vlm))
+        choose_trainables(cfg, vlm, head)
+        pm = PairModel(vlm, head)
+        # What trains is fp32, and so are its AdamW moments (the adapters and heads already are): a bf16
+        # weight would round an update at LR 1e-6 away. From a bf16 load it starts at the bf16 value, which
+        # is the reference's weight too.
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        pm = pm.to(ranks.device)
+        model = pm
+        if ranks.W > 1:
+            model = nn.parallel.DistributedDataParallel(pm)
     groups = {}  # learning rate -> parameters
     for n, p in pm.named_parameters():
         if p.requires_grad:
@@ -448,6 +450,88 @@ def build_policy(cfg, ranks, head=None):
     ranks.print(f"trainable parameters: {sum(p.numel() for ps in groups.values() for p in ps):,} of "
                 f"{sum(p.numel() for p in pm.parameters()):,}")
     return pm, model, opt
+
+
+def choose_trainables(cfg, vlm, head):
+    """What trains: LoRA adapters (or the whole LLM), the projector at its own rate; the rest frozen."""
+    vlm.requires_grad_(False)
+    if cfg.lora_r:
+        M.add_lora(vlm, cfg.lora_r, cfg.lora_alpha)
+    else:  # full fine-tuning of the LLM (its LM head included)
+        vlm.model.language_model.requires_grad_(True), vlm.lm_head.requires_grad_(head is None)
+    vlm.model.multi_modal_projector.requires_grad_(cfg.lr_projector > 0)
+    vlm.model.language_model.checkpointing = cfg.grad_ckpt
+
+
+def sharded_policy(cfg, ranks, head):
+    """FSDP2 without a whole copy of the model anywhere: built on the meta device, cut into units, each
+    unit sharded over the ranks of a node (and replicated across nodes: HSDP), then every rank reads only
+    its own rows of each tensor from the checkpoint's files. LoRA's A and the heads get the values a
+    single process draws, in its order (the full tensors on the host, one at a time: they are small)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    dtype = getattr(torch, cfg.dtype)
+    vlm = VLM.from_pretrained(cfg.model, dtype=dtype, device="meta", template=cfg.template)
+    ranks.print(M.template_line(vlm))
+    choose_trainables(cfg, vlm, head)  # on the meta device: LoRA's A not drawn yet
+    with torch.device("meta"):
+        pm = PairModel(vlm, head)
+    pm.to(dtype)  # the frozen base in --dtype; what trains in fp32, as in a single process
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    # bf16: units all-gather in bf16 (the fp32 adapters cast once per gather) and reduce gradients in fp32
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if cfg.dtype != "float32" \
+        else MixedPrecisionPolicy()
+    mesh = fsdp_mesh(ranks)
+    ranks.print(f"FSDP2: sharded over {mesh.size(-1)} ranks" + (f", replicated across {mesh.size(0)} nodes (HSDP)"
+                                                                if mesh.ndim == 2 else ""))
+    for unit in fsdp_units(vlm):  # children first; the root keeps the rest
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    fully_shard(pm, mesh=mesh, mp_policy=mp)
+    pm.to_empty(device=ranks.device)  # this rank's shards, allocated, unset
+    if vlm.cfg.tie_word_embeddings:  # to_empty makes a new Parameter per module: tie them again
+        vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
+    with torch.no_grad():
+        for m in vlm.modules():  # add_lora's order, so LoRA's A gets a single process's draws
+            if isinstance(m, M.LoRALinear):
+                fill_rows(m.lora_A, M.init_lora_A(torch.empty(m.lora_A.shape)))
+                m.lora_B.to_local().zero_()
+        for mine, drawn in zip((pm.score, pm.value), new_heads(vlm.cfg.text.hidden_size, head)):
+            if drawn is not None:  # after LoRA's draws, as in a single process
+                for p, q in zip(mine.parameters(), drawn.parameters()):
+                    fill_rows(p, q)
+    M.load_weights(vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device)  # each rank its rows of each tensor
+    return pm
+
+
+def fill_rows(p, full):
+    """Copies this rank's rows of `full` (the whole tensor, on the host) into FSDP2 parameter p's shard."""
+    start, stop = M.shard_rows(p)
+    p.to_local().copy_(full[start:stop])
+
+
+def fsdp_units(vlm):
+    """FSDP2's units below the root: every tower and decoder layer, the projector (its own: it may train
+    in fp32), the LM head unless tied to the embeddings. The root keeps the embeddings, norms and heads."""
+    tower = vlm.model.vision_tower.encoder.layers
+    used = max(i % (len(tower) + 1) for i in vlm.cfg.feature_layers)  # the layers past it never run, and a
+    # unit that never gathers fails FSDP2's end of backward: they stay in the root
+    units = [*tower[:used], vlm.model.multi_modal_projector, *vlm.model.language_model.layers]
+    if not vlm.cfg.tie_word_embeddings:
+        units.append(vlm.lm_head)
+    return units
+
+
+def fsdp_mesh(ranks):
+    """One node: a 1-D mesh over its ranks. Past one node (torchrun's LOCAL_WORLD_SIZE < WORLD_SIZE), HSDP's
+    2-D mesh (nodes, ranks per node): parameters sharded within a node, replicated across nodes, so that
+    only the gradients' all-reduce crosses the slower link between nodes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    kind = ranks.device.split(":")[0]
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.W))
+    if local >= ranks.W or ranks.W % local:  # one node, or nodes of unequal sizes: shard over all
+        return init_device_mesh(kind, (ranks.W,), mesh_dim_names=("shard",))
+    return init_device_mesh(kind, (ranks.W // local, local), mesh_dim_names=("replicate", "shard"))
 
 
 def optimizer_step(cfg, pm, opt, step, steps):
@@ -583,6 +667,8 @@ def unsharded(pm):
     """FSDP2: every unit's full parameters within (sampling, saving): no collectives there."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
+    if isinstance(pm, FSDPModule):  # the root's first forward sets FSDP2 up; sampling before it would run a
+        pm._get_fsdp_state()._lazy_init()  # layer's hooks first, which makes that layer a root
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)

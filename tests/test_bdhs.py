@@ -417,3 +417,18 @@ def test_bdhs_cli_device_and_dtype(tmp_path, monkeypatch):
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, "cpu")}
     assert len(data.read_pairs(out)) == 4
     assert bdhs.batch_rows(None, bdhs.Config(batch_size=5)) == 5  # a given --batch_size is kept
+
+
+def test_main_job_under_fsdp_on_two_ranks(tmp_path):
+    """--fsdp true: BDHS samples from the sharded policy (its units gathered, as the old code did not: "got
+    mixed torch.Tensor and DTensor"), and in fp32 builds the very pairs DDP builds."""
+    from test_offline import torchrun
+    for name, flags in (("fsdp", ["--fsdp", "true"]), ("ddp", [])):
+        torchrun(2, SMALL + ["--out_dir", str(tmp_path / name), "--cache_dir",
+                             str(tmp_path / f"c-{name}")] + flags)
+    pairs = {}
+    for name in ("fsdp", "ddp"):
+        (folder,) = (tmp_path / f"c-{name}").glob("bdhs-*")
+        pairs[name] = [open(folder / f"pairs.jsonl.rank{r}").read() for r in range(2)]
+    assert pairs["fsdp"] == pairs["ddp"] and all(pairs["fsdp"])
+    assert os.path.exists(tmp_path / "fsdp" / "checkpoint" / "model.safetensors")

@@ -652,6 +652,29 @@ def test_two_ranks_equal_one(tmp_path):
         assert torch.allclose(p, q, atol=1e-5), n
 
 
+def test_two_nodes_equal_one_rank(tmp_path):
+    """Two torchrun agents of 2 ranks each (--nnodes 2 on this host): FSDP2 as HSDP, sharded within a node and
+    replicated across the two, gives one process's losses, and those of FSDP2 on 2 ranks."""
+    common = SMALL + ["--steps", "2", "--grad_accum", "2", "--fsdp", "true", "--cache_dir", str(tmp_path / "c")]
+    to.main(common + ["--out_dir", str(tmp_path / "one")])
+    torchrun(2, common + ["--out_dir", str(tmp_path / "two")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                                str(node), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                                str(port), os.path.join(ROOT, "train_offline.py")]
+                               + common + ["--out_dir", str(tmp_path / "nodes")],
+                               cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for node in range(2)]
+    outs = [a.communicate(timeout=240)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "FSDP2: sharded over 2 ranks, replicated across 2 nodes (HSDP)" in outs[0]
+    one = run_metrics(str(tmp_path / "one" / "metrics.jsonl"))
+    same(one, run_metrics(str(tmp_path / "two" / "metrics.jsonl")), tol=1e-4)
+    same(one, run_metrics(str(tmp_path / "nodes" / "metrics.jsonl")), tol=1e-4)
+
+
 # rank 1 stands for a node that does not see some files: os.path.exists says no for the prefixes in $HIDE
 HIDE = """import os, runpy, sys
 hidden = os.environ["HIDE"].split(",")
