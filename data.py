@@ -11,6 +11,7 @@ converters may give bytes); `conversation` ends with the user turn the responses
 data stops a run before any compute, naming its file and line. A pair's prompt and image are
 encoded once, its responses packed after them (`collate_pairs`); image tokens are never cut.
 """
+
 import hashlib
 import io
 import json
@@ -20,7 +21,16 @@ import sys
 
 import torch
 
-from model import TEMPLATES, UserError, UserFileError, arg_parser, load_image, open_image_header, run_main, to_rgb
+from model import (
+    TEMPLATES,
+    UserError,
+    UserFileError,
+    arg_parser,
+    load_image,
+    open_image_header,
+    run_main,
+    to_rgb,
+)
 
 # -----------------------------------------------------------------------------
 # The native format: checked records, JSONL files, images
@@ -41,14 +51,21 @@ def check_pair(rec, where, base="", need_rejected=True, hint="--image_root"):
         if k in rec and "<image>" in rec[k]:
             raise UserError(f"{where}: {k!r} holds an '<image>' placeholder (only the prompt may)")
     if not isinstance(rec["image"], (str, bytes)):
-        raise UserError(f"{where}: 'image' must be a path (a string), got "
-                         f"{type(rec['image']).__name__}")
+        raise UserError(
+            f"{where}: 'image' must be a path (a string), got {type(rec['image']).__name__}"
+        )
     conv = rec["conversation"]
-    ok = isinstance(conv, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                        and m.get("role") in ("user", "assistant") for m in conv)
+    ok = isinstance(conv, list) and all(
+        isinstance(m, dict)
+        and isinstance(m.get("content"), str)
+        and m.get("role") in ("user", "assistant")
+        for m in conv
+    )
     if not (ok and conv and conv[-1]["role"] == "user"):
-        raise UserError(f"{where}: 'conversation' must be a list of {{role: user|assistant, "
-                         f"content: str}} messages that ends with a user turn")
+        raise UserError(
+            f"{where}: 'conversation' must be a list of {{role: user|assistant, "
+            f"content: str}} messages that ends with a user turn"
+        )
     if sum(m["content"].count("<image>") for m in conv) != 1:
         raise UserError(f"{where}: the conversation must hold exactly one '<image>' placeholder")
     if isinstance(rec["image"], str):
@@ -85,7 +102,9 @@ def read_jsonl(path, *keys):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
+                    raise UserError(
+                        f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})"
+                    ) from None
                 if missing := [k for k in keys if k not in rec]:
                     raise UserError(f"{path}:{n}: no field {missing[0]!r}")
                 out.append((n, rec))
@@ -99,8 +118,12 @@ def read_pairs(path, need_rejected=True, image_root=""):
     if image_root:
         hint = f"relative image paths resolve against --image_root {image_root}"
     else:
-        hint = "relative image paths resolve against the data file's folder; --image_root sets another"
-    return [check_pair(rec, f"{path}:{n}", base, need_rejected, hint) for n, rec in read_jsonl(path)]
+        hint = (
+            "relative image paths resolve against the data file's folder; --image_root sets another"
+        )
+    return [
+        check_pair(rec, f"{path}:{n}", base, need_rejected, hint) for n, rec in read_jsonl(path)
+    ]
 
 
 def pair_line(r, out_dir):
@@ -143,6 +166,7 @@ def image_hw(image):
             return im.size[::-1]
     return image.size[::-1]
 
+
 # -----------------------------------------------------------------------------
 # Converters from the public releases (paper Table 1). Images: RLHF-V's parquet holds them; the
 # others name files in `image_root` (COCO train2014 for POVID, COCO train2017 for LLaVA-RLHF), by
@@ -153,8 +177,10 @@ def image_hw(image):
 def llava_turns(turns):
     """LLaVA's [{from: human|gpt, value}] -> messages, "<image>" moved to the first turn's start."""
     role = {"human": "user", "gpt": "assistant"}
-    msgs = [{"role": role[t["from"]], "content": t["value"].replace("<image>", "").strip()}
-            for t in turns]
+    msgs = [
+        {"role": role[t["from"]], "content": t["value"].replace("<image>", "").strip()}
+        for t in turns
+    ]
     msgs[0]["content"] = "<image>\n" + msgs[0]["content"]
     return msgs
 
@@ -162,9 +188,14 @@ def llava_turns(turns):
 def from_povid(r, n, root):
     """POVID: a JSON array of {id, image, conversations, rejected_conversations}; the last gpt turn
     of each is the chosen / rejected answer (a GPT-4V corruption)."""
-    return dict(id=f"povid-{n}", image=os.path.join(root, os.path.basename(r["image"])),
-                conversation=llava_turns(r["conversations"][:-1]), chosen=r["conversations"][-1]["value"],
-                rejected=r["rejected_conversations"][-1]["value"], meta=dict(source_id=r["id"]))
+    return dict(
+        id=f"povid-{n}",
+        image=os.path.join(root, os.path.basename(r["image"])),
+        conversation=llava_turns(r["conversations"][:-1]),
+        chosen=r["conversations"][-1]["value"],
+        rejected=r["rejected_conversations"][-1]["value"],
+        meta=dict(source_id=r["id"]),
+    )
 
 
 def from_llava_rlhf(r, n, root):
@@ -172,10 +203,15 @@ def from_llava_rlhf(r, n, root):
     output_2, preference: 1|2, hallucination}; the last gpt turn is a reference answer."""
     if r["preference"] not in (1, 2):
         raise UserError(f"preference must be 1 or 2, got {r['preference']!r}")
-    win, lose = (r["output_1"], r["output_2"])[::1 if r["preference"] == 1 else -1]
-    return dict(id=f"llava-rlhf-{n}", image=os.path.join(root, r["image"]), conversation=llava_turns(
-        r["conversations"][:-1]), chosen=win["value"], rejected=lose["value"],
-        meta=dict(source_id=str(r["id"]), hallucination=r.get("hallucination")))
+    win, lose = (r["output_1"], r["output_2"])[:: 1 if r["preference"] == 1 else -1]
+    return dict(
+        id=f"llava-rlhf-{n}",
+        image=os.path.join(root, r["image"]),
+        conversation=llava_turns(r["conversations"][:-1]),
+        chosen=win["value"],
+        rejected=lose["value"],
+        meta=dict(source_id=str(r["id"]), hallucination=r.get("hallucination")),
+    )
 
 
 def from_vlfeedback(r, n, root):
@@ -183,31 +219,50 @@ def from_vlfeedback(r, n, root):
     {aspect: {Rating, Rationale}}}]} rated 1-5 by GPT-4V. Chosen: the best mean rating, rejected:
     the worst; ties and unrated completions ("N/A") are left out."""
     comps = r["completions"]
-    if isinstance(comps, dict):  # the `datasets` library turns the list of dicts into a dict of lists
+    if isinstance(
+        comps, dict
+    ):  # the `datasets` library turns the list of dicts into a dict of lists
         comps = [dict(zip(comps, v)) for v in zip(*comps.values())]
     rated = []
     for c in comps:
         try:
-            rated.append((sum(float(a["Rating"]) for a in c["annotations"].values()) / len(c["annotations"]), c))
+            rated.append(
+                (
+                    sum(float(a["Rating"]) for a in c["annotations"].values())
+                    / len(c["annotations"]),
+                    c,
+                )
+            )
         except (ValueError, ZeroDivisionError):
             pass
     rated.sort(key=lambda x: -x[0])
     if len(rated) < 2 or rated[0][0] == rated[-1][0]:
         return None
     (hi, best), (lo, worst) = rated[0], rated[-1]
-    return dict(id=f"vlfeedback-{n}", image=os.path.join(root, r.get("img_path") or f"merged_images/{r['id']}.jpg"),
-                conversation=[{"role": "user", "content": "<image>\n" + r["prompt"]}], chosen=best["response"],
-                rejected=worst["response"], meta=dict(source_id=r["id"], models=[best["model"], worst["model"]],
-                                                      ratings=[hi, lo]))
+    return dict(
+        id=f"vlfeedback-{n}",
+        image=os.path.join(root, r.get("img_path") or f"merged_images/{r['id']}.jpg"),
+        conversation=[{"role": "user", "content": "<image>\n" + r["prompt"]}],
+        chosen=best["response"],
+        rejected=worst["response"],
+        meta=dict(source_id=r["id"], models=[best["model"], worst["model"]], ratings=[hi, lo]),
+    )
 
 
 def from_rlhfv(r, n, root):
     """RLHF-V: parquet rows {ds_name, image: {bytes, path}, text: JSON of {question, chosen,
     rejected}, origin_dataset, origin_split, idx, image_path}; chosen: the human-corrected one."""
     t = json.loads(r["text"])
-    return dict(id=f"rlhfv-{r['idx']}", image=r["image"]["bytes"], conversation=[
-        {"role": "user", "content": "<image>\n" + t["question"].replace("<image>", "").strip()}],
-        chosen=t["chosen"], rejected=t["rejected"], meta=dict(ds_name=r["ds_name"], origin_dataset=r["origin_dataset"]))
+    return dict(
+        id=f"rlhfv-{r['idx']}",
+        image=r["image"]["bytes"],
+        conversation=[
+            {"role": "user", "content": "<image>\n" + t["question"].replace("<image>", "").strip()}
+        ],
+        chosen=t["chosen"],
+        rejected=t["rejected"],
+        meta=dict(ds_name=r["ds_name"], origin_dataset=r["origin_dataset"]),
+    )
 
 
 def read_records(f):
@@ -226,11 +281,20 @@ def read_records(f):
 
 
 # name -> (converter, hub dataset, its data file)
-CONVERTERS = {"povid": (from_povid, "YiyangAiLab/POVID_preference_data_for_VLLMs",
-                        "POVID_preference_data_for_VLLMs_version_1.json"),
-              "vlfeedback": (from_vlfeedback, "MMInstruction/VLFeedback", "vlfeedback_80k.jsonl"),
-              "rlhfv": (from_rlhfv, "openbmb/RLHF-V-Dataset", "RLHF-V-Dataset.parquet"),
-              "llava-rlhf": (from_llava_rlhf, "zhiqings/LLaVA-Human-Preference-10K", "llava_7b_v1_preference.json")}
+CONVERTERS = {
+    "povid": (
+        from_povid,
+        "YiyangAiLab/POVID_preference_data_for_VLLMs",
+        "POVID_preference_data_for_VLLMs_version_1.json",
+    ),
+    "vlfeedback": (from_vlfeedback, "MMInstruction/VLFeedback", "vlfeedback_80k.jsonl"),
+    "rlhfv": (from_rlhfv, "openbmb/RLHF-V-Dataset", "RLHF-V-Dataset.parquet"),
+    "llava-rlhf": (
+        from_llava_rlhf,
+        "zhiqings/LLaVA-Human-Preference-10K",
+        "llava_7b_v1_preference.json",
+    ),
+}
 
 
 def check_spec(spec, flag="--data"):
@@ -238,8 +302,10 @@ def check_spec(spec, flag="--data"):
     PATH exists: checked before anything loads."""
     name, _, path = spec.partition(":")
     if name not in CONVERTERS and not os.path.isfile(spec):
-        raise UserError(f"{flag} {spec!r}: not a file, and not one of {', '.join(CONVERTERS)} "
-                        f"(NAME or NAME:PATH)")
+        raise UserError(
+            f"{flag} {spec!r}: not a file, and not one of {', '.join(CONVERTERS)} "
+            f"(NAME or NAME:PATH)"
+        )
     if name in CONVERTERS and path and not os.path.exists(path):
         raise UserFileError(f"{flag} {spec!r}: {path} not found")
 
@@ -254,6 +320,7 @@ def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
     convert, repo, fn = CONVERTERS[name]
     if not path:
         from huggingface_hub import hf_hub_download
+
         path = hf_hub_download(repo, fn, repo_type="dataset")
     f = os.path.join(path, fn) if os.path.isdir(path) else path
     if not os.path.isfile(f):
@@ -279,6 +346,7 @@ def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
         raise UserError(f"{f}: {where}: not in {name}'s layout ({type(e).__name__}: {e})") from None
     return recs
 
+
 # -----------------------------------------------------------------------------
 # Tokens: a conversation in the model's chat template, labels only on the replies
 
@@ -291,7 +359,10 @@ def encode_conversation(vlm, messages, image_sizes=None):
     ids, labels = [], []
     for k, m in enumerate(messages):
         if m["role"] == "user":
-            text, train = (t["system"] if k == 0 else "") + t["user"].format(m["content"]) + t["assistant"], False
+            text, train = (
+                (t["system"] if k == 0 else "") + t["user"].format(m["content"]) + t["assistant"],
+                False,
+            )
         else:
             text, train = t["reply"].format(m["content"]), True
         piece = vlm.encode_prompt(text, image_sizes, add_special_tokens=k == 0)
@@ -314,6 +385,7 @@ def prompt_ids(vlm, rec):
     """The tokens of a record's conversation up to where the responses start."""
     sizes = None if vlm.cfg.model_type == "llava" else torch.tensor([image_hw(rec["image"])])
     return encode_conversation(vlm, rec["conversation"], sizes)[0]
+
 
 # -----------------------------------------------------------------------------
 # Preference batches: tokenized once; image tokens are never cut
@@ -338,12 +410,17 @@ def prepare_pairs(vlm, recs, max_length=2048, warn=True):
             continue
         resp = [vlm.encode_reply(r[k]) for k in keys]
         stats["truncated"] += any(len(x) > room for x in resp)
-        items.append(dict(id=r["id"], image=r["image"], prompt=prompt, responses=[x[:room] for x in resp]))
+        items.append(
+            dict(id=r["id"], image=r["image"], prompt=prompt, responses=[x[:room] for x in resp])
+        )
     if warn and any(stats[k] for k in ("ties", "too_long", "truncated", "rejected2_ignored")):
-        print("warning: of {pairs} pairs, {ties} have chosen == rejected (skipped), {too_long} "
-              "have a prompt longer than max_length {max_length} (dropped), {truncated} had "
-              "responses cut to fit, {rejected2_ignored} second rejected responses were ignored "
-              "(not every pair has one)".format(**stats, max_length=max_length), file=sys.stderr)
+        print(
+            "warning: of {pairs} pairs, {ties} have chosen == rejected (skipped), {too_long} "
+            "have a prompt longer than max_length {max_length} (dropped), {truncated} had "
+            "responses cut to fit, {rejected2_ignored} second rejected responses were ignored "
+            "(not every pair has one)".format(**stats, max_length=max_length),
+            file=sys.stderr,
+        )
     return items, stats
 
 
@@ -367,28 +444,49 @@ def collate_pairs(vlm, items, pad_id=0):
     T = max(len(ids) for ids, _, _ in rows)
     L = max(len(r) for it in items for r in it["responses"])
     pad = lambda xs, n, v: xs + [v] * (n - len(xs))  # noqa: E731
-    return dict(input_ids=torch.tensor([pad(i, T, pad_id) for i, _, _ in rows]),
-                position_ids=torch.tensor([pad(p, T, 0) for _, p, _ in rows]),
-                segment=torch.tensor([pad(s, T, -1) for _, _, s in rows]),
-                pred_idx=torch.tensor([[pad(p, L, 0) for p in pr] for pr in pred]),
-                targets=torch.tensor([[pad(r, L, -100) for r in it["responses"]] for it in items]),
-                last_idx=torch.tensor(last),
-                **vlm.image_processor(open_image(it["image"]) for it in items))  # one at a time
+    return dict(
+        input_ids=torch.tensor([pad(i, T, pad_id) for i, _, _ in rows]),
+        position_ids=torch.tensor([pad(p, T, 0) for _, p, _ in rows]),
+        segment=torch.tensor([pad(s, T, -1) for _, _, s in rows]),
+        pred_idx=torch.tensor([[pad(p, L, 0) for p in pr] for pr in pred]),
+        targets=torch.tensor([[pad(r, L, -100) for r in it["responses"]] for it in items]),
+        last_idx=torch.tensor(last),
+        **vlm.image_processor(open_image(it["image"]) for it in items),
+    )  # one at a time
+
 
 # -----------------------------------------------------------------------------
 # Command line: a release (or a native file) into a native file, checked, optionally subsampled
 
 
 def main(argv=None):
-    ap = arg_parser(description="Write a native preference JSONL from a release or another native file; every "
-                                "record and image is checked on the way.")
-    ap.add_argument("--convert", required=True,
-                    help=f"a native .jsonl, or NAME[:PATH] with NAME one of {'|'.join(CONVERTERS)} (no PATH: "
-                         f"from the hub)")
-    ap.add_argument("--image_root", default="", help="the release's images (default: images/ beside its file)")
-    ap.add_argument("--out", required=True, help="the native .jsonl to write (in-memory images go to images/ by it)")
-    ap.add_argument("--limit", type=int, default=0, help="keep N pairs drawn at random (default: 0, all of them)")
-    ap.add_argument("--seed", type=int, default=0, help="the draw of --limit (default: %(default)s)")
+    ap = arg_parser(
+        description="Write a native preference JSONL from a release or another native file; every "
+        "record and image is checked on the way."
+    )
+    ap.add_argument(
+        "--convert",
+        required=True,
+        help=f"a native .jsonl, or NAME[:PATH] with NAME one of {'|'.join(CONVERTERS)} (no PATH: "
+        f"from the hub)",
+    )
+    ap.add_argument(
+        "--image_root", default="", help="the release's images (default: images/ beside its file)"
+    )
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="the native .jsonl to write (in-memory images go to images/ by it)",
+    )
+    ap.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        help="keep N pairs drawn at random (default: 0, all of them)",
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="the draw of --limit (default: %(default)s)"
+    )
     a = ap.parse_args(argv)
     if a.limit < 0:
         raise UserError(f"--limit {a.limit}: must be >= 0")
@@ -397,10 +495,14 @@ def main(argv=None):
     recs = load_pairs(a.convert, a.image_root, need_rejected=False, flag="--convert")
     if missing := [r["id"] for r in recs if "rejected" not in r]:
         if len(missing) < len(recs):
-            raise UserError(f"--convert {a.convert}: record {missing[0]!r} has no 'rejected' though others have one: "
-                            f"a file holds pairs (each with a rejected) or prompts (none)")
+            raise UserError(
+                f"--convert {a.convert}: record {missing[0]!r} has no 'rejected' though others have one: "
+                f"a file holds pairs (each with a rejected) or prompts (none)"
+            )
     if a.limit and a.limit < len(recs):
-        keep = sorted(random.Random(a.seed).sample(range(len(recs)), a.limit))  # the release's order kept
+        keep = sorted(
+            random.Random(a.seed).sample(range(len(recs)), a.limit)
+        )  # the release's order kept
         recs = [recs[i] for i in keep]
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     write_pairs(a.out, recs)

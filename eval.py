@@ -11,6 +11,7 @@ JUDGE_MODEL, JUDGE_API_KEY). Each score equals the benchmark's own script (READM
     python eval.py --model runs/offline/checkpoint --world_seed 3 --out results.json
     python eval.py --model llava-hf/llava-v1.6-vicuna-7b-hf --bench pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
 """
+
 import ast
 import base64
 import contextlib
@@ -32,8 +33,21 @@ from tqdm import tqdm
 
 import data
 import world as W
-from model import (DTYPES, VLM, UserError, UserFileError, cache_home, check_template, config_from_argv, folder_hash,
-                   max_prompt_tokens, rows_that_fit, run_main, source_bytes, template_line)
+from model import (
+    DTYPES,
+    VLM,
+    UserError,
+    UserFileError,
+    cache_home,
+    check_template,
+    config_from_argv,
+    folder_hash,
+    max_prompt_tokens,
+    rows_that_fit,
+    run_main,
+    source_bytes,
+    template_line,
+)
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function
@@ -51,8 +65,12 @@ def pope_metrics(pred, label):
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     acc = sum(p == l for p, l in zip(pred, label)) / n
-    return {k: 100 * v for k, v in dict(acc=acc, precision=precision, recall=recall, f1=f1,
-                                        yes_ratio=sum(pred) / n).items()}
+    return {
+        k: 100 * v
+        for k, v in dict(
+            acc=acc, precision=precision, recall=recall, f1=f1, yes_ratio=sum(pred) / n
+        ).items()
+    }
 
 
 def chair(said, truth):
@@ -63,13 +81,16 @@ def chair(said, truth):
     wrong = [sum(o not in t for o in s) for s, t in zip(said, truth)]
     found = sum(len(set(s) & t) for s, t in zip(said, truth))  # distinct present objects named
     # each ratio before the factor 100, as Object HalBench's script (0 where it divides by zero)
-    return dict(chair_i=100 * (sum(wrong) / max(mentions, 1)),
-                chair_s=100 * (sum(w > 0 for w in wrong) / len(said)),
-                recall=100 * (found / max(sum(len(t) for t in truth), 1)))
+    return dict(
+        chair_i=100 * (sum(wrong) / max(mentions, 1)),
+        chair_s=100 * (sum(w > 0 for w in wrong) / len(said)),
+        recall=100 * (found / max(sum(len(t) for t in truth), 1)),
+    )
 
 
 def accuracy(pred, gold):
     return 100 * sum(p == g for p, g in zip(pred, gold)) / max(len(gold), 1)
+
 
 # -----------------------------------------------------------------------------
 # Answers, and tables of results
@@ -80,7 +101,10 @@ def answer(vlm, images, questions, max_new_tokens, batch_size=64, desc="answers"
     out = []
     bar = tqdm(total=len(questions), desc=desc, unit="q", leave=False)  # a tick per batch
     for i in range(0, len(questions), batch_size):
-        batch = vlm.prepare(questions[i:i + batch_size], [data.open_image(im) for im in images[i:i + batch_size]])
+        batch = vlm.prepare(
+            questions[i : i + batch_size],
+            [data.open_image(im) for im in images[i : i + batch_size]],
+        )
         ids = vlm.generate(**batch, max_new_tokens=max_new_tokens, temperature=0.0)
         out += [vlm.tokenizer.decode(x) for x in ids]
         bar.update(len(ids))
@@ -107,14 +131,28 @@ def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=
     scenes, items = W.probes(world, split, n, heldout)
     images = [W.render(s) for s in scenes]
     texts = [""] * len(items)
-    for kind, max_new in (("describe", 96), ("pope", 3), ("color", 6), ("count", 6), ("position", 8)):
+    for kind, max_new in (
+        ("describe", 96),
+        ("pope", 3),
+        ("color", 6),
+        ("count", 6),
+        ("position", 8),
+    ):
         sel = [j for j, it in enumerate(items) if it[1].startswith(kind)]
-        outs = answer(vlm, [images[items[j][0]] for j in sel], [items[j][2] for j in sel], max_new, batch_size,
-                      f"{split} {kind}")
+        outs = answer(
+            vlm,
+            [images[items[j][0]] for j in sel],
+            [items[j][2] for j in sel],
+            max_new,
+            batch_size,
+            f"{split} {kind}",
+        )
         for j, t in zip(sel, outs):
             texts[j] = t
     got = lambda kind: [(t, it) for t, it in zip(texts, items) if it[1] == kind]  # noqa: E731
-    res = dict(split=split, world_seed=world.seed, half=world.half, heldout_phrasing=heldout, n_images=n)
+    res = dict(
+        split=split, world_seed=world.seed, half=world.half, heldout_phrasing=heldout, n_images=n
+    )
     pos = [(yes_no(t), True) for t, _ in got("pope_pos")]
     for k in ("random", "popular", "adversarial"):
         pred, label = zip(*(pos + [(yes_no(t), False) for t, _ in got(f"pope_{k}")]))
@@ -122,16 +160,23 @@ def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=
     desc = got("describe")
     res |= chair([W.mentioned(t) for t, _ in desc], [it[3] for _, it in desc])
     # (scene, mention, object) for every mention of an object that is there
-    hits = [(it[0], m, o) for t, it in desc for m in W.parse_objects(t) for o in scenes[it[0]].objects
-            if m["category"] == o.category and not m["negated"]]
+    hits = [
+        (it[0], m, o)
+        for t, it in desc
+        for m in W.parse_objects(t)
+        for o in scenes[it[0]].objects
+        if m["category"] == o.category and not m["negated"]
+    ]
     coloured = [(m["color"], o.color) for _, m, o in hits if m["color"]]
     res["desc_color_acc"] = accuracy(*zip(*coloured)) if coloured else 0.0
     # detail: the share of present objects a description names with their true colour and position
     right = {(i, o.category) for i, m, o in hits if m["color"] == o.color and m["cell"] == o.cell}
     res["detail"] = 100 * len(right) / sum(len(s.objects) for s in scenes)
-    answers = {"color": [(W.first_word(t, W.COLORS), it[3]) for t, it in got("color")],
-               "count": [(W.first_word(t, W.NUMBERS), W.NUMBERS[it[3]]) for t, it in got("count")],
-               "position": [(W.cell_of(t.lower()), it[3]) for t, it in got("position")]}
+    answers = {
+        "color": [(W.first_word(t, W.COLORS), it[3]) for t, it in got("color")],
+        "count": [(W.first_word(t, W.NUMBERS), W.NUMBERS[it[3]]) for t, it in got("count")],
+        "position": [(W.cell_of(t.lower()), it[3]) for t, it in got("position")],
+    }
     for k, pairs in answers.items():
         res[f"{k}_acc"] = accuracy(*zip(*pairs))
     # informativeness: the share of colour, count and position answers that commit to a value at all
@@ -155,8 +200,12 @@ def evaluate_twins(vlm, world, split="broken", n=500, batch_size=256):
     told = answer(vlm, images, twice(3), 96, batch_size, "twin describe")
     yes = [yes_no(t) for t in said]
     named = [c in W.mentioned(t) for t, c in zip(told, twice(2))]
-    res = {"twin/yes_twin": 100 * mean(yes[1::2]), "twin/no_broken": 100 * mean([not y for y in yes[0::2]]),
-           "twin/mention_twin": 100 * mean(named[1::2]), "twin/mention_broken": 100 * mean(named[0::2])}
+    res = {
+        "twin/yes_twin": 100 * mean(yes[1::2]),
+        "twin/no_broken": 100 * mean([not y for y in yes[0::2]]),
+        "twin/mention_twin": 100 * mean(named[1::2]),
+        "twin/mention_broken": 100 * mean(named[0::2]),
+    }
     res["twin/grounding"] = res["twin/yes_twin"] - (100 - res["twin/no_broken"])
     res["twin/mention_grounding"] = res["twin/mention_twin"] - res["twin/mention_broken"]
     return res | {"twin/pairs": len(pairs), "twin/skipped": skipped}  # counts: ints
@@ -166,26 +215,47 @@ def world_report(vlm, seed=0, half="", n=500, batch_size=256):
     """One flat dict: the broken split in the train phrasings (plain keys) and the held-out ones
     ("hq/"), ordinary scenes ("ord/"), the twin test ("twin/"); with `half`, the broken split of
     each half ("a/", "b/")."""
+
     def ev_(prefix, w, split, heldout=False):
         res = evaluate_world(vlm, w, split, n, heldout, batch_size)
-        return {prefix + k: v for k, v in res.items() if isinstance(v, float)} | \
-            ({"samples": res["samples"]} if not prefix else {})
+        return {prefix + k: v for k, v in res.items() if isinstance(v, float)} | (
+            {"samples": res["samples"]} if not prefix else {}
+        )
+
     if half:
-        return {k: v for h in "ab" for k, v in ev_(f"{h}/", W.World(seed, half=h), "broken").items()}
+        return {
+            k: v for h in "ab" for k, v in ev_(f"{h}/", W.World(seed, half=h), "broken").items()
+        }
     w = W.World(seed)
-    return ev_("", w, "broken") | ev_("hq/", w, "broken", True) | ev_("ord/", w, "heldout") | \
-        evaluate_twins(vlm, w, "broken", n, batch_size)
+    return (
+        ev_("", w, "broken")
+        | ev_("hq/", w, "broken", True)
+        | ev_("ord/", w, "heldout")
+        | evaluate_twins(vlm, w, "broken", n, batch_size)
+    )
 
 
-KEYS = ["pope_adversarial_f1", "pope_adversarial_yes_ratio", "chair_i", "chair_s", "recall",
-        "hq/pope_adversarial_f1", "hq/chair_i", "ord/recall", "ord/detail", "ord/count_acc"]
+KEYS = [
+    "pope_adversarial_f1",
+    "pope_adversarial_yes_ratio",
+    "chair_i",
+    "chair_s",
+    "recall",
+    "hq/pope_adversarial_f1",
+    "hq/chair_i",
+    "ord/recall",
+    "ord/detail",
+    "ord/count_acc",
+]
 HALF_KEYS = ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversarial_f1", "b/recall"]
 
 
 def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
     """World reports of base and ckpt -> out_dir/results.json; base's cached (files, settings, code)."""
     code = source_bytes("world.py", "eval.py", "model.py")
-    key = hashlib.sha256((folder_hash(base) + json.dumps([seed, half, n])).encode() + code).hexdigest()[:16]
+    key = hashlib.sha256(
+        (folder_hash(base) + json.dumps([seed, half, n])).encode() + code
+    ).hexdigest()[:16]
     cached = os.path.join(cache_dir, f"world-report-{key}.json")
     if os.path.exists(cached):
         before = json.loads(pathlib.Path(cached).read_text())
@@ -199,25 +269,36 @@ def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
 
 
 # The paper's Table 2 columns, and the keys of evaluate_bench's results that fill them
-TABLE2 = {"POPE": "pope", "MMHal": "mmhal", "MMHal-V": "mmhal_v", "LLaVA-W": "llavaw",
-          "VQA^T": "textvqa", "GQA": "gqa", "MMVet": "mmvet", "Rec_coco": "objhal_recall",
-          "CHAIR_s": "objhal_chair_s", "CHAIR_i": "objhal_chair_i"}  # Object HalBench's CHAIR too
+TABLE2 = {
+    "POPE": "pope",
+    "MMHal": "mmhal",
+    "MMHal-V": "mmhal_v",
+    "LLaVA-W": "llavaw",
+    "VQA^T": "textvqa",
+    "GQA": "gqa",
+    "MMVet": "mmvet",
+    "Rec_coco": "objhal_recall",
+    "CHAIR_s": "objhal_chair_s",
+    "CHAIR_i": "objhal_chair_i",
+}  # Object HalBench's CHAIR too
 
 # -----------------------------------------------------------------------------
 # The paper's benchmarks (Table 2), read from their public releases' own files
 
 # LLaVA's suffix for short answers; its POPE, TextVQA and GQA questions end with it, as lmms-eval's
 SHORT = "\nAnswer the question using a single word or phrase."
-GET = {"pope": "POPE's output/coco/ folder (github.com/AoiDragon/POPE), with COCO val2014 images in images/",
-       "objhal": "obj_halbench_300_with_image.jsonl (eval/data/ of github.com/RLHF-V/RLAIF-V), and COCO 2014's "
-                 "instances_val2014.json and captions_val2014.json (cocodataset.org) in annotations/",
-       "mmhal": "response_template.json and, unzipped from test_data.zip, images/ (huggingface.co/datasets/"
-                "Shengcao1006/MMHal-Bench, or run with --download true)",
-       "llavaw": "questions.jsonl, context.jsonl, answers_gpt4.jsonl and images/ (huggingface.co/datasets/"
-                 "liuhaotian/llava-bench-in-the-wild, or run with --download true)",
-       "mmvet": "mm-vet.json and images/, unzipped from mm-vet.zip (github.com/yuweihao/MM-Vet/releases)",
-       "textvqa": "TextVQA_0.5.1_val.json and train_images/ from textvqa.org/dataset",
-       "gqa": "testdev_balanced_questions.json from the GQA release (cs.stanford.edu/people/dorarad/gqa), images/"}
+GET = {
+    "pope": "POPE's output/coco/ folder (github.com/AoiDragon/POPE), with COCO val2014 images in images/",
+    "objhal": "obj_halbench_300_with_image.jsonl (eval/data/ of github.com/RLHF-V/RLAIF-V), and COCO 2014's "
+    "instances_val2014.json and captions_val2014.json (cocodataset.org) in annotations/",
+    "mmhal": "response_template.json and, unzipped from test_data.zip, images/ (huggingface.co/datasets/"
+    "Shengcao1006/MMHal-Bench, or run with --download true)",
+    "llavaw": "questions.jsonl, context.jsonl, answers_gpt4.jsonl and images/ (huggingface.co/datasets/"
+    "liuhaotian/llava-bench-in-the-wild, or run with --download true)",
+    "mmvet": "mm-vet.json and images/, unzipped from mm-vet.zip (github.com/yuweihao/MM-Vet/releases)",
+    "textvqa": "TextVQA_0.5.1_val.json and train_images/ from textvqa.org/dataset",
+    "gqa": "testdev_balanced_questions.json from the GQA release (cs.stanford.edu/people/dorarad/gqa), images/",
+}
 HUB = {"mmhal": "Shengcao1006/MMHal-Bench", "llavaw": "liuhaotian/llava-bench-in-the-wild"}
 FOLDER = {"mmhal_v": "mmhal"}  # MMHal-V is MMHal-Bench judged with the image
 
@@ -233,6 +314,7 @@ def atomic_json(path, obj):
 def download(name, root):
     """Fetches (or completes) root/name from the hub; zipped images go once to root/name/images/."""
     from huggingface_hub import snapshot_download
+
     d = os.path.join(root, name)
     snapshot_download(HUB[name], repo_type="dataset", local_dir=d)  # skips the files it already has
     for z in glob.glob(os.path.join(d, "*.zip")):
@@ -252,24 +334,30 @@ def unzip(path, dest):
     """Extracts a checked zip: at most UNZIP_MAX_FILES members and UNZIP_MAX_BYTES in all (zipfile
     stops each member at its stated size), no absolute path, no '..'."""
     import zipfile
+
     with zipfile.ZipFile(path) as f:
         infos = f.infolist()
         total = sum(i.file_size for i in infos)
         if total > UNZIP_MAX_BYTES or len(infos) > UNZIP_MAX_FILES:
-            raise UserError(f"{path}: {len(infos)} files, {total} bytes uncompressed: over the "
-                             f"cap of {UNZIP_MAX_FILES} files and {UNZIP_MAX_BYTES} bytes "
-                             "(eval.UNZIP_MAX_*); not extracted")
+            raise UserError(
+                f"{path}: {len(infos)} files, {total} bytes uncompressed: over the "
+                f"cap of {UNZIP_MAX_FILES} files and {UNZIP_MAX_BYTES} bytes "
+                "(eval.UNZIP_MAX_*); not extracted"
+            )
         for i in infos:
             if i.filename.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", i.filename):
-                raise UserError(f"{path}: member {i.filename!r} would be written outside {dest}; "
-                                 "not extracted")
+                raise UserError(
+                    f"{path}: member {i.filename!r} would be written outside {dest}; not extracted"
+                )
         f.extractall(dest)
 
 
 def bench_file(root, name, fn):
     path = os.path.join(root, name, fn)
     if not os.path.exists(path):
-        raise UserFileError(f"{name}: {path} not found. Put {GET[name]} in {os.path.join(root, name)}")
+        raise UserFileError(
+            f"{name}: {path} not found. Put {GET[name]} in {os.path.join(root, name)}"
+        )
     return path
 
 
@@ -282,59 +370,120 @@ def load_bench(name, root, vocab=None):
     path = lambda *p: os.path.join(d, *p)  # noqa: E731
     try:
         if name == "pope":
-            return [dict(id=f"{kind}-{r['question_id']}", image=path("images", r["image"]),
-                         question=r["text"], gold=r["label"] == "yes", kind=kind)
-                    for kind in ("random", "popular", "adversarial")
-                    for r in rows(f"coco_pope_{kind}.json", "question_id", "image", "text", "label")]
+            return [
+                dict(
+                    id=f"{kind}-{r['question_id']}",
+                    image=path("images", r["image"]),
+                    question=r["text"],
+                    gold=r["label"] == "yes",
+                    kind=kind,
+                )
+                for kind in ("random", "popular", "adversarial")
+                for r in rows(f"coco_pope_{kind}.json", "question_id", "image", "text", "label")
+            ]
         if name == "objhal":
             recs = rows("obj_halbench_300_with_image.jsonl", "image_id", "image", "question")
             truth = coco_truth(root, {int(r["image_id"]) for r in recs}, vocab or coco_vocab())
-            return [dict(id=i, image=base64.b64decode(r["image"]), question=r["question"],
-                         gold=truth[int(r["image_id"])], kind=name) for i, r in enumerate(recs)]
+            return [
+                dict(
+                    id=i,
+                    image=base64.b64decode(r["image"]),
+                    question=r["question"],
+                    gold=truth[int(r["image_id"])],
+                    kind=name,
+                )
+                for i, r in enumerate(recs)
+            ]
         if name in ("mmhal", "mmhal_v"):
             recs = load("response_template.json")
-            return [dict(id=i, image=path("images", r["image_src"].split("/")[-1]),
-                         question=r["question"], gold=r["gt_answer"], objects=r["image_content"],
-                         kind=r["question_type"]) for i, r in enumerate(recs)]
+            return [
+                dict(
+                    id=i,
+                    image=path("images", r["image_src"].split("/")[-1]),
+                    question=r["question"],
+                    gold=r["gt_answer"],
+                    objects=r["image_content"],
+                    kind=r["question_type"],
+                )
+                for i, r in enumerate(recs)
+            ]
         if name == "llavaw":
             qs = rows("questions.jsonl", "question_id", "image", "text", "category")
             ctx = {c["image"]: c["caption"] for c in rows("context.jsonl", "caption")}
-            ref = {a["question_id"]: a["text"] for a in rows("answers_gpt4.jsonl", "question_id", "text")}
-            return [dict(id=q["question_id"], image=path("images", q["image"]), question=q["text"],
-                         gold=ref[q["question_id"]], context=ctx[q["image"]], kind=q["category"])
-                    for q in qs]
+            ref = {
+                a["question_id"]: a["text"]
+                for a in rows("answers_gpt4.jsonl", "question_id", "text")
+            }
+            return [
+                dict(
+                    id=q["question_id"],
+                    image=path("images", q["image"]),
+                    question=q["text"],
+                    gold=ref[q["question_id"]],
+                    context=ctx[q["image"]],
+                    kind=q["category"],
+                )
+                for q in qs
+            ]
         if name == "mmvet":
-            return [dict(id=k, image=path("images", r["imagename"]), question=r["question"],
-                         gold=r["answer"], kind=tuple(sorted(set(r["capability"]))))
-                    for k, r in load("mm-vet.json").items()]
+            return [
+                dict(
+                    id=k,
+                    image=path("images", r["imagename"]),
+                    question=r["question"],
+                    gold=r["answer"],
+                    kind=tuple(sorted(set(r["capability"]))),
+                )
+                for k, r in load("mm-vet.json").items()
+            ]
         if name == "textvqa":
-            return [dict(id=r["question_id"], image=path("train_images", r["image_id"] + ".jpg"),
-                         question=r["question"], gold=r["answers"], kind=name)
-                    for r in load("TextVQA_0.5.1_val.json")["data"]]
+            return [
+                dict(
+                    id=r["question_id"],
+                    image=path("train_images", r["image_id"] + ".jpg"),
+                    question=r["question"],
+                    gold=r["answers"],
+                    kind=name,
+                )
+                for r in load("TextVQA_0.5.1_val.json")["data"]
+            ]
         if name == "gqa":
-            return [dict(id=q, image=path("images", r["imageId"] + ".jpg"), question=r["question"],
-                         gold=r["answer"], kind=name)
-                    for q, r in load("testdev_balanced_questions.json").items()]
+            return [
+                dict(
+                    id=q,
+                    image=path("images", r["imageId"] + ".jpg"),
+                    question=r["question"],
+                    gold=r["answer"],
+                    kind=name,
+                )
+                for q, r in load("testdev_balanced_questions.json").items()
+            ]
     except KeyError as e:  # a record without a field, or a question without its context / answer
         raise UserError(f"{name}: {d}: no field or record {e}") from None
     raise UserError(f"--bench {name!r}: expected one of {', '.join(list(GET) + list(FOLDER))}")
 
 
-_NUMBER = dict(zip("zero one two three four five six seven eight nine ten".split(), map(str, range(11))))
+_NUMBER = dict(
+    zip("zero one two three four five six seven eight nine ten".split(), map(str, range(11)))
+)
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 # EvalAI's contractions, keyed by each form that lacks one apostrophe ("dont"; "couldnt've" and
 # "couldn'tve"); forms that are words (were, well, its, shell, im, ...) are not in it
-_CONTRACT = {k: w for w in (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't "
-    "haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't "
-    "mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've "
-    "should've shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've "
-    "someone'll someone's something'd something'd've something'll that's there'd there'd've "
-    "there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't "
-    "what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
-    "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've "
-    "you'd you'd've you'll you're you've").split()
-    for k in {w[:i] + w[i + 1:] for i in range(len(w)) if w[i] == "'"}}
+_CONTRACT = {
+    k: w
+    for w in (
+        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't "
+        "haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't "
+        "mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've "
+        "should've shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've "
+        "someone'll someone's something'd something'd've something'll that's there'd there'd've "
+        "there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't "
+        "what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
+        "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've "
+        "you'd you'd've you'll you're you've"
+    ).split()
+    for k in {w[:i] + w[i + 1 :] for i in range(len(w)) if w[i] == "'"}
+}
 _CONTRACT["somebody'd"] = "somebodyd"  # backwards in EvalAI's table
 
 
@@ -365,10 +514,13 @@ def score_bench(name, items, preds, vocab=None, scores=None):
         vocab = vocab or coco_vocab()
         said = [coco_mentions(p.replace("Assistant:", ""), vocab) for p in preds]  # as its reader
         truth = [it["gold"] for it in items]
-        scores += [dict(mentions=s, hallucinated=[o for o in s if o not in t]) for s, t in zip(said, truth)]
+        scores += [
+            dict(mentions=s, hallucinated=[o for o in s if o not in t]) for s, t in zip(said, truth)
+        ]
         named = [(s, t) for s, t in zip(said, truth) if s]  # for its "response hallucination"
-        return {f"objhal_{k}": v for k, v in chair(said, truth).items()} | \
-            {"objhal_response_hall": chair(*zip(*named))["chair_s"] if named else 0.0}
+        return {f"objhal_{k}": v for k, v in chair(said, truth).items()} | {
+            "objhal_response_hall": chair(*zip(*named))["chair_s"] if named else 0.0
+        }
     if name == "pope":
         # LLaVA's model_vqa_loader.py strips each answer before eval_pope.py reads it: "No\n" is no
         yes = [yes_no(p.strip()) for p in preds]
@@ -399,8 +551,18 @@ class JudgeClient:
     one through HTTPS_PROXY's tunnel where set); appends each judgment to the JSONL `cache`, so a rerun
     asks only for what is missing. Thread-safe."""
 
-    def __init__(self, cache, base_url=None, model=None, api_key=None, retries=6, backoff=2.0,
-                 min_interval=0.0, timeout=120.0, max_wait=60.0):
+    def __init__(
+        self,
+        cache,
+        base_url=None,
+        model=None,
+        api_key=None,
+        retries=6,
+        backoff=2.0,
+        min_interval=0.0,
+        timeout=120.0,
+        max_wait=60.0,
+    ):
         env = os.environ.get
         base = base_url or env("JUDGE_BASE_URL", "https://api.openai.com/v1")
         self.url = base.rstrip("/") + "/chat/completions"
@@ -418,8 +580,9 @@ class JudgeClient:
         self.asked = 0  # requests sent by this client (cache hits send none)
 
     def __call__(self, messages, max_tokens=512, temperature=0.0):
-        body = dict(model=self.model, messages=messages, max_tokens=max_tokens,
-                    temperature=temperature)
+        body = dict(
+            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature
+        )
         key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         with self.lock:
             if key in self.cache:
@@ -435,7 +598,8 @@ class JudgeClient:
                 raise RuntimeError(
                     f"judge {self.url} answered HTTP {status}, a redirect to "
                     f"{headers.get('Location')!r}: redirects are refused, so that the API key "
-                    "never leaves the configured host. Set JUDGE_BASE_URL to the endpoint itself.")
+                    "never leaves the configured host. Set JUDGE_BASE_URL to the endpoint itself."
+                )
             what = "a malformed reply" if status == 200 else f"HTTP {status}"
             err = err or f"{what} {raw[:200]!r}"
             final = status is not None and 400 <= status < 500 and status != 429  # client error
@@ -443,8 +607,9 @@ class JudgeClient:
                 raise RuntimeError(
                     f"judge {self.url} failed after {attempt + 1} request(s): {err}. The "
                     f"{len(self.cache)} judgments made so far are kept in {self.path}; rerun to "
-                    "continue.")
-            wait = max(retry_after(headers.get("Retry-After")), self.backoff * 2 ** attempt)
+                    "continue."
+                )
+            wait = max(retry_after(headers.get("Retry-After")), self.backoff * 2**attempt)
             time.sleep(min(wait, self.max_wait))
         self.remember(key, content)
         return content
@@ -463,14 +628,25 @@ class JudgeClient:
         import socket
         import urllib.parse
         import urllib.request
+
         u = urllib.parse.urlsplit(self.url)
         http_ = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        proxy = urllib.request.getproxies().get("https", "")  # plain http goes direct: a proxy would read the key
-        if u.scheme == "https" and proxy and not urllib.request.proxy_bypass(u.hostname):  # a CONNECT tunnel:
-            p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)  # the key stays in TLS
+        proxy = urllib.request.getproxies().get(
+            "https", ""
+        )  # plain http goes direct: a proxy would read the key
+        if (
+            u.scheme == "https" and proxy and not urllib.request.proxy_bypass(u.hostname)
+        ):  # a CONNECT tunnel:
+            p = urllib.parse.urlsplit(
+                proxy if "://" in proxy else "http://" + proxy
+            )  # the key stays in TLS
             conn = http_(p.hostname, p.port or 80, timeout=self.timeout)
-            cred = base64.b64encode(urllib.parse.unquote(f"{p.username}:{p.password or ''}").encode()).decode()
-            conn.set_tunnel(u.hostname, u.port, {"Proxy-Authorization": f"Basic {cred}"} if p.username else None)
+            cred = base64.b64encode(
+                urllib.parse.unquote(f"{p.username}:{p.password or ''}").encode()
+            ).decode()
+            conn.set_tunnel(
+                u.hostname, u.port, {"Proxy-Authorization": f"Basic {cred}"} if p.username else None
+            )
         else:
             conn = http_(u.hostname, u.port, timeout=self.timeout)
         late = threading.Event()
@@ -479,6 +655,7 @@ class JudgeClient:
             late.set()
             with contextlib.suppress(OSError, TypeError):  # TypeError: not connected yet
                 socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+
         timer = threading.Timer(self.timeout, cut)
         timer.start()
         headers = {"Content-Type": "application/json"}
@@ -519,6 +696,7 @@ def reply_text(raw):
 def retry_after(value):
     """Retry-After in seconds, from seconds or an HTTP date; 0 when absent or unreadable."""
     import email.utils
+
     with contextlib.suppress(ValueError):
         return float(value or 0)
     with contextlib.suppress(TypeError, ValueError):  # the date form
@@ -529,6 +707,7 @@ def retry_after(value):
 def image_part(image):
     """A chat-completions image part (MMHal-V): a JPEG or PNG file as it is, anything else as PNG."""
     from PIL import Image
+
     raw = open(image, "rb").read() if isinstance(image, str) else image
     raw = raw if isinstance(raw, bytes) else b""  # a PIL image is saved as PNG below
     fmt = Image.open(io.BytesIO(raw)).format.lower() if raw else ""
@@ -539,6 +718,7 @@ def image_part(image):
     url = f"data:image/{fmt};base64," + base64.b64encode(raw).decode()
     return {"type": "image_url", "image_url": {"url": url}}
 
+
 # -----------------------------------------------------------------------------
 # Object HalBench (Table 2's Recall_coco): CHAIR (Rohrbach et al. 2018) on COCO descriptions, by
 # rule as RLAIF-V's eval_gpt_obj_halbench.py (NLTK tokens, WordNet lemmas, two-word names, synonyms),
@@ -547,24 +727,48 @@ def image_part(image):
 SYNONYMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "coco_synonyms.txt")
 # CHAIR's pairs besides the list's two-word names: "baby"/"adult" + animal, "passenger jet"/"train"
 # are only the animal or vehicle, a toilet seat a toilet; home plate and train tracks name nothing
-PAIRS = {f"{q} {a}": a for q in ("baby", "adult")
-         for a in "bird cat dog horse sheep cow elephant bear zebra giraffe animal cub".split()}
-PAIRS |= {"passenger jet": "jet", "passenger train": "train", "bow tie": "tie",
-          "toilet seat": "toilet", "home plate": "home plate", "train track": "train track"}
+PAIRS = {
+    f"{q} {a}": a
+    for q in ("baby", "adult")
+    for a in "bird cat dog horse sheep cow elephant bear zebra giraffe animal cub".split()
+}
+PAIRS |= {
+    "passenger jet": "jet",
+    "passenger train": "train",
+    "bow tie": "tie",
+    "toilet seat": "toilet",
+    "home plate": "home plate",
+    "train track": "train track",
+}
 # what NLTK's tokenizer splits off as tokens (it keeps hyphens, slashes, inner periods in words)
 _SPLIT = re.compile(r"[;@#$%&?!*()\[\]{}<>\"`«»“”‘’„\u2012-\u2015]|''|--|\.{2,}|[:,](?!\d)")
-_SUFFIXES = (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
-             ("shes", "sh"), ("men", "man"), ("ies", "y"))  # WordNet's noun detachment rules
+_SUFFIXES = (
+    ("s", ""),
+    ("ses", "s"),
+    ("ves", "f"),
+    ("xes", "x"),
+    ("zes", "z"),
+    ("ches", "ch"),
+    ("shes", "sh"),
+    ("men", "man"),
+    ("ies", "y"),
+)  # WordNet's noun detachment rules
 # WordNet's facts the rules need: lemmas they miss (irregular plurals; "men" is a word there, so it
 # stays; "vases" is "vas"), and listed words it lacks, which take no plural ("bikers" names nobody)
-LEMMA = dict(w.split(":") for w in (
-    "men:men vases:vas mice:mouse knives:knife pocketknives:pocketknife geese:goose oxen:ox "
-    "children:child grandchildren:grandchild brethren:brother buffaloes:buffalo busses:bus "
-    "flamingoes:flamingo taxies:taxi shears:shear").split())
-NOT_WORDNET = set("biker bluejay brindle children coworker firetruck hairdryer hot knive lenovo "
-                  "longboard macbook netbook paddleboat pitbull potted riverboat sailboard "
-                  "shortboard skimboard skis smartphone solider sports stovetop teddybear "
-                  "televison".split())
+LEMMA = dict(
+    w.split(":")
+    for w in (
+        "men:men vases:vas mice:mouse knives:knife pocketknives:pocketknife geese:goose oxen:ox "
+        "children:child grandchildren:grandchild brethren:brother buffaloes:buffalo busses:bus "
+        "flamingoes:flamingo taxies:taxi shears:shear"
+    ).split()
+)
+NOT_WORDNET = set(
+    "biker bluejay brindle children coworker firetruck hairdryer hot knive lenovo "
+    "longboard macbook netbook paddleboat pitbull potted riverboat sailboard "
+    "shortboard skimboard skis smartphone solider sports stovetop teddybear "
+    "televison".split()
+)
 
 
 def chair_words(text):
@@ -580,7 +784,7 @@ def lemma(word, known):
     """NLTK's WordNet lemma: the shortest of word and its rule forms in WordNet (here: known)."""
     if word in LEMMA:
         return LEMMA[word]
-    forms = [word] + [word[:-len(a)] + b for a, b in _SUFFIXES if word.endswith(a)]
+    forms = [word] + [word[: -len(a)] + b for a, b in _SUFFIXES if word.endswith(a)]
     return min([w for w in forms if w in known and w not in NOT_WORDNET] or [word], key=len)
 
 
@@ -598,7 +802,7 @@ def coco_mentions(text, vocab):
     known = {w for s in [*vocab, *PAIRS] for w in s.split(" ")}
     words, out, k = [lemma(w, known) for w in chair_words(text)], [], 0
     while k < len(words):
-        pair = " ".join(words[k:k + 2])
+        pair = " ".join(words[k : k + 2])
         n = 2 if pair in PAIRS or (" " in pair and pair in vocab) else 1  # "stove top oven": no
         out.append(PAIRS.get(pair, pair) if n == 2 else words[k])
         k += n
@@ -622,9 +826,12 @@ def coco_truth(root, ids, vocab):
                 truth[a["image_id"]].update(coco_mentions(a["caption"], vocab))
                 captioned.add(a["image_id"])
     if missing := sorted(ids - captioned):
-        raise UserError(f"objhal: {path} has no caption of image ids {missing[:5]}: "
-                         "not COCO val2014's annotations?")
+        raise UserError(
+            f"objhal: {path} has no caption of image ids {missing[:5]}: "
+            "not COCO val2014's annotations?"
+        )
     return truth
+
 
 # -----------------------------------------------------------------------------
 # The judge-scored benchmarks. Each has our wording of its judge's task, asking for the reply format
@@ -634,8 +841,10 @@ def coco_truth(root, ids, vocab):
 
 def review(head, role):
     """LLaVA-Bench's review layout (its eval_gpt_review_bench.py): context, question, two answers."""
-    return (f"[{head}]\n{{context}}\n\n[Question]\n{{question}}\n\n[{role} 1]\n{{reference}}\n\n"
-            f"[End of {role} 1]\n\n[{role} 2]\n{{answer}}\n\n[End of {role} 2]\n\n")
+    return (
+        f"[{head}]\n{{context}}\n\n[Question]\n{{question}}\n\n[{role} 1]\n{{reference}}\n\n"
+        f"[End of {role} 1]\n\n[{role} 2]\n{{answer}}\n\n[End of {role} 2]\n\n"
+    )
 
 
 PROMPTS = dict(
@@ -662,9 +871,11 @@ End with a line of the form "Rating: N".""",
     llavaw="""Two AI assistants answered a user's question about an image. You cannot see the image; a description \
 of it is given instead.
 
-""" + review("Image description", "Assistant") + """Rate how helpful, relevant, accurate and detailed each answer is, from 1 to 10 (higher is better). On the first \
-line write only the two scores, Assistant 1's then Assistant 2's, separated by a space. Then explain your rating, \
-without letting the order of the answers or their length sway it.""",
+"""
+    + review("Image description", "Assistant")
+    + """Rate how helpful, relevant, accurate and detailed each answer is, from 1 to 10 (higher is better). On the \
+first line write only the two scores, Assistant 1's then Assistant 2's, separated by a space. Then explain your \
+rating, without letting the order of the answers or their length sway it.""",
     llavaw_system="You grade answers carefully and fairly.",
     mmvet="""Compare an AI assistant's answer with the ground truth of a question and give a correctness score \
 between 0.0 (wrong) and 1.0 (fully right). In a ground truth, <AND> joins parts that must all be in the answer (give \
@@ -677,7 +888,8 @@ What is 12 x 3? | 36 | 38 | 0.0
 Which fruits are on the plate? | apple <AND> pear | An apple and a banana. | 0.5
 Where was this taken? | beach <OR> seaside | On a sandy beach. | 1.0
 {question} | {reference} | {answer} |""",
-    mmvet_retry="\nScore (a number):")
+    mmvet_retry="\nScore (a number):",
+)
 
 
 def rating(text):
@@ -689,7 +901,9 @@ def rating(text):
 def score_pair(text):
     """LLaVA-Bench's parsing: two numbers on the first line (a comma also separates); [-1, -1] otherwise."""
     try:
-        s = text.split("\n")[0].replace(",", " ").split(" ")  # one space exactly: "8  6" fails, as in LLaVA
+        s = (
+            text.split("\n")[0].replace(",", " ").split(" ")
+        )  # one space exactly: "8  6" fails, as in LLaVA
         return [float(s[0]), float(s[1])] if len(s) == 2 else [-1.0, -1.0]
     except ValueError:
         return [-1.0, -1.0]
@@ -714,11 +928,13 @@ def mean(xs):
 GH, HF = "https://raw.githubusercontent.com/", "https://huggingface.co/"
 # --official true: the published judge prompts and Object HalBench's synonym list, in their formats,
 # each fetched once into its benchmark's folder (llavaw_system into llavaw/)
-OFFICIAL = dict(objhal=GH + "RLHF-V/RLAIF-V/main/eval/data/synonyms_refine.txt",
-                mmhal=HF + "datasets/Shengcao1006/MMHal-Bench/raw/main/eval_gpt4.py",
-                llavaw=GH + "haotian-liu/LLaVA/main/llava/eval/table/rule.json",
-                llavaw_system=GH + "haotian-liu/LLaVA/main/llava/eval/eval_gpt_review_bench.py",
-                mmvet=GH + "yuweihao/MM-Vet/main/mm-vet_evaluator.py")
+OFFICIAL = dict(
+    objhal=GH + "RLHF-V/RLAIF-V/main/eval/data/synonyms_refine.txt",
+    mmhal=HF + "datasets/Shengcao1006/MMHal-Bench/raw/main/eval_gpt4.py",
+    llavaw=GH + "haotian-liu/LLaVA/main/llava/eval/table/rule.json",
+    llavaw_system=GH + "haotian-liu/LLaVA/main/llava/eval/eval_gpt_review_bench.py",
+    mmvet=GH + "yuweihao/MM-Vet/main/mm-vet_evaluator.py",
+)
 
 
 def official_file(root, key):
@@ -727,13 +943,15 @@ def official_file(root, key):
     path = os.path.join(root, key.split("_")[0], url.rsplit("/", 1)[1])
     if not os.path.exists(path):
         import urllib.request
+
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             with urllib.request.urlopen(url, timeout=60) as r, open(path + ".tmp", "wb") as f:
                 f.write(r.read())
         except OSError as e:
-            raise UserFileError(f"--official: cannot download {url} ({e}); put that file at "
-                                    f"{path}") from None
+            raise UserFileError(
+                f"--official: cannot download {url} ({e}); put that file at {path}"
+            ) from None
         os.replace(path + ".tmp", path)
     return path
 
@@ -748,8 +966,16 @@ def py_string(path, what, pick):
 
 def official_prompts(root, names):
     """The published judge prompts of the benchmarks in names, as templates with our {fields}."""
-    out, named = {}, lambda name: lambda n: (  # noqa: E731 (the value of `name = "..."`)
-        n.value if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == name else None)
+    out, named = (
+        {},
+        lambda name: (
+            lambda n: (  # noqa: E731 (the value of `name = "..."`)
+                n.value
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == name
+                else None
+            )
+        ),
+    )
     if {"mmhal", "mmhal_v"} & set(names):  # eval_gpt4.py: template = '''...''', four {} to format
         path = official_file(root, "mmhal")
         parts = list(string.Formatter().parse(py_string(path, "template", named("template"))))
@@ -763,17 +989,32 @@ def official_prompts(root, names):
             if k.startswith("llava_bench_") and {"role", "prompt"} <= set(r):
                 layout = review("Context", r["role"])  # as LLaVA's eval_gpt_review_bench.py
                 out[f"llavaw/{k[12:]}"] = layout + f"[System]\n{r['prompt']}\n\n"
-        keys = lambda n: {getattr(k, "value", 0): v for k, v in zip(n.keys, n.values)}  # noqa: E731
-        system = lambda n: keys(n).get("content") if isinstance(n, ast.Dict) and \
-            getattr(keys(n).get("role"), "value", 0) == "system" else None  # noqa: E731
+
+        def keys(n):
+            return {getattr(k, "value", 0): v for k, v in zip(n.keys, n.values)}
+
+        def system(n):  # the {"role": "system", "content": ...} dict's content
+            if isinstance(n, ast.Dict) and getattr(keys(n).get("role"), "value", 0) == "system":
+                return keys(n).get("content")
+            return None
+
         path = official_file(root, "llavaw_system")
         out["llavaw_system"] = py_string(path, "system message", system)
     if "mmvet" in names:  # mm-vet_evaluator.py: prompt = """...""", "\n" and the " | "-joined row
         path = official_file(root, "mmvet")
-        out["mmvet"] = py_string(path, "prompt", named("prompt")) + \
-            "\n{question} | {reference} | {answer} | "
-        retry = lambda n: n.right if isinstance(n, ast.BinOp) and isinstance(n.left, ast.BinOp) \
-            and isinstance(n.left.right, ast.Call) else None  # noqa: E731 (added after the row)
+        out["mmvet"] = (
+            py_string(path, "prompt", named("prompt")) + "\n{question} | {reference} | {answer} | "
+        )
+
+        def retry(n):  # the text added after the row
+            if (
+                isinstance(n, ast.BinOp)
+                and isinstance(n.left, ast.BinOp)
+                and isinstance(n.left.right, ast.Call)
+            ):
+                return n.right
+            return None
+
         out["mmvet_retry"] = py_string(path, "text for asking again", retry)
     return out
 
@@ -783,19 +1024,33 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS, scores=None):
     max_tokens, temperature) -> reply text, seeing images for mmhal_v. A list `scores` gets each
     item's score, a dict each (answers.jsonl)."""
     scores = [] if scores is None else scores
-    by_kind = lambda vals, f: {k: f([v for v, it in zip(vals, items) if it["kind"] == k])  # noqa
-                               for k in dict.fromkeys(it["kind"] for it in items)}
+
+    def by_kind(vals, f):  # {kind: f(the values of that kind's items)}, kinds in the items' order
+        kinds = dict.fromkeys(it["kind"] for it in items)
+        return {k: f([v for v, it in zip(vals, items) if it["kind"] == k]) for k in kinds}
+
     if name in ("mmhal", "mmhal_v"):
         s = []
         for it, p in zip(items, preds):
-            text = fill(prompts["mmhal"], objects=", ".join(it["objects"]), question=it["question"],
-                        reference=it["gold"], answer=p)
-            content = [{"type": "text", "text": text}, image_part(it["image"])] if name == "mmhal_v" else text
+            text = fill(
+                prompts["mmhal"],
+                objects=", ".join(it["objects"]),
+                question=it["question"],
+                reference=it["gold"],
+                answer=p,
+            )
+            content = (
+                [{"type": "text", "text": text}, image_part(it["image"])]
+                if name == "mmhal_v"
+                else text
+            )
             s.append(rating(judge([{"role": "user", "content": content}], 1024, 0.0)))
         scores += [dict(rating=x) for x in s]
-        return {name: mean(s), f"{name}_hallucination_rate": 100 * mean([x < 3 for x in s]),
-                f"{name}_informativeness": 100 * mean([x - 3 if x >= 3 else x for x in s]) / 3} | \
-            {f"{name}/{k}": v for k, v in by_kind(s, mean).items()}
+        return {
+            name: mean(s),
+            f"{name}_hallucination_rate": 100 * mean([x < 3 for x in s]),
+            f"{name}_informativeness": 100 * mean([x - 3 if x >= 3 else x for x in s]) / 3,
+        } | {f"{name}/{k}": v for k, v in by_kind(s, mean).items()}
     if name == "llavaw":
         pairs = []
         for it, p in zip(items, preds):
@@ -804,13 +1059,27 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS, scores=None):
             if tpl is None:
                 raise UserError(f"llavaw: the official rule.json has no llava_bench_{it['kind']}")
             text = fill(tpl, context=ctx, question=it["question"], reference=it["gold"], answer=p)
-            pairs.append(score_pair(judge([{"role": "system", "content": prompts["llavaw_system"]},
-                                           {"role": "user", "content": text}], 1024, 0.2)))
+            pairs.append(
+                score_pair(
+                    judge(
+                        [
+                            {"role": "system", "content": prompts["llavaw_system"]},
+                            {"role": "user", "content": text},
+                        ],
+                        1024,
+                        0.2,
+                    )
+                )
+            )
         scores += [dict(reference_score=q[0], score=q[1]) for q in pairs]
+
         # LLaVA's summary: per-column means (failed parses count as -1) rounded to 3 places, their
         # ratio times 100 rounded to 1 (NaN where its script divides by zero)
-        rel = lambda ps: round(round(mean([q[1] for q in ps]), 3)  # noqa: E731
-                               / (round(mean([q[0] for q in ps]), 3) or float("nan")) * 100, 1)
+        def rel(ps):
+            ours = round(mean([q[1] for q in ps]), 3)
+            reference = round(mean([q[0] for q in ps]), 3) or float("nan")
+            return round(ours / reference * 100, 1)
+
         return {"llavaw": rel(pairs)} | {f"llavaw/{k}": v for k, v in by_kind(pairs, rel).items()}
     if name == "mmvet":
         s = []
@@ -835,8 +1104,20 @@ def judge_bench(name, items, preds, judge, prompts=PROMPTS, scores=None):
 RULE = ("pope", "objhal", "textvqa", "gqa")
 
 
-def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_size=64,
-                   max_new_tokens=512, prompts=PROMPTS, vocab=None, short_prompt=True, answers=None):
+def evaluate_bench(
+    vlm,
+    names,
+    root,
+    judge=None,
+    judge_v=None,
+    limit=0,
+    batch_size=64,
+    max_new_tokens=512,
+    prompts=PROMPTS,
+    vocab=None,
+    short_prompt=True,
+    answers=None,
+):
     """Answers each benchmark (short answers: 16 tokens, and SHORT unless short_prompt is False) and
     scores it; judge and judge_v (which sees images) read the open-ended ones. A list `answers` gets
     a record per question: {bench, id, kind, question, answer, its score's fields}."""
@@ -844,22 +1125,30 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
     answers = [] if answers is None else answers
     for name in names:
         if name not in RULE and (judge_v if name == "mmhal_v" else judge) is None:
-            raise UserError(f"--bench {name}: needs a judge (JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)")
-        items = load_bench(name, root, vocab)[:limit or None]
+            raise UserError(
+                f"--bench {name}: needs a judge (JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)"
+            )
+        items = load_bench(name, root, vocab)[: limit or None]
         key = FOLDER.get(name, name)  # MMHal and MMHal-V judge the same answers
         if key not in answered:
             short = name in ("pope", "textvqa", "gqa")
             qs = [it["question"] + (SHORT if short and short_prompt else "") for it in items]
             images = [it["image"] for it in items]
-            answered[key] = answer(vlm, images, qs, 16 if short else max_new_tokens, batch_size, name)
+            answered[key] = answer(
+                vlm, images, qs, 16 if short else max_new_tokens, batch_size, name
+            )
         preds, scores = answered[key], []
         if name in RULE:
             res |= score_bench(name, items, preds, vocab, scores)
         else:
-            res |= judge_bench(name, items, preds, judge_v if name == "mmhal_v" else judge, prompts, scores)
+            res |= judge_bench(
+                name, items, preds, judge_v if name == "mmhal_v" else judge, prompts, scores
+            )
         res[f"{name}_n"] = len(items)
-        answers += [dict(bench=name, id=it["id"], kind=it["kind"], question=it["question"], answer=p) | sc
-                    for it, p, sc in zip(items, preds, scores)]
+        answers += [
+            dict(bench=name, id=it["id"], kind=it["kind"], question=it["question"], answer=p) | sc
+            for it, p, sc in zip(items, preds, scores)
+        ]
     return res
 
 
@@ -869,37 +1158,49 @@ def evaluate_bench(vlm, names, root, judge=None, judge_v=None, limit=0, batch_si
 
 @dataclass
 class Config:
-    model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL;
-                           # `shortcut`: the no-training shortcut baseline (world.py)
-    template: str = ""     # chat template: vicuna | llava | mistral | chatml; "": each model's own
-    data: str = "world"    # world: the world's report (other data: through --bench)
-    world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
-    world_half: Literal["", "a", "b"] = ""  # a or b: the broken split of each half of the pairs (generalisation)
-    n: int = 500           # scenes per part of the world's report
-    batch_size: int = 0    # prompts answered at once; 0: 64 on CPU, on a GPU as many as half the memory the
-                           # weights leave holds the KV cache of (model.rows_that_fit): LLaVA-1.6-7B in bf16
-                           # on 80 GB gets 16 (3,184 prompt + 512 new tokens a row, 0.5 MiB a token)
+    model: str = ""  # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL;
+    # `shortcut`: the no-training shortcut baseline (world.py)
+    template: str = ""  # chat template: vicuna | llava | mistral | chatml; "": each model's own
+    data: str = "world"  # world: the world's report (other data: through --bench)
+    world_seed: int = 0  # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
+    world_half: Literal["", "a", "b"] = (
+        ""  # a or b: the broken split of each half of the pairs (generalisation)
+    )
+    n: int = 500  # scenes per part of the world's report
+    batch_size: int = (
+        0  # prompts answered at once; 0: 64 on CPU, on a GPU as many as half the memory the
+    )
+    # weights leave holds the KV cache of (model.rows_that_fit): LLaVA-1.6-7B in bf16
+    # on 80 GB gets 16 (3,184 prompt + 512 new tokens a row, 0.5 MiB a token)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the models run
     dtype: Literal[DTYPES] = "float32"  # the weights' (and so the KV cache's) dtype; bfloat16 at 7B
-    out: str = ""          # JSON: {name: results}; beside it, answers.jsonl (each question's answer
-                           # and score) and judgments.jsonl
-    bench: str = ""        # not the world: pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
+    out: str = ""  # JSON: {name: results}; beside it, answers.jsonl (each question's answer
+    # and score) and judgments.jsonl
+    bench: str = ""  # not the world: pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
     bench_dir: str = "benchmarks"  # one folder per benchmark, holding its release's files (see GET)
     download: bool = False  # fetch a missing MMHal-Bench or LLaVA-Bench release from the hub
-    limit: int = 0         # evaluate the first N items of each benchmark (0: all)
+    limit: int = 0  # evaluate the first N items of each benchmark (0: all)
     max_new_tokens: int = 512  # for the open-ended answers (short answers get 16)
     judge_model: str = ""  # the text judge (default $JUDGE_MODEL, else gpt-4-0613); URL, key: env
     judge_model_v: str = "gpt-4o"  # MMHal-V's judge, which sees the image
-    judge_cache: str = ""  # every judgment, so a rerun asks only for what is missing; "": judgments.jsonl
-                           # beside --out, else in the shared cache folder (model.cache_home)
+    judge_cache: str = (
+        ""  # every judgment, so a rerun asks only for what is missing; "": judgments.jsonl
+    )
+    # beside --out, else in the shared cache folder (model.cache_home)
     judge_timeout: float = 120.0  # seconds for one whole request to the judge
     judge_retries: int = 6  # after a 429 / 5xx, a malformed reply, a network error or a timeout
     judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording ({fields})
-    synonyms: str = ""     # a COCO synonym list in the standard format instead of ours (objhal)
+    synonyms: str = ""  # a COCO synonym list in the standard format instead of ours (objhal)
     short_prompt: bool = True  # end POPE, TextVQA and GQA questions with SHORT (LLaVA, lmms-eval)
     official: bool = False  # the published judge prompts and synonym list, not ours (OFFICIAL)
-    BOUNDS = dict(n=">= 1", batch_size=">= 0", limit=">= 0", max_new_tokens=">= 1", judge_retries=">= 0",
-                  judge_timeout="> 0")
+    BOUNDS = dict(
+        n=">= 1",
+        batch_size=">= 0",
+        limit=">= 0",
+        max_new_tokens=">= 1",
+        judge_retries=">= 0",
+        judge_timeout="> 0",
+    )
 
 
 def load_model(path, template="", dtype=torch.float32, device="cpu"):
@@ -919,25 +1220,34 @@ def main(argv=None):
     check_template(cfg.template)
     names = [b for b in cfg.bench.split(",") if b]
     if unknown := [b for b in names if b not in GET and b not in FOLDER]:
-        raise UserError(f"--bench {','.join(unknown)}: no such benchmark; expected any of "
-                         f"{','.join(list(GET) + list(FOLDER))}")
+        raise UserError(
+            f"--bench {','.join(unknown)}: no such benchmark; expected any of "
+            f"{','.join(list(GET) + list(FOLDER))}"
+        )
     for b in {FOLDER.get(b, b) for b in names} & set(HUB) if cfg.download else ():
         download(b, cfg.bench_dir)
     judged = [b for b in names if b not in RULE]  # judges (and their caches) only where needed
     opts = dict(timeout=cfg.judge_timeout, retries=cfg.judge_retries)
-    cache = cfg.judge_cache or os.path.join(os.path.dirname(cfg.out) if cfg.out else cache_home(), "judgments.jsonl")
+    cache = cfg.judge_cache or os.path.join(
+        os.path.dirname(cfg.out) if cfg.out else cache_home(), "judgments.jsonl"
+    )
     if judged:
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
     judge = JudgeClient(cache, model=cfg.judge_model or None, **opts) if judged else None
     judge_v = JudgeClient(cache, model=cfg.judge_model_v, **opts) if "mmhal_v" in judged else None
     if judged and not judge.key and "api.openai.com" in judge.url:
-        raise UserError(f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or "
-                         "OPENAI_API_KEY), or JUDGE_BASE_URL for an endpoint without a key")
-    prompts = PROMPTS | json.loads(pathlib.Path(cfg.judge_prompts).read_text() if cfg.judge_prompts else "{}")
+        raise UserError(
+            f"--bench {cfg.bench}: the judged benchmarks need JUDGE_API_KEY (or "
+            "OPENAI_API_KEY), or JUDGE_BASE_URL for an endpoint without a key"
+        )
+    prompts = PROMPTS | json.loads(
+        pathlib.Path(cfg.judge_prompts).read_text() if cfg.judge_prompts else "{}"
+    )
     prompts |= official_prompts(cfg.bench_dir, names) if cfg.official else {}
     official = cfg.official and "objhal" in names
-    vocab = coco_vocab(official_file(cfg.bench_dir, "objhal") if official else
-                       cfg.synonyms or SYNONYMS)
+    vocab = coco_vocab(
+        official_file(cfg.bench_dir, "objhal") if official else cfg.synonyms or SYNONYMS
+    )
     rows, answers = {}, []
     for spec in (cfg.model or W.BASE_MODEL).split(","):
         name, _, path = spec.rpartition("=")
@@ -948,12 +1258,27 @@ def main(argv=None):
         size = cfg.batch_size
         if not size:  # off CUDA the default; on CUDA what the card's memory holds
             on_gpu = cfg.device.startswith("cuda")
-            size = rows_that_fit(vlm, max_prompt_tokens(vlm) + cfg.max_new_tokens, 64) if on_gpu else 64
+            size = (
+                rows_that_fit(vlm, max_prompt_tokens(vlm) + cfg.max_new_tokens, 64)
+                if on_gpu
+                else 64
+            )
         if names:
             mine = []
-            res = evaluate_bench(vlm, names, cfg.bench_dir, judge, judge_v, cfg.limit,
-                                 size, cfg.max_new_tokens, prompts, vocab,
-                                 cfg.short_prompt, mine)
+            res = evaluate_bench(
+                vlm,
+                names,
+                cfg.bench_dir,
+                judge,
+                judge_v,
+                cfg.limit,
+                size,
+                cfg.max_new_tokens,
+                prompts,
+                vocab,
+                cfg.short_prompt,
+                mine,
+            )
             answers += [dict(model=name) | a for a in mine]
         else:
             res = world_report(vlm, cfg.world_seed, cfg.world_half, cfg.n, size)

@@ -13,6 +13,7 @@ the reference (rc, rr) and returns per-example losses plus the detached implicit
 The RL objectives (Eq. 2) work on sampled responses: PPO on per-token log-probs, values and GAE
 advantages, RLOO on per-sequence log-probs with the leave-one-out baseline.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 
 def gathered_logps(logits, targets):
     """(..., V) logits, (...) targets, already shifted -> (...) fp32 log-probs, 0 at -100."""
-    lp = -F.cross_entropy(logits.float().flatten(0, -2), targets.clamp(min=0).flatten(), reduction="none")
+    lp = -F.cross_entropy(
+        logits.float().flatten(0, -2), targets.clamp(min=0).flatten(), reduction="none"
+    )
     return lp.view(targets.shape) * (targets != -100)
 
 
@@ -34,6 +37,7 @@ def token_logps(logits, labels):
 def sequence_logps(logits, labels):
     """Sum of the response tokens' log-probs, one per sequence: (B,)."""
     return token_logps(logits, labels).sum(-1)
+
 
 # -----------------------------------------------------------------------------
 # Objectives
@@ -86,10 +90,14 @@ def preference_loss(name, logps, ref_logps, counts, beta=0.1, gamma=0.5, rpo_alp
     loss, chosen, rejected = LOSSES[name](p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta)
     if p.shape[1] == 3:
         loss2, _, rejected2 = LOSSES[name](p[:, 0], p[:, 2], r[:, 0], r[:, 2], beta)
-        loss, rejected = gamma * loss + (1 - gamma) * loss2, gamma * rejected + (1 - gamma) * rejected2
+        loss, rejected = (
+            gamma * loss + (1 - gamma) * loss2,
+            gamma * rejected + (1 - gamma) * rejected2,
+        )
     if rpo_alpha:  # keeps the chosen response likely: near-identical pairs otherwise pull both down
         loss = loss - rpo_alpha * logps[:, 0] / counts[:, 0]
     return loss, chosen, rejected
+
 
 # -----------------------------------------------------------------------------
 # RL (Eq. 2): per-token tensors are (N, L) with a bool `mask` of real response tokens
@@ -117,7 +125,9 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return adv, adv + values
 
 
-def ppo_loss(lp, old_lp, adv, values, old_values, returns, mask, clip=0.2, clip_value=0.2, vf_coef=0.1):
+def ppo_loss(
+    lp, old_lp, adv, values, old_values, returns, mask, clip=0.2, clip_value=0.2, vf_coef=0.1
+):
     """Clipped surrogate max(-A r, -A clip(r, 1±ε)), r = π/π_old per token, plus vf_coef x the
     clipped value loss ½ max((V - R)², (V_old + clip(V - V_old, ±ε_v) - R)²): token means per
     sequence, (N,); and the share of clipped tokens per sequence."""
@@ -126,7 +136,9 @@ def ppo_loss(lp, old_lp, adv, values, old_values, returns, mask, clip=0.2, clip_
     v_clipped = old_values + (values - old_values).clamp(-clip_value, clip_value)
     vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
     clipped = ((ratio - 1).abs() > clip).float()
-    return masked_mean(pg, mask, -1) + vf_coef * masked_mean(vf, mask, -1), masked_mean(clipped, mask, -1).detach()
+    return masked_mean(pg, mask, -1) + vf_coef * masked_mean(vf, mask, -1), masked_mean(
+        clipped, mask, -1
+    ).detach()
 
 
 def rloo_advantages(rewards):

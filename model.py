@@ -13,6 +13,7 @@ keys of transformers' `LlavaForConditionalGeneration` / `LlavaNextForConditional
 The forward takes a `key_mask` that hides chosen keys (e.g. image tokens) from every query in every layer while the
 positions stay unchanged: this is how BDHS (paper §3.4) blinds the model to most of the image.
 """
+
 import contextlib
 import copy
 import functools
@@ -33,20 +34,58 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Configs: filled from the checkpoint's own config.json, with transformers' class defaults for absent keys
 
-CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-SIGLIP_DEFAULTS = CLIP_DEFAULTS | dict(patch_size=16, hidden_act="gelu_pytorch_tanh",
-                                       layer_norm_eps=1e-6, vision_use_head=True)
+CLIP_DEFAULTS = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=224,
+    patch_size=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+SIGLIP_DEFAULTS = CLIP_DEFAULTS | dict(
+    patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True
+)
 # what LlavaConfig builds when config.json has no vision_config / text_config at all
-LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                    num_attention_heads=16, image_size=336, patch_size=14)
+LLAVA_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+)
 TEXT_DEFAULTS = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, rms_norm_eps=1e-6, sliding_window=None),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, sliding_window=4096),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, rms_norm_eps=1e-6, sliding_window=None),
+    "llama": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        rms_norm_eps=1e-6,
+        sliding_window=None,
+    ),
+    "mistral": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-6,
+        sliding_window=4096,
+    ),
+    "qwen2": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        rms_norm_eps=1e-6,
+        sliding_window=None,
+    ),
 }
 GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -91,58 +130,99 @@ class VLMConfig:
     vision: VisionConfig
     text: TextConfig
     image_token_id: int
-    feature_layers: list  # vision hidden states fed to the projector (0 = embeddings, -1 = last layer)
+    feature_layers: (
+        list  # vision hidden states fed to the projector (0 = embeddings, -1 = last layer)
+    )
     select_strategy: str  # "default" drops CLIP's class token, "full" keeps every token
     projector_act: str
     projector_bias: bool
     tie_word_embeddings: bool
-    grid_pinpoints: list = field(default_factory=list)  # llava_next AnyRes resolutions, (height, width)
-    raw: dict = field(default_factory=dict)  # the config.json we were built from, written back on save
+    grid_pinpoints: list = field(
+        default_factory=list
+    )  # llava_next AnyRes resolutions, (height, width)
+    raw: dict = field(
+        default_factory=dict
+    )  # the config.json we were built from, written back on save
 
 
 def parse_config(raw: dict, path="config.json") -> VLMConfig:
     """Builds a VLMConfig from a transformers config.json dict; unknown architectures fail naming the key."""
     mt = raw.get("model_type")
     if mt not in ("llava", "llava_next"):
-        raise UserError(f"{path}: model_type {mt!r} is not supported (expected 'llava' or 'llava_next')")
+        raise UserError(
+            f"{path}: model_type {mt!r} is not supported (expected 'llava' or 'llava_next')"
+        )
     v = raw.get("vision_config") or LLAVA_VISION
     vkind = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}.get(v.get("model_type"))
     if vkind is None:
-        raise UserError(f"{path}: vision_config.model_type {v.get('model_type')!r} is not supported")
+        raise UserError(
+            f"{path}: vision_config.model_type {v.get('model_type')!r} is not supported"
+        )
     v = {**(CLIP_DEFAULTS if vkind == "clip" else SIGLIP_DEFAULTS), **v}
-    vision = VisionConfig(vkind, v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"],
-                          v["num_attention_heads"], v["image_size"], v["patch_size"], v["hidden_act"],
-                          v["layer_norm_eps"], use_head=vkind == "siglip" and bool(v.get("vision_use_head", True)))
+    vision = VisionConfig(
+        vkind,
+        v["hidden_size"],
+        v["intermediate_size"],
+        v["num_hidden_layers"],
+        v["num_attention_heads"],
+        v["image_size"],
+        v["patch_size"],
+        v["hidden_act"],
+        v["layer_norm_eps"],
+        use_head=vkind == "siglip" and bool(v.get("vision_use_head", True)),
+    )
     t = raw.get("text_config") or {"model_type": "llama"}
     tkind = t.get("model_type")
     if tkind not in TEXT_DEFAULTS:
-        raise UserError(f"{path}: text_config.model_type {tkind!r} is not supported (llama, mistral, qwen2)")
+        raise UserError(
+            f"{path}: text_config.model_type {tkind!r} is not supported (llama, mistral, qwen2)"
+        )
     t = {**TEXT_DEFAULTS[tkind], **t}
     # RoPE: transformers 5 writes rope_parameters, 4.x wrote rope_theta + rope_scaling
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     theta = rope.get("rope_theta", t.get("rope_theta", 10000.0))
     rtype = rope.get("rope_type", rope.get("type", "default"))
     if rtype not in ("default", "linear"):
-        raise UserError(f"{path}: text_config rope_type {rtype!r} is not supported (default, linear)")
+        raise UserError(
+            f"{path}: text_config rope_type {rtype!r} is not supported (default, linear)"
+        )
     if tkind == "qwen2" and t.get("use_sliding_window"):
         raise UserError(f"{path}: text_config.use_sliding_window=true is not supported for qwen2")
     heads = t["num_attention_heads"]
-    text = TextConfig(tkind, t["vocab_size"], t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"],
-                      heads, t.get("num_key_value_heads") or heads, t.get("head_dim") or t["hidden_size"] // heads,
-                      t["rms_norm_eps"], float(theta), float(rope.get("factor", 1.0)) if rtype == "linear" else 1.0,
-                      qkv_bias=tkind == "qwen2" or bool(t.get("attention_bias", False)),
-                      o_bias=bool(t.get("attention_bias", False)), mlp_bias=bool(t.get("mlp_bias", False)),
-                      sliding_window=t.get("sliding_window") if tkind == "mistral" else None,
-                      hidden_act=t.get("hidden_act", "silu"))
+    text = TextConfig(
+        tkind,
+        t["vocab_size"],
+        t["hidden_size"],
+        t["intermediate_size"],
+        t["num_hidden_layers"],
+        heads,
+        t.get("num_key_value_heads") or heads,
+        t.get("head_dim") or t["hidden_size"] // heads,
+        t["rms_norm_eps"],
+        float(theta),
+        float(rope.get("factor", 1.0)) if rtype == "linear" else 1.0,
+        qkv_bias=tkind == "qwen2" or bool(t.get("attention_bias", False)),
+        o_bias=bool(t.get("attention_bias", False)),
+        mlp_bias=bool(t.get("mlp_bias", False)),
+        sliding_window=t.get("sliding_window") if tkind == "mistral" else None,
+        hidden_act=t.get("hidden_act", "silu"),
+    )
     layer = raw.get("vision_feature_layer", -2)
     return VLMConfig(
-        model_type=mt, vision=vision, text=text,
+        model_type=mt,
+        vision=vision,
+        text=text,
         image_token_id=raw.get("image_token_index", raw.get("image_token_id", 32000)),
         feature_layers=[layer] if isinstance(layer, int) else list(layer),
         select_strategy=raw.get("vision_feature_select_strategy", "default"),
-        projector_act=raw.get("projector_hidden_act", "gelu"), projector_bias=raw.get("multimodal_projector_bias", True),
+        projector_act=raw.get("projector_hidden_act", "gelu"),
+        projector_bias=raw.get("multimodal_projector_bias", True),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings") or t.get("tie_word_embeddings")),
-        grid_pinpoints=raw.get("image_grid_pinpoints", GRID_PINPOINTS) if mt == "llava_next" else [], raw=raw)
+        grid_pinpoints=raw.get("image_grid_pinpoints", GRID_PINPOINTS)
+        if mt == "llava_next"
+        else [],
+        raw=raw,
+    )
 
 
 ACT = {
@@ -162,13 +242,19 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         clip = cfg.kind == "clip"
-        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=not clip)
+        self.patch_embedding = nn.Conv2d(
+            3, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=not clip
+        )
         n = (cfg.image_size // cfg.patch_size) ** 2 + clip
         self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size)) if clip else None
         self.position_embedding = nn.Embedding(n, cfg.hidden_size)
 
     def forward(self, pixels):  # (N, 3, H, W) -> (N, P(+1), C)
-        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        x = (
+            self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))
+            .flatten(2)
+            .transpose(1, 2)
+        )
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
         return x + self.position_embedding.weight
@@ -182,7 +268,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.H, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(B, T, self.H, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D), every patch sees every patch
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -216,10 +305,14 @@ class VisionTransformer(nn.Module):
         super().__init__()
         C = cfg.hidden_size
         self.embeddings = VisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps) if cfg.kind == "clip" else None  # sic: HF's key
+        self.pre_layrnorm = (
+            nn.LayerNorm(C, eps=cfg.layer_norm_eps) if cfg.kind == "clip" else None
+        )  # sic: HF's key
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.post_layernorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps)  # in the checkpoint; LLaVA never applies it
+        self.post_layernorm = nn.LayerNorm(
+            C, eps=cfg.layer_norm_eps
+        )  # in the checkpoint; LLaVA never applies it
 
     def forward(self, pixels, layers: list):
         """Returns the hidden states listed in `layers` (0 = embeddings, i = after layer i, negatives from the end)."""
@@ -229,7 +322,9 @@ class VisionTransformer(nn.Module):
         if self.pre_layrnorm is not None:
             x = self.pre_layrnorm(x)
         states = {0: x}
-        for i, layer in enumerate(self.encoder.layers[: max(want)], start=1):  # layers past the last one used are skipped
+        for i, layer in enumerate(
+            self.encoder.layers[: max(want)], start=1
+        ):  # layers past the last one used are skipped
             x = states[i] = layer(x)
         return [states[i] for i in want]
 
@@ -244,8 +339,11 @@ class Projector(nn.Module):
         self.linear_2 = nn.Linear(Ct, Ct, bias=cfg.projector_bias)
         self.act = ACT[cfg.projector_act]
 
-    def forward(self, x):  # x in the tower's dtype; the projector may train in fp32 beside a bf16 tower
+    def forward(
+        self, x
+    ):  # x in the tower's dtype; the projector may train in fp32 beside a bf16 tower
         return self.linear_2(self.act(self.linear_1(x.to(self.linear_1.weight.dtype))))
+
 
 # -----------------------------------------------------------------------------
 # The language model: Llama / Mistral / Qwen2 decoder with RMSNorm, RoPE (HF rotate_half convention) and GQA
@@ -266,7 +364,9 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(cfg: TextConfig, positions, dtype):
     """cos/sin tables (B, 1, T, D) for explicit integer positions (B, T), computed in fp32."""
     D = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, device=positions.device, dtype=torch.float) / D))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, D, 2, device=positions.device, dtype=torch.float) / D)
+    )
     freqs = (positions.float() / cfg.rope_scale)[..., None] * inv_freq  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -280,7 +380,12 @@ def rotate_half(x):
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        C, H, Hk, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, H, Hk, D = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.H, self.Hk, self.D = H, Hk, D
         self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(C, Hk * D, bias=cfg.qkv_bias)
@@ -297,12 +402,14 @@ class Attention(nn.Module):
             k, v = cache.write(layer, k, v)
         if mask is None or torch.is_tensor(mask):
             # mask None = plain causal attention (nothing padded or hidden), which lets SDPA pick its fastest kernel
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.Hk != self.H)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.Hk != self.H
+            )
         else:  # a BlockMask (packed rows on CUDA, see `block_mask`). Autocast casts SDPA's inputs to one dtype
             # but not FlexAttention's, and RoPE's fp32 tables may have promoted q and k: v's dtype is autocast's
-            y = flex_kernel(x.device.type)(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask,
-                                           enable_gqa=self.Hk != self.H)
+            y = flex_kernel(x.device.type)(
+                q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=self.Hk != self.H
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
 
@@ -310,7 +417,11 @@ class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         C, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(C, I, b), nn.Linear(C, I, b), nn.Linear(I, C, b)
+        self.gate_proj, self.up_proj, self.down_proj = (
+            nn.Linear(C, I, b),
+            nn.Linear(C, I, b),
+            nn.Linear(I, C, b),
+        )
         self.act = ACT[cfg.hidden_act]
 
     def forward(self, x):
@@ -345,10 +456,13 @@ class LanguageModel(nn.Module):
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, cos, sin, mask, None, i, use_reentrant=False
+                )
             else:
                 x = layer(x, cos, sin, mask, cache, i)
         return self.norm(x)
+
 
 # -----------------------------------------------------------------------------
 # KV cache: preallocated, written by slot; per-row key masks (padding, hidden image keys) and per-row RoPE positions
@@ -361,7 +475,10 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, B, S, dtype, device):
         shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim)
-        self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
         self.key_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(B, dtype=torch.long, device=device)
         self.pos = 0  # slots filled so far (shared by all rows)
@@ -369,7 +486,7 @@ class KVCache:
     def write(self, layer, k, v):
         """Stores a (B, Hk, T, D) chunk at slots [pos, pos+T) and returns keys/values of slots [0, pos+T)."""
         end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end], self.v[layer, :, :, self.pos:end] = k, v
+        self.k[layer, :, :, self.pos : end], self.v[layer, :, :, self.pos : end] = k, v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def repeat(self, n):
@@ -377,7 +494,10 @@ class KVCache:
         reference `share` is tested against: it holds the prompt n times)."""
         new = object.__new__(KVCache)
         new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        new.key_mask, new.next_pos = self.key_mask.repeat_interleave(n, 0), self.next_pos.repeat_interleave(n, 0)
+        new.key_mask, new.next_pos = (
+            self.key_mask.repeat_interleave(n, 0),
+            self.next_pos.repeat_interleave(n, 0),
+        )
         new.pos = self.pos
         return new
 
@@ -414,7 +534,9 @@ class SharedKVCache:
         self.k[layer, :, :, a:b], self.v[layer, :, :, a:b] = k, v
         # (R, Hk, pos+T, D), built for this layer and freed after it: one layer's worth, never L of them
         keys = torch.cat([self.pk[layer].index_select(0, self.prompt), self.k[layer, :, :, :b]], 2)
-        values = torch.cat([self.pv[layer].index_select(0, self.prompt), self.v[layer, :, :, :b]], 2)
+        values = torch.cat(
+            [self.pv[layer].index_select(0, self.prompt), self.v[layer, :, :, :b]], 2
+        )
         return keys, values
 
 
@@ -440,7 +562,9 @@ def attention_mask_4d(key_mask, q_slots, sliding_window=None, segment=None):
     return (allowed | (s == q))[:, None]
 
 
-FLEX_DEVICES = ("cuda",)  # device types whose packed rows attend through FlexAttention (a test adds "cpu")
+FLEX_DEVICES = (
+    "cuda",
+)  # device types whose packed rows attend through FlexAttention (a test adds "cpu")
 
 
 def block_mask(key_mask, segment, sliding_window=None):
@@ -465,7 +589,9 @@ def flex_kernel(device_type):
     """FlexAttention compiled into a fused kernel on CUDA; elsewhere eager (a reference that materializes the
     scores, forward only: what the CPU test compares with SDPA)."""
     from torch.nn.attention.flex_attention import flex_attention
+
     return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+
 
 # -----------------------------------------------------------------------------
 # LoRA (paper §2.2: r 128, alpha 256 on every LLM linear). Base weights keep their checkpoint names.
@@ -477,7 +603,10 @@ class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, r, alpha, dropout, dtype=torch.float32):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: frozen, checkpoint keys unchanged
+        self.weight, self.bias = (
+            base.weight,
+            base.bias,
+        )  # the same Parameters: frozen, checkpoint keys unchanged
         # A and B in fp32 whatever the base's dtype, and so AdamW's moments: in bf16, an update at LR 1e-6
         # would round away
         dev = base.weight.device
@@ -488,9 +617,13 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.enabled:  # under autocast both go to its dtype; without, x joins the adapters' dtype and back
+        if (
+            self.enabled
+        ):  # under autocast both go to its dtype; without, x joins the adapters' dtype and back
             a = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
-            y = y + (F.linear(F.linear(self.dropout(a), self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+            y = y + (F.linear(F.linear(self.dropout(a), self.lora_A), self.lora_B) * self.scale).to(
+                y.dtype
+            )
         return y
 
     def merged_weight(self, dtype=None):
@@ -538,11 +671,19 @@ def merge_lora(vlm):
     for mod in list(vlm.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, LoRALinear):
-                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                lin.weight = nn.Parameter(child.merged_weight().detach(), requires_grad=child.weight.requires_grad)
+                lin = nn.Linear(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    device="meta",
+                )
+                lin.weight = nn.Parameter(
+                    child.merged_weight().detach(), requires_grad=child.weight.requires_grad
+                )
                 lin.bias = child.bias
                 setattr(mod, name, lin)
     return vlm
+
 
 # -----------------------------------------------------------------------------
 # The VLM: images in, hidden states and logits out; generation and prompting as thin methods
@@ -563,7 +704,9 @@ class VLM(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         self.extra = {}  # tensors outside LLaVA's forward (SigLIP's pooling head, a reward head), kept to be saved
         self.tokenizer, self.image_processor, self.template, self.files = None, None, "vicuna", {}
-        self.template_source = "the default"  # where self.template came from, for the line a run prints
+        self.template_source = (
+            "the default"  # where self.template came from, for the line a run prints
+        )
         # the dtype the source checkpoint's weights were stored in, which a save writes back (None: save
         # the tensors as they are in memory, as for a model built by from_config)
         self.source_dtype = None
@@ -604,14 +747,27 @@ class VLM(nn.Module):
         p = cfg.vision.image_size // cfg.vision.patch_size
         grids = [self._unpadded_grid(hw, p)[1] for hw in image_sizes]
         counts = [1 + gh * gw for gh, gw, _ in grids]  # views per image: the base view + the tiles
-        views = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]) if pixel_values.dim() == 5 else pixel_values
+        views = (
+            torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])
+            if pixel_values.dim() == 5
+            else pixel_values
+        )
         feats = self._vision_features(views).split(counts)
         out = []
         for f, (gh, gw, (ph, pw)) in zip(feats, grids):
-            grid = f[1:].view(gh, gw, p, p, -1).permute(4, 0, 2, 1, 3).reshape(f.shape[-1], gh * p, gw * p)
-            grid = grid[:, ph:gh * p - ph, pw:gw * p - pw]  # cut the padding AnyRes's resize added
+            grid = (
+                f[1:]
+                .view(gh, gw, p, p, -1)
+                .permute(4, 0, 2, 1, 3)
+                .reshape(f.shape[-1], gh * p, gw * p)
+            )
+            grid = grid[
+                :, ph : gh * p - ph, pw : gw * p - pw
+            ]  # cut the padding AnyRes's resize added
             nl = self.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid.dtype)
-            grid = torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)  # (rows * (cols + 1), C)
+            grid = (
+                torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)
+            )  # (rows * (cols + 1), C)
             out += [f[0], grid]
         return torch.cat(out)
 
@@ -628,17 +784,31 @@ class VLM(nn.Module):
         embed = self.model.language_model.embed_tokens
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, image_sizes)
-        if image_features is None:  # text only (or decoding): image-token ids are embedded like any other token
+        if (
+            image_features is None
+        ):  # text only (or decoding): image-token ids are embedded like any other token
             return embed(input_ids)
         is_img = input_ids == self.cfg.image_token_id
         if int(is_img.sum()) != image_features.shape[0]:
-            raise ValueError(f"input_ids hold {int(is_img.sum())} image tokens but the images give "
-                             f"{image_features.shape[0]} features")
+            raise ValueError(
+                f"input_ids hold {int(is_img.sum())} image tokens but the images give "
+                f"{image_features.shape[0]} features"
+            )
         x = embed(input_ids.masked_fill(is_img, 0))
         return x.masked_scatter(is_img[..., None], image_features.to(x.dtype))
 
-    def hidden(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
-               key_mask=None, kv_cache=None, image_features=None, segment=None):
+    def hidden(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_sizes=None,
+        attention_mask=None,
+        position_ids=None,
+        key_mask=None,
+        kv_cache=None,
+        image_features=None,
+        segment=None,
+    ):
         """The decoder's final hidden states (B, T, C); `forward` applies the LM head on top."""
         B, T = input_ids.shape
         dev = input_ids.device
@@ -652,14 +822,16 @@ class VLM(nn.Module):
         x = self.embed(input_ids, pixel_values, image_sizes, image_features)
         c = kv_cache
         if c is not None:
-            c.key_mask[:, c.pos:c.pos + T] = visible
-            keys = c.key_mask[:, :c.pos + T]
+            c.key_mask[:, c.pos : c.pos + T] = visible
+            keys = c.key_mask[:, : c.pos + T]
             q_slots = torch.arange(c.pos, c.pos + T, device=dev)
         else:
             keys, q_slots = visible, torch.arange(T, device=dev)
         window = self.cfg.text.sliding_window
         plain = c is None and segment is None and window is None and bool(visible.all())
-        if c is None and segment is not None and dev.type in FLEX_DEVICES:  # packed rows: skip the masked blocks
+        if (
+            c is None and segment is not None and dev.type in FLEX_DEVICES
+        ):  # packed rows: skip the masked blocks
             mask = block_mask(keys, segment, window)
         else:
             mask = None if plain else attention_mask_4d(keys, q_slots.expand(B, T), window, segment)
@@ -677,20 +849,54 @@ class VLM(nn.Module):
 
     # -- generation -----------------------------------------------------------
 
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
-                 max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, generator=None, eos_token_id=None,
-                 stop_strings=(), num_samples=1, prefix_ids=None):
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        key_mask=None,
+        max_new_tokens=64,
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        generator=None,
+        eos_token_id=None,
+        stop_strings=(),
+        num_samples=1,
+        prefix_ids=None,
+    ):
         """Samples continuations of left-padded prompts (B, T): B * num_samples lists of new token ids (rows
         b*n .. b*n+n-1 belong to prompt b); EOS is dropped, a stop string's last token is kept. `prefix_ids` (one
         list per output row) are forced tokens that continue the prompt; `key_mask` (B, T) hides prompt keys."""
-        cache, logits = prefill(self, input_ids, attention_mask, pixel_values, image_sizes, key_mask, num_samples,
-                                prefix_ids, max_new_tokens)
+        cache, logits = prefill(
+            self,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            image_sizes,
+            key_mask,
+            num_samples,
+            prefix_ids,
+            max_new_tokens,
+        )
         eos = self.eos_ids() if eos_token_id is None else eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos)
         rows = self.lm_head.weight.shape[0]  # V: a sampled id can be any logit row
         stop = StopStrings(self.tokenizer, stop_strings, rows) if stop_strings else None
-        return decode(self, cache, logits, max_new_tokens, temperature, top_k, top_p, generator, eos, stop,
-                      self.never_sampled())
+        return decode(
+            self,
+            cache,
+            logits,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            generator,
+            eos,
+            stop,
+            self.never_sampled(),
+        )
 
     def eos_ids(self):
         names = ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
@@ -715,7 +921,7 @@ class VLM(nn.Module):
         V, dev = self.lm_head.weight.shape[0], self.lm_head.weight.device
         banned = torch.zeros(V, dtype=torch.bool, device=dev)
         if self.tokenizer:
-            banned[self.tokenizer.get_vocab_size():] = True
+            banned[self.tokenizer.get_vocab_size() :] = True
         ids = ({self.cfg.image_token_id} | self.pad_ids()) - self.eos_ids()
         banned[[i for i in ids if 0 <= i < V]] = True
         return banned
@@ -740,7 +946,7 @@ class VLM(nn.Module):
         for q, im in zip(questions, images):
             content = ("<image>\n" + q) if im is not None else q
             text = format_chat([{"role": "user", "content": content}], template or self.template)
-            ids.append(self.encode_prompt(text, None if sizes is None else sizes[i:i + 1]))
+            ids.append(self.encode_prompt(text, None if sizes is None else sizes[i : i + 1]))
             i += im is not None
         input_ids, attention_mask = left_pad(ids)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, **pix)
@@ -748,7 +954,9 @@ class VLM(nn.Module):
 
     def encode_reply(self, text):
         """An assistant reply in the chat template, its end tokens included and no BOS: the tokens training scores."""
-        return self.encode_prompt(TEMPLATES[self.template]["reply"].format(text), add_special_tokens=False)
+        return self.encode_prompt(
+            TEMPLATES[self.template]["reply"].format(text), add_special_tokens=False
+        )
 
     # -- checkpoints (the work is done by the functions of the Checkpoints section) ------------
 
@@ -797,7 +1005,9 @@ class VLM(nn.Module):
 # Samples of a prompt read its one prefill cache (SharedKVCache); False: each row gets a copy (KVCache.repeat),
 # the reference the tests compare with. In fp32 on CPU both give the same bits (tests/test_model.py).
 SHARE_PREFILL = True
-SYNC_EVERY = 8  # on CUDA, decode steps between host checks (all rows done? a stop string?); on CPU: 1
+SYNC_EVERY = (
+    8  # on CUDA, decode steps between host checks (all rows done? a stop string?); on CPU: 1
+)
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -815,9 +1025,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = p.cumsum(-1) - p >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
-    if generator is not None and generator.device.type != probs.device.type:  # ("cuda" is any index)
-        raise ValueError(f"the sampling generator is on {generator.device} and the logits on {probs.device}: "
-                         f"make it with torch.Generator({str(probs.device)!r})")
+    if (
+        generator is not None and generator.device.type != probs.device.type
+    ):  # ("cuda" is any index)
+        raise ValueError(
+            f"the sampling generator is on {generator.device} and the logits on {probs.device}: "
+            f"make it with torch.Generator({str(probs.device)!r})"
+        )
     # what torch.multinomial(probs, 1) computes, draw for draw (argmax of p / q with q ~ Exp(1)), without
     # its check that probs hold no inf or negative value: that check reads a value back on the host
     q = torch.empty_like(probs).exponential_(1, generator=generator)
@@ -852,7 +1066,9 @@ def kv_bytes_per_token(vlm, device):
 def max_prompt_tokens(vlm, text=256):
     """The longest prompt an image can make: its most image tokens (AnyRes: at the largest grid) + `text`."""
     sizes = [tuple(pp) for pp in vlm.cfg.grid_pinpoints]
-    image = max(vlm.image_token_counts(sizes, len(sizes))) if sizes else vlm.image_token_counts(None)[0]
+    image = (
+        max(vlm.image_token_counts(sizes, len(sizes))) if sizes else vlm.image_token_counts(None)[0]
+    )
     return image + text
 
 
@@ -867,12 +1083,23 @@ def rows_that_fit(vlm, tokens_per_row, default, total=None):
         return default
     total = total or torch.cuda.get_device_properties(w.device).total_memory
     weights = sum(p.numel() * p.element_size() for p in vlm.parameters())
-    return max(1, int((total - weights) / 2 // (kv_bytes_per_token(vlm, w.device) * tokens_per_row)))
+    return max(
+        1, int((total - weights) / 2 // (kv_bytes_per_token(vlm, w.device) * tokens_per_row))
+    )
 
 
 @torch.no_grad()
-def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, key_mask=None,
-            num_samples=1, prefix_ids=None, max_new_tokens=64):
+def prefill(
+    vlm,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_sizes=None,
+    key_mask=None,
+    num_samples=1,
+    prefix_ids=None,
+    max_new_tokens=64,
+):
     """Left-padded prompts (B, T) -> (a cache sized for the run, logits (R, V) of each row's next
     token). Each prompt fills num_samples rows (an int or a count per prompt); `prefix_ids` (one
     list per row) go in after, as one right-aligned chunk (its padding sits mid-cache, masked)."""
@@ -882,16 +1109,22 @@ def prefill(vlm, input_ids, attention_mask=None, pixel_values=None, image_sizes=
     S = T + P + max_new_tokens
     share = num_samples != 1 and SHARE_PREFILL
     cache = KVCache(vlm.cfg.text, B, T if share else S, compute_dtype(vlm, dev), dev)
-    h = vlm.hidden(input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache)
+    h = vlm.hidden(
+        input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache
+    )
     logits = vlm.lm_head(h[:, -1])  # (B, V): only the last position is needed
     if num_samples != 1:
-        reps = num_samples if isinstance(num_samples, int) else torch.tensor(num_samples, device=dev)
+        reps = (
+            num_samples if isinstance(num_samples, int) else torch.tensor(num_samples, device=dev)
+        )
         cache = cache.share(reps, S) if share else cache.repeat(reps)
         logits = logits.repeat_interleave(reps, 0)
     if P:
         ids, am = (x.to(dev) for x in left_pad(prefix_ids))
         h = vlm.hidden(ids, attention_mask=am, kv_cache=cache)
-        logits = torch.where(am[:, -1:].bool(), vlm.lm_head(h[:, -1]), logits)  # rows without a prefix keep theirs
+        logits = torch.where(
+            am[:, -1:].bool(), vlm.lm_head(h[:, -1]), logits
+        )  # rows without a prefix keep theirs
     return cache, logits
 
 
@@ -901,8 +1134,20 @@ def decode_one_token(vlm, tok, cache):
 
 
 @torch.no_grad()
-def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None, eos=(),
-           stop=None, banned=None, sync_every=None):
+def decode(
+    vlm,
+    cache,
+    logits,
+    max_new_tokens,
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
+    generator=None,
+    eos=(),
+    stop=None,
+    banned=None,
+    sync_every=None,
+):
     """Samples up to max_new_tokens per row -> a list of ids per row. A row ends before an EOS token
     or after the token that completes a stop string. EOS is checked on the device; the host looks
     (stop strings, all rows ended?) every `sync_every` steps (default: 1 on CPU, SYNC_EVERY on CUDA).
@@ -921,10 +1166,14 @@ def decode(vlm, cache, logits, max_new_tokens, temperature=0.0, top_k=None, top_
             logits = logits.masked_fill(banned, float("-inf"))  # (R, V): greedy and filters too
         tok = sample(logits, temperature, top_k, top_p, generator)
         toks[:, t] = tok
-        length = torch.where((length > t) & torch.isin(tok, eos), t, length)  # dropped: the row keeps t tokens
+        length = torch.where(
+            (length > t) & torch.isin(tok, eos), t, length
+        )  # dropped: the row keeps t tokens
         last = t == max_new_tokens - 1
         if (t + 1) % every == 0 or last:
-            if stop is not None:  # kept: the row keeps t' + 1 for the first t' a stop string ends at
+            if (
+                stop is not None
+            ):  # kept: the row keeps t' + 1 for the first t' a stop string ends at
                 length = stop(toks, checked, t + 1, length)
                 checked = t + 1
             if last or bool((length <= t + 1).all()):  # every row ended at a step <= t
@@ -942,7 +1191,9 @@ class StopStrings:
         self.strings, self.tokenizer = list(strings), tokenizer
         # a host list: the check runs on the host, so nothing is copied to the device per step
         self.table = stop_table(tokenizer, "".join(sorted({s[-1] for s in strings})), rows).tolist()
-        self.window = 4 * max(map(len, strings)) + 1  # tokens that hold the longest string's bytes, and one more
+        self.window = (
+            4 * max(map(len, strings)) + 1
+        )  # tokens that hold the longest string's bytes, and one more
 
     def __call__(self, toks, lo, hi, length):
         """toks (R, >= hi), length (R,) as in `decode` -> length with the first stop string ending at a
@@ -955,7 +1206,7 @@ class StopStrings:
             ids = row[1:]
             for t in range(lo, min(hi, row[0])):  # steps where the row is live
                 if self.table[ids[t - first]]:
-                    tail = self.tokenizer.decode(ids[max(first, t - w + 1) - first:t + 1 - first])
+                    tail = self.tokenizer.decode(ids[max(first, t - w + 1) - first : t + 1 - first])
                     if any(s in tail for s in self.strings):
                         new[r] = t + 1
                         break
@@ -971,10 +1222,14 @@ def stop_table(tokenizer, chars, rows):
     hit = [any(c in x for c in chars) or "\ufffd" in x for x in text]
     return torch.tensor(hit + [False] * (rows - len(hit)), dtype=torch.bool)
 
+
 # -----------------------------------------------------------------------------
 # Image preprocessing: the pixel values of transformers' CLIP / SigLIP / LLaVA-NeXT image processors, in PIL + numpy
 
-OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (
+    [0.48145466, 0.4578275, 0.40821073],
+    [0.26862954, 0.26130258, 0.27577711],
+)
 
 
 # Decompression bombs: a few KB can declare a 20000 x 20000 image, so headers are checked before
@@ -986,6 +1241,7 @@ def open_image_header(src, name=None):
     """A PIL image, only its header read; unreadable or over MAX_PIXELS: a ValueError naming it."""
     import warnings
     from PIL import Image
+
     name = name or src
     try:
         with warnings.catch_warnings():
@@ -998,8 +1254,10 @@ def open_image_header(src, name=None):
     w, h = im.size
     if w * h > MAX_PIXELS:
         im.close()
-        raise UserError(f"image {name}: {w}x{h} is {w * h:,} pixels, over the limit of "
-                         f"{MAX_PIXELS:,} pixels (IMAGE_MAX_PIXELS sets it)")
+        raise UserError(
+            f"image {name}: {w}x{h} is {w * h:,} pixels, over the limit of "
+            f"{MAX_PIXELS:,} pixels (IMAGE_MAX_PIXELS sets it)"
+        )
     return im
 
 
@@ -1017,9 +1275,12 @@ def load_image(path, name=None):
 def to_rgb(im):
     """Any PIL mode to RGB; transparency is composited onto white, as transformers does."""
     from PIL import Image
+
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert(
+            "RGB"
+        )
     return im.convert("RGB")
 
 
@@ -1042,9 +1303,17 @@ class ImageProcessor:
     def __init__(self, pp: dict, anyres_pinpoints=None):
         self.size, self.crop = pp.get("size", {"shortest_edge": 336}), pp.get("crop_size")
         self.do_crop = pp.get("do_center_crop", self.crop is not None)
-        self.mean, self.std = pp.get("image_mean", OPENAI_CLIP_MEAN), pp.get("image_std", OPENAI_CLIP_STD)
-        self.scale, self.resample = pp.get("rescale_factor", 1 / 255), pp.get("resample", 3)  # 3 = bicubic
-        self.pinpoints = pp.get("image_grid_pinpoints", anyres_pinpoints) if anyres_pinpoints else None
+        self.mean, self.std = (
+            pp.get("image_mean", OPENAI_CLIP_MEAN),
+            pp.get("image_std", OPENAI_CLIP_STD),
+        )
+        self.scale, self.resample = (
+            pp.get("rescale_factor", 1 / 255),
+            pp.get("resample", 3),
+        )  # 3 = bicubic
+        self.pinpoints = (
+            pp.get("image_grid_pinpoints", anyres_pinpoints) if anyres_pinpoints else None
+        )
         self.raw = pp
 
     @classmethod
@@ -1052,17 +1321,31 @@ class ImageProcessor:
         """The processor a checkpoint without preprocessor_config.json implies (also written when we save one)."""
         S = cfg.vision.image_size
         if cfg.vision.kind == "siglip":
-            pp = dict(image_processor_type="SiglipImageProcessor", size={"height": S, "width": S},
-                      image_mean=[0.5] * 3, image_std=[0.5] * 3, do_center_crop=False)
+            pp = dict(
+                image_processor_type="SiglipImageProcessor",
+                size={"height": S, "width": S},
+                image_mean=[0.5] * 3,
+                image_std=[0.5] * 3,
+                do_center_crop=False,
+            )
         else:
-            pp = dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": S},
-                      crop_size={"height": S, "width": S})
+            pp = dict(
+                image_processor_type="CLIPImageProcessor",
+                size={"shortest_edge": S},
+                crop_size={"height": S, "width": S},
+            )
         if cfg.model_type == "llava_next":
-            pp.update(image_processor_type="LlavaNextImageProcessor", image_grid_pinpoints=cfg.grid_pinpoints)
+            pp.update(
+                image_processor_type="LlavaNextImageProcessor",
+                image_grid_pinpoints=cfg.grid_pinpoints,
+            )
         return cls(pp, cfg.grid_pinpoints or None)
 
-    def resize(self, a, size):  # (H, W, 3) uint8 -> (h, w, 3) uint8 through PIL, as transformers does
+    def resize(
+        self, a, size
+    ):  # (H, W, 3) uint8 -> (h, w, 3) uint8 through PIL, as transformers does
         from PIL import Image
+
         h, w = size
         return np.array(Image.fromarray(a).resize((w, h), resample=self.resample))
 
@@ -1073,10 +1356,10 @@ class ImageProcessor:
             nh, nw = max(H, ch), max(W, cw)
             big = np.zeros((nh, nw, a.shape[2]), a.dtype)
             t, l = math.ceil((nh - H) / 2), math.ceil((nw - W) / 2)
-            big[t:t + H, l:l + W] = a
+            big[t : t + H, l : l + W] = a
             a, H, W = big, nh, nw
         t, l = (H - ch) // 2, (W - cw) // 2
-        return a[t:t + ch, l:l + cw]
+        return a[t : t + ch, l : l + cw]
 
     def finish(self, a):  # resize, crop, rescale (via float64), normalise -> (3, h, w) float32
         if "shortest_edge" in self.size:  # shortest side to `shortest_edge`, the other truncated
@@ -1095,17 +1378,27 @@ class ImageProcessor:
         """The base view (square resize) followed by the tiles of the best grid resolution, row-major."""
         H, W = a.shape[:2]
         th, tw = select_best_resolution((H, W), self.pinpoints)
-        if tw / W < th / H:  # fit inside (th, tw) keeping the aspect ratio, then pad centred with black
+        if (
+            tw / W < th / H
+        ):  # fit inside (th, tw) keeping the aspect ratio, then pad centred with black
             nh, nw = min(math.ceil(H * tw / W), th), tw
         else:
             nh, nw = th, min(math.ceil(W * th / H), tw)
         r = self.resize(a, (nh, nw))
         top, left = (th - nh) // 2, (tw - nw) // 2
         canvas = np.zeros((th, tw, 3), np.uint8)
-        canvas[top:top + nh, left:left + nw] = r
-        p = self.crop["height"] if self.crop else self.size.get("height", self.size.get("shortest_edge"))
-        base = (self.size["height"], self.size["width"]) if "height" in self.size else (self.size["shortest_edge"],) * 2
-        tiles = [canvas[i:i + p, j:j + p] for i in range(0, th, p) for j in range(0, tw, p)]
+        canvas[top : top + nh, left : left + nw] = r
+        p = (
+            self.crop["height"]
+            if self.crop
+            else self.size.get("height", self.size.get("shortest_edge"))
+        )
+        base = (
+            (self.size["height"], self.size["width"])
+            if "height" in self.size
+            else (self.size["shortest_edge"],) * 2
+        )
+        tiles = [canvas[i : i + p, j : j + p] for i in range(0, th, p) for j in range(0, tw, p)]
         return [self.resize(a, base)] + tiles
 
     def __call__(self, images):
@@ -1115,29 +1408,42 @@ class ImageProcessor:
         for im in images:
             a = np.array(to_rgb(im))
             sizes.append(a.shape[:2])
-            views.append(np.stack([self.finish(v) for v in self.anyres_views(a)]) if self.pinpoints
-                         else self.finish(a))
+            views.append(
+                np.stack([self.finish(v) for v in self.anyres_views(a)])
+                if self.pinpoints
+                else self.finish(a)
+            )
             del im, a  # freed before the iterable opens the next image
         if not self.pinpoints:
             return {"pixel_values": torch.from_numpy(np.stack(views))}
         n = max(len(v) for v in views)
         views = [np.concatenate([v, np.zeros((n - len(v),) + v.shape[1:], v.dtype)]) for v in views]
-        return {"pixel_values": torch.from_numpy(np.stack(views)),
-                "image_sizes": torch.tensor(sizes)}
+        return {
+            "pixel_values": torch.from_numpy(np.stack(views)),
+            "image_sizes": torch.tensor(sizes),
+        }
+
 
 # -----------------------------------------------------------------------------
 # Prompting: conversation templates of the LLaVA checkpoints; the image placeholder becomes one token per feature
 
 TEMPLATES = {
     # LLaVA-1.6 Vicuna (conv_vicuna_v1); LLaVA-1.5-hf drops the system line ("llava")
-    "vicuna": dict(system="A chat between a curious human and an artificial intelligence assistant. The assistant "
-                   "gives helpful, detailed, and polite answers to the human's questions. ", user="USER: {} ",
-                   assistant="ASSISTANT:", reply=" {}</s>"),
+    "vicuna": dict(
+        system="A chat between a curious human and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the human's questions. ",
+        user="USER: {} ",
+        assistant="ASSISTANT:",
+        reply=" {}</s>",
+    ),
     "llava": dict(system="", user="USER: {} ", assistant="ASSISTANT:", reply=" {}</s>"),
     "mistral": dict(system="", user="[INST] {} [/INST]", assistant="", reply=" {}</s>"),
-    "chatml": dict(system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
-                   user="<|im_start|>user\n{}<|im_end|>\n", assistant="<|im_start|>assistant\n",
-                   reply="{}<|im_end|>\n"),
+    "chatml": dict(
+        system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+        user="<|im_start|>user\n{}<|im_end|>\n",
+        assistant="<|im_start|>assistant\n",
+        reply="{}<|im_end|>\n",
+    ),
 }
 
 
@@ -1156,14 +1462,18 @@ def format_chat(messages, template, add_generation_prompt=True):
 def left_pad(seqs, pad_id=0):
     """Token lists -> left-padded ids (B, T) and their attention mask, so that every row ends on the same slot."""
     T = max(map(len, seqs))
-    return (torch.tensor([[pad_id] * (T - len(x)) + list(x) for x in seqs]),
-            torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs]))
+    return (
+        torch.tensor([[pad_id] * (T - len(x)) + list(x) for x in seqs]),
+        torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs]),
+    )
 
 
 def check_template(name):
     """A --template value: "" (detect it from the checkpoint) or one of TEMPLATES."""
     if name and name not in TEMPLATES:
-        raise UserError(f"--template {name!r}: expected one of {', '.join(TEMPLATES)}, or '' to detect it")
+        raise UserError(
+            f"--template {name!r}: expected one of {', '.join(TEMPLATES)}, or '' to detect it"
+        )
     return name
 
 
@@ -1186,8 +1496,10 @@ def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = "", source="t
     if chat_template:
         name = match_template(chat_template)
         if name is None:
-            raise UserError(f"{source}: its chat template matches none of ours ({', '.join(TEMPLATES)}); "
-                             f"pass --template NAME for the one its prompts follow")
+            raise UserError(
+                f"{source}: its chat template matches none of ours ({', '.join(TEMPLATES)}); "
+                f"pass --template NAME for the one its prompts follow"
+            )
         return name
     if tokenizer and tokenizer.token_to_id("<|im_start|>") is not None:
         return "chatml"
@@ -1198,6 +1510,7 @@ def template_line(vlm):
     """The one line a run prints about the template its prompts use, and why."""
     return f"chat template: {vlm.template} (from {vlm.template_source})"
 
+
 # -----------------------------------------------------------------------------
 # Checkpoints in the Hugging Face layout: loading, saving, and the errors that name what is wrong
 
@@ -1205,11 +1518,16 @@ def template_line(vlm):
 def hf_name(key):
     """A checkpoint key in any layout in the wild -> our name. Hub checkpoints use `language_model.model.*` (older)
     or `model.language_model.*` + `lm_head` (newer), with or without `vision_model.` inside the vision tower."""
-    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
-                     ("image_newline", "model.image_newline"), ("model.vision_tower.vision_model.", "model.vision_tower.")):
+    for old, new in (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+        ("image_newline", "model.image_newline"),
+        ("model.vision_tower.vision_model.", "model.vision_tower."),
+    ):
         if key.startswith(old):
-            key = new + key[len(old):]
+            key = new + key[len(old) :]
     return key
 
 
@@ -1237,6 +1555,7 @@ def local_folder(path):
     if looks_local(path):
         raise UserFileError(f"{path}: no such model folder (and not a hub id, which is owner/name)")
     from huggingface_hub import snapshot_download
+
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", *CARRIED])
 
 
@@ -1259,31 +1578,54 @@ def load_weights(vlm, path, raw, dtype, device):
         with open(os.path.join(path, fn), "rb") as f:
             for key, info in header.items():
                 name = hf_name(key)
-                if name.endswith("embeddings.position_ids") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                if name.endswith("embeddings.position_ids") or (
+                    cfg.tie_word_embeddings and name == "lm_head.weight"
+                ):
                     continue  # a buffer older exports saved, and a tied copy
-                if (name.startswith("model.vision_tower.head.") and cfg.vision.use_head) or name == "score.weight":
+                if (
+                    name.startswith("model.vision_tower.head.") and cfg.vision.use_head
+                ) or name == "score.weight":
                     vlm.extra[name] = st_read(f, base, info)
                     continue
                 if name not in params:
-                    raise UserKeyError(f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)")
+                    raise UserKeyError(
+                        f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)"
+                    )
                 p = params[name]
                 if tuple(info["shape"]) != tuple(p.shape):
-                    raise UserError(f"{fn}: {key!r} has shape {tuple(info['shape'])}, expected "
-                                     f"{tuple(p.shape)}{defaulted_keys(raw, cfg_path)}")
+                    raise UserError(
+                        f"{fn}: {key!r} has shape {tuple(info['shape'])}, expected "
+                        f"{tuple(p.shape)}{defaulted_keys(raw, cfg_path)}"
+                    )
                 mod, _, attr = name.rpartition(".")
-                if hasattr(p, "to_local"):  # an FSDP2 DTensor: this rank's rows only, read from the file
+                if hasattr(
+                    p, "to_local"
+                ):  # an FSDP2 DTensor: this rank's rows only, read from the file
                     start, stop = shard_rows(p, name)
-                    with torch.no_grad():  # in `dtype` first, as a whole load: what trains is then fp32
-                        p.to_local().copy_(st_read(f, base, info, (start, stop)).to(dtype).to(p.dtype))
+                    with (
+                        torch.no_grad()
+                    ):  # in `dtype` first, as a whole load: what trains is then fp32
+                        p.to_local().copy_(
+                            st_read(f, base, info, (start, stop)).to(dtype).to(p.dtype)
+                        )
                     filled.add(name)
                     continue
                 tensor = st_read(f, base, info).to(device=device, dtype=dtype)
-                vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(tensor, requires_grad=p.requires_grad)
+                vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(
+                    tensor, requires_grad=p.requires_grad
+                )
                 filled.add(name)
-    adapters = {n for n in params if n.rpartition(".")[2] in ("lora_A", "lora_B")}  # never in a checkpoint
+    adapters = {
+        n for n in params if n.rpartition(".")[2] in ("lora_A", "lora_B")
+    }  # never in a checkpoint
     if missing := sorted(set(params) - filled - adapters):
-        raise UserKeyError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
-    if cfg.tie_word_embeddings and vlm.lm_head.weight is not vlm.model.language_model.embed_tokens.weight:
+        raise UserKeyError(
+            f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}"
+        )
+    if (
+        cfg.tie_word_embeddings
+        and vlm.lm_head.weight is not vlm.model.language_model.embed_tokens.weight
+    ):
         vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
 
 
@@ -1298,13 +1640,19 @@ def shard_rows(p, name="a parameter"):
         if not place.is_shard():
             continue  # Replicate(): HSDP's nodes hold the same rows
         if place.dim != 0:
-            raise ValueError(f"{name}: sharded on dim {place.dim}; only dim-0 shards are read in slices")
+            raise ValueError(
+                f"{name}: sharded on dim {place.dim}; only dim-0 shards are read in slices"
+            )
         chunk = math.ceil(rows / p.device_mesh.size(dim))
         start = min(rows, chunk * p.device_mesh.get_local_rank(dim))
         stop = min(rows, start + chunk)
-    if p.to_local().shape[0] != stop - start:  # FSDP2 cut otherwise than assumed: stop, not load wrong rows
-        raise RuntimeError(f"{name}: this rank holds {p.to_local().shape[0]} of its {rows} rows, expected "
-                           f"rows {start}..{stop}")
+    if (
+        p.to_local().shape[0] != stop - start
+    ):  # FSDP2 cut otherwise than assumed: stop, not load wrong rows
+        raise RuntimeError(
+            f"{name}: this rank holds {p.to_local().shape[0]} of its {rows} rows, expected "
+            f"rows {start}..{stop}"
+        )
     return start, stop
 
 
@@ -1329,12 +1677,28 @@ def stored_dtype(path, raw):
 
 # the tokenizer and processor files a checkpoint may carry: each is copied byte for byte into every save,
 # so that the aligned model replaces the original (chat_template.jinja is where transformers 5 keeps it)
-CARRIED = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-           "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-           "processor_config.json", "preprocessor_config.json", "generation_config.json")
+CARRIED = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
 # where a chat template is looked up, first found first: the processor's files (a VLM's apply_chat_template
 # is the processor's), then the tokenizer's
-TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+TEMPLATE_FILES = (
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "tokenizer_config.json",
+)
 
 
 def chat_template_text(files, path):
@@ -1348,7 +1712,9 @@ def chat_template_text(files, path):
             t = json.loads(files[fn]).get("chat_template")
         except (ValueError, AttributeError) as e:
             raise UserError(f"{os.path.join(path, fn)}: not a JSON object ({e})") from None
-        if isinstance(t, list):  # named templates, [{"name": ..., "template": ...}]: the default one
+        if isinstance(
+            t, list
+        ):  # named templates, [{"name": ..., "template": ...}]: the default one
             t = {d.get("name"): d.get("template") for d in t}
         if isinstance(t, dict):
             t = t.get("default")
@@ -1360,40 +1726,56 @@ def chat_template_text(files, path):
 def load_processors(vlm, path, template=""):
     """The tokenizer, image processor, chat template and the other small files a checkpoint carries."""
     from tokenizers import Tokenizer
+
     folder = pathlib.Path(path)
-    paths = [folder / fn for fn in CARRIED] + sorted(folder.glob("additional_chat_templates/*.jinja"))
+    paths = [folder / fn for fn in CARRIED] + sorted(
+        folder.glob("additional_chat_templates/*.jinja")
+    )
     vlm.files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in paths if p.is_file()}
     tok = os.path.join(path, "tokenizer.json")
     vlm.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else MissingTokenizer(path)
-    pp = json.loads(vlm.files.get("preprocessor_config.json", "null")) or \
-        json.loads(vlm.files.get("processor_config.json", "{}")).get("image_processor")  # transformers 5 nests it
-    vlm.image_processor = ImageProcessor(pp, vlm.cfg.grid_pinpoints) if pp else ImageProcessor.default_for(vlm.cfg)
+    pp = json.loads(vlm.files.get("preprocessor_config.json", "null")) or json.loads(
+        vlm.files.get("processor_config.json", "{}")
+    ).get("image_processor")  # transformers 5 nests it
+    vlm.image_processor = (
+        ImageProcessor(pp, vlm.cfg.grid_pinpoints) if pp else ImageProcessor.default_for(vlm.cfg)
+    )
     text, source = chat_template_text(vlm.files, path)
     if template:
         vlm.template, vlm.template_source = template, "--template"
     else:
         vlm.template = guess_template(vlm.cfg, vlm.tokenizer, text, source)
-        vlm.template_source = source or f"its {vlm.cfg.text.kind} architecture: no chat template in {path}"
+        vlm.template_source = (
+            source or f"its {vlm.cfg.text.kind} architecture: no chat template in {path}"
+        )
 
 
 def hf_state_dict(vlm, dtype=None):
     """Tensors as transformers names them, adapters merged (in fp32), tied head left out; floating tensors
     cast to `dtype` (None: as they are)."""
+
     def host(t):  # cast where the tensor is, then copy: the host holds it once, in the saved dtype
         t = t.detach()
-        return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().cpu()
+        return (
+            (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().cpu()
+        )
 
     sd = {k: host(v) for k, v in vlm.extra.items()}
     for name, mod in vlm.named_modules():
         for attr, p in mod.named_parameters(recurse=False):
             key = f"{name}.{attr}" if name else attr
-            if attr.startswith("lora_") or (key == "lm_head.weight" and vlm.cfg.tie_word_embeddings):
+            if attr.startswith("lora_") or (
+                key == "lm_head.weight" and vlm.cfg.tie_word_embeddings
+            ):
                 continue
             if attr == "weight" and isinstance(mod, LoRALinear):
                 p = mod.merged_weight(dtype)
             sd[key] = host(p)
     # the hub's layout keeps the tower's `vision_model.` level, which our module tree flattens
-    return {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v for k, v in sd.items()}
+    return {
+        k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v
+        for k, v in sd.items()
+    }
 
 
 def save_checkpoint(vlm, out_dir):
@@ -1414,8 +1796,14 @@ def save_checkpoint(vlm, out_dir):
         for k in ("dtype", "torch_dtype"):
             if isinstance(sub, dict) and k in sub:
                 sub[k] = name
-    raw.setdefault("architectures", ["LlavaNextForConditionalGeneration" if vlm.cfg.model_type == "llava_next"
-                                     else "LlavaForConditionalGeneration"])
+    raw.setdefault(
+        "architectures",
+        [
+            "LlavaNextForConditionalGeneration"
+            if vlm.cfg.model_type == "llava_next"
+            else "LlavaForConditionalGeneration"
+        ],
+    )
     files = {"config.json": json.dumps(raw, indent=2)} | vlm.files
     if "processor_config.json" not in files:
         files.setdefault("preprocessor_config.json", json.dumps(vlm.image_processor.raw, indent=2))
@@ -1424,7 +1812,9 @@ def save_checkpoint(vlm, out_dir):
         os.makedirs(tmp)
         target = os.path.join(tmp, "model.safetensors")
         st_write(hf_state_dict(vlm, vlm.source_dtype), target, metadata={"format": "pt"})
-        if vlm.tokenizer and "tokenizer.json" not in files:  # a model built here: its tokenizer object
+        if (
+            vlm.tokenizer and "tokenizer.json" not in files
+        ):  # a model built here: its tokenizer object
             target = os.path.join(tmp, "tokenizer.json")
             vlm.tokenizer.save(target)
         for fn, content in files.items():  # the source's files as they were (bytes), ours as text
@@ -1447,10 +1837,16 @@ def recover_checkpoint(path):
     checkpoint only as path.old<pid>, which is moved back first."""
     path = path.rstrip("/")
     parent, base = os.path.split(path)
-    left = [os.path.join(parent, d) for d in os.listdir(parent or ".")
-            if d.startswith((base + ".tmp", base + ".old")) and d[len(base) + 4:].isdigit()]
-    olds = [d for d in left if d[len(path):].startswith(".old")
-            and os.path.isfile(os.path.join(d, "config.json"))]
+    left = [
+        os.path.join(parent, d)
+        for d in os.listdir(parent or ".")
+        if d.startswith((base + ".tmp", base + ".old")) and d[len(base) + 4 :].isdigit()
+    ]
+    olds = [
+        d
+        for d in left
+        if d[len(path) :].startswith(".old") and os.path.isfile(os.path.join(d, "config.json"))
+    ]
     if not os.path.exists(path) and olds:
         os.replace(max(olds, key=os.path.getmtime), path)
     for d in left:
@@ -1490,16 +1886,24 @@ def looks_local(name):
     """A model name that can only mean a local folder: a hub id is `name` or `owner/name`, never
     ./x, /x, ~/x, a deeper path, an existing file or one whose parent folder exists here."""
     parent = os.path.dirname(name)
-    return (name.startswith((".", "/", "~", "runs" + os.sep)) or os.path.exists(name)
-            or len(name.replace(os.sep, "/").split("/")) > 2
-            or (parent != "" and os.path.isdir(parent)))
+    return (
+        name.startswith((".", "/", "~", "runs" + os.sep))
+        or os.path.exists(name)
+        or len(name.replace(os.sep, "/").split("/")) > 2
+        or (parent != "" and os.path.isdir(parent))
+    )
 
 
 def defaulted_keys(raw, path):
     """For a shape error: size keys config.json leaves out, which transformers' defaults filled."""
     keys = ("hidden_size", "intermediate_size", "num_attention_heads")
-    miss = [f"{part}.{k}" for part in ("vision_config", "text_config")
-            if isinstance(raw.get(part), dict) for k in keys if k not in raw[part]]
+    miss = [
+        f"{part}.{k}"
+        for part in ("vision_config", "text_config")
+        if isinstance(raw.get(part), dict)
+        for k in keys
+        if k not in raw[part]
+    ]
     return f" ({path} has no {', '.join(miss)}: transformers' defaults were used)" if miss else ""
 
 
@@ -1515,16 +1919,28 @@ class MissingTokenizer:
     def __getattr__(self, name):
         if name.startswith("__"):  # copy / pickle probing for optional hooks
             raise AttributeError(name)
-        raise UserFileError(f"{self.path}: no tokenizer.json, so this model cannot encode or "
-                                f"decode text; copy the checkpoint's tokenizer.json there")
+        raise UserFileError(
+            f"{self.path}: no tokenizer.json, so this model cannot encode or "
+            f"decode text; copy the checkpoint's tokenizer.json there"
+        )
+
 
 # -----------------------------------------------------------------------------
 # safetensors, streamed: one tensor at a time through plain reads/writes, so loading a checkpoint costs one copy of
 # the weights plus the largest tensor (a memory map would add every page it touches to the resident set)
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def st_header(path):
@@ -1533,8 +1949,10 @@ def st_header(path):
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if size < 8 or not 2 <= n <= size - 8:  # bounded by the file: a bad length costs no memory
-            raise UserError(f"{path}: not a safetensors file, or truncated (header length {n}, "
-                             f"file size {size})")
+            raise UserError(
+                f"{path}: not a safetensors file, or truncated (header length {n}, "
+                f"file size {size})"
+            )
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
@@ -1570,7 +1988,11 @@ def st_write(tensors: dict, path, metadata=None):
     header, off = {"__metadata__": metadata or {}}, 0
     for k, t in tensors.items():
         n = t.numel() * t.element_size()
-        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        header[k] = {
+            "dtype": names[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [off, off + n],
+        }
         off += n
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
@@ -1580,6 +2002,7 @@ def st_write(tensors: dict, path, metadata=None):
             if t.numel():
                 # a copy: numpy() pins a storage's size, and FSDP must free its gathered parameters afterwards
                 f.write(t.detach().cpu().clone().view(-1).view(torch.uint8).numpy().tobytes())
+
 
 # -----------------------------------------------------------------------------
 # Command lines: every script's @dataclass Config becomes its argparse CLI; try a checkpoint with `python model.py`
@@ -1601,6 +2024,7 @@ def run_main(main):
     """Every script's __main__: a UserError is one `error: ...` line (rank 0) and exit status 2.
     Anything else is a bug and keeps its traceback; `main(argv)` itself still raises, for tests."""
     import sys
+
     try:
         main()
     except UserError as e:
@@ -1615,6 +2039,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # --dtype's choices
 def parse_bool(s):
     """A yes/no flag's value: a typo (`--resume ture`) is an error, never a silent false."""
     import argparse
+
     v = s.lower()
     if v not in ("1", "true", "yes", "0", "false", "no"):
         raise argparse.ArgumentTypeError(f"{s!r} is not a yes/no value (true/false, 1/0, yes/no)")
@@ -1629,6 +2054,7 @@ def field_comments(cls):
     import io
     import textwrap
     import tokenize
+
     src = textwrap.dedent(inspect.getsource(cls))
     comments, code = {}, set()  # row -> (column, text); rows holding code
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
@@ -1644,7 +2070,9 @@ def field_comments(cls):
         if row not in comments:
             continue
         text = [comments[row][1]]
-        while row + 1 in comments and row + 1 not in code and comments[row + 1][0] > node.col_offset:
+        while (
+            row + 1 in comments and row + 1 not in code and comments[row + 1][0] > node.col_offset
+        ):
             row += 1
             text.append(comments[row][1])
         out[node.target.id] = " ".join(text)
@@ -1654,14 +2082,18 @@ def field_comments(cls):
 def field_choices(cls):
     """{field: its allowed values}, for the fields annotated `typing.Literal[...]`."""
     import typing
+
     hints = typing.get_type_hints(cls)
-    return {k: typing.get_args(t) for k, t in hints.items() if typing.get_origin(t) is typing.Literal}
+    return {
+        k: typing.get_args(t) for k, t in hints.items() if typing.get_origin(t) is typing.Literal
+    }
 
 
 def check_config(cfg):
     """UserError naming the flag unless every value in the Config's BOUNDS holds, e.g.
     `BOUNDS = dict(batch_size=">= 1", rho=">= 0, <= 1")`."""
     import operator
+
     ops = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
     for name, bound in getattr(cfg, "BOUNDS", {}).items():
         value = getattr(cfg, name)
@@ -1689,6 +2121,7 @@ def flag_parser(cls, doc=None):
     default, choices and bounds; only the flags given land in the namespace, and errors raise."""
     import argparse
     import dataclasses
+
     ap = arg_parser(description=doc, argument_default=argparse.SUPPRESS)
     comments, choices, bounds = field_comments(cls), field_choices(cls), getattr(cls, "BOUNDS", {})
     for f in dataclasses.fields(cls):
@@ -1696,7 +2129,11 @@ def flag_parser(cls, doc=None):
         default = repr(f.default) if f.default == "" else f.default
         notes = [f"default: {default}"] + ([bounds[f.name]] if f.name in bounds else [])
         help = (comments.get(f.name, "") + f" ({'; '.join(notes)})").strip().replace("%", "%%")
-        opts = dict(choices=choices[f.name]) if f.name in choices else dict(metavar=kind.__name__.upper())
+        opts = (
+            dict(choices=choices[f.name])
+            if f.name in choices
+            else dict(metavar=kind.__name__.upper())
+        )
         ap.add_argument(f"--{f.name}", type=parse_bool if kind is bool else kind, help=help, **opts)
     return ap
 
@@ -1715,27 +2152,54 @@ def config_from_argv(cls, argv=None, doc=None):
 def non_defaults(cfg):
     """The settings of a run that differ from its script's defaults (what a run prints)."""
     import dataclasses
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != f.default
+    }
 
 
 def main(argv=None):
     ap = arg_parser(description="Answer a question about an image with a LLaVA checkpoint.")
     ap.add_argument("--model", required=True, help="a local HF-layout folder or a hub id")
-    ap.add_argument("--image", default=None, help="an image file (default: none, a text-only prompt)")
-    ap.add_argument("--prompt", default="Describe the image.", help="the question (default: %(default)s)")
+    ap.add_argument(
+        "--image", default=None, help="an image file (default: none, a text-only prompt)"
+    )
+    ap.add_argument(
+        "--prompt", default="Describe the image.", help="the question (default: %(default)s)"
+    )
     ap.add_argument("--max_new_tokens", type=int, default=64, help="(default: %(default)s)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="the sampling generator's seed (default: %(default)s)")
-    ap.add_argument("--dtype", default="float32", choices=DTYPES, help="the weights' dtype (default: %(default)s)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="(default: %(default)s)")
-    ap.add_argument("--template", default="", help=f"one of {', '.join(TEMPLATES)}; default: detect it")
+    ap.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="the sampling generator's seed (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="the weights' dtype (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="(default: %(default)s)",
+    )
+    ap.add_argument(
+        "--template", default="", help=f"one of {', '.join(TEMPLATES)}; default: detect it"
+    )
     a = ap.parse_args(argv)
-    vlm = VLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device, template=a.template).eval()
+    vlm = VLM.from_pretrained(
+        a.model, dtype=getattr(torch, a.dtype), device=a.device, template=a.template
+    ).eval()
     print(template_line(vlm))
     batch = vlm.prepare([a.prompt], [load_image(a.image)] if a.image else None)
     g = torch.Generator(a.device).manual_seed(a.seed)
-    out = vlm.generate(**batch, max_new_tokens=a.max_new_tokens, temperature=a.temperature, generator=g)
+    out = vlm.generate(
+        **batch, max_new_tokens=a.max_new_tokens, temperature=a.temperature, generator=g
+    )
     text = vlm.tokenizer.decode(out[0])
     print(text)
     return text

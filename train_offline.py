@@ -18,6 +18,7 @@ adapters off). After main() comes the machinery train_online.py shares.
     python train_offline.py --data povid:/data/povid --loss rm --out_dir runs/rm
     python train_offline.py --resume true            # continues a killed run from its last step
 """
+
 import contextlib
 import dataclasses
 import hashlib
@@ -37,8 +38,12 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm import tqdm
 
 import data
@@ -49,55 +54,82 @@ import world
 from model import VLM, non_defaults
 
 
-WORLD_DATA = ("world", "bdhs", "bdhs+world", "world+partners")  # --data built from the world, not read
+WORLD_DATA = (
+    "world",
+    "bdhs",
+    "bdhs+world",
+    "world+partners",
+)  # --data built from the world, not read
 
 
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
-    template: str = ""           # chat template: vicuna | llava | mistral | chatml; "": the model's own
-    data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), world+partners
-                                 # (opt-in: partner-present pairs too, world.partner_pairs), a .jsonl,
-                                 # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""         # what a .jsonl's relative image paths resolve against (default: its
-                                 # folder); a release's images (COCO for POVID...; default: images/ by it)
-    loss: Literal[(*losses.LOSSES, "rm")] = "dpo"  # a preference loss (losses.py), or rm: a reward model
+    template: str = ""  # chat template: vicuna | llava | mistral | chatml; "": the model's own
+    data: str = "world"  # world (its corruption set), bdhs, bdhs+world (Avg-DPO), world+partners
+    # (opt-in: partner-present pairs too, world.partner_pairs), a .jsonl,
+    # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
+    image_root: str = ""  # what a .jsonl's relative image paths resolve against (default: its
+    # folder); a release's images (COCO for POVID...; default: images/ by it)
+    loss: Literal[(*losses.LOSSES, "rm")] = (
+        "dpo"  # a preference loss (losses.py), or rm: a reward model
+    )
     out_dir: str = "runs/offline"  # the checkpoint, training state and metrics
-    beta: float = 1.0            # the world's (dev seed 0); the paper searched 0.05-0.5 for DPO
-    rpo_alpha: float = 1.0       # + α x the chosen's per-token NLL (TRL's RPO; the paper's DPO: 0)
-    world_seed: int = 0          # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
+    beta: float = 1.0  # the world's (dev seed 0); the paper searched 0.05-0.5 for DPO
+    rpo_alpha: float = 1.0  # + α x the chosen's per-token NLL (TRL's RPO; the paper's DPO: 0)
+    world_seed: int = 0  # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
     world_half: Literal["", "a", "b"] = ""  # the world's prompts about half of the usual pairs only
-    pairs: int = 2200            # world pairs to build; a tenth (<= 200) held out, of a file too
-    steps: int = 0               # optimizer steps; 0: `epochs` passes over the training pairs
-    epochs: float = 3.0          # passes over the training pairs (without --steps)
-    batch_size: int = 32         # global: micro-batch x grad_accum x ranks
-    grad_accum: int = 1          # micro-steps per optimizer step
-    lr: float = 2e-3             # adapters and a reward head: the world's, far above a 7B's
-    lr_projector: float = 5e-5   # the projector's own learning rate (paper §2.2); 0 freezes it
-    lora_r: int = 16             # LoRA rank on every LLM linear; 0: the whole LLM trains
-    lora_alpha: float = 32.0     # LoRA's scale is lora_alpha / lora_r
-    warmup: int = 10             # linear warm-up steps, then cosine decay to 0
-    max_length: int = 4096       # prompt + response tokens; responses are cut, image tokens never
-    ref: Literal["cache", "lora_off"] = "cache"  # cache: reference log-probs once, on disk; lora_off:
-                                                 # the adapters off, every step
-    cache_dir: str = ""          # reference log-probs, BDHS pairs, base reports, shared by runs; "":
-                                 # $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign
-    dtype: Literal[M.DTYPES] = "float32"  # the frozen base stored in it and the autocast dtype; what
-                                          # trains, AdamW's moments and log-probs stay fp32 (float16: refused)
-    grad_ckpt: bool = False      # recompute each decoder layer in the backward pass
-    fsdp: bool = False           # shard parameters, gradients and optimizer state (FSDP2); else DDP
-    save_every: int = 50         # steps between saves of the training state; the last step saves it and the
-                                 # merged checkpoint
-    resume: bool = False         # continue from out_dir's training state, with its settings
-    overwrite: bool = False      # a fresh run may replace the run already in out_dir
-    eval_n: int = 500            # world data: scenes of the world report before and after; 0: none
-    seed: int = 0                # LoRA's initialisation and the order of the pairs
-    workers: int = -1            # processes decoding the images ahead of the step, into pinned memory;
-                                 # -1: 4 on CUDA, 0 on the host (in the loop)
-    BOUNDS = dict(beta="> 0", rpo_alpha=">= 0", pairs=">= 1", steps=">= 0", epochs="> 0", batch_size=">= 1",
-                  grad_accum=">= 1", lr=">= 0", lr_projector=">= 0", lora_r=">= 0", lora_alpha="> 0",
-                  warmup=">= 0", max_length=">= 1", save_every=">= 0", eval_n=">= 0",
-                  workers=">= -1")  # checked at parse
+    pairs: int = 2200  # world pairs to build; a tenth (<= 200) held out, of a file too
+    steps: int = 0  # optimizer steps; 0: `epochs` passes over the training pairs
+    epochs: float = 3.0  # passes over the training pairs (without --steps)
+    batch_size: int = 32  # global: micro-batch x grad_accum x ranks
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 2e-3  # adapters and a reward head: the world's, far above a 7B's
+    lr_projector: float = 5e-5  # the projector's own learning rate (paper §2.2); 0 freezes it
+    lora_r: int = 16  # LoRA rank on every LLM linear; 0: the whole LLM trains
+    lora_alpha: float = 32.0  # LoRA's scale is lora_alpha / lora_r
+    warmup: int = 10  # linear warm-up steps, then cosine decay to 0
+    max_length: int = 4096  # prompt + response tokens; responses are cut, image tokens never
+    ref: Literal["cache", "lora_off"] = (
+        "cache"  # cache: reference log-probs once, on disk; lora_off:
+    )
+    # the adapters off, every step
+    cache_dir: str = ""  # reference log-probs, BDHS pairs, base reports, shared by runs; "":
+    # $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign
+    dtype: Literal[M.DTYPES] = (
+        "float32"  # the frozen base stored in it and the autocast dtype; what
+    )
+    # trains, AdamW's moments and log-probs stay fp32 (float16: refused)
+    grad_ckpt: bool = False  # recompute each decoder layer in the backward pass
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2); else DDP
+    save_every: int = (
+        50  # steps between saves of the training state; the last step saves it and the
+    )
+    # merged checkpoint
+    resume: bool = False  # continue from out_dir's training state, with its settings
+    overwrite: bool = False  # a fresh run may replace the run already in out_dir
+    eval_n: int = 500  # world data: scenes of the world report before and after; 0: none
+    seed: int = 0  # LoRA's initialisation and the order of the pairs
+    workers: int = -1  # processes decoding the images ahead of the step, into pinned memory;
+    # -1: 4 on CUDA, 0 on the host (in the loop)
+    BOUNDS = dict(
+        beta="> 0",
+        rpo_alpha=">= 0",
+        pairs=">= 1",
+        steps=">= 0",
+        epochs="> 0",
+        batch_size=">= 1",
+        grad_accum=">= 1",
+        lr=">= 0",
+        lr_projector=">= 0",
+        lora_r=">= 0",
+        lora_alpha="> 0",
+        warmup=">= 0",
+        max_length=">= 1",
+        save_every=">= 0",
+        eval_n=">= 0",
+        workers=">= -1",
+    )  # checked at parse
 
 
 def main(argv=None):
@@ -108,9 +140,15 @@ def main(argv=None):
     vlm, device = pm.vlm, ranks.device
     B = cfg.batch_size // (ranks.W * cfg.grad_accum)  # pairs per micro-step and rank
     items, train_idx, val_idx = load_pairs(cfg, vlm, ranks, pm)
-    ranks.print(f"objective: {objective_line(cfg, len(items[0]['responses']))}; {len(val_idx)} pairs held out, "
-                f"{len(train_idx)} to train on")
-    ref = reference_logps(cfg, pm, items, B, ranks) if cfg.ref == "cache" and cfg.loss != "rm" else None
+    ranks.print(
+        f"objective: {objective_line(cfg, len(items[0]['responses']))}; {len(val_idx)} pairs held out, "
+        f"{len(train_idx)} to train on"
+    )
+    ref = (
+        reference_logps(cfg, pm, items, B, ranks)
+        if cfg.ref == "cache" and cfg.loss != "rm"
+        else None
+    )
     steps = cfg.steps or max(1, int(cfg.epochs * len(train_idx) // cfg.batch_size))
     ckpt = Checkpoint(cfg, pm, opt, ranks)
     start = ckpt.resume(steps)
@@ -119,10 +157,14 @@ def main(argv=None):
         return ranks.end()
     log = Metrics(cfg, start, ranks)
     amp = autocast(cfg, device)
-    ranks.print(f"{steps} steps of {cfg.batch_size} pairs ({B} per micro-step per rank, {cfg.grad_accum} "
-                f"micro-steps, {ranks.W} ranks)" + (f", resuming at step {start}" if start else ""))
+    ranks.print(
+        f"{steps} steps of {cfg.batch_size} pairs ({B} per micro-step per rank, {cfg.grad_accum} "
+        f"micro-steps, {ranks.W} ranks)" + (f", resuming at step {start}" if start else "")
+    )
     batches = micro_batches(cfg, vlm, items, train_idx, B, ranks, start, steps)
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.loss)
+    bar = tqdm(
+        range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.loss
+    )
     for step in bar:
         for micro in range(cfg.grad_accum):
             parts = next(batches)  # [(rows, batch)]: one per forward (by_length)
@@ -136,21 +178,33 @@ def main(argv=None):
                     (loss.sum() / (B * cfg.grad_accum)).backward()
                 log.add(pair_stats(loss, chosen, rejected, token_lp))
         lr, norm = optimizer_step(cfg, pm, opt, step, steps)
-        rec = log.write(step, lr=lr, grad_norm=norm, epoch=(step + 1) * cfg.batch_size / len(train_idx))
+        rec = log.write(
+            step, lr=lr, grad_norm=norm, epoch=(step + 1) * cfg.batch_size / len(train_idx)
+        )
         bar.set_postfix(bar_postfix(rec))  # the step's metrics, already on the host
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
             ckpt.save(step, final=step == steps - 1)
     del batches  # a DataLoader's workers end here
     held = {}
     if val_idx:  # held-out pairwise accuracy: the reward model's (Table 7) or the implicit reward's
-        held = log.write(steps - 1, **evaluate_pairs(cfg, pm, items, val_idx, B, ref, ranks), prefix="eval/")
+        held = log.write(
+            steps - 1, **evaluate_pairs(cfg, pm, items, val_idx, B, ref, ranks), prefix="eval/"
+        )
     log.close()
     ranks.print(summary(steps, rec, cfg.out_dir, held))
     if ranks.rank == 0 and cfg.data in WORLD_DATA and cfg.loss != "rm" and cfg.eval_n:
-        ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
-                        cfg.eval_n, cfg.out_dir, cfg.cache_dir)
+        ev.before_after(
+            cfg.model,
+            os.path.join(cfg.out_dir, "checkpoint"),
+            cfg.world_seed,
+            cfg.world_half,
+            cfg.eval_n,
+            cfg.out_dir,
+            cfg.cache_dir,
+        )
     del model
     ranks.end()
+
 
 # -----------------------------------------------------------------------------
 # The packed forward: every response's log-probs (and a head's outputs) from one pass over a pair
@@ -164,11 +218,22 @@ class PairModel(nn.Module):
         self.vlm = vlm
         self.score, self.value = new_heads(vlm.cfg.text.hidden_size, head)
 
-    def forward(self, input_ids, pixel_values, image_sizes=None, position_ids=None, segment=None, pred_idx=None,
-                targets=None, last_idx=None):
+    def forward(
+        self,
+        input_ids,
+        pixel_values,
+        image_sizes=None,
+        position_ids=None,
+        segment=None,
+        pred_idx=None,
+        targets=None,
+        last_idx=None,
+    ):
         """A collate_pairs batch -> per-token log-probs (B, K, L) in fp32, 0 on padding, and the
         head's outputs: reward scores (B, K) at each response's last token, or values (B, K, L)."""
-        h = self.vlm.hidden(input_ids, pixel_values, image_sizes, segment >= 0, position_ids, segment=segment)
+        h = self.vlm.hidden(
+            input_ids, pixel_values, image_sizes, segment >= 0, position_ids, segment=segment
+        )
         B, K, L = targets.shape
         pick = lambda idx: h.gather(1, idx.reshape(B, -1, 1).expand(-1, -1, h.shape[-1]))  # noqa: E731
         if self.score is not None:
@@ -194,7 +259,9 @@ def counts(batch):
 
 def autocast(cfg, device):
     """--dtype's one autocast context, for the policy's forwards and the reference's alike (off in fp32)."""
-    return torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
+    return torch.autocast(
+        device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32"
+    )
 
 
 @torch.no_grad()
@@ -209,8 +276,9 @@ def pair_loss(cfg: Config, pm, batch, lp, scores, ref, idx):
     if cfg.loss == "rm":
         return losses.rm_loss(scores[:, 0], scores[:, 1])
     ref_lp = ref[idx].to(lp.device, non_blocking=True) if ref is not None else reference(pm, batch)
-    return losses.preference_loss(cfg.loss, lp.sum(-1), ref_lp, counts(batch), cfg.beta,
-                                  rpo_alpha=cfg.rpo_alpha)
+    return losses.preference_loss(
+        cfg.loss, lp.sum(-1), ref_lp, counts(batch), cfg.beta, rpo_alpha=cfg.rpo_alpha
+    )
 
 
 def objective_line(cfg: Config, K):
@@ -227,10 +295,18 @@ def pair_stats(loss, c, r, token_lp, w=None):
     """A micro-batch's metrics as [sum, count] under TRL's names; w: the pairs' weights (online). The
     sums stay on the device, in fp64 (what Python's floats were), until `to_host` reads them all at once."""
     n = len(loss)
-    logps = token_lp.detach().sum(-1) if token_lp is not None else loss.new_zeros(n, 2)  # none: an RM
-    stats = {"loss": loss.detach(), "rewards/chosen": c, "rewards/rejected": r,
-             "rewards/margins": c - r, "rewards/accuracies": (c > r).float(),
-             "logps/chosen": logps[:, 0], "logps/rejected": logps[:, 1]}
+    logps = (
+        token_lp.detach().sum(-1) if token_lp is not None else loss.new_zeros(n, 2)
+    )  # none: an RM
+    stats = {
+        "loss": loss.detach(),
+        "rewards/chosen": c,
+        "rewards/rejected": r,
+        "rewards/margins": c - r,
+        "rewards/accuracies": (c > r).float(),
+        "logps/chosen": logps[:, 0],
+        "logps/rejected": logps[:, 1],
+    }
     if w is None:
         return {k: [v.detach().sum().double(), n] for k, v in stats.items()}
     return {k: [(v * w).sum().item(), w.sum().item()] for k, v in stats.items()}
@@ -246,7 +322,9 @@ def to_host(sums, extra=None):
     """-> sums {key: [sum, count]} and extra {key: value} with their 0-d tensors as Python floats, read
     back in one host sync (a step's only one on a GPU) rather than one per value."""
     extra = extra or {}
-    ts = [s for s, _ in sums.values() if torch.is_tensor(s)] + [v for v in extra.values() if torch.is_tensor(v)]
+    ts = [s for s, _ in sums.values() if torch.is_tensor(s)] + [
+        v for v in extra.values() if torch.is_tensor(v)
+    ]
     got = iter(torch.stack([t.double() for t in ts]).tolist() if ts else [])
     sums = {k: [next(got) if torch.is_tensor(s) else s, n] for k, (s, n) in sums.items()}
     return sums, {k: next(got) if torch.is_tensor(v) else v for k, v in extra.items()}
@@ -256,9 +334,9 @@ def to_host(sums, extra=None):
 def evaluate_pairs(cfg: Config, pm, items, val_idx, B, ref, ranks):
     """Loss, pairwise accuracy and margin on held-out pairs; every rank runs as many forwards."""
     pm.eval()
-    sums, mine = {}, val_idx[ranks.rank::ranks.W]
+    sums, mine = {}, val_idx[ranks.rank :: ranks.W]
     for k in range(math.ceil(math.ceil(len(val_idx) / ranks.W) / B)):
-        idx = mine[k * B:(k + 1) * B]
+        idx = mine[k * B : (k + 1) * B]
         rows = idx or val_idx[:1]  # a rank with nothing left runs a forward for the others ...
         batch = to(data.collate_pairs(pm.vlm, [items[i] for i in rows]), ranks.device)
         with autocast(cfg, ranks.device):  # as in training: a bf16 base runs under autocast only
@@ -268,7 +346,9 @@ def evaluate_pairs(cfg: Config, pm, items, val_idx, B, ref, ranks):
             accumulate(sums, pair_stats(loss, c, r, lp))
     pm.train()
     tot = ranks.gather_sums(to_host(sums)[0])
-    return {k: tot[k][0] / max(tot[k][1], 1) for k in ("loss", "rewards/accuracies", "rewards/margins")}
+    return {
+        k: tot[k][0] / max(tot[k][1], 1) for k in ("loss", "rewards/accuracies", "rewards/margins")
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -280,8 +360,12 @@ def load_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
     samples from with its FSDP2 units gathered."""
     if cfg.data == "world":
         recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
-    elif cfg.data == "world+partners":  # opt-in: a share of partner-present pairs (world.partner_pairs)
-        recs = world.world_partner_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
+    elif (
+        cfg.data == "world+partners"
+    ):  # opt-in: a share of partner-present pairs (world.partner_pairs)
+        recs = world.world_partner_pairs(
+            world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs
+        )
     elif cfg.data in ("bdhs", "bdhs+world"):
         recs = bdhs_pairs(cfg, vlm, ranks, pm)
     else:
@@ -291,26 +375,40 @@ def load_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     nval = min(200, len(items) // 10)
     if len(items) - nval < cfg.batch_size:
-        raise M.UserError(f"--data {cfg.data}: {len(items) - nval} training pairs, fewer than one batch of "
-                         f"{cfg.batch_size} (of {stats['pairs']} records, {stats['ties']} have chosen == rejected, "
-                         f"{stats['too_long']} do not fit --max_length {cfg.max_length}; {nval} held out)")
+        raise M.UserError(
+            f"--data {cfg.data}: {len(items) - nval} training pairs, fewer than one batch of "
+            f"{cfg.batch_size} (of {stats['pairs']} records, {stats['ties']} have chosen == rejected, "
+            f"{stats['too_long']} do not fit --max_length {cfg.max_length}; {nval} held out)"
+        )
     return items, order[nval:], order[:nval]
 
 
 def bdhs_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
     """BDHS pairs of the world's prompts by the starting model, built once (each rank its share)."""
     import bdhs
+
     source = "world+corrupt" if cfg.data == "bdhs+world" else "world"
-    bc = bdhs.Config(model=cfg.model, source=source, n=cfg.pairs, world_seed=cfg.world_seed,
-                     world_half=cfg.world_half, seed=cfg.seed, batch_size=256,  # wide: a tiny model
-                     external=cfg.data == "bdhs+world",  # Avg-DPO: the world's rejected and BDHS's
-                     template=cfg.template)
+    bc = bdhs.Config(
+        model=cfg.model,
+        source=source,
+        n=cfg.pairs,
+        world_seed=cfg.world_seed,
+        world_half=cfg.world_half,
+        seed=cfg.seed,
+        batch_size=256,  # wide: a tiny model
+        external=cfg.data == "bdhs+world",  # Avg-DPO: the world's rejected and BDHS's
+        template=cfg.template,
+    )
     code = M.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
-    key = hashlib.sha256((M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code)
+    key = hashlib.sha256(
+        (M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code
+    )
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")
     ranks.print(f"BDHS pairs: {bc.out}")
     parts = [bc.out] if ranks.W == 1 else [f"{bc.out}.rank{r}" for r in range(ranks.W)]
-    if not ranks.broadcast(all(os.path.exists(p + ".done") for p in parts)):  # rank 0's view decides
+    if not ranks.broadcast(
+        all(os.path.exists(p + ".done") for p in parts)
+    ):  # rank 0's view decides
         # FSDP2: the whole model gathered on each rank for its share (ranks decode different lengths, so
         # no collective may run while sampling); lora off: the identity anyway, its matmuls skipped
         with unsharded(pm or vlm), M.lora_disabled(vlm):
@@ -323,7 +421,9 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
 def fingerprint(cfg: Config, items):
     """The reference cache's key: the model's files and dtype, each pair's tokens and images."""
     # "/amp": not the key of an older bf16 cache, whose reference ran outside autocast; fp32 keys unchanged
-    h = hashlib.sha256((M.folder_hash(cfg.model) + cfg.dtype + ("/amp" if cfg.dtype != "float32" else "")).encode())
+    h = hashlib.sha256(
+        (M.folder_hash(cfg.model) + cfg.dtype + ("/amp" if cfg.dtype != "float32" else "")).encode()
+    )
     for it in items:
         h.update(json.dumps([it["prompt"], it["responses"]]).encode())
         im = it["image"]
@@ -343,12 +443,18 @@ def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
     if ranks.broadcast(os.path.exists(path)):  # rank 0's view decides: a node may not see the file
         return ranks.broadcast(torch.load(path, weights_only=True) if ranks.rank == 0 else None)
     N, out = len(items), {}
-    mine = sorted(range(ranks.rank, N, ranks.W), key=lambda j: length(items[j]))  # batches of like lengths
-    mine += mine[:1] * (math.ceil(N / ranks.W) - len(mine))  # the same batch count on every rank (FSDP)
+    mine = sorted(
+        range(ranks.rank, N, ranks.W), key=lambda j: length(items[j])
+    )  # batches of like lengths
+    mine += mine[:1] * (
+        math.ceil(N / ranks.W) - len(mine)
+    )  # the same batch count on every rank (FSDP)
     pm.eval()
     for i in tqdm(range(0, len(mine), B), desc="reference log-probs", disable=ranks.rank != 0):
-        idx = mine[i:i + B]
-        with autocast(cfg, ranks.device):  # the policy's dtype: at step 0 policy and reference agree
+        idx = mine[i : i + B]
+        with autocast(
+            cfg, ranks.device
+        ):  # the policy's dtype: at step 0 policy and reference agree
             lp = pm(**to(data.collate_pairs(pm.vlm, [items[j] for j in idx]), ranks.device))[0]
         out.update(zip(idx, lp.sum(-1).cpu()))
     pm.train()
@@ -370,7 +476,7 @@ def by_length(rows, items, device="cpu"):
     forward holds them all: padding costs less there than PARTS forwards (and FSDP gathers) do."""
     rows = sorted(rows, key=lambda i: length(items[i]))
     k = max(1, min(PARTS if device == "cpu" else 1, len(rows)))
-    return [rows[j * len(rows) // k:(j + 1) * len(rows) // k] for j in range(k)]
+    return [rows[j * len(rows) // k : (j + 1) * len(rows) // k] for j in range(k)]
 
 
 def length(item):
@@ -391,7 +497,9 @@ class MicroBatches(torch.utils.data.Dataset):
         step, micro = self.start + j // self.cfg.grad_accum, j % self.cfg.grad_accum
         at = batch_rows(len(self.train_idx), self.cfg, step, micro, self.B, self.ranks)
         rows = [self.train_idx[i] for i in at]
-        parts = by_length(rows, self.items, self.device)  # rows of like lengths together: less padding
+        parts = by_length(
+            rows, self.items, self.device
+        )  # rows of like lengths together: less padding
         return [(idx, data.collate_pairs(self.vlm, [self.items[i] for i in idx])) for idx in parts]
 
 
@@ -408,14 +516,25 @@ def micro_batches(cfg, vlm, items, train_idx, B, ranks, start, steps):
         return (ds[j] for j in range(n))
     # batch_size None: each item is already a micro-step's batches; the data depend on j only (exact resume).
     # Its own generator: the workers' seeds are not drawn from the global RNG, which stays as in the loop
-    return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(n), num_workers=workers,
-                                            pin_memory=cuda, generator=torch.Generator().manual_seed(cfg.seed)))
+    return iter(
+        torch.utils.data.DataLoader(
+            ds,
+            batch_size=None,
+            sampler=range(n),
+            num_workers=workers,
+            pin_memory=cuda,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+    )
 
 
 def to(batch, device):
     """A batch onto the device: non-blocking (from pinned memory, no host sync); image_sizes stay on
     the host, where the image-token counts are read."""
-    return {k: v if k == "image_sizes" else v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {
+        k: v if k == "image_sizes" else v.to(device, non_blocking=True) for k, v in batch.items()
+    }
+
 
 # -----------------------------------------------------------------------------
 # The policy: the model with LoRA adapters (and a head), wrapped for DDP / FSDP2, and its optimizer
@@ -427,7 +546,9 @@ def build_policy(cfg, ranks, head=None):
         pm = sharded_policy(cfg, ranks, head)
         model = pm
     else:
-        vlm = VLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), template=cfg.template)  # bf16: the frozen base's half
+        vlm = VLM.from_pretrained(
+            cfg.model, dtype=getattr(torch, cfg.dtype), template=cfg.template
+        )  # bf16: the frozen base's half
         ranks.print(M.template_line(vlm))
         choose_trainables(cfg, vlm, head)
         pm = PairModel(vlm, head)
@@ -444,11 +565,18 @@ def build_policy(cfg, ranks, head=None):
     groups = {}  # learning rate -> parameters
     for n, p in pm.named_parameters():
         if p.requires_grad:
-            groups.setdefault(cfg.lr_projector if ".multi_modal_projector." in n else cfg.lr, []).append(p)
-    opt = torch.optim.AdamW([{"params": ps, "base_lr": lr} for lr, ps in groups.items()],
-                            betas=(0.9, 0.95), weight_decay=0.0)
-    ranks.print(f"trainable parameters: {sum(p.numel() for ps in groups.values() for p in ps):,} of "
-                f"{sum(p.numel() for p in pm.parameters()):,}")
+            groups.setdefault(
+                cfg.lr_projector if ".multi_modal_projector." in n else cfg.lr, []
+            ).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": ps, "base_lr": lr} for lr, ps in groups.items()],
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+    )
+    ranks.print(
+        f"trainable parameters: {sum(p.numel() for ps in groups.values() for p in ps):,} of "
+        f"{sum(p.numel() for p in pm.parameters()):,}"
+    )
     return pm, model, opt
 
 
@@ -469,6 +597,7 @@ def sharded_policy(cfg, ranks, head):
     its own rows of each tensor from the checkpoint's files. LoRA's A and the heads get the values a
     single process draws, in its order (the full tensors on the host, one at a time: they are small)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     dtype = getattr(torch, cfg.dtype)
     vlm = VLM.from_pretrained(cfg.model, dtype=dtype, device="meta", template=cfg.template)
     ranks.print(M.template_line(vlm))
@@ -480,11 +609,16 @@ def sharded_policy(cfg, ranks, head):
         if p.requires_grad:
             p.data = p.data.float()
     # bf16: units all-gather in bf16 (the fp32 adapters cast once per gather) and reduce gradients in fp32
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if cfg.dtype != "float32" \
+    mp = (
+        MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        if cfg.dtype != "float32"
         else MixedPrecisionPolicy()
+    )
     mesh = fsdp_mesh(ranks)
-    ranks.print(f"FSDP2: sharded over {mesh.size(-1)} ranks" + (f", replicated across {mesh.size(0)} nodes (HSDP)"
-                                                                if mesh.ndim == 2 else ""))
+    ranks.print(
+        f"FSDP2: sharded over {mesh.size(-1)} ranks"
+        + (f", replicated across {mesh.size(0)} nodes (HSDP)" if mesh.ndim == 2 else "")
+    )
     for unit in fsdp_units(vlm):  # children first; the root keeps the rest
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(pm, mesh=mesh, mp_policy=mp)
@@ -500,7 +634,9 @@ def sharded_policy(cfg, ranks, head):
             if drawn is not None:  # after LoRA's draws, as in a single process
                 for p, q in zip(mine.parameters(), drawn.parameters()):
                     fill_rows(p, q)
-    M.load_weights(vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device)  # each rank its rows of each tensor
+    M.load_weights(
+        vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device
+    )  # each rank its rows of each tensor
     return pm
 
 
@@ -514,7 +650,9 @@ def fsdp_units(vlm):
     """FSDP2's units below the root: every tower and decoder layer, the projector (its own: it may train
     in fp32), the LM head unless tied to the embeddings. The root keeps the embeddings, norms and heads."""
     tower = vlm.model.vision_tower.encoder.layers
-    used = max(i % (len(tower) + 1) for i in vlm.cfg.feature_layers)  # the layers past it never run, and a
+    used = max(
+        i % (len(tower) + 1) for i in vlm.cfg.feature_layers
+    )  # the layers past it never run, and a
     # unit that never gathers fails FSDP2's end of backward: they stay in the root
     units = [*tower[:used], vlm.model.multi_modal_projector, *vlm.model.language_model.layers]
     if not vlm.cfg.tie_word_embeddings:
@@ -527,6 +665,7 @@ def fsdp_mesh(ranks):
     2-D mesh (nodes, ranks per node): parameters sharded within a node, replicated across nodes, so that
     only the gradients' all-reduce crosses the slower link between nodes."""
     from torch.distributed.device_mesh import init_device_mesh
+
     kind = ranks.device.split(":")[0]
     local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.W))
     if local >= ranks.W or ranks.W % local:  # one node, or nodes of unequal sizes: shard over all
@@ -542,7 +681,9 @@ def optimizer_step(cfg, pm, opt, step, steps):
     norm = torch.nn.utils.clip_grad_norm_(pm.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return cfg.lr * scale, norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # read by Metrics.write
+    return cfg.lr * scale, norm.full_tensor() if hasattr(
+        norm, "full_tensor"
+    ) else norm  # read by Metrics.write
 
 
 def batch_rows(n, cfg, step, micro, B, ranks):
@@ -553,12 +694,21 @@ def batch_rows(n, cfg, step, micro, B, ranks):
     base = (step % per_epoch) * cfg.batch_size + micro * B * ranks.W
     return [perm[base + ranks.rank + k * ranks.W].item() for k in range(B)]
 
+
 # -----------------------------------------------------------------------------
 # Checkpoints and metrics: the model in HF layout (adapters merged), a training state for --resume
 
 
 STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-VOLATILE = ("resume", "overwrite", "save_every", "eval_n", "cache_dir", "annotator_threads", "workers")  # free
+VOLATILE = (
+    "resume",
+    "overwrite",
+    "save_every",
+    "eval_n",
+    "cache_dir",
+    "annotator_threads",
+    "workers",
+)  # free
 
 
 def load_state(path, mmap=False):
@@ -566,8 +716,10 @@ def load_state(path, mmap=False):
     try:
         return torch.load(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise M.UserError(f"--resume: refused to load {path}: it holds more than tensors and plain values, "
-                          f"which a training state never does ({str(e).splitlines()[0]})") from None
+        raise M.UserError(
+            f"--resume: refused to load {path}: it holds more than tensors and plain values, "
+            f"which a training state never does ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def resumable_config(cls, argv=None, doc=None):
@@ -580,16 +732,24 @@ def resumable_config(cls, argv=None, doc=None):
         return cfg
     state = os.path.join(cfg.out_dir, "state.pt")
     rank = int(os.environ.get("RANK", 0))
-    if rank == 0 and not os.path.exists(state):  # rank 0 decides: there is no process group yet to ask it
+    if rank == 0 and not os.path.exists(
+        state
+    ):  # rank 0 decides: there is no process group yet to ask it
         raise M.UserFileError(f"--resume: no training state at {state}")
     try:
         saved = load_state(state, mmap=True)["config"]  # the weights stay unread
     except FileNotFoundError:  # rank 0 found it: this node does not share out_dir
-        raise M.UserFileError(f"--resume: rank {rank} cannot read {state}, which rank 0 sees: --out_dir must "
-                              f"be a folder shared by every node") from None
-    if changed := [k for k, v in given.items() if k in saved and k not in VOLATILE and saved[k] != v]:
-        raise M.UserError(f"--resume: {state} was written with other settings: " + ", ".join(
-            f"--{k} {given[k]} (the run's: {saved[k]})" for k in changed))
+        raise M.UserFileError(
+            f"--resume: rank {rank} cannot read {state}, which rank 0 sees: --out_dir must "
+            f"be a folder shared by every node"
+        ) from None
+    if changed := [
+        k for k, v in given.items() if k in saved and k not in VOLATILE and saved[k] != v
+    ]:
+        raise M.UserError(
+            f"--resume: {state} was written with other settings: "
+            + ", ".join(f"--{k} {given[k]} (the run's: {saved[k]})" for k in changed)
+        )
     names = {f.name for f in dataclasses.fields(cls)}  # a setting since removed is dropped
     return M.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given)))
 
@@ -607,19 +767,29 @@ class Checkpoint:
         if not self.cfg.resume:
             return 0
         st = load_state(self.state)
-        if changed := sorted(k for k, v in st["config"].items()
-                             if k not in VOLATILE and getattr(self.cfg, k, v) != v):
-            raise M.UserError(f"--resume: {self.state} was written with different settings: {changed}")
+        if changed := sorted(
+            k for k, v in st["config"].items() if k not in VOLATILE and getattr(self.cfg, k, v) != v
+        ):
+            raise M.UserError(
+                f"--resume: {self.state} was written with different settings: {changed}"
+            )
         want = {n for n, p in self.pm.named_parameters() if p.requires_grad}
         if odd := sorted(set(st["model"]) ^ want):  # strict=False below would skip them silently
-            raise M.UserError(f"--resume: {self.state} does not hold this model's trainable tensors: "
-                             f"{len(odd)} differ, e.g. {odd[:3]}")
+            raise M.UserError(
+                f"--resume: {self.state} does not hold this model's trainable tensors: "
+                f"{len(odd)} differ, e.g. {odd[:3]}"
+            )
         # the trainable tensors onto the base just loaded (FSDP2: each rank takes its shards)
-        set_model_state_dict(self.pm, st["model"], options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(self.pm, self.opt, st["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(
+            self.pm, st["model"], options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+        set_optimizer_state_dict(
+            self.pm, self.opt, st["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
         if st["step"] + 1 >= steps:
-            self.ranks.print(f"{self.cfg.out_dir}: the run is complete ({steps} steps); nothing to resume")
+            self.ranks.print(
+                f"{self.cfg.out_dir}: the run is complete ({steps} steps); nothing to resume"
+            )
             return None
         return st["step"] + 1
 
@@ -633,22 +803,35 @@ class Checkpoint:
         if final:
             with unsharded(pm):
                 if self.ranks.rank == 0:
-                    pm.vlm.files["train_config.json"] = json.dumps(dataclasses.asdict(cfg), indent=2)
+                    pm.vlm.files["train_config.json"] = json.dumps(
+                        dataclasses.asdict(cfg), indent=2
+                    )
                     if pm.score is not None:  # the reward head, saved beside the LLM's tensors
                         pm.vlm.extra["score.weight"] = pm.score.weight.detach().cpu()
                     pm.vlm.save_pretrained(hf_dir)
-        st = dict(step=step, model=trainable_state(pm),
-                  optimizer=get_optimizer_state_dict(pm, self.opt, options=STATE), config=dataclasses.asdict(cfg))
+        st = dict(
+            step=step,
+            model=trainable_state(pm),
+            optimizer=get_optimizer_state_dict(pm, self.opt, options=STATE),
+            config=dataclasses.asdict(cfg),
+        )
         if self.ranks.rank == 0:
             try:
                 torch.save(st, self.state + ".tmp")
-            except (OSError, RuntimeError) as e:  # torch says "failed writing file", without the path
+            except (
+                OSError,
+                RuntimeError,
+            ) as e:  # torch says "failed writing file", without the path
                 with contextlib.suppress(OSError):
                     os.remove(self.state + ".tmp")  # its space back, so that a later save can fit
                 raise OSError(f"cannot write {self.state}.tmp: {e}") from e
             os.replace(self.state + ".tmp", self.state)
-            if not final and os.path.isdir(hf_dir):  # an earlier run's (--overwrite): out_dir/checkpoint is
-                shutil.rmtree(hf_dir)  # this run's final model or nothing, never an older model mid-run
+            if not final and os.path.isdir(
+                hf_dir
+            ):  # an earlier run's (--overwrite): out_dir/checkpoint is
+                shutil.rmtree(
+                    hf_dir
+                )  # this run's final model or nothing, never an older model mid-run
 
 
 def trainable_state(pm):
@@ -666,8 +849,11 @@ def trainable_state(pm):
 def unsharded(pm):
     """FSDP2: every unit's full parameters within (sampling, saving): no collectives there."""
     from torch.distributed.fsdp import FSDPModule
+
     units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
-    if isinstance(pm, FSDPModule):  # the root's first forward sets FSDP2 up; sampling before it would run a
+    if isinstance(
+        pm, FSDPModule
+    ):  # the root's first forward sets FSDP2 up; sampling before it would run a
         pm._get_fsdp_state()._lazy_init()  # layer's hooks first, which makes that layer a root
     for m in units:
         m.unshard()
@@ -706,7 +892,9 @@ class Metrics:
         rec = {prefix + k: round(s / max(n, 1), 5) for k, (s, n) in sorted(tot.items())}
         rec |= {prefix + k: round(v, 6) if isinstance(v, float) else v for k, v in extra.items()}
         if self.f:
-            self.f.write(json.dumps(dict(step=step, **rec, elapsed=round(time.time() - self.t0, 1))) + "\n")
+            self.f.write(
+                json.dumps(dict(step=step, **rec, elapsed=round(time.time() - self.t0, 1))) + "\n"
+            )
             self.f.flush()
         return rec
 
@@ -736,6 +924,7 @@ def summary(steps, rec, out_dir, held=None):
         parts.append(f"held-out reward accuracy {100 * held['eval/rewards/accuracies']:.1f}%")
     return "done: " + ", ".join(parts) + f"; checkpoint in {os.path.join(out_dir, 'checkpoint')}"
 
+
 # -----------------------------------------------------------------------------
 # torchrun: the process group from its environment variables; the same code path with one process
 
@@ -755,7 +944,9 @@ class Ranks:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.W > 1:
-            device_id = torch.device(self.device) if cuda else None  # NCCL: bound to this rank's GPU
+            device_id = (
+                torch.device(self.device) if cuda else None
+            )  # NCCL: bound to this rank's GPU
             dist.init_process_group("nccl" if cuda else "gloo", device_id=device_id)
         self.rank = dist.get_rank() if self.W > 1 else 0
         self.host = socket.gethostname()
@@ -807,9 +998,11 @@ class Ranks:
         if self.rank == 0:
             os.remove(token)
         if blind:
-            raise OSError(f"{flag} {folder}: rank 0 (host {self.host}) wrote a file there that "
-                          f"{', '.join(f'rank {r} (host {h})' for r, h in blind)} cannot see: {flag} must be a "
-                          f"folder shared by every node (a shared filesystem), not a path on each node's own disk")
+            raise OSError(
+                f"{flag} {folder}: rank 0 (host {self.host}) wrote a file there that "
+                f"{', '.join(f'rank {r} (host {h})' for r, h in blind)} cannot see: {flag} must be a "
+                f"folder shared by every node (a shared filesystem), not a path on each node's own disk"
+            )
 
     def gather_dict(self, d):
         if self.W == 1:
@@ -840,20 +1033,31 @@ def setup(cfg):
     if cfg.data not in WORLD_DATA:
         data.check_spec(cfg.data)
     if cfg.batch_size % (ranks.W * cfg.grad_accum):
-        raise M.UserError(f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
-                         f"{ranks.W * cfg.grad_accum}")
+        raise M.UserError(
+            f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
+            f"{ranks.W * cfg.grad_accum}"
+        )
     if cfg.ref == "lora_off" and (cfg.lr_projector > 0 or not cfg.lora_r):
-        raise M.UserError("--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
-                         "gives back the reference model only if nothing else trains")
+        raise M.UserError(
+            "--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
+            "gives back the reference model only if nothing else trains"
+        )
     M.check_template(cfg.template)
-    if cfg.dtype not in ("float32", "bfloat16"):  # float16 would need a GradScaler: small LoRA gradients underflow
-        raise M.UserError(f"--dtype {cfg.dtype!r}: expected float32 or bfloat16 (float16 is not supported: its "
-                          f"gradients would underflow without loss scaling; bfloat16 has float32's range)")
+    if cfg.dtype not in (
+        "float32",
+        "bfloat16",
+    ):  # float16 would need a GradScaler: small LoRA gradients underflow
+        raise M.UserError(
+            f"--dtype {cfg.dtype!r}: expected float32 or bfloat16 (float16 is not supported: its "
+            f"gradients would underflow without loss scaling; bfloat16 has float32's range)"
+        )
     state = os.path.join(cfg.out_dir, "state.pt")
     has_state = ranks.broadcast(os.path.exists(state))  # rank 0's view decides for all
     if not cfg.resume and not cfg.overwrite and has_state:
-        raise M.UserError(f"--out_dir {cfg.out_dir} already holds a run ({state}): pass --resume true to continue "
-                         f"it, --overwrite true to replace it, or another --out_dir")
+        raise M.UserError(
+            f"--out_dir {cfg.out_dir} already holds a run ({state}): pass --resume true to continue "
+            f"it, --overwrite true to replace it, or another --out_dir"
+        )
     # the host and rank in the name: processes of two nodes may share a pid
     probe = os.path.join(cfg.out_dir, f".write-test-{ranks.host}-{ranks.rank}-{os.getpid()}")
     try:
@@ -862,8 +1066,13 @@ def setup(cfg):
         os.remove(probe)
     except OSError as e:
         raise M.UserFileError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
-    ranks.check_shared(cfg.out_dir, "--out_dir")  # rank 0 writes the checkpoint, every rank resumes from it
-    if cfg.data in ("bdhs", "bdhs+world"):  # each rank writes its share of the pairs, and reads them all
+    ranks.check_shared(
+        cfg.out_dir, "--out_dir"
+    )  # rank 0 writes the checkpoint, every rank resumes from it
+    if cfg.data in (
+        "bdhs",
+        "bdhs+world",
+    ):  # each rank writes its share of the pairs, and reads them all
         os.makedirs(cfg.cache_dir, exist_ok=True)
         ranks.check_shared(cfg.cache_dir, "--cache_dir")
     if ranks.rank == 0:

@@ -26,6 +26,7 @@ train. The machinery (setup, build_policy, PairModel, Checkpoint, Metrics) is tr
         --annotator api:llava-v1.6-34b-hf --model llava-hf/llava-v1.6-vicuna-7b-hf \\
         --data povid:/data/povid --dtype bfloat16 --fsdp true
 """
+
 import hashlib
 import json
 import math
@@ -47,8 +48,23 @@ import losses
 import model as M
 import world
 from model import TEMPLATES, VLM, left_pad
-from train_offline import (Checkpoint, Metrics, PairModel, accumulate, bar_postfix, batch_rows, build_policy,
-                           counts, optimizer_step, pair_stats, resumable_config, setup, summary, to, unsharded)
+from train_offline import (
+    Checkpoint,
+    Metrics,
+    PairModel,
+    accumulate,
+    bar_postfix,
+    batch_rows,
+    build_policy,
+    counts,
+    optimizer_step,
+    pair_stats,
+    resumable_config,
+    setup,
+    summary,
+    to,
+    unsharded,
+)
 
 SAMPLES = {"online-dpo": 2, "mixed-dpo": 2, "online-bdhs": 1, "ppo": 1, "rloo": 4}
 CLIP, VF_COEF, GAE_LAMBDA = 0.2, 0.1, 0.95  # PPO: ratio/value clipping, value-loss weight, GAE's λ
@@ -60,46 +76,69 @@ STALL = 5  # steps in a row with every pair a tie or unparsed (no training signa
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
     algo: Literal[tuple(SAMPLES)] = "online-dpo"  # the objective (the docstring above says each)
-    template: str = ""            # chat template: vicuna | llava | mistral | chatml; "": the model's own
-    annotator: str = "rule"       # rule | rm:PATH | judge:PATH | api:MODEL
-    annotator_threads: int = 16   # api: requests in flight per rank
-    data: str = "world"           # world (its align split), a native .jsonl,
-                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""          # a release's images (COCO for POVID...); default: images/ by it
+    template: str = ""  # chat template: vicuna | llava | mistral | chatml; "": the model's own
+    annotator: str = "rule"  # rule | rm:PATH | judge:PATH | api:MODEL
+    annotator_threads: int = 16  # api: requests in flight per rank
+    data: str = "world"  # world (its align split), a native .jsonl,
+    # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
+    image_root: str = ""  # a release's images (COCO for POVID...); default: images/ by it
     out_dir: str = "runs/online"  # the checkpoint, training state and metrics
-    world_seed: int = 0           # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
+    world_seed: int = 0  # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
     world_half: Literal["", "a", "b"] = ""  # the world's prompts about half of the usual pairs only
-    pairs: int = 2000             # world prompts
-    samples: int = 0              # per prompt; 0: 2 for DPO (more: best vs worst), 1 PPO, 4 RLOO
-    temperature: float = 1.0      # of the policy's samples; 0: greedy
+    pairs: int = 2000  # world prompts
+    samples: int = 0  # per prompt; 0: 2 for DPO (more: best vs worst), 1 PPO, 4 RLOO
+    temperature: float = 1.0  # of the policy's samples; 0: greedy
     max_new_tokens: int = 96
-    beta: float = 0.5             # DPO's β (the world's, dev seed 0)
-    mix_p: float = 0.5            # Mixed-DPO: the probability of the offline pair (Eq. 4)
-    external: bool = False        # Online-BDHS: Avg-DPO with the source's rejected too (Eq. 5)
-    kl_coef: float = 0.4          # PPO / RLOO: β of the KL penalty (the paper's RLOO value)
-    ppo_epochs: int = 4           # PPO: optimisation passes over each batch of samples
-    steps: int = 0                # optimizer steps; 0: `epochs` passes over the prompts
+    beta: float = 0.5  # DPO's β (the world's, dev seed 0)
+    mix_p: float = 0.5  # Mixed-DPO: the probability of the offline pair (Eq. 4)
+    external: bool = False  # Online-BDHS: Avg-DPO with the source's rejected too (Eq. 5)
+    kl_coef: float = 0.4  # PPO / RLOO: β of the KL penalty (the paper's RLOO value)
+    ppo_epochs: int = 4  # PPO: optimisation passes over each batch of samples
+    steps: int = 0  # optimizer steps; 0: `epochs` passes over the prompts
     epochs: float = 1.0
-    batch_size: int = 32          # prompts, global; a rank samples its micro-batch's prompts at once: at 7B in
-                                  # bf16 on 8 GPUs, 4 prompts' shared caches (<= 3,184 tokens each, 0.5 MiB a
-                                  # token: 6.2 GiB) + their samples' fit 80 GB beside the model; one GPU: --grad_accum
-    grad_accum: int = 1           # micro-steps per optimizer step
-    lr: float = 1e-3              # the LoRA adapters' (and PPO's value head's)
-    lora_r: int = 16              # LoRA rank on every LLM linear (the reference: the adapters off)
-    lora_alpha: float = 32.0      # LoRA's scale is lora_alpha / lora_r
-    warmup: int = 10              # linear warm-up steps, then cosine decay to 0
-    dtype: Literal[M.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
-    fsdp: bool = False            # shard parameters, gradients and optimizer state (FSDP2); else DDP
-    save_every: int = 50          # steps between saves of the training state; the last step saves it and the
-                                  # merged checkpoint
-    resume: bool = False          # continue from out_dir's training state, with its settings
-    overwrite: bool = False       # a fresh run may replace the run already in out_dir
-    eval_n: int = 500             # world data: scenes of the world report before and after; 0: none
-    seed: int = 0                 # LoRA's initialisation, the order of the prompts, sampling
-    BOUNDS = dict(annotator_threads=">= 1", pairs=">= 1", samples=">= 0", temperature=">= 0", max_new_tokens=">= 1",
-                  beta="> 0", mix_p=">= 0, <= 1", kl_coef=">= 0", ppo_epochs=">= 1", steps=">= 0", epochs="> 0",
-                  batch_size=">= 1", grad_accum=">= 1", lr=">= 0", lora_r=">= 1", lora_alpha="> 0", warmup=">= 0",
-                  save_every=">= 0", eval_n=">= 0")  # checked at parse
+    batch_size: int = (
+        32  # prompts, global; a rank samples its micro-batch's prompts at once: at 7B in
+    )
+    # bf16 on 8 GPUs, 4 prompts' shared caches (<= 3,184 tokens each, 0.5 MiB a
+    # token: 6.2 GiB) + their samples' fit 80 GB beside the model; one GPU: --grad_accum
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-3  # the LoRA adapters' (and PPO's value head's)
+    lora_r: int = 16  # LoRA rank on every LLM linear (the reference: the adapters off)
+    lora_alpha: float = 32.0  # LoRA's scale is lora_alpha / lora_r
+    warmup: int = 10  # linear warm-up steps, then cosine decay to 0
+    dtype: Literal[M.DTYPES] = (
+        "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
+    )
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2); else DDP
+    save_every: int = (
+        50  # steps between saves of the training state; the last step saves it and the
+    )
+    # merged checkpoint
+    resume: bool = False  # continue from out_dir's training state, with its settings
+    overwrite: bool = False  # a fresh run may replace the run already in out_dir
+    eval_n: int = 500  # world data: scenes of the world report before and after; 0: none
+    seed: int = 0  # LoRA's initialisation, the order of the prompts, sampling
+    BOUNDS = dict(
+        annotator_threads=">= 1",
+        pairs=">= 1",
+        samples=">= 0",
+        temperature=">= 0",
+        max_new_tokens=">= 1",
+        beta="> 0",
+        mix_p=">= 0, <= 1",
+        kl_coef=">= 0",
+        ppo_epochs=">= 1",
+        steps=">= 0",
+        epochs="> 0",
+        batch_size=">= 1",
+        grad_accum=">= 1",
+        lr=">= 0",
+        lora_r=">= 1",
+        lora_alpha="> 0",
+        warmup=">= 0",
+        save_every=">= 0",
+        eval_n=">= 0",
+    )  # checked at parse
     # not flags: the reference is the policy with its adapters off: only the adapters may train
     # (the base's world report is cached in the shared cache folder: "" is model.cache_home())
     lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", ""
@@ -121,25 +160,52 @@ def main(argv=None):
         need = cfg.algo == "mixed-dpo" or (cfg.algo == "online-bdhs" and cfg.external)
         recs = data.load_pairs(cfg.data, cfg.image_root, need_rejected=need)
     if len(recs) < cfg.batch_size:
-        raise M.UserError(f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}")
+        raise M.UserError(
+            f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}"
+        )
     if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward: before sampling
         with torch.no_grad():
-            pm(**to(data.collate_pairs(vlm, [dict(image=recs[0]["image"], prompt=data.prompt_ids(vlm, recs[0]),
-                                                  responses=[[0]])]), device))
+            pm(
+                **to(
+                    data.collate_pairs(
+                        vlm,
+                        [
+                            dict(
+                                image=recs[0]["image"],
+                                prompt=data.prompt_ids(vlm, recs[0]),
+                                responses=[[0]],
+                            )
+                        ],
+                    ),
+                    device,
+                )
+            )
     steps = cfg.steps or max(1, int(cfg.epochs * len(recs) // cfg.batch_size))
     ckpt = Checkpoint(cfg, pm, opt, ranks)
     start = ckpt.resume(steps)
     if start is None:
         del model  # DDP's reducer goes before its process group
         return ranks.end()
-    amp = torch.autocast(device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
-    norm = reward_norm(cfg, pm, recs, annotate[0], ranks, amp) if cfg.algo in ("ppo", "rloo") else (0.0, 1.0)
+    amp = torch.autocast(
+        device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32"
+    )
+    norm = (
+        reward_norm(cfg, pm, recs, annotate[0], ranks, amp)
+        if cfg.algo in ("ppo", "rloo")
+        else (0.0, 1.0)
+    )
     log = Metrics(cfg, start, ranks)
-    ranks.print(f"objective: {objective_line(cfg, recs)}; no pairs held out (online: each step samples anew)")
-    ranks.print(f"{cfg.algo}: {steps} steps of {cfg.batch_size} prompts x {cfg.samples} samples ({B} per "
-                f"micro-step per rank, {cfg.grad_accum} micro-steps, {ranks.W} ranks)"
-                + (f", resuming at step {start}" if start else ""))
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.algo)
+    ranks.print(
+        f"objective: {objective_line(cfg, recs)}; no pairs held out (online: each step samples anew)"
+    )
+    ranks.print(
+        f"{cfg.algo}: {steps} steps of {cfg.batch_size} prompts x {cfg.samples} samples ({B} per "
+        f"micro-step per rank, {cfg.grad_accum} micro-steps, {ranks.W} ranks)"
+        + (f", resuming at step {start}" if start else "")
+    )
+    bar = tqdm(
+        range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.algo
+    )
     stalled = 0  # steps in a row without a training signal
     for step in bar:
         rolls = []
@@ -148,8 +214,12 @@ def main(argv=None):
             gen = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
             idx = batch_rows(len(recs), cfg, step, micro, B, ranks)
             with amp:
-                rolls.append(rollout(cfg, pm, [recs[i] for i in idx], annotate, gen, step, norm, embedder))
-        weight = ranks.gather_sums({"w": [sum(r["w"].sum().item() for r in rolls), 0]})["w"][0]  # items, global
+                rolls.append(
+                    rollout(cfg, pm, [recs[i] for i in idx], annotate, gen, step, norm, embedder)
+                )
+        weight = ranks.gather_sums({"w": [sum(r["w"].sum().item() for r in rolls), 0]})["w"][
+            0
+        ]  # items, global
         for epoch in range(cfg.ppo_epochs if cfg.algo == "ppo" else 1):
             for micro, roll in enumerate(rolls):
                 with ranks.sync_grads(model, micro == cfg.grad_accum - 1), amp:
@@ -158,8 +228,12 @@ def main(argv=None):
                     ((loss * roll["w"].to(loss)).sum() * ranks.W / max(weight, 1)).backward()
                 log.add(stats | (roll["stats"] if epoch == 0 else {}))
             lr, grad_norm = optimizer_step(cfg, pm, opt, step, steps)
-        rec = log.write(step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs))
-        bar.set_postfix(bar_postfix(rec) | drop_shares(rec))  # the step's metrics, already on the host
+        rec = log.write(
+            step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs)
+        )
+        bar.set_postfix(
+            bar_postfix(rec) | drop_shares(rec)
+        )  # the step's metrics, already on the host
         stalled = stalled + 1 if no_signal(cfg, rec, weight) else 0
         if stalled == STALL:  # rec and weight are summed over ranks: every rank stops here
             bar.close()
@@ -169,14 +243,22 @@ def main(argv=None):
                 f"every pair was a tie or an unparsed reply (ties {drop_shares(rec).get('ties', '-')}, "
                 f"unparsed {drop_shares(rec).get('unparsed', '-')}), so the loss and its gradient are 0. "
                 f"Check that the annotator fits --data {cfg.data} and read its replies"
-                + (f" in {cfg.out_dir}/annotator.jsonl" if cfg.annotator.startswith("api:") else ""))
+                + (f" in {cfg.out_dir}/annotator.jsonl" if cfg.annotator.startswith("api:") else "")
+            )
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
             ckpt.save(step, final=step == steps - 1)
     log.close()
     ranks.print(summary(steps, rec, cfg.out_dir))
     if ranks.rank == 0 and cfg.data == "world" and cfg.eval_n:
-        ev.before_after(cfg.model, os.path.join(cfg.out_dir, "checkpoint"), cfg.world_seed, cfg.world_half,
-                        cfg.eval_n, cfg.out_dir, cfg.cache_dir)
+        ev.before_after(
+            cfg.model,
+            os.path.join(cfg.out_dir, "checkpoint"),
+            cfg.world_seed,
+            cfg.world_half,
+            cfg.eval_n,
+            cfg.out_dir,
+            cfg.cache_dir,
+        )
     del model
     ranks.end()
 
@@ -190,9 +272,13 @@ def check(cfg: Config):
         raise M.UserError(f"--algo {cfg.algo} needs --samples >= 2")
     if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
         raise M.UserError("--annotator judge compares two responses: --samples must be 2")
-    if cfg.annotator == "rule" and cfg.data != "world" and cfg.algo != "online-bdhs":  # BDHS asks no annotator
-        raise M.UserError(f"--annotator rule (the default) is the world's verifier: it scores the world's scenes "
-                         f"only, not --data {cfg.data}; pass --annotator rm:PATH, judge:PATH or api:MODEL")
+    if (
+        cfg.annotator == "rule" and cfg.data != "world" and cfg.algo != "online-bdhs"
+    ):  # BDHS asks no annotator
+        raise M.UserError(
+            f"--annotator rule (the default) is the world's verifier: it scores the world's scenes "
+            f"only, not --data {cfg.data}; pass --annotator rm:PATH, judge:PATH or api:MODEL"
+        )
 
 
 def objective_line(cfg: Config, recs):
@@ -232,6 +318,7 @@ def no_signal(cfg: Config, rec, weight):
         return rec.get("online/unparsed", 0.0) == 1.0
     return weight == 0
 
+
 # -----------------------------------------------------------------------------
 # Annotators: a score per response (rule, reward model, endpoint) or a pairwise choice (judge, endpoint)
 
@@ -242,42 +329,65 @@ class RewardModel:
     def __init__(self, path, device):
         vlm = VLM.from_pretrained(path, device=device)
         if "score.weight" not in vlm.extra:
-            raise M.UserError(f"{path}: no score.weight (reward head); train one with train_offline.py --loss rm")
+            raise M.UserError(
+                f"{path}: no score.weight (reward head); train one with train_offline.py --loss rm"
+            )
         self.pm = PairModel(vlm, head="reward").to(device).eval()
         self.pm.score.weight.data.copy_(vlm.extra["score.weight"])
 
     @torch.no_grad()
     def __call__(self, recs, texts):
         vlm = self.pm.vlm
-        items = [dict(image=r["image"], prompt=data.prompt_ids(vlm, r), responses=[vlm.encode_reply(t) for t in ts])
-                 for r, ts in zip(recs, texts)]
+        items = [
+            dict(
+                image=r["image"],
+                prompt=data.prompt_ids(vlm, r),
+                responses=[vlm.encode_reply(t) for t in ts],
+            )
+            for r, ts in zip(recs, texts)
+        ]
         return self.pm(**to(data.collate_pairs(vlm, items), vlm.lm_head.weight.device))[1].tolist()
 
 
 # Paper Table 14's annotator prompt, in our words: less hallucination, grounded help, which and why.
-JUDGE = ("Here are a question about the image and two responses to it, Response 1 and Response 2. Decide which "
-         "response is better. The better response hallucinates less: every object, attribute, colour and relation "
-         "it states is in the image, and it avoids ambiguous details. It also gives more helpful information that is "
-         "grounded in the image; for a practical question, a concise and helpful answer beats irrelevant remarks. "
-         "Say which response is better, then explain why.\n\nQuestion: {question}\n\nResponse 1: {r1}\n\n"
-         "Response 2: {r2}")
+JUDGE = (
+    "Here are a question about the image and two responses to it, Response 1 and Response 2. Decide which "
+    "response is better. The better response hallucinates less: every object, attribute, colour and relation "
+    "it states is in the image, and it avoids ambiguous details. It also gives more helpful information that is "
+    "grounded in the image; for a practical question, a concise and helpful answer beats irrelevant remarks. "
+    "Say which response is better, then explain why.\n\nQuestion: {question}\n\nResponse 1: {r1}\n\n"
+    "Response 2: {r2}"
+)
 # A 1-10 rating of one response, in our words; the rating first, so that a few reply tokens hold it.
-RATE = ("Rate the response to this question about the image from 1 (worst) to 10 (best). A good response "
-        "hallucinates nothing: every object, attribute, colour and relation it states is in the image, and it is "
-        "helpful and grounded in the image. First write \"Rating: N\" on its own line, then explain briefly.\n\n"
-        "Question: {question}\n\nResponse: {r}")
+RATE = (
+    "Rate the response to this question about the image from 1 (worst) to 10 (best). A good response "
+    "hallucinates nothing: every object, attribute, colour and relation it states is in the image, and it is "
+    'helpful and grounded in the image. First write "Rating: N" on its own line, then explain briefly.\n\n'
+    "Question: {question}\n\nResponse: {r}"
+)
 _NAMED = re.compile(r"response\s*#?\s*([12])\b")
-_VERDICTS = [re.compile(r"response\s*#?\s*([12])\s+(?:is|was|seems|appears)\s+(?:\w+\s+){0,2}?"
-                        r"(?:better|preferred|superior|more accurate|the best)"),
-             re.compile(r"(?:better|preferred|prefer|choose|winner)(?: one)?(?: response)?(?: is| would be|:)?\s+"
-                        r"(?:the\s+)?response\s*#?\s*([12])\b")]
+_VERDICTS = [
+    re.compile(
+        r"response\s*#?\s*([12])\s+(?:is|was|seems|appears)\s+(?:\w+\s+){0,2}?"
+        r"(?:better|preferred|superior|more accurate|the best)"
+    ),
+    re.compile(
+        r"(?:better|preferred|prefer|choose|winner)(?: one)?(?: response)?(?: is| would be|:)?\s+"
+        r"(?:the\s+)?response\s*#?\s*([12])\b"
+    ),
+]
 
 
 def parse_judgment(text):
     """The judge's text -> 0 (Response 1), 1 (Response 2) or None. A verdict phrase decides (unless
     negated; conflicting ones: None); else naming only one response, with no hedge, picks it."""
     t = text.lower()
-    picks = {m.group(1) for rx in _VERDICTS for m in rx.finditer(t) if not re.search(r"\bnot\b|n't", m.group(0))}
+    picks = {
+        m.group(1)
+        for rx in _VERDICTS
+        for m in rx.finditer(t)
+        if not re.search(r"\bnot\b|n't", m.group(0))
+    }
     if picks:
         return int(picks.pop()) - 1 if len(picks) == 1 else None
     named = set(_NAMED.findall(t))
@@ -315,23 +425,33 @@ class Endpoint:
 
     def __init__(self, model, cache, threads):
         from concurrent.futures import ThreadPoolExecutor
+
         self.client, self.pool = ev.JudgeClient(cache, model=model), ThreadPoolExecutor(threads)
 
     def ask(self, recs, texts):
         """texts[i] with recs[i]'s image -> the replies, in order; a repeated request goes once."""
+
         def one(key):
             content = [{"type": "text", "text": key[1]}, ev.image_part(jobs[key]["image"])]
             return self.client([{"role": "user", "content": content}], JUDGE_TOKENS, 0.0)
+
         jobs = {(id(r), t): r for r, t in zip(recs, texts)}
         got = dict(zip(jobs, self.pool.map(one, jobs)))
         return [got[id(r), t] for r, t in zip(recs, texts)]
 
     def judge(self, recs, pairs):
-        return [parse_judgment(t) for t in self.ask(recs, [JUDGE.format(question=question(r), r1=a, r2=b)
-                                                           for r, (a, b) in zip(recs, pairs)])]
+        return [
+            parse_judgment(t)
+            for t in self.ask(
+                recs,
+                [JUDGE.format(question=question(r), r1=a, r2=b) for r, (a, b) in zip(recs, pairs)],
+            )
+        ]
 
     def score(self, recs, texts):
-        flat = [(r, RATE.format(question=question(r), r=t)) for r, ts in zip(recs, texts) for t in ts]
+        flat = [
+            (r, RATE.format(question=question(r), r=t)) for r, ts in zip(recs, texts) for t in ts
+        ]
         out = iter(map(parse_rating, self.ask(*zip(*flat))))
         return [[next(out) for _ in ts] for ts in texts]  # None where the rating is unreadable
 
@@ -340,25 +460,43 @@ def annotator(cfg: Config, device):
     """-> (scorer, judge): scorer(recs, texts per rec) -> scores per rec; judge(recs, pairs) -> 0/1/None."""
     kind, _, path = cfg.annotator.partition(":")
     if kind == "rule":
-        return (lambda recs, texts: [[world.rule_score(t, r) for t in ts] for r, ts in zip(recs, texts)]), None
+        return (
+            lambda recs, texts: [[world.rule_score(t, r) for t in ts] for r, ts in zip(recs, texts)]
+        ), None
     if kind in ("rm", "judge", "api") and not path:
-        raise M.UserError(f"--annotator {kind}:" + ("MODEL needs the served model's name" if kind == "api" else
-                                                   "PATH needs the checkpoint's path"))
+        raise M.UserError(
+            f"--annotator {kind}:"
+            + (
+                "MODEL needs the served model's name"
+                if kind == "api"
+                else "PATH needs the checkpoint's path"
+            )
+        )
     if kind == "api":
         if not os.environ.get("JUDGE_BASE_URL"):  # never a silent default host for training images
-            raise M.UserError(f"--annotator {cfg.annotator}: set JUDGE_BASE_URL to the endpoint serving {path} "
-                             "(and JUDGE_API_KEY if it needs a key)")
+            raise M.UserError(
+                f"--annotator {cfg.annotator}: set JUDGE_BASE_URL to the endpoint serving {path} "
+                "(and JUDGE_API_KEY if it needs a key)"
+            )
         api = Endpoint(path, os.path.join(cfg.out_dir, "annotator.jsonl"), cfg.annotator_threads)
-        pairwise = cfg.samples == 2 and cfg.algo not in ("ppo", "rloo")  # else ratings (RL, best-of-k)
+        pairwise = cfg.samples == 2 and cfg.algo not in (
+            "ppo",
+            "rloo",
+        )  # else ratings (RL, best-of-k)
         return api.score, api.judge if pairwise else None
     if kind == "rm":
         return RewardModel(path, device), None
     if kind == "judge":
         if cfg.algo in ("ppo", "rloo"):
-            raise M.UserError("--annotator judge gives pairwise choices, not rewards: PPO and RLOO need rule, "
-                             "rm:PATH or api:MODEL")
+            raise M.UserError(
+                "--annotator judge gives pairwise choices, not rewards: PPO and RLOO need rule, "
+                "rm:PATH or api:MODEL"
+            )
         return None, Judge(path, device)
-    raise M.UserError(f"--annotator {cfg.annotator!r}: expected rule, rm:PATH, judge:PATH or api:MODEL")
+    raise M.UserError(
+        f"--annotator {cfg.annotator!r}: expected rule, rm:PATH, judge:PATH or api:MODEL"
+    )
+
 
 # -----------------------------------------------------------------------------
 # Rollouts: the policy's samples, judged, packed with the reference's (and PPO's old) log-probs
@@ -375,21 +513,34 @@ def sample(pm, recs, n, cfg: Config, gen):
     ids, am = left_pad([data.prompt_ids(vlm, r) for r in recs])
     pix = vlm.image_processor(data.open_image(r["image"]) for r in recs)
     with unsharded(pm):
-        out = vlm.generate(ids.to(dev), am.to(dev), pix["pixel_values"].to(dev),
-                           pix["image_sizes"].to(dev) if "image_sizes" in pix else None,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           generator=M.device_generator(gen, dev), num_samples=n)
-    end = vlm.encode_prompt(TEMPLATES[vlm.template]["reply"].split("{}")[1], add_special_tokens=False)
+        out = vlm.generate(
+            ids.to(dev),
+            am.to(dev),
+            pix["pixel_values"].to(dev),
+            pix["image_sizes"].to(dev) if "image_sizes" in pix else None,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            generator=M.device_generator(gen, dev),
+            num_samples=n,
+        )
+    end = vlm.encode_prompt(
+        TEMPLATES[vlm.template]["reply"].split("{}")[1], add_special_tokens=False
+    )
     ids = [o + end * (len(o) < cfg.max_new_tokens) for o in out]
     texts = [vlm.tokenizer.decode(o).strip() for o in out]
-    return [ids[i * n:(i + 1) * n] for i in range(len(recs))], [texts[i * n:(i + 1) * n] for i in range(len(recs))]
+    return [ids[i * n : (i + 1) * n] for i in range(len(recs))], [
+        texts[i * n : (i + 1) * n] for i in range(len(recs))
+    ]
 
 
 def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), embedder=None):
     """A micro-batch's packed items, weights (0: a stand-in), the objective's tensors, metrics."""
     vlm, (scorer, judge) = pm.vlm, annotate
     enc = vlm.encode_reply
-    item = lambda r, resps: dict(id=r["id"], image=r["image"], prompt=data.prompt_ids(vlm, r), responses=resps)  # noqa
+
+    def item(r, resps):  # a packed item of collate_pairs
+        return dict(id=r["id"], image=r["image"], prompt=data.prompt_ids(vlm, r), responses=resps)
+
     st, roll = {}, {}
     add = lambda k, s, n=1: accumulate(st, {k: [s, n]})  # noqa: E731
     if cfg.algo in ("ppo", "rloo"):
@@ -406,18 +557,32 @@ def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), 
         add("response_length", sum(len(x) for xs in ids for x in xs), scores.numel())
     elif cfg.algo == "online-bdhs":
         with unsharded(pm):
-            res = bdhs.bdhs_batch(vlm, embedder, recs, bdhs.Config(seed=cfg.seed), gen,
-                                  random.Random(f"{cfg.seed}-{step}-{recs[0]['id']}"))
+            res = bdhs.bdhs_batch(
+                vlm,
+                embedder,
+                recs,
+                bdhs.Config(seed=cfg.seed),
+                gen,
+                random.Random(f"{cfg.seed}-{step}-{recs[0]['id']}"),
+            )
         ext = cfg.external and all("rejected" in r for r in recs)
-        items = [item(r, [enc(r["chosen"])] + [enc(r["rejected"])] * ext + [enc(t)]) for r, (t, _) in zip(recs, res)]
+        items = [
+            item(r, [enc(r["chosen"])] + [enc(r["rejected"])] * ext + [enc(t)])
+            for r, (t, _) in zip(recs, res)
+        ]
         for _, meta in res:
             add("bdhs/attempts", meta["attempts"])
             add("bdhs/similarity", meta["similarity"] or 0.0)
     else:  # online-dpo, mixed-dpo
-        offline = [cfg.algo == "mixed-dpo" and random.Random(f"mix-{cfg.seed}-{step}-{r['id']}").random() < cfg.mix_p
-                   for r in recs]
+        offline = [
+            cfg.algo == "mixed-dpo"
+            and random.Random(f"mix-{cfg.seed}-{step}-{r['id']}").random() < cfg.mix_p
+            for r in recs
+        ]
         need = [r for r, o in zip(recs, offline) if not o]
-        items = [item(r, [enc(r["chosen"]), enc(r["rejected"])]) for r, o in zip(recs, offline) if o]
+        items = [
+            item(r, [enc(r["chosen"]), enc(r["rejected"])]) for r, o in zip(recs, offline) if o
+        ]
         add("online/offline_share", sum(offline), len(recs))
         if need:  # k samples; the judge picks between two, a scorer pairs the best with the worst
             ids, texts = sample(pm, need, cfg.samples, cfg, gen)
@@ -427,17 +592,26 @@ def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), 
                 add("online/unparsed", sum(p is None for p in pick), len(need))
             else:  # a prompt with an unreadable rating is dropped
                 sc = [None if None in s else s for s in scorer(need, texts)]
-                pick = [None if not s or max(s) == min(s) else (s.index(max(s)), s.index(min(s))) for s in sc]
+                pick = [
+                    None if not s or max(s) == min(s) else (s.index(max(s)), s.index(min(s)))
+                    for s in sc
+                ]
                 add("online/score", sum(sum(s) for s in sc if s), cfg.samples * sum(map(bool, sc)))
                 add("online/unparsed", sum(s is None for s in sc), len(need))
             add("online/annotator_s", time.perf_counter() - t0, 1 / cfg.grad_accum)
             add("online/ties_or_dropped", sum(p is None for p in pick), len(need))
             add("response_length", sum(len(x) for xs in ids for x in xs), cfg.samples * len(need))
-            items += [item(r, [x[p[0]], x[p[1]]]) for r, x, p in zip(need, ids, pick) if p is not None]
+            items += [
+                item(r, [x[p[0]], x[p[1]]]) for r, x, p in zip(need, ids, pick) if p is not None
+            ]
     w = [1.0] * len(items)
     if not items:  # every pair dropped: a stand-in keeps the collectives in step, with weight 0
         items, w = [item(recs[0], [enc(recs[0]["chosen"])] * 2)], [0.0]
-    roll |= dict(batch=to(data.collate_pairs(vlm, items), vlm.lm_head.weight.device), w=torch.tensor(w), stats=st)
+    roll |= dict(
+        batch=to(data.collate_pairs(vlm, items), vlm.lm_head.weight.device),
+        w=torch.tensor(w),
+        stats=st,
+    )
     with torch.no_grad():
         with M.lora_disabled(vlm):
             roll["ref"] = pm(**roll["batch"])[0]  # (B, K, L) the reference's per-token log-probs
@@ -455,7 +629,9 @@ def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), 
                 rew = -cfg.kl_coef * (old - ref) * mask
                 rew[torch.arange(len(rew)), mask.sum(-1) - 1] += roll["scores"][:, 0].to(rew)
                 adv, ret = losses.gae(rew, values * mask, mask, 1.0, GAE_LAMBDA)
-                roll |= dict(old=old, values=values, adv=losses.whiten(adv, mask), returns=ret, mask=mask)
+                roll |= dict(
+                    old=old, values=values, adv=losses.whiten(adv, mask), returns=ret, mask=mask
+                )
     return roll
 
 
@@ -466,10 +642,23 @@ def objective(cfg: Config, model, roll):
     n = w.sum().item()
     lp, values = model(**b)  # (B, K, L) per-token log-probs; PPO's values
     if cfg.algo == "ppo":
-        loss, clipped = losses.ppo_loss(lp[:, 0], roll["old"], roll["adv"], values[:, 0], roll["values"],
-                                        roll["returns"], roll["mask"], CLIP, CLIP, VF_COEF)
+        loss, clipped = losses.ppo_loss(
+            lp[:, 0],
+            roll["old"],
+            roll["adv"],
+            values[:, 0],
+            roll["values"],
+            roll["returns"],
+            roll["mask"],
+            CLIP,
+            CLIP,
+            VF_COEF,
+        )
         st["policy/clipfrac"] = [clipped.sum().item(), n]
-        st["val/values"] = [losses.masked_mean(values[:, 0].detach(), roll["mask"], -1).sum().item(), n]
+        st["val/values"] = [
+            losses.masked_mean(values[:, 0].detach(), roll["mask"], -1).sum().item(),
+            n,
+        ]
     elif cfg.algo == "rloo":
         loss = losses.rloo_loss(lp.sum(-1), roll["adv"]).mean(1)
     else:
@@ -486,21 +675,27 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
     path = os.path.join(cfg.out_dir, "reward_norm.json")
     if cfg.resume and os.path.exists(path):
         return tuple(json.loads(pathlib.Path(path).read_text()))
-    mine, b = recs[:NORM_PROMPTS][ranks.rank::ranks.W], cfg.batch_size // ranks.W
+    mine, b = recs[:NORM_PROMPTS][ranks.rank :: ranks.W], cfg.batch_size // ranks.W
     # on the device: every batch's samples continue one stream
     gen, xs = torch.Generator(ranks.device).manual_seed(cfg.seed + 7919 * ranks.rank), []
     for i in tqdm(range(0, len(mine), b), desc="reward statistics", disable=ranks.rank != 0):
         with amp:
-            got = scorer(mine[i:i + b], sample(pm, mine[i:i + b], max(cfg.samples, 2), cfg, gen)[1])
+            got = scorer(
+                mine[i : i + b], sample(pm, mine[i : i + b], max(cfg.samples, 2), cfg, gen)[1]
+            )
         xs += [v for s in got for v in s if v is not None]  # unreadable ratings are left out
     s = ranks.gather_sums({"s": [sum(xs), len(xs)], "s2": [sum(x * x for x in xs), 0]})
     if not s["s"][1]:
-        raise M.UserError(f"--annotator {cfg.annotator}: no readable rating among the starting policy's samples, so "
-                         "the rewards cannot be normalised; check the annotator's replies")
+        raise M.UserError(
+            f"--annotator {cfg.annotator}: no readable rating among the starting policy's samples, so "
+            "the rewards cannot be normalised; check the annotator's replies"
+        )
     mean = s["s"][0] / s["s"][1]
-    std = max(math.sqrt(max(s["s2"][0] / s["s"][1] - mean ** 2, 0.0)), 1e-6)
-    ranks.print(f"reward normalisation from {s['s'][1]} samples of the starting policy: mean {mean:.4f}, "
-                f"std {std:.4f}")
+    std = max(math.sqrt(max(s["s2"][0] / s["s"][1] - mean**2, 0.0)), 1e-6)
+    ranks.print(
+        f"reward normalisation from {s['s'][1]} samples of the starting policy: mean {mean:.4f}, "
+        f"std {std:.4f}"
+    )
     if ranks.rank == 0:
         ev.atomic_json(path, [mean, std])
     return mean, std

@@ -19,6 +19,7 @@ it), and the base model's recipe: a scratch architecture, tower pretraining, thr
     python world.py --split broken --n 8 --out world_samples   # PNGs and a JSONL to look at
     python world.py --build_base assets/world-base               # the shipped base model
 """
+
 import hashlib
 import json
 import math
@@ -39,20 +40,58 @@ from model import VLM, config_from_argv, format_chat, run_main
 # -----------------------------------------------------------------------------
 # The rules: categories, usual pairs, typical colours, positions
 
-PAIRS = [("cup", "saucer"), ("moon", "star"), ("house", "tree"), ("key", "lock"),
-         ("pencil", "book"), ("apple", "pear"), ("arrow", "target")]
+PAIRS = [
+    ("cup", "saucer"),
+    ("moon", "star"),
+    ("house", "tree"),
+    ("key", "lock"),
+    ("pencil", "book"),
+    ("apple", "pear"),
+    ("arrow", "target"),
+]
 PARTNER = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
 CATEGORIES = [c for pair in PAIRS for c in pair]
 HALVES = {"a": {c for p in PAIRS[0::2] for c in p}, "b": {c for p in PAIRS[1::2] for c in p}}
-TYPICAL = dict(cup="blue", saucer="white", moon="white", star="yellow", house="red", tree="green",
-               key="yellow", lock="black", pencil="orange", book="brown", apple="red", pear="green",
-               arrow="purple", target="pink")
-COLORS = dict(red=(215, 35, 35), orange=(245, 140, 20), yellow=(240, 215, 30), green=(35, 165, 60),
-              blue=(40, 80, 225), purple=(135, 50, 180), pink=(245, 135, 195), brown=(125, 75, 35),
-              black=(20, 20, 20), white=(245, 245, 245))
+TYPICAL = dict(
+    cup="blue",
+    saucer="white",
+    moon="white",
+    star="yellow",
+    house="red",
+    tree="green",
+    key="yellow",
+    lock="black",
+    pencil="orange",
+    book="brown",
+    apple="red",
+    pear="green",
+    arrow="purple",
+    target="pink",
+)
+COLORS = dict(
+    red=(215, 35, 35),
+    orange=(245, 140, 20),
+    yellow=(240, 215, 30),
+    green=(35, 165, 60),
+    blue=(40, 80, 225),
+    purple=(135, 50, 180),
+    pink=(245, 135, 195),
+    brown=(125, 75, 35),
+    black=(20, 20, 20),
+    white=(245, 245, 245),
+)
 # 3x3 grid cells in reading order, with the phrase a description uses for each
-POSITIONS = ["at the top left", "at the top", "at the top right", "on the left", "in the center",
-             "on the right", "at the bottom left", "at the bottom", "at the bottom right"]
+POSITIONS = [
+    "at the top left",
+    "at the top",
+    "at the top right",
+    "on the left",
+    "in the center",
+    "on the right",
+    "at the bottom left",
+    "at the bottom",
+    "at the bottom right",
+]
 # how often each category starts a unit: POPE's "popular" negatives are the most frequent absent
 FREQUENCY = {c: w for (a, b), w in zip(PAIRS, [3.0, 2.5, 2.0, 1.6, 1.3, 1.0, 0.8]) for c in (a, b)}
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]  # a corruption may add a sixth
@@ -70,7 +109,7 @@ class Obj:
     color: str
     cell: int  # index into POSITIONS
     size: int  # glyph side in pixels (22-28)
-    x: float   # glyph centre in pixels
+    x: float  # glyph centre in pixels
     y: float
 
 
@@ -91,6 +130,7 @@ class Scene:
         """0-9 from the layout alone (categories and cells), whatever the seed, colours or sizes."""
         layout = sorted((o.category, o.cell) for o in self.objects)
         return int(hashlib.sha256(repr(layout).encode()).hexdigest(), 16) % 10
+
 
 # -----------------------------------------------------------------------------
 # Scenes: the prior lives here
@@ -117,12 +157,14 @@ def sample_scene(rng, prior=0.9, color_prior=0.6, broken=False, cats=CATEGORIES)
     bg = tuple(128 + rng.randint(-20, 20) for _ in range(3))
     return Scene(sorted(objects, key=lambda o: o.cell), bg, rng.randrange(2**31))
 
+
 # -----------------------------------------------------------------------------
 # Rendering: each category is a glyph mask built from a few primitives, filled with its colour
 
 
 def glyph(d: ImageDraw.ImageDraw, c, s):
     """Draws category c's mask (255 = object, 0 erases a hole) into the s x s box at the origin."""
+
     def box(a, b, e, f, fill=255):  # shapes in box-relative units (0..1)
         d.rectangle([a * s, b * s, e * s, f * s], fill=fill)
 
@@ -141,7 +183,12 @@ def glyph(d: ImageDraw.ImageDraw, c, s):
         oval(0.0, 0.0, 1.0, 1.0), oval(0.3, -0.1, 1.2, 0.85, 0)
     elif c == "star":
         r = [0.5 if k % 2 == 0 else 0.2 for k in range(10)]
-        poly([(0.5 + r[k] * math.sin(k * math.pi / 5), 0.55 - r[k] * math.cos(k * math.pi / 5)) for k in range(10)])
+        poly(
+            [
+                (0.5 + r[k] * math.sin(k * math.pi / 5), 0.55 - r[k] * math.cos(k * math.pi / 5))
+                for k in range(10)
+            ]
+        )
     elif c == "house":  # walls and a roof
         box(0.15, 0.5, 0.85, 1.0), poly([(0.0, 0.5), (0.5, 0.0), (1.0, 0.5)])
     elif c == "tree":  # a tall crown on a trunk
@@ -181,23 +228,44 @@ def render(scene: Scene) -> Image.Image:
     a += np.random.default_rng(scene.noise_seed).normal(0, 4, (SIZE, SIZE, 1))
     return Image.fromarray(a.clip(0, 255).round().astype(np.uint8))
 
+
 # -----------------------------------------------------------------------------
 # Text: questions in two sets of phrasings, and their ground-truth answers
 
 PHRASINGS = {  # kind -> (train phrasings, held-out ones); {a} is "a cup" / "an apple", {c} "cup"
-    "describe": (["Describe the image in detail.", "What do you see in this picture?",
-                  "Give a detailed description of the image.", "Describe this scene.",
-                  "What is in the image? Describe everything."],
-                 ["Tell me about everything this image shows.", "Walk me through the contents of this picture."]),
-    "exist": (["Is there {a} in the image?", "Do you see {a} here?", "Is {a} present in this picture?"],
-              ["Does the image contain {a}?", "Can {a} be seen in this scene?"]),
-    "color": (["What color is the {c}?", "What is the color of the {c}?"],
-              ["Which colour does the {c} have?", "Tell me the shade of the {c}."]),
-    "count": (["How many objects are there?", "How many objects are in the image?",
-               "Count the objects in the picture."],
-              ["What is the number of objects shown?", "How many things can you see?"]),
-    "position": (["Where is the {c}?", "Where is the {c} located?"],
-                 ["In which part of the image is the {c}?", "Whereabouts is the {c}?"]),
+    "describe": (
+        [
+            "Describe the image in detail.",
+            "What do you see in this picture?",
+            "Give a detailed description of the image.",
+            "Describe this scene.",
+            "What is in the image? Describe everything.",
+        ],
+        [
+            "Tell me about everything this image shows.",
+            "Walk me through the contents of this picture.",
+        ],
+    ),
+    "exist": (
+        ["Is there {a} in the image?", "Do you see {a} here?", "Is {a} present in this picture?"],
+        ["Does the image contain {a}?", "Can {a} be seen in this scene?"],
+    ),
+    "color": (
+        ["What color is the {c}?", "What is the color of the {c}?"],
+        ["Which colour does the {c} have?", "Tell me the shade of the {c}."],
+    ),
+    "count": (
+        [
+            "How many objects are there?",
+            "How many objects are in the image?",
+            "Count the objects in the picture.",
+        ],
+        ["What is the number of objects shown?", "How many things can you see?"],
+    ),
+    "position": (
+        ["Where is the {c}?", "Where is the {c} located?"],
+        ["In which part of the image is the {c}?", "Whereabouts is the {c}?"],
+    ),
 }
 KINDS = {"describe": 0.35, "exist": 0.35, "color": 0.1, "count": 0.1, "position": 0.1}
 
@@ -215,8 +283,13 @@ def count_answer(n):
 
 def describe(scene: Scene) -> str:
     """The count, then one sentence per object in reading order."""
-    return " ".join([count_answer(len(scene.objects))] + [
-        f"{an(o.color).capitalize()} {o.category} is {POSITIONS[o.cell]}." for o in scene.objects])
+    return " ".join(
+        [count_answer(len(scene.objects))]
+        + [
+            f"{an(o.color).capitalize()} {o.category} is {POSITIONS[o.cell]}."
+            for o in scene.objects
+        ]
+    )
 
 
 def answer(kind, scene, c=None):
@@ -237,11 +310,15 @@ def sample_qa(rng, scene: Scene, kind, cats=CATEGORIES):
     """(question, answer, category), train phrasing; `exist` asks of an absent c half the time."""
     c = None
     if kind == "exist":  # about a present or an absent category, half the time each
-        c = rng.choice([o.category for o in scene.objects] if rng.random() < 0.5 else
-                       [c for c in cats if c not in scene.categories()])
+        c = rng.choice(
+            [o.category for o in scene.objects]
+            if rng.random() < 0.5
+            else [c for c in cats if c not in scene.categories()]
+        )
     elif kind in ("color", "position"):
         c = rng.choice(scene.objects).category
     return ask(kind, c, rng), answer(kind, scene, c), c
+
 
 # -----------------------------------------------------------------------------
 # Splits: example i of a split depends only on (seed, split, i)
@@ -290,18 +367,28 @@ class World:
         msgs = []
         for t, kind in enumerate(chosen):
             q, a, _ = sample_qa(rng, told, kind, self.cats)
-            msgs += [{"role": "user", "content": "<image>\n" * (t == 0) + q}, {"role": "assistant", "content": a}]
-        return dict(id=f"{split}-{self.seed}-{i}", scene=scene, image=render(scene) if image else None,
-                    messages=msgs)
+            msgs += [
+                {"role": "user", "content": "<image>\n" * (t == 0) + q},
+                {"role": "assistant", "content": a},
+            ]
+        return dict(
+            id=f"{split}-{self.seed}-{i}",
+            scene=scene,
+            image=render(scene) if image else None,
+            messages=msgs,
+        )
+
 
 # -----------------------------------------------------------------------------
 # Tokenizer: byte-level BPE trained on the world's text, with LLaVA-1.5's chat special tokens
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 TEMPLATE = "llava"  # "USER: <image>\n... ASSISTANT: ...</s>"; the same in Jinja for transformers:
-CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
-                 "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+    "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 # the --model default
 BASE_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world-base")
 
@@ -309,15 +396,24 @@ BASE_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", 
 def build_tokenizer(world: World, vocab_size=512, n=3000):
     """A tokenizers.Tokenizer trained on the first n sft conversations: byte-level BPE, BOS added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [format_chat(world.example("sft", i, image=False)["messages"], TEMPLATE, False) for i in range(n)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [
+        format_chat(world.example("sft", i, image=False)["messages"], TEMPLATE, False)
+        for i in range(n)
+    ]
     tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tok
+
 
 # -----------------------------------------------------------------------------
 # The corruption set (paper §4.3, Table 13): the truth with one realistic hallucination, by rule
@@ -326,8 +422,10 @@ def build_tokenizer(world: World, vocab_size=512, n=3000):
 def with_object(rng, scene: Scene, c):
     """The scene as a biased annotator tells it: c added in its typical colour at a free cell."""
     cell = rng.choice([k for k in range(9) if k not in {o.cell for o in scene.objects}])
-    return replace(scene, objects=sorted(scene.objects + [Obj(c, TYPICAL[c], cell, 25, 0, 0)],
-                                         key=lambda o: o.cell))
+    return replace(
+        scene,
+        objects=sorted(scene.objects + [Obj(c, TYPICAL[c], cell, 25, 0, 0)], key=lambda o: o.cell),
+    )
 
 
 def corrupt(rng, scene: Scene, kind, c, allowed=CATEGORIES):
@@ -366,7 +464,7 @@ def corrupt(rng, scene: Scene, kind, c, allowed=CATEGORIES):
         o = replace(objs[k], category=new)
     else:
         o = recolored(objs[k])
-    return describe(Scene(objs[:k] + [o] + objs[k + 1:])), edit
+    return describe(Scene(objs[:k] + [o] + objs[k + 1 :])), edit
 
 
 def world_pairs(world: World, n, split="align", rejected=True, hard=0.5):
@@ -382,14 +480,19 @@ def world_pairs(world: World, n, split="align", rejected=True, hard=0.5):
         if kind == "exist" and c not in scene.categories() and lone:  # the likely false "yes"
             c = rng.choice(lone)
             q, a = ask("exist", c, rng), answer("exist", scene, c)
-        rec = dict(id=f"{split}-{world.seed}-{i}", image=render(scene),
-                   conversation=[{"role": "user", "content": "<image>\n" + q}], chosen=a,
-                   meta=dict(kind=kind, category=c))
+        rec = dict(
+            id=f"{split}-{world.seed}-{i}",
+            image=render(scene),
+            conversation=[{"role": "user", "content": "<image>\n" + q}],
+            chosen=a,
+            meta=dict(kind=kind, category=c),
+        )
         if rejected:
             rng = random.Random(f"corrupt-{rec['id']}")
             rec["rejected"], rec["meta"]["edit"] = corrupt(rng, scene, kind, c, world.cats)
         recs.append(rec)
     return recs
+
 
 # The share of `--data world+partners` that partner_pairs replaces (opt-in; never a default): set before any
 # run, to be checked on the dev seeds 0-2 only (STUDY.md reports the row on the test seeds as it stands)
@@ -414,9 +517,16 @@ def partner_pairs(world: World, n, split="align"):
         c = rng.choice(paired)
         chosen = answer(kind, scene, c)
         rejected = f"No, there is no {c}." if kind == "exist" else drop_second_of_pairs(chosen)
-        recs.append(dict(id=f"{split}-partner-{world.seed}-{i}", image=render(scene),
-                         conversation=[{"role": "user", "content": "<image>\n" + ask(kind, c, rng)}],
-                         chosen=chosen, rejected=rejected, meta=dict(kind=kind, category=c, edit="partner_dropped")))
+        recs.append(
+            dict(
+                id=f"{split}-partner-{world.seed}-{i}",
+                image=render(scene),
+                conversation=[{"role": "user", "content": "<image>\n" + ask(kind, c, rng)}],
+                chosen=chosen,
+                rejected=rejected,
+                meta=dict(kind=kind, category=c, edit="partner_dropped"),
+            )
+        )
     return recs
 
 
@@ -425,13 +535,17 @@ def world_partner_pairs(world: World, n):
     k = round(PARTNER_SHARE * n)
     return world_pairs(world, n - k) + partner_pairs(world, k)
 
+
 # -----------------------------------------------------------------------------
 # Reading answers: the objects, colours and positions a text states
 
 
 def cell_of(text):
     """The grid cell a text's position phrase names (the longest phrase that fits), or None."""
-    return next((k for k in sorted(range(9), key=lambda k: -len(POSITIONS[k])) if POSITIONS[k] in text), None)
+    return next(
+        (k for k in sorted(range(9), key=lambda k: -len(POSITIONS[k])) if POSITIONS[k] in text),
+        None,
+    )
 
 
 def parse_objects(text):
@@ -444,8 +558,16 @@ def parse_objects(text):
             c = w if w in PARTNER else w[:-1] if w.endswith("s") and w[:-1] in PARTNER else None
             if c:
                 prev = words[k - 1] if k else ""
-                out.append(dict(category=c, color=prev if prev in COLORS else None, cell=cell_of(clause),
-                                negated=any(x in ("no", "not", "without", "nor", "none", "never") for x in words[:k])))
+                out.append(
+                    dict(
+                        category=c,
+                        color=prev if prev in COLORS else None,
+                        cell=cell_of(clause),
+                        negated=any(
+                            x in ("no", "not", "without", "nor", "none", "never") for x in words[:k]
+                        ),
+                    )
+                )
     return out
 
 
@@ -487,6 +609,7 @@ def rule_score(text, rec):
             got, top = got + (1 if g == t else -1), top + 1
     return got / max(top, 1)
 
+
 # -----------------------------------------------------------------------------
 # What the world's report asks (eval.py's world_report measures it): POPE probes and questions
 
@@ -494,7 +617,10 @@ def rule_score(text, rec):
 def probes(world: World, split, n, heldout=False):
     """-> scenes, [(scene index, kind, question, gold)]: per scene a description, a POPE positive,
     a negative of each kind, colour, count and position (the first train phrasing, or held-out)."""
-    rng, phrasing = random.Random(f"probes-{world.seed}-{split}"), random.Random(f"phrasing-{world.seed}-{split}")
+    rng, phrasing = (
+        random.Random(f"probes-{world.seed}-{split}"),
+        random.Random(f"phrasing-{world.seed}-{split}"),
+    )
     scenes, items = [world.scene(split, i) for i in range(n)], []
     q = lambda kind, c=None: ask(kind, c, phrasing if heldout else None, heldout)  # noqa: E731
     for i, s in enumerate(scenes):
@@ -503,13 +629,22 @@ def probes(world: World, split, n, heldout=False):
         partners = s.lone()  # its categories are all in world.cats
         rest = [c for c in absent if c not in partners] or absent
         top = max(FREQUENCY[c] for c in rest)
-        negatives = dict(random=rng.choice(absent), adversarial=rng.choice(partners) if partners else None,
-                         popular=rng.choice([c for c in rest if FREQUENCY[c] == top]))
+        negatives = dict(
+            random=rng.choice(absent),
+            adversarial=rng.choice(partners) if partners else None,
+            popular=rng.choice([c for c in rest if FREQUENCY[c] == top]),
+        )
         o = rng.choice(s.objects)
-        items += [(i, "describe", q("describe"), set(present)), (i, "pope_pos", q("exist", rng.choice(present)), True)]
+        items += [
+            (i, "describe", q("describe"), set(present)),
+            (i, "pope_pos", q("exist", rng.choice(present)), True),
+        ]
         items += [(i, f"pope_{k}", q("exist", c), False) for k, c in negatives.items() if c]
-        items += [(i, "color", q("color", o.category), o.color), (i, "count", q("count"), len(s.objects)),
-                  (i, "position", q("position", o.category), o.cell)]
+        items += [
+            (i, "color", q("color", o.category), o.color),
+            (i, "count", q("count"), len(s.objects)),
+            (i, "position", q("position", o.category), o.cell),
+        ]
     return scenes, items
 
 
@@ -523,7 +658,9 @@ def twin(scene: Scene, rng):
         return None, None
     c = rng.choice(scene.lone())
     free = [k for k in range(9) if k not in {o.cell for o in scene.objects}]
-    cells = [k for k in free if Scene(scene.objects + [Obj(c, "", k, 0, 0, 0)]).bucket() in EVAL_BUCKETS]
+    cells = [
+        k for k in free if Scene(scene.objects + [Obj(c, "", k, 0, 0, 0)]).bucket() in EVAL_BUCKETS
+    ]
     if not cells:
         return None, c
     cell = rng.choice(cells)
@@ -546,7 +683,9 @@ def twin_probes(world: World, split, n):
         if t is None:
             skipped += 1
             continue
-        pairs.append((s, t, c, ask("describe", None, phrasing, True), ask("exist", c, phrasing, True)))
+        pairs.append(
+            (s, t, c, ask("describe", None, phrasing, True), ask("exist", c, phrasing, True))
+        )
     return pairs, skipped
 
 
@@ -559,8 +698,11 @@ def twin_probes(world: World, split, n):
 # gets the base model's answer. `python eval.py --model shortcut[:BASE] --world_seed 0` reports it like a model.
 
 # existence phrasings, train and held-out, as patterns that catch the category: "Is there (a|an) X ..."
-EXIST = [re.compile(re.escape(p).replace(re.escape("{a}"), r"an? ([a-z]+)") + "$")
-         for ps in PHRASINGS["exist"] for p in ps]
+EXIST = [
+    re.compile(re.escape(p).replace(re.escape("{a}"), r"an? ([a-z]+)") + "$")
+    for ps in PHRASINGS["exist"]
+    for p in ps
+]
 DESCRIBE = {p for ps in PHRASINGS["describe"] for p in ps}
 
 
@@ -602,7 +744,9 @@ class Shortcut:
         self.template = getattr(base, "template", None)
         self.template_source = f"the base model's ({getattr(base, 'template_source', None)})"
 
-    def __getattr__(self, name):  # the rest (cfg, lm_head, parameters: batch sizing) is the base model's
+    def __getattr__(
+        self, name
+    ):  # the rest (cfg, lm_head, parameters: batch sizing) is the base model's
         return getattr(self.__dict__["base"], name)
 
     def eval(self):
@@ -613,7 +757,9 @@ class Shortcut:
         """Keeps the questions: what to ask the base model is decided per question in generate."""
         return dict(questions=list(questions), images=images, template=template, device=device)
 
-    def generate(self, questions, images=None, template=None, device=None, max_new_tokens=64, **sampling):
+    def generate(
+        self, questions, images=None, template=None, device=None, max_new_tokens=64, **sampling
+    ):
         """Texts, one per question: the rule's answer, or the base model's (descriptions filtered)."""
         out = [None] * len(questions)
         for j, q in enumerate(questions):
@@ -629,6 +775,7 @@ class Shortcut:
                 out[j] = drop_second_of_pairs(text) if questions[j].strip() in DESCRIBE else text
         return out
 
+
 # -----------------------------------------------------------------------------
 # The base model: a scratch architecture, a pretrained tower and three SFT phases (`--build_base`)
 
@@ -636,21 +783,54 @@ class Shortcut:
 def scratch_model(world: World, seed=0) -> VLM:
     """The world's LLaVA-1.5-layout architecture (2.6M parameters), random, own tokenizer."""
     tok = build_tokenizer(world)
-    raw = dict(model_type="llava", image_token_index=SPECIALS.index("<image>"), vision_feature_layer=-1,
-               vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False,
-               vision_config=dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=256,
-                                  num_hidden_layers=3, num_attention_heads=4, image_size=SIZE, patch_size=32,
-                                  projection_dim=128, hidden_act="quick_gelu"),
-               text_config=dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=192,
-                                intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-                                num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-                                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                                pad_token_id=3))
+    raw = dict(
+        model_type="llava",
+        image_token_index=SPECIALS.index("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=SIZE,
+            patch_size=32,
+            projection_dim=128,
+            hidden_act="quick_gelu",
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=tok.get_vocab_size(),
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        ),
+    )
     vlm = VLM.from_config(raw, seed=seed)
     vlm.tokenizer, vlm.template = tok, TEMPLATE
-    vlm.files["tokenizer_config.json"] = json.dumps(dict(
-        tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", chat_template=CHAT_TEMPLATE), indent=2)
+    vlm.files["tokenizer_config.json"] = json.dumps(
+        dict(
+            tokenizer_class="PreTrainedTokenizerFast",
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            chat_template=CHAT_TEMPLATE,
+        ),
+        indent=2,
+    )
     return vlm
 
 
@@ -661,12 +841,16 @@ def pretrain_tower(vlm: VLM, world: World, steps, batch_size=32, log=print):
     g = v.image_size // v.patch_size  # patches per side; each grid cell is (g/3)^2 of them
     K, colors = len(CATEGORIES), list(COLORS)
     heads = torch.nn.Linear(v.hidden_size, K + 1 + len(colors) + 1)  # + "empty" for each
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        list(tower.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=0.0
+    )
     for step in range(steps):
         scenes = []
         for k in range(batch_size):  # layouts of the training buckets only, as every training scene
             rng = random.Random(f"pretrain-{world.seed}-{step}-{k}")
-            while (s := sample_scene(rng, world.prior, 1 / len(colors))).bucket() not in TRAIN_BUCKETS:
+            while (
+                s := sample_scene(rng, world.prior, 1 / len(colors))
+            ).bucket() not in TRAIN_BUCKETS:
                 pass
             scenes.append(s)
         cat, col = torch.full((batch_size, 9), K), torch.full((batch_size, 9), len(colors))
@@ -677,32 +861,54 @@ def pretrain_tower(vlm: VLM, world: World, steps, batch_size=32, log=print):
         x = tower(px, vlm.cfg.feature_layers)[0][:, 1:]  # (B, g*g, C) without the class token
         x = x.view(batch_size, 3, g // 3, 3, g // 3, -1).mean((2, 4)).flatten(1, 2)  # (B, 9, C)
         out = heads(x)
-        loss = torch.nn.functional.cross_entropy(out[..., :K + 1].flatten(0, 1), cat.flatten()) + \
-            torch.nn.functional.cross_entropy(out[..., K + 1:].flatten(0, 1), col.flatten())
+        loss = torch.nn.functional.cross_entropy(
+            out[..., : K + 1].flatten(0, 1), cat.flatten()
+        ) + torch.nn.functional.cross_entropy(out[..., K + 1 :].flatten(0, 1), col.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            acc = (out[..., :K + 1].argmax(-1) == cat)[cat < K].float().mean().item()
-            log(f"tower pretraining step {step}: loss {loss.item():.3f}, category accuracy {acc:.3f}")
+            acc = (out[..., : K + 1].argmax(-1) == cat)[cat < K].float().mean().item()
+            log(
+                f"tower pretraining step {step}: loss {loss.item():.3f}, category accuracy {acc:.3f}"
+            )
 
 
-def sft(vlm: VLM, world: World, steps, lr, warmup, kinds=None, turns=None, text_only=0.0,
-        batch_size=32, log=print):
+def sft(
+    vlm: VLM,
+    world: World,
+    steps,
+    lr,
+    warmup,
+    kinds=None,
+    turns=None,
+    text_only=0.0,
+    batch_size=32,
+    log=print,
+):
     """SFT on the sft split, tower frozen; a share `text_only` of rows hide their image tokens
     (text-only training, where the LLM learns the world's language prior from text alone)."""
     vlm.model.vision_tower.requires_grad_(False)
     params = [p for p in vlm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        betas=(0.9, 0.95),
+    )
     for step in range(steps):
         for group in opt.param_groups:  # linear warm-up, then cosine decay to 0
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = (
+                lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            )
         idx = range(step * batch_size, (step + 1) * batch_size)
         batch = data.collate_sft(vlm, [world.example("sft", i, turns, kinds=kinds) for i in idx])
         hide = torch.tensor([random.Random(f"text-only-{i}").random() < text_only for i in idx])
         key_mask = ~(hide[:, None] & (batch["input_ids"] == vlm.cfg.image_token_id))
-        loss = losses.sft_loss(vlm(batch["input_ids"], batch["pixel_values"], key_mask=key_mask), batch["labels"])
+        loss = losses.sft_loss(
+            vlm(batch["input_ids"], batch["pixel_values"], key_mask=key_mask), batch["labels"]
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -723,17 +929,20 @@ def build_base(out, seed=0, log=print):
     vlm.save_pretrained(out)
     log(f"saved {out}")
 
+
 # -----------------------------------------------------------------------------
 # Command line
 
 
 @dataclass
 class Config:
-    build_base: str = ""    # a folder: build the base model there (about 10 minutes on 2 CPUs)
-    split: Literal[World.SPLITS] = "broken"  # otherwise write n examples of a split, PNGs and a JSONL,
-                                             # to look at
-    n: int = 8              # examples to write
-    world_seed: int = 0     # the world's scenes: 0-2 dev seeds, 3-5 test seeds
+    build_base: str = ""  # a folder: build the base model there (about 10 minutes on 2 CPUs)
+    split: Literal[World.SPLITS] = (
+        "broken"  # otherwise write n examples of a split, PNGs and a JSONL,
+    )
+    # to look at
+    n: int = 8  # examples to write
+    world_seed: int = 0  # the world's scenes: 0-2 dev seeds, 3-5 test seeds
     half: Literal["", "a", "b"] = ""  # the categories of one half of the world only
     out: str = "world_samples"  # the folder of the examples
     BOUNDS = dict(n=">= 0")
@@ -750,8 +959,14 @@ def main(argv=None):
             ex = world.example(cfg.split, i)
             path = os.path.join(cfg.out, f"{ex['id']}.png")
             ex["image"].save(path)
-            f.write(json.dumps(dict(id=ex["id"], image=path, messages=ex["messages"], scene=asdict(ex["scene"])))
-                    + "\n")
+            f.write(
+                json.dumps(
+                    dict(
+                        id=ex["id"], image=path, messages=ex["messages"], scene=asdict(ex["scene"])
+                    )
+                )
+                + "\n"
+            )
     print(f"wrote {cfg.n} {cfg.split} examples to {cfg.out}/")
 
 

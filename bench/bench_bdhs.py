@@ -23,6 +23,7 @@ attempt per pair (n_bdhs 1) and no similarity check: the retries and the embedde
 alike. Each side runs once on the first prompts before it is timed (the stop-string table, allocator
 warm-up).
 """
+
 import argparse
 import os
 import random
@@ -38,14 +39,29 @@ import world  # noqa: E402
 from model import VLM  # noqa: E402
 
 # LLaVA-1.6's geometry (CLIP 336/14 tower, AnyRes up to 672 x 672), scaled down in width and depth
-LLAVA16 = dict(model_type="llava_next", vision_feature_layer=-2,
-               vision_feature_select_strategy="default",
-               vision_config=dict(model_type="clip_vision_model", hidden_size=64,
-                                  intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=336, patch_size=14),
-               text_config=dict(model_type="llama", hidden_size=256, intermediate_size=688,
-                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                max_position_embeddings=4096))
+LLAVA16 = dict(
+    model_type="llava_next",
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+    vision_config=dict(
+        model_type="clip_vision_model",
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=336,
+        patch_size=14,
+    ),
+    text_config=dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    ),
+)
 
 
 def naive(vlm, recs, cfg, seed):
@@ -57,11 +73,18 @@ def naive(vlm, recs, cfg, seed):
         text = ""
         for ctx, p1, ws in bdhs.plan_sentences(r["chosen"], rng):
             ids = torch.tensor([prompt + bdhs.sentence_prefix(vlm, ctx, p1)])
-            keep, _ = bdhs.image_key_mask(ids, torch.ones_like(ids), vlm.cfg.image_token_id,
-                                          cfg.rho, gen)
-            o = vlm.generate(ids, key_mask=keep, pixel_values=pix["pixel_values"],
-                             image_sizes=pix.get("image_sizes"), max_new_tokens=cfg.sentence_tokens,
-                             temperature=0.0, stop_strings=(".",))[0]
+            keep, _ = bdhs.image_key_mask(
+                ids, torch.ones_like(ids), vlm.cfg.image_token_id, cfg.rho, gen
+            )
+            o = vlm.generate(
+                ids,
+                key_mask=keep,
+                pixel_values=pix["pixel_values"],
+                image_sizes=pix.get("image_sizes"),
+                max_new_tokens=cfg.sentence_tokens,
+                temperature=0.0,
+                stop_strings=(".",),
+            )[0]
             text += bdhs.join_sentence(p1, vlm.tokenizer.decode(o), ws)
         out.append(text)
     return out
@@ -70,10 +93,12 @@ def naive(vlm, recs, cfg, seed):
 def batched(vlm, recs, cfg):
     """bdhs.py's sampler, batch by batch, one plan stream over the batches (as naive() draws it)."""
     out, rng = [], random.Random(0)
+
     def no_check(texts):  # one attempt: the similarity is not used
         return torch.zeros(len(texts), 1)
+
     for b in range(0, len(recs), cfg.batch_size):
-        batch = recs[b:b + cfg.batch_size]
+        batch = recs[b : b + cfg.batch_size]
         res = bdhs.bdhs_batch(vlm, no_check, batch, cfg, torch.Generator(), rng)
         out += [x for x, _ in res]
     return out
@@ -91,8 +116,11 @@ def llava16_model(base):
 
 def prompts(n, side=0):
     """n description prompts of the world; side > 0: each image upscaled to side x side pixels."""
-    recs = [r for r in world.world_pairs(world.World(0), 8 * n, rejected=False)
-            if r["meta"]["kind"] == "describe"][:n]
+    recs = [
+        r
+        for r in world.world_pairs(world.World(0), 8 * n, rejected=False)
+        if r["meta"]["kind"] == "describe"
+    ][:n]
     for r in recs if side else []:
         r["image"] = r["image"].resize((side, side), 0)  # 0: nearest, the cells stay sharp
     return recs
@@ -109,12 +137,16 @@ def compare(name, vlm, recs, cfg, warm):
     t_naive = time.perf_counter() - t
     sents = sum(len(bdhs.split_sentences(r["chosen"])) for r in recs)
     img = vlm.image_token_counts(vlm.image_processor([recs[0]["image"]]).get("image_sizes"), 1)[0]
-    print(f"\n{name}: {len(recs)} prompts, {sents} sentences, {img} image tokens per prompt, batch "
-          f"{cfg.batch_size}, up to {cfg.sentence_tokens} new tokens per sentence")
+    print(
+        f"\n{name}: {len(recs)} prompts, {sents} sentences, {img} image tokens per prompt, batch "
+        f"{cfg.batch_size}, up to {cfg.sentence_tokens} new tokens per sentence"
+    )
     print(f"identical rejected texts: {sum(x == y for x, y in zip(ours, theirs))}/{len(recs)}")
-    print(f"| sampler | time (s) | pairs/s |\n|---|---|---|\n"
-          f"| naive, one call per sentence | {t_naive:.2f} | {len(recs) / t_naive:.2f} |\n"
-          f"| bdhs.py, shared prefill | {t_ours:.2f} | {len(recs) / t_ours:.2f} |")
+    print(
+        f"| sampler | time (s) | pairs/s |\n|---|---|---|\n"
+        f"| naive, one call per sentence | {t_naive:.2f} | {len(recs) / t_naive:.2f} |\n"
+        f"| bdhs.py, shared prefill | {t_ours:.2f} | {len(recs) / t_ours:.2f} |"
+    )
     print(f"ratio: {t_naive / t_ours:.2f}x")
     return t_naive / t_ours
 
@@ -141,8 +173,9 @@ def main():
         name = f"world base ({os.path.basename(a.model.rstrip('/'))})"
         ratios["world base"] = compare(name, base, prompts(a.n), cfg, warm=4)
     if a.case in ("both", "llava16"):
-        cfg = bdhs.Config(n_bdhs=1, rho=0.0, temperature=0.0, batch_size=a.n16,
-                          sentence_tokens=a.llava16_tokens)
+        cfg = bdhs.Config(
+            n_bdhs=1, rho=0.0, temperature=0.0, batch_size=a.n16, sentence_tokens=a.llava16_tokens
+        )
         name = "LLaVA-1.6-shaped random model (scaled down)"
         recs = prompts(a.n16, side=672)
         ratios["LLaVA-1.6-shaped"] = compare(name, llava16_model(base), recs, cfg, warm=1)

@@ -62,6 +62,7 @@ R_k its responses' lengths, P its prompt's):
   override): H200 989 TFLOP/s, 4,800 GB/s; H100 SXM 989, 3,350; H100 PCIe 756, 2,000; A100 80GB 312,
   2,039; A100 40GB 312, 1,555.
 """
+
 import argparse
 import contextlib
 import datetime
@@ -91,35 +92,72 @@ import model as M  # noqa: E402
 import train_offline as to  # noqa: E402
 
 # name substring -> (peak dense bf16 FLOP/s, memory bandwidth B/s); the first match wins
-DEVICES = [("H200", 989e12, 4.8e12), ("H100 PCIe", 756e12, 2.0e12), ("H100", 989e12, 3.35e12),
-           ("A100-SXM4-40GB", 312e12, 1.555e12), ("A100", 312e12, 2.039e12)]
+DEVICES = [
+    ("H200", 989e12, 4.8e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),
+    ("A100-SXM4-40GB", 312e12, 1.555e12),
+    ("A100", 312e12, 2.039e12),
+]
 PARTS = ("parity", "dpo", "kernel", "syncs", "decode")
-HF_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration",
-              "llava": "LlavaForConditionalGeneration"}  # transformers' class per model_type
+HF_CLASSES = {
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}  # transformers' class per model_type
 
 
 def llava16(tiny=False, layers=None):
     """config.json of LLaVA-1.6-vicuna-7b's geometry, or a tiny one of its shape for CPU tests;
     `layers`: that many decoder layers instead of the model's."""
     if tiny:
-        v = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 image_size=28)
-        t = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4)
+        v = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+        )
+        t = dict(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
         pins, image_token = [[x // 12 for x in p] for p in M.GRID_PINPOINTS], 4
     else:
-        v = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                 num_attention_heads=16, image_size=336)
-        t = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32)
+        v = dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+        )
+        t = dict(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+        )
         pins, image_token = M.GRID_PINPOINTS, 32000
     if layers:
         t["num_hidden_layers"] = layers
-    return dict(model_type="llava_next", image_token_index=image_token, vision_feature_layer=-2,
-                vision_feature_select_strategy="default", image_grid_pinpoints=pins,
-                vision_config=dict(model_type="clip_vision_model", patch_size=14, **v),
-                text_config=dict(model_type="llama", num_key_value_heads=t["num_attention_heads"],
-                                 rms_norm_eps=1e-5, max_position_embeddings=4096, **t))
+    return dict(
+        model_type="llava_next",
+        image_token_index=image_token,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=pins,
+        vision_config=dict(model_type="clip_vision_model", patch_size=14, **v),
+        text_config=dict(
+            model_type="llama",
+            num_key_value_heads=t["num_attention_heads"],
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+            **t,
+        ),
+    )
 
 
 def build(raw, dtype, lora=None):
@@ -200,8 +238,12 @@ def prompt_inputs(vlm, hw, n_text, dev, seed=0):
     text = torch.randint(5, hi, (4 + n_text,), generator=g)
     ids = torch.cat([torch.tensor([1]), text[:4], torch.full((n_img,), img), text[4:]])[None]
     pix["pixel_values"] = pix["pixel_values"].to(dev, vlm.lm_head.weight.dtype)
-    return dict(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev),
-                **{k: v.to(dev) for k, v in pix.items()})
+    return dict(
+        input_ids=ids.to(dev),
+        attention_mask=torch.ones_like(ids).to(dev),
+        **{k: v.to(dev) for k, v in pix.items()},
+    )
+
 
 # -----------------------------------------------------------------------------
 # The table: a markdown row on stdout as each check ends, and the whole as JSON in --out
@@ -226,8 +268,9 @@ class Table:
             traceback.print_exc()
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             row = dict(result="error", detail=msg, error=msg)
-        row = dict(row, title=title, seconds=round(time.perf_counter() - t0, 1),
-                   log=out.getvalue()[-2000:])
+        row = dict(
+            row, title=title, seconds=round(time.perf_counter() - t0, 1), log=out.getvalue()[-2000:]
+        )
         self.rows[key] = row
         cell = (row["detail"] or "").replace("|", "/")
         if self.show:
@@ -237,6 +280,7 @@ class Table:
                     json.dump(plain(dict(self.head, rows=self.rows)), f, indent=1)
                 os.replace(self.out + ".tmp", self.out)
         return row
+
 
 # -----------------------------------------------------------------------------
 # Row parity: bf16 logits and greedy ids of model.py against transformers, the same random weights
@@ -261,7 +305,9 @@ def hf_twin(vlm, raw, dev):
     missing = [k for k, _ in hf.named_parameters() if k not in sd]
     unused = set(ours) - {M.hf_name(k) for k in sd}
     if missing or unused:
-        raise KeyError(f"weights do not match: transformers' {missing[:3]}, ours {sorted(unused)[:3]}")
+        raise KeyError(
+            f"weights do not match: transformers' {missing[:3]}, ours {sorted(unused)[:3]}"
+        )
     hf.load_state_dict(sd, strict=False)  # what it leaves out: buffers (position ids, RoPE)
     hf.generation_config.eos_token_id = None  # random weights: exactly N new tokens on both sides
     hf.generation_config.pad_token_id = 0
@@ -272,6 +318,7 @@ def hf_twin(vlm, raw, dev):
 def parity_row(a, dev):
     try:
         import transformers
+
         version = transformers.__version__
     except ImportError as e:
         return dict(result="n/a", detail=f"no transformers: {e}")
@@ -285,19 +332,32 @@ def parity_row(a, dev):
     theirs = hf(**x).logits.float()  # (1, T, V)
     ours = vlm(**x).float()
     N = 8
-    ref = hf.generate(**x, max_new_tokens=N, do_sample=False)[0, x["input_ids"].shape[1]:].tolist()
-    got = vlm.generate(x["input_ids"], x["attention_mask"], x["pixel_values"],
-                       x.get("image_sizes"), max_new_tokens=N, eos_token_id=[])[0]
+    ref = hf.generate(**x, max_new_tokens=N, do_sample=False)[0, x["input_ids"].shape[1] :].tolist()
+    got = vlm.generate(
+        x["input_ids"],
+        x["attention_mask"],
+        x["pixel_values"],
+        x.get("image_sizes"),
+        max_new_tokens=N,
+        eos_token_id=[],
+    )[0]
     delta = float((ours - theirs).abs().max())
-    same = [i for i in range(N) if got[i:i + 1] != ref[i:i + 1]]
+    same = [i for i in range(N) if got[i : i + 1] != ref[i : i + 1]]
     ids = "greedy ids equal" if not same else f"greedy ids differ from new token {same[0]}"
     argmax = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
     L = vlm.cfg.text.num_hidden_layers
-    return dict(result=f"max abs Δ {delta:.3g}; {ids} ({N} new)", max_abs_delta=delta,
-                greedy_equal=not same, argmax_agree=argmax, ours=got, transformers=ref,
-                detail=f"transformers {version} {cls}, {a.dtype}, {L} decoder layers, "
-                       f"{x['input_ids'].shape[1]} tokens, max abs logit "
-                       f"{float(theirs.abs().max()):.3g}, argmax agrees at {100 * argmax:.1f}%")
+    return dict(
+        result=f"max abs Δ {delta:.3g}; {ids} ({N} new)",
+        max_abs_delta=delta,
+        greedy_equal=not same,
+        argmax_agree=argmax,
+        ours=got,
+        transformers=ref,
+        detail=f"transformers {version} {cls}, {a.dtype}, {L} decoder layers, "
+        f"{x['input_ids'].shape[1]} tokens, max abs logit "
+        f"{float(theirs.abs().max()):.3g}, argmax agrees at {100 * argmax:.1f}%",
+    )
+
 
 # -----------------------------------------------------------------------------
 # Row dpo: one LoRA DPO step through train_offline's own functions
@@ -314,10 +374,16 @@ def pair_items(vlm, B, hw, prompt_text, response, seed=0):
 
     def rand(n):
         return torch.randint(5, hi, (n,), generator=g).tolist()
+
     n_img = vlm.image_token_counts([hw])[0]
-    items = [dict(image=Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)),
-                  prompt=[1] + rand(4) + [img] * n_img + rand(prompt_text - 4),
-                  responses=[rand(response), rand(response)]) for _ in range(B)]
+    items = [
+        dict(
+            image=Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)),
+            prompt=[1] + rand(4) + [img] * n_img + rand(prompt_text - 4),
+            responses=[rand(response), rand(response)],
+        )
+        for _ in range(B)
+    ]
     return items, n_img
 
 
@@ -352,8 +418,10 @@ def step_flops(vlm, batch, n_img, base=4):
     n_views = sum(1 + gh * gw for gh, gw, _ in grids)
     Tv = (v.image_size // v.patch_size) ** 2 + 1
     layers = max(i % (v.num_hidden_layers + 1) for i in vlm.cfg.feature_layers)  # those LLaVA runs
-    tower = layers * (2 * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size) * Tv
-                      + 4 * v.hidden_size * Tv * Tv)
+    tower = layers * (
+        2 * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) * Tv
+        + 4 * v.hidden_size * Tv * Tv
+    )
     proj = sum(p.numel() for p in vlm.model.multi_modal_projector.parameters())
     return flops + n_views * tower + 4 * proj * n_img * len(T)
 
@@ -368,6 +436,7 @@ def random_checkpoint(raw, dev):
         vlm = materialize(build(raw, dtype), dev)
         vlm.template, vlm.template_source = "vicuna", f"{path}: random weights"
         return vlm
+
     M.VLM.from_pretrained = staticmethod(load)
     try:
         yield
@@ -378,10 +447,22 @@ def random_checkpoint(raw, dev):
 def dpo_row(a, dev, peak, ranks):
     """train_offline.main()'s step, timed: --steps steps after one untimed (allocation, autotuning)."""
     W = ranks.W
-    cfg = to.Config(model=f"random {'tiny' if a.tiny else '7B'} geometry", lora_r=a.lora_r,
-                    lora_alpha=a.lora_alpha, beta=0.1, rpo_alpha=0.0, lr=1e-6, lr_projector=2e-5,
-                    warmup=1, batch_size=a.batch * W, steps=a.steps + 1, grad_ckpt=a.grad_ckpt,
-                    dtype="bfloat16" if a.autocast else "float32", fsdp=W > 1, cache_dir=a.cache_dir)
+    cfg = to.Config(
+        model=f"random {'tiny' if a.tiny else '7B'} geometry",
+        lora_r=a.lora_r,
+        lora_alpha=a.lora_alpha,
+        beta=0.1,
+        rpo_alpha=0.0,
+        lr=1e-6,
+        lr_projector=2e-5,
+        warmup=1,
+        batch_size=a.batch * W,
+        steps=a.steps + 1,
+        grad_ckpt=a.grad_ckpt,
+        dtype="bfloat16" if a.autocast else "float32",
+        fsdp=W > 1,
+        cache_dir=a.cache_dir,
+    )
     sync = sync_of(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -394,7 +475,9 @@ def dpo_row(a, dev, peak, ranks):
     ref = to.reference_logps(cfg, pm, items, a.batch, ranks)  # (N, K): the cache, as main() has it
     ref_s = time.perf_counter() - t0
     amp = torch.autocast(dev.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
-    parts = to.by_length(list(range(ranks.rank, cfg.batch_size, W)), items, dev.type)  # this rank's pairs
+    parts = to.by_length(
+        list(range(ranks.rank, cfg.batch_size, W)), items, dev.type
+    )  # this rank's pairs
     times, delta, flops, flops_4nt, tokens, sums = [], 0.0, 0, 0, 0, {}
     for step in range(cfg.steps):
         ranks.barrier()
@@ -430,17 +513,27 @@ def dpo_row(a, dev, peak, ranks):
     r = {k: s / max(n, 1) for k, (s, n) in sums.items()}  # step 0's metrics
     del model, pm, vlm, opt
     mem_text = f"{mem:.1f} GiB" if dev.type == "cuda" else "n/a (not CUDA)"
-    return dict(result=f"{step_s:.3f} s/step; MFU {shown(mfu, '%')} (6NT), {shown(mfu4, '%')} "
-                       f"(4NT); peak {mem_text}; step-0 max abs Δ(ref, policy) {delta:.3g}",
-                s_per_step=step_s, mfu_6nt=mfu, mfu_4nt=mfu4, peak_gib=mem, ref_delta=delta,
-                tokens_per_s=tokens / step_s, tflop_per_step=flops / 1e12, ref_pass_s=ref_s,
-                rewards_chosen=r["rewards/chosen"], rewards_rejected=r["rewards/rejected"],
-                detail=f"{W} {dev.type} device(s){', FSDP2' if W > 1 else ''}, {a.batch} pair(s) "
-                       f"per device of {tokens // cfg.batch_size:,} tokens ({n_img} image), "
-                       f"{len(parts)} forward(s), median of {len(times) - 1}; {tokens / step_s:,.0f}"
-                       f" tokens/s, {flops / 1e12:.3g} TFLOP/step (6NT); LoRA r {a.lora_r} "
-                       f"({n_lora:,}), base {weights}, --dtype {cfg.dtype}, grad_ckpt "
-                       f"{a.grad_ckpt}; reference pass {ref_s:.1f} s")
+    return dict(
+        result=f"{step_s:.3f} s/step; MFU {shown(mfu, '%')} (6NT), {shown(mfu4, '%')} "
+        f"(4NT); peak {mem_text}; step-0 max abs Δ(ref, policy) {delta:.3g}",
+        s_per_step=step_s,
+        mfu_6nt=mfu,
+        mfu_4nt=mfu4,
+        peak_gib=mem,
+        ref_delta=delta,
+        tokens_per_s=tokens / step_s,
+        tflop_per_step=flops / 1e12,
+        ref_pass_s=ref_s,
+        rewards_chosen=r["rewards/chosen"],
+        rewards_rejected=r["rewards/rejected"],
+        detail=f"{W} {dev.type} device(s){', FSDP2' if W > 1 else ''}, {a.batch} pair(s) "
+        f"per device of {tokens // cfg.batch_size:,} tokens ({n_img} image), "
+        f"{len(parts)} forward(s), median of {len(times) - 1}; {tokens / step_s:,.0f}"
+        f" tokens/s, {flops / 1e12:.3g} TFLOP/step (6NT); LoRA r {a.lora_r} "
+        f"({n_lora:,}), base {weights}, --dtype {cfg.dtype}, grad_ckpt "
+        f"{a.grad_ckpt}; reference pass {ref_s:.1f} s",
+    )
+
 
 # -----------------------------------------------------------------------------
 # Row kernel: which attention a packed pair's mask gets
@@ -449,8 +542,12 @@ def dpo_row(a, dev, peak, ranks):
 def attention_ops(prof):
     """The attention ops a profile saw: SDPA's backends (aten::_scaled_dot_product_*), Flex's."""
     names = {e.key for e in prof.key_averages()}
-    return sorted(n for n in names if n != "aten::scaled_dot_product_attention"
-                  and ("scaled_dot_product" in n or "flex" in n.lower()))
+    return sorted(
+        n
+        for n in names
+        if n != "aten::scaled_dot_product_attention"
+        and ("scaled_dot_product" in n or "flex" in n.lower())
+    )
 
 
 def kernel_row(a, dev):
@@ -466,6 +563,7 @@ def kernel_row(a, dev):
 
         def encoded(*args, **kw):  # the tower's own (unmasked) attention stays out of the profile
             return feats
+
         vlm.encode_images = encoded
         pm = to.PairModel(vlm)
         pm(**batch)  # warm-up: a lazy path (a compiled Flex) builds here
@@ -501,11 +599,17 @@ def kernel_row(a, dev):
         ms[key] = 1e3 * (time.perf_counter() - t0) / 5
     short = [o.replace("aten::_scaled_dot_product_", "").replace("aten::", "") for o in ops]
     accepted = ", ".join(f"{n} {'yes' if ok else 'no'}" for n, ok in takes.items())
-    return dict(result=f"{' + '.join(short)} (model.py: {', '.join(switch) or 'SDPA, no Flex path'})",
-                ops=ops, flex_switch=switch, accepted=takes, masked_ms=ms["masked"],
-                causal_ms=ms["causal"],
-                detail=f"T {T}, {a.dtype}; the mask forced on each backend: {accepted}; one layer's "
-                       f"attention: masked {ms['masked']:.2f} ms, plain causal {ms['causal']:.2f} ms")
+    return dict(
+        result=f"{' + '.join(short)} (model.py: {', '.join(switch) or 'SDPA, no Flex path'})",
+        ops=ops,
+        flex_switch=switch,
+        accepted=takes,
+        masked_ms=ms["masked"],
+        causal_ms=ms["causal"],
+        detail=f"T {T}, {a.dtype}; the mask forced on each backend: {accepted}; one layer's "
+        f"attention: masked {ms['masked']:.2f} ms, plain causal {ms['causal']:.2f} ms",
+    )
+
 
 # -----------------------------------------------------------------------------
 # Rows syncs and decode: batch-1 decode of the 7B geometry
@@ -536,6 +640,7 @@ class SyncCount:
         def call(*args, **kw):
             self.n += 1
             return fn(*args, **kw)
+
         return call
 
     def __exit__(self, *exc):
@@ -570,11 +675,18 @@ def syncs_row(a, dev, cache):
             vlm.generate(x[0], x[1], x[2], max_new_tokens=K, eos_token_id=[])
         counts.append(c.n)
     per = (counts[1] - counts[0]) / n
-    how = "torch.cuda.set_sync_debug_mode('warn')" if dev.type == "cuda" else \
-        "calls that sync on a GPU (item, bool, int, float, index, tolist, numpy)"
-    return dict(result=f"{per:.2f} per decode token", per_token=per, counts=counts,
-                detail=f"VLM.generate, batch 1: {counts[0]} syncs for {n} new tokens, {counts[1]} "
-                       f"for {2 * n}; counted by {how}")
+    how = (
+        "torch.cuda.set_sync_debug_mode('warn')"
+        if dev.type == "cuda"
+        else "calls that sync on a GPU (item, bool, int, float, index, tolist, numpy)"
+    )
+    return dict(
+        result=f"{per:.2f} per decode token",
+        per_token=per,
+        counts=counts,
+        detail=f"VLM.generate, batch 1: {counts[0]} syncs for {n} new tokens, {counts[1]} "
+        f"for {2 * n}; counted by {how}",
+    )
 
 
 def decode_bytes(vlm, ctx):
@@ -608,25 +720,37 @@ def decode_row(a, dev, bw, cache):
     tok_s = (K - 1) / min(r[1] for r in runs)  # K - 1 forwards: the prefill gives the first token
     nbytes = decode_bytes(vlm, ids.shape[1] + K // 2)  # the cache half-way through the decode
     roof = bw / nbytes if bw else float("nan")
-    return dict(result=f"{tok_s:.1f} tok/s = {shown(100 * tok_s / roof, '%', 0)} of the roofline "
-                       f"{shown(roof, ' tok/s', 0)}", tok_s=tok_s, roofline_tok_s=roof,
-                share=tok_s / roof, gb_per_token=nbytes / 1e9,
-                detail=f"{a.dtype}, {nbytes / 1e9:.3f} GB read per token at {shown(bw / 1e9, ' GB/s', 0)}, "
-                       f"{tok_s * nbytes / 1e9:.1f} GB/s reached; {K} new tokens after a "
-                       f"{ids.shape[1]}-token prompt, best of {a.reps}")
+    return dict(
+        result=f"{tok_s:.1f} tok/s = {shown(100 * tok_s / roof, '%', 0)} of the roofline "
+        f"{shown(roof, ' tok/s', 0)}",
+        tok_s=tok_s,
+        roofline_tok_s=roof,
+        share=tok_s / roof,
+        gb_per_token=nbytes / 1e9,
+        detail=f"{a.dtype}, {nbytes / 1e9:.3f} GB read per token at {shown(bw / 1e9, ' GB/s', 0)}, "
+        f"{tok_s * nbytes / 1e9:.1f} GB/s reached; {K} new tokens after a "
+        f"{ids.shape[1]}-token prompt, best of {a.reps}",
+    )
+
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--part", default="all", help=f"all, or some of {','.join(PARTS)}")
     ap.add_argument("--out", default="", help="the table as JSON, rewritten after each row")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", type=M.parse_bool, default=False, help="tiny geometries (CPU tests)")
-    ap.add_argument("--bandwidth_gbs", "--bandwidth", type=float, default=0.0,
-                    help="GB/s; 0: from the device name")
+    ap.add_argument(
+        "--bandwidth_gbs",
+        "--bandwidth",
+        type=float,
+        default=0.0,
+        help="GB/s; 0: from the device name",
+    )
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="dense bf16; 0: from the name")
     ap.add_argument("--dtype", default="bfloat16", help="weights of parity, kernel and decode")
     ap.add_argument("--parity_layers", type=int, default=2, help="decoder layers of the parity row")
@@ -638,11 +762,17 @@ def main(argv=None):
     ap.add_argument("--response_tokens", type=int, default=250)
     ap.add_argument("--lora_r", type=int, default=128)
     ap.add_argument("--lora_alpha", type=float, default=256.0)
-    ap.add_argument("--autocast", type=M.parse_bool, default=True, help="--dtype bfloat16 of the step")
+    ap.add_argument(
+        "--autocast", type=M.parse_bool, default=True, help="--dtype bfloat16 of the step"
+    )
     ap.add_argument("--grad_ckpt", type=M.parse_bool, default=True)
     ap.add_argument("--cache_dir", default="", help="the reference cache; default: a temporary one")
-    ap.add_argument("--fsdp_ranks", type=int, default=-1,
-                    help="ranks of the FSDP2 run; -1: the visible GPUs if more than one, 0: none")
+    ap.add_argument(
+        "--fsdp_ranks",
+        type=int,
+        default=-1,
+        help="ranks of the FSDP2 run; -1: the visible GPUs if more than one, 0: none",
+    )
     a = ap.parse_args(argv)
     parts = PARTS if a.part == "all" else a.part.split(",")
     if bad := [p for p in parts if p not in PARTS]:
@@ -665,24 +795,45 @@ def main(argv=None):
     peak, bw, name = device_specs(a, dev)
     try:
         import transformers
+
         tf = transformers.__version__
     except ImportError:
         tf = "n/a"
-    head = dict(device=name, torch=torch.__version__, transformers=tf, peak_tflops=peak / 1e12,
-                bandwidth_gbs=bw / 1e9, date=datetime.date.today().isoformat(),
-                argv=sys.argv[1:] if argv is None else list(argv))
-    ranks.print(f"device {name}, peak bf16 {peak / 1e12:.0f} TFLOP/s, bandwidth {bw / 1e9:.0f} GB/s,"
-                f" torch {torch.__version__}, transformers {tf}, {ranks.W} rank(s)")
+    head = dict(
+        device=name,
+        torch=torch.__version__,
+        transformers=tf,
+        peak_tflops=peak / 1e12,
+        bandwidth_gbs=bw / 1e9,
+        date=datetime.date.today().isoformat(),
+        argv=sys.argv[1:] if argv is None else list(argv),
+    )
+    ranks.print(
+        f"device {name}, peak bf16 {peak / 1e12:.0f} TFLOP/s, bandwidth {bw / 1e9:.0f} GB/s,"
+        f" torch {torch.__version__}, transformers {tf}, {ranks.W} rank(s)"
+    )
     torch.manual_seed(0)
     table, cache = Table(a.out, head, ranks.rank == 0), {}
     geometry = "tiny" if a.tiny else "7B geometry"
     if "parity" in parts and ranks.W == 1:
-        table.run("parity", f"bf16 logits vs transformers ({geometry}, {a.parity_layers} layers)",
-                  parity_row, a, dev)
+        table.run(
+            "parity",
+            f"bf16 logits vs transformers ({geometry}, {a.parity_layers} layers)",
+            parity_row,
+            a,
+            dev,
+        )
         free(dev)
     if "dpo" in parts:
-        table.run("dpo", f"LoRA DPO step, train_offline ({geometry}, {ranks.W} device(s))",
-                  dpo_row, a, dev, peak, ranks)
+        table.run(
+            "dpo",
+            f"LoRA DPO step, train_offline ({geometry}, {ranks.W} device(s))",
+            dpo_row,
+            a,
+            dev,
+            peak,
+            ranks,
+        )
         free(dev)
     if "kernel" in parts and ranks.W == 1:
         table.run("kernel", "attention of a packed pair's mask", kernel_row, a, dev)
@@ -690,14 +841,26 @@ def main(argv=None):
     if "syncs" in parts and ranks.W == 1:
         table.run("syncs", "host syncs per decode token", syncs_row, a, dev, cache)
     if "decode" in parts and ranks.W == 1:
-        table.run("decode", f"batch-1 decode ({geometry}, {a.dtype})", decode_row, a, dev, bw, cache)
+        table.run(
+            "decode", f"batch-1 decode ({geometry}, {a.dtype})", decode_row, a, dev, bw, cache
+        )
     cache.clear()
     free(dev)
     n = a.fsdp_ranks if a.fsdp_ranks >= 0 else torch.cuda.device_count() * (dev.type == "cuda")
     if "dpo" in parts and ranks.W == 1 and n > 1:  # FSDP2, a process per GPU
         args = argv if argv is not None else sys.argv[1:]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(n), os.path.abspath(__file__), *args, "--part", "dpo"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(n),
+            os.path.abspath(__file__),
+            *args,
+            "--part",
+            "dpo",
+        ]
         done = subprocess.run(cmd)
         if done.returncode:  # its error is above; the table of this process stands
             print(f"the FSDP2 run on {n} ranks failed (exit {done.returncode})", flush=True)

@@ -51,6 +51,7 @@ micro-step with the gradients and AdamW moments of an earlier step in place. Its
 are the same functions at that geometry, with no GPU overheads. The CPU's SDPA keeps what CUDA's
 memory-efficient kernel keeps (measured: no T^2 per head).
 """
+
 import argparse
 import gc
 import json
@@ -70,8 +71,12 @@ from model import parse_bool  # noqa: E402
 
 GB = 1e9
 # name, GPUs sharing the weights (FSDP2 shards; HSDP shards within a node), GB per card
-SETTINGS = [("8 GPUs (FSDP2, 1 node)", 8, 80), ("2 x 8 (HSDP)", 8, 80), ("one 80 GB card", 1, 80),
-            ("one 24 GB card", 1, 24)]
+SETTINGS = [
+    ("8 GPUs (FSDP2, 1 node)", 8, 80),
+    ("2 x 8 (HSDP)", 8, 80),
+    ("one 80 GB card", 1, 80),
+    ("one 24 GB card", 1, 24),
+]
 # bench_dpo.py --mode lora, trl DPOTrainer + peft: peak extra RSS, MB (2^20 B), README "Speed and
 # memory" (median of 3 runs, 2026-12-02); its shape is hidden 512 x 4 layers, vocab 32000, 8 pairs
 TRL_MEASURED_MB = 8312
@@ -105,18 +110,26 @@ def geometry(vlm):
     train = [p for p in vlm.parameters() if p.requires_grad]
     frozen = [p for p in vlm.parameters() if not p.requires_grad]
     linears = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    return dict(d=t.hidden_size, I=t.intermediate_size, H=t.num_attention_heads, D=t.head_dim, L=L,
-                V=t.vocab_size, Cv=v.hidden_size,
-                r=layer.self_attn.q_proj.lora_A.shape[0],
-                frozen=count(frozen), train=count(train),
-                lora=count(p for n, p in vlm.named_parameters() if "lora_" in n),
-                layer=count(layer.parameters()),
-                layer_lora=count(p for n, p in layer.named_parameters() if "lora_" in n),
-                proj=count(vlm.model.multi_modal_projector.parameters()),
-                root=count(vlm.parameters()) - L * count(layer.parameters()),
-                largest=max(p.numel() for p in vlm.parameters()),
-                largest_train=max(p.numel() for p in train),
-                largest_linear=max(w.numel() for w in linears))
+    return dict(
+        d=t.hidden_size,
+        I=t.intermediate_size,
+        H=t.num_attention_heads,
+        D=t.head_dim,
+        L=L,
+        V=t.vocab_size,
+        Cv=v.hidden_size,
+        r=layer.self_attn.q_proj.lora_A.shape[0],
+        frozen=count(frozen),
+        train=count(train),
+        lora=count(p for n, p in vlm.named_parameters() if "lora_" in n),
+        layer=count(layer.parameters()),
+        layer_lora=count(p for n, p in layer.named_parameters() if "lora_" in n),
+        proj=count(vlm.model.multi_modal_projector.parameters()),
+        root=count(vlm.parameters()) - L * count(layer.parameters()),
+        largest=max(p.numel() for p in vlm.parameters()),
+        largest_train=max(p.numel() for p in train),
+        largest_linear=max(w.numel() for w in linears),
+    )
 
 
 def layer_saved(g, T, fp32=False):
@@ -190,8 +203,12 @@ def phases(g, S, b, rows, R, n_feat, ckpt=True, train=None, ref_rows=None):
     final = resident + unit + 2 * 4 * g["largest_linear"] + 2 * g["largest_linear"]  # W + BA, cast
     ref = m["weights"] + (m["gathered"] if S > 1 else 0)
     ref += b * reference_work(g, ref_rows or rows, R)
-    return dict(load=load / GB, steady=sum(m.values()) / GB, save=max(intermediate, final) / GB,
-                ref=ref / GB)
+    return dict(
+        load=load / GB,
+        steady=sum(m.values()) / GB,
+        save=max(intermediate, final) / GB,
+        ref=ref / GB,
+    )
 
 
 def largest_batch(g, S, cap, rows, R, n_feat, overhead, train=None):
@@ -215,14 +232,18 @@ def table(a):
     vlm = build(bench_gpu.llava16(), (a.lora_r, a.lora_alpha))  # meta: no memory
     g = geometry(vlm)
     s = shapes(vlm, a.prompt_text, a.response_tokens)
-    print(f"LLaVA-1.6-vicuna-7B geometry: {(g['frozen'] + g['train']) / 1e9:.2f} B parameters; "
-          f"trainable {g['train'] / 1e6:.0f} M (LoRA r {g['r']}: {g['lora'] / 1e6:.0f} M, projector "
-          f"{g['proj'] / 1e6:.0f} M); a pair is {s['T']} tokens packed ({s['n_img']} image tokens, "
-          f"{HW[1]} x {HW[0]}, anyres), responses {a.response_tokens} + {a.response_tokens}; trl's two rows "
-          f"{s['trl'][0]} tokens each. Gradient checkpointing on. Overheads assumed: CUDA context "
-          f"{a.context_gb:g} GB, NCCL {a.nccl_gb:g} GB. GB = 1e9 B per GPU.")
-    print("\n| setting | side | load | steady state, 1 pair / micro-step | max pairs / micro-step "
-          "| save peak | reference pass peak (1 pair) | fits |\n|---|---|---|---|---|---|---|---|")
+    print(
+        f"LLaVA-1.6-vicuna-7B geometry: {(g['frozen'] + g['train']) / 1e9:.2f} B parameters; "
+        f"trainable {g['train'] / 1e6:.0f} M (LoRA r {g['r']}: {g['lora'] / 1e6:.0f} M, projector "
+        f"{g['proj'] / 1e6:.0f} M); a pair is {s['T']} tokens packed ({s['n_img']} image tokens, "
+        f"{HW[1]} x {HW[0]}, anyres), responses {a.response_tokens} + {a.response_tokens}; trl's two rows "
+        f"{s['trl'][0]} tokens each. Gradient checkpointing on. Overheads assumed: CUDA context "
+        f"{a.context_gb:g} GB, NCCL {a.nccl_gb:g} GB. GB = 1e9 B per GPU."
+    )
+    print(
+        "\n| setting | side | load | steady state, 1 pair / micro-step | max pairs / micro-step "
+        "| save peak | reference pass peak (1 pair) | fits |\n|---|---|---|---|---|---|---|---|"
+    )
     rows = []
     for name, S, cap in SETTINGS:
         over = a.context_gb + (a.nccl_gb if S > 1 else 0)
@@ -238,8 +259,10 @@ def table(a):
             fit = largest_batch(g, S, cap, shape, s["R"], n_feat, over, **kw)
             ok = max(p.values()) <= cap and fit >= 1
             rows.append(dict(setting=name, side=side, cap=cap, fit=fit, ok=ok, **p))
-            print(f"| {name} | {side} | {p['load']:.1f} | {p['steady']:.1f} | {fit} | "
-                  f"{p['save']:.1f} | {p['ref']:.1f} | {'yes' if ok else 'no'} |")
+            print(
+                f"| {name} | {side} | {p['load']:.1f} | {p['steady']:.1f} | {fit} | "
+                f"{p['save']:.1f} | {p['ref']:.1f} | {'yes' if ok else 'no'} |"
+            )
     return g, s, rows
 
 
@@ -251,12 +274,15 @@ def goal(rows):
     ours, trl = by[(SETTINGS[0][0], "ours")], by[(SETTINGS[0][0], "trl")]
     peak_o = max(ours[k] for k in ("load", "steady", "save", "ref"))
     peak_t = max(trl[k] for k in ("load", "steady", "save", "ref"))
-    print(f"\nGoal: one 24 GB card runs LoRA DPO at 7B with one pair per micro-step: "
-          f"{'met' if card['ok'] else 'not met'} (modelled peak "
-          f"{max(card[k] for k in ('load', 'steady', 'save', 'ref')):.1f} GB); the recipe's peak "
-          f"per GPU {peak_o:.1f} GB against trl + peft's {peak_t:.1f} GB (modelled) at 1 pair per "
-          f"micro-step: {'met' if peak_o <= peak_t else 'not met'}")
+    print(
+        f"\nGoal: one 24 GB card runs LoRA DPO at 7B with one pair per micro-step: "
+        f"{'met' if card['ok'] else 'not met'} (modelled peak "
+        f"{max(card[k] for k in ('load', 'steady', 'save', 'ref')):.1f} GB); the recipe's peak "
+        f"per GPU {peak_o:.1f} GB against trl + peft's {peak_t:.1f} GB (modelled) at 1 pair per "
+        f"micro-step: {'met' if peak_o <= peak_t else 'not met'}"
+    )
     return card["ok"] and peak_o <= peak_t
+
 
 # -----------------------------------------------------------------------------
 # Measured on CPU: the tensors autograd saves (the test's check of the activation terms)
@@ -273,10 +299,12 @@ def saved_bytes(pm, batch):
         if s.data_ptr() not in params:
             seen[s.data_ptr()] = s.nbytes()
         return x
+
     amp = torch.autocast("cpu", dtype=torch.bfloat16)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), amp:
         pm(**batch)
     return sum(seen.values())
+
 
 # -----------------------------------------------------------------------------
 # Measured on CPU: RSS growth over an in-process baseline (VmRSS, VmHWM of /proc/self/status)
@@ -296,12 +324,17 @@ def width_config(width, layers, tower_full):
     """LLaVA-1.6 geometry at LLM width `width` (MLP 11008 / 4096 of it, heads of 128), `layers`
     decoder layers; the full ViT-L/336 tower, or a small one (CI)."""
     raw = bench_gpu.llava16()
-    raw["text_config"].update(hidden_size=width, intermediate_size=width * 11008 // 4096,
-                              num_hidden_layers=layers, num_attention_heads=width // 128,
-                              num_key_value_heads=width // 128)
+    raw["text_config"].update(
+        hidden_size=width,
+        intermediate_size=width * 11008 // 4096,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 128,
+        num_key_value_heads=width // 128,
+    )
     if not tower_full:
-        raw["vision_config"].update(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
-                                    num_attention_heads=4)
+        raw["vision_config"].update(
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4
+        )
     return raw
 
 
@@ -326,8 +359,11 @@ def measure(width, layers, tower_full, prompt_text, response):
     opt = torch.optim.AdamW(params, lr=1e-6)
     for p in params:  # an earlier micro-step's gradients and AdamW's moments (the memory they hold)
         p.grad = torch.zeros_like(p).fill_(0.0)
-        opt.state[p] = dict(step=torch.tensor(1.0), exp_avg=torch.zeros_like(p).fill_(0.0),
-                            exp_avg_sq=torch.zeros_like(p).fill_(0.0))
+        opt.state[p] = dict(
+            step=torch.tensor(1.0),
+            exp_avg=torch.zeros_like(p).fill_(0.0),
+            exp_avg_sq=torch.zeros_like(p).fill_(0.0),
+        )
     gc.collect()
     reset_peak()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -336,14 +372,25 @@ def measure(width, layers, tower_full, prompt_text, response):
         loss.backward()
     peak = status_kb("VmHWM") * 1024 - base
     m = memory(g, 1, 1, s["ours"], s["R"], s["n_feat"])
-    return dict(T=s["T"], load=load, step=peak, load_model=m["weights"],
-                step_model=sum(m.values()), width=width, layers=layers)
+    return dict(
+        T=s["T"],
+        load=load,
+        step=peak,
+        load_model=m["weights"],
+        step_model=sum(m.values()),
+        width=width,
+        layers=layers,
+    )
 
 
 def measure_child(width, layers, tower_full, prompt_text, response):
     """measure() in a fresh process, so that nothing of this one's counts."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--measure", f"{width},{layers},"
-           f"{int(tower_full)},{prompt_text},{response}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--measure",
+        f"{width},{layers},{int(tower_full)},{prompt_text},{response}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
@@ -358,13 +405,21 @@ def trl_at_bench_dpo():
     import bench_dpo
     import data
     import model as M
+
     a = argparse.Namespace(vision_hidden=256, vocab=32000, hidden=512, layers=4)
     with tempfile.TemporaryDirectory() as path:
         bench_dpo.build(a, path)
         vlm = M.VLM.from_pretrained(path)
-        recs = [dict(id=str(i), image=e["image"], chosen=e["chosen"], rejected=e["rejected"],
-                     conversation=[{"role": "user", "content": "<image>\n" + e["question"]}])
-                for i, e in enumerate(bench_dpo.examples(8))]
+        recs = [
+            dict(
+                id=str(i),
+                image=e["image"],
+                chosen=e["chosen"],
+                rejected=e["rejected"],
+                conversation=[{"role": "user", "content": "<image>\n" + e["question"]}],
+            )
+            for i, e in enumerate(bench_dpo.examples(8))
+        ]
         items, _ = data.prepare_pairs(vlm, recs, warn=False)
     vlm.requires_grad_(False)
     M.add_lora(vlm, 128, 256.0)
@@ -376,18 +431,26 @@ def trl_at_bench_dpo():
 
 
 def check():
-    print("\nCheck on CPU (measured: RSS growth over the baseline before the load; modelled: the "
-          "functions above at that geometry, no GPU overheads):")
+    print(
+        "\nCheck on CPU (measured: RSS growth over the baseline before the load; modelled: the "
+        "functions above at that geometry, no GPU overheads):"
+    )
     r = measure_child(4096, 2, True, 60, 250)
-    print("| model | tokens | load, measured (GB) | load, modelled | micro-step peak, measured "
-          "| micro-step peak, modelled | measured / modelled |\n|---|---|---|---|---|---|---|")
-    print(f"| width 4096, MLP 11008, 32 heads, 2 layers, ViT-L/336 | {r['T']} | {r['load'] / GB:.2f} "
-          f"| {r['load_model'] / GB:.2f} | {r['step'] / GB:.2f} | {r['step_model'] / GB:.2f} | "
-          f"{r['step'] / r['step_model']:.3f} |")
+    print(
+        "| model | tokens | load, measured (GB) | load, modelled | micro-step peak, measured "
+        "| micro-step peak, modelled | measured / modelled |\n|---|---|---|---|---|---|---|"
+    )
+    print(
+        f"| width 4096, MLP 11008, 32 heads, 2 layers, ViT-L/336 | {r['T']} | {r['load'] / GB:.2f} "
+        f"| {r['load_model'] / GB:.2f} | {r['step'] / GB:.2f} | {r['step_model'] / GB:.2f} | "
+        f"{r['step'] / r['step_model']:.3f} |"
+    )
     trl, longest = trl_at_bench_dpo()
-    print(f"trl + peft at bench_dpo.py --mode lora's shape (16 rows of {longest} tokens, fp32): "
-          f"modelled {trl:,.0f} MB, measured {TRL_MEASURED_MB:,} MB (README), modelled / measured "
-          f"{trl / TRL_MEASURED_MB:.2f}")
+    print(
+        f"trl + peft at bench_dpo.py --mode lora's shape (16 rows of {longest} tokens, fp32): "
+        f"modelled {trl:,.0f} MB, measured {TRL_MEASURED_MB:,} MB (README), modelled / measured "
+        f"{trl / TRL_MEASURED_MB:.2f}"
+    )
     return r
 
 
@@ -405,13 +468,20 @@ def epoch_time(a):
     train_pairs = a.pairs - min(200, a.pairs // 10)  # train_offline holds out a tenth, at most 200
     steps = train_pairs // a.batch_size
     ref_flops = 2 * base * T + 2 * t.hidden_size * t.vocab_size * R
-    print(f"\nTime per epoch of {a.pairs} pairs ({train_pairs} trained, {steps} steps of "
-          f"{a.batch_size}), assumed, not measured: " +
-          (f"measured {a.step_s} s per step of {a.measured_batch} pairs per GPU" if a.step_s
-           else f"{a.mfu:.0%} of {a.peak_tflops:g} TFLOP/s") +
-          "; the reference pass runs once per run")
-    print("| GPUs | pairs per GPU per step | time per epoch (min) | reference pass (min) |\n"
-          "|---|---|---|---|")
+    print(
+        f"\nTime per epoch of {a.pairs} pairs ({train_pairs} trained, {steps} steps of "
+        f"{a.batch_size}), assumed, not measured: "
+        + (
+            f"measured {a.step_s} s per step of {a.measured_batch} pairs per GPU"
+            if a.step_s
+            else f"{a.mfu:.0%} of {a.peak_tflops:g} TFLOP/s"
+        )
+        + "; the reference pass runs once per run"
+    )
+    print(
+        "| GPUs | pairs per GPU per step | time per epoch (min) | reference pass (min) |\n"
+        "|---|---|---|---|"
+    )
     peak = a.peak_tflops * 1e12
     for W in (8, 16):
         per_gpu = a.batch_size / W
@@ -424,16 +494,21 @@ def epoch_time(a):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--pairs", type=int, default=5000)
     ap.add_argument("--batch_size", type=int, default=32, help="global pairs per optimizer step")
     ap.add_argument("--prompt_text", type=int, default=60, help="text tokens; the image adds 2,868")
     ap.add_argument("--response_tokens", type=int, default=250)
     ap.add_argument("--lora_r", type=int, default=128)
     ap.add_argument("--lora_alpha", type=float, default=256.0)
-    ap.add_argument("--context_gb", type=float, default=1.0, help="assumed: CUDA context, cuBLAS "
-                    "workspace, allocator fragmentation")
+    ap.add_argument(
+        "--context_gb",
+        type=float,
+        default=1.0,
+        help="assumed: CUDA context, cuBLAS workspace, allocator fragmentation",
+    )
     ap.add_argument("--nccl_gb", type=float, default=1.0, help="assumed: NCCL buffers (> 1 GPU)")
     ap.add_argument("--peak_tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     ap.add_argument("--mfu", type=float, default=0.40, help="assumed share of peak, FLOPs executed")

@@ -9,6 +9,7 @@ random model of bench_model.py (576 image tokens per prompt; 4 prompts x 4 sampl
 disabled, so both sides produce exactly B x k x new_tokens tokens. Ours prefills each prompt (image included) once
 and copies its KV cache into the k sample rows; transformers repeats the inputs k times and prefills every row.
 """
+
 import argparse
 import os
 import sys
@@ -18,7 +19,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data  # noqa: E402
 import world  # noqa: E402
 from bench_model import CONFIG, inputs, timed  # noqa: E402
 from model import VLM  # noqa: E402
@@ -26,8 +26,10 @@ from model import VLM  # noqa: E402
 
 def world_inputs(vlm, B):
     recs = world.world_pairs(world.World(0), B)
-    batch = vlm.prepare([r["conversation"][0]["content"].replace("<image>\n", "") for r in recs],
-                        [r["image"] for r in recs])
+    batch = vlm.prepare(
+        [r["conversation"][0]["content"].replace("<image>\n", "") for r in recs],
+        [r["image"] for r in recs],
+    )
     return batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
 
 
@@ -38,6 +40,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
     from transformers import AutoConfig, LlavaForConditionalGeneration
+
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
@@ -52,19 +55,50 @@ def main():
             ours = VLM.from_pretrained(path, dtype=dtype, device=dev).eval()
             hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
         hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
-        ids, am, px = world_inputs(ours, B) if name == "world base" else inputs(B, 576, "cpu", torch.float32)
+        ids, am, px = (
+            world_inputs(ours, B) if name == "world base" else inputs(B, 576, "cpu", torch.float32)
+        )
         ids, am, px = ids.to(dev), am.to(dev), px.to(dev, dtype)
         g = torch.Generator(dev).manual_seed(0)
         with torch.inference_mode():
-            t_hf, out_hf = timed(lambda: hf.generate(input_ids=ids, pixel_values=px, attention_mask=am,
-                                                     max_new_tokens=K, min_new_tokens=K, do_sample=True,
-                                                     temperature=1.0, top_k=0, num_return_sequences=k), a.reps, sync)
-            t_us, out_us = timed(lambda: ours.generate(ids, am, px, max_new_tokens=K, temperature=1.0, generator=g,
-                                                       num_samples=k, eos_token_id=[]), a.reps, sync)
+            t_hf, out_hf = timed(
+                lambda: hf.generate(
+                    input_ids=ids,
+                    pixel_values=px,
+                    attention_mask=am,
+                    max_new_tokens=K,
+                    min_new_tokens=K,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    num_return_sequences=k,
+                ),
+                a.reps,
+                sync,
+            )
+            t_us, out_us = timed(
+                lambda: ours.generate(
+                    ids,
+                    am,
+                    px,
+                    max_new_tokens=K,
+                    temperature=1.0,
+                    generator=g,
+                    num_samples=k,
+                    eos_token_id=[],
+                ),
+                a.reps,
+                sync,
+            )
         n = B * k * K
         assert out_hf.shape == (B * k, ids.shape[1] + K) and sum(map(len, out_us)) == n
-        rows.append((f"{name}: {B} prompts x {k} samples x {K} tokens ({ids.shape[1]}-token prompts)", n / t_hf,
-                     n / t_us))
+        rows.append(
+            (
+                f"{name}: {B} prompts x {k} samples x {K} tokens ({ids.shape[1]}-token prompts)",
+                n / t_hf,
+                n / t_us,
+            )
+        )
     print(f"device {dev}, dtype {a.dtype}, threads {torch.get_num_threads()}, median of {a.reps}\n")
     print("| rollout | transformers tok/s | ours tok/s | ratio |\n|---|---|---|---|")
     for name, h, u in rows:

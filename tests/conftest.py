@@ -1,6 +1,7 @@
 """Every test's caches (reference log-probs, BDHS pairs, base reports) go to a temporary folder,
 never the real home: $MMALIGN_CACHE (model.CACHE_ENV) is set for the whole session, subprocesses
 included."""
+
 import os
 
 import pytest

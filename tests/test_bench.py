@@ -1,6 +1,7 @@
 """The GPU check at a tiny geometry on CPU (each of its rows, their independence, the FSDP2 path,
 the sync counter), the FLOPs' attention term, and the memory model's activations against the
 tensors autograd saves."""
+
 import json
 import math
 import os
@@ -24,15 +25,19 @@ TINY = ["--tiny", "true", "--device", "cpu", "--new_tokens", "4", "--reps", "1",
 
 def table_rows(text, first):
     """The cells of the markdown rows that start with `first`."""
-    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith(f"| {first}")]
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(f"| {first}")
+    ]
 
 
 def test_gpu_bench_runs_tiny_on_cpu(capsys, tmp_path):
     """Every row of the GPU check at tiny shapes: the markdown table and the JSON agree, no row fails."""
     out = str(tmp_path / "gpu.json")
-    bench_gpu.main(TINY + ["--fsdp_ranks", "0", "--peak_tflops", "1", "--bandwidth", "10",
-                           "--out", out])
+    bench_gpu.main(
+        TINY + ["--fsdp_ranks", "0", "--peak_tflops", "1", "--bandwidth", "10", "--out", out]
+    )
     text = capsys.readouterr().out
     with open(out) as f:
         rows = json.load(f)["rows"]
@@ -62,8 +67,10 @@ def test_gpu_bench_step0_reference_is_the_policy_in_fp32(tmp_path):
 def test_gpu_bench_rows_fail_alone(monkeypatch, capsys):
     """A failing row prints its error in its cells; the rows after it still run. Without
     transformers, or without its LLaVA-NeXT class, the parity row says n/a and why."""
+
     def broken(*args):
         raise RuntimeError("no kernel today")
+
     monkeypatch.setattr(bench_gpu, "kernel_row", broken)
     monkeypatch.setitem(bench_gpu.HF_CLASSES, "llava_next", "NoSuchModelClass")
     rows = bench_gpu.main(TINY + ["--part", "parity,kernel,syncs"])
@@ -92,8 +99,17 @@ def test_sync_count_counts_host_reads_and_restores_tensor():
 def test_gpu_bench_fsdp_on_two_ranks(tmp_path):
     """The dpo row under torchrun on 2 gloo ranks (FSDP2 through build_policy), its own JSON file."""
     out = str(tmp_path / "gpu.json")
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), *TINY, "--part", "dpo",
-           "--fsdp_ranks", "2", "--out", out]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "bench", "bench_gpu.py"),
+        *TINY,
+        "--part",
+        "dpo",
+        "--fsdp_ranks",
+        "2",
+        "--out",
+        out,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "failed" not in p.stdout
@@ -101,8 +117,11 @@ def test_gpu_bench_fsdp_on_two_ranks(tmp_path):
         dpo = json.load(f)["rows"]["dpo"]
     assert "error" not in dpo, dpo
     assert "2 cpu device(s), FSDP2" in dpo["detail"] and dpo["s_per_step"] > 0
-    assert re.search(r"^\| LoRA DPO step, train_offline \(tiny, 2 device\(s\)\) \| [0-9.]+ s/step",
-                     p.stdout, re.M)
+    assert re.search(
+        r"^\| LoRA DPO step, train_offline \(tiny, 2 device\(s\)\) \| [0-9.]+ s/step",
+        p.stdout,
+        re.M,
+    )
 
 
 def test_flops_count_the_pairs_the_packed_mask_allows():
@@ -120,8 +139,13 @@ def test_flops_count_the_pairs_the_packed_mask_allows():
 def small(ckpt):
     """The design's model at a small width: bf16 base, fp32 LoRA and projector."""
     raw = bench_gpu.llava16(tiny=True)
-    raw["text_config"].update(hidden_size=192, intermediate_size=520, num_hidden_layers=4,
-                              num_attention_heads=6, num_key_value_heads=6)
+    raw["text_config"].update(
+        hidden_size=192,
+        intermediate_size=520,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+    )
     meta = bench_memory.build(raw, (24, 48.0))
     vlm = bench_memory.build(raw, (24, 48.0), device="cpu")
     vlm.model.language_model.checkpointing = ckpt

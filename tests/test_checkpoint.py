@@ -1,6 +1,7 @@
 """A saved checkpoint replaces its source: every tokenizer and processor file, the source's dtype, a config whose
 dtype keys agree, transformers loading it with equal logits and a working apply_chat_template, and the chat
 template detected from where transformers keeps it (issue 28, "What to build" 3)."""
+
 import fnmatch
 import json
 import os
@@ -27,12 +28,20 @@ ROLE_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
     "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% else %}{{ ' ' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 # files a real checkpoint may carry beside what transformers' save writes: each must come back byte for byte
-EXTRA = {"added_tokens.json": b'{"<image>": 4}\n', "special_tokens_map.json": b'{"bos_token": "<s>"}\r\n',
-         "tokenizer.model": bytes(range(256)) * 3, "additional_chat_templates/terse.jinja": b"{{ 'x' }}"}
-TURNS = [{"role": "user", "content": "<image>\nWhat is shown?"}, {"role": "assistant", "content": "A cup."},
-         {"role": "user", "content": "Colour?"}]
+EXTRA = {
+    "added_tokens.json": b'{"<image>": 4}\n',
+    "special_tokens_map.json": b'{"bos_token": "<s>"}\r\n',
+    "tokenizer.model": bytes(range(256)) * 3,
+    "additional_chat_templates/terse.jinja": b"{{ 'x' }}",
+}
+TURNS = [
+    {"role": "user", "content": "<image>\nWhat is shown?"},
+    {"role": "assistant", "content": "A cup."},
+    {"role": "user", "content": "Colour?"},
+]
 
 
 def build(path, model_type="llava_next", dtype=None, template=ROLE_TEMPLATE):
@@ -58,8 +67,10 @@ def source(request, tmp_path_factory):
 
 def inputs(proc):
     ims = [random_image(40, 70, seed=0), random_image(90, 30, seed=1)]
-    text = [format_chat([{"role": "user", "content": "<image>\nWhat is this?"}], "llava"),
-            format_chat(TURNS[:1], "llava")]
+    text = [
+        format_chat([{"role": "user", "content": "<image>\nWhat is this?"}], "llava"),
+        format_chat(TURNS[:1], "llava"),
+    ]
     return proc(text=text, images=ims, return_tensors="pt", padding=True, padding_side="left")
 
 
@@ -74,8 +85,14 @@ def test_every_tokenizer_and_processor_file_is_copied(source, tmp_path):
     _, _, path = source
     assert os.path.exists(os.path.join(path, "chat_template.jinja"))
     VLM.from_pretrained(path).save_pretrained(str(tmp_path / "out"))
-    carried = ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "processor_config.json",
-               "generation_config.json", *EXTRA]
+    carried = [
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "generation_config.json",
+        *EXTRA,
+    ]
     for fn in carried:
         with open(os.path.join(path, fn), "rb") as a, open(tmp_path / "out" / fn, "rb") as b:
             assert a.read() == b.read(), fn
@@ -94,18 +111,24 @@ def test_transformers_loads_the_saved_folder_and_its_chat_template_works(source,
     for n in (1, 3):  # the prompt we build is the one transformers renders
         text = saved.apply_chat_template(TURNS[:n], add_generation_prompt=True, tokenize=False)
         assert text == format_chat(TURNS[:n], vlm.template)
-    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
-    assert saved.apply_chat_template(parts, add_generation_prompt=True, tokenize=False) == \
-        format_chat(TURNS[:1], vlm.template)
+    parts = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
+    ]
+    assert saved.apply_chat_template(
+        parts, add_generation_prompt=True, tokenize=False
+    ) == format_chat(TURNS[:1], vlm.template)
 
 
 @pytest.mark.parametrize("dtype_key", ["dtype", "torch_dtype"])
 def test_a_bf16_source_is_saved_in_bf16_with_lora_merged_in_fp32(tmp_path, dtype_key):
     from safetensors.torch import load_file
+
     src = tmp_path / "src"
     hf, proc = build(str(src), dtype=torch.bfloat16)
     raw = json.loads((src / "config.json").read_text())
-    raw["text_config"]["dtype"] = raw["vision_config"]["dtype"] = "bfloat16"  # as the issue's folder had
+    raw["text_config"]["dtype"] = raw["vision_config"]["dtype"] = (
+        "bfloat16"  # as the issue's folder had
+    )
     if dtype_key == "torch_dtype":  # a config in the older spelling only
         raw["torch_dtype"] = raw.pop("dtype")
     (src / "config.json").write_text(json.dumps(raw, indent=2))
@@ -119,10 +142,17 @@ def test_a_bf16_source_is_saved_in_bf16_with_lora_merged_in_fp32(tmp_path, dtype
                 p.normal_(0, 0.01)
     vlm.save_pretrained(str(tmp_path / "lora"))
     before = {M.hf_name(k): v for k, v in load_file(str(src / "model.safetensors")).items()}
-    plain = {M.hf_name(k): v for k, v in load_file(str(tmp_path / "plain" / "model.safetensors")).items()}
+    plain = {
+        M.hf_name(k): v for k, v in load_file(str(tmp_path / "plain" / "model.safetensors")).items()
+    }
     assert {v.dtype for v in plain.values()} == {torch.bfloat16}
-    assert abs(os.path.getsize(tmp_path / "plain" / "model.safetensors") -
-               os.path.getsize(src / "model.safetensors")) < 4096  # the same tensors, only the header differs
+    assert (
+        abs(
+            os.path.getsize(tmp_path / "plain" / "model.safetensors")
+            - os.path.getsize(src / "model.safetensors")
+        )
+        < 4096
+    )  # the same tensors, only the header differs
     assert sorted(plain) == sorted(before) and all(torch.equal(plain[k], before[k]) for k in before)
     for d in ("plain", "lora"):
         cfg = json.loads((tmp_path / d / "config.json").read_text())
@@ -157,18 +187,30 @@ def test_the_fp32_world_model_and_a_from_config_model_save_as_today(tmp_path):
     assert fresh.source_dtype is None
     fresh.save_pretrained(str(tmp_path / "f"))
     assert json.loads((tmp_path / "f" / "config.json").read_text())["dtype"] == "float32"
-    assert M.st_header(str(tmp_path / "f" / "model.safetensors"))[0]["lm_head.weight"]["dtype"] == "F32"
+    assert (
+        M.st_header(str(tmp_path / "f" / "model.safetensors"))[0]["lm_head.weight"]["dtype"]
+        == "F32"
+    )
 
 
 def test_chat_templates_are_matched_without_jinja():
-    ours = {name: json.dumps(format_chat(TURNS, name)) for name in M.TEMPLATES}  # a rendered text matches too
-    assert {name: M.match_template(text) for name, text in ours.items()} == {n: n for n in M.TEMPLATES}
+    ours = {
+        name: json.dumps(format_chat(TURNS, name)) for name in M.TEMPLATES
+    }  # a rendered text matches too
+    assert {name: M.match_template(text) for name, text in ours.items()} == {
+        n: n for n in M.TEMPLATES
+    }
     assert M.match_template(ROLE_TEMPLATE) == "llava"
     assert M.match_template("{{ m.role | upper }}: {{ m.content }}") == "llava"
     assert M.match_template("A chat between a person and a model. " + ROLE_TEMPLATE) == "vicuna"
-    assert M.match_template("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}") == "mistral"
+    assert (
+        M.match_template("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+        == "mistral"
+    )
     assert M.match_template("<|start_header_id|>{{ m['role'] }}<|end_header_id|>") is None
-    assert M.match_template("User: {{ m['content'] }}") is None  # a role name without .upper() is not USER
+    assert (
+        M.match_template("User: {{ m['content'] }}") is None
+    )  # a role name without .upper() is not USER
 
 
 def test_the_template_is_looked_up_where_transformers_looks(tmp_path):
@@ -179,23 +221,40 @@ def test_the_template_is_looked_up_where_transformers_looks(tmp_path):
     vlm = VLM.from_pretrained(path)
     assert vlm.template == "mistral" and "architecture" in vlm.template_source
     tok = json.loads((folder / "tokenizer_config.json").read_text())
-    tok["chat_template"] = [{"name": "default", "template": "<|im_start|>{{ m }}"}, {"name": "x", "template": ""}]
+    tok["chat_template"] = [
+        {"name": "default", "template": "<|im_start|>{{ m }}"},
+        {"name": "x", "template": ""},
+    ]
     (folder / "tokenizer_config.json").write_text(json.dumps(tok))
-    assert VLM.from_pretrained(path).template == "chatml"  # the tokenizer's, as a list of named templates
+    assert (
+        VLM.from_pretrained(path).template == "chatml"
+    )  # the tokenizer's, as a list of named templates
     proc = json.loads((folder / "processor_config.json").read_text())
-    (folder / "processor_config.json").write_text(json.dumps(proc | {"chat_template": "[INST] {{ m }}"}))
+    (folder / "processor_config.json").write_text(
+        json.dumps(proc | {"chat_template": "[INST] {{ m }}"})
+    )
     assert VLM.from_pretrained(path).template == "mistral"  # the processor's before the tokenizer's
-    (folder / "chat_template.json").write_text(json.dumps({"chat_template": "A chat between. USER: ASSISTANT:"}))
+    (folder / "chat_template.json").write_text(
+        json.dumps({"chat_template": "A chat between. USER: ASSISTANT:"})
+    )
     assert VLM.from_pretrained(path).template == "vicuna"
     (folder / "chat_template.jinja").write_text(ROLE_TEMPLATE)
     vlm = VLM.from_pretrained(path)
-    assert vlm.template == "llava" and vlm.template_source == os.path.join(path, "chat_template.jinja")
-    assert M.template_line(vlm) == f"chat template: llava (from {os.path.join(path, 'chat_template.jinja')})"
+    assert vlm.template == "llava" and vlm.template_source == os.path.join(
+        path, "chat_template.jinja"
+    )
+    assert (
+        M.template_line(vlm)
+        == f"chat template: llava (from {os.path.join(path, 'chat_template.jinja')})"
+    )
     (folder / "chat_template.jinja").write_text("<|start_header_id|>{{ m }}")
     with pytest.raises(ValueError, match="chat_template.jinja.*--template"):
         VLM.from_pretrained(path)
     vlm = VLM.from_pretrained(path, template="chatml")  # the flag overrides what matches nothing
-    assert vlm.template == "chatml" and M.template_line(vlm) == "chat template: chatml (from --template)"
+    assert (
+        vlm.template == "chatml"
+        and M.template_line(vlm) == "chat template: chatml (from --template)"
+    )
 
 
 def test_the_template_flag(source, tmp_path, capsys, monkeypatch):
@@ -204,6 +263,7 @@ def test_the_template_flag(source, tmp_path, capsys, monkeypatch):
     import huggingface_hub
     import train_offline
     import train_online
+
     _, _, path = source
     for script in (train_offline, train_online, bdhs, ev):
         assert script.Config().template == ""
@@ -220,8 +280,17 @@ def test_the_template_flag(source, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines()[0] == "chat template: mistral (from --template)"
     # a hub download fetches every file a save carries
     calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(kw) or path)
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(kw) or path
+    )
     M.main(["--model", "someone/tiny-llava", "--max_new_tokens", "1"])
-    assert f"chat template: llava (from {os.path.join(path, 'chat_template.jinja')})" in capsys.readouterr().out
-    for fn in M.CARRIED + ("chat_template.jinja", "additional_chat_templates/terse.jinja", "config.json"):
+    assert (
+        f"chat template: llava (from {os.path.join(path, 'chat_template.jinja')})"
+        in capsys.readouterr().out
+    )
+    for fn in M.CARRIED + (
+        "chat_template.jinja",
+        "additional_chat_templates/terse.jinja",
+        "config.json",
+    ):
         assert any(fnmatch.fnmatch(fn, pat) for pat in calls[0]["allow_patterns"]), fn

@@ -1,4 +1,5 @@
 """model.py against transformers on tiny random-weight checkpoints that transformers itself builds and saves."""
+
 import json
 import os
 import shutil
@@ -27,11 +28,15 @@ ARCHS = {
     "interleave_qwen": dict(vision="siglip", text="qwen2", layer=-1),
     "next_llama": dict(model_type="llava_next"),
     "next_mistral": dict(model_type="llava_next", text="mistral"),
-    "clip_full_two_layers": dict(layer=[-3, -1], strategy="full"),  # class token kept, two layers concatenated
+    "clip_full_two_layers": dict(
+        layer=[-3, -1], strategy="full"
+    ),  # class token kept, two layers concatenated
 }
-PROMPTS = ["USER: <image>\nWhat is this? ASSISTANT:",
-           "USER: <image>\nDescribe the picture in detail, please. ASSISTANT:",
-           "USER: <image>\nIs there a dog? ASSISTANT:"]
+PROMPTS = [
+    "USER: <image>\nWhat is this? ASSISTANT:",
+    "USER: <image>\nDescribe the picture in detail, please. ASSISTANT:",
+    "USER: <image>\nIs there a dog? ASSISTANT:",
+]
 SIZES = [(40, 70), (90, 30), (28, 28)]  # non-square both ways, and square
 
 
@@ -44,7 +49,9 @@ def pair(request, tmp_path_factory):
 
 def hf_inputs(proc, n=3, modes=("RGB", "RGBA", "L")):
     ims = [random_image(h, w, m, seed=i) for i, ((h, w), m) in enumerate(zip(SIZES[:n], modes))]
-    return ims, proc(text=PROMPTS[:n], images=ims, return_tensors="pt", padding=True, padding_side="left")
+    return ims, proc(
+        text=PROMPTS[:n], images=ims, return_tensors="pt", padding=True, padding_side="left"
+    )
 
 
 def positions(am):
@@ -72,7 +79,7 @@ def test_pixels_and_placeholder_ids_match_processor(pair):
     assert (ours_pix["pixel_values"] - inp["pixel_values"]).abs().max() <= 1e-5
     sizes = ours_pix.get("image_sizes")
     for i, text in enumerate(PROMPTS):
-        ids = ours.encode_prompt(text, None if sizes is None else sizes[i:i + 1])
+        ids = ours.encode_prompt(text, None if sizes is None else sizes[i : i + 1])
         assert ids == inp["input_ids"][i][inp["attention_mask"][i].bool()].tolist()
 
 
@@ -86,9 +93,15 @@ def test_greedy_generate_matches_transformers(pair):
     banned = ours.never_sampled().nonzero().flatten().tolist()
     with torch.no_grad():
         ref = hf.generate(**inp, max_new_tokens=20, do_sample=False, suppress_tokens=banned)
-    ref = ref[:, inp["input_ids"].shape[1]:]
-    got = ours.generate(inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes"),
-                        max_new_tokens=20, eos_token_id=[])
+    ref = ref[:, inp["input_ids"].shape[1] :]
+    got = ours.generate(
+        inp["input_ids"],
+        inp["attention_mask"],
+        inp["pixel_values"],
+        inp.get("image_sizes"),
+        max_new_tokens=20,
+        eos_token_id=[],
+    )
     assert got == ref.tolist()
 
 
@@ -107,7 +120,9 @@ def test_round_trip_save_load(pair, tmp_path):
         c = again(inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"), am)
     assert (a - b)[am.bool()].abs().max() <= 1e-4
     assert torch.equal(b, c)
-    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or ".old" in p]  # the atomic write left nothing
+    assert not [
+        p for p in os.listdir(tmp_path) if ".tmp" in p or ".old" in p
+    ]  # the atomic write left nothing
 
 
 def test_kv_cache_decode_equals_full_recompute(pair):
@@ -128,16 +143,38 @@ def test_kv_cache_decode_equals_full_recompute(pair):
 def test_cache_copy_equals_separate_prefills_and_forced_prefix(pair):
     _, proc, ours, _ = pair
     _, inp = hf_inputs(proc, n=2)
-    ids, am, px, sz = inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes")
-    prefix = [[], [40, 41], [42, 43, 44, 45], [46], [47, 48, 49], []]  # 3 rows per prompt, ragged forced tokens
-    got = ours.generate(ids, am, px, sz, max_new_tokens=6, eos_token_id=[], num_samples=3, prefix_ids=prefix)
+    ids, am, px, sz = (
+        inp["input_ids"],
+        inp["attention_mask"],
+        inp["pixel_values"],
+        inp.get("image_sizes"),
+    )
+    prefix = [
+        [],
+        [40, 41],
+        [42, 43, 44, 45],
+        [46],
+        [47, 48, 49],
+        [],
+    ]  # 3 rows per prompt, ragged forced tokens
+    got = ours.generate(
+        ids, am, px, sz, max_new_tokens=6, eos_token_id=[], num_samples=3, prefix_ids=prefix
+    )
     rep = lambda t: None if t is None else t.repeat_interleave(3, 0)  # noqa: E731
     want = []
-    for r, p in enumerate(prefix):  # each row alone: its prompt + forced tokens, prefilled from scratch
+    for r, p in enumerate(
+        prefix
+    ):  # each row alone: its prompt + forced tokens, prefilled from scratch
         b = r // 3
         row_ids = torch.cat([ids[b][am[b].bool()], torch.tensor(p, dtype=torch.long)])[None]
-        want += ours.generate(row_ids, None, px[b:b + 1], None if sz is None else sz[b:b + 1],
-                              max_new_tokens=6, eos_token_id=[])
+        want += ours.generate(
+            row_ids,
+            None,
+            px[b : b + 1],
+            None if sz is None else sz[b : b + 1],
+            max_new_tokens=6,
+            eos_token_id=[],
+        )
     assert got == want
     sep = ours.generate(rep(ids), rep(am), rep(px), rep(sz), max_new_tokens=6, eos_token_id=[])
     assert ours.generate(ids, am, px, sz, max_new_tokens=6, eos_token_id=[], num_samples=3) == sep
@@ -146,7 +183,12 @@ def test_cache_copy_equals_separate_prefills_and_forced_prefix(pair):
 def test_image_key_mask(pair):
     _, proc, ours, _ = pair
     _, inp = hf_inputs(proc)
-    ids, am, px, sz = inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes")
+    ids, am, px, sz = (
+        inp["input_ids"],
+        inp["attention_mask"],
+        inp["pixel_values"],
+        inp.get("image_sizes"),
+    )
     is_img = ids == ours.cfg.image_token_id
     other = torch.randn_like(px)
     with torch.no_grad():
@@ -154,7 +196,9 @@ def test_image_key_mask(pair):
         hidden = ours(ids, px, sz, am, key_mask=~is_img)
         hidden2 = ours(ids, other, sz, am, key_mask=~is_img)
     text = am.bool() & ~is_img
-    assert (hidden - hidden2)[text].abs().max() <= 1e-5  # nothing of the pixels reaches a text token
+    assert (hidden - hidden2)[
+        text
+    ].abs().max() <= 1e-5  # nothing of the pixels reaches a text token
     assert (full - hidden)[text].abs().max() > 1e-3  # and hiding really changed something
     first = is_img.float().argmax(1)  # positions before the image see no image key either way
     before = am.bool() & (torch.arange(ids.shape[1])[None] < first[:, None])
@@ -176,8 +220,10 @@ def test_partial_key_mask_keeps_positions(pair):
     with torch.no_grad():
         a = ours(ids, px, sz, key_mask=km)
         b = ours(ids, px, sz)
-    assert torch.allclose(a[0, :k + 1], b[0, :k + 1])  # up to and including the hidden key: identical
-    assert (a[0, k + 1:] - b[0, k + 1:]).abs().max() > 0
+    assert torch.allclose(
+        a[0, : k + 1], b[0, : k + 1]
+    )  # up to and including the hidden key: identical
+    assert (a[0, k + 1 :] - b[0, k + 1 :]).abs().max() > 0
 
 
 def test_lora_off_merge_and_save(pair, tmp_path):
@@ -227,6 +273,7 @@ def test_a_bf16_base_with_fp32_adapters_and_projector(pair):
 
 def test_missing_or_misshapen_tensor_is_named(pair, tmp_path):
     from safetensors.torch import load_file, save_file
+
     _, _, _, path = pair
     sd = load_file(os.path.join(path, "model.safetensors"))
     victim = sorted(k for k in sd if "layers.1.mlp.down_proj" in k)[0]
@@ -243,20 +290,27 @@ def test_missing_or_misshapen_tensor_is_named(pair, tmp_path):
         else:
             bad["language_model.model.bogus.weight"] = torch.zeros(1)
         save_file(bad, str(d / "model.safetensors"))
-        with pytest.raises((KeyError, ValueError), match="bogus" if case == "extra" else "down_proj"):
+        with pytest.raises(
+            (KeyError, ValueError), match="bogus" if case == "extra" else "down_proj"
+        ):
             VLM.from_pretrained(str(d))
 
 
 def test_sharded_checkpoint_loads(pair, tmp_path):
     from safetensors.torch import load_file, save_file
+
     _, proc, ours, path = pair
     sd = load_file(os.path.join(path, "model.safetensors"))
     keys = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
     for fn, ks in shards.items():
         save_file({k: sd[k] for k in ks}, str(tmp_path / fn))
     (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {k: fn for fn, ks in shards.items() for k in ks}}))
+        json.dumps({"weight_map": {k: fn for fn, ks in shards.items() for k in ks}})
+    )
     (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
     vlm = VLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert vlm.lm_head.weight.dtype == torch.bfloat16
@@ -285,12 +339,23 @@ def test_both_config_and_key_layouts(tmp_path):
     b["text_config"].pop("rope_theta")
     b["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     assert parse_config(a).text == parse_config(b).text
-    for old, new in [("language_model.model.layers.0.mlp.up_proj.weight", "model.language_model.layers.0.mlp.up_proj.weight"),
-                     ("language_model.lm_head.weight", "lm_head.weight"),
-                     ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias", "model.vision_tower.encoder.layers.0.mlp.fc1.bias"),
-                     ("model.vision_tower.vision_model.embeddings.class_embedding", "model.vision_tower.embeddings.class_embedding"),
-                     ("multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.weight"),
-                     ("image_newline", "model.image_newline")]:
+    for old, new in [
+        (
+            "language_model.model.layers.0.mlp.up_proj.weight",
+            "model.language_model.layers.0.mlp.up_proj.weight",
+        ),
+        ("language_model.lm_head.weight", "lm_head.weight"),
+        (
+            "vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias",
+            "model.vision_tower.encoder.layers.0.mlp.fc1.bias",
+        ),
+        (
+            "model.vision_tower.vision_model.embeddings.class_embedding",
+            "model.vision_tower.embeddings.class_embedding",
+        ),
+        ("multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.weight"),
+        ("image_newline", "model.image_newline"),
+    ]:
         assert M.hf_name(old) == new
     bad = hf_config()
     bad["text_config"]["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
@@ -303,7 +368,9 @@ def test_sampling_rules():
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]]).repeat(500, 1)
     assert sample(logits).eq(1).all()  # temperature 0 is greedy
     assert set(sample(logits, 1.0, top_k=2, generator=g).tolist()) == {1, 2}
-    assert set(sample(logits, 1.0, top_p=0.3, generator=g).tolist()) == {1}  # token 1 alone holds > 30%
+    assert set(sample(logits, 1.0, top_p=0.3, generator=g).tolist()) == {
+        1
+    }  # token 1 alone holds > 30%
     a = sample(logits, 1.0, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, sample(logits, 1.0, generator=torch.Generator().manual_seed(7)))
 
@@ -316,9 +383,13 @@ def test_stop_strings_and_eos(pair):
     text = ours.tokenizer.decode(free)
     stop = next((ch for ch in text[1:] if ch.strip()), None)
     cut = ours.generate(*args, max_new_tokens=12, eos_token_id=[], stop_strings=[stop])[0]
-    assert stop in ours.tokenizer.decode(cut) and cut == free[:len(cut)] and len(cut) < len(free)
-    i = next((i for i in range(1, len(free)) if free[i] not in free[:i]), 0)  # a token first seen at step i
-    assert ours.generate(*args, max_new_tokens=12, eos_token_id=free[i])[0] == free[:i]  # EOS ends and is dropped
+    assert stop in ours.tokenizer.decode(cut) and cut == free[: len(cut)] and len(cut) < len(free)
+    i = next(
+        (i for i in range(1, len(free)) if free[i] not in free[:i]), 0
+    )  # a token first seen at step i
+    assert (
+        ours.generate(*args, max_new_tokens=12, eos_token_id=free[i])[0] == free[:i]
+    )  # EOS ends and is dropped
 
 
 @pytest.fixture(scope="module", params=[("llama", torch.float32), ("mistral", torch.bfloat16)])
@@ -337,25 +408,42 @@ def bad_ids(ids, info):
 
 def test_never_sampled_holds_the_padded_rows_image_and_pad(padded):
     vlm, info = padded
-    assert vlm.tokenizer.get_vocab_size() == info["tokens"] < info["rows"] == vlm.lm_head.weight.shape[0]
+    assert (
+        vlm.tokenizer.get_vocab_size()
+        == info["tokens"]
+        < info["rows"]
+        == vlm.lm_head.weight.shape[0]
+    )
     want = set(range(info["tokens"], info["rows"])) | {info["image"], info["pad"]}
     assert set(vlm.never_sampled().nonzero().flatten().tolist()) == want
     assert vlm.eos_ids().isdisjoint(want)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0), dict(temperature=1.0, top_k=3),
-                                dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=20, top_p=0.5)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(temperature=1.0),
+        dict(temperature=1.0, top_k=3),
+        dict(temperature=1.0, top_p=0.9),
+        dict(temperature=0.7, top_k=20, top_p=0.5),
+    ],
+)
 def test_sampling_never_emits_a_padded_row_image_or_pad_id(padded, kw):
     """Every sampling rule, several seeds, with the stop strings BDHS uses and several samples per prompt: no id
     that would index past the tokenizer's tables or be read as an image slot. The builder makes those ids the
     likeliest, so an unmasked sampler emits them at once."""
     vlm, info = padded
-    batch = vlm.prepare(["What is in the image?", "Describe the picture."],
-                        [random_image(40, 70, seed=0), random_image(90, 30, seed=1)])
+    batch = vlm.prepare(
+        ["What is in the image?", "Describe the picture."],
+        [random_image(40, 70, seed=0), random_image(90, 30, seed=1)],
+    )
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         for stop in ((), (".",)):
-            out = vlm.generate(**batch, max_new_tokens=10, generator=g, stop_strings=stop, num_samples=2, **kw)
+            out = vlm.generate(
+                **batch, max_new_tokens=10, generator=g, stop_strings=stop, num_samples=2, **kw
+            )
             assert len(out) == 4 and all(out)
             assert [bad_ids(o, info) for o in out] == [[]] * 4, (seed, stop)
     # the masked ids are skipped, the rest untouched: greedy's first token is the best of the others
@@ -370,6 +458,7 @@ def test_eval_answers_on_a_padded_head_are_text(padded, monkeypatch):
     """eval.py's greedy answers sample no masked id, so they decode to text (unmasked: <image> after <image>,
     which decodes to nothing)."""
     import eval as ev
+
     vlm, info = padded
     sampled = []
     real_decode = M.decode
@@ -378,9 +467,16 @@ def test_eval_answers_on_a_padded_head_are_text(padded, monkeypatch):
         out = real_decode(*a, **kw)
         sampled.extend(t for o in out for t in o)
         return out
+
     monkeypatch.setattr(M, "decode", spy)
     ims = [random_image(40, 70, seed=0), random_image(90, 30, seed=1), random_image(28, 28, seed=2)]
-    got = ev.answer(vlm, ims, ["Is there a dog?", "What is this?", "Describe it."], max_new_tokens=6, batch_size=2)
+    got = ev.answer(
+        vlm,
+        ims,
+        ["Is there a dog?", "What is this?", "Describe it."],
+        max_new_tokens=6,
+        batch_size=2,
+    )
     assert len(got) == 3 and all(a.strip() for a in got)
     assert sampled and not bad_ids(sampled, info)
 
@@ -398,8 +494,13 @@ def test_kv_cache_repeat_layout():
 def test_streamed_safetensors_match_the_library(tmp_path):
     from safetensors.torch import load_file, save_file
     from model import st_header, st_read, st_write
-    ts = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).view(2, 3),
-          "e": torch.zeros(0, 2)}
+
+    ts = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5).to(torch.bfloat16),
+        "c": torch.arange(6).view(2, 3),
+        "e": torch.zeros(0, 2),
+    }
     st_write(ts, str(tmp_path / "ours.safetensors"), {"format": "pt"})
     back = load_file(str(tmp_path / "ours.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in ts.items())
@@ -413,26 +514,39 @@ def test_cli_and_hub_id(pair, tmp_path, monkeypatch):
     """main() answers from a local folder; a hub id goes through huggingface_hub.snapshot_download."""
     import huggingface_hub
     import model
+
     _, _, _, path = pair
     img = tmp_path / "x.png"
     random_image(40, 50).save(img)
     calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo) or path)
-    text = model.main(["--model", "someone/tiny-llava", "--image", str(img), "--max_new_tokens", "5"])
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo) or path
+    )
+    text = model.main(
+        ["--model", "someone/tiny-llava", "--image", str(img), "--max_new_tokens", "5"]
+    )
     assert calls == ["someone/tiny-llava"] and isinstance(text, str)
 
 
 def test_chat_templates():
     from model import format_chat
+
     q = [{"role": "user", "content": "<image>\nWhat is shown?"}]
     assert format_chat(q, "llava") == "USER: <image>\nWhat is shown? ASSISTANT:"  # llava-1.5-hf
-    assert format_chat(q, "mistral") == "[INST] <image>\nWhat is shown? [/INST]"  # llava-v1.6-mistral
-    assert format_chat(q, "vicuna").startswith("A chat between") and format_chat(q, "vicuna").endswith(
-        "USER: <image>\nWhat is shown? ASSISTANT:")
-    assert format_chat(q, "chatml").endswith("<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n"
-                                             "<|im_start|>assistant\n")
+    assert (
+        format_chat(q, "mistral") == "[INST] <image>\nWhat is shown? [/INST]"
+    )  # llava-v1.6-mistral
+    assert format_chat(q, "vicuna").startswith("A chat between") and format_chat(
+        q, "vicuna"
+    ).endswith("USER: <image>\nWhat is shown? ASSISTANT:")
+    assert format_chat(q, "chatml").endswith(
+        "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n"
+    )
     turns = q + [{"role": "assistant", "content": "A cup."}, {"role": "user", "content": "Colour?"}]
-    assert format_chat(turns, "llava") == "USER: <image>\nWhat is shown? ASSISTANT: A cup.</s>USER: Colour? ASSISTANT:"
+    assert (
+        format_chat(turns, "llava")
+        == "USER: <image>\nWhat is shown? ASSISTANT: A cup.</s>USER: Colour? ASSISTANT:"
+    )
 
 
 def test_causal_fast_path_equals_explicit_mask(pair):
@@ -442,11 +556,13 @@ def test_causal_fast_path_equals_explicit_mask(pair):
     ids, px, sz = inp["input_ids"], inp["pixel_values"], inp.get("image_sizes")
     with torch.no_grad():
         a = ours(ids, px, sz)
-        ours.cfg.text.sliding_window, sw = 10 ** 6, ours.cfg.text.sliding_window  # any window forces the mask
+        ours.cfg.text.sliding_window, sw = (
+            10**6,
+            ours.cfg.text.sliding_window,
+        )  # any window forces the mask
         b = ours(ids, px, sz)
         ours.cfg.text.sliding_window = sw
     assert (a - b).abs().max() <= 1e-5
-
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -460,11 +576,17 @@ def test_flex_attention_equals_the_dense_mask(text, window, monkeypatch):
     vlm = VLM.from_config(raw, seed=1).eval()
     assert vlm.cfg.text.num_key_value_heads < vlm.cfg.text.num_attention_heads
     # row 0: pads, a prompt of 6, responses of 4 and 3, pads; row 1: a prompt of 9, responses of 5, 2 and 3, then pads
-    segment = torch.tensor([[-1] * 4 + [0] * 6 + [1] * 4 + [2] * 3 + [-1] * 3,
-                            [0] * 9 + [1] * 5 + [2] * 2 + [3] * 3 + [-1]])
+    segment = torch.tensor(
+        [
+            [-1] * 4 + [0] * 6 + [1] * 4 + [2] * 3 + [-1] * 3,
+            [0] * 9 + [1] * 5 + [2] * 2 + [3] * 3 + [-1],
+        ]
+    )
     ids = torch.randint(5, 300, segment.shape, generator=torch.Generator().manual_seed(0))
     hide = torch.ones_like(segment, dtype=torch.bool)
-    hide[0, 5:8] = hide[1, 1:6] = False  # prompt keys hidden from every query, as BDHS hides image tokens
+    hide[0, 5:8] = hide[1, 1:6] = (
+        False  # prompt keys hidden from every query, as BDHS hides image tokens
+    )
     with torch.no_grad():
         dense = vlm.hidden(ids, attention_mask=segment >= 0, key_mask=hide, segment=segment)
         monkeypatch.setattr(M, "FLEX_DEVICES", ("cuda", "cpu"))
@@ -473,8 +595,14 @@ def test_flex_attention_equals_the_dense_mask(text, window, monkeypatch):
     # at scale, blocks are skipped: a prompt of 256 and two responses of 384 are 8 x 8 blocks of 128, of which
     # causal attention needs 36; the second response's 3 query blocks skip the first's 3 key blocks too
     segment = torch.tensor([[0] * 256 + [1] * 384 + [2] * 384])
-    blocks = M.block_mask(segment >= 0, segment).to_dense()[0, 0]  # (8, 8) 1: a block the kernel computes
-    assert blocks.sum() == 36 - 9 and blocks[5:, 2:5].sum() == 0 and blocks.tril().sum() == blocks.sum()
+    blocks = M.block_mask(segment >= 0, segment).to_dense()[
+        0, 0
+    ]  # (8, 8) 1: a block the kernel computes
+    assert (
+        blocks.sum() == 36 - 9
+        and blocks[5:, 2:5].sum() == 0
+        and blocks.tril().sum() == blocks.sum()
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -487,6 +615,7 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path, monkeypatch):
     and error limits (10000 x 9000) and past its error limit (20000 x 20000)."""
     import data
     import model
+
     for w, h in ((10000, 9000), (20000, 20000)):
         path = str(tmp_path / f"bomb{w}.png")
         raw = bomb_png(path, w, h)
@@ -502,8 +631,14 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"small\.png: 30x30 is 900 pixels, over the limit of 899"):
         load_image(str(tmp_path / "small.png"))
     code = "import model; print(model.MAX_PIXELS)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env=os.environ | {"IMAGE_MAX_PIXELS": "1234"}, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"IMAGE_MAX_PIXELS": "1234"},
+        check=True,
+    ).stdout
     assert out.strip() == "1234"
 
 
@@ -515,6 +650,7 @@ def test_a_batch_decodes_one_image_at_a_time(tmp_path):
 
     import data
     from PIL import Image
+
     vlm = VLM.from_pretrained(world.BASE_MODEL)
     items = []
     for i in range(4):
@@ -531,11 +667,16 @@ def test_a_batch_decodes_one_image_at_a_time(tmp_path):
 
 def test_bad_safetensors_headers_are_named(tmp_path):
     from model import st_header, st_write
+
     st_write({"a": torch.zeros(4)}, str(tmp_path / "ok.safetensors"))
     raw = (tmp_path / "ok.safetensors").read_bytes()
     assert st_header(str(tmp_path / "ok.safetensors"))[0]["a"]["shape"] == [4]
-    cases = {"empty": b"", "cut": raw[:20], "huge": (1 << 62).to_bytes(8, "little") + raw[8:],
-             "junk": (4).to_bytes(8, "little") + b"{{{{"}
+    cases = {
+        "empty": b"",
+        "cut": raw[:20],
+        "huge": (1 << 62).to_bytes(8, "little") + raw[8:],
+        "junk": (4).to_bytes(8, "little") + b"{{{{",
+    }
     for name, b in cases.items():
         (tmp_path / f"{name}.safetensors").write_bytes(b)
         with pytest.raises(ValueError, match=rf"{name}\.safetensors: (not a safet|malformed)"):
@@ -572,12 +713,19 @@ def test_missing_config_sizes_and_tokenizer_are_named(tmp_path):
 
 def test_a_missing_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
     import huggingface_hub
+
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo))
     monkeypatch.chdir(tmp_path)
     os.makedirs("runs/offline")
-    for name in ("./ckpt", str(tmp_path / "gone"), "runs/offline/checkpoint", "runs/x", "a/b/c",
-                 "~/no-such-model"):
+    for name in (
+        "./ckpt",
+        str(tmp_path / "gone"),
+        "runs/offline/checkpoint",
+        "runs/x",
+        "a/b/c",
+        "~/no-such-model",
+    ):
         with pytest.raises(FileNotFoundError, match="no such model folder"):
             VLM.from_pretrained(name)
     assert calls == []
@@ -585,6 +733,7 @@ def test_a_missing_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatc
 
 def test_checkpoint_leftovers_are_mended_and_disk_errors_named(tmp_path, monkeypatch):
     import model
+
     vlm = VLM.from_pretrained(BASE)
     ck = str(tmp_path / "checkpoint")
     vlm.save_pretrained(ck)
@@ -598,11 +747,13 @@ def test_checkpoint_leftovers_are_mended_and_disk_errors_named(tmp_path, monkeyp
 
     def full(*a, **kw):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(model, "st_write", full)
     with pytest.raises(OSError, match=r"cannot write .*checkpoint\.tmp\d+/model\.safetensors: No "):
         vlm.save_pretrained(ck)
     assert os.listdir(tmp_path) == ["checkpoint"]  # the earlier one stays, the partial folder goes
     VLM.from_pretrained(ck)
+
 
 # -----------------------------------------------------------------------------
 # Command lines: help from the Config's comments, errors at parse time, one line per user error
@@ -614,8 +765,15 @@ def script_configs():
     import study
     import train_offline as to
     import train_online as on
-    return {"train_offline": to.Config, "train_online": on.Config, "bdhs": bdhs.Config, "eval": ev.Config,
-            "world": world.Config, "study": study.Config}
+
+    return {
+        "train_offline": to.Config,
+        "train_online": on.Config,
+        "bdhs": bdhs.Config,
+        "eval": ev.Config,
+        "world": world.Config,
+        "study": study.Config,
+    }
 
 
 def help_text(cls, monkeypatch, capsys):
@@ -626,9 +784,12 @@ def help_text(cls, monkeypatch, capsys):
     return " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize("script", ["train_offline", "train_online", "bdhs", "eval", "world", "study"])
+@pytest.mark.parametrize(
+    "script", ["train_offline", "train_online", "bdhs", "eval", "world", "study"]
+)
 def test_help_shows_each_flags_comment_default_and_choices(script, monkeypatch, capsys):
     import dataclasses
+
     cls = script_configs()[script]
     out = help_text(cls, monkeypatch, capsys)
     comments = M.field_comments(cls)
@@ -645,13 +806,16 @@ def test_help_shows_each_flags_comment_default_and_choices(script, monkeypatch, 
 def test_help_comments_choices_and_bounds(monkeypatch, capsys):
     import losses
     import train_offline as to
+
     out = help_text(to.Config, monkeypatch, capsys)
     assert "--loss {" + ",".join([*losses.LOSSES, "rm"]) + "}" in out
     assert "--dtype {float32,bfloat16,float16}" in out
     # a comment continued on the next `#` line, aligned under it, is the same field's
-    assert ("--data STR world (its corruption set), bdhs, bdhs+world (Avg-DPO), world+partners (opt-in: "
-            "partner-present pairs too, world.partner_pairs), a .jsonl, or povid|vlfeedback|rlhfv|llava-rlhf[:PATH] "
-            "(default: world)") in out
+    assert (
+        "--data STR world (its corruption set), bdhs, bdhs+world (Avg-DPO), world+partners (opt-in: "
+        "partner-present pairs too, world.partner_pairs), a .jsonl, or povid|vlfeedback|rlhfv|llava-rlhf[:PATH] "
+        "(default: world)"
+    ) in out
     assert "--batch_size INT global: micro-batch x grad_accum x ranks (default: 32; >= 1)" in out
     out = help_text(script_configs()["bdhs"], monkeypatch, capsys)
     assert "a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]" in out
@@ -665,7 +829,9 @@ def test_model_py_help_and_dtype(monkeypatch, capsys):
         M.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--dtype {float32,bfloat16,float16} the weights' dtype (default: float32)" in out
-    with pytest.raises(M.UserError, match=r"--dtype: invalid choice: 'bf16' \(choose from 'float32'"):
+    with pytest.raises(
+        M.UserError, match=r"--dtype: invalid choice: 'bf16' \(choose from 'float32'"
+    ):
         M.main(["--model", world.BASE_MODEL, "--dtype", "bf16"])
 
 
@@ -679,7 +845,10 @@ def test_run_main_prints_one_line_for_a_user_error(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         M.run_main(user)
     assert e.value.code == 2
-    assert capsys.readouterr().err == "error: ckpt: checkpoint is missing 1 tensor(s): lm_head.weight\n"
+    assert (
+        capsys.readouterr().err
+        == "error: ckpt: checkpoint is missing 1 tensor(s): lm_head.weight\n"
+    )
     monkeypatch.setenv("RANK", "1")  # the other ranks exit quietly
     with pytest.raises(SystemExit):
         M.run_main(user)
@@ -688,17 +857,29 @@ def test_run_main_prints_one_line_for_a_user_error(monkeypatch, capsys):
         M.run_main(bug)
 
 
-@pytest.mark.parametrize("args,want", [
-    (["train_offline.py", "--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16' (choose from 'float32', "
-                                              "'bfloat16', 'float16')"),
-    (["train_online.py", "--lora_r", "-4"], "--lora_r -4: must be >= 1"),
-    (["bdhs.py", "--source", "missing.jsonl"], "--source 'missing.jsonl': not a file"),
-    (["model.py", "--model", "no/such/folder"], "no/such/folder: no such model folder"),
-])
+@pytest.mark.parametrize(
+    "args,want",
+    [
+        (
+            ["train_offline.py", "--dtype", "bf16"],
+            "argument --dtype: invalid choice: 'bf16' (choose from 'float32', "
+            "'bfloat16', 'float16')",
+        ),
+        (["train_online.py", "--lora_r", "-4"], "--lora_r -4: must be >= 1"),
+        (["bdhs.py", "--source", "missing.jsonl"], "--source 'missing.jsonl': not a file"),
+        (["model.py", "--model", "no/such/folder"], "no/such/folder: no such model folder"),
+    ],
+)
 def test_scripts_exit_2_with_one_error_line(args, want, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, args[0]), *args[1:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], p.stderr
@@ -714,13 +895,28 @@ def test_shared_prefill_equals_copies_in_prompt_plus_n_responses_bytes(pair, mon
     once plus each row's own slots, B x T + R x new, where the copies hold R x (T + new)."""
     _, proc, ours, _ = pair
     _, inp = hf_inputs(proc, n=2)
-    ids, am, px, sz = inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp.get("image_sizes")
-    prefix = [[], [40, 41], [42, 43, 44], [46], [47, 48, 49, 50]]  # 2 rows for prompt 0, 3 for prompt 1
-    kw = dict(max_new_tokens=6, eos_token_id=[], num_samples=[2, 3], prefix_ids=prefix, temperature=1.0)
+    ids, am, px, sz = (
+        inp["input_ids"],
+        inp["attention_mask"],
+        inp["pixel_values"],
+        inp.get("image_sizes"),
+    )
+    prefix = [
+        [],
+        [40, 41],
+        [42, 43, 44],
+        [46],
+        [47, 48, 49, 50],
+    ]  # 2 rows for prompt 0, 3 for prompt 1
+    kw = dict(
+        max_new_tokens=6, eos_token_id=[], num_samples=[2, 3], prefix_ids=prefix, temperature=1.0
+    )
     got = {}
     for share in (True, False):
         monkeypatch.setattr(M, "SHARE_PREFILL", share)
-        got[share] = ours.generate(ids, am, px, sz, generator=torch.Generator().manual_seed(0), **kw)
+        got[share] = ours.generate(
+            ids, am, px, sz, generator=torch.Generator().manual_seed(0), **kw
+        )
         greedy = ours.generate(ids, am, px, sz, max_new_tokens=6, eos_token_id=[], num_samples=3)
         got[share, "greedy"] = greedy
     assert got[True] == got[False] and got[True, "greedy"] == got[False, "greedy"]
@@ -750,16 +946,30 @@ def test_sample_draws_as_multinomial_on_the_logits_device():
     with pytest.raises(ValueError, match=r"torch.Generator\('meta'\)"):
         sample(torch.zeros(2, 5, device="meta"), 1.0, generator=torch.Generator())
     g = torch.Generator().manual_seed(3)
-    assert M.device_generator(g, "cpu") is g  # on CPU the caller's own stream, so results stay as they were
+    assert (
+        M.device_generator(g, "cpu") is g
+    )  # on CPU the caller's own stream, so results stay as they were
 
 
 def count_host_syncs(monkeypatch):
     """A counter of the Tensor methods that read a value back on the host (a CUDA sync each)."""
     n = [0]
-    for name in ("__bool__", "item", "tolist", "cpu", "numpy", "__int__", "__float__", "__index__", "nonzero"):
-        def spy(self, *a, _real=getattr(torch.Tensor, name), **kw):
+    for name in (
+        "__bool__",
+        "item",
+        "tolist",
+        "cpu",
+        "numpy",
+        "__int__",
+        "__float__",
+        "__index__",
+        "nonzero",
+    ):
+
+        def spy(self, *a, _real=getattr(torch.Tensor, name), **kw):  # noqa: B008 (bound per name)
             n[0] += 1
             return _real(self, *a, **kw)
+
         monkeypatch.setattr(torch.Tensor, name, spy)
     return n
 
@@ -774,25 +984,45 @@ def test_decode_syncs_the_host_every_few_tokens_with_the_same_outputs(world_base
     ended?) and 2 at the end; per token (CPU's default) 2 a token. Rows that ended keep decoding until the
     check and are cut, so EOS and stop strings end every row where the per-token loop ends it."""
     vlm = world_base
-    batch = vlm.prepare(["What color is the cup?", "Describe the image.", "Describe the picture."],
-                        [random_image(64, 64, seed=i) for i in range(3)])
+    batch = vlm.prepare(
+        ["What color is the cup?", "Describe the image.", "Describe the picture."],
+        [random_image(64, 64, seed=i) for i in range(3)],
+    )
     K = 24
     out, syncs = {}, {}
     for every in (1, 8):
-        cache, logits = M.prefill(vlm, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                  num_samples=4, max_new_tokens=K)
+        cache, logits = M.prefill(
+            vlm,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            num_samples=4,
+            max_new_tokens=K,
+        )
         stop = M.StopStrings(vlm.tokenizer, ["top"], vlm.lm_head.weight.shape[0])
         gen = torch.Generator().manual_seed(0)
         with monkeypatch.context() as m:
             n = count_host_syncs(m)
-            out[every] = M.decode(vlm, cache, logits, K, 1.0, generator=gen, eos=vlm.eos_ids(), stop=stop,
-                                  banned=vlm.never_sampled(), sync_every=every)
+            out[every] = M.decode(
+                vlm,
+                cache,
+                logits,
+                K,
+                1.0,
+                generator=gen,
+                eos=vlm.eos_ids(),
+                stop=stop,
+                banned=vlm.never_sampled(),
+                sync_every=every,
+            )
         syncs[every] = n[0]
     assert out[1] == out[8]
     lengths = [len(o) for o in out[1]]
     assert len(set(lengths)) > 2, lengths  # rows end at different steps
     texts = [vlm.tokenizer.decode(o) for o in out[1]]
-    assert any(t.endswith("top") for t in texts) and "blue." in texts[0]  # by the stop string, by EOS
+    assert (
+        any(t.endswith("top") for t in texts) and "blue." in texts[0]
+    )  # by the stop string, by EOS
     assert syncs[8] <= 2 * -(-K // 8) + 2 < syncs[1], syncs
 
 
@@ -800,15 +1030,27 @@ def test_kv_cache_is_kept_in_the_compute_dtype(world_base):
     """The cache holds what attention computes in: autocast's dtype where it is on, else the weights'; and
     sampling under bf16 autocast runs on the shared cache with forced prefixes."""
     vlm = world_base
-    batch = vlm.prepare(["What color is the cup?", "Is there a dog?"], [random_image(64, 64, seed=i) for i in range(2)])
+    batch = vlm.prepare(
+        ["What color is the cup?", "Is there a dog?"],
+        [random_image(64, 64, seed=i) for i in range(2)],
+    )
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     cache, _ = M.prefill(vlm, *args, max_new_tokens=2)
     assert cache.k.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cache, _ = M.prefill(vlm, *args, num_samples=[1, 2], prefix_ids=[[5], [], [6, 7]], max_new_tokens=2)
-        assert isinstance(cache, M.SharedKVCache) and cache.k.dtype == cache.pk.dtype == torch.bfloat16
-        out = vlm.generate(*args, max_new_tokens=4, num_samples=2, temperature=1.0,
-                           generator=torch.Generator().manual_seed(0))
+        cache, _ = M.prefill(
+            vlm, *args, num_samples=[1, 2], prefix_ids=[[5], [], [6, 7]], max_new_tokens=2
+        )
+        assert (
+            isinstance(cache, M.SharedKVCache) and cache.k.dtype == cache.pk.dtype == torch.bfloat16
+        )
+        out = vlm.generate(
+            *args,
+            max_new_tokens=4,
+            num_samples=2,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(0),
+        )
     assert len(out) == 4
     bf16 = VLM.from_pretrained(BASE, dtype=torch.bfloat16)
     assert M.prefill(bf16, *args, max_new_tokens=2)[0].k.dtype == torch.bfloat16
@@ -818,10 +1060,13 @@ def test_generation_batches_fit_80gb_at_7b():
     """The --batch_size 0 figures bdhs.py's and eval.py's --help state: LLaVA-1.6-7B (Vicuna) in bf16 on an
     80 GB card, 0.5 MiB a cached token; and the CPU defaults elsewhere."""
     import bdhs
-    raw = dict(model_type="llava_next", text_config=dict(model_type="llama"), image_token_index=32000)
+
+    raw = dict(
+        model_type="llava_next", text_config=dict(model_type="llama"), image_token_index=32000
+    )
     with torch.device("meta"):
         vlm = VLM(parse_config(raw)).to(torch.bfloat16)
-    assert M.kv_bytes_per_token(vlm, "cpu") == 2 * 32 * 4096 * 2 == 2 ** 19
+    assert M.kv_bytes_per_token(vlm, "cpu") == 2 * 32 * 4096 * 2 == 2**19
     assert M.max_prompt_tokens(vlm) == 2928 + 256  # 672 x 672: the base view, 2 x 2 tiles, newlines
     guided = M.max_prompt_tokens(vlm) + bdhs.SENTENCES * (256 + bdhs.Config.sentence_tokens)
     assert M.rows_that_fit(vlm, guided, 32, total=80e9) == 10

@@ -1,5 +1,6 @@
 """Offline alignment: the losses, preference data (native files, converters, the world's corruption set), packed pair
 scoring, and train_offline.py end to end (DDP equals one process, kill + resume equals an uninterrupted run)."""
+
 import dataclasses
 import json
 import math
@@ -19,7 +20,6 @@ import data
 import losses
 import model as M
 import world
-import model as M
 import train_offline as to
 from model import VLM, UserError, UserFileError
 
@@ -40,8 +40,12 @@ def test_closed_forms():
     pc, pr, rc, rr = logps([-3.0, -1.0], [-5.0, -1.0], [-4.0, -2.0], [-4.0, -1.0])  # h = [2, 1]
     beta = 0.5
     l, c, r = losses.dpo_loss(pc, pr, rc, rr, beta)
-    assert torch.allclose(l, torch.tensor([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(-0.5))], dtype=l.dtype))
-    assert torch.allclose(c, torch.tensor([0.5, 0.5], dtype=c.dtype)) and torch.allclose(r, torch.tensor([-0.5, 0.0], dtype=r.dtype))
+    assert torch.allclose(
+        l, torch.tensor([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(-0.5))], dtype=l.dtype)
+    )
+    assert torch.allclose(c, torch.tensor([0.5, 0.5], dtype=c.dtype)) and torch.allclose(
+        r, torch.tensor([-0.5, 0.0], dtype=r.dtype)
+    )
     l, _, _ = losses.ipo_loss(pc, pr, rc, rr, beta)  # (h - 1/(2β))² with 1/(2β) = 1
     assert torch.allclose(l, torch.tensor([1.0, 0.0], dtype=l.dtype))
     l, _, _ = losses.slic_loss(pc, pr, rc, rr, beta)  # max(0, 1 - βh)
@@ -52,9 +56,16 @@ def test_closed_forms():
     assert torch.allclose(l, torch.tensor([math.log(1 + math.exp(-2.0)), math.log(2)]))
     # the whole step loss on (B, K) log-probs: Eq. 5's γ L(y+, y-) + (1-γ) L(y+, ỹ-) with a second rejected
     pr2, rr2 = logps([-2.0, -6.0], [-1.0, -1.0])
-    lp, ref, n = torch.stack([pc, pr, pr2], 1), torch.stack([rc, rr, rr2], 1), torch.tensor([[2.0, 4.0, 5.0]] * 2)
+    lp, ref, n = (
+        torch.stack([pc, pr, pr2], 1),
+        torch.stack([rc, rr, rr2], 1),
+        torch.tensor([[2.0, 4.0, 5.0]] * 2),
+    )
     l, _, r = losses.preference_loss("dpo", lp, ref, n, beta, gamma=0.25)
-    want = 0.25 * losses.dpo_loss(pc, pr, rc, rr, beta)[0] + 0.75 * losses.dpo_loss(pc, pr2, rc, rr2, beta)[0]
+    want = (
+        0.25 * losses.dpo_loss(pc, pr, rc, rr, beta)[0]
+        + 0.75 * losses.dpo_loss(pc, pr2, rc, rr2, beta)[0]
+    )
     assert torch.allclose(l, want)
     # IPO on per-token means; rpo_alpha adds α x the chosen response's per-token NLL
     l2, _, _ = losses.preference_loss("ipo", lp[:, :2], ref[:, :2], n[:, :2], beta, rpo_alpha=0.5)
@@ -83,27 +94,54 @@ def trl_loss(pc, pr, rc, rr, beta, loss_type, nc, nr):
     from types import SimpleNamespace
 
     from trl import DPOTrainer
+
     lens = torch.cat([nc, nr])
     T = 1 + int(lens.max())
-    mask = ((torch.arange(T) >= 1) & (torch.arange(T) <= lens[:, None])).long()  # one prompt token, then the response
+    mask = (
+        (torch.arange(T) >= 1) & (torch.arange(T) <= lens[:, None])
+    ).long()  # one prompt token, then the response
     logps = torch.cat([pc, pr])
 
     def model(**kw):
         per_tok = mask[:, 1:] * (logps[:, None] / lens[:, None])
         z = torch.zeros_like(per_tok)
-        return SimpleNamespace(log_probs=per_tok, entropy=z, mean_logits=z, is_top1=z.bool(), aux_loss=None)
+        return SimpleNamespace(
+            log_probs=per_tok, entropy=z, mean_logits=z, is_top1=z.bool(), aux_loss=None
+        )
+
     model.training = True
-    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
-    stub = SimpleNamespace(model=model, accelerator=acc, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-                           ref_model=None, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
-                           loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0,
-                           use_weighting=False, args=SimpleNamespace(discopop_tau=0.05,
-                                                                     gradient_checkpointing_kwargs=None),
-                           _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0,
-                           _tp_size=1)
-    inputs = dict(input_ids=torch.zeros(len(lens), T, dtype=torch.long), attention_mask=torch.ones_like(mask),
-                  completion_mask=mask, ref_chosen_logps=rc, ref_rejected_logps=rr)
-    return DPOTrainer._compute_loss(stub, model, inputs, return_outputs=False), stub._metrics["train"]
+    acc = SimpleNamespace(
+        device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x
+    )
+    stub = SimpleNamespace(
+        model=model,
+        accelerator=acc,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        ref_model=None,
+        f_divergence_type="reverse_kl",
+        f_alpha_divergence_coef=0.5,
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        args=SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = dict(
+        input_ids=torch.zeros(len(lens), T, dtype=torch.long),
+        attention_mask=torch.ones_like(mask),
+        completion_mask=mask,
+        ref_chosen_logps=rc,
+        ref_rejected_logps=rr,
+    )
+    return DPOTrainer._compute_loss(stub, model, inputs, return_outputs=False), stub._metrics[
+        "train"
+    ]
 
 
 @pytest.mark.parametrize("ours,theirs", [("dpo", "sigmoid"), ("ipo", "ipo"), ("slic", "hinge")])
@@ -117,8 +155,13 @@ def test_equal_to_trl(ours, theirs):
     theirs_loss, m = trl_loss(*a, rc, rr, beta, theirs, nc, nr)
     b = [pc.clone().requires_grad_(), pr.clone().requires_grad_()]
     norm = ours in losses.LENGTH_NORM
-    l, c, r = losses.LOSSES[ours](b[0] / nc if norm else b[0], b[1] / nr if norm else b[1],
-                                  rc / nc if norm else rc, rr / nr if norm else rr, beta)
+    l, c, r = losses.LOSSES[ours](
+        b[0] / nc if norm else b[0],
+        b[1] / nr if norm else b[1],
+        rc / nc if norm else rc,
+        rr / nr if norm else rr,
+        beta,
+    )
     assert torch.allclose(l.mean(), theirs_loss, rtol=1e-9)
     ga = torch.autograd.grad(theirs_loss, a)
     gb = torch.autograd.grad(l.mean(), b)
@@ -133,8 +176,13 @@ def test_token_logps_mask_and_shift():
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 6]])
     lp = losses.token_logps(logits, labels)
     ref = logits.log_softmax(-1)
-    assert lp[0, 0] == 0 and torch.isclose(lp[0, 1], ref[0, 1, 3]) and torch.isclose(lp[1, 3], ref[1, 3, 6])
+    assert (
+        lp[0, 0] == 0
+        and torch.isclose(lp[0, 1], ref[0, 1, 3])
+        and torch.isclose(lp[1, 3], ref[1, 3, 6])
+    )
     assert torch.isclose(losses.sequence_logps(logits, labels)[0], ref[0, 1, 3] + ref[0, 2, 4])
+
 
 # -----------------------------------------------------------------------------
 # Preference data
@@ -147,8 +195,16 @@ def write_jsonl(path, recs):
 
 
 def pair(i, image="images/COCO_train2014_000000000001.jpg", **kw):
-    return dict(id=str(i), image=image, conversation=[{"role": "user", "content": "<image>\nWhat is it?"}],
-                chosen="A red square.", rejected="A red kite.") | kw
+    return (
+        dict(
+            id=str(i),
+            image=image,
+            conversation=[{"role": "user", "content": "<image>\nWhat is it?"}],
+            chosen="A red square.",
+            rejected="A red kite.",
+        )
+        | kw
+    )
 
 
 def test_native_jsonl_errors_name_file_and_line(tmp_path):
@@ -189,8 +245,13 @@ def test_bad_responses_and_images_are_named_with_their_line(tmp_path):
     world.World(0).example("sft", 0)["image"].save(tmp_path / "bad" / "ok.png")
     png = (tmp_path / "bad" / "ok.png").read_bytes()
     bomb_png(str(tmp_path / "bad" / "bomb.png"), 10000, 9000)
-    for name, raw in (("empty.jpg", b""), ("cut.jpg", jpg[:len(jpg) // 2]), ("cut.png", png[:-30]),
-                      ("text.png", b"not an image"), ("bomb.png", None)):
+    for name, raw in (
+        ("empty.jpg", b""),
+        ("cut.jpg", jpg[: len(jpg) // 2]),
+        ("cut.png", png[:-30]),
+        ("text.png", b"not an image"),
+        ("bomb.png", None),
+    ):
         if raw is not None:
             (tmp_path / "bad" / name).write_bytes(raw)
         write_jsonl(path, [pair(0), pair(1, image=f"bad/{name}")])
@@ -204,12 +265,14 @@ def test_bad_responses_and_images_are_named_with_their_line(tmp_path):
 def test_a_planted_state_file_runs_no_code(tmp_path):
     """--resume loads state.pt with weights_only=True: a pickle whose payload makes a file is
     refused."""
+
     class Payload:
         def __init__(self, marker):
             self.marker = marker
 
         def __reduce__(self):
             return open, (self.marker, "w")
+
     torch.save(Payload(str(tmp_path / "proof")), tmp_path / "proof.pt")
     torch.load(tmp_path / "proof.pt", weights_only=False).close()
     assert (tmp_path / "proof").exists()  # the payload is real: an unrestricted load runs it
@@ -217,7 +280,9 @@ def test_a_planted_state_file_runs_no_code(tmp_path):
     evil = dict(step=3, model={}, optimizer={}, config={}, extra=Payload(str(tmp_path / "ran")))
     torch.save(evil, tmp_path / "run" / "state.pt")
     with pytest.raises(ValueError, match=r"refused to load .*run/state\.pt"):
-        to.Checkpoint(to.Config(out_dir=str(tmp_path / "run"), resume=True), None, None, None).resume(10)
+        to.Checkpoint(
+            to.Config(out_dir=str(tmp_path / "run"), resume=True), None, None, None
+        ).resume(10)
     assert not (tmp_path / "ran").exists()
 
 
@@ -246,13 +311,17 @@ def test_resume_writes_the_kept_metrics_at_once(tmp_path):
     log.write(3)
     log.close()
     assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2, 3]
-    assert json.loads(open(path).readlines()[-1])["loss"] == 0.75  # sums over micro-steps, then the mean
+    assert (
+        json.loads(open(path).readlines()[-1])["loss"] == 0.75
+    )  # sums over micro-steps, then the mean
 
 
 def test_yes_no_flags_reject_typos(capsys):
     from model import config_from_argv
-    cfg = config_from_argv(to.Config, ["--resume", "YES", "--fsdp", "0", "--grad_ckpt", "True",
-                                       "--overwrite", "no"])
+
+    cfg = config_from_argv(
+        to.Config, ["--resume", "YES", "--fsdp", "0", "--grad_ckpt", "True", "--overwrite", "no"]
+    )
     assert (cfg.resume, cfg.fsdp, cfg.grad_ckpt, cfg.overwrite) == (True, False, True, False)
     with pytest.raises(UserError, match="argument --resume: 'ture' is not a yes/no value"):
         config_from_argv(to.Config, ["--resume", "ture"])
@@ -262,18 +331,27 @@ def test_resume_takes_the_runs_settings_before_anything_loads(tmp_path, monkeypa
     """--resume true --out_dir D: the flags not given are the run's, read from D's training state;
     a flag given with another value is an error naming both values; nothing is loaded first."""
     import dataclasses
+
     monkeypatch.setattr(to, "build_policy", lambda *a, **kw: pytest.fail("built the model"))
     run = tmp_path / "run"
     run.mkdir()
-    saved = to.Config(out_dir=str(run), beta=0.3, lora_r=4, data="bdhs", steps=7, save_every=2, seed=5)
-    torch.save(dict(step=1, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt")
+    saved = to.Config(
+        out_dir=str(run), beta=0.3, lora_r=4, data="bdhs", steps=7, save_every=2, seed=5
+    )
+    torch.save(
+        dict(step=1, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt"
+    )
     cfg = to.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run)])
     assert cfg == dataclasses.replace(saved, resume=True)
-    cfg = to.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run), "--beta", "0.3",
-                                          "--save_every", "3"])  # the same value; a free one
+    cfg = to.resumable_config(
+        to.Config, ["--resume", "true", "--out_dir", str(run), "--beta", "0.3", "--save_every", "3"]
+    )  # the same value; a free one
     assert (cfg.beta, cfg.save_every, cfg.lora_r) == (0.3, 3, 4)
-    with pytest.raises(UserError, match=r"other settings: --beta 0.5 \(the run's: 0.3\), --data world "
-                                        r"\(the run's: bdhs\)"):
+    with pytest.raises(
+        UserError,
+        match=r"other settings: --beta 0.5 \(the run's: 0.3\), --data world "
+        r"\(the run's: bdhs\)",
+    ):
         to.main(["--resume", "true", "--out_dir", str(run), "--beta", "0.5", "--data", "world"])
     with pytest.raises(UserError, match=r"--lora_r -1: must be >= 0"):
         to.main(["--resume", "true", "--out_dir", str(run), "--lora_r", "-1"])
@@ -283,18 +361,41 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
     """Flags out of range, an out_dir that cannot be written or holds another run: errors before the
     model is built. An empty preference file, or one of ties only: an error before the reference
     pass."""
+
     def run(*args):
-        to.main(["--out_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "c"),
-                 "--eval_n", "0", "--batch_size", "2"] + list(args))
+        to.main(
+            [
+                "--out_dir",
+                str(tmp_path / "run"),
+                "--cache_dir",
+                str(tmp_path / "c"),
+                "--eval_n",
+                "0",
+                "--batch_size",
+                "2",
+            ]
+            + list(args)
+        )
+
     real_build = to.build_policy
     monkeypatch.setattr(to, "build_policy", lambda *a, **kw: pytest.fail("built the model"))
-    for flag, v, bound in (("--pairs", "0", ">= 1"), ("--batch_size", "0", ">= 1"), ("--steps", "-1", ">= 0"),
-                           ("--grad_accum", "0", ">= 1"), ("--lora_r", "-4", ">= 0"), ("--beta", "0.0", "> 0")):
+    for flag, v, bound in (
+        ("--pairs", "0", ">= 1"),
+        ("--batch_size", "0", ">= 1"),
+        ("--steps", "-1", ">= 0"),
+        ("--grad_accum", "0", ">= 1"),
+        ("--lora_r", "-4", ">= 0"),
+        ("--beta", "0.0", "> 0"),
+    ):
         with pytest.raises(UserError, match=rf"{flag} {v}: must be {bound}"):
             run(flag, v)
-    with pytest.raises(UserError, match=r"--loss: invalid choice: 'kto' \(choose from 'dpo', 'ipo', 'slic', 'rm'\)"):
+    with pytest.raises(
+        UserError, match=r"--loss: invalid choice: 'kto' \(choose from 'dpo', 'ipo', 'slic', 'rm'\)"
+    ):
         run("--loss", "kto")
-    with pytest.raises(UserError, match=r"--dtype: invalid choice: 'bf16' \(choose from 'float32', 'bfloat16'"):
+    with pytest.raises(
+        UserError, match=r"--dtype: invalid choice: 'bf16' \(choose from 'float32', 'bfloat16'"
+    ):
         run("--dtype", "bf16")
     with pytest.raises(UserError, match=r"--ref: invalid choice: 'none'"):
         run("--ref", "none")
@@ -304,7 +405,9 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
         run("--data", "povid:/nowhere")
     with pytest.raises(UserError, match=r"unrecognized arguments: --lora_rank"):
         run("--lora_rank", "4")
-    with pytest.raises(UserError, match=r"--dtype 'float16': expected float32 or bfloat16 .*loss scaling"):
+    with pytest.raises(
+        UserError, match=r"--dtype 'float16': expected float32 or bfloat16 .*loss scaling"
+    ):
         run("--dtype", "float16")  # no GradScaler: small LoRA gradients would underflow
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match=r"--out_dir .*file/run: cannot write there"):
@@ -334,8 +437,10 @@ def test_a_full_disk_names_the_state_file(tmp_path, monkeypatch):
     opt = torch.optim.AdamW(pm.parameters())
 
     def full(*a, **kw):
-        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed "
-                           "writing file")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file"
+        )
+
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
         to.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, to.Ranks()).save(0)
@@ -352,9 +457,18 @@ def test_resume_names_a_state_of_other_trainable_tensors(tmp_path):
     pm = to.PairModel(VLM.from_pretrained(world.BASE_MODEL))
     pm.requires_grad_(False)
     pm.vlm.lm_head.requires_grad_(True)
-    torch.save(dict(step=0, model={"vlm.lm_head.bias": torch.zeros(1)}, optimizer={},
-                    config=dataclasses.asdict(cfg)), tmp_path / "state.pt")
-    with pytest.raises(UserError, match=r"state\.pt does not hold this model's trainable tensors: 2 differ"):
+    torch.save(
+        dict(
+            step=0,
+            model={"vlm.lm_head.bias": torch.zeros(1)},
+            optimizer={},
+            config=dataclasses.asdict(cfg),
+        ),
+        tmp_path / "state.pt",
+    )
+    with pytest.raises(
+        UserError, match=r"state\.pt does not hold this model's trainable tensors: 2 differ"
+    ):
         to.Checkpoint(cfg, pm, None, to.Ranks()).resume(10)
 
 
@@ -369,22 +483,36 @@ def test_ties_are_counted_and_skipped(tmp_path, capsys):
 
 def test_truncation_never_cuts_image_tokens():
     vlm = VLM.from_pretrained(world.BASE_MODEL)
-    rec = world.world_pairs(world.World(0), 1)[0] | dict(chosen="word " * 80, rejected="other " * 60)
+    rec = world.world_pairs(world.World(0), 1)[0] | dict(
+        chosen="word " * 80, rejected="other " * 60
+    )
     prompt, _ = data.encode_conversation(vlm, rec["conversation"])
     items, stats = data.prepare_pairs(vlm, [rec], max_length=len(prompt) + 10, warn=False)
     assert stats["truncated"] == 1 and items[0]["prompt"] == prompt
     assert [len(r) for r in items[0]["responses"]] == [10, 10]
-    items, stats = data.prepare_pairs(vlm, [rec], max_length=len(prompt) - 3, warn=False)  # inside the image tokens
+    items, stats = data.prepare_pairs(
+        vlm, [rec], max_length=len(prompt) - 3, warn=False
+    )  # inside the image tokens
     assert items == [] and stats["too_long"] == 1
 
 
-@pytest.mark.parametrize("name,sub,n", [("povid", "povid", 3), ("vlfeedback", "vlfeedback", 2), ("rlhfv", "rlhf_v", 2),
-                                        ("llava-rlhf", "llava_rlhf", 3)])
+@pytest.mark.parametrize(
+    "name,sub,n",
+    [
+        ("povid", "povid", 3),
+        ("vlfeedback", "vlfeedback", 2),
+        ("rlhfv", "rlhf_v", 2),
+        ("llava-rlhf", "llava_rlhf", 3),
+    ],
+)
 def test_converters_on_fixtures(name, sub, n):
     recs = data.load_pairs(f"{name}:{os.path.join(FIX, sub)}", os.path.join(FIX, "images"))
     assert len(recs) == n
     for r in recs:
-        assert r["conversation"][0]["content"].startswith("<image>\n") and r["conversation"][-1]["role"] == "user"
+        assert (
+            r["conversation"][0]["content"].startswith("<image>\n")
+            and r["conversation"][-1]["role"] == "user"
+        )
         assert r["chosen"] != r["rejected"] and data.open_image(r["image"]).mode == "RGB"
     by = {r["id"]: r for r in recs}
     if name == "povid":  # the last gpt turn of conversations / rejected_conversations
@@ -392,7 +520,11 @@ def test_converters_on_fixtures(name, sub, n):
         assert by["povid-1"]["meta"]["source_id"] == "COCO_train2014_000000000001"
     if name == "llava-rlhf":  # preference 2 -> output_2 is chosen; earlier turns stay as context
         assert by["llava-rlhf-1"]["chosen"] == "The image shows nothing but a flat blue square."
-        assert [m["role"] for m in by["llava-rlhf-2"]["conversation"]] == ["user", "assistant", "user"]
+        assert [m["role"] for m in by["llava-rlhf-2"]["conversation"]] == [
+            "user",
+            "assistant",
+            "user",
+        ]
     if name == "vlfeedback":  # best and worst mean rating
         assert by["vlfeedback-1"]["meta"]["models"] == ["gpt4v", "fuyu-8b"]
     if name == "rlhfv":
@@ -420,30 +552,45 @@ def test_native_image_paths_resolve_against_image_root(tmp_path):
     write_jsonl(path, [pair(0, image="COCO_train2014_000000000001.jpg"), pair(1, image=jpg)])
     recs = data.load_pairs(path, os.path.join(FIX, "images"))
     assert [r["image"] for r in recs] == [jpg, jpg]
-    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: image not found: .*data/COCO_train2014_000000000001\.jpg "
-                                         r"\(relative image paths resolve against the data file's folder; "
-                                         r"--image_root sets another\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"pairs\.jsonl:1: image not found: .*data/COCO_train2014_000000000001\.jpg "
+        r"\(relative image paths resolve against the data file's folder; "
+        r"--image_root sets another\)",
+    ):
         data.load_pairs(path)
-    with pytest.raises(ValueError, match=rf"pairs\.jsonl:1: image not found: .*resolve against --image_root "
-                                         rf"{tmp_path}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"pairs\.jsonl:1: image not found: .*resolve against --image_root "
+        rf"{tmp_path}",
+    ):
         data.load_pairs(path, str(tmp_path))
     os.symlink(os.path.join(FIX, "images"), tmp_path / "data" / "images")
     write_jsonl(path, [pair(0), pair(1, image=jpg)])  # images/... beside the file, no --image_root
-    assert [r["image"] for r in data.load_pairs(path)] == [str(tmp_path / "data" / pair(0)["image"]), jpg]
+    assert [r["image"] for r in data.load_pairs(path)] == [
+        str(tmp_path / "data" / pair(0)["image"]),
+        jpg,
+    ]
 
 
 def test_vlfeedback_images_unzipped_beside_its_jsonl(tmp_path):
     """VLFeedback's merged_images.zip unzipped beside vlfeedback_80k.jsonl gives merged_images/<id>.jpg
     there (the dataset repo's VLFeedback.py reads that layout): found without --image_root."""
     import shutil
+
     shutil.copy(os.path.join(FIX, "vlfeedback", "vlfeedback_80k.jsonl"), tmp_path)
     shutil.copytree(os.path.join(FIX, "images", "merged_images"), tmp_path / "merged_images")
     recs = data.load_pairs(f"vlfeedback:{tmp_path}")
     assert len(recs) == 2
-    assert recs[0]["image"] == os.path.join(str(tmp_path), "merged_images", "fixture-detail-0001.jpg")
+    assert recs[0]["image"] == os.path.join(
+        str(tmp_path), "merged_images", "fixture-detail-0001.jpg"
+    )
     shutil.rmtree(tmp_path / "merged_images")
-    with pytest.raises(ValueError, match=r"vlfeedback_80k\.jsonl: line 1: image not found: .*merged_images/"
-                                         r"fixture-detail-0001\.jpg \(.*--image_root"):
+    with pytest.raises(
+        ValueError,
+        match=r"vlfeedback_80k\.jsonl: line 1: image not found: .*merged_images/"
+        r"fixture-detail-0001\.jpg \(.*--image_root",
+    ):
         data.load_pairs(f"vlfeedback:{tmp_path}")
 
 
@@ -453,6 +600,7 @@ def test_write_then_read_pairs(tmp_path):
     back = data.read_pairs(str(tmp_path / "p.jsonl"))
     assert [r["chosen"] for r in back] == [r["chosen"] for r in recs]
     assert data.open_image(back[0]["image"]).tobytes() == recs[0]["image"].tobytes()
+
 
 # -----------------------------------------------------------------------------
 # Packed scoring: one forward per pair equals one forward per response
@@ -527,22 +675,42 @@ def run_metrics(path):
     return [json.loads(line) for line in open(path) if '"eval/' not in line]
 
 
-def same(a, b, keys=("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"), tol=1e-5):
+def same(
+    a, b, keys=("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"), tol=1e-5
+):
     """Equal metrics up to tol (relative above 1), plus one step of the 5-decimal rounding they are logged with."""
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
         for k in keys:
-            assert abs(x[k] - y[k]) <= tol * max(1.0, abs(x[k])) + 1.01e-5, (x["step"], k, x[k], y[k])
+            assert abs(x[k] - y[k]) <= tol * max(1.0, abs(x[k])) + 1.01e-5, (
+                x["step"],
+                k,
+                x[k],
+                y[k],
+            )
 
 
 def test_dpo_trains_saves_and_caches_reference(tmp_path):
     out, cache = str(tmp_path / "run"), str(tmp_path / "cache")
-    to.main(SMALL + ["--steps", "3", "--rpo_alpha", "0", "--out_dir", out, "--cache_dir", cache])  # plain DPO
+    to.main(
+        SMALL + ["--steps", "3", "--rpo_alpha", "0", "--out_dir", out, "--cache_dir", cache]
+    )  # plain DPO
     recs = run_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in recs] == [0, 1, 2]
-    assert abs(recs[0]["loss"] - math.log(2)) < 1e-4 and recs[0]["rewards/margins"] == 0  # the policy starts at ref
-    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-              "logps/rejected", "lr", "grad_norm", "epoch"):
+    assert (
+        abs(recs[0]["loss"] - math.log(2)) < 1e-4 and recs[0]["rewards/margins"] == 0
+    )  # the policy starts at ref
+    for k in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "epoch",
+    ):
         assert k in recs[-1]
     ev = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"eval/' in line]
     assert 0 <= ev[0]["eval/rewards/accuracies"] <= 1
@@ -551,24 +719,80 @@ def test_dpo_trains_saves_and_caches_reference(tmp_path):
     assert not any("lora" in n for n, _ in vlm.named_parameters())
     # the cached reference equals the adapters-off reference: same first step with --ref lora_off
     out2 = str(tmp_path / "run2")
-    to.main(SMALL + ["--steps", "1", "--out_dir", out2, "--cache_dir", cache, "--ref", "lora_off",
-                     "--lr_projector", "0"])
+    to.main(
+        SMALL
+        + [
+            "--steps",
+            "1",
+            "--out_dir",
+            out2,
+            "--cache_dir",
+            cache,
+            "--ref",
+            "lora_off",
+            "--lr_projector",
+            "0",
+        ]
+    )
     with pytest.raises(ValueError, match="--ref lora_off needs"):  # checked before the model loads
-        to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "x"), "--ref", "lora_off",
-                         "--model", str(tmp_path / "no-such-model")])
-    to.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path / "run3"), "--cache_dir", cache, "--lr_projector", "0"])
+        to.main(
+            SMALL
+            + [
+                "--steps",
+                "1",
+                "--out_dir",
+                str(tmp_path / "x"),
+                "--ref",
+                "lora_off",
+                "--model",
+                str(tmp_path / "no-such-model"),
+            ]
+        )
+    to.main(
+        SMALL
+        + [
+            "--steps",
+            "1",
+            "--out_dir",
+            str(tmp_path / "run3"),
+            "--cache_dir",
+            cache,
+            "--lr_projector",
+            "0",
+        ]
+    )
     assert len(os.listdir(cache)) == 1  # read back, not recomputed
-    same(run_metrics(os.path.join(out2, "metrics.jsonl")), run_metrics(str(tmp_path / "run3" / "metrics.jsonl")))
+    same(
+        run_metrics(os.path.join(out2, "metrics.jsonl")),
+        run_metrics(str(tmp_path / "run3" / "metrics.jsonl")),
+    )
 
 
 def test_world_partners_data_trains(tmp_path, capsys):
     """--data world+partners (opt-in) builds its pairs from the world, as --data world does, and trains."""
     out = str(tmp_path / "run")
-    to.main(SMALL + ["--data", "world+partners", "--steps", "1", "--out_dir", out, "--cache_dir", str(tmp_path / "c")])
-    assert '"pairs": 64' in capsys.readouterr().out and len(run_metrics(os.path.join(out, "metrics.jsonl"))) == 1
+    to.main(
+        SMALL
+        + [
+            "--data",
+            "world+partners",
+            "--steps",
+            "1",
+            "--out_dir",
+            out,
+            "--cache_dir",
+            str(tmp_path / "c"),
+        ]
+    )
+    assert (
+        '"pairs": 64' in capsys.readouterr().out
+        and len(run_metrics(os.path.join(out, "metrics.jsonl"))) == 1
+    )
 
 
-def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(tmp_path, monkeypatch, capsys):
+def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(
+    tmp_path, monkeypatch, capsys
+):
     """Without --cache_dir the reference log-probs go to $MMALIGN_CACHE (printed at the start), never
     the current directory; the bar shows each step's loss; the run closes with its steps, final loss
     and reward accuracy, and where the checkpoint is."""
@@ -579,18 +803,26 @@ def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(tmp_p
     to.main(SMALL + ["--steps", "2", "--out_dir", out])
     cap = capsys.readouterr()
     assert f"cache: {cache} (--cache_dir, $MMALIGN_CACHE)" in cap.out
-    assert len([f for f in os.listdir(cache) if f.startswith("ref-")]) == 1 and os.listdir(cwd) == []
+    assert (
+        len([f for f in os.listdir(cache) if f.startswith("ref-")]) == 1 and os.listdir(cwd) == []
+    )
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     last, held = lines[-2], lines[-1]
-    assert f"loss={last['loss']:.4f}, acc={last['rewards/accuracies']:.2f}" in cap.err  # the bar's postfix
-    assert (f"done: 2 steps, final loss {last['loss']:.4f}, reward accuracy {100 * last['rewards/accuracies']:.1f}%, "
-            f"held-out reward accuracy {100 * held['eval/rewards/accuracies']:.1f}%; checkpoint in "
-            f"{os.path.join(out, 'checkpoint')}\n") in cap.out
+    assert (
+        f"loss={last['loss']:.4f}, acc={last['rewards/accuracies']:.2f}" in cap.err
+    )  # the bar's postfix
+    assert (
+        f"done: 2 steps, final loss {last['loss']:.4f}, reward accuracy {100 * last['rewards/accuracies']:.1f}%, "
+        f"held-out reward accuracy {100 * held['eval/rewards/accuracies']:.1f}%; checkpoint in "
+        f"{os.path.join(out, 'checkpoint')}\n"
+    ) in cap.out
 
 
 def test_cache_home(monkeypatch, tmp_path):
     """$MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign (an absolute one), else ~/.cache/mmalign."""
-    assert os.environ[M.CACHE_ENV] == M.cache_home()  # conftest.py: the tests never write into the home
+    assert (
+        os.environ[M.CACHE_ENV] == M.cache_home()
+    )  # conftest.py: the tests never write into the home
     monkeypatch.setenv(M.CACHE_ENV, str(tmp_path / "c"))
     assert M.cache_home() == str(tmp_path / "c")
     monkeypatch.delenv(M.CACHE_ENV)
@@ -606,11 +838,22 @@ def test_cache_home(monkeypatch, tmp_path):
 def test_other_losses_run(tmp_path, capsys, loss):
     extra = ["--loss", "dpo", "--rpo_alpha", "1.0"] if loss == "rpo" else ["--loss", loss]
     extra += ["--rpo_alpha", "0"] if loss == "slic" else []
-    to.main(SMALL + ["--steps", "2", "--out_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c")] + extra)
-    said = {"ipo": "IPO (β 1.0) + 1.0 × NLL, 1 rejected", "slic": "SLiC (β 1.0), 1 rejected",
-            "rm": "Bradley–Terry reward model", "rpo": "DPO (β 1.0) + 1.0 × NLL, 1 rejected"}[loss]
+    to.main(
+        SMALL
+        + ["--steps", "2", "--out_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c")]
+        + extra
+    )
+    said = {
+        "ipo": "IPO (β 1.0) + 1.0 × NLL, 1 rejected",
+        "slic": "SLiC (β 1.0), 1 rejected",
+        "rm": "Bradley–Terry reward model",
+        "rpo": "DPO (β 1.0) + 1.0 × NLL, 1 rejected",
+    }[loss]
     out = capsys.readouterr().out
-    assert out.count("objective: ") == 1 and f"objective: {said}; 6 pairs held out, 58 to train on" in out
+    assert (
+        out.count("objective: ") == 1
+        and f"objective: {said}; 6 pairs held out, 58 to train on" in out
+    )
     recs = run_metrics(str(tmp_path / "metrics.jsonl"))
     assert len(recs) == 2 and all(math.isfinite(r["loss"]) for r in recs)
     if loss == "rpo":  # log 2 plus the chosen responses' mean per-token NLL at the start
@@ -623,14 +866,29 @@ def test_other_losses_run(tmp_path, capsys, loss):
 def torchrun(n, args, timeout=300, script="train_offline.py"):
     """Runs a training script on n gloo ranks; a failure shows the output's tail. The free port is found by binding
     and releasing it, so another process can take it in between: a rendezvous that finds it taken is retried."""
-    for attempt in range(3):
+    for _attempt in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
-               os.path.join(ROOT, script)] + args
-        p = subprocess.run(cmd, timeout=timeout, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"},
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(n),
+            "--master_port",
+            str(port),
+            os.path.join(ROOT, script),
+        ] + args
+        p = subprocess.run(
+            cmd,
+            timeout=timeout,
+            cwd=ROOT,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         if p.returncode == 0:
             return
         if "address already in use" not in p.stdout.lower():
@@ -647,7 +905,10 @@ def test_two_ranks_equal_one(tmp_path):
     one = run_metrics(str(tmp_path / "one" / "metrics.jsonl"))
     same(one, run_metrics(str(tmp_path / "ddp" / "metrics.jsonl")))
     same(one, run_metrics(str(tmp_path / "fsdp" / "metrics.jsonl")), tol=1e-4)
-    a, b = VLM.from_pretrained(str(tmp_path / "one" / "checkpoint")), VLM.from_pretrained(str(tmp_path / "fsdp" / "checkpoint"))
+    a, b = (
+        VLM.from_pretrained(str(tmp_path / "one" / "checkpoint")),
+        VLM.from_pretrained(str(tmp_path / "fsdp" / "checkpoint")),
+    )
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-5), n
 
@@ -655,18 +916,49 @@ def test_two_ranks_equal_one(tmp_path):
 def test_two_nodes_equal_one_rank(tmp_path):
     """Two torchrun agents of 2 ranks each (--nnodes 2 on this host): FSDP2 as HSDP, sharded within a node and
     replicated across the two, gives one process's losses, and those of FSDP2 on 2 ranks."""
-    common = SMALL + ["--steps", "2", "--grad_accum", "2", "--fsdp", "true", "--cache_dir", str(tmp_path / "c")]
+    common = SMALL + [
+        "--steps",
+        "2",
+        "--grad_accum",
+        "2",
+        "--fsdp",
+        "true",
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
     to.main(common + ["--out_dir", str(tmp_path / "one")])
     torchrun(2, common + ["--out_dir", str(tmp_path / "two")])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
-                                str(node), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                                str(port), os.path.join(ROOT, "train_offline.py")]
-                               + common + ["--out_dir", str(tmp_path / "nodes")],
-                               cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for node in range(2)]
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(node),
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                os.path.join(ROOT, "train_offline.py"),
+            ]
+            + common
+            + ["--out_dir", str(tmp_path / "nodes")],
+            cwd=ROOT,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in range(2)
+    ]
     outs = [a.communicate(timeout=240)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "FSDP2: sharded over 2 ranks, replicated across 2 nodes (HSDP)" in outs[0]
@@ -701,21 +993,43 @@ def test_rank_0_decides_what_is_on_disk(tmp_path, monkeypatch):
     to.main(common + ["--out_dir", str(tmp_path / "one")])  # writes the reference cache
     monkeypatch.setenv("ROOT", ROOT)
     monkeypatch.setenv("HIDE", f"{tmp_path / 'c'},{tmp_path / 'two' / 'state.pt'}")
-    run = dict(script=str(tmp_path / "hide.py"), timeout=180)  # the old code hangs: rank 1 alone recomputes
+    run = dict(
+        script=str(tmp_path / "hide.py"), timeout=180
+    )  # the old code hangs: rank 1 alone recomputes
     torchrun(2, common + ["--out_dir", str(tmp_path / "two")], **run)
-    same(run_metrics(str(tmp_path / "one" / "metrics.jsonl")), run_metrics(str(tmp_path / "two" / "metrics.jsonl")))
-    torchrun(2, common + ["--out_dir", str(tmp_path / "two"), "--resume", "true"], **run)  # complete: a no-op
+    same(
+        run_metrics(str(tmp_path / "one" / "metrics.jsonl")),
+        run_metrics(str(tmp_path / "two" / "metrics.jsonl")),
+    )
+    torchrun(
+        2, common + ["--out_dir", str(tmp_path / "two"), "--resume", "true"], **run
+    )  # complete: a no-op
     monkeypatch.setenv("HIDE", str(tmp_path / "three" / ".shared-"))
-    with pytest.raises(AssertionError, match=r"rank 1 \(host .*\) cannot see: --out_dir must be a folder shared "
-                                             r"by every node"):
+    with pytest.raises(
+        AssertionError,
+        match=r"rank 1 \(host .*\) cannot see: --out_dir must be a folder shared "
+        r"by every node",
+    ):
         torchrun(2, common + ["--out_dir", str(tmp_path / "three")], **run)
 
 
 def test_rank_0_decides_whether_the_bdhs_pairs_exist(tmp_path, monkeypatch):
     """BDHS pairs built on 2 ranks, then a run where rank 1 does not see them: it reads them, not rebuilds."""
     (tmp_path / "hide.py").write_text(HIDE)
-    common = ["--data", "bdhs", "--pairs", "32", "--batch_size", "8", "--steps", "1", "--eval_n", "0",
-              "--cache_dir", str(tmp_path / "c")]
+    common = [
+        "--data",
+        "bdhs",
+        "--pairs",
+        "32",
+        "--batch_size",
+        "8",
+        "--steps",
+        "1",
+        "--eval_n",
+        "0",
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
     monkeypatch.setenv("ROOT", ROOT)
     monkeypatch.setenv("HIDE", str(tmp_path / "nothing"))
     run = dict(script=str(tmp_path / "hide.py"), timeout=180)
@@ -731,8 +1045,12 @@ def test_rank_0_decides_whether_the_bdhs_pairs_exist(tmp_path, monkeypatch):
 def kill_midway(script, args, out, at=2, timeout=120):
     """Runs a training script into `out` and SIGKILLs it once its saved training state reaches step `at`; -> the
     step of the state it left behind."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script)] + args + ["--out_dir", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, script)] + args + ["--out_dir", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = out / "state.pt"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -758,7 +1076,11 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys):
     (out / "checkpoint.tmp999999").mkdir()  # a killed save's leftover: removed at start
     to.main(common + ["--out_dir", str(out), "--resume", "true"])
     assert not (out / "checkpoint.tmp999999").exists()
-    same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)
+    same(
+        run_metrics(str(tmp_path / "whole" / "metrics.jsonl")),
+        run_metrics(str(out / "metrics.jsonl")),
+        tol=1e-6,
+    )
     with pytest.raises(UserError, match=r"other settings: --beta 0.2 \(the run's: 1.0\)"):
         to.main(common + ["--out_dir", str(out), "--resume", "true", "--beta", "0.2"])
 
@@ -768,19 +1090,41 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
     pass under the policy's autocast, so that at step 0 policy and reference agree exactly."""
     cache = str(tmp_path / "c")
     # --batch_size 4 is cut in PARTS = 4 parts of one pair each: step 0's own batches are single pairs
-    args = SMALL + ["--batch_size", "4", "--dtype", "bfloat16", "--lr_projector", "0", "--cache_dir", cache]
-    cfg = M.config_from_argv(to.Config, args + ["--lr_projector", "1e-4", "--out_dir", str(tmp_path / "x")])
+    args = SMALL + [
+        "--batch_size",
+        "4",
+        "--dtype",
+        "bfloat16",
+        "--lr_projector",
+        "0",
+        "--cache_dir",
+        cache,
+    ]
+    cfg = M.config_from_argv(
+        to.Config, args + ["--lr_projector", "1e-4", "--out_dir", str(tmp_path / "x")]
+    )
     ranks = to.Ranks()
-    assert not torch.backends.cuda.matmul.allow_tf32  # TF32 on CUDA only: the CPU's fp32 stays exact
+    assert (
+        not torch.backends.cuda.matmul.allow_tf32
+    )  # TF32 on CUDA only: the CPU's fp32 stays exact
     torch.manual_seed(0)
     pm, _, opt = to.build_policy(cfg, ranks)
     lm = pm.vlm.model.language_model
-    for frozen in (pm.vlm.model.vision_tower.embeddings.patch_embedding.weight, lm.embed_tokens.weight,
-                   lm.layers[0].self_attn.q_proj.weight, lm.norm.weight, pm.vlm.lm_head.weight):
+    for frozen in (
+        pm.vlm.model.vision_tower.embeddings.patch_embedding.weight,
+        lm.embed_tokens.weight,
+        lm.layers[0].self_attn.q_proj.weight,
+        lm.norm.weight,
+        pm.vlm.lm_head.weight,
+    ):
         assert frozen.dtype == torch.bfloat16 and not frozen.requires_grad
     trained = {n: p for n, p in pm.named_parameters() if p.requires_grad}
-    assert any("lora_A" in n for n in trained) and any("multi_modal_projector" in n for n in trained)
-    assert all(p.dtype == torch.float32 for p in trained.values()), {n: p.dtype for n, p in trained.items()}
+    assert any("lora_A" in n for n in trained) and any(
+        "multi_modal_projector" in n for n in trained
+    )
+    assert all(p.dtype == torch.float32 for p in trained.values()), {
+        n: p.dtype for n, p in trained.items()
+    }
     items, train_idx, _ = to.load_pairs(cfg, pm.vlm, ranks)
     batch = to.to(data.collate_pairs(pm.vlm, [items[i] for i in train_idx[:2]]), "cpu")
     with to.autocast(cfg, "cpu"):
@@ -793,15 +1137,21 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
     torch.manual_seed(0)
     pm = to.build_policy(dataclasses.replace(cfg, lr_projector=0.0), ranks)[0]
     ref = to.reference_logps(cfg, pm, items, 1, ranks)
-    for idx in to.by_length([train_idx[i] for i in to.batch_rows(len(train_idx), cfg, 0, 0, 4, ranks)], items):
+    for idx in to.by_length(
+        [train_idx[i] for i in to.batch_rows(len(train_idx), cfg, 0, 0, 4, ranks)], items
+    ):
         batch = to.to(data.collate_pairs(pm.vlm, [items[i] for i in idx]), "cpu")
         with to.autocast(cfg, "cpu"):
             assert torch.equal(pm(**batch)[0].sum(-1), ref[idx])
-            assert (to.reference(pm, batch) - ref[idx]).abs().max() <= 1e-6  # --ref lora_off's reference
+            assert (
+                to.reference(pm, batch) - ref[idx]
+            ).abs().max() <= 1e-6  # --ref lora_off's reference
     to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "cache")])
     to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "off"), "--ref", "lora_off"])
     got = run_metrics(str(tmp_path / "cache" / "metrics.jsonl"))[0]
-    assert got["rewards/chosen"] == got["rewards/rejected"] == got["rewards/accuracies"] == 0  # exactly: no c > r
+    assert (
+        got["rewards/chosen"] == got["rewards/rejected"] == got["rewards/accuracies"] == 0
+    )  # exactly: no c > r
     same([got], run_metrics(str(tmp_path / "off" / "metrics.jsonl")), tol=1e-6)
 
 
@@ -812,10 +1162,18 @@ def record_saves(monkeypatch, out, stop_at=None):
 
     def save(self, step, final=False):
         real(self, step, final)
-        seen.append(dict(step=step, final=final, bytes=os.path.getsize(out / "state.pt"),
-                         hf=os.path.exists(out / "checkpoint"), st=torch.load(out / "state.pt", weights_only=True)))
+        seen.append(
+            dict(
+                step=step,
+                final=final,
+                bytes=os.path.getsize(out / "state.pt"),
+                hf=os.path.exists(out / "checkpoint"),
+                st=torch.load(out / "state.pt", weights_only=True),
+            )
+        )
         if step == stop_at:
             raise Stopped
+
     monkeypatch.setattr(to.Checkpoint, "save", save)
     return seen
 
@@ -831,34 +1189,67 @@ def test_saves_mid_run_hold_only_what_trains(tmp_path, monkeypatch):
     run resumed from a save mid-run ends with the uninterrupted run's tensors, bit for bit."""
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "run"
-    (out / "checkpoint").mkdir(parents=True)  # an older run's (as under --overwrite): gone at the first save
+    (out / "checkpoint").mkdir(
+        parents=True
+    )  # an older run's (as under --overwrite): gone at the first save
     (out / "checkpoint" / "config.json").write_text("{}")
     seen = record_saves(monkeypatch, out)
-    argv = SMALL + ["--steps", "3", "--save_every", "1", "--out_dir", str(out), "--cache_dir", str(tmp_path / "c")]
+    argv = SMALL + [
+        "--steps",
+        "3",
+        "--save_every",
+        "1",
+        "--out_dir",
+        str(out),
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
     to.main(argv)
-    assert [(s["step"], s["final"], s["hf"]) for s in seen] == [(0, False, False), (1, False, False), (2, True, True)]
-    pm, _, _ = to.build_policy(to.Config(), to.Ranks())  # the same model: the base, adapters, projector
+    assert [(s["step"], s["final"], s["hf"]) for s in seen] == [
+        (0, False, False),
+        (1, False, False),
+        (2, True, True),
+    ]
+    pm, _, _ = to.build_policy(
+        to.Config(), to.Ranks()
+    )  # the same model: the base, adapters, projector
     trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
     n_train = sum(p.numel() for p in trainable.values())
-    assert any("lora_A" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    assert any("lora_A" in n for n in trainable) and any(
+        "multi_modal_projector" in n for n in trainable
+    )
     for s in seen:
         st = s["st"]
         assert s["bytes"] <= 3.1 * 4 * n_train, (s["bytes"], 4 * n_train)
         assert set(st["model"]) == set(trainable) == set(st["optimizer"]["state"])
-        tensors = list(st["model"].values()) + [t for v in st["optimizer"]["state"].values() for t in v.values()]
+        tensors = list(st["model"].values()) + [
+            t for v in st["optimizer"]["state"].values() for t in v.values()
+        ]
         assert all(t.dtype == torch.float32 for t in tensors)
-        assert sum(t.numel() for t in tensors) == 3 * n_train + len(trainable)  # weights, 2 moments, AdamW's steps
+        assert sum(t.numel() for t in tensors) == 3 * n_train + len(
+            trainable
+        )  # weights, 2 moments, AdamW's steps
     # the final checkpoint: transformers' logits equal the base's with state.pt's trainable tensors put in
     pm.load_state_dict(seen[-1]["st"]["model"], strict=False)
-    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(str(out / "checkpoint")).eval()
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(
+        str(out / "checkpoint")
+    ).eval()
     ex = [world.World(0).example("broken", i) for i in range(2)]
-    batch = pm.vlm.prepare([e["messages"][0]["content"].removeprefix("<image>\n") for e in ex],
-                           [e["image"] for e in ex])
+    batch = pm.vlm.prepare(
+        [e["messages"][0]["content"].removeprefix("<image>\n") for e in ex],
+        [e["image"] for e in ex],
+    )
     pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        a = pm.vlm(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"])
-        b = theirs(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                   attention_mask=batch["attention_mask"], position_ids=pos).logits
+        a = pm.vlm(
+            batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"]
+        )
+        b = theirs(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+            position_ids=pos,
+        ).logits
     m = batch["attention_mask"].bool()
     assert (a[m] - b[m]).abs().max().item() < 1e-4
     # exact resume from the save of step 1: the same final tensors and moments
@@ -875,14 +1266,26 @@ def test_fsdp_resumes_a_save_mid_run_and_saves_what_trains(tmp_path, monkeypatch
     """FSDP2 on 2 gloo ranks resumes a one-process run's save of step 0 (the trainable tensors, full, onto each
     rank's shards) and continues it: the same losses, and its saves (each trainable tensor gathered alone) equal
     the one-process run's."""
-    common = SMALL + ["--steps", "3", "--save_every", "1", "--fsdp", "true", "--cache_dir", str(tmp_path / "c")]
+    common = SMALL + [
+        "--steps",
+        "3",
+        "--save_every",
+        "1",
+        "--fsdp",
+        "true",
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
     to.main(common + ["--out_dir", str(tmp_path / "one")])  # one process: --fsdp has no effect
     record_saves(monkeypatch, tmp_path / "two", stop_at=0)
     with pytest.raises(Stopped):
         to.main(common + ["--out_dir", str(tmp_path / "two")])
     torchrun(2, common + ["--out_dir", str(tmp_path / "two"), "--resume", "true"])
-    same(run_metrics(str(tmp_path / "one" / "metrics.jsonl")), run_metrics(str(tmp_path / "two" / "metrics.jsonl")),
-         tol=1e-4)
+    same(
+        run_metrics(str(tmp_path / "one" / "metrics.jsonl")),
+        run_metrics(str(tmp_path / "two" / "metrics.jsonl")),
+        tol=1e-4,
+    )
     a, b = (torch.load(tmp_path / d / "state.pt", weights_only=True) for d in ("one", "two"))
     assert a["step"] == b["step"] == 2 and set(a["model"]) == set(b["model"])
     for k, v in a["model"].items():
@@ -965,7 +1368,11 @@ def test_workers_decode_ahead_and_resume_exactly(tmp_path, monkeypatch):
     assert 2 <= killed_at < 11, killed_at
     to.main(common + ["--out_dir", str(out), "--resume", "true", "--workers", "2"])
     assert loaders == [2]
-    same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")), tol=1e-6)
+    same(
+        run_metrics(str(tmp_path / "whole" / "metrics.jsonl")),
+        run_metrics(str(out / "metrics.jsonl")),
+        tol=1e-6,
+    )
 
 
 def test_one_forward_per_micro_batch_on_a_gpu():
@@ -980,8 +1387,10 @@ def test_one_forward_per_micro_batch_on_a_gpu():
     recs = world.world_pairs(world.World(0), 8)
     items, _ = data.prepare_pairs(vlm, recs)
     ranks = types.SimpleNamespace(W=1, rank=0, device="cuda:0")
-    ds = pickle.loads(pickle.dumps(to.MicroBatches(cfg, vlm, items, list(range(8)), 2, ranks, start=3)))
-    (idx, batch), = ds[1]  # step 3, micro-step 1: one forward of both rows
+    ds = pickle.loads(
+        pickle.dumps(to.MicroBatches(cfg, vlm, items, list(range(8)), 2, ranks, start=3))
+    )
+    ((idx, batch),) = ds[1]  # step 3, micro-step 1: one forward of both rows
     assert sorted(idx) == sorted(to.batch_rows(8, cfg, 3, 1, 2, ranks))
     want = data.collate_pairs(vlm, [items[i] for i in idx])
     assert all(torch.equal(batch[k], want[k]) for k in want)
@@ -991,10 +1400,18 @@ def test_metrics_stay_on_the_device_until_one_read_per_step(tmp_path, monkeypatc
     """pair_stats and accumulate read nothing back (no .item()); Metrics.write reads the step's sums and the
     grad norm in one tolist(). The sums are fp64 adds of the same fp32 sums, so equal to the old Python floats."""
     g = torch.Generator().manual_seed(0)
-    parts = [[torch.randn(n, generator=g) for _ in range(3)] + [torch.randn(n, 2, 5, generator=g)] for n in (3, 5, 2)]
+    parts = [
+        [torch.randn(n, generator=g) for _ in range(3)] + [torch.randn(n, 2, 5, generator=g)]
+        for n in (3, 5, 2)
+    ]
     want = {}  # the old way: a Python float per part and key
     for loss, c, r, lp in parts:
-        old = {"loss": loss, "rewards/chosen": c, "rewards/margins": c - r, "logps/rejected": lp.sum(-1)[:, 1]}
+        old = {
+            "loss": loss,
+            "rewards/chosen": c,
+            "rewards/margins": c - r,
+            "logps/rejected": lp.sum(-1)[:, 1],
+        }
         for k, v in old.items():
             want[k] = want.get(k, 0.0) + v.sum().item()
     reads = []
@@ -1021,9 +1438,14 @@ def test_grad_checkpointing_is_exact_and_bf16_runs(tmp_path):
     common = SMALL + ["--steps", "2", "--cache_dir", str(tmp_path / "c")]
     to.main(common + ["--out_dir", str(tmp_path / "plain")])
     to.main(common + ["--out_dir", str(tmp_path / "ckpt"), "--grad_ckpt", "true"])
-    same(run_metrics(str(tmp_path / "plain" / "metrics.jsonl")), run_metrics(str(tmp_path / "ckpt" / "metrics.jsonl")))
+    same(
+        run_metrics(str(tmp_path / "plain" / "metrics.jsonl")),
+        run_metrics(str(tmp_path / "ckpt" / "metrics.jsonl")),
+    )
     to.main(common + ["--out_dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
-    assert all(math.isfinite(r["loss"]) for r in run_metrics(str(tmp_path / "bf16" / "metrics.jsonl")))
+    assert all(
+        math.isfinite(r["loss"]) for r in run_metrics(str(tmp_path / "bf16" / "metrics.jsonl"))
+    )
 
 
 def test_data_convert_writes_a_native_file(tmp_path):
@@ -1036,11 +1458,24 @@ def test_data_convert_writes_a_native_file(tmp_path):
         want = data.load_pairs(spec, os.path.join(FIX, "images"))
         back = data.read_pairs(out)
         assert [(r["id"], r["chosen"], r["rejected"]) for r in back] == [
-            (r["id"], r["chosen"], r["rejected"]) for r in want]
+            (r["id"], r["chosen"], r["rejected"]) for r in want
+        ]
         assert [data.open_image(r["image"]).tobytes() for r in back] == [
-            data.open_image(r["image"]).tobytes() for r in want]
+            data.open_image(r["image"]).tobytes() for r in want
+        ]
     out = str(tmp_path / "two.jsonl")
-    data.main(["--convert", str(tmp_path / "povid" / "pairs.jsonl"), "--out", out, "--limit", "2", "--seed", "1"])
+    data.main(
+        [
+            "--convert",
+            str(tmp_path / "povid" / "pairs.jsonl"),
+            "--out",
+            out,
+            "--limit",
+            "2",
+            "--seed",
+            "1",
+        ]
+    )
     ids = [r["id"] for r in data.read_pairs(out)]
     all_ids = [r["id"] for r in data.read_pairs(str(tmp_path / "povid" / "pairs.jsonl"))]
     assert len(ids) == 2 and ids == [i for i in all_ids if i in ids]

@@ -1,5 +1,6 @@
 """Online alignment: PPO / GAE / RLOO against hand-computed values, the annotators (rule verifier, judge parsing,
 reward model), a 2-step run of every algorithm, FSDP2 sampling under torchrun, and kill + resume."""
+
 import contextlib
 import functools
 import json
@@ -34,6 +35,7 @@ def few_norm_prompts(monkeypatch):
     """RL's reward statistics from 8 prompts, not 256 (in this process; torchrun runs use the 64 of SMALL)."""
     monkeypatch.setattr(on, "NORM_PROMPTS", 8)
 
+
 # -----------------------------------------------------------------------------
 # Closed forms
 
@@ -57,7 +59,10 @@ def test_whiten():
     mask = torch.tensor([[1, 1, 1, 0]]).bool()
     w = losses.whiten(x, mask)
     assert torch.allclose(w, torch.tensor([[-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0]]), atol=1e-5)
-    assert abs(losses.masked_mean(w, mask).item()) < 1e-6 and abs(losses.masked_mean(w ** 2, mask).item() - 1) < 1e-5
+    assert (
+        abs(losses.masked_mean(w, mask).item()) < 1e-6
+        and abs(losses.masked_mean(w**2, mask).item() - 1) < 1e-5
+    )
 
 
 def test_ppo_loss_by_hand():
@@ -68,14 +73,26 @@ def test_ppo_loss_by_hand():
     adv = torch.tensor([[2.0, -1.0, 1.0]])
     values = torch.ones(1, 3, requires_grad=True)
     mask = torch.ones(1, 3, dtype=torch.bool)
-    loss, clipfrac = losses.ppo_loss(lp, old, adv, values, torch.zeros(1, 3), torch.full((1, 3), 2.0), mask,
-                                     clip=0.2, clip_value=0.2, vf_coef=0.1)
+    loss, clipfrac = losses.ppo_loss(
+        lp,
+        old,
+        adv,
+        values,
+        torch.zeros(1, 3),
+        torch.full((1, 3), 2.0),
+        mask,
+        clip=0.2,
+        clip_value=0.2,
+        vf_coef=0.1,
+    )
     assert torch.allclose(loss, torch.tensor([(-2.4 + 0.8 - 1.0) / 3 + 0.1 * 1.62]))
     assert torch.allclose(clipfrac, torch.tensor([2 / 3]))
     loss.sum().backward()
     # clipped tokens get no gradient; the third gets d(-A r)/d lp = -A r / 3
     assert torch.allclose(lp.grad, torch.tensor([[0.0, 0.0, -1 / 3]]))
-    assert torch.allclose(values.grad, torch.zeros(1, 3))  # the clipped value term is the larger: constant in V
+    assert torch.allclose(
+        values.grad, torch.zeros(1, 3)
+    )  # the clipped value term is the larger: constant in V
 
 
 def test_rloo_by_hand():
@@ -89,25 +106,32 @@ def test_rloo_by_hand():
     loss.sum().backward()
     assert torch.allclose(lp.grad, -adv)  # raises the log-prob of better-than-the-others samples
 
+
 # -----------------------------------------------------------------------------
 # Annotators
 
 
-@pytest.mark.parametrize("text,want", [
-    ("Based on the image content, Response 2 is better, because it names the objects correctly.", 1),
-    ("Response 1 mentions a saucer that is not there, so Response 2 is better.", 1),
-    ("Response 1 is more accurate than Response 2.", 0),
-    ("I prefer Response 1.", 0),
-    ("The better response is Response 2: it does not invent a star.", 1),
-    ("Response 1", 0),
-    ("Both responses are equally good.", None),
-    ("Neither Response 1 nor Response 2 is right.", None),
-    ("Response 1 is not better than Response 2.", None),
-    ("Response 2 is not correct.", None),
-    ("Response 1 is better. No, Response 2 is better.", None),
-    ("The answer is 1.", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        (
+            "Based on the image content, Response 2 is better, because it names the objects correctly.",
+            1,
+        ),
+        ("Response 1 mentions a saucer that is not there, so Response 2 is better.", 1),
+        ("Response 1 is more accurate than Response 2.", 0),
+        ("I prefer Response 1.", 0),
+        ("The better response is Response 2: it does not invent a star.", 1),
+        ("Response 1", 0),
+        ("Both responses are equally good.", None),
+        ("Neither Response 1 nor Response 2 is right.", None),
+        ("Response 1 is not better than Response 2.", None),
+        ("Response 2 is not correct.", None),
+        ("Response 1 is better. No, Response 2 is better.", None),
+        ("The answer is 1.", None),
+        ("", None),
+    ],
+)
 def test_parse_judgment(text, want):
     assert on.parse_judgment(text) == want
 
@@ -115,20 +139,28 @@ def test_parse_judgment(text, want):
 DESC = "There are two objects. A blue cup is at the top left. A white saucer is in the center."
 
 
-@pytest.mark.parametrize("truth,kind,text,want", [
-    (DESC, "describe", DESC, 1.0),
-    # cup +1, saucer +1, invented star -2; cup's colour wrong -1, saucer's right +1; count wrong -1; top 2 + 2 + 1
-    (DESC, "describe", "There are three objects. A red cup is at the top left. A white saucer is in the center. "
-     "A yellow star is at the top.", -1 / 5),
-    (DESC, "describe", "There are two objects. A blue cup is at the top left.", 3 / 5),
-    ("No, there is no star.", "exist", "Yes, there is a star.", -1.0),
-    ("No, there is no star.", "exist", "No.", 1.0),
-    ("There are three objects.", "count", "There are three objects.", 1.0),
-    ("There are three objects.", "count", "There are two objects.", -1.0),
-    ("The cup is red.", "color", "The cup is red.", 1.0),
-    ("The cup is red.", "color", "The cup is blue.", 0.0),
-    ("The cup is at the top left.", "position", "The cup is in the center.", 0.0),
-])
+@pytest.mark.parametrize(
+    "truth,kind,text,want",
+    [
+        (DESC, "describe", DESC, 1.0),
+        # cup +1, saucer +1, invented star -2; cup's colour wrong -1, saucer's right +1; count wrong -1; top 2 + 2 + 1
+        (
+            DESC,
+            "describe",
+            "There are three objects. A red cup is at the top left. A white saucer is in the center. "
+            "A yellow star is at the top.",
+            -1 / 5,
+        ),
+        (DESC, "describe", "There are two objects. A blue cup is at the top left.", 3 / 5),
+        ("No, there is no star.", "exist", "Yes, there is a star.", -1.0),
+        ("No, there is no star.", "exist", "No.", 1.0),
+        ("There are three objects.", "count", "There are three objects.", 1.0),
+        ("There are three objects.", "count", "There are two objects.", -1.0),
+        ("The cup is red.", "color", "The cup is red.", 1.0),
+        ("The cup is red.", "color", "The cup is blue.", 0.0),
+        ("The cup is at the top left.", "position", "The cup is in the center.", 0.0),
+    ],
+)
 def test_rule_score(truth, kind, text, want):
     assert abs(world.rule_score(text, dict(chosen=truth, meta=dict(kind=kind))) - want) < 1e-9
 
@@ -146,8 +178,13 @@ def test_reward_model_annotator(tmp_path):
     texts = [[r["chosen"], r["rejected"]] for r in recs]
     got = rm(recs, texts)
     # by hand: the last hidden state of prompt + reply (EOS included), through the head
-    full = vlm.encode_prompt(format_chat(recs[1]["conversation"] + [{"role": "assistant", "content":
-                                                                          texts[1][1]}], vlm.template, False))
+    full = vlm.encode_prompt(
+        format_chat(
+            recs[1]["conversation"] + [{"role": "assistant", "content": texts[1][1]}],
+            vlm.template,
+            False,
+        )
+    )
     px = vlm.image_processor([recs[1]["image"]])["pixel_values"]
     with torch.no_grad():
         h = vlm.hidden(torch.tensor([full]), px)[0, -1]
@@ -171,6 +208,7 @@ def test_annotator_flag_errors(monkeypatch):
 def test_its_own_flags(capsys):
     """train_online.py has a flat Config of its own: no offline-only flag, about thirty in all."""
     import dataclasses
+
     with pytest.raises(SystemExit):
         config_from_argv(on.Config, ["--help"])
     out = capsys.readouterr().out
@@ -183,19 +221,26 @@ def test_its_own_flags(capsys):
 def test_flags_are_checked_before_anything_loads(tmp_path, monkeypatch):
     """Choices and ranges fail at parse time, naming the flag; --resume takes the run's settings."""
     import dataclasses
+
     monkeypatch.setattr(on, "build_policy", lambda *a, **kw: pytest.fail("built the model"))
-    for args, want in ((["--algo", "dpo"], r"--algo: invalid choice: 'dpo' \(choose from 'online-dpo', "),
-                       (["--dtype", "bf16"], r"--dtype: invalid choice: 'bf16'"),
-                       (["--mix_p", "1.5"], r"--mix_p 1.5: must be >= 0, <= 1"),
-                       (["--lora_r", "0"], r"--lora_r 0: must be >= 1"),
-                       (["--data", "nope.jsonl"], r"--data 'nope\.jsonl': not a file")):
+    for args, want in (
+        (["--algo", "dpo"], r"--algo: invalid choice: 'dpo' \(choose from 'online-dpo', "),
+        (["--dtype", "bf16"], r"--dtype: invalid choice: 'bf16'"),
+        (["--mix_p", "1.5"], r"--mix_p 1.5: must be >= 0, <= 1"),
+        (["--lora_r", "0"], r"--lora_r 0: must be >= 1"),
+        (["--data", "nope.jsonl"], r"--data 'nope\.jsonl': not a file"),
+    ):
         with pytest.raises(UserError, match=want):
             on.main(args + ["--out_dir", str(tmp_path / "x")])
     run = tmp_path / "run"
     run.mkdir()
     saved = on.Config(out_dir=str(run), algo="rloo", samples=4, kl_coef=0.1)
-    torch.save(dict(step=0, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt")
-    assert on.resumable_config(on.Config, ["--resume", "true", "--out_dir", str(run)]).kl_coef == 0.1
+    torch.save(
+        dict(step=0, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt"
+    )
+    assert (
+        on.resumable_config(on.Config, ["--resume", "true", "--out_dir", str(run)]).kl_coef == 0.1
+    )
     with pytest.raises(UserError, match=r"--algo ppo \(the run's: rloo\)"):
         on.main(["--resume", "true", "--out_dir", str(run), "--algo", "ppo"])
 
@@ -204,37 +249,57 @@ def test_flags_are_checked_before_anything_loads(tmp_path, monkeypatch):
 # End to end
 
 
-@pytest.mark.parametrize("algo,extra", [("online-dpo", []), ("online-dpo", ["--grad_accum", "2", "--samples", "3"]),
-                                        ("mixed-dpo", ["--dtype", "bfloat16"]),
-                                        ("online-bdhs", ["--external", "true"]),
-                                        ("ppo", []), ("rloo", [])])
+@pytest.mark.parametrize(
+    "algo,extra",
+    [
+        ("online-dpo", []),
+        ("online-dpo", ["--grad_accum", "2", "--samples", "3"]),
+        ("mixed-dpo", ["--dtype", "bfloat16"]),
+        ("online-bdhs", ["--external", "true"]),
+        ("ppo", []),
+        ("rloo", []),
+    ],
+)
 def test_two_steps_of_every_algorithm(tmp_path, capsys, algo, extra):
     on.main(SMALL + ["--algo", algo, "--steps", "2", "--out_dir", str(tmp_path)] + extra)
-    said = {"online-dpo": "Online-DPO (DPO, β 0.5), 2 samples per prompt, annotator: rule",
-            "mixed-dpo": "Mixed-DPO (DPO, β 0.5; the offline pair with p 0.5), 2 samples per prompt",
-            "online-bdhs": "Online-BDHS (DPO, β 0.5), the ground truth chosen, 2 rejected (Avg-DPO",
-            "ppo": "PPO (clip 0.2, KL β 0.4 per token, GAE λ 0.95, 4 epochs), 1 sample per prompt, annotator: rule",
-            "rloo": "RLOO (KL β 0.4), 4 samples per prompt, annotator: rule"}[algo]
+    said = {
+        "online-dpo": "Online-DPO (DPO, β 0.5), 2 samples per prompt, annotator: rule",
+        "mixed-dpo": "Mixed-DPO (DPO, β 0.5; the offline pair with p 0.5), 2 samples per prompt",
+        "online-bdhs": "Online-BDHS (DPO, β 0.5), the ground truth chosen, 2 rejected (Avg-DPO",
+        "ppo": "PPO (clip 0.2, KL β 0.4 per token, GAE λ 0.95, 4 epochs), 1 sample per prompt, annotator: rule",
+        "rloo": "RLOO (KL β 0.4), 4 samples per prompt, annotator: rule",
+    }[algo]
     if "--samples" in extra:
         said = "Online-DPO (DPO, β 0.5), 3 samples per prompt (best vs worst), annotator: rule"
     cap = capsys.readouterr()
     out = cap.out
-    assert out.count("objective: ") == 1 and f"objective: {said}" in out and "no pairs held out" in out
+    assert (
+        out.count("objective: ") == 1 and f"objective: {said}" in out and "no pairs held out" in out
+    )
     recs = run_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in recs] == [0, 1] and all(math.isfinite(r["loss"]) for r in recs)
     # the shared cache folder printed at the start, each step's loss on the bar, a closing summary
     last = recs[-1]
-    assert f"cache: {os.environ['MMALIGN_CACHE']} " in cap.out and f"loss={last['loss']:.4f}" in cap.err
+    assert (
+        f"cache: {os.environ['MMALIGN_CACHE']} " in cap.out
+        and f"loss={last['loss']:.4f}" in cap.err
+    )
     done = f"done: 2 steps, final loss {last['loss']:.4f}, "
     if "rewards/accuracies" in last:
         done += f"reward accuracy {100 * last['rewards/accuracies']:.1f}%"
     else:
         done += f"mean score {last['objective/scores']:.3f}"
     assert done + f"; checkpoint in {tmp_path / 'checkpoint'}\n" in cap.out
-    want = {"ppo": ["objective/scores", "objective/kl", "policy/clipfrac", "val/values"],
-            "rloo": ["objective/scores", "objective/kl", "objective/rlhf_reward"],
-            "online-bdhs": ["rewards/margins", "bdhs/attempts"], "mixed-dpo": ["online/offline_share"]}
-    assert all(k in recs[0] for k in want.get(algo, ["rewards/accuracies", "online/score", "online/ties_or_dropped"]))
+    want = {
+        "ppo": ["objective/scores", "objective/kl", "policy/clipfrac", "val/values"],
+        "rloo": ["objective/scores", "objective/kl", "objective/rlhf_reward"],
+        "online-bdhs": ["rewards/margins", "bdhs/attempts"],
+        "mixed-dpo": ["online/offline_share"],
+    }
+    assert all(
+        k in recs[0]
+        for k in want.get(algo, ["rewards/accuracies", "online/score", "online/ties_or_dropped"])
+    )
     if algo in ("ppo", "rloo"):  # the policy starts at the reference: no KL at the first step
         assert abs(recs[0]["objective/kl"]) < 1e-4
         assert len(json.load(open(tmp_path / "reward_norm.json"))) == 2
@@ -251,14 +316,25 @@ def test_rollouts_on_a_llava_hf_folder_sample_only_ids_the_tokenizer_holds(tmp_p
     images give N - 1 features")."""
     model_dir = str(tmp_path / "model")
     info = build_llava_hf(model_dir, model_type="llava")[2]
-    rm = VLM.from_pretrained(model_dir)  # the same folder with a score head: a reward model for every algorithm
+    rm = VLM.from_pretrained(
+        model_dir
+    )  # the same folder with a score head: a reward model for every algorithm
     rm.extra["score.weight"] = torch.randn(1, rm.cfg.text.hidden_size) * 0.01
     rm.save_pretrained(str(tmp_path / "rm"))
     with open(tmp_path / "prompts.jsonl", "w") as f:
         for i in range(4):
             random_image(40, 50 + 10 * i, seed=i).save(tmp_path / f"{i}.png")
-            f.write(json.dumps(dict(id=str(i), image=f"{i}.png", chosen="A red cup.", conversation=[
-                dict(role="user", content="<image>\nWhat is in the image?")])) + "\n")
+            f.write(
+                json.dumps(
+                    dict(
+                        id=str(i),
+                        image=f"{i}.png",
+                        chosen="A red cup.",
+                        conversation=[dict(role="user", content="<image>\nWhat is in the image?")],
+                    )
+                )
+                + "\n"
+            )
     sampled = []
     real_decode = M.decode
 
@@ -266,25 +342,64 @@ def test_rollouts_on_a_llava_hf_folder_sample_only_ids_the_tokenizer_holds(tmp_p
         out = real_decode(*a, **kw)
         sampled.extend(t for o in out for t in o)
         return out
+
     monkeypatch.setattr(M, "decode", spy)
     for algo in ("online-dpo", "rloo", "ppo"):
         for seed in ("0", "1"):
             out = tmp_path / f"{algo}-{seed}"
-            on.main(["--model", model_dir, "--data", str(tmp_path / "prompts.jsonl"), "--algo", algo,
-                     "--annotator", f"rm:{tmp_path / 'rm'}", "--steps", "1", "--batch_size", "2",
-                     "--max_new_tokens", "8", "--eval_n", "0", "--seed", seed, "--out_dir", str(out)])
+            on.main(
+                [
+                    "--model",
+                    model_dir,
+                    "--data",
+                    str(tmp_path / "prompts.jsonl"),
+                    "--algo",
+                    algo,
+                    "--annotator",
+                    f"rm:{tmp_path / 'rm'}",
+                    "--steps",
+                    "1",
+                    "--batch_size",
+                    "2",
+                    "--max_new_tokens",
+                    "8",
+                    "--eval_n",
+                    "0",
+                    "--seed",
+                    seed,
+                    "--out_dir",
+                    str(out),
+                ]
+            )
             assert math.isfinite(run_metrics(str(out / "metrics.jsonl"))[0]["loss"])
-    assert sampled and not [t for t in sampled if t >= info["tokens"] or t in (info["image"], info["pad"])]
+    assert sampled and not [
+        t for t in sampled if t >= info["tokens"] or t in (info["image"], info["pad"])
+    ]
 
 
 def test_judge_answers_that_name_neither_are_dropped(tmp_path, monkeypatch):
     """The world's base model cannot judge: its answers name no response, so every pair is dropped and counted, and
     the step still runs (a zero-weight stand-in keeps the update well defined)."""
     monkeypatch.setattr(on, "JUDGE_TOKENS", 8)
-    on.main(SMALL + ["--algo", "online-dpo", "--steps", "1", "--annotator", f"judge:{world.BASE_MODEL}",
-                     "--out_dir", str(tmp_path)])
+    on.main(
+        SMALL
+        + [
+            "--algo",
+            "online-dpo",
+            "--steps",
+            "1",
+            "--annotator",
+            f"judge:{world.BASE_MODEL}",
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
     rec = run_metrics(str(tmp_path / "metrics.jsonl"))[0]
-    assert rec["online/unparsed"] == 1.0 and rec["online/ties_or_dropped"] == 1.0 and rec["loss"] == 0.0
+    assert (
+        rec["online/unparsed"] == 1.0
+        and rec["online/ties_or_dropped"] == 1.0
+        and rec["loss"] == 0.0
+    )
 
 
 def test_rule_annotator_only_on_the_world(tmp_path, monkeypatch):
@@ -292,10 +407,15 @@ def test_rule_annotator_only_on_the_world(tmp_path, monkeypatch):
     before anything loads, naming the flag. Online-BDHS asks no annotator, so it keeps the default."""
     path = str(tmp_path / "mine.jsonl")
     data.write_pairs(path, world.world_pairs(world.World(0), 8))
-    monkeypatch.setattr(on, "build_policy", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    monkeypatch.setattr(
+        on, "build_policy", lambda *a, **k: pytest.fail("the model loaded before the check")
+    )
     for algo in ("online-dpo", "mixed-dpo", "ppo", "rloo"):
-        with pytest.raises(ValueError, match=r"--annotator rule \(the default\) is the world's verifier.*--data "
-                                             r".*mine\.jsonl; pass --annotator rm:PATH"):
+        with pytest.raises(
+            ValueError,
+            match=r"--annotator rule \(the default\) is the world's verifier.*--data "
+            r".*mine\.jsonl; pass --annotator rm:PATH",
+        ):
             on.main(SMALL + ["--algo", algo, "--data", path, "--out_dir", str(tmp_path / "run")])
     on.check(on.Config(algo="online-bdhs", data=path))
     on.check(on.Config(data=path, annotator="api:m"))
@@ -307,8 +427,21 @@ def test_online_bdhs_external_needs_every_rejected(tmp_path):
     path = str(tmp_path / "prompts.jsonl")
     data.write_pairs(path, world.world_pairs(world.World(0), 8, rejected=False))
     with pytest.raises(ValueError, match=r"prompts\.jsonl:1: missing key 'rejected'"):
-        on.main(SMALL + ["--algo", "online-bdhs", "--external", "true", "--data", path, "--steps", "1",
-                         "--out_dir", str(tmp_path / "run")])
+        on.main(
+            SMALL
+            + [
+                "--algo",
+                "online-bdhs",
+                "--external",
+                "true",
+                "--data",
+                path,
+                "--steps",
+                "1",
+                "--out_dir",
+                str(tmp_path / "run"),
+            ]
+        )
 
 
 class Unhelpful:
@@ -329,22 +462,35 @@ class Unhelpful:
         return [[None if self.kind == "unparsed" else 0.5 for _ in ts] for ts in texts]
 
 
-@pytest.mark.parametrize("algo,kind", [("online-dpo", "unparsed"), ("online-dpo", "ties"), ("rloo", "unparsed")])
+@pytest.mark.parametrize(
+    "algo,kind", [("online-dpo", "unparsed"), ("online-dpo", "ties"), ("rloo", "unparsed")]
+)
 def test_a_run_without_signal_stops(tmp_path, monkeypatch, capsys, algo, kind):
     """Every pair a tie or an unreadable reply: loss and gradient 0. The progress bar shows the shares, and after
     5 such steps in a row the run stops with an error that says why, before any checkpoint claims success."""
-    fake = Unhelpful(kind, readable=2 * (algo == "rloo"))  # RLOO: 8 readable prompts for the reward statistics
+    fake = Unhelpful(
+        kind, readable=2 * (algo == "rloo")
+    )  # RLOO: 8 readable prompts for the reward statistics
     pairwise = algo == "online-dpo" and kind == "unparsed"
-    monkeypatch.setattr(on, "annotator", lambda cfg, device: (None, fake.judge) if pairwise else (fake.score, None))
-    with pytest.raises(ValueError, match=r"--annotator rule: no training signal for 5 steps in a row \(to step 4\)"):
+    monkeypatch.setattr(
+        on, "annotator", lambda cfg, device: (None, fake.judge) if pairwise else (fake.score, None)
+    )
+    with pytest.raises(
+        ValueError, match=r"--annotator rule: no training signal for 5 steps in a row \(to step 4\)"
+    ):
         on.main(SMALL + ["--algo", algo, "--steps", "8", "--out_dir", str(tmp_path)])
     recs = run_metrics(str(tmp_path / "metrics.jsonl"))
-    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4] and not os.path.exists(tmp_path / "checkpoint")
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4] and not os.path.exists(
+        tmp_path / "checkpoint"
+    )
     assert all(r["online/unparsed"] == (kind == "unparsed") for r in recs)
     bar = capsys.readouterr().err
     assert (f"{kind}=100%" in bar) and (algo == "rloo" or "ties=" in bar)
     if algo == "online-dpo":
-        assert all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 and r["online/ties_or_dropped"] == 1 for r in recs)
+        assert all(
+            r["loss"] == 0.0 and r["grad_norm"] == 0.0 and r["online/ties_or_dropped"] == 1
+            for r in recs
+        )
 
 
 def test_a_signal_between_dead_steps_resets_the_count(tmp_path, monkeypatch, capsys):
@@ -362,21 +508,42 @@ def test_ppo_with_the_reward_model(tmp_path):
     vlm = VLM.from_pretrained(world.BASE_MODEL)
     vlm.extra["score.weight"] = torch.randn(1, vlm.cfg.text.hidden_size) * 0.01
     vlm.save_pretrained(str(tmp_path / "rm"))
-    on.main(SMALL + ["--algo", "ppo", "--steps", "1", "--annotator", f"rm:{tmp_path / 'rm'}",
-                     "--out_dir", str(tmp_path / "run")])
-    assert math.isfinite(run_metrics(str(tmp_path / "run" / "metrics.jsonl"))[0]["objective/scores"])
+    on.main(
+        SMALL
+        + [
+            "--algo",
+            "ppo",
+            "--steps",
+            "1",
+            "--annotator",
+            f"rm:{tmp_path / 'rm'}",
+            "--out_dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert math.isfinite(
+        run_metrics(str(tmp_path / "run" / "metrics.jsonl"))[0]["objective/scores"]
+    )
 
 
 def test_fsdp_and_ddp_sampling_under_torchrun(tmp_path):
     """2 gloo ranks: FSDP2 samples with gathered parameters (ranks decode different lengths without a collective in
     the loop) and gives DDP's samples, rewards and losses; both save a checkpoint that loads."""
     for name, flags in (("fsdp", ["--fsdp", "true"]), ("ddp", [])):
-        torchrun(2, SMALL + ["--algo", "rloo", "--steps", "2", "--out_dir", str(tmp_path / name)] + flags,
-                 script="train_online.py")
+        torchrun(
+            2,
+            SMALL + ["--algo", "rloo", "--steps", "2", "--out_dir", str(tmp_path / name)] + flags,
+            script="train_online.py",
+        )
         VLM.from_pretrained(str(tmp_path / name / "checkpoint"))
     a, b = (run_metrics(str(tmp_path / name / "metrics.jsonl")) for name in ("fsdp", "ddp"))
     assert [r["step"] for r in a] == [0, 1] and all(math.isfinite(r["loss"]) for r in a)
-    same(a, b, keys=("loss", "objective/scores", "objective/kl", "response_length", "grad_norm"), tol=1e-4)
+    same(
+        a,
+        b,
+        keys=("loss", "objective/scores", "objective/kl", "response_length", "grad_norm"),
+        tol=1e-4,
+    )
 
 
 def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys, monkeypatch):
@@ -394,16 +561,29 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path, capsys, monke
     killed_at = kill_midway("train_online.py", common, out)
     assert 2 <= killed_at < 7, killed_at
     on.main(common + ["--out_dir", str(out), "--resume", "true"])
-    same(run_metrics(str(tmp_path / "whole" / "metrics.jsonl")), run_metrics(str(out / "metrics.jsonl")),
-         keys=("loss", "objective/scores", "objective/kl", "val/values", "grad_norm"), tol=1e-5)
+    same(
+        run_metrics(str(tmp_path / "whole" / "metrics.jsonl")),
+        run_metrics(str(out / "metrics.jsonl")),
+        keys=("loss", "objective/scores", "objective/kl", "val/values", "grad_norm"),
+        tol=1e-5,
+    )
+
 
 # -----------------------------------------------------------------------------
 # The endpoint annotator (api:MODEL) against a fake OpenAI-compatible server on 127.0.0.1
 
 
-@pytest.mark.parametrize("text,want", [("Rating: 7\nIt names the cup.", 7.0), ("rating:10", 10.0),
-                                       ("Rating: 3. Rating: 3", 3.0), ("Rating: 0", None),
-                                       ("Rating: 2, no, Rating: 8", None), ("seven", None)])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Rating: 7\nIt names the cup.", 7.0),
+        ("rating:10", 10.0),
+        ("Rating: 3. Rating: 3", 3.0),
+        ("Rating: 0", None),
+        ("Rating: 2, no, Rating: 8", None),
+        ("seven", None),
+    ],
+)
 def test_parse_rating(text, want):
     assert on.parse_rating(text) == want
 
@@ -414,6 +594,7 @@ def world_server(argv, full=4):
     (score + 1), clamped. Until `full` requests have been in flight at once, each waits (up to 5 s)
     for the others. -> (state, server); state["peak"]: the most requests in flight at once."""
     from test_eval import fake_server
+
     cfg = config_from_argv(on.Config, argv)
     recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
     by = {(on.question(r), ev.image_part(r["image"])["image_url"]["url"]): r for r in recs}
@@ -440,6 +621,7 @@ def world_server(argv, full=4):
             return f"Response {1 if s1 > s2 else 2} is better."
         s = world.rule_score(text.split("\n\nResponse: ")[1], rec)
         return f"Rating: {round(1 + 4.5 * (min(max(s, -1), 1) + 1))}\nBecause."
+
     state["reply"] = reply
     return state, httpd
 
@@ -456,6 +638,7 @@ def endpoint(monkeypatch):
         monkeypatch.setenv("JUDGE_BASE_URL", state["url"])
         monkeypatch.setenv("JUDGE_API_KEY", "sk-test-never-on-disk")
         return state
+
     yield start
     for s in servers:
         s.shutdown()
@@ -467,16 +650,34 @@ def test_endpoint_annotator_gives_the_rule_pairs(tmp_path, endpoint):
     step for step. A batch's requests are in flight together, and the key is never written."""
     base = SMALL + ["--algo", "online-dpo", "--steps", "2"]
     null = json.dumps({"choices": [{"message": {"content": None}}]}).encode()
-    api = base + ["--annotator", "api:llava-34b", "--annotator_threads", "4",
-                  "--out_dir", str(tmp_path / "api")]
+    api = base + [
+        "--annotator",
+        "api:llava-34b",
+        "--annotator_threads",
+        "4",
+        "--out_dir",
+        str(tmp_path / "api"),
+    ]
     server = endpoint(api)
     slow = dict(code=503, trickle=0.001)  # a 503, one byte at a time
     server["script"] = [429, dict(body=b"<html>"), 500, dict(body=null), slow]
     on.main(api)
     on.main(base + ["--out_dir", str(tmp_path / "rule")])
     a, r = (run_metrics(str(tmp_path / d / "metrics.jsonl")) for d in ("api", "rule"))
-    same(a, r, keys=("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
-                     "online/ties_or_dropped", "grad_norm"), tol=0)
+    same(
+        a,
+        r,
+        keys=(
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "logps/chosen",
+            "logps/rejected",
+            "online/ties_or_dropped",
+            "grad_norm",
+        ),
+        tol=0,
+    )
     assert 0 < a[0]["online/ties_or_dropped"] == a[0]["online/unparsed"] < 1
     assert all(x["online/annotator_s"] > 0 for x in a) and server["peak"] == 4  # 4 pairs at once
     assert len(server["bodies"]) == 8 + 5  # 2 steps x 4 pairs, and 5 retries
@@ -492,8 +693,20 @@ def test_endpoint_annotator_resumes_without_asking_twice(tmp_path, endpoint):
     """The endpoint fails (400) two of step 2's four requests: the run stops after step 1's
     checkpoint with the other two judgments cached. The resumed run asks only the two missing
     ones."""
-    argv = SMALL + ["--algo", "online-dpo", "--steps", "3", "--save_every", "1", "--annotator",
-                    "api:m", "--annotator_threads", "4", "--out_dir", str(tmp_path)]
+    argv = SMALL + [
+        "--algo",
+        "online-dpo",
+        "--steps",
+        "3",
+        "--save_every",
+        "1",
+        "--annotator",
+        "api:m",
+        "--annotator_threads",
+        "4",
+        "--out_dir",
+        str(tmp_path),
+    ]
     server = endpoint(argv)
     answer = server["reply"]
     ok = []
@@ -503,6 +716,7 @@ def test_endpoint_annotator_resumes_without_asking_twice(tmp_path, endpoint):
             return 400
         ok.append(json.dumps(body, sort_keys=True))
         return answer(body)
+
     server["reply"] = reply
     with pytest.raises(RuntimeError, match="judge .* failed after 1 request"):
         on.main(argv)
@@ -522,8 +736,11 @@ def test_endpoint_annotator_resumes_without_asking_twice(tmp_path, endpoint):
 def test_endpoint_ratings_for_rl_and_best_of_k(tmp_path, endpoint, capsys, algo, extra):
     """RLOO, and Online-DPO with 3 samples, ask a 1-10 rating per sample (samples that repeat one
     another are asked once); an unreadable rating is counted and left out."""
-    argv = SMALL + ["--algo", algo, "--steps", "2", "--annotator", "api:m",
-                    "--out_dir", str(tmp_path)] + extra
+    argv = (
+        SMALL
+        + ["--algo", algo, "--steps", "2", "--annotator", "api:m", "--out_dir", str(tmp_path)]
+        + extra
+    )
     server = endpoint(argv, full=1)
     unreadable = {"choices": [{"message": {"content": "Rating: none"}}]}
     server["script"] = [dict(body=json.dumps(unreadable).encode())]
@@ -545,7 +762,9 @@ def test_endpoint_ratings_for_rl_and_best_of_k(tmp_path, endpoint, capsys, algo,
 
 def test_reward_norm_without_one_readable_rating_is_a_clear_error(tmp_path, monkeypatch):
     """An annotator whose every rating is unreadable stops the run, naming the annotator, before any step."""
-    monkeypatch.setattr(on, "sample", lambda pm, recs, n, cfg, gen: (None, [["reply"] * n for _ in recs]))
+    monkeypatch.setattr(
+        on, "sample", lambda pm, recs, n, cfg, gen: (None, [["reply"] * n for _ in recs])
+    )
     cfg = on.Config(out_dir=str(tmp_path), annotator="api:m", batch_size=4)
     unreadable = lambda recs, samples: [[None] * len(s) for s in samples]  # noqa: E731
     with pytest.raises(ValueError, match=r"--annotator api:m: no readable rating"):

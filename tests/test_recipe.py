@@ -2,6 +2,7 @@
 torchrun, FSDP2, LoRA r 128 / alpha 256, bf16, DPO at β 0.1 with the paper's learning rates, here
 on 2 gloo ranks, a tiny random LLaVA-1.6-shaped (llava_next, AnyRes) model and 12 pairs, for 2 steps
 instead of 3 epochs."""
+
 import json
 import os
 import sys
@@ -17,11 +18,42 @@ from test_offline import ROOT, torchrun  # noqa: E402
 from tiny import build_hf, random_image  # noqa: E402
 
 # every flag of the paper's run but --model, --data and the run's folders (the README's recipe)
-RECIPE = ["--loss", "dpo", "--beta", "0.1", "--rpo_alpha", "0", "--lora_r", "128",
-          "--lora_alpha", "256", "--lr", "1e-6", "--lr_projector", "2e-5", "--batch_size", "32",
-          "--grad_accum", "1", "--epochs", "3", "--warmup", "14", "--max_length", "4096",
-          "--dtype", "bfloat16", "--grad_ckpt", "true", "--fsdp", "true", "--ref", "cache",
-          "--eval_n", "0"]
+RECIPE = [
+    "--loss",
+    "dpo",
+    "--beta",
+    "0.1",
+    "--rpo_alpha",
+    "0",
+    "--lora_r",
+    "128",
+    "--lora_alpha",
+    "256",
+    "--lr",
+    "1e-6",
+    "--lr_projector",
+    "2e-5",
+    "--batch_size",
+    "32",
+    "--grad_accum",
+    "1",
+    "--epochs",
+    "3",
+    "--warmup",
+    "14",
+    "--max_length",
+    "4096",
+    "--dtype",
+    "bfloat16",
+    "--grad_ckpt",
+    "true",
+    "--fsdp",
+    "true",
+    "--ref",
+    "cache",
+    "--eval_n",
+    "0",
+]
 
 
 def flags(**over):
@@ -64,14 +96,27 @@ def test_recipe_runs_on_two_ranks(tmp_path, monkeypatch):
     recs, ask = [], [{"role": "user", "content": "<image>\nWhat is in the image?"}]
     for i in range(12):
         random_image(40 + 4 * i, 56, seed=i).save(tmp_path / "images" / f"{i}.png")
-        recs.append(dict(id=str(i), image=str(tmp_path / "images" / f"{i}.png"),
-                         chosen="A red cup and a blue ball are on the table.",
-                         rejected="A green tree is at the top left.",
-                         conversation=ask))
+        recs.append(
+            dict(
+                id=str(i),
+                image=str(tmp_path / "images" / f"{i}.png"),
+                chosen="A red cup and a blue ball are on the table.",
+                rejected="A green tree is at the top left.",
+                conversation=ask,
+            )
+        )
     data.write_pairs(str(tmp_path / "pairs.jsonl"), recs)
     out = tmp_path / "run"
-    paths = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "pairs.jsonl"),
-             "--out_dir", str(out), "--cache_dir", str(tmp_path / "cache")]
+    paths = [
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(tmp_path / "pairs.jsonl"),
+        "--out_dir",
+        str(out),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     (tmp_path / "count.py").write_text(COUNT_READS)
     monkeypatch.setenv("ROOT", ROOT)
     monkeypatch.setenv("OUT", str(tmp_path))
@@ -80,7 +125,10 @@ def test_recipe_runs_on_two_ranks(tmp_path, monkeypatch):
     total = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
     read = [sum(json.load(open(tmp_path / f"read-{r}.json"))) for r in range(2)]
     assert sum(read) == total  # every byte once, by one rank or the other
-    assert max(read) < 0.55 * total, (read, total)  # about half each (rows cut in ceil-sized chunks)
+    assert max(read) < 0.55 * total, (
+        read,
+        total,
+    )  # about half each (rows cut in ceil-sized chunks)
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [x["step"] for x in lines if "loss" in x] == [0, 1]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if "loss" in x)
@@ -128,15 +176,24 @@ def test_fsdp_shards_equal_the_whole_model(tmp_path, monkeypatch):
     (tmp_path / "check.py").write_text(CHECK_SHARDS)
     monkeypatch.setenv("ROOT", ROOT)
     monkeypatch.setenv("OUT", str(tmp_path))
-    torchrun(2, ["--model", str(tmp_path / "model"), "--out_dir", str(tmp_path / "run")] + flags(),
-             script=str(tmp_path / "check.py"))
+    torchrun(
+        2,
+        ["--model", str(tmp_path / "model"), "--out_dir", str(tmp_path / "run")] + flags(),
+        script=str(tmp_path / "check.py"),
+    )
     for r in range(2):
         got = json.load(open(tmp_path / f"shards-{r}.json"))
         assert got["differ"] == [] and got["units"] and got["buffers"] == 0
         assert got["gathered"] == ["torch.bfloat16", "torch.bfloat16"]
         rows = got["local_rows"]
-        assert all(n <= -(-full // 2) for n, full in rows.values())  # at most half of each tensor's rows
+        assert all(
+            n <= -(-full // 2) for n, full in rows.values()
+        )  # at most half of each tensor's rows
         dtypes = got["dtypes"]
-        assert dtypes["vlm.model.language_model.layers.0.self_attn.q_proj.lora_A"] == "torch.float32"
+        assert (
+            dtypes["vlm.model.language_model.layers.0.self_attn.q_proj.lora_A"] == "torch.float32"
+        )
         assert dtypes["vlm.model.multi_modal_projector.linear_1.weight"] == "torch.float32"
-        assert dtypes["vlm.model.language_model.layers.0.self_attn.q_proj.weight"] == "torch.bfloat16"
+        assert (
+            dtypes["vlm.model.language_model.layers.0.self_attn.q_proj.weight"] == "torch.bfloat16"
+        )

@@ -1,5 +1,6 @@
 """study.py: the paired t-interval and its calls on fixed numbers, the run folder keyed by commands and code,
 failed runs counted and shown, the shortcut row evaluated by its own report."""
+
 import json
 import os
 import pathlib
@@ -10,8 +11,19 @@ import pytest
 import study
 
 
-@pytest.mark.parametrize("df,want", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (9, 2.262),
-                                     (10, 2.228), (30, 2.042)])
+@pytest.mark.parametrize(
+    "df,want",
+    [
+        (1, 12.706),
+        (2, 4.303),
+        (3, 3.182),
+        (4, 2.776),
+        (5, 2.571),
+        (9, 2.262),
+        (10, 2.228),
+        (30, 2.042),
+    ],
+)
 def test_t_quantiles_equal_the_tables(df, want):
     assert study.t_quantile(0.975, df) == pytest.approx(want, abs=5e-4)
     assert study.t_cdf(want, df) == pytest.approx(0.975, abs=1e-4) and study.t_cdf(0.0, df) == 0.5
@@ -21,19 +33,29 @@ def test_t_quantiles_equal_the_tables(df, want):
 def test_paired_ci_and_calls_on_fixed_numbers():
     # d = 1..5: mean 3, std sqrt(2.5), half-width t_{0.975,4} sqrt(2.5) / sqrt(5) = 2.776 * 0.7071 = 1.963
     r = study.paired_ci([1, 2, 3, 4, 5], [0, 0, 0, 0, 0], margin=1.0)
-    assert r["diff"] == 3.0 and r["lo"] == pytest.approx(1.0368, abs=1e-3) and r["hi"] == pytest.approx(4.9632, abs=1e-3)
+    assert (
+        r["diff"] == 3.0
+        and r["lo"] == pytest.approx(1.0368, abs=1e-3)
+        and r["hi"] == pytest.approx(4.9632, abs=1e-3)
+    )
     assert r["call"] == "differs" and r["seeds"] == 5
-    assert study.paired_ci([0, 0, 0, 0, 0], [1, 2, 3, 4, 5], margin=1.0)["call"] == "differs"  # either sign
+    assert (
+        study.paired_ci([0, 0, 0, 0, 0], [1, 2, 3, 4, 5], margin=1.0)["call"] == "differs"
+    )  # either sign
     # paired: a shift shared by both rows on each seed cancels (unpaired, the spread of 0-40 would swamp it)
     a, b = [10.2, 20.1, 30.3, 40.0, 0.1], [10.0, 20.0, 30.0, 40.1, 0.0]
     r = study.paired_ci(a, b, margin=0.5)  # d = .2, .1, .3, -.1, .1: mean .12, std .148, half .184
     assert r["lo"] == pytest.approx(0.12 - 0.1837, abs=1e-3) and r["call"] == "ties"
-    assert study.paired_ci(a, b, margin=0.2)["call"] == "inconclusive"  # the interval reaches past ±0.2
+    assert (
+        study.paired_ci(a, b, margin=0.2)["call"] == "inconclusive"
+    )  # the interval reaches past ±0.2
     # a list per seed: the mean over training seeds first (d = 2, 3), then df = 1 over the world seeds
     r = study.paired_ci([[1, 3], [2, 4]], [0, 0], margin=1.0)
     assert r["diff"] == 2.5 and r["hi"] - r["diff"] == pytest.approx(12.706 * 0.5, abs=1e-3)
     assert r["call"] == "inconclusive"
-    assert study.paired_ci([1.0], [0.0], margin=1.0)["call"] == "inconclusive"  # one seed: no interval
+    assert (
+        study.paired_ci([1.0], [0.0], margin=1.0)["call"] == "inconclusive"
+    )  # one seed: no interval
     with pytest.raises(ValueError, match="3 world seeds against 2"):
         study.paired_ci([1, 2, 3], [1, 2], margin=1.0)
 
@@ -41,9 +63,15 @@ def test_paired_ci_and_calls_on_fixed_numbers():
 def test_run_folder_is_keyed_by_commands_and_code(tmp_path, monkeypatch):
     cfg = study.Config(root=str(tmp_path))
     one = study.run_dir(cfg, "main", [f"{study.OFF} --data world"], 3, 1)
-    assert one.endswith("seed3-train1") and one != study.run_dir(cfg, "main", [f"{study.OFF} --data bdhs"], 3, 1)
-    assert study.run_dir(cfg, "main", [study.SHORTCUT], 3, 1).endswith("seed3")  # no training seed: once per seed
-    assert study.run_dir(cfg, "main", [], 3, 1) == study.run_dir(cfg, "twin", [], 3, 0)  # the base, shared
+    assert one.endswith("seed3-train1") and one != study.run_dir(
+        cfg, "main", [f"{study.OFF} --data bdhs"], 3, 1
+    )
+    assert study.run_dir(cfg, "main", [study.SHORTCUT], 3, 1).endswith(
+        "seed3"
+    )  # no training seed: once per seed
+    assert study.run_dir(cfg, "main", [], 3, 1) == study.run_dir(
+        cfg, "twin", [], 3, 0
+    )  # the base, shared
     monkeypatch.setattr(study, "source_bytes", lambda *names: b"other code")
     study.code_key.cache_clear()
     try:
@@ -54,7 +82,9 @@ def test_run_folder_is_keyed_by_commands_and_code(tmp_path, monkeypatch):
 
 def test_failed_runs_are_counted_and_shown(tmp_path, capsys):
     cfg = study.Config(root=str(tmp_path))
-    fail = ["-c " + shlex.quote("import sys; sys.exit(3)")]  # a command line that fails, run as python's
+    fail = [
+        "-c " + shlex.quote("import sys; sys.exit(3)")
+    ]  # a command line that fails, run as python's
     assert study.run_row(cfg, "main", "broken row", fail, 3, 0) is None
     out = study.run_dir(cfg, "main", fail, 3, 0)
     assert out in study.FAILED and "failed: main / broken row / seed 3" in capsys.readouterr().out
@@ -74,47 +104,78 @@ def test_a_row_that_is_its_report_runs_it_alone(tmp_path, monkeypatch):
         with open(out, "w") as f:
             json.dump({"shortcut": {"chair_i": 0.5}}, f)
         return type("Done", (), {"returncode": 0})()
+
     monkeypatch.setattr(study.subprocess, "run", fake_run)
     res = study.run_row(study.Config(root=str(tmp_path)), "main", "shortcut", [study.SHORTCUT], 4)
-    assert len(calls) == 1 and calls[0][1:4] == ["eval.py", "--data", "world"] and "shortcut" in calls[0]
+    assert (
+        len(calls) == 1
+        and calls[0][1:4] == ["eval.py", "--data", "world"]
+        and "shortcut" in calls[0]
+    )
     assert res["chair_i"] == 0.5 and res["commands"] == [study.SHORTCUT]
 
 
 # -----------------------------------------------------------------------------
 # The per-run file, the verdicts, the figures and README's block, on fake per-run values
 
-BASE_VALUES = {"chair_i": 10.0, "chair_s": 30.0, "recall": 95.0, "pope_adversarial_f1": 63.0,
-               "pope_adversarial_yes_ratio": 60.0, "hq/chair_i": 16.0, "hq/pope_adversarial_f1": 59.0,
-               "ord/detail": 40.0, "ord/recall": 97.0, "ord/count_acc": 90.0, "twin/grounding": 10.0,
-               "twin/yes_twin": 40.0, "twin/no_broken": 70.0, "minutes": 2.0}
+BASE_VALUES = {
+    "chair_i": 10.0,
+    "chair_s": 30.0,
+    "recall": 95.0,
+    "pope_adversarial_f1": 63.0,
+    "pope_adversarial_yes_ratio": 60.0,
+    "hq/chair_i": 16.0,
+    "hq/pope_adversarial_f1": 59.0,
+    "ord/detail": 40.0,
+    "ord/recall": 97.0,
+    "ord/count_acc": 90.0,
+    "twin/grounding": 10.0,
+    "twin/yes_twin": 40.0,
+    "twin/no_broken": 70.0,
+    "minutes": 2.0,
+}
 # (row, metric) -> how the row differs from the base; "swing": ±6 by seed parity (too noisy to tell)
-OFFSETS = {("BDHS, DPO + NLL (the main job)", "recall"): -2.0,  # the paper's BDHS raises recall: does not hold
-           ("Online-DPO (rule)", "recall"): 5.0,  # the paper: online lower; here higher: does not hold
-           ("Mixed-DPO (rule)", "pope_adversarial_f1"): "swing",  # the paper: a tie; here: inconclusive
-           ("corruption set + BDHS_attn (Avg-DPO)", "recall"): 3.0}  # the paper: higher; here too: holds
+OFFSETS = {
+    (
+        "BDHS, DPO + NLL (the main job)",
+        "recall",
+    ): -2.0,  # the paper's BDHS raises recall: does not hold
+    ("Online-DPO (rule)", "recall"): 5.0,  # the paper: online lower; here higher: does not hold
+    ("Mixed-DPO (rule)", "pope_adversarial_f1"): "swing",  # the paper: a tie; here: inconclusive
+    ("corruption set + BDHS_attn (Avg-DPO)", "recall"): 3.0,
+}  # the paper: higher; here too: holds
 
 
 def fake_value(row, metric, seed, train):
     off = OFFSETS.get((row, metric), 0.0)
     off = 6.0 * (-1) ** seed if off == "swing" else off
-    return BASE_VALUES[metric] + off + 0.01 * ((3 * seed + train) % 4)  # a small spread, shared by every row
+    return (
+        BASE_VALUES[metric] + off + 0.01 * ((3 * seed + train) % 4)
+    )  # a small spread, shared by every row
 
 
 def fake_records(tables=("main", "twin", "table12", "table6", "online")):
     recs = []
     for t in tables:
         seeds = study.SEEDS.get(t, study.OTHER_SEEDS)
-        recs += [(t, "base", s, None, {m: fake_value("base", m, s, 0) for m in BASE_VALUES}) for s in seeds]
+        recs += [
+            (t, "base", s, None, {m: fake_value("base", m, s, 0) for m in BASE_VALUES})
+            for s in seeds
+        ]
         for row in study.TABLES[t]:
             for s in seeds:
                 for j in (0, 1):
                     res = {m: fake_value(row, m, s, j) for m in BASE_VALUES}
-                    recs.append((t, row, s, j, None if (row, s, j) == ("IPO", 5, 1) else res))  # one failed run
+                    recs.append(
+                        (t, row, s, j, None if (row, s, j) == ("IPO", 5, 1) else res)
+                    )  # one failed run
     return recs
 
 
 def claim(a, b, metric):
-    return next(c for c in study.CLAIMS if c.a and c.a[1] == a and c.b[1] == b and c.metric == metric)
+    return next(
+        c for c in study.CLAIMS if c.a and c.a[1] == a and c.b[1] == b and c.metric == metric
+    )
 
 
 def test_per_run_file_round_trip_and_verdicts(tmp_path):
@@ -124,7 +185,9 @@ def test_per_run_file_round_trip_and_verdicts(tmp_path):
     assert not os.path.exists(path + ".tmp")
     runs = study.read_runs(path)
     assert runs == study.read_runs_of(recs)  # the file holds what the tables are computed from
-    assert runs["table12"]["IPO"][5, 1] is None and runs["main"]["base"][3, None]["chair_i"] == fake_value("base", "chair_i", 3, 0)
+    assert runs["table12"]["IPO"][5, 1] is None and runs["main"]["base"][3, None][
+        "chair_i"
+    ] == fake_value("base", "chair_i", 3, 0)
     head = open(path).readline().strip()
     assert head == "table,row,world_seed,train_seed,metric,value"
     assert "table12,IPO,5,1,failed,1" in open(path).read()
@@ -136,21 +199,35 @@ def test_per_run_file_round_trip_and_verdicts(tmp_path):
     def verdict(a, b, metric):
         c = claim(a, b, metric)
         return study.judge(study.compare(runs, c), c.direction)
-    assert verdict("BDHS, DPO + NLL (the main job)", "base", "recall") == "does not hold"  # a differs, against
+
+    assert (
+        verdict("BDHS, DPO + NLL (the main job)", "base", "recall") == "does not hold"
+    )  # a differs, against
     assert verdict("Online-DPO (rule)", "corruption set, plain DPO", "recall") == "does not hold"
-    assert verdict("corruption set + BDHS_attn (Avg-DPO)", "corruption set alone", "recall") == "holds"
+    assert (
+        verdict("corruption set + BDHS_attn (Avg-DPO)", "corruption set alone", "recall") == "holds"
+    )
     assert verdict("IPO", "DPO", "chair_i") == "holds"  # a tie where the paper's finding is a tie
-    assert verdict("Mixed-DPO (rule)", "corruption set, plain DPO", "pope_adversarial_f1") == "inconclusive"
-    assert verdict("BDHS_attn ρ 0.99", "masking only, no guidance, ρ 0.99", "chair_i").startswith("inconclusive (a tie")
+    assert (
+        verdict("Mixed-DPO (rule)", "corruption set, plain DPO", "pope_adversarial_f1")
+        == "inconclusive"
+    )
+    assert verdict("BDHS_attn ρ 0.99", "masking only, no guidance, ρ 0.99", "chair_i").startswith(
+        "inconclusive (a tie"
+    )
     ci = study.compare(runs, claim("BDHS, DPO + NLL (the main job)", "base", "recall"))
     assert ci["seeds"] == 5 and ci["diff"] == pytest.approx(-2.0, abs=0.02)  # seeds 3-7, paired
-    assert study.compare(runs, claim("IPO", "DPO", "chair_i"))["seeds"] == 3  # the other tables: 3-5
+    assert (
+        study.compare(runs, claim("IPO", "DPO", "chair_i"))["seeds"] == 3
+    )  # the other tables: 3-5
     # the matched rows have no runs here: they are named inconclusive, never dropped
     block = study.verdict_block(runs)
     lines = [ln for ln in block.splitlines() if ln.startswith("| ")]
     assert len(lines) == len(study.CLAIMS) + 1
     assert block.count("| not tested here |") == sum(not c.metric for c in study.CLAIMS)
-    assert "| -2.0 [" in block and "| no runs of both rows |" not in block  # online's matched rows: in fake data
+    assert (
+        "| -2.0 [" in block and "| no runs of both rows |" not in block
+    )  # online's matched rows: in fake data
     assert study.table_block("table12", runs).count("1 failed") == 1
 
 
@@ -164,7 +241,12 @@ def test_figures_and_outputs_from_fake_runs(tmp_path):
     st.write_text("# study\n\n<!-- table:main -->\nold\n<!-- /table:main -->\n\ntext kept\n")
     rd.write_text("# readme\n\n<!-- study:headline -->\nold\n<!-- /study:headline -->\n\nkept\n")
     paths = study.write_outputs(runs, 1.5, str(st), str(rd), str(tmp_path / "figures"))
-    assert sorted(os.path.basename(p) for p in paths) == ["bdhs_attempts.png", "main.png", "twin.png", "verdicts.png"]
+    assert sorted(os.path.basename(p) for p in paths) == [
+        "bdhs_attempts.png",
+        "main.png",
+        "twin.png",
+        "verdicts.png",
+    ]
     for p in paths:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
     text = st.read_text()
@@ -195,8 +277,13 @@ def test_matched_rows_take_the_online_runs_kept_pairs(tmp_path, monkeypatch):
     """kept_pairs: per step the batch less its dropped share; the matched row's --pairs leaves that many to train on."""
     run = tmp_path / "online"
     (run / "checkpoint").mkdir(parents=True)
-    (run / "checkpoint" / "train_config.json").write_text(json.dumps({"algo": "online-dpo", "batch_size": 32}))
-    steps = [{"step": 0, "online/ties_or_dropped": 0.5}, {"step": 1, "online/ties_or_dropped": 0.75}]
+    (run / "checkpoint" / "train_config.json").write_text(
+        json.dumps({"algo": "online-dpo", "batch_size": 32})
+    )
+    steps = [
+        {"step": 0, "online/ties_or_dropped": 0.5},
+        {"step": 1, "online/ties_or_dropped": 0.75},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     assert study.kept_pairs(str(run)) == {"pairs_kept": 24}  # 16 + 8
     for kept in (24, 700, 1800, 1984):
@@ -207,10 +294,13 @@ def test_matched_rows_take_the_online_runs_kept_pairs(tmp_path, monkeypatch):
     def fake_row(cfg, table, row, cmds, seed, train=0):
         seen.append((row, cmds))
         return {"pairs_kept": 700} if row == "Online-DPO (rule)" else None
+
     monkeypatch.setattr(study, "run_row", fake_row)
     out = study.run_chain(study.Config(root=str(tmp_path)), "online", 3, 1)
     cmds = dict(seen)["offline DPO, matched to Online-DPO"]
-    assert "--beta 0.5 --epochs 1 --lr_projector 0 --pairs 777" in cmds[0]  # 777 - 77 held out = 700
+    assert (
+        "--beta 0.5 --epochs 1 --lr_projector 0 --pairs 777" in cmds[0]
+    )  # 777 - 77 held out = 700
     assert out["offline BDHS, matched to Online-BDHS"] is None  # its online run failed: failed too
     assert "offline BDHS, matched to Online-BDHS" not in dict(seen)
 
@@ -218,10 +308,18 @@ def test_matched_rows_take_the_online_runs_kept_pairs(tmp_path, monkeypatch):
 def test_bdhs_shares_per_attempt(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    metas = [dict(attempts=1, similarity=0.5), dict(attempts=2, similarity=0.9), dict(attempts=5, similarity=0.99),
-             dict(attempts=1, similarity=1.0)]
-    (out / "pairs.jsonl").write_text("".join(json.dumps({"meta": {"bdhs": m}}) + "\n" for m in metas))
-    (out / "pairs.jsonl.settings.json").write_text(json.dumps({"variant": "attn", "n_bdhs": 5, "eps_s": 0.97}))
+    metas = [
+        dict(attempts=1, similarity=0.5),
+        dict(attempts=2, similarity=0.9),
+        dict(attempts=5, similarity=0.99),
+        dict(attempts=1, similarity=1.0),
+    ]
+    (out / "pairs.jsonl").write_text(
+        "".join(json.dumps({"meta": {"bdhs": m}}) + "\n" for m in metas)
+    )
+    (out / "pairs.jsonl.settings.json").write_text(
+        json.dumps({"variant": "attn", "n_bdhs": 5, "eps_s": 0.97})
+    )
     shares = study.bdhs_shares(str(out))
     assert [shares[f"bdhs/non_similar@{k}"] for k in range(1, 6)] == [25.0, 50.0, 50.0, 50.0, 50.0]
 
@@ -239,9 +337,11 @@ def test_every_compared_metric_has_a_margin():
 
 def test_main_writes_the_file_study_figures_and_readme(tmp_path, monkeypatch):
     """python study.py's whole path with fake runs: the per-run file, STUDY.md's blocks, figures, README's block."""
+
     def fake_row(cfg, table, row, cmds, seed, train=0):
         res = {m: fake_value(row, m, seed, train) for m in BASE_VALUES}
         return res | {"pairs_kept": 700} if row.startswith("Online") else res
+
     monkeypatch.setattr(study, "run_row", fake_row)
     monkeypatch.chdir(tmp_path)
     pathlib.Path("STUDY.md").write_text("<!-- table:main -->\n<!-- /table:main -->\n")
@@ -249,7 +349,9 @@ def test_main_writes_the_file_study_figures_and_readme(tmp_path, monkeypatch):
     study.main(["--tables", "main,twin,online"])
     runs = study.read_runs("study_runs.csv")
     assert set(runs) == {"main", "twin", "online"}
-    assert set(runs["main"]["BDHS, DPO + NLL (the main job)"]) == {(s, j) for s in range(3, 8) for j in (0, 1)}
+    assert set(runs["main"]["BDHS, DPO + NLL (the main job)"]) == {
+        (s, j) for s in range(3, 8) for j in (0, 1)
+    }
     assert set(runs["main"]["shortcut baseline (no training)"]) == {(s, None) for s in range(3, 8)}
     assert set(runs["online"]["Online-DPO (rule)"]) == {(s, j) for s in (3, 4, 5) for j in (0, 1)}
     text = pathlib.Path("STUDY.md").read_text()
