@@ -270,56 +270,45 @@ def add_diffusion_noise(pixels, N, generator):
 # Algorithm 1, batched
 
 
+# A Config is a table, a flag a row, its help the comment beside it: kept as written
+# fmt: off
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id: the policy that hallucinates
-    template: str = ""  # chat template: vicuna | llava | mistral | chatml; "": the model's own
-    source: str = (
-        "world"  # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
-    )
-    # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""  # a release's images (COCO for POVID...); default: images/ by it
+    template: str = ""            # chat template: vicuna | llava | mistral | chatml; "": the model's own
+    source: str = "world"         # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
+                                  # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
+    image_root: str = ""          # a release's images (COCO for POVID...); default: images/ by it
     out: str = "runs/bdhs/pairs.jsonl"  # native JSONL, with its settings beside it
-    n: int = 2000  # world prompts (ignored for files: all of them)
-    world_seed: int = 0  # the world's scenes: 0-2 dev seeds, 3-5 test seeds
-    world_half: Literal["", "a", "b"] = (
-        ""  # a or b: prompts about half of the world's pairs (world.py)
-    )
+    n: int = 2000                 # world prompts (ignored for files: all of them)
+    world_seed: int = 0           # the world's scenes: 0-2 dev seeds, 3-5 test seeds
+    world_half: Literal["", "a", "b"] = ""  # a or b: prompts about half of the world's pairs (world.py)
     variant: Literal["attn", "noise", "distort"] = "attn"  # BDHS_attn, BDHS_noise, or POVID-style
-    rho: float = 0.99  # rho_th: share of image tokens hidden (0.99: ~1% stay visible)
-    noise_steps: int = 500  # N of the diffusion noise (noise, distort)
-    guidance: Literal["sentence", "token", "none"] = (
-        "sentence"  # sentence: Algorithm 1; token: masked,
-    )
-    # teacher-forced; none: unguided
-    n_bdhs: int = 5  # attempts; the last one unguided
-    eps_s: float = 0.97  # similarity at or above which an attempt is rejected
-    embedder: str = ""  # a sentence-transformers folder or hub id; "": the MiniLM package
-    temperature: float = 1.0  # of the sampled responses; 0: greedy
-    sentence_tokens: int = 64  # new tokens per guided sentence
-    max_new_tokens: int = 256  # new tokens of an unguided response
-    external: bool = (
-        False  # also keep a source's rejected, BDHS's then as rejected2 (Avg-DPO, Eq. 5);
-    )
-    # false: BDHS's rejected replaces the source's (plain DPO on BDHS pairs)
-    batch_size: int = 0  # prompts per batch; 0: 32 on CPU, on a GPU as many as half the memory the
-    # weights leave holds the KV cache of (batch_rows): LLaVA-1.6-7B in bf16 on
-    # 80 GB gets 10 (a prompt of up to 3,184 tokens shared by its rows, plus 8 rows
-    # of 256 + sentence_tokens; 0.5 MiB a cached token)
-    seed: int = 0  # the sampling generator's
+    rho: float = 0.99             # rho_th: share of image tokens hidden (0.99: ~1% stay visible)
+    noise_steps: int = 500        # N of the diffusion noise (noise, distort)
+    guidance: Literal["sentence", "token", "none"] = "sentence"  # sentence: Algorithm 1; token: masked,
+                                                                 # teacher-forced; none: unguided
+    n_bdhs: int = 5               # attempts; the last one unguided
+    eps_s: float = 0.97           # similarity at or above which an attempt is rejected
+    embedder: str = ""            # a sentence-transformers folder or hub id; "": the MiniLM package
+    temperature: float = 1.0      # of the sampled responses; 0: greedy
+    sentence_tokens: int = 64     # new tokens per guided sentence
+    max_new_tokens: int = 256     # new tokens of an unguided response
+    external: bool = False        # also keep a source's rejected, BDHS's then as rejected2 (Avg-DPO, Eq. 5);
+                                  # false: BDHS's rejected replaces the source's (plain DPO on BDHS pairs)
+    batch_size: int = 0           # prompts per batch; 0: 32 on CPU, on a GPU as many as half the memory the
+                                  # weights leave holds the KV cache of (batch_rows): LLaVA-1.6-7B in bf16 on
+                                  # 80 GB gets 10 (a prompt of up to 3,184 tokens shared by its rows, plus 8 rows
+                                  # of 256 + sentence_tokens; 0.5 MiB a cached token)
+    seed: int = 0                 # the sampling generator's
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the model runs and samples
     dtype: Literal[DTYPES] = "float32"  # the weights' (and so the KV cache's) dtype; bfloat16 at 7B
-    BOUNDS = dict(
-        n=">= 1",
-        rho=">= 0, <= 1",
-        noise_steps=">= 0, <= 999",
-        n_bdhs=">= 1",
-        eps_s="<= 1",
-        temperature=">= 0",
-        sentence_tokens=">= 1",
-        max_new_tokens=">= 1",
-        batch_size=">= 0",
-    )
+    BOUNDS = dict(n=">= 1", rho=">= 0, <= 1", noise_steps=">= 0, <= 999", n_bdhs=">= 1", eps_s="<= 1",
+                  temperature=">= 0", sentence_tokens=">= 1", max_new_tokens=">= 1", batch_size=">= 0")
+# fmt: on
+
+
+# fmt: on
 
 
 SENTENCES = 8  # sample rows a prompt is budgeted for (the sentences of its y+) when batch_size is 0

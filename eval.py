@@ -1156,51 +1156,45 @@ def evaluate_bench(
 # Command line
 
 
+# A Config is a table, a flag a row, its help the comment beside it: kept as written
+# fmt: off
 @dataclass
 class Config:
-    model: str = ""  # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL;
-    # `shortcut`: the no-training shortcut baseline (world.py)
-    template: str = ""  # chat template: vicuna | llava | mistral | chatml; "": each model's own
-    data: str = "world"  # world: the world's report (other data: through --bench)
-    world_seed: int = 0  # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
-    world_half: Literal["", "a", "b"] = (
-        ""  # a or b: the broken split of each half of the pairs (generalisation)
-    )
-    n: int = 500  # scenes per part of the world's report
-    batch_size: int = (
-        0  # prompts answered at once; 0: 64 on CPU, on a GPU as many as half the memory the
-    )
-    # weights leave holds the KV cache of (model.rows_that_fit): LLaVA-1.6-7B in bf16
-    # on 80 GB gets 16 (3,184 prompt + 512 new tokens a row, 0.5 MiB a token)
+    model: str = ""        # a checkpoint, or name=path,name=path (a row each); default W.BASE_MODEL;
+                           # `shortcut`: the no-training shortcut baseline (world.py)
+    template: str = ""     # chat template: vicuna | llava | mistral | chatml; "": each model's own
+    data: str = "world"    # world: the world's report (other data: through --bench)
+    world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
+    world_half: Literal["", "a", "b"] = ""  # a or b: the broken split of each half of the pairs (generalisation)
+    n: int = 500           # scenes per part of the world's report
+    batch_size: int = 0    # prompts answered at once; 0: 64 on CPU, on a GPU as many as half the memory the
+                           # weights leave holds the KV cache of (model.rows_that_fit): LLaVA-1.6-7B in bf16
+                           # on 80 GB gets 16 (3,184 prompt + 512 new tokens a row, 0.5 MiB a token)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the models run
     dtype: Literal[DTYPES] = "float32"  # the weights' (and so the KV cache's) dtype; bfloat16 at 7B
-    out: str = ""  # JSON: {name: results}; beside it, answers.jsonl (each question's answer
-    # and score) and judgments.jsonl
-    bench: str = ""  # not the world: pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
+    out: str = ""          # JSON: {name: results}; beside it, answers.jsonl (each question's answer
+                           # and score) and judgments.jsonl
+    bench: str = ""        # not the world: pope,objhal,mmhal,mmhal_v,llavaw,mmvet,textvqa,gqa
     bench_dir: str = "benchmarks"  # one folder per benchmark, holding its release's files (see GET)
     download: bool = False  # fetch a missing MMHal-Bench or LLaVA-Bench release from the hub
-    limit: int = 0  # evaluate the first N items of each benchmark (0: all)
+    limit: int = 0         # evaluate the first N items of each benchmark (0: all)
     max_new_tokens: int = 512  # for the open-ended answers (short answers get 16)
     judge_model: str = ""  # the text judge (default $JUDGE_MODEL, else gpt-4-0613); URL, key: env
     judge_model_v: str = "gpt-4o"  # MMHal-V's judge, which sees the image
-    judge_cache: str = (
-        ""  # every judgment, so a rerun asks only for what is missing; "": judgments.jsonl
-    )
-    # beside --out, else in the shared cache folder (model.cache_home)
+    judge_cache: str = ""  # every judgment, so a rerun asks only for what is missing; "": judgments.jsonl
+                           # beside --out, else in the shared cache folder (model.cache_home)
     judge_timeout: float = 120.0  # seconds for one whole request to the judge
     judge_retries: int = 6  # after a 429 / 5xx, a malformed reply, a network error or a timeout
     judge_prompts: str = ""  # JSON {mmhal|llavaw|mmvet: template} replacing our wording ({fields})
-    synonyms: str = ""  # a COCO synonym list in the standard format instead of ours (objhal)
+    synonyms: str = ""     # a COCO synonym list in the standard format instead of ours (objhal)
     short_prompt: bool = True  # end POPE, TextVQA and GQA questions with SHORT (LLaVA, lmms-eval)
     official: bool = False  # the published judge prompts and synonym list, not ours (OFFICIAL)
-    BOUNDS = dict(
-        n=">= 1",
-        batch_size=">= 0",
-        limit=">= 0",
-        max_new_tokens=">= 1",
-        judge_retries=">= 0",
-        judge_timeout="> 0",
-    )
+    BOUNDS = dict(n=">= 1", batch_size=">= 0", limit=">= 0", max_new_tokens=">= 1", judge_retries=">= 0",
+                  judge_timeout="> 0")
+# fmt: on
+
+
+# fmt: on
 
 
 def load_model(path, template="", dtype=torch.float32, device="cpu"):

@@ -305,19 +305,21 @@ def paired_ci(a, b, margin, level=0.95):
     return dict(diff=diff, lo=lo, hi=hi, seeds=n, call=call)
 
 
+# A Config is a table, a flag a row, its help the comment beside it: kept as written
+# fmt: off
 @dataclass
 class Config:
-    tables: str = "all"  # comma-separated names of TABLES, or all
-    seeds: str = ""  # world seeds of every table; "": each table's own (SEEDS: test seeds)
-    train_seeds: str = (
-        "0,1"  # training seeds ({train} in the commands), each run on every world seed
-    )
-    root: str = "runs/study"  # a folder per run, kept: a rerun does only what is missing
-    jobs: int = 2  # runs at a time, one thread each
-    write: bool = (
-        True  # update study_runs.csv, STUDY.md, figures/ and README's block (test seeds only)
-    )
+    tables: str = "all"        # comma-separated names of TABLES, or all
+    seeds: str = ""            # world seeds of every table; "": each table's own (SEEDS: test seeds)
+    train_seeds: str = "0,1"   # training seeds ({train} in the commands), each run on every world seed
+    root: str = "runs/study"   # a folder per run, kept: a rerun does only what is missing
+    jobs: int = 2              # runs at a time, one thread each
+    write: bool = True         # update study_runs.csv, STUDY.md, figures/ and README's block (test seeds only)
     BOUNDS = dict(jobs=">= 1")
+# fmt: on
+
+
+# fmt: on
 
 
 LOCKS = {}  # a run's folder -> the lock its callers share

@@ -62,74 +62,58 @@ WORLD_DATA = (
 )  # --data built from the world, not read
 
 
+# A Config is a table, a flag a row, its help the comment beside it: kept as written
+# fmt: off
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
-    template: str = ""  # chat template: vicuna | llava | mistral | chatml; "": the model's own
-    data: str = "world"  # world (its corruption set), bdhs, bdhs+world (Avg-DPO), world+partners
-    # (opt-in: partner-present pairs too, world.partner_pairs), a .jsonl,
-    # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""  # what a .jsonl's relative image paths resolve against (default: its
-    # folder); a release's images (COCO for POVID...; default: images/ by it)
-    loss: Literal[(*losses.LOSSES, "rm")] = (
-        "dpo"  # a preference loss (losses.py), or rm: a reward model
-    )
+    template: str = ""           # chat template: vicuna | llava | mistral | chatml; "": the model's own
+    data: str = "world"          # world (its corruption set), bdhs, bdhs+world (Avg-DPO), world+partners
+                                 # (opt-in: partner-present pairs too, world.partner_pairs), a .jsonl,
+                                 # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
+    image_root: str = ""         # what a .jsonl's relative image paths resolve against (default: its
+                                 # folder); a release's images (COCO for POVID...; default: images/ by it)
+    loss: Literal[(*losses.LOSSES, "rm")] = "dpo"  # a preference loss (losses.py), or rm: a reward model
     out_dir: str = "runs/offline"  # the checkpoint, training state and metrics
-    beta: float = 1.0  # the world's (dev seed 0); the paper searched 0.05-0.5 for DPO
-    rpo_alpha: float = 1.0  # + α x the chosen's per-token NLL (TRL's RPO; the paper's DPO: 0)
-    world_seed: int = 0  # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
+    beta: float = 1.0            # the world's (dev seed 0); the paper searched 0.05-0.5 for DPO
+    rpo_alpha: float = 1.0       # + α x the chosen's per-token NLL (TRL's RPO; the paper's DPO: 0)
+    world_seed: int = 0          # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
     world_half: Literal["", "a", "b"] = ""  # the world's prompts about half of the usual pairs only
-    pairs: int = 2200  # world pairs to build; a tenth (<= 200) held out, of a file too
-    steps: int = 0  # optimizer steps; 0: `epochs` passes over the training pairs
-    epochs: float = 3.0  # passes over the training pairs (without --steps)
-    batch_size: int = 32  # global: micro-batch x grad_accum x ranks
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 2e-3  # adapters and a reward head: the world's, far above a 7B's
-    lr_projector: float = 5e-5  # the projector's own learning rate (paper §2.2); 0 freezes it
-    lora_r: int = 16  # LoRA rank on every LLM linear; 0: the whole LLM trains
-    lora_alpha: float = 32.0  # LoRA's scale is lora_alpha / lora_r
-    warmup: int = 10  # linear warm-up steps, then cosine decay to 0
-    max_length: int = 4096  # prompt + response tokens; responses are cut, image tokens never
-    ref: Literal["cache", "lora_off"] = (
-        "cache"  # cache: reference log-probs once, on disk; lora_off:
-    )
-    # the adapters off, every step
-    cache_dir: str = ""  # reference log-probs, BDHS pairs, base reports, shared by runs; "":
-    # $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign
-    dtype: Literal[M.DTYPES] = (
-        "float32"  # the frozen base stored in it and the autocast dtype; what
-    )
-    # trains, AdamW's moments and log-probs stay fp32 (float16: refused)
-    grad_ckpt: bool = False  # recompute each decoder layer in the backward pass
-    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2); else DDP
-    save_every: int = (
-        50  # steps between saves of the training state; the last step saves it and the
-    )
-    # merged checkpoint
-    resume: bool = False  # continue from out_dir's training state, with its settings
-    overwrite: bool = False  # a fresh run may replace the run already in out_dir
-    eval_n: int = 500  # world data: scenes of the world report before and after; 0: none
-    seed: int = 0  # LoRA's initialisation and the order of the pairs
-    workers: int = -1  # processes decoding the images ahead of the step, into pinned memory;
-    # -1: 4 on CUDA, 0 on the host (in the loop)
-    BOUNDS = dict(
-        beta="> 0",
-        rpo_alpha=">= 0",
-        pairs=">= 1",
-        steps=">= 0",
-        epochs="> 0",
-        batch_size=">= 1",
-        grad_accum=">= 1",
-        lr=">= 0",
-        lr_projector=">= 0",
-        lora_r=">= 0",
-        lora_alpha="> 0",
-        warmup=">= 0",
-        max_length=">= 1",
-        save_every=">= 0",
-        eval_n=">= 0",
-        workers=">= -1",
-    )  # checked at parse
+    pairs: int = 2200            # world pairs to build; a tenth (<= 200) held out, of a file too
+    steps: int = 0               # optimizer steps; 0: `epochs` passes over the training pairs
+    epochs: float = 3.0          # passes over the training pairs (without --steps)
+    batch_size: int = 32         # global: micro-batch x grad_accum x ranks
+    grad_accum: int = 1          # micro-steps per optimizer step
+    lr: float = 2e-3             # adapters and a reward head: the world's, far above a 7B's
+    lr_projector: float = 5e-5   # the projector's own learning rate (paper §2.2); 0 freezes it
+    lora_r: int = 16             # LoRA rank on every LLM linear; 0: the whole LLM trains
+    lora_alpha: float = 32.0     # LoRA's scale is lora_alpha / lora_r
+    warmup: int = 10             # linear warm-up steps, then cosine decay to 0
+    max_length: int = 4096       # prompt + response tokens; responses are cut, image tokens never
+    ref: Literal["cache", "lora_off"] = "cache"  # cache: reference log-probs once, on disk; lora_off:
+                                                 # the adapters off, every step
+    cache_dir: str = ""          # reference log-probs, BDHS pairs, base reports, shared by runs; "":
+                                 # $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign
+    dtype: Literal[M.DTYPES] = "float32"  # the frozen base stored in it and the autocast dtype; what
+                                          # trains, AdamW's moments and log-probs stay fp32 (float16: refused)
+    grad_ckpt: bool = False      # recompute each decoder layer in the backward pass
+    fsdp: bool = False           # shard parameters, gradients and optimizer state (FSDP2); else DDP
+    save_every: int = 50         # steps between saves of the training state; the last step saves it and the
+                                 # merged checkpoint
+    resume: bool = False         # continue from out_dir's training state, with its settings
+    overwrite: bool = False      # a fresh run may replace the run already in out_dir
+    eval_n: int = 500            # world data: scenes of the world report before and after; 0: none
+    seed: int = 0                # LoRA's initialisation and the order of the pairs
+    workers: int = -1            # processes decoding the images ahead of the step, into pinned memory;
+                                 # -1: 4 on CUDA, 0 on the host (in the loop)
+    BOUNDS = dict(beta="> 0", rpo_alpha=">= 0", pairs=">= 1", steps=">= 0", epochs="> 0", batch_size=">= 1",
+                  grad_accum=">= 1", lr=">= 0", lr_projector=">= 0", lora_r=">= 0", lora_alpha="> 0",
+                  warmup=">= 0", max_length=">= 1", save_every=">= 0", eval_n=">= 0",
+                  workers=">= -1")  # checked at parse
+# fmt: on
+
+
+# fmt: on
 
 
 def main(argv=None):

@@ -72,76 +72,59 @@ NORM_PROMPTS, JUDGE_TOKENS = 256, 64  # prompts for RL's reward statistics; a ju
 STALL = 5  # steps in a row with every pair a tie or unparsed (no training signal) that stop a run
 
 
+# A Config is a table, a flag a row, its help the comment beside it: kept as written
+# fmt: off
 @dataclass
 class Config:
     model: str = world.BASE_MODEL  # an HF-layout folder or a hub id
     algo: Literal[tuple(SAMPLES)] = "online-dpo"  # the objective (the docstring above says each)
-    template: str = ""  # chat template: vicuna | llava | mistral | chatml; "": the model's own
-    annotator: str = "rule"  # rule | rm:PATH | judge:PATH | api:MODEL
-    annotator_threads: int = 16  # api: requests in flight per rank
-    data: str = "world"  # world (its align split), a native .jsonl,
-    # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
-    image_root: str = ""  # a release's images (COCO for POVID...); default: images/ by it
+    template: str = ""            # chat template: vicuna | llava | mistral | chatml; "": the model's own
+    annotator: str = "rule"       # rule | rm:PATH | judge:PATH | api:MODEL
+    annotator_threads: int = 16   # api: requests in flight per rank
+    data: str = "world"           # world (its align split), a native .jsonl,
+                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
+    image_root: str = ""          # a release's images (COCO for POVID...); default: images/ by it
     out_dir: str = "runs/online"  # the checkpoint, training state and metrics
-    world_seed: int = 0  # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
+    world_seed: int = 0           # the world's scenes: 0-2 dev seeds, 3-5 test seeds (study.py)
     world_half: Literal["", "a", "b"] = ""  # the world's prompts about half of the usual pairs only
-    pairs: int = 2000  # world prompts
-    samples: int = 0  # per prompt; 0: 2 for DPO (more: best vs worst), 1 PPO, 4 RLOO
-    temperature: float = 1.0  # of the policy's samples; 0: greedy
+    pairs: int = 2000             # world prompts
+    samples: int = 0              # per prompt; 0: 2 for DPO (more: best vs worst), 1 PPO, 4 RLOO
+    temperature: float = 1.0      # of the policy's samples; 0: greedy
     max_new_tokens: int = 96
-    beta: float = 0.5  # DPO's β (the world's, dev seed 0)
-    mix_p: float = 0.5  # Mixed-DPO: the probability of the offline pair (Eq. 4)
-    external: bool = False  # Online-BDHS: Avg-DPO with the source's rejected too (Eq. 5)
-    kl_coef: float = 0.4  # PPO / RLOO: β of the KL penalty (the paper's RLOO value)
-    ppo_epochs: int = 4  # PPO: optimisation passes over each batch of samples
-    steps: int = 0  # optimizer steps; 0: `epochs` passes over the prompts
+    beta: float = 0.5             # DPO's β (the world's, dev seed 0)
+    mix_p: float = 0.5            # Mixed-DPO: the probability of the offline pair (Eq. 4)
+    external: bool = False        # Online-BDHS: Avg-DPO with the source's rejected too (Eq. 5)
+    kl_coef: float = 0.4          # PPO / RLOO: β of the KL penalty (the paper's RLOO value)
+    ppo_epochs: int = 4           # PPO: optimisation passes over each batch of samples
+    steps: int = 0                # optimizer steps; 0: `epochs` passes over the prompts
     epochs: float = 1.0
-    batch_size: int = (
-        32  # prompts, global; a rank samples its micro-batch's prompts at once: at 7B in
-    )
-    # bf16 on 8 GPUs, 4 prompts' shared caches (<= 3,184 tokens each, 0.5 MiB a
-    # token: 6.2 GiB) + their samples' fit 80 GB beside the model; one GPU: --grad_accum
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 1e-3  # the LoRA adapters' (and PPO's value head's)
-    lora_r: int = 16  # LoRA rank on every LLM linear (the reference: the adapters off)
-    lora_alpha: float = 32.0  # LoRA's scale is lora_alpha / lora_r
-    warmup: int = 10  # linear warm-up steps, then cosine decay to 0
-    dtype: Literal[M.DTYPES] = (
-        "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
-    )
-    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2); else DDP
-    save_every: int = (
-        50  # steps between saves of the training state; the last step saves it and the
-    )
-    # merged checkpoint
-    resume: bool = False  # continue from out_dir's training state, with its settings
-    overwrite: bool = False  # a fresh run may replace the run already in out_dir
-    eval_n: int = 500  # world data: scenes of the world report before and after; 0: none
-    seed: int = 0  # LoRA's initialisation, the order of the prompts, sampling
-    BOUNDS = dict(
-        annotator_threads=">= 1",
-        pairs=">= 1",
-        samples=">= 0",
-        temperature=">= 0",
-        max_new_tokens=">= 1",
-        beta="> 0",
-        mix_p=">= 0, <= 1",
-        kl_coef=">= 0",
-        ppo_epochs=">= 1",
-        steps=">= 0",
-        epochs="> 0",
-        batch_size=">= 1",
-        grad_accum=">= 1",
-        lr=">= 0",
-        lora_r=">= 1",
-        lora_alpha="> 0",
-        warmup=">= 0",
-        save_every=">= 0",
-        eval_n=">= 0",
-    )  # checked at parse
+    batch_size: int = 32          # prompts, global; a rank samples its micro-batch's prompts at once: at 7B in
+                                  # bf16 on 8 GPUs, 4 prompts' shared caches (<= 3,184 tokens each, 0.5 MiB a
+                                  # token: 6.2 GiB) + their samples' fit 80 GB beside the model; one GPU: --grad_accum
+    grad_accum: int = 1           # micro-steps per optimizer step
+    lr: float = 1e-3              # the LoRA adapters' (and PPO's value head's)
+    lora_r: int = 16              # LoRA rank on every LLM linear (the reference: the adapters off)
+    lora_alpha: float = 32.0      # LoRA's scale is lora_alpha / lora_r
+    warmup: int = 10              # linear warm-up steps, then cosine decay to 0
+    dtype: Literal[M.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
+    fsdp: bool = False            # shard parameters, gradients and optimizer state (FSDP2); else DDP
+    save_every: int = 50          # steps between saves of the training state; the last step saves it and the
+                                  # merged checkpoint
+    resume: bool = False          # continue from out_dir's training state, with its settings
+    overwrite: bool = False       # a fresh run may replace the run already in out_dir
+    eval_n: int = 500             # world data: scenes of the world report before and after; 0: none
+    seed: int = 0                 # LoRA's initialisation, the order of the prompts, sampling
+    BOUNDS = dict(annotator_threads=">= 1", pairs=">= 1", samples=">= 0", temperature=">= 0", max_new_tokens=">= 1",
+                  beta="> 0", mix_p=">= 0, <= 1", kl_coef=">= 0", ppo_epochs=">= 1", steps=">= 0", epochs="> 0",
+                  batch_size=">= 1", grad_accum=">= 1", lr=">= 0", lora_r=">= 1", lora_alpha="> 0", warmup=">= 0",
+                  save_every=">= 0", eval_n=">= 0")  # checked at parse
     # not flags: the reference is the policy with its adapters off: only the adapters may train
     # (the base's world report is cached in the shared cache folder: "" is model.cache_home())
     lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", ""
+# fmt: on
+
+
+# fmt: on
 
 
 def main(argv=None):

@@ -177,8 +177,16 @@ def materialize(module, device, seed=0):
     """Meta parameters (whole or FSDP shards) -> random values on `device`: normal(0, 0.02), norm
     gains 1, biases and LoRA's B 0 (so the policy starts as the reference, as in training)."""
     module.to_empty(device=device)
+    return fill_random(module, device, seed)
+
+
+@torch.no_grad()
+def fill_random(module, device, seed=0, skip=()):
+    """materialize's values, in place, for the parameters whose names hold none of `skip`."""
     g = torch.Generator(device).manual_seed(seed)
     for name, p in module.named_parameters():
+        if any(s in name for s in skip):
+            continue
         t = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 DTensor: this rank's shard
         if name.endswith("bias") or "lora_B" in name:
             t.zero_()
@@ -430,18 +438,26 @@ def step_flops(vlm, batch, n_img, base=4):
 def random_checkpoint(raw, dev):
     """Within the block VLM.from_pretrained gives random weights of `raw` on `dev`, in the dtype
     asked, instead of reading a checkpoint: build_policy runs as it is, on the 7B geometry."""
-    saved = M.VLM.__dict__["from_pretrained"]
+    saved, saved_load = M.VLM.__dict__["from_pretrained"], M.load_weights
 
     def load(path, dtype=torch.float32, device=None, template="", **kw):
-        vlm = materialize(build(raw, dtype), dev)
+        vlm = build(raw, dtype)  # on the meta device, as --fsdp asks: its shards are filled below
+        vlm.folder = None
+        if device != "meta":
+            vlm = materialize(vlm, dev)
         vlm.template, vlm.template_source = "vicuna", f"{path}: random weights"
         return vlm
 
+    def fill_shards(vlm, path, raw, dtype, device):  # --fsdp's read of each rank's rows
+        fill_random(vlm, device, skip=("lora_",))
+
     M.VLM.from_pretrained = staticmethod(load)
+    M.load_weights = fill_shards
     try:
         yield
     finally:
         M.VLM.from_pretrained = saved
+        M.load_weights = saved_load
 
 
 def dpo_row(a, dev, peak, ranks):
