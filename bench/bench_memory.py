@@ -39,10 +39,13 @@ TRL + PEFT (modelled, not measured at 7B): DPOTrainer with a peft LoraConfig on 
 the base in bf16 and the adapters in fp32 (peft's default), bf16 autocast, gradient checkpointing,
 and, to compare like with like, the same weights and sharding per GPU as ours. What differs is the
 batch: trl concatenates [chosen; rejected], so a pair is two rows of prompt + one response (the image
-and prompt go through the tower and the LLM twice), the LM head runs in tiles on the response tokens
-(trl's fused head), and the reference forward with the adapters disabled runs on every step. At
-bench_dpo.py's CPU shape (fp32, no checkpointing, 8 pairs) this model is compared with that script's
-measured peak (--check).
+and prompt go through the tower and the LLM twice), and the reference forward with the adapters
+disabled runs on every step. Its LM head is fused (trl_head): no [N, V] logits, tiles of 4,096
+tokens x 32,768 vocab entries recomputed in the backward; on CUDA a Triton kernel folds each tile and
+only the response tokens are scored, so the head costs little. On CPU the fold runs in torch and
+every position is scored, which is most of trl's peak at bench_dpo.py's CPU shape (fp32, no
+checkpointing, 8 pairs): there the model is compared with that script's measured peak (--check,
+--check_trl; the head alone in tests/test_bench.py).
 
 --check measures, on this CPU, one model of 7B width (hidden 4096, MLP 11008, 32 heads, vocab 32064,
 the full CLIP ViT-L/336 tower) with 2 decoder layers, as the model assumes (bf16 base, fp32
@@ -80,6 +83,9 @@ SETTINGS = [
 # bench_dpo.py --mode lora, trl DPOTrainer + peft: peak extra RSS, MB (2^20 B), README "Speed and
 # memory" (median of 3 runs, 2026-12-02); its shape is hidden 512 x 4 layers, vocab 32000, 8 pairs
 TRL_MEASURED_MB = 8312
+# the same side, one run with MALLOC_MMAP_THRESHOLD_=131072 (freed blocks go back to the system, so
+# the peak RSS is the live set; bench_memory.py --check_trl true, 2026-12-06)
+TRL_LIVE_MB = 6279
 # fit on one measurement, the CI test's (width 1024, 2 layers, CPU): its measured step peak less
 # the rest of the model, per token and unit of d + I; the 7B-width --check is out of that sample
 WORK = 14
@@ -443,11 +449,13 @@ def measure_head_child(N, d, V):
     return run_child([sys.executable, os.path.abspath(__file__), "--measure_head", f"{N},{d},{V}"])
 
 
-def trl_at_bench_dpo():
+def trl_at_bench_dpo(measure=False):
     """Modelled peak of bench_dpo.py --mode lora's trl side (fp32, no checkpointing, 8 pairs of its
     texts and 336 x 336 images), MB: weights, LoRA's state, activations of 16 rows of prompt + one
     response (padded to the longest), the backward's working set and trl's fused head as it runs on
-    CPU (every position scored, the fold in torch: most of the peak)."""
+    CPU (every position scored, the fold in torch: most of the peak). `measure`: also run that side
+    (bench_dpo.py --side trl, a fresh process, minutes) with glibc's mmap threshold fixed at 128 KiB,
+    so that what it frees goes back to the system and its peak RSS is the live set; None if not."""
     import bench_dpo
     import data
     import model as M
@@ -467,6 +475,15 @@ def trl_at_bench_dpo():
             for i, e in enumerate(bench_dpo.examples(8))
         ]
         items, _ = data.prepare_pairs(vlm, recs, warn=False)
+        measured = None
+        if measure:
+            script = os.path.join(ROOT, "bench", "bench_dpo.py")
+            cmd = [sys.executable, script, "--side", "trl", "--mode", "lora", "--path", path]
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise RuntimeError(f"bench_dpo.py's trl side failed:\n{out.stderr[-3000:]}")
+            measured = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
     vlm.requires_grad_(False)
     M.add_lora(vlm, 128, 256.0)
     g = geometry(vlm)
@@ -474,7 +491,7 @@ def trl_at_bench_dpo():
     R = sum(len(r) for it in items for r in it["responses"])  # trl counts the real tokens only
     # on CPU trl scores every position of the 16 padded rows through its torch-folded head
     m = memory(g, 1, 1, [longest] * 16, R, 0, ckpt=False, fp32=True, train=g["lora"], fused="torch")
-    return sum(m.values()) / 2**20, longest
+    return sum(m.values()) / 2**20, longest, measured
 
 
 def measure_head(N, d, V):
@@ -528,13 +545,28 @@ def check():
         f"| {r['load_model'] / GB:.2f} | {r['step'] / GB:.2f} | {r['step_model'] / GB:.2f} | "
         f"{r['step'] / r['step_model']:.3f} |"
     )
-    trl, longest = trl_at_bench_dpo()
+    check_trl(False)
+    return r
+
+
+def check_trl(measure):
+    """trl + peft's model at bench_dpo.py --mode lora's shape against that script's measurements:
+    the README's (glibc's defaults) and, with `measure`, one run with freed memory returned."""
+    trl, longest, live = trl_at_bench_dpo(measure)
+    if live is None:
+        live = TRL_LIVE_MB
+        when = "recorded; --check_trl true measures it again, ~2-6 min"
+    else:
+        when = "measured now"
+    ok = "yes" if abs(trl / live - 1) <= 0.15 else "no"
     print(
         f"trl + peft at bench_dpo.py --mode lora's shape (16 rows of {longest} tokens, fp32): "
-        f"modelled {trl:,.0f} MB, measured {TRL_MEASURED_MB:,} MB (README), modelled / measured "
-        f"{trl / TRL_MEASURED_MB:.2f}"
+        f"modelled {trl:,.0f} MB; measured with freed memory returned {live:,.0f} MB ({when}), "
+        f"modelled / measured {trl / live:.2f} (within 15%: {ok}); "
+        f"measured with glibc's defaults {TRL_MEASURED_MB:,} MB (README), modelled / measured "
+        f"{trl / TRL_MEASURED_MB:.2f}: the rest is what glibc keeps resident after the forwards free it"
     )
-    return r
+    return trl, live
 
 
 def epoch_time(a):
@@ -598,6 +630,12 @@ def main(argv=None):
     ap.add_argument("--step_s", type=float, default=0.0, help="measured s/step (bench_gpu.py)")
     ap.add_argument("--measured_batch", type=int, default=2)
     ap.add_argument("--check", type=parse_bool, default=False, help="measure on CPU (~1 min, 5 GB)")
+    ap.add_argument(
+        "--check_trl",
+        type=parse_bool,
+        default=False,
+        help="run bench_dpo.py --mode lora's trl side once and compare (2-6 min, 7 GB)",
+    )
     ap.add_argument("--measure", default="")  # internal: width,layers,tower_full,prompt,response
     ap.add_argument("--measure_head", default="")  # internal: tokens,width,vocab
     a = ap.parse_args(argv)
@@ -614,6 +652,8 @@ def main(argv=None):
     epoch_time(a)
     if a.check:
         check()
+    if a.check_trl:
+        check_trl(True)
 
 
 if __name__ == "__main__":
