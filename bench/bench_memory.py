@@ -39,10 +39,13 @@ TRL + PEFT (modelled, not measured at 7B): DPOTrainer with a peft LoraConfig on 
 the base in bf16 and the adapters in fp32 (peft's default), bf16 autocast, gradient checkpointing,
 and, to compare like with like, the same weights and sharding per GPU as ours. What differs is the
 batch: trl concatenates [chosen; rejected], so a pair is two rows of prompt + one response (the image
-and prompt go through the tower and the LLM twice), the LM head runs in tiles on the response tokens
-(trl's fused head), and the reference forward with the adapters disabled runs on every step. At
-bench_dpo.py's CPU shape (fp32, no checkpointing, 8 pairs) this model is compared with that script's
-measured peak (--check).
+and prompt go through the tower and the LLM twice), and the reference forward with the adapters
+disabled runs on every step. Its LM head is fused (trl_head): no [N, V] logits, tiles of 4,096
+tokens x 32,768 vocab entries recomputed in the backward; on CUDA a Triton kernel folds each tile and
+only the response tokens are scored, so the head costs little. On CPU the fold runs in torch and
+every position is scored, which is most of trl's peak at bench_dpo.py's CPU shape (fp32, no
+checkpointing, 8 pairs): there the model is compared with that script's measured peak (--check,
+--check_trl; the head alone in tests/test_bench.py).
 
 --check measures, on this CPU, one model of 7B width (hidden 4096, MLP 11008, 32 heads, vocab 32064,
 the full CLIP ViT-L/336 tower) with 2 decoder layers, as the model assumes (bf16 base, fp32
@@ -80,9 +83,16 @@ SETTINGS = [
 # bench_dpo.py --mode lora, trl DPOTrainer + peft: peak extra RSS, MB (2^20 B), README "Speed and
 # memory" (median of 3 runs, 2026-12-02); its shape is hidden 512 x 4 layers, vocab 32000, 8 pairs
 TRL_MEASURED_MB = 8312
+# the same side, one run with MALLOC_MMAP_THRESHOLD_=131072 (freed blocks go back to the system, so
+# the peak RSS is the live set; bench_memory.py --check_trl true, 2026-12-06)
+TRL_LIVE_MB = 6279
 # fit on one measurement, the CI test's (width 1024, 2 layers, CPU): its measured step peak less
 # the rest of the model, per token and unit of d + I; the 7B-width --check is out of that sample
 WORK = 14
+# trl's fused LM head: tokens per chunk, vocab entries per tile (trl/kernels/chunked_logprob.py and
+# _CHUNKED_LOGPROB_CHUNK_SIZE in trl/trainer/utils.py, trl 1.16)
+TRL_TOKENS = 4096
+TRL_VOCAB = 32768
 HW = (672, 672)  # a square image: 5 anyres tiles (2 x 2 and the overview), 2,928 image tokens
 
 
@@ -176,9 +186,37 @@ def reference_work(g, rows, R, fp32=False):
     return per + R * (6 * g["V"])
 
 
-def memory(g, S, b, rows, R, n_feat, ckpt=True, fp32=False, train=None):
+def trl_head(g, N, fp32=False, triton=True, backward=True):
+    """Peak working set of trl's fused LM head (trl/kernels/chunked_logprob.py, trl 1.16) over N
+    scored tokens: chunks of TRL_TOKENS tokens x TRL_VOCAB vocab entries, one tile buffer in the
+    compute dtype, recomputed in the backward; no [N, V] logits. On CUDA (Triton) the tile is folded
+    in a kernel, and only the response tokens are scored (their hidden states gathered, N x d). On
+    CPU the fold runs in torch on the whole tile: beside the buffer the backward holds 7 fp32 tiles
+    (y, z, log p, p, the gradient, and the two operands of its product) and the target mask (1 B),
+    the forward 3 (z, exp, the entropy's product) and the top-1 test's two masks. Plus the fp32
+    gradient of the hidden states."""
+    w = 4 if fp32 else 2
+    tile = min(N, TRL_TOKENS) * min(g["V"], TRL_VOCAB)
+    out = tile * w
+    if triton:
+        out += N * g["d"] * w
+    else:
+        out += tile * (7 * 4 + 1) if backward else tile * (3 * 4 + 2)
+    if backward:
+        out += N * g["d"] * 4
+    return out
+
+
+def memory(g, S, b, rows, R, n_feat, ckpt=True, fp32=False, train=None, fused=None):
     """Bytes per GPU by term at b pairs per micro-step, S GPUs sharing the weights (FSDP2 if > 1).
-    `train`: the trainable count (default: the geometry's; trl trains LoRA alone)."""
+    `train`: the trainable count (default: the geometry's; trl trains LoRA alone). `fused`: trl's
+    fused LM head in place of the response tokens' full-vocab log-probs, "triton" (CUDA: the
+    response tokens scored) or "torch" (CPU: every position of every row scored)."""
+    if fused is not None:
+        m = memory(g, S, b, rows, 0, n_feat, ckpt, fp32, train)
+        N = b * (R if fused == "triton" else sum(rows))
+        m["head"] = trl_head(g, N, fp32, fused == "triton")
+        return m
     train = g["train"] if train is None else train
     frozen = g["frozen"] + g["train"] - train
     wf = 4 if fp32 else 2
@@ -192,17 +230,21 @@ def memory(g, S, b, rows, R, n_feat, ckpt=True, fp32=False, train=None):
     return m
 
 
-def phases(g, S, b, rows, R, n_feat, ckpt=True, train=None, ref_rows=None):
+def phases(g, S, b, rows, R, n_feat, ckpt=True, train=None, ref_rows=None, fused=None):
     """GB per GPU: load, steady state at b pairs, save (the larger of an intermediate and the final
     merged one), the cached reference pass at b pairs; overheads not included."""
-    m = memory(g, S, b, rows, R, n_feat, ckpt, train=train)
+    m = memory(g, S, b, rows, R, n_feat, ckpt, train=train, fused=fused)
     resident = m["weights"] + m["state"]
     load = m["weights"] + 2 * g["largest"]  # one tensor read at a time (its slice under FSDP2)
     intermediate = resident + 3 * 4 * g["largest_train"]  # one tensor and its two moments gathered
     unit = 2 * g["layer"] + 4 * g["layer_lora"] if S > 1 else 0  # a layer gathered for the merge
     final = resident + unit + 2 * 4 * g["largest_linear"] + 2 * g["largest_linear"]  # W + BA, cast
     ref = m["weights"] + (m["gathered"] if S > 1 else 0)
-    ref += b * reference_work(g, ref_rows or rows, R)
+    if fused is None:
+        ref += b * reference_work(g, ref_rows or rows, R)
+    else:  # trl's reference forward scores through the fused head too
+        ref += b * reference_work(g, ref_rows or rows, 0)
+        ref += trl_head(g, b * R, triton=fused == "triton", backward=False)
     return dict(
         load=load / GB,
         steady=sum(m.values()) / GB,
@@ -211,9 +253,9 @@ def phases(g, S, b, rows, R, n_feat, ckpt=True, train=None, ref_rows=None):
     )
 
 
-def largest_batch(g, S, cap, rows, R, n_feat, overhead, train=None):
+def largest_batch(g, S, cap, rows, R, n_feat, overhead, **kw):
     b = 0
-    while b < 256 and phases(g, S, b + 1, rows, R, n_feat, train=train)["steady"] + overhead <= cap:
+    while b < 256 and phases(g, S, b + 1, rows, R, n_feat, **kw)["steady"] + overhead <= cap:
         b += 1
     return b
 
@@ -249,7 +291,7 @@ def table(a):
         over = a.context_gb + (a.nccl_gb if S > 1 else 0)
         for side in ("ours", "trl + peft (modelled)"):
             trl = side != "ours"
-            kw = dict(train=g["lora"]) if trl else {}
+            kw = dict(train=g["lora"], fused="triton") if trl else {}
             shape = s["trl"] if trl else s["ours"]
             n_feat = 0 if trl else s["n_feat"]
             p = phases(g, S, 1, shape, s["R"], n_feat, **kw)
@@ -391,6 +433,10 @@ def measure_child(width, layers, tower_full, prompt_text, response):
         "--measure",
         f"{width},{layers},{int(tower_full)},{prompt_text},{response}",
     ]
+    return run_child(cmd)
+
+
+def run_child(cmd):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
@@ -398,10 +444,18 @@ def measure_child(width, layers, tower_full, prompt_text, response):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def trl_at_bench_dpo():
+def measure_head_child(N, d, V):
+    """measure_head() in a fresh process."""
+    return run_child([sys.executable, os.path.abspath(__file__), "--measure_head", f"{N},{d},{V}"])
+
+
+def trl_at_bench_dpo(measure=False):
     """Modelled peak of bench_dpo.py --mode lora's trl side (fp32, no checkpointing, 8 pairs of its
     texts and 336 x 336 images), MB: weights, LoRA's state, activations of 16 rows of prompt + one
-    response (padded to the longest) and the backward's working set."""
+    response (padded to the longest), the backward's working set and trl's fused head as it runs on
+    CPU (every position scored, the fold in torch: most of the peak). `measure`: also run that side
+    (bench_dpo.py --side trl, a fresh process, minutes) with glibc's mmap threshold fixed at 128 KiB,
+    so that what it frees goes back to the system and its peak RSS is the live set; None if not."""
     import bench_dpo
     import data
     import model as M
@@ -421,13 +475,59 @@ def trl_at_bench_dpo():
             for i, e in enumerate(bench_dpo.examples(8))
         ]
         items, _ = data.prepare_pairs(vlm, recs, warn=False)
+        measured = None
+        if measure:
+            script = os.path.join(ROOT, "bench", "bench_dpo.py")
+            cmd = [sys.executable, script, "--side", "trl", "--mode", "lora", "--path", path]
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise RuntimeError(f"bench_dpo.py's trl side failed:\n{out.stderr[-3000:]}")
+            measured = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
     vlm.requires_grad_(False)
     M.add_lora(vlm, 128, 256.0)
     g = geometry(vlm)
     longest = max(len(it["prompt"]) + len(r) for it in items for r in it["responses"])
     R = sum(len(r) for it in items for r in it["responses"])  # trl counts the real tokens only
-    m = memory(g, 1, 1, [longest] * 16, R, 0, ckpt=False, fp32=True, train=g["lora"])
-    return sum(m.values()) / 2**20, longest
+    # on CPU trl scores every position of the 16 padded rows through its torch-folded head
+    m = memory(g, 1, 1, [longest] * 16, R, 0, ckpt=False, fp32=True, train=g["lora"], fused="torch")
+    return sum(m.values()) / 2**20, longest, measured
+
+
+def measure_head(N, d, V):
+    """In this process (a fresh one): trl's fused LM head (ChunkedLogProbFunction, on CPU: the fold
+    in torch) forward and backward over N tokens, fp32, the hidden states trained and the head
+    frozen, as in trl's LoRA DPO. -> measured and modelled bytes of each peak over the baseline."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, d, generator=gen).requires_grad_(True)
+    weight = torch.randn(V, d, generator=gen) * 0.02
+    targets = torch.randint(0, V, (N,), generator=gen)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")  # what DPOTrainer asks for
+    warm = torch.zeros(
+        8, d, requires_grad=True
+    )  # the code pages the ops touch, before the baseline
+    lp = ChunkedLogProbFunction.apply(
+        warm, weight[:64], None, targets[:8] % 64, 1.0, 64, None, 1.0, outputs
+    )
+    lp[0].sum().backward()
+    base = status_kb("VmRSS") * 1024
+    reset_peak()
+    lp = ChunkedLogProbFunction.apply(
+        hidden, weight, None, targets, 1.0, TRL_VOCAB, None, 1.0, outputs
+    )
+    forward = status_kb("VmHWM") * 1024 - base
+    lp[0].sum().backward()
+    backward = status_kb("VmHWM") * 1024 - base
+    g = dict(V=V, d=d)
+    return dict(
+        forward=forward,
+        backward=backward,
+        forward_model=trl_head(g, N, fp32=True, triton=False, backward=False),
+        backward_model=trl_head(g, N, fp32=True, triton=False),
+    )
 
 
 def check():
@@ -445,13 +545,28 @@ def check():
         f"| {r['load_model'] / GB:.2f} | {r['step'] / GB:.2f} | {r['step_model'] / GB:.2f} | "
         f"{r['step'] / r['step_model']:.3f} |"
     )
-    trl, longest = trl_at_bench_dpo()
+    check_trl(False)
+    return r
+
+
+def check_trl(measure):
+    """trl + peft's model at bench_dpo.py --mode lora's shape against that script's measurements:
+    the README's (glibc's defaults) and, with `measure`, one run with freed memory returned."""
+    trl, longest, live = trl_at_bench_dpo(measure)
+    if live is None:
+        live = TRL_LIVE_MB
+        when = "recorded; --check_trl true measures it again, ~2-6 min"
+    else:
+        when = "measured now"
+    ok = "yes" if abs(trl / live - 1) <= 0.15 else "no"
     print(
         f"trl + peft at bench_dpo.py --mode lora's shape (16 rows of {longest} tokens, fp32): "
-        f"modelled {trl:,.0f} MB, measured {TRL_MEASURED_MB:,} MB (README), modelled / measured "
-        f"{trl / TRL_MEASURED_MB:.2f}"
+        f"modelled {trl:,.0f} MB; measured with freed memory returned {live:,.0f} MB ({when}), "
+        f"modelled / measured {trl / live:.2f} (within 15%: {ok}); "
+        f"measured with glibc's defaults {TRL_MEASURED_MB:,} MB (README), modelled / measured "
+        f"{trl / TRL_MEASURED_MB:.2f}: the rest is what glibc keeps resident after the forwards free it"
     )
-    return r
+    return trl, live
 
 
 def epoch_time(a):
@@ -515,8 +630,19 @@ def main(argv=None):
     ap.add_argument("--step_s", type=float, default=0.0, help="measured s/step (bench_gpu.py)")
     ap.add_argument("--measured_batch", type=int, default=2)
     ap.add_argument("--check", type=parse_bool, default=False, help="measure on CPU (~1 min, 5 GB)")
+    ap.add_argument(
+        "--check_trl",
+        type=parse_bool,
+        default=False,
+        help="run bench_dpo.py --mode lora's trl side once and compare (2-6 min, 7 GB)",
+    )
     ap.add_argument("--measure", default="")  # internal: width,layers,tower_full,prompt,response
+    ap.add_argument("--measure_head", default="")  # internal: tokens,width,vocab
     a = ap.parse_args(argv)
+    if a.measure_head:
+        N, d, V = (int(x) for x in a.measure_head.split(","))
+        print(json.dumps(measure_head(N, d, V)))
+        return
     if a.measure:
         w, n, full, p, r = (int(x) for x in a.measure.split(","))
         print(json.dumps(measure(w, n, bool(full), p, r)))
@@ -526,6 +652,8 @@ def main(argv=None):
     epoch_time(a)
     if a.check:
         check()
+    if a.check_trl:
+        check_trl(True)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,20 @@ def test_memory_model_matches_measured_rss():
     r = bench_memory.measure_child(1024, 2, False, 60, 250)
     assert r["load"] == pytest.approx(r["load_model"], rel=0.10)
     assert r["step"] == pytest.approx(r["step_model"], rel=0.10)
+
+
+def test_trl_fused_head_memory_matches_measured_rss():
+    """trl's fused LM head as DPOTrainer runs it on CPU (the fold in torch): the peaks of its forward
+    and backward over 2,048 tokens x vocab 8,192, RSS growth in a fresh process, within 10% of
+    bench_memory.trl_head; the head is most of trl + peft's peak at bench_dpo.py --mode lora."""
+    r = bench_memory.measure_head_child(2048, 256, 8192)
+    assert r["forward"] == pytest.approx(r["forward_model"], rel=0.10)
+    assert r["backward"] == pytest.approx(r["backward_model"], rel=0.10)
+
+
+def test_trl_model_at_bench_dpo_shape():
+    """trl + peft's model at bench_dpo.py --mode lora's CPU shape is within 15% of that side's peak
+    measured with freed memory returned to the system (bench_memory.TRL_LIVE_MB; the README's
+    figure with glibc's defaults also counts what the allocator keeps)."""
+    modelled, _, _ = bench_memory.trl_at_bench_dpo()
+    assert modelled == pytest.approx(bench_memory.TRL_LIVE_MB, rel=0.15)
