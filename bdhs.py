@@ -68,9 +68,8 @@ class SentenceEmbedder:
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
 
-        def read(
-            fn, default=None
-        ):  # one of the folder's JSON files; `default` where an optional one is absent
+        # one of the folder's JSON files; `default` where an optional one is absent
+        def read(fn, default=None):
             f = pathlib.Path(path, fn)
             return default if default is not None and not f.exists() else json.loads(f.read_text())
 
@@ -305,9 +304,6 @@ class Config:
     dtype: Literal[DTYPES] = "float32"  # the weights' (and so the KV cache's) dtype; bfloat16 at 7B
     BOUNDS = dict(n=">= 1", rho=">= 0, <= 1", noise_steps=">= 0, <= 999", n_bdhs=">= 1", eps_s="<= 1",
                   temperature=">= 0", sentence_tokens=">= 1", max_new_tokens=">= 1", batch_size=">= 0")
-# fmt: on
-
-
 # fmt: on
 
 

@@ -219,9 +219,8 @@ def from_vlfeedback(r, n, root):
     {aspect: {Rating, Rationale}}}]} rated 1-5 by GPT-4V. Chosen: the best mean rating, rejected:
     the worst; ties and unrated completions ("N/A") are left out."""
     comps = r["completions"]
-    if isinstance(
-        comps, dict
-    ):  # the `datasets` library turns the list of dicts into a dict of lists
+    # the `datasets` library turns the list of dicts into a dict of lists
+    if isinstance(comps, dict):
         comps = [dict(zip(comps, v)) for v in zip(*comps.values())]
     rated = []
     for c in comps:
@@ -500,9 +499,8 @@ def main(argv=None):
                 f"a file holds pairs (each with a rejected) or prompts (none)"
             )
     if a.limit and a.limit < len(recs):
-        keep = sorted(
-            random.Random(a.seed).sample(range(len(recs)), a.limit)
-        )  # the release's order kept
+        # the release's order kept
+        keep = sorted(random.Random(a.seed).sample(range(len(recs)), a.limit))
         recs = [recs[i] for i in keep]
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     write_pairs(a.out, recs)

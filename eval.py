@@ -631,15 +631,12 @@ class JudgeClient:
 
         u = urllib.parse.urlsplit(self.url)
         http_ = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        proxy = urllib.request.getproxies().get(
-            "https", ""
-        )  # plain http goes direct: a proxy would read the key
-        if (
-            u.scheme == "https" and proxy and not urllib.request.proxy_bypass(u.hostname)
-        ):  # a CONNECT tunnel:
-            p = urllib.parse.urlsplit(
-                proxy if "://" in proxy else "http://" + proxy
-            )  # the key stays in TLS
+        # plain http goes direct: a proxy would read the key
+        proxy = urllib.request.getproxies().get("https", "")
+        # a CONNECT tunnel:
+        if u.scheme == "https" and proxy and not urllib.request.proxy_bypass(u.hostname):
+            # the key stays in TLS
+            p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
             conn = http_(p.hostname, p.port or 80, timeout=self.timeout)
             cred = base64.b64encode(
                 urllib.parse.unquote(f"{p.username}:{p.password or ''}").encode()
@@ -901,9 +898,8 @@ def rating(text):
 def score_pair(text):
     """LLaVA-Bench's parsing: two numbers on the first line (a comma also separates); [-1, -1] otherwise."""
     try:
-        s = (
-            text.split("\n")[0].replace(",", " ").split(" ")
-        )  # one space exactly: "8  6" fails, as in LLaVA
+        # one space exactly: "8  6" fails, as in LLaVA
+        s = text.split("\n")[0].replace(",", " ").split(" ")
         return [float(s[0]), float(s[1])] if len(s) == 2 else [-1.0, -1.0]
     except ValueError:
         return [-1.0, -1.0]
@@ -1191,9 +1187,6 @@ class Config:
     official: bool = False  # the published judge prompts and synonym list, not ours (OFFICIAL)
     BOUNDS = dict(n=">= 1", batch_size=">= 0", limit=">= 0", max_new_tokens=">= 1", judge_retries=">= 0",
                   judge_timeout="> 0")
-# fmt: on
-
-
 # fmt: on
 
 

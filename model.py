@@ -137,12 +137,10 @@ class VLMConfig:
     projector_act: str
     projector_bias: bool
     tie_word_embeddings: bool
-    grid_pinpoints: list = field(
-        default_factory=list
-    )  # llava_next AnyRes resolutions, (height, width)
-    raw: dict = field(
-        default_factory=dict
-    )  # the config.json we were built from, written back on save
+    # llava_next AnyRes resolutions, (height, width)
+    grid_pinpoints: list = field(default_factory=list)
+    # the config.json we were built from, written back on save
+    raw: dict = field(default_factory=dict)
 
 
 def parse_config(raw: dict, path="config.json") -> VLMConfig:
@@ -305,14 +303,12 @@ class VisionTransformer(nn.Module):
         super().__init__()
         C = cfg.hidden_size
         self.embeddings = VisionEmbeddings(cfg)
-        self.pre_layrnorm = (
-            nn.LayerNorm(C, eps=cfg.layer_norm_eps) if cfg.kind == "clip" else None
-        )  # sic: HF's key
+        # sic: HF's key
+        self.pre_layrnorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps) if cfg.kind == "clip" else None
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.post_layernorm = nn.LayerNorm(
-            C, eps=cfg.layer_norm_eps
-        )  # in the checkpoint; LLaVA never applies it
+        # in the checkpoint; LLaVA never applies it
+        self.post_layernorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels, layers: list):
         """Returns the hidden states listed in `layers` (0 = embeddings, i = after layer i, negatives from the end)."""
@@ -322,9 +318,8 @@ class VisionTransformer(nn.Module):
         if self.pre_layrnorm is not None:
             x = self.pre_layrnorm(x)
         states = {0: x}
-        for i, layer in enumerate(
-            self.encoder.layers[: max(want)], start=1
-        ):  # layers past the last one used are skipped
+        # layers past the last one used are skipped
+        for i, layer in enumerate(self.encoder.layers[: max(want)], start=1):
             x = states[i] = layer(x)
         return [states[i] for i in want]
 
@@ -339,9 +334,8 @@ class Projector(nn.Module):
         self.linear_2 = nn.Linear(Ct, Ct, bias=cfg.projector_bias)
         self.act = ACT[cfg.projector_act]
 
-    def forward(
-        self, x
-    ):  # x in the tower's dtype; the projector may train in fp32 beside a bf16 tower
+    # x in the tower's dtype; the projector may train in fp32 beside a bf16 tower
+    def forward(self, x):
         return self.linear_2(self.act(self.linear_1(x.to(self.linear_1.weight.dtype))))
 
 
@@ -562,9 +556,8 @@ def attention_mask_4d(key_mask, q_slots, sliding_window=None, segment=None):
     return (allowed | (s == q))[:, None]
 
 
-FLEX_DEVICES = (
-    "cuda",
-)  # device types whose packed rows attend through FlexAttention (a test adds "cpu")
+# device types whose packed rows attend through FlexAttention (a test adds "cpu")
+FLEX_DEVICES = ("cuda",)
 
 
 def block_mask(key_mask, segment, sliding_window=None):
@@ -603,10 +596,8 @@ class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, r, alpha, dropout, dtype=torch.float32):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = (
-            base.weight,
-            base.bias,
-        )  # the same Parameters: frozen, checkpoint keys unchanged
+        # the same Parameters: frozen, checkpoint keys unchanged
+        self.weight, self.bias = base.weight, base.bias
         # A and B in fp32 whatever the base's dtype, and so AdamW's moments: in bf16, an update at LR 1e-6
         # would round away
         dev = base.weight.device
@@ -617,9 +608,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if (
-            self.enabled
-        ):  # under autocast both go to its dtype; without, x joins the adapters' dtype and back
+        # under autocast both go to its dtype; without, x joins the adapters' dtype and back
+        if self.enabled:
             a = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
             y = y + (F.linear(F.linear(self.dropout(a), self.lora_A), self.lora_B) * self.scale).to(
                 y.dtype
@@ -704,9 +694,8 @@ class VLM(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         self.extra = {}  # tensors outside LLaVA's forward (SigLIP's pooling head, a reward head), kept to be saved
         self.tokenizer, self.image_processor, self.template, self.files = None, None, "vicuna", {}
-        self.template_source = (
-            "the default"  # where self.template came from, for the line a run prints
-        )
+        # where self.template came from, for the line a run prints
+        self.template_source = "the default"
         # the dtype the source checkpoint's weights were stored in, which a save writes back (None: save
         # the tensors as they are in memory, as for a model built by from_config)
         self.source_dtype = None
@@ -765,9 +754,8 @@ class VLM(nn.Module):
                 :, ph : gh * p - ph, pw : gw * p - pw
             ]  # cut the padding AnyRes's resize added
             nl = self.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid.dtype)
-            grid = (
-                torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)
-            )  # (rows * (cols + 1), C)
+            # (rows * (cols + 1), C)
+            grid = torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)
             out += [f[0], grid]
         return torch.cat(out)
 
@@ -784,9 +772,8 @@ class VLM(nn.Module):
         embed = self.model.language_model.embed_tokens
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, image_sizes)
-        if (
-            image_features is None
-        ):  # text only (or decoding): image-token ids are embedded like any other token
+        # text only (or decoding): image-token ids are embedded like any other token
+        if image_features is None:
             return embed(input_ids)
         is_img = input_ids == self.cfg.image_token_id
         if int(is_img.sum()) != image_features.shape[0]:
@@ -829,9 +816,8 @@ class VLM(nn.Module):
             keys, q_slots = visible, torch.arange(T, device=dev)
         window = self.cfg.text.sliding_window
         plain = c is None and segment is None and window is None and bool(visible.all())
-        if (
-            c is None and segment is not None and dev.type in FLEX_DEVICES
-        ):  # packed rows: skip the masked blocks
+        # packed rows: skip the masked blocks
+        if c is None and segment is not None and dev.type in FLEX_DEVICES:
             mask = block_mask(keys, segment, window)
         else:
             mask = None if plain else attention_mask_4d(keys, q_slots.expand(B, T), window, segment)
@@ -1005,9 +991,8 @@ class VLM(nn.Module):
 # Samples of a prompt read its one prefill cache (SharedKVCache); False: each row gets a copy (KVCache.repeat),
 # the reference the tests compare with. In fp32 on CPU both give the same bits (tests/test_model.py).
 SHARE_PREFILL = True
-SYNC_EVERY = (
-    8  # on CUDA, decode steps between host checks (all rows done? a stop string?); on CPU: 1
-)
+# on CUDA, decode steps between host checks (all rows done? a stop string?); on CPU: 1
+SYNC_EVERY = 8
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -1025,9 +1010,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = p.cumsum(-1) - p >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
-    if (
-        generator is not None and generator.device.type != probs.device.type
-    ):  # ("cuda" is any index)
+    # ("cuda" is any index)
+    if generator is not None and generator.device.type != probs.device.type:
         raise ValueError(
             f"the sampling generator is on {generator.device} and the logits on {probs.device}: "
             f"make it with torch.Generator({str(probs.device)!r})"
@@ -1122,9 +1106,8 @@ def prefill(
     if P:
         ids, am = (x.to(dev) for x in left_pad(prefix_ids))
         h = vlm.hidden(ids, attention_mask=am, kv_cache=cache)
-        logits = torch.where(
-            am[:, -1:].bool(), vlm.lm_head(h[:, -1]), logits
-        )  # rows without a prefix keep theirs
+        # rows without a prefix keep theirs
+        logits = torch.where(am[:, -1:].bool(), vlm.lm_head(h[:, -1]), logits)
     return cache, logits
 
 
@@ -1166,14 +1149,12 @@ def decode(
             logits = logits.masked_fill(banned, float("-inf"))  # (R, V): greedy and filters too
         tok = sample(logits, temperature, top_k, top_p, generator)
         toks[:, t] = tok
-        length = torch.where(
-            (length > t) & torch.isin(tok, eos), t, length
-        )  # dropped: the row keeps t tokens
+        # dropped: the row keeps t tokens
+        length = torch.where((length > t) & torch.isin(tok, eos), t, length)
         last = t == max_new_tokens - 1
         if (t + 1) % every == 0 or last:
-            if (
-                stop is not None
-            ):  # kept: the row keeps t' + 1 for the first t' a stop string ends at
+            # kept: the row keeps t' + 1 for the first t' a stop string ends at
+            if stop is not None:
                 length = stop(toks, checked, t + 1, length)
                 checked = t + 1
             if last or bool((length <= t + 1).all()):  # every row ended at a step <= t
@@ -1191,9 +1172,8 @@ class StopStrings:
         self.strings, self.tokenizer = list(strings), tokenizer
         # a host list: the check runs on the host, so nothing is copied to the device per step
         self.table = stop_table(tokenizer, "".join(sorted({s[-1] for s in strings})), rows).tolist()
-        self.window = (
-            4 * max(map(len, strings)) + 1
-        )  # tokens that hold the longest string's bytes, and one more
+        # tokens that hold the longest string's bytes, and one more
+        self.window = 4 * max(map(len, strings)) + 1
 
     def __call__(self, toks, lo, hi, length):
         """toks (R, >= hi), length (R,) as in `decode` -> length with the first stop string ending at a
@@ -1307,10 +1287,11 @@ class ImageProcessor:
             pp.get("image_mean", OPENAI_CLIP_MEAN),
             pp.get("image_std", OPENAI_CLIP_STD),
         )
+        # 3 = bicubic
         self.scale, self.resample = (
             pp.get("rescale_factor", 1 / 255),
             pp.get("resample", 3),
-        )  # 3 = bicubic
+        )
         self.pinpoints = (
             pp.get("image_grid_pinpoints", anyres_pinpoints) if anyres_pinpoints else None
         )
@@ -1341,9 +1322,8 @@ class ImageProcessor:
             )
         return cls(pp, cfg.grid_pinpoints or None)
 
-    def resize(
-        self, a, size
-    ):  # (H, W, 3) uint8 -> (h, w, 3) uint8 through PIL, as transformers does
+    # (H, W, 3) uint8 -> (h, w, 3) uint8 through PIL, as transformers does
+    def resize(self, a, size):
         from PIL import Image
 
         h, w = size
@@ -1378,9 +1358,8 @@ class ImageProcessor:
         """The base view (square resize) followed by the tiles of the best grid resolution, row-major."""
         H, W = a.shape[:2]
         th, tw = select_best_resolution((H, W), self.pinpoints)
-        if (
-            tw / W < th / H
-        ):  # fit inside (th, tw) keeping the aspect ratio, then pad centred with black
+        # fit inside (th, tw) keeping the aspect ratio, then pad centred with black
+        if tw / W < th / H:
             nh, nw = min(math.ceil(H * tw / W), th), tw
         else:
             nh, nw = th, min(math.ceil(W * th / H), tw)
@@ -1559,21 +1538,23 @@ def local_folder(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", *CARRIED])
 
 
+def weight_files(path):
+    """The safetensors files of a checkpoint folder: the shards its index names, or model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return sorted(set(json.loads(pathlib.Path(index).read_text())["weight_map"].values()))
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    raise UserFileError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
 def load_weights(vlm, path, raw, dtype, device):
     """Fills a meta-device model from single or sharded safetensors: each parameter exactly once, each shape equal,
     every checkpoint key used (or kept in vlm.extra: SigLIP's pooling head, a reward head); errors name the key."""
     cfg, cfg_path = vlm.cfg, os.path.join(path, "config.json")
     params = dict(vlm.named_parameters())  # tied weights appear once, under the embedding's name
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise UserFileError(f"{path}: no model.safetensors or model.safetensors.index.json")
     filled = set()
-    for fn in files:
+    for fn in weight_files(path):
         header, base = st_header(os.path.join(path, fn))
         with open(os.path.join(path, fn), "rb") as f:
             for key, info in header.items():
@@ -1598,13 +1579,11 @@ def load_weights(vlm, path, raw, dtype, device):
                         f"{tuple(p.shape)}{defaulted_keys(raw, cfg_path)}"
                     )
                 mod, _, attr = name.rpartition(".")
-                if hasattr(
-                    p, "to_local"
-                ):  # an FSDP2 DTensor: this rank's rows only, read from the file
+                # an FSDP2 DTensor: this rank's rows only, read from the file
+                if hasattr(p, "to_local"):
                     start, stop = shard_rows(p, name)
-                    with (
-                        torch.no_grad()
-                    ):  # in `dtype` first, as a whole load: what trains is then fp32
+                    # in `dtype` first, as a whole load: what trains is then fp32
+                    with torch.no_grad():
                         p.to_local().copy_(
                             st_read(f, base, info, (start, stop)).to(dtype).to(p.dtype)
                         )
@@ -1646,9 +1625,8 @@ def shard_rows(p, name="a parameter"):
         chunk = math.ceil(rows / p.device_mesh.size(dim))
         start = min(rows, chunk * p.device_mesh.get_local_rank(dim))
         stop = min(rows, start + chunk)
-    if (
-        p.to_local().shape[0] != stop - start
-    ):  # FSDP2 cut otherwise than assumed: stop, not load wrong rows
+    # FSDP2 cut otherwise than assumed: stop, not load wrong rows
+    if p.to_local().shape[0] != stop - start:
         raise RuntimeError(
             f"{name}: this rank holds {p.to_local().shape[0]} of its {rows} rows, expected "
             f"rows {start}..{stop}"
@@ -1659,13 +1637,8 @@ def shard_rows(p, name="a parameter"):
 def stored_dtype(path, raw):
     """The dtype a checkpoint's weights are stored in (the floating dtype holding the most elements), which a
     save writes back; config.json's `dtype` (`torch_dtype` in older files) only where no tensor is floating."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        files = sorted(set(json.loads(pathlib.Path(index).read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
     counts = {}
-    for fn in files:
+    for fn in weight_files(path):
         for info in st_header(os.path.join(path, fn))[0].values():
             dt = ST_DTYPES[info["dtype"]]
             if dt.is_floating_point:
@@ -1712,9 +1685,8 @@ def chat_template_text(files, path):
             t = json.loads(files[fn]).get("chat_template")
         except (ValueError, AttributeError) as e:
             raise UserError(f"{os.path.join(path, fn)}: not a JSON object ({e})") from None
-        if isinstance(
-            t, list
-        ):  # named templates, [{"name": ..., "template": ...}]: the default one
+        # named templates, [{"name": ..., "template": ...}]: the default one
+        if isinstance(t, list):
             t = {d.get("name"): d.get("template") for d in t}
         if isinstance(t, dict):
             t = t.get("default")
@@ -1812,9 +1784,8 @@ def save_checkpoint(vlm, out_dir):
         os.makedirs(tmp)
         target = os.path.join(tmp, "model.safetensors")
         st_write(hf_state_dict(vlm, vlm.source_dtype), target, metadata={"format": "pt"})
-        if (
-            vlm.tokenizer and "tokenizer.json" not in files
-        ):  # a model built here: its tokenizer object
+        # a model built here: its tokenizer object
+        if vlm.tokenizer and "tokenizer.json" not in files:
             target = os.path.join(tmp, "tokenizer.json")
             vlm.tokenizer.save(target)
         for fn, content in files.items():  # the source's files as they were (bytes), ours as text

@@ -68,9 +68,8 @@ SMALL = "--pairs 1100"  # the ablations: 1,000 training pairs and 100 held out, 
 REPORT = (
     "eval.py --data world --world_seed {seed}{model}{half} --batch_size 256 --out {out}/report.json"
 )
-SHORTCUT = REPORT.format(
-    seed="{seed}", model=" --model shortcut", half="", out="{out}"
-)  # a row that is its report
+# a row that is its report
+SHORTCUT = REPORT.format(seed="{seed}", model=" --model shortcut", half="", out="{out}")
 # the offline side of a matched comparison with an online row: the online run's β, one epoch, the projector
 # frozen (online cannot train it) and as many training pairs as the online run kept ({pairs}: see kept_pairs)
 MATCH = "--beta 0.5 --epochs 1 --lr_projector 0 --pairs {pairs}"
@@ -249,9 +248,8 @@ def t_cdf(t, df):
     A = P(|T| < t) is a finite series in cos(θ), θ = atan(t / sqrt(df)); stdlib only, no scipy."""
     theta = math.atan(t / math.sqrt(df))
     c2 = math.cos(theta) ** 2
-    if (
-        df % 2
-    ):  # odd: (2/π) (θ + sinθ (cosθ + 2/3 cos³θ + ... + 2·4···(df-3) / 3·5···(df-2) cos^(df-2)θ))
+    # odd: (2/π) (θ + sinθ (cosθ + 2/3 cos³θ + ... + 2·4···(df-3) / 3·5···(df-2) cos^(df-2)θ))
+    if df % 2:
         term = total = math.cos(theta) if df > 1 else 0.0
         for k in range(1, (df - 1) // 2):
             term *= 2 * k / (2 * k + 1) * c2
@@ -316,9 +314,6 @@ class Config:
     jobs: int = 2              # runs at a time, one thread each
     write: bool = True         # update study_runs.csv, STUDY.md, figures/ and README's block (test seeds only)
     BOUNDS = dict(jobs=">= 1")
-# fmt: on
-
-
 # fmt: on
 
 
@@ -594,14 +589,12 @@ def table_block(table, runs):
 class Claim:
     finding: str  # the paper's finding, in its numbers
     tests: str  # what the world tests of it, and what it cannot
-    a: tuple = (
-        None  # (table, row): the row the finding says is ahead (direction > 0), or the tied one
-    )
+    # (table, row): the row the finding says is ahead (direction > 0), or the tied one
+    a: tuple = None
     b: tuple = None  # (table, row) it is compared with; None: not tested here
     metric: str = ""  # a world report key; "" with a, b None: not tested here
-    direction: int = (
-        0  # the paper's sign of mean(a) - mean(b) on the metric: +1, -1, or 0 (about equal)
-    )
+    # the paper's sign of mean(a) - mean(b) on the metric: +1, -1, or 0 (about equal)
+    direction: int = 0
 
 
 M, CS, BP, CP = (
@@ -964,9 +957,8 @@ def points_and_ci(ax, runs, table, rows, metric):
         if by_seed:
             m, half = mean_ci(by_seed)
             ax.errorbar(m, y, xerr=half, fmt="|", color="black", capsize=3, ms=12)
-    ax.set_yticks(
-        range(len(rows)), rows, fontsize=7
-    )  # shared y: subplots shows them on the first column only
+    # shared y: subplots shows them on the first column only
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.tick_params(axis="x", labelsize=7)
     ax.set_title(metric, fontsize=9)
 

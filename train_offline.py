@@ -54,12 +54,8 @@ import world
 from model import VLM, non_defaults
 
 
-WORLD_DATA = (
-    "world",
-    "bdhs",
-    "bdhs+world",
-    "world+partners",
-)  # --data built from the world, not read
+# --data built from the world, not read
+WORLD_DATA = ("world", "bdhs", "bdhs+world", "world+partners")
 
 
 # A Config is a table, a flag a row, its help the comment beside it: kept as written
@@ -110,9 +106,6 @@ class Config:
                   grad_accum=">= 1", lr=">= 0", lr_projector=">= 0", lora_r=">= 0", lora_alpha="> 0",
                   warmup=">= 0", max_length=">= 1", save_every=">= 0", eval_n=">= 0",
                   workers=">= -1")  # checked at parse
-# fmt: on
-
-
 # fmt: on
 
 
@@ -279,9 +272,8 @@ def pair_stats(loss, c, r, token_lp, w=None):
     """A micro-batch's metrics as [sum, count] under TRL's names; w: the pairs' weights (online). The
     sums stay on the device, in fp64 (what Python's floats were), until `to_host` reads them all at once."""
     n = len(loss)
-    logps = (
-        token_lp.detach().sum(-1) if token_lp is not None else loss.new_zeros(n, 2)
-    )  # none: an RM
+    # none: an RM
+    logps = token_lp.detach().sum(-1) if token_lp is not None else loss.new_zeros(n, 2)
     stats = {
         "loss": loss.detach(),
         "rewards/chosen": c,
@@ -344,9 +336,8 @@ def load_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
     samples from with its FSDP2 units gathered."""
     if cfg.data == "world":
         recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
-    elif (
-        cfg.data == "world+partners"
-    ):  # opt-in: a share of partner-present pairs (world.partner_pairs)
+    # opt-in: a share of partner-present pairs (world.partner_pairs)
+    elif cfg.data == "world+partners":
         recs = world.world_partner_pairs(
             world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs
         )
@@ -390,9 +381,8 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")
     ranks.print(f"BDHS pairs: {bc.out}")
     parts = [bc.out] if ranks.W == 1 else [f"{bc.out}.rank{r}" for r in range(ranks.W)]
-    if not ranks.broadcast(
-        all(os.path.exists(p + ".done") for p in parts)
-    ):  # rank 0's view decides
+    # rank 0's view decides
+    if not ranks.broadcast(all(os.path.exists(p + ".done") for p in parts)):
         # FSDP2: the whole model gathered on each rank for its share (ranks decode different lengths, so
         # no collective may run while sampling); lora off: the identity anyway, its matmuls skipped
         with unsharded(pm or vlm), M.lora_disabled(vlm):
@@ -427,18 +417,15 @@ def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
     if ranks.broadcast(os.path.exists(path)):  # rank 0's view decides: a node may not see the file
         return ranks.broadcast(torch.load(path, weights_only=True) if ranks.rank == 0 else None)
     N, out = len(items), {}
-    mine = sorted(
-        range(ranks.rank, N, ranks.W), key=lambda j: length(items[j])
-    )  # batches of like lengths
-    mine += mine[:1] * (
-        math.ceil(N / ranks.W) - len(mine)
-    )  # the same batch count on every rank (FSDP)
+    # batches of like lengths
+    mine = sorted(range(ranks.rank, N, ranks.W), key=lambda j: length(items[j]))
+    # the same batch count on every rank (FSDP)
+    mine += mine[:1] * (math.ceil(N / ranks.W) - len(mine))
     pm.eval()
     for i in tqdm(range(0, len(mine), B), desc="reference log-probs", disable=ranks.rank != 0):
         idx = mine[i : i + B]
-        with autocast(
-            cfg, ranks.device
-        ):  # the policy's dtype: at step 0 policy and reference agree
+        # the policy's dtype: at step 0 policy and reference agree
+        with autocast(cfg, ranks.device):
             lp = pm(**to(data.collate_pairs(pm.vlm, [items[j] for j in idx]), ranks.device))[0]
         out.update(zip(idx, lp.sum(-1).cpu()))
     pm.train()
@@ -481,9 +468,8 @@ class MicroBatches(torch.utils.data.Dataset):
         step, micro = self.start + j // self.cfg.grad_accum, j % self.cfg.grad_accum
         at = batch_rows(len(self.train_idx), self.cfg, step, micro, self.B, self.ranks)
         rows = [self.train_idx[i] for i in at]
-        parts = by_length(
-            rows, self.items, self.device
-        )  # rows of like lengths together: less padding
+        # rows of like lengths together: less padding
+        parts = by_length(rows, self.items, self.device)
         return [(idx, data.collate_pairs(self.vlm, [self.items[i] for i in idx])) for idx in parts]
 
 
@@ -530,9 +516,8 @@ def build_policy(cfg, ranks, head=None):
         pm = sharded_policy(cfg, ranks, head)
         model = pm
     else:
-        vlm = VLM.from_pretrained(
-            cfg.model, dtype=getattr(torch, cfg.dtype), template=cfg.template
-        )  # bf16: the frozen base's half
+        # bf16: the frozen base's half
+        vlm = VLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), template=cfg.template)
         ranks.print(M.template_line(vlm))
         choose_trainables(cfg, vlm, head)
         pm = PairModel(vlm, head)
@@ -618,9 +603,8 @@ def sharded_policy(cfg, ranks, head):
             if drawn is not None:  # after LoRA's draws, as in a single process
                 for p, q in zip(mine.parameters(), drawn.parameters()):
                     fill_rows(p, q)
-    M.load_weights(
-        vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device
-    )  # each rank its rows of each tensor
+    # each rank its rows of each tensor
+    M.load_weights(vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device)
     return pm
 
 
@@ -634,10 +618,9 @@ def fsdp_units(vlm):
     """FSDP2's units below the root: every tower and decoder layer, the projector (its own: it may train
     in fp32), the LM head unless tied to the embeddings. The root keeps the embeddings, norms and heads."""
     tower = vlm.model.vision_tower.encoder.layers
-    used = max(
-        i % (len(tower) + 1) for i in vlm.cfg.feature_layers
-    )  # the layers past it never run, and a
-    # unit that never gathers fails FSDP2's end of backward: they stay in the root
+    # the layers past it never run, and a unit that never gathers fails FSDP2's end of backward: they
+    # stay in the root
+    used = max(i % (len(tower) + 1) for i in vlm.cfg.feature_layers)
     units = [*tower[:used], vlm.model.multi_modal_projector, *vlm.model.language_model.layers]
     if not vlm.cfg.tie_word_embeddings:
         units.append(vlm.lm_head)
@@ -684,6 +667,7 @@ def batch_rows(n, cfg, step, micro, B, ranks):
 
 
 STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# settings free to change between the legs of a resumed run
 VOLATILE = (
     "resume",
     "overwrite",
@@ -692,7 +676,7 @@ VOLATILE = (
     "cache_dir",
     "annotator_threads",
     "workers",
-)  # free
+)
 
 
 def load_state(path, mmap=False):
@@ -716,9 +700,8 @@ def resumable_config(cls, argv=None, doc=None):
         return cfg
     state = os.path.join(cfg.out_dir, "state.pt")
     rank = int(os.environ.get("RANK", 0))
-    if rank == 0 and not os.path.exists(
-        state
-    ):  # rank 0 decides: there is no process group yet to ask it
+    # rank 0 decides: there is no process group yet to ask it
+    if rank == 0 and not os.path.exists(state):
         raise M.UserFileError(f"--resume: no training state at {state}")
     try:
         saved = load_state(state, mmap=True)["config"]  # the weights stay unread
@@ -810,12 +793,10 @@ class Checkpoint:
                     os.remove(self.state + ".tmp")  # its space back, so that a later save can fit
                 raise OSError(f"cannot write {self.state}.tmp: {e}") from e
             os.replace(self.state + ".tmp", self.state)
-            if not final and os.path.isdir(
-                hf_dir
-            ):  # an earlier run's (--overwrite): out_dir/checkpoint is
-                shutil.rmtree(
-                    hf_dir
-                )  # this run's final model or nothing, never an older model mid-run
+            # an earlier run's checkpoint (--overwrite) goes: out_dir/checkpoint is this run's final
+            # model or nothing, never an older model mid-run
+            if not final and os.path.isdir(hf_dir):
+                shutil.rmtree(hf_dir)
 
 
 def trainable_state(pm):
@@ -835,10 +816,10 @@ def unsharded(pm):
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
-    if isinstance(
-        pm, FSDPModule
-    ):  # the root's first forward sets FSDP2 up; sampling before it would run a
-        pm._get_fsdp_state()._lazy_init()  # layer's hooks first, which makes that layer a root
+    # the root's first forward sets FSDP2 up; sampling before it would run a layer's hooks first,
+    # which makes that layer a root
+    if isinstance(pm, FSDPModule):
+        pm._get_fsdp_state()._lazy_init()
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -928,9 +909,8 @@ class Ranks:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.W > 1:
-            device_id = (
-                torch.device(self.device) if cuda else None
-            )  # NCCL: bound to this rank's GPU
+            # NCCL: bound to this rank's GPU
+            device_id = torch.device(self.device) if cuda else None
             dist.init_process_group("nccl" if cuda else "gloo", device_id=device_id)
         self.rank = dist.get_rank() if self.W > 1 else 0
         self.host = socket.gethostname()
@@ -1027,10 +1007,11 @@ def setup(cfg):
             "gives back the reference model only if nothing else trains"
         )
     M.check_template(cfg.template)
+    # float16 would need a GradScaler: small LoRA gradients underflow
     if cfg.dtype not in (
         "float32",
         "bfloat16",
-    ):  # float16 would need a GradScaler: small LoRA gradients underflow
+    ):
         raise M.UserError(
             f"--dtype {cfg.dtype!r}: expected float32 or bfloat16 (float16 is not supported: its "
             f"gradients would underflow without loss scaling; bfloat16 has float32's range)"
@@ -1050,13 +1031,13 @@ def setup(cfg):
         os.remove(probe)
     except OSError as e:
         raise M.UserFileError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
-    ranks.check_shared(
-        cfg.out_dir, "--out_dir"
-    )  # rank 0 writes the checkpoint, every rank resumes from it
+    # rank 0 writes the checkpoint, every rank resumes from it
+    ranks.check_shared(cfg.out_dir, "--out_dir")
+    # each rank writes its share of the pairs, and reads them all
     if cfg.data in (
         "bdhs",
         "bdhs+world",
-    ):  # each rank writes its share of the pairs, and reads them all
+    ):
         os.makedirs(cfg.cache_dir, exist_ok=True)
         ranks.check_shared(cfg.cache_dir, "--cache_dir")
     if ranks.rank == 0:

@@ -124,9 +124,6 @@ class Config:
 # fmt: on
 
 
-# fmt: on
-
-
 def main(argv=None):
     cfg = resumable_config(Config, argv, __doc__)
     check(cfg)
@@ -214,9 +211,8 @@ def main(argv=None):
         rec = log.write(
             step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs)
         )
-        bar.set_postfix(
-            bar_postfix(rec) | drop_shares(rec)
-        )  # the step's metrics, already on the host
+        # the step's metrics, already on the host
+        bar.set_postfix(bar_postfix(rec) | drop_shares(rec))
         stalled = stalled + 1 if no_signal(cfg, rec, weight) else 0
         if stalled == STALL:  # rec and weight are summed over ranks: every rank stops here
             bar.close()
@@ -255,9 +251,8 @@ def check(cfg: Config):
         raise M.UserError(f"--algo {cfg.algo} needs --samples >= 2")
     if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
         raise M.UserError("--annotator judge compares two responses: --samples must be 2")
-    if (
-        cfg.annotator == "rule" and cfg.data != "world" and cfg.algo != "online-bdhs"
-    ):  # BDHS asks no annotator
+    # BDHS asks no annotator
+    if cfg.annotator == "rule" and cfg.data != "world" and cfg.algo != "online-bdhs":
         raise M.UserError(
             f"--annotator rule (the default) is the world's verifier: it scores the world's scenes "
             f"only, not --data {cfg.data}; pass --annotator rm:PATH, judge:PATH or api:MODEL"
@@ -462,10 +457,11 @@ def annotator(cfg: Config, device):
                 "(and JUDGE_API_KEY if it needs a key)"
             )
         api = Endpoint(path, os.path.join(cfg.out_dir, "annotator.jsonl"), cfg.annotator_threads)
+        # else ratings (RL, best-of-k)
         pairwise = cfg.samples == 2 and cfg.algo not in (
             "ppo",
             "rloo",
-        )  # else ratings (RL, best-of-k)
+        )
         return api.score, api.judge if pairwise else None
     if kind == "rm":
         return RewardModel(path, device), None

@@ -744,9 +744,8 @@ class Shortcut:
         self.template = getattr(base, "template", None)
         self.template_source = f"the base model's ({getattr(base, 'template_source', None)})"
 
-    def __getattr__(
-        self, name
-    ):  # the rest (cfg, lm_head, parameters: batch sizing) is the base model's
+    # the rest (cfg, lm_head, parameters: batch sizing) is the base model's
+    def __getattr__(self, name):
         return getattr(self.__dict__["base"], name)
 
     def eval(self):
@@ -946,9 +945,6 @@ class Config:
     half: Literal["", "a", "b"] = ""  # the categories of one half of the world only
     out: str = "world_samples"  # the folder of the examples
     BOUNDS = dict(n=">= 0")
-# fmt: on
-
-
 # fmt: on
 
 
