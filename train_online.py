@@ -15,7 +15,8 @@ for a pair or a 1-10 rating per sample (PPO, RLOO, best-of-k). Unreadable answer
 5 steps in a row with nothing to train on (all ties or unreadable) stop the run with an error.
 
 The reference is the policy with its LoRA adapters off: only the adapters (and PPO's value head)
-train. The machinery (setup, build_policy, PairModel, Checkpoint, Metrics) is train_offline.py's.
+train. The machinery (setup, build_policy, PairModel, Checkpoint, Metrics) is train.py's. `--loss`
+picks the DPO algorithms' preference loss among losses.LOSSES.
 
     python train_online.py --algo online-dpo     # the rule annotator on the world's align prompts
     python train_online.py --algo online-bdhs --external true
@@ -48,15 +49,17 @@ import losses
 import model as M
 import world
 from model import TEMPLATES, VLM, left_pad
-from train_offline import (
+from train import (
     Checkpoint,
     Metrics,
     PairModel,
     accumulate,
+    autocast,
     bar_postfix,
     batch_rows,
     build_policy,
     counts,
+    loss_name,
     optimizer_step,
     pair_stats,
     resumable_config,
@@ -91,6 +94,7 @@ class Config:
     samples: int = 0              # per prompt; 0: 2 for DPO (more: best vs worst), 1 PPO, 4 RLOO
     temperature: float = 1.0      # of the policy's samples; 0: greedy
     max_new_tokens: int = 96
+    loss: Literal[tuple(losses.LOSSES)] = "dpo"  # the DPO algorithms' preference loss (losses.py)
     beta: float = 0.5             # DPO's β (the world's, dev seed 0)
     mix_p: float = 0.5            # Mixed-DPO: the probability of the offline pair (Eq. 4)
     external: bool = False        # Online-BDHS: Avg-DPO with the source's rejected too (Eq. 5)
@@ -118,21 +122,72 @@ class Config:
                   beta="> 0", mix_p=">= 0, <= 1", kl_coef=">= 0", ppo_epochs=">= 1", steps=">= 0", epochs="> 0",
                   batch_size=">= 1", grad_accum=">= 1", lr=">= 0", lora_r=">= 1", lora_alpha="> 0", warmup=">= 0",
                   save_every=">= 0", eval_n=">= 0")  # checked at parse
-    # not flags: the reference is the policy with its adapters off: only the adapters may train
-    # (the base's world report is cached in the shared cache folder: "" is model.cache_home())
-    lr_projector, ref, grad_ckpt, loss, cache_dir = 0.0, "lora_off", False, "dpo", ""
 # fmt: on
 
 
 def main(argv=None):
     cfg = resumable_config(Config, argv, __doc__)
     check(cfg)
-    ranks = setup(cfg)
+    cache_dir = M.cache_home()  # the base's world report, shared by runs
+    ranks = setup(cfg, cache_dir)
     torch.manual_seed(cfg.seed)
+    # the reference is the policy with its adapters off: only the adapters (and a value head) train
     pm, model, opt = build_policy(cfg, ranks, head="value" if cfg.algo == "ppo" else None)
-    vlm, device, B = pm.vlm, ranks.device, cfg.batch_size // (ranks.W * cfg.grad_accum)
-    annotate = annotator(cfg, device)
+    annotate = annotator(cfg, ranks.device)
     embedder = bdhs.SentenceEmbedder.from_pretrained() if cfg.algo == "online-bdhs" else None
+    recs = load_prompts(cfg)
+    if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward: before sampling
+        first_forward(pm, recs[0], ranks.device)
+    steps = cfg.steps or max(1, int(cfg.epochs * len(recs) // cfg.batch_size))
+    ckpt = Checkpoint(cfg, pm, opt, ranks)
+    start = ckpt.resume(steps)
+    if start is None:
+        del model  # DDP's reducer goes before its process group
+        return ranks.end()
+    amp = autocast(cfg, ranks.device)
+    rl = cfg.algo in ("ppo", "rloo")
+    norm = reward_norm(cfg, pm, recs, annotate[0], ranks, amp) if rl else (0.0, 1.0)
+    log = Metrics(cfg, start, ranks)
+    announce(cfg, recs, ranks, steps, start)
+    bar = tqdm(
+        range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.algo
+    )
+    stalled = 0  # steps in a row without a training signal
+    for step in bar:
+        rolls = rollouts(cfg, pm, recs, annotate, embedder, norm, ranks, step, amp)
+        weight, lr, grad_norm = train_on(cfg, pm, model, opt, rolls, ranks, log, step, steps, amp)
+        rec = log.write(
+            step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs)
+        )
+        # the step's metrics, already on the host
+        bar.set_postfix(bar_postfix(rec) | drop_shares(rec))
+        stalled = stalled + 1 if no_signal(cfg, rec, weight) else 0
+        if stalled == STALL:  # rec and weight are summed over ranks: every rank stops here
+            bar.close()
+            log.close()
+            raise stall_error(cfg, rec, step)
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
+            ckpt.save(step, final=step == steps - 1)
+    log.close()
+    ranks.print(summary(steps, rec, cfg.out_dir))
+    if ranks.rank == 0 and cfg.data == "world" and cfg.eval_n:
+        checkpoint = os.path.join(cfg.out_dir, "checkpoint")
+        ev.before_after(
+            cfg.model,
+            checkpoint,
+            cfg.world_seed,
+            cfg.world_half,
+            cfg.eval_n,
+            cfg.out_dir,
+            cache_dir,
+        )
+    del model
+    ranks.end()
+
+
+def load_prompts(cfg: Config):
+    """The records whose prompts the policy answers: the world's, or a file's (with their rejected
+    where the algorithm trains on them too)."""
     if cfg.data == "world":
         recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
     else:
@@ -143,103 +198,72 @@ def main(argv=None):
         raise M.UserError(
             f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}"
         )
-    if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward: before sampling
-        with torch.no_grad():
-            pm(
-                **to(
-                    data.collate_pairs(
-                        vlm,
-                        [
-                            dict(
-                                image=recs[0]["image"],
-                                prompt=data.prompt_ids(vlm, recs[0]),
-                                responses=[[0]],
-                            )
-                        ],
-                    ),
-                    device,
-                )
-            )
-    steps = cfg.steps or max(1, int(cfg.epochs * len(recs) // cfg.batch_size))
-    ckpt = Checkpoint(cfg, pm, opt, ranks)
-    start = ckpt.resume(steps)
-    if start is None:
-        del model  # DDP's reducer goes before its process group
-        return ranks.end()
-    amp = torch.autocast(
-        device.split(":")[0], dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32"
-    )
-    norm = (
-        reward_norm(cfg, pm, recs, annotate[0], ranks, amp)
-        if cfg.algo in ("ppo", "rloo")
-        else (0.0, 1.0)
-    )
-    log = Metrics(cfg, start, ranks)
+    return recs
+
+
+@torch.no_grad()
+def first_forward(pm, rec, device):
+    """One forward of a one-token response to rec's prompt: FSDP2's lazy initialisation, done."""
+    vlm = pm.vlm
+    item = dict(image=rec["image"], prompt=data.prompt_ids(vlm, rec), responses=[[0]])
+    pm(**to(data.collate_pairs(vlm, [item]), device))
+
+
+def announce(cfg: Config, recs, ranks, steps, start):
+    """The run's objective, and its steps, batch and ranks."""
     ranks.print(
         f"objective: {objective_line(cfg, recs)}; no pairs held out (online: each step samples anew)"
     )
+    B = cfg.batch_size // (ranks.W * cfg.grad_accum)
     ranks.print(
         f"{cfg.algo}: {steps} steps of {cfg.batch_size} prompts x {cfg.samples} samples ({B} per "
         f"micro-step per rank, {cfg.grad_accum} micro-steps, {ranks.W} ranks)"
         + (f", resuming at step {start}" if start else "")
     )
-    bar = tqdm(
-        range(start, steps), initial=start, total=steps, disable=ranks.rank != 0, desc=cfg.algo
-    )
-    stalled = 0  # steps in a row without a training signal
-    for step in bar:
-        rolls = []
-        for micro in range(cfg.grad_accum):  # sample and judge everything, then train
-            key = f"{cfg.seed}-{step}-{micro}-{ranks.rank}".encode()
-            gen = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
-            idx = batch_rows(len(recs), cfg, step, micro, B, ranks)
-            with amp:
-                rolls.append(
-                    rollout(cfg, pm, [recs[i] for i in idx], annotate, gen, step, norm, embedder)
-                )
-        weight = ranks.gather_sums({"w": [sum(r["w"].sum().item() for r in rolls), 0]})["w"][
-            0
-        ]  # items, global
-        for epoch in range(cfg.ppo_epochs if cfg.algo == "ppo" else 1):
-            for micro, roll in enumerate(rolls):
-                with ranks.sync_grads(model, micro == cfg.grad_accum - 1), amp:
-                    loss, stats = objective(cfg, model, roll)
-                    # DDP averages over ranks: x W / (the global weight) gives the mean over all items
-                    ((loss * roll["w"].to(loss)).sum() * ranks.W / max(weight, 1)).backward()
-                log.add(stats | (roll["stats"] if epoch == 0 else {}))
-            lr, grad_norm = optimizer_step(cfg, pm, opt, step, steps)
-        rec = log.write(
-            step, lr=lr, grad_norm=grad_norm, epoch=(step + 1) * cfg.batch_size / len(recs)
-        )
-        # the step's metrics, already on the host
-        bar.set_postfix(bar_postfix(rec) | drop_shares(rec))
-        stalled = stalled + 1 if no_signal(cfg, rec, weight) else 0
-        if stalled == STALL:  # rec and weight are summed over ranks: every rank stops here
-            bar.close()
-            log.close()
-            raise M.UserError(
-                f"--annotator {cfg.annotator}: no training signal for {STALL} steps in a row (to step {step}): "
-                f"every pair was a tie or an unparsed reply (ties {drop_shares(rec).get('ties', '-')}, "
-                f"unparsed {drop_shares(rec).get('unparsed', '-')}), so the loss and its gradient are 0. "
-                f"Check that the annotator fits --data {cfg.data} and read its replies"
-                + (f" in {cfg.out_dir}/annotator.jsonl" if cfg.annotator.startswith("api:") else "")
+
+
+def rollouts(cfg: Config, pm, recs, annotate, embedder, norm, ranks, step, amp):
+    """A step's rollouts, one per micro-step: every sample drawn and judged before any training. Each
+    draws from its own generator, seeded by the seed, step, micro-step and rank."""
+    B = cfg.batch_size // (ranks.W * cfg.grad_accum)  # prompts per micro-step and rank
+    rolls = []
+    for micro in range(cfg.grad_accum):
+        key = f"{cfg.seed}-{step}-{micro}-{ranks.rank}".encode()
+        gen = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
+        idx = batch_rows(len(recs), cfg, step, micro, B, ranks)
+        with amp:
+            rolls.append(
+                rollout(cfg, pm, [recs[i] for i in idx], annotate, gen, step, norm, embedder)
             )
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1:
-            ckpt.save(step, final=step == steps - 1)
-    log.close()
-    ranks.print(summary(steps, rec, cfg.out_dir))
-    if ranks.rank == 0 and cfg.data == "world" and cfg.eval_n:
-        ev.before_after(
-            cfg.model,
-            os.path.join(cfg.out_dir, "checkpoint"),
-            cfg.world_seed,
-            cfg.world_half,
-            cfg.eval_n,
-            cfg.out_dir,
-            cfg.cache_dir,
-        )
-    del model
-    ranks.end()
+    return rolls
+
+
+def train_on(cfg: Config, pm, model, opt, rolls, ranks, log, step, steps, amp):
+    """A step's training on its rollouts (PPO: --ppo_epochs passes, an optimizer step each), every
+    item's loss weighted by w over the global weight. -> (the global weight, lr, grad norm)."""
+    items = sum(r["w"].sum().item() for r in rolls)
+    weight = ranks.gather_sums({"w": [items, 0]})["w"][0]  # items, global
+    for epoch in range(cfg.ppo_epochs if cfg.algo == "ppo" else 1):
+        for micro, roll in enumerate(rolls):
+            with ranks.sync_grads(model, micro == cfg.grad_accum - 1), amp:
+                loss, stats = objective(cfg, model, roll)
+                # DDP averages over ranks: x W / (the global weight) gives the mean over all items
+                ((loss * roll["w"].to(loss)).sum() * ranks.W / max(weight, 1)).backward()
+            log.add(stats | (roll["stats"] if epoch == 0 else {}))
+        lr, grad_norm = optimizer_step(cfg, pm, opt, step, steps)
+    return weight, lr, grad_norm
+
+
+def stall_error(cfg: Config, rec, step):
+    """The error that stops a run STALL steps in a row without a training signal."""
+    shares = drop_shares(rec)
+    return M.UserError(
+        f"--annotator {cfg.annotator}: no training signal for {STALL} steps in a row (to step {step}): "
+        f"every pair was a tie or an unparsed reply (ties {shares.get('ties', '-')}, "
+        f"unparsed {shares.get('unparsed', '-')}), so the loss and its gradient are 0. "
+        f"Check that the annotator fits --data {cfg.data} and read its replies"
+        + (f" in {cfg.out_dir}/annotator.jsonl" if cfg.annotator.startswith("api:") else "")
+    )
 
 
 def check(cfg: Config):
@@ -249,6 +273,10 @@ def check(cfg: Config):
     cfg.samples = cfg.samples or SAMPLES[cfg.algo]
     if cfg.samples < 2 and cfg.algo in ("rloo", "online-dpo", "mixed-dpo"):
         raise M.UserError(f"--algo {cfg.algo} needs --samples >= 2")
+    if cfg.loss != "dpo" and cfg.algo in ("ppo", "rloo"):
+        raise M.UserError(
+            f"--loss {cfg.loss}: --algo {cfg.algo} trains on rewards, not on a preference loss"
+        )
     if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
         raise M.UserError("--annotator judge compares two responses: --samples must be 2")
     # BDHS asks no annotator
@@ -261,7 +289,7 @@ def check(cfg: Config):
 
 def objective_line(cfg: Config, recs):
     """What a run trains, in words: the algorithm, its loss and settings, samples and annotator."""
-    dpo = f"DPO, β {cfg.beta}"
+    dpo = f"{loss_name(cfg.loss)}, β {cfg.beta}"
     per = f"{cfg.samples} sample{'s' * (cfg.samples != 1)} per prompt"
     by = f"annotator: {cfg.annotator}"
     if cfg.algo == "online-dpo":
@@ -515,77 +543,16 @@ def sample(pm, recs, n, cfg: Config, gen):
 def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), embedder=None):
     """A micro-batch's packed items, weights (0: a stand-in), the objective's tensors, metrics."""
     vlm, (scorer, judge) = pm.vlm, annotate
-    enc = vlm.encode_reply
-
-    def item(r, resps):  # a packed item of collate_pairs
-        return dict(id=r["id"], image=r["image"], prompt=data.prompt_ids(vlm, r), responses=resps)
-
     st, roll = {}, {}
-    add = lambda k, s, n=1: accumulate(st, {k: [s, n]})  # noqa: E731
     if cfg.algo in ("ppo", "rloo"):
-        ids, texts = sample(pm, recs, cfg.samples, cfg, gen)
-        t0 = time.perf_counter()
-        sc = scorer(recs, texts)
-        add("online/annotator_s", time.perf_counter() - t0, 1 / cfg.grad_accum)  # per step and rank
-        add("online/unparsed", sum(x is None for s in sc for x in s), cfg.samples * len(recs))
-        # (P, k); an unreadable rating gets the mean, so about no advantage
-        scores = torch.tensor([[reward_norm[0] if x is None else x for x in s] for s in sc])
-        items = [item(r, x) for r, x in zip(recs, ids)]
-        roll["scores"] = (scores - reward_norm[0]) / reward_norm[1]
-        add("objective/scores", scores.sum().item(), scores.numel())
-        add("response_length", sum(len(x) for xs in ids for x in xs), scores.numel())
+        items = scored_samples(cfg, pm, recs, scorer, gen, reward_norm, st, roll)
     elif cfg.algo == "online-bdhs":
-        with unsharded(pm):
-            res = bdhs.bdhs_batch(
-                vlm,
-                embedder,
-                recs,
-                bdhs.Config(seed=cfg.seed),
-                gen,
-                random.Random(f"{cfg.seed}-{step}-{recs[0]['id']}"),
-            )
-        ext = cfg.external and all("rejected" in r for r in recs)
-        items = [
-            item(r, [enc(r["chosen"])] + [enc(r["rejected"])] * ext + [enc(t)])
-            for r, (t, _) in zip(recs, res)
-        ]
-        for _, meta in res:
-            add("bdhs/attempts", meta["attempts"])
-            add("bdhs/similarity", meta["similarity"] or 0.0)
+        items = bdhs_items(cfg, pm, recs, embedder, gen, step, st)
     else:  # online-dpo, mixed-dpo
-        offline = [
-            cfg.algo == "mixed-dpo"
-            and random.Random(f"mix-{cfg.seed}-{step}-{r['id']}").random() < cfg.mix_p
-            for r in recs
-        ]
-        need = [r for r, o in zip(recs, offline) if not o]
-        items = [
-            item(r, [enc(r["chosen"]), enc(r["rejected"])]) for r, o in zip(recs, offline) if o
-        ]
-        add("online/offline_share", sum(offline), len(recs))
-        if need:  # k samples; the judge picks between two, a scorer pairs the best with the worst
-            ids, texts = sample(pm, need, cfg.samples, cfg, gen)
-            t0 = time.perf_counter()
-            if judge is not None:
-                pick = [None if p is None else (p, 1 - p) for p in judge(need, texts)]
-                add("online/unparsed", sum(p is None for p in pick), len(need))
-            else:  # a prompt with an unreadable rating is dropped
-                sc = [None if None in s else s for s in scorer(need, texts)]
-                pick = [
-                    None if not s or max(s) == min(s) else (s.index(max(s)), s.index(min(s)))
-                    for s in sc
-                ]
-                add("online/score", sum(sum(s) for s in sc if s), cfg.samples * sum(map(bool, sc)))
-                add("online/unparsed", sum(s is None for s in sc), len(need))
-            add("online/annotator_s", time.perf_counter() - t0, 1 / cfg.grad_accum)
-            add("online/ties_or_dropped", sum(p is None for p in pick), len(need))
-            add("response_length", sum(len(x) for xs in ids for x in xs), cfg.samples * len(need))
-            items += [
-                item(r, [x[p[0]], x[p[1]]]) for r, x, p in zip(need, ids, pick) if p is not None
-            ]
+        items = judged_pairs(cfg, pm, recs, scorer, judge, gen, step, st)
     w = [1.0] * len(items)
     if not items:  # every pair dropped: a stand-in keeps the collectives in step, with weight 0
-        items, w = [item(recs[0], [enc(recs[0]["chosen"])] * 2)], [0.0]
+        items, w = [packed(vlm, recs[0], [vlm.encode_reply(recs[0]["chosen"])] * 2)], [0.0]
     roll |= dict(
         batch=to(data.collate_pairs(vlm, items), vlm.lm_head.weight.device),
         w=torch.tensor(w),
@@ -595,23 +562,114 @@ def rollout(cfg: Config, pm, recs, annotate, gen, step, reward_norm=(0.0, 1.0), 
         with M.lora_disabled(vlm):
             roll["ref"] = pm(**roll["batch"])[0]  # (B, K, L) the reference's per-token log-probs
         if cfg.algo in ("ppo", "rloo"):
-            old, values = pm(**roll["batch"])
-            mask = roll["batch"]["targets"] != -100
-            kl = ((old - roll["ref"]) * mask).sum(-1)  # (B, K) per-sequence KL estimates
-            reward = roll["scores"].to(kl) - cfg.kl_coef * kl
-            add("objective/kl", kl.sum().item(), kl.numel())
-            add("objective/rlhf_reward", reward.sum().item(), kl.numel())
-            if cfg.algo == "rloo":
-                roll["adv"] = losses.rloo_advantages(reward)
-            else:  # per-token rewards: -β·KL_t, plus the normalised score at the last token, then GAE
-                old, values, mask, ref = old[:, 0], values[:, 0], mask[:, 0], roll["ref"][:, 0]
-                rew = -cfg.kl_coef * (old - ref) * mask
-                rew[torch.arange(len(rew)), mask.sum(-1) - 1] += roll["scores"][:, 0].to(rew)
-                adv, ret = losses.gae(rew, values * mask, mask, 1.0, GAE_LAMBDA)
-                roll |= dict(
-                    old=old, values=values, adv=losses.whiten(adv, mask), returns=ret, mask=mask
-                )
+            advantages(cfg, pm, roll, st)
     return roll
+
+
+def packed(vlm, r, resps):
+    """A packed item of collate_pairs: record r's image and prompt, and the responses' token ids."""
+    return dict(id=r["id"], image=r["image"], prompt=data.prompt_ids(vlm, r), responses=resps)
+
+
+def add(st, k, s, n=1):
+    """Adds a metric's sum and count to a rollout's metrics st."""
+    accumulate(st, {k: [s, n]})
+
+
+def scored_samples(cfg: Config, pm, recs, scorer, gen, reward_norm, st, roll):
+    """PPO, RLOO: k samples per prompt, each scored; roll["scores"]: the normalised scores (P, k)."""
+    ids, texts = sample(pm, recs, cfg.samples, cfg, gen)
+    t0 = time.perf_counter()
+    sc = scorer(recs, texts)
+    add(st, "online/annotator_s", time.perf_counter() - t0, 1 / cfg.grad_accum)  # per step and rank
+    add(st, "online/unparsed", sum(x is None for s in sc for x in s), cfg.samples * len(recs))
+    # (P, k); an unreadable rating gets the mean, so about no advantage
+    scores = torch.tensor([[reward_norm[0] if x is None else x for x in s] for s in sc])
+    items = [packed(pm.vlm, r, x) for r, x in zip(recs, ids)]
+    roll["scores"] = (scores - reward_norm[0]) / reward_norm[1]
+    add(st, "objective/scores", scores.sum().item(), scores.numel())
+    add(st, "response_length", sum(len(x) for xs in ids for x in xs), scores.numel())
+    return items
+
+
+def bdhs_items(cfg: Config, pm, recs, embedder, gen, step, st):
+    """Online-BDHS: the ground truth chosen, the policy's BDHS response rejected (--external: after the
+    record's own rejected, Avg-DPO)."""
+    vlm, enc = pm.vlm, pm.vlm.encode_reply
+    with unsharded(pm):
+        res = bdhs.bdhs_batch(
+            vlm,
+            embedder,
+            recs,
+            bdhs.Config(seed=cfg.seed),
+            gen,
+            random.Random(f"{cfg.seed}-{step}-{recs[0]['id']}"),
+        )
+    ext = cfg.external and all("rejected" in r for r in recs)
+    items = [
+        packed(vlm, r, [enc(r["chosen"])] + [enc(r["rejected"])] * ext + [enc(t)])
+        for r, (t, _) in zip(recs, res)
+    ]
+    for _, meta in res:
+        add(st, "bdhs/attempts", meta["attempts"])
+        add(st, "bdhs/similarity", meta["similarity"] or 0.0)
+    return items
+
+
+def judged_pairs(cfg: Config, pm, recs, scorer, judge, gen, step, st):
+    """Online-DPO: per prompt, k samples; the judge picks between two, a scorer pairs the best with the
+    worst (a tie or an unreadable reply: dropped). Mixed-DPO: the offline pair with probability mix_p."""
+    vlm, enc = pm.vlm, pm.vlm.encode_reply
+    offline = [
+        cfg.algo == "mixed-dpo"
+        and random.Random(f"mix-{cfg.seed}-{step}-{r['id']}").random() < cfg.mix_p
+        for r in recs
+    ]
+    need = [r for r, o in zip(recs, offline) if not o]
+    items = [
+        packed(vlm, r, [enc(r["chosen"]), enc(r["rejected"])]) for r, o in zip(recs, offline) if o
+    ]
+    add(st, "online/offline_share", sum(offline), len(recs))
+    if not need:
+        return items
+    ids, texts = sample(pm, need, cfg.samples, cfg, gen)
+    t0 = time.perf_counter()
+    if judge is not None:
+        pick = [None if p is None else (p, 1 - p) for p in judge(need, texts)]
+        add(st, "online/unparsed", sum(p is None for p in pick), len(need))
+    else:  # a prompt with an unreadable rating is dropped
+        sc = [None if None in s else s for s in scorer(need, texts)]
+        pick = [
+            None if not s or max(s) == min(s) else (s.index(max(s)), s.index(min(s))) for s in sc
+        ]
+        add(st, "online/score", sum(sum(s) for s in sc if s), cfg.samples * sum(map(bool, sc)))
+        add(st, "online/unparsed", sum(s is None for s in sc), len(need))
+    add(st, "online/annotator_s", time.perf_counter() - t0, 1 / cfg.grad_accum)
+    add(st, "online/ties_or_dropped", sum(p is None for p in pick), len(need))
+    add(st, "response_length", sum(len(x) for xs in ids for x in xs), cfg.samples * len(need))
+    return items + [
+        packed(vlm, r, [x[p[0]], x[p[1]]]) for r, x, p in zip(need, ids, pick) if p is not None
+    ]
+
+
+def advantages(cfg: Config, pm, roll, st):
+    """PPO, RLOO, after the reference's pass: the samples' KL to the reference and rewards; RLOO's
+    leave-one-out advantages, or PPO's per-token rewards (-β·KL_t, the score at the last token), GAE
+    and the old log-probs and values. Into roll."""
+    old, values = pm(**roll["batch"])
+    mask = roll["batch"]["targets"] != -100
+    kl = ((old - roll["ref"]) * mask).sum(-1)  # (B, K) per-sequence KL estimates
+    reward = roll["scores"].to(kl) - cfg.kl_coef * kl
+    add(st, "objective/kl", kl.sum().item(), kl.numel())
+    add(st, "objective/rlhf_reward", reward.sum().item(), kl.numel())
+    if cfg.algo == "rloo":
+        roll["adv"] = losses.rloo_advantages(reward)
+        return
+    old, values, mask, ref = old[:, 0], values[:, 0], mask[:, 0], roll["ref"][:, 0]
+    rew = -cfg.kl_coef * (old - ref) * mask
+    rew[torch.arange(len(rew)), mask.sum(-1) - 1] += roll["scores"][:, 0].to(rew)
+    adv, ret = losses.gae(rew, values * mask, mask, 1.0, GAE_LAMBDA)
+    roll |= dict(old=old, values=values, adv=losses.whiten(adv, mask), returns=ret, mask=mask)
 
 
 def objective(cfg: Config, model, roll):
@@ -642,7 +700,7 @@ def objective(cfg: Config, model, roll):
         loss = losses.rloo_loss(lp.sum(-1), roll["adv"]).mean(1)
     else:
         ref = roll["ref"].sum(-1)
-        loss, c, rj = losses.preference_loss("dpo", lp.sum(-1), ref, counts(b), cfg.beta)
+        loss, c, rj = losses.preference_loss(cfg.loss, lp.sum(-1), ref, counts(b), cfg.beta)
         st = pair_stats(loss, c, rj, lp, w)
     st["loss"] = [(loss.detach() * w).sum().item(), n]
     return loss, st

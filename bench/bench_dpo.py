@@ -237,7 +237,7 @@ def run_ours(a, path):
     import data
     import losses
     import model as M
-    import train_offline as to
+    import train
 
     base = rss_mb()
     vlm = M.VLM.from_pretrained(path)
@@ -255,7 +255,7 @@ def run_ours(a, path):
         for i, e in enumerate(examples(a.batch))
     ]
     items, _ = data.prepare_pairs(vlm, recs, warn=False)
-    pm = to.PairModel(vlm)
+    pm = train.PairModel(vlm)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     batch = data.collate_pairs(vlm, items)
@@ -268,8 +268,8 @@ def run_ours(a, path):
         t = time.perf_counter()
         lp, _ = pm(**batch)
         # lora_off: the reference every step, the adapters switched off
-        ref_lp = to.reference(pm, batch) if a.ref == "lora_off" else ref
-        loss = losses.preference_loss("dpo", lp.sum(-1), ref_lp, to.counts(batch), 0.1)[0].mean()
+        ref_lp = train.reference(pm, batch) if a.ref == "lora_off" else ref
+        loss = losses.preference_loss("dpo", lp.sum(-1), ref_lp, train.counts(batch), 0.1)[0].mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

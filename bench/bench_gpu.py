@@ -89,6 +89,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_model  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
+import train  # noqa: E402
 import train_offline as to  # noqa: E402
 
 # name substring -> (peak dense bf16 FLOP/s, memory bandwidth B/s); the first match wins
@@ -484,14 +485,14 @@ def dpo_row(a, dev, peak, ranks):
         torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(cfg.seed)  # as main(): LoRA's initial A, the same on every rank
     with random_checkpoint(llava16(a.tiny), dev):
-        pm, model, opt = to.build_policy(cfg, ranks)
+        pm, model, opt = train.build_policy(cfg, ranks, None, cfg.lr_projector, cfg.grad_ckpt)
     vlm = pm.vlm
     items, n_img = pair_items(vlm, cfg.batch_size, a.image_hw, a.prompt_text, a.response_tokens)
     t0 = time.perf_counter()
     ref = to.reference_logps(cfg, pm, items, a.batch, ranks)  # (N, K): the cache, as main() has it
     ref_s = time.perf_counter() - t0
     amp = torch.autocast(dev.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
-    parts = to.by_length(
+    parts = train.by_length(
         list(range(ranks.rank, cfg.batch_size, W)), items, dev.type
     )  # this rank's pairs
     times, delta, flops, flops_4nt, tokens, sums = [], 0.0, 0, 0, 0, {}
@@ -500,23 +501,23 @@ def dpo_row(a, dev, peak, ranks):
         sync()
         t0 = time.perf_counter()
         for k, idx in enumerate(parts):  # main()'s micro-step, one part at a time
-            batch = to.to(data.collate_pairs(vlm, [items[i] for i in idx]), dev)
+            batch = train.to(data.collate_pairs(vlm, [items[i] for i in idx]), dev)
             with ranks.sync_grads(model, k == len(parts) - 1), amp:
                 token_lp, scores = model(**batch)  # (b, K, L)
-                loss, chosen, rejected = to.pair_loss(cfg, pm, batch, token_lp, scores, ref, idx)
+                loss, chosen, rejected = train.pair_loss(cfg, pm, batch, token_lp, scores, ref, idx)
                 (loss.sum() / a.batch).backward()
-            stats = to.pair_stats(loss, chosen, rejected, token_lp)  # its syncs are the step's
+            stats = train.pair_stats(loss, chosen, rejected, token_lp)  # its syncs are the step's
             if step == 0:  # the policy is the reference here: their gap is precision alone
-                to.accumulate(sums, stats)
+                train.accumulate(sums, stats)
                 gap = (token_lp.detach().sum(-1).cpu() - ref[idx]).abs().max()
                 delta = max(delta, float(gap))
-                cpu = to.to(batch, "cpu")
+                cpu = train.to(batch, "cpu")
                 # the frozen base's matmuls: 6·N·T, the standard count (2·N·T forward + 4·N·T
                 # backward), for "MFU"; 4·N·T, what the step computes (no weight grads), "MFU 4NT"
                 flops += step_flops(vlm, cpu, n_img, base=6) * W
                 flops_4nt += step_flops(vlm, cpu, n_img) * W
                 tokens += int((cpu["segment"] >= 0).sum()) * W
-        to.optimizer_step(cfg, pm, opt, step, cfg.steps)
+        train.optimizer_step(cfg, pm, opt, step, cfg.steps)
         sync()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[1:])
@@ -525,7 +526,7 @@ def dpo_row(a, dev, peak, ranks):
     mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
     n_lora = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)  # DTensors: global
     weights = str(next(p for n, p in pm.named_parameters() if "q_proj.weight" in n).dtype)
-    sums, _ = to.to_host(sums)
+    sums, _ = train.to_host(sums)
     r = {k: s / max(n, 1) for k, (s, n) in sums.items()}  # step 0's metrics
     del model, pm, vlm, opt
     mem_text = f"{mem:.1f} GiB" if dev.type == "cuda" else "n/a (not CUDA)"
@@ -572,7 +573,7 @@ def kernel_row(a, dev):
 
     dtype = getattr(torch, a.dtype)
     vlm = materialize(build(llava16(a.tiny, 1), dtype), dev).eval()  # one decoder layer is enough
-    batch = to.to(pair_batch(vlm, 1, a.image_hw, a.prompt_text, a.response_tokens)[0], dev)
+    batch = train.to(pair_batch(vlm, 1, a.image_hw, a.prompt_text, a.response_tokens)[0], dev)
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     with torch.no_grad():
         feats = vlm.encode_images(batch["pixel_values"], batch["image_sizes"])
@@ -581,7 +582,7 @@ def kernel_row(a, dev):
             return feats
 
         vlm.encode_images = encoded
-        pm = to.PairModel(vlm)
+        pm = train.PairModel(vlm)
         pm(**batch)  # warm-up: a lazy path (a compiled Flex) builds here
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             pm(**batch)
@@ -798,7 +799,7 @@ def main(argv=None):
     a.image_hw = (40, 53) if a.tiny else (480, 640)
     if a.tiny:
         a.prompt_text, a.response_tokens = min(a.prompt_text, 8), min(a.response_tokens, 12)
-    ranks = to.Ranks()  # as train_offline has it: no set_device of our own (issue 29, item 1)
+    ranks = train.Ranks()  # as train_offline has it: no set_device of our own (issue 29, item 1)
     dev = torch.device(ranks.device if ranks.W > 1 else a.device)
     ranks.device = str(dev)
     tmp = None

@@ -69,7 +69,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_gpu  # noqa: E402
-import train_offline as to  # noqa: E402
+import train  # noqa: E402
 from model import parse_bool  # noqa: E402
 
 GB = 1e9
@@ -395,7 +395,7 @@ def measure(width, layers, tower_full, prompt_text, response):
     base = status_kb("VmRSS") * 1024
     vlm = build(raw, device="cpu")
     vlm.model.language_model.checkpointing = True
-    pm = to.PairModel(vlm).train()
+    pm = train.PairModel(vlm).train()
     load = status_kb("VmRSS") * 1024 - base
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)

@@ -479,6 +479,39 @@ def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
     )  # the world's, then BDHS's
 
 
+def test_bdhs_variant_is_bdhs_pys_and_keys_its_own_cache(tmp_path, capsys, monkeypatch):
+    """--bdhs_variant: bdhs.py's variants and default, passed to bdhs.py and in the cache's key (each variant
+    builds its own pairs); refused where no BDHS pairs are built."""
+    import train_offline as to
+
+    variants = M.field_choices(bdhs.Config)["variant"]
+    assert M.field_choices(to.Config)["bdhs_variant"] == variants
+    assert to.Config.bdhs_variant == bdhs.Config.variant  # the default: the pairs of before
+    outs = set()
+    for v in variants:
+        bc = to.bdhs_config(to.Config(data="bdhs", bdhs_variant=v, cache_dir=str(tmp_path)))
+        assert bc.variant == v
+        outs.add(bc.out)
+    assert len(outs) == len(variants)
+    built, build = [], bdhs.build_pairs
+    monkeypatch.setattr(
+        bdhs, "build_pairs", lambda bc, *a, **k: built.append(bc) or build(bc, *a, **k)
+    )
+    cache = str(tmp_path / "c")
+    to.main(
+        SMALL
+        + ["--out_dir", str(tmp_path / "a"), "--cache_dir", cache, "--bdhs_variant", "distort"]
+    )
+    assert (
+        "objective: DPO (β 1.0) + 1.0 × NLL, 1 rejected; 1 pairs held out"
+        in capsys.readouterr().out
+    )
+    want = to.bdhs_config(to.Config(data="bdhs", pairs=16, bdhs_variant="distort", cache_dir=cache))
+    assert [(bc.variant, bc.out) for bc in built] == [("distort", want.out)]
+    with pytest.raises(M.UserError, match=r"^--bdhs_variant noise: .* not of --data world$"):
+        to.main(["--bdhs_variant", "noise", "--out_dir", str(tmp_path / "x")])
+
+
 def test_avg_dpo_is_asked_for(tmp_path, capsys):
     """bdhs.py --source with rejected responses: BDHS's replaces the source's, unless --external true keeps both
     (Avg-DPO), as study.py's Avg-DPO rows ask; their training then uses three responses per pair."""

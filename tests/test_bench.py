@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import model as M
-import train_offline as to
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -149,7 +149,7 @@ def small(ckpt):
     meta = bench_memory.build(raw, (24, 48.0))
     vlm = bench_memory.build(raw, (24, 48.0), device="cpu")
     vlm.model.language_model.checkpointing = ckpt
-    return bench_memory.geometry(meta), to.PairModel(vlm).train()
+    return bench_memory.geometry(meta), train.PairModel(vlm).train()
 
 
 @pytest.mark.parametrize("ckpt", [False, True])

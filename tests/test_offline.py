@@ -20,6 +20,7 @@ import data
 import losses
 import model as M
 import world
+import train
 import train_offline as to
 from model import VLM, UserError, UserFileError
 
@@ -280,7 +281,7 @@ def test_a_planted_state_file_runs_no_code(tmp_path):
     evil = dict(step=3, model={}, optimizer={}, config={}, extra=Payload(str(tmp_path / "ran")))
     torch.save(evil, tmp_path / "run" / "state.pt")
     with pytest.raises(ValueError, match=r"refused to load .*run/state\.pt"):
-        to.Checkpoint(
+        train.Checkpoint(
             to.Config(out_dir=str(tmp_path / "run"), resume=True), None, None, None
         ).resume(10)
     assert not (tmp_path / "ran").exists()
@@ -304,7 +305,7 @@ def test_resume_writes_the_kept_metrics_at_once(tmp_path):
     kept lines."""
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(dict(step=s, loss=1.0)) + "\n" for s in range(5)))
-    log = to.Metrics(to.Config(out_dir=str(tmp_path), resume=True), 3, to.Ranks())
+    log = train.Metrics(to.Config(out_dir=str(tmp_path), resume=True), 3, train.Ranks())
     assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2]  # on disk, not buffered
     log.add({"loss": [1.0, 2]})
     log.add({"loss": [2.0, 2]})
@@ -341,9 +342,9 @@ def test_resume_takes_the_runs_settings_before_anything_loads(tmp_path, monkeypa
     torch.save(
         dict(step=1, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt"
     )
-    cfg = to.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run)])
+    cfg = train.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run)])
     assert cfg == dataclasses.replace(saved, resume=True)
-    cfg = to.resumable_config(
+    cfg = train.resumable_config(
         to.Config, ["--resume", "true", "--out_dir", str(run), "--beta", "0.3", "--save_every", "3"]
     )  # the same value; a free one
     assert (cfg.beta, cfg.save_every, cfg.lora_r) == (0.3, 3, 4)
@@ -377,7 +378,7 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
             + list(args)
         )
 
-    real_build = to.build_policy
+    real_build = train.build_policy
     monkeypatch.setattr(to, "build_policy", lambda *a, **kw: pytest.fail("built the model"))
     for flag, v, bound in (
         ("--pairs", "0", ">= 1"),
@@ -389,8 +390,9 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
     ):
         with pytest.raises(UserError, match=rf"{flag} {v}: must be {bound}"):
             run(flag, v)
+    choices = ", ".join(repr(name) for name in [*losses.LOSSES, "rm"])
     with pytest.raises(
-        UserError, match=r"--loss: invalid choice: 'kto' \(choose from 'dpo', 'ipo', 'slic', 'rm'\)"
+        UserError, match=rf"--loss: invalid choice: 'kto' \(choose from {choices}\)"
     ):
         run("--loss", "kto")
     with pytest.raises(
@@ -418,7 +420,7 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
     torch.save(dict(step=1), tmp_path / "run" / "state.pt")
     with pytest.raises(ValueError, match=r"holds a run .*--resume true .*--overwrite true .*--out"):
         run()
-    to.setup(to.Config(out_dir=str(tmp_path / "run"), overwrite=True))  # allowed
+    train.setup(to.Config(out_dir=str(tmp_path / "run"), overwrite=True))  # allowed
     os.remove(tmp_path / "run" / "state.pt")
     monkeypatch.setattr(to, "build_policy", real_build)
     monkeypatch.setattr(to, "reference_logps", lambda *a, **kw: pytest.fail("ran the reference"))
@@ -433,7 +435,7 @@ def test_bad_runs_stop_before_any_compute(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_names_the_state_file(tmp_path, monkeypatch):
-    pm = to.PairModel(VLM.from_pretrained(world.BASE_MODEL))
+    pm = train.PairModel(VLM.from_pretrained(world.BASE_MODEL))
     opt = torch.optim.AdamW(pm.parameters())
 
     def full(*a, **kw):
@@ -443,10 +445,12 @@ def test_a_full_disk_names_the_state_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
-        to.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, to.Ranks()).save(0)
+        train.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, train.Ranks()).save(0)
     assert sorted(os.listdir(tmp_path)) == []  # a save mid-run writes the state only
     with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
-        to.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, to.Ranks()).save(0, final=True)
+        train.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, train.Ranks()).save(
+            0, final=True
+        )
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
 
 
@@ -454,7 +458,7 @@ def test_resume_names_a_state_of_other_trainable_tensors(tmp_path):
     """The trainable tensors load with strict=False (the frozen ones are not saved): a state whose names differ
     from what this model trains is an error, not a run that silently continues from the base."""
     cfg = to.Config(out_dir=str(tmp_path), resume=True)
-    pm = to.PairModel(VLM.from_pretrained(world.BASE_MODEL))
+    pm = train.PairModel(VLM.from_pretrained(world.BASE_MODEL))
     pm.requires_grad_(False)
     pm.vlm.lm_head.requires_grad_(True)
     torch.save(
@@ -469,7 +473,7 @@ def test_resume_names_a_state_of_other_trainable_tensors(tmp_path):
     with pytest.raises(
         UserError, match=r"state\.pt does not hold this model's trainable tensors: 2 differ"
     ):
-        to.Checkpoint(cfg, pm, None, to.Ranks()).resume(10)
+        train.Checkpoint(cfg, pm, None, train.Ranks()).resume(10)
 
 
 def test_ties_are_counted_and_skipped(tmp_path, capsys):
@@ -633,11 +637,11 @@ def test_packed_pairs_equal_separate_forwards(scored_model):
         recs[0]["image"] = recs[0]["image"].resize((40, 70))
         recs[2]["image"] = recs[2]["image"].resize((90, 30))
     items, _ = data.prepare_pairs(vlm, recs)
-    pm = to.PairModel(vlm)
-    rm = to.PairModel(vlm, head="reward")
+    pm = train.PairModel(vlm)
+    rm = train.PairModel(vlm, head="reward")
     batch = data.collate_pairs(vlm, items)
     with torch.no_grad():
-        lp, n = pm(**batch)[0].sum(-1), to.counts(batch)
+        lp, n = pm(**batch)[0].sum(-1), train.counts(batch)
         _, sc = rm(**batch)
     assert lp.shape == (6, 3)
     for b, it in enumerate(items):
@@ -656,7 +660,7 @@ def test_packed_pairs_through_flex_attention(monkeypatch):
     items, _ = data.prepare_pairs(vlm, world.world_pairs(world.World(0), 4))
     batch = data.collate_pairs(vlm, items)
     assert (batch["segment"] == -1).any()  # some rows padded
-    pm = to.PairModel(vlm)
+    pm = train.PairModel(vlm)
     with torch.no_grad():
         dense = pm(**batch)[0]
         monkeypatch.setattr(M, "FLEX_DEVICES", ("cuda", "cpu"))
@@ -1013,6 +1017,21 @@ def test_rank_0_decides_what_is_on_disk(tmp_path, monkeypatch):
         torchrun(2, common + ["--out_dir", str(tmp_path / "three")], **run)
 
 
+def test_a_folder_a_rank_cannot_see_is_a_one_line_user_error(tmp_path):
+    """Ranks.check_shared: a rank that does not see rank 0's token stops the run with a UserFileError (run_main's
+    one line, no traceback) naming the flag, the folder and the ranks that cannot see it."""
+    ranks = train.Ranks.__new__(train.Ranks)  # rank 0 of 2, without a process group
+    ranks.W, ranks.rank, ranks.host = 2, 0, "node-a"
+    ranks.broadcast, ranks.barrier = (lambda obj: obj), (lambda: None)
+    ranks.gather_dict = lambda d: d | {1: "node-b"}  # rank 1 saw nothing
+    with pytest.raises(UserFileError) as e:
+        ranks.check_shared(str(tmp_path), "--cache_dir")
+    said = str(e.value)
+    assert said.startswith(f"--cache_dir {tmp_path}: rank 0 (host node-a) wrote a file there that ")
+    assert "rank 1 (host node-b) cannot see" in said and "\n" not in said
+    assert os.listdir(tmp_path) == []  # rank 0's token is gone
+
+
 def test_rank_0_decides_whether_the_bdhs_pairs_exist(tmp_path, monkeypatch):
     """BDHS pairs built on 2 ranks, then a run where rank 1 does not see them: it reads them, not rebuilds."""
     (tmp_path / "hide.py").write_text(HIDE)
@@ -1103,12 +1122,12 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
     cfg = M.config_from_argv(
         to.Config, args + ["--lr_projector", "1e-4", "--out_dir", str(tmp_path / "x")]
     )
-    ranks = to.Ranks()
+    ranks = train.Ranks()
     assert (
         not torch.backends.cuda.matmul.allow_tf32
     )  # TF32 on CUDA only: the CPU's fp32 stays exact
     torch.manual_seed(0)
-    pm, _, opt = to.build_policy(cfg, ranks)
+    pm, _, opt = train.build_policy(cfg, ranks, lr_projector=cfg.lr_projector)
     lm = pm.vlm.model.language_model
     for frozen in (
         pm.vlm.model.vision_tower.embeddings.patch_embedding.weight,
@@ -1126,8 +1145,8 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
         n: p.dtype for n, p in trained.items()
     }
     items, train_idx, _ = to.load_pairs(cfg, pm.vlm, ranks)
-    batch = to.to(data.collate_pairs(pm.vlm, [items[i] for i in train_idx[:2]]), "cpu")
-    with to.autocast(cfg, "cpu"):
+    batch = train.to(data.collate_pairs(pm.vlm, [items[i] for i in train_idx[:2]]), "cpu")
+    with train.autocast(cfg, "cpu"):
         lp = pm(**batch)[0]
     assert lp.dtype == torch.float32  # log-probs in fp32, from bf16 logits
     lp.sum().backward()
@@ -1135,16 +1154,16 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
     # the cache built in single pairs, step 0's own batches (above); then step 0 from it, and with lora_off
     torch.manual_seed(0)
-    pm = to.build_policy(dataclasses.replace(cfg, lr_projector=0.0), ranks)[0]
+    pm = train.build_policy(cfg, ranks, lr_projector=0.0)[0]
     ref = to.reference_logps(cfg, pm, items, 1, ranks)
-    for idx in to.by_length(
-        [train_idx[i] for i in to.batch_rows(len(train_idx), cfg, 0, 0, 4, ranks)], items
+    for idx in train.by_length(
+        [train_idx[i] for i in train.batch_rows(len(train_idx), cfg, 0, 0, 4, ranks)], items
     ):
-        batch = to.to(data.collate_pairs(pm.vlm, [items[i] for i in idx]), "cpu")
-        with to.autocast(cfg, "cpu"):
+        batch = train.to(data.collate_pairs(pm.vlm, [items[i] for i in idx]), "cpu")
+        with train.autocast(cfg, "cpu"):
             assert torch.equal(pm(**batch)[0].sum(-1), ref[idx])
             assert (
-                to.reference(pm, batch) - ref[idx]
+                train.reference(pm, batch) - ref[idx]
             ).abs().max() <= 1e-6  # --ref lora_off's reference
     to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "cache")])
     to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "off"), "--ref", "lora_off"])
@@ -1158,7 +1177,7 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
 def record_saves(monkeypatch, out, stop_at=None):
     """Wraps Checkpoint.save: after each save, what out_dir holds (a list of dicts, one a save); a save at step
     `stop_at` then raises Stopped, as a kill right after it would."""
-    seen, real = [], to.Checkpoint.save
+    seen, real = [], train.Checkpoint.save
 
     def save(self, step, final=False):
         real(self, step, final)
@@ -1174,7 +1193,7 @@ def record_saves(monkeypatch, out, stop_at=None):
         if step == stop_at:
             raise Stopped
 
-    monkeypatch.setattr(to.Checkpoint, "save", save)
+    monkeypatch.setattr(train.Checkpoint, "save", save)
     return seen
 
 
@@ -1210,9 +1229,8 @@ def test_saves_mid_run_hold_only_what_trains(tmp_path, monkeypatch):
         (1, False, False),
         (2, True, True),
     ]
-    pm, _, _ = to.build_policy(
-        to.Config(), to.Ranks()
-    )  # the same model: the base, adapters, projector
+    # the same model: the base, adapters, projector
+    pm, _, _ = train.build_policy(to.Config(), train.Ranks(), lr_projector=to.Config.lr_projector)
     trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
     n_train = sum(p.numel() for p in trainable.values())
     assert any("lora_A" in n for n in trainable) and any(
@@ -1302,6 +1320,7 @@ sys.path.insert(0, {root!r})
 import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+import train
 import train_offline as to
 gathered, unshards = [], []
 full_tensor = DTensor.full_tensor
@@ -1321,18 +1340,18 @@ def counted_unshard(self, *a, **k):
 DTensor.full_tensor = counted_full_tensor
 FSDPModule.unshard = counted_unshard
 cfg = to.Config(out_dir=sys.argv[1], fsdp=True)
-ranks = to.Ranks()
-pm, model, opt = to.build_policy(cfg, ranks)
+ranks = train.Ranks()
+pm, model, opt = train.build_policy(cfg, ranks, lr_projector=cfg.lr_projector)
 for p in pm.parameters():
     if p.requires_grad:
         p.grad = torch.ones_like(p)
 opt.step()
-to.Checkpoint(cfg, pm, opt, ranks).save(0)
+train.Checkpoint(cfg, pm, opt, ranks).save(0)
 if ranks.rank == 0:
-    train = [p for p in pm.parameters() if p.requires_grad]
+    trains = [p for p in pm.parameters() if p.requires_grad]
     with open(sys.argv[1] + "/counts.json", "w") as f:
-        json.dump(dict(gathered=sorted(gathered), unshards=len(unshards), trainable=sorted(p.numel() for p in train),
-                       sharded=all(isinstance(p, DTensor) for p in train)), f)
+        json.dump(dict(gathered=sorted(gathered), unshards=len(unshards), trainable=sorted(p.numel() for p in trains),
+                       sharded=all(isinstance(p, DTensor) for p in trains)), f)
 ranks.end()
 """
 
@@ -1380,18 +1399,18 @@ def test_one_forward_per_micro_batch_on_a_gpu():
     than PARTS forwards and FSDP gathers). The micro-step's data pickle (DataLoader workers may be spawned)."""
     items = [dict(prompt=[1] * n, responses=[[2], [3]]) for n in (5, 1, 4, 2, 8, 3, 7, 6)]
     rows = list(range(8))
-    assert to.by_length(rows, items) == [[1, 3], [5, 2], [0, 7], [6, 4]]
-    assert to.by_length(rows, items, "cuda") == [[1, 3, 5, 2, 0, 7, 6, 4]]
+    assert train.by_length(rows, items) == [[1, 3], [5, 2], [0, 7], [6, 4]]
+    assert train.by_length(rows, items, "cuda") == [[1, 3, 5, 2, 0, 7, 6, 4]]
     vlm = VLM.from_pretrained(world.BASE_MODEL)
     cfg = to.Config(batch_size=4, grad_accum=2)
     recs = world.world_pairs(world.World(0), 8)
     items, _ = data.prepare_pairs(vlm, recs)
     ranks = types.SimpleNamespace(W=1, rank=0, device="cuda:0")
     ds = pickle.loads(
-        pickle.dumps(to.MicroBatches(cfg, vlm, items, list(range(8)), 2, ranks, start=3))
+        pickle.dumps(train.MicroBatches(cfg, vlm, items, list(range(8)), 2, ranks, start=3))
     )
     ((idx, batch),) = ds[1]  # step 3, micro-step 1: one forward of both rows
-    assert sorted(idx) == sorted(to.batch_rows(8, cfg, 3, 1, 2, ranks))
+    assert sorted(idx) == sorted(train.batch_rows(8, cfg, 3, 1, 2, ranks))
     want = data.collate_pairs(vlm, [items[i] for i in idx])
     assert all(torch.equal(batch[k], want[k]) for k in want)
 
@@ -1418,10 +1437,10 @@ def test_metrics_stay_on_the_device_until_one_read_per_step(tmp_path, monkeypatc
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("a host sync per value"))
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or tolist(t))
-    log = to.Metrics(to.Config(out_dir=str(tmp_path)), 0, to.Ranks())
+    log = train.Metrics(to.Config(out_dir=str(tmp_path)), 0, train.Ranks())
     sums = {}
     for loss, c, r, lp in parts:
-        to.accumulate(sums, to.pair_stats(loss, c, r, lp))
+        train.accumulate(sums, train.pair_stats(loss, c, r, lp))
     assert all(torch.is_tensor(s) for s, _ in sums.values())
     log.sums = sums
     rec = log.write(0, grad_norm=torch.tensor(0.25), lr=1e-3)
@@ -1430,7 +1449,7 @@ def test_metrics_stay_on_the_device_until_one_read_per_step(tmp_path, monkeypatc
     assert rec["grad_norm"] == 0.25 and rec["lr"] == 1e-3
     assert json.loads(open(tmp_path / "metrics.jsonl").read())["grad_norm"] == 0.25
     for k, v in want.items():
-        assert to.to_host(sums)[0][k] == [v, 10], k  # exactly equal, not close
+        assert train.to_host(sums)[0][k] == [v, 10], k  # exactly equal, not close
         assert rec[k] == round(v / 10, 5)
 
 

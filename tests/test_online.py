@@ -3,6 +3,7 @@ reward model), a 2-step run of every algorithm, FSDP2 sampling under torchrun, a
 
 import contextlib
 import functools
+import importlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import data
 import eval as ev
 import losses
 import model as M
-import train_offline as TO
+import train
 import train_online as on
 import world
 from model import VLM, UserError, config_from_argv, format_chat
@@ -213,9 +214,49 @@ def test_its_own_flags(capsys):
         config_from_argv(on.Config, ["--help"])
     out = capsys.readouterr().out
     assert "--kl_coef" in out and "--val_pairs" not in out and "--rpo_alpha" not in out
-    assert len(dataclasses.fields(on.Config)) <= 34
+    assert len(dataclasses.fields(on.Config)) <= 35
     with pytest.raises(UserError, match="unrecognized arguments: --lr_projector"):
         config_from_argv(on.Config, ["--lr_projector", "0.5"])  # fixed: only the adapters may train
+
+
+def squared_hinge(pc, pr, rc, rr, beta=0.1):
+    """A fork's loss: max(0, 1 - β h)², 1 where the policy is the reference (h = 0)."""
+    h = (pc - rc) - (pr - rr)
+    return (
+        (1 - beta * h).clamp(min=0) ** 2,
+        losses.rewards(pc, rc, beta),
+        losses.rewards(pr, rr, beta),
+    )
+
+
+@pytest.fixture
+def forked_loss(monkeypatch):
+    """ "sqhinge" registered in losses.LOSSES, then both trainers imported anew, as a fork that adds a loss to
+    losses.py has them. -> (train_offline, train_online); the modules of before come back after the test."""
+    monkeypatch.setitem(losses.LOSSES, "sqhinge", squared_hinge)
+    for name in ("train_offline", "train_online"):
+        monkeypatch.setitem(sys.modules, name, None)  # undone after the test
+        del sys.modules[name]
+    return importlib.import_module("train_offline"), importlib.import_module("train_online")
+
+
+def test_a_loss_added_to_losses_trains_offline_and_online(forked_loss, tmp_path, capsys):
+    """A loss in losses.LOSSES is a --loss of both trainers (nothing else to edit): a step of each trains on it."""
+    off, onl = forked_loss
+    args = ["--loss", "sqhinge", "--steps", "1", "--eval_n", "0", "--batch_size", "8"]
+    off.main(
+        args + ["--pairs", "64", "--out_dir", str(tmp_path / "off"), "--cache_dir", str(tmp_path)]
+    )
+    onl.main(args + ["--pairs", "16", "--max_new_tokens", "24", "--out_dir", str(tmp_path / "on")])
+    out = capsys.readouterr().out
+    assert "objective: sqhinge (β 1.0) + 1.0 × NLL, 1 rejected;" in out
+    assert "objective: Online-DPO (sqhinge, β 0.5), 2 samples per prompt" in out
+    (rec,) = run_metrics(str(tmp_path / "off" / "metrics.jsonl"))
+    assert rec["loss"] > 1  # 1 at the reference, plus the chosen's NLL (--rpo_alpha 1)
+    (rec,) = run_metrics(str(tmp_path / "on" / "metrics.jsonl"))
+    assert rec["loss"] == 1 or rec["online/ties_or_dropped"] == 1  # the policy is the reference
+    with pytest.raises(UserError, match=r"^--loss sqhinge: --algo ppo trains on rewards"):
+        onl.main(["--loss", "sqhinge", "--algo", "ppo", "--out_dir", str(tmp_path / "x")])
 
 
 def test_flags_are_checked_before_anything_loads(tmp_path, monkeypatch):
@@ -768,5 +809,5 @@ def test_reward_norm_without_one_readable_rating_is_a_clear_error(tmp_path, monk
     cfg = on.Config(out_dir=str(tmp_path), annotator="api:m", batch_size=4)
     unreadable = lambda recs, samples: [[None] * len(s) for s in samples]  # noqa: E731
     with pytest.raises(ValueError, match=r"--annotator api:m: no readable rating"):
-        on.reward_norm(cfg, None, [{}] * 8, unreadable, TO.Ranks(), contextlib.nullcontext())
+        on.reward_norm(cfg, None, [{}] * 8, unreadable, train.Ranks(), contextlib.nullcontext())
     assert not os.path.exists(tmp_path / "reward_norm.json")

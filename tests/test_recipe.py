@@ -143,14 +143,16 @@ CHECK_SHARDS = """import dataclasses, json, os, sys
 sys.path.insert(0, os.environ["ROOT"])
 import torch
 from torch.distributed.fsdp import FSDPModule
+import train
 import train_offline as to
 
-cfg = to.resumable_config(to.Config, sys.argv[1:])
-ranks = to.setup(cfg)
+cfg = train.resumable_config(to.Config, sys.argv[1:])
+ranks = train.setup(cfg)
 torch.manual_seed(cfg.seed)
-pm = to.build_policy(cfg, ranks, head="reward")[0]
+pm = train.build_policy(cfg, ranks, "reward", cfg.lr_projector, cfg.grad_ckpt)[0]
 torch.manual_seed(cfg.seed)
-whole = dict(to.build_policy(dataclasses.replace(cfg, fsdp=False), ranks, head="reward")[0].named_parameters())
+whole = train.build_policy(dataclasses.replace(cfg, fsdp=False), ranks, "reward", cfg.lr_projector, cfg.grad_ckpt)[0]
+whole = dict(whole.named_parameters())
 lm = pm.vlm.model.language_model
 got = dict(buffers=len(list(pm.buffers())), differ=[], local_rows={}, dtypes={},
            units=all(isinstance(m, FSDPModule) for m in [*lm.layers, pm.vlm.model.multi_modal_projector, pm]))
@@ -160,7 +162,7 @@ for n, p in pm.named_parameters():  # full_tensor gathers: every rank in the sam
         got["differ"].append(n)
     got["local_rows"][n] = [p.to_local().shape[0], p.shape[0]]
     got["dtypes"][n] = str(p.dtype)
-with to.unsharded(pm):  # gathered in MixedPrecisionPolicy's param_dtype
+with train.unsharded(pm):  # gathered in MixedPrecisionPolicy's param_dtype
     got["gathered"] = [str(lm.layers[0].self_attn.q_proj.lora_A.dtype), str(pm.score.weight.dtype)]
 with open(os.path.join(os.environ["OUT"], f"shards-{ranks.rank}.json"), "w") as f:
     json.dump(got, f)

@@ -51,13 +51,14 @@ TRUTHS = [
 # on disk: a kill mid-run at a step known in advance, however fast or slow the machine is
 KILLED = """import os, signal, sys
 sys.path.insert(0, {root!r})
+import train
 import train_offline as to
-real_step = to.optimizer_step
+real_step = train.optimizer_step
 def step_or_die(cfg, pm, opt, step, steps):
     if step == {at}:
         os.kill(os.getpid(), signal.SIGKILL)
     return real_step(cfg, pm, opt, step, steps)
-to.optimizer_step = step_or_die
+train.optimizer_step = step_or_die
 to.main(sys.argv[1:])
 """
 
