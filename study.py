@@ -327,6 +327,7 @@ CODE = (
     "world.py",
     "eval.py",
     "bdhs.py",
+    "train.py",
     "train_offline.py",
     "train_online.py",
 )

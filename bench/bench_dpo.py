@@ -16,7 +16,7 @@ worst case: a one-epoch run that never reuses the cache).
 `--mode lora`: the paper's setup. Both sides train LoRA adapters (same rank, alpha, no dropout) on
 the LLM's seven linears (q, k, v, o, gate, up, down) and nothing else: the tower, projector,
 embeddings and LM head stay frozen (train_offline.py also trains the projector at its own rate;
-frozen here so both sides train the same tensors). Ours is train_offline.py's path:
+frozen here so both sides train the same tensors). Ours is train.py's path:
 `model.add_lora`, packed pairs, `PairModel`, `losses.preference_loss`, with the reference either
 cached (`--ref cache`, computed once) or recomputed each step with the adapters switched off (`--ref
 lora_off`); both are run and printed. trl 1.16 takes a `peft.LoraConfig` and, with no `ref_model`,

@@ -13,7 +13,7 @@ Rows (--part, comma-separated; all by default):
   weights stored in --dtype (bf16), LLaVA-1.6-7B's geometry with --parity_layers decoder layers,
   one 640 x 480 image's prompt: the max |Δ| of the logits, and whether 8 greedy ids agree. Without
   transformers, or without that class in it: "n/a" and why.
-- dpo: one LoRA DPO step through train_offline.py's own code: its Config, Ranks, build_policy (the
+- dpo: one LoRA DPO step through the trainers' own code: train_offline's Config, train's Ranks, build_policy (the
   checkpoint load swapped for random weights of the 7B geometry, made where they run: writing a 7B
   checkpoint to read back would take minutes), reference_logps (the cached reference, in a
   temporary --cache_dir), by_length, PairModel, pair_loss, pair_stats and optimizer_step, as
@@ -43,7 +43,7 @@ LLaVA-1.6's pinpoints. As `train_offline.py --lora_r 128 --lora_alpha 256 --dtyp
 projector trained, the tower frozen, AdamW. Each pair is one packed row [prompt | chosen |
 rejected]: a 640 x 480 image (COCO's usual size: 2,340 image tokens after AnyRes unpadding),
 --prompt_text text tokens, two --response_tokens responses; about 2,900 tokens per pair, --batch
-pairs per device, split in train_offline.PARTS forwards as its loop splits them.
+pairs per device, split in train.PARTS forwards as its loop splits them.
 
 Model FLOPs of a step (recomputation by gradient checkpointing not counted; T the tokens of a row,
 R_k its responses' lengths, P its prompt's):
@@ -369,7 +369,7 @@ def parity_row(a, dev):
 
 
 # -----------------------------------------------------------------------------
-# Row dpo: one LoRA DPO step through train_offline's own functions
+# Row dpo: one LoRA DPO step through the trainers' own functions (train.py's)
 
 
 def pair_items(vlm, B, hw, prompt_text, response, seed=0):
