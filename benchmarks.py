@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 
 import data
-import eval as ev
+import eval as ev  # the metrics and answers; eval.py imports this file only inside main (no cycle)
 from model import UserError, UserFileError, cache_home
 
 # -----------------------------------------------------------------------------
@@ -43,6 +43,7 @@ GET = {
 }
 HUB = {"mmhal": "Shengcao1006/MMHal-Bench", "llavaw": "liuhaotian/llava-bench-in-the-wild"}
 FOLDER = {"mmhal_v": "mmhal"}  # MMHal-V is MMHal-Bench judged with the image
+
 # The paper's Table 2 columns, and the keys of evaluate_bench's results that fill them
 TABLE2 = {
     "POPE": "pope",
@@ -415,8 +416,10 @@ class JudgeClient:
             headers["Authorization"] = f"Bearer {self.key}"
         request = urllib.request.Request(self.url, payload, headers, method="POST")
         conns = Cuttable()
-        # only an https URL goes through a proxy (a CONNECT tunnel, so the key stays inside TLS, and
-        # NO_PROXY is honoured); plain http goes direct, since a proxy would read the key
+        # only an https URL goes through a proxy: a CONNECT tunnel, so the key stays inside TLS
+        # (urllib sends the proxy URL's user:password, both needed, as Proxy-Authorization on the
+        # CONNECT alone), unless NO_PROXY names the host; plain http goes direct, since a proxy
+        # would read the key
         proxy = {k: v for k, v in urllib.request.getproxies().items() if k == "https"}
         opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxy), conns, NoRedirect)
         opener.addheaders = []  # no User-Agent: the request's headers are ours alone

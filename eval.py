@@ -117,16 +117,16 @@ def table(rows: dict, keys, heads=None):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# The world's report: every answer checked against its scene (what is asked and read: world.py)
-
-
 def atomic_json(path, obj):
     """Writes JSON to a temp file of this process's own (runs share caches), then renames it in."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(f"{path}.tmp{os.getpid()}", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
+# -----------------------------------------------------------------------------
+# The world's report: every answer checked against its scene (what is asked and read: world.py)
 
 
 def evaluate_world(vlm, world, split="broken", n=500, heldout=False, batch_size=256):

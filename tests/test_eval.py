@@ -1078,7 +1078,7 @@ OFFICIAL_FILES = {
 
 @pytest.fixture
 def official(tmp_path, monkeypatch):
-    """Serves OFFICIAL_FILES on 127.0.0.1 as eval.OFFICIAL; yields the paths asked for."""
+    """Serves OFFICIAL_FILES on 127.0.0.1 as benchmarks.OFFICIAL; yields the paths asked for."""
     from http.server import SimpleHTTPRequestHandler
 
     (tmp_path / "web").mkdir()
