@@ -399,18 +399,21 @@ class Judge:
 
 class Endpoint:
     """An OpenAI-compatible endpoint ($JUDGE_BASE_URL; the key only from $JUDGE_API_KEY, not saved):
-    a request per pair (JUDGE) or response (RATE), through eval.JudgeClient's retries and cache."""
+    a request per pair (JUDGE) or response (RATE), through benchmarks.JudgeClient's retries and cache."""
 
     def __init__(self, model, cache, threads):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.client, self.pool = ev.JudgeClient(cache, model=model), ThreadPoolExecutor(threads)
+        from benchmarks import JudgeClient, image_part  # the LLM-judge client
+
+        self.client = JudgeClient(cache, model=model)
+        self.pool, self.image_part = ThreadPoolExecutor(threads), image_part
 
     def ask(self, recs, texts):
         """texts[i] with recs[i]'s image -> the replies, in order; a repeated request goes once."""
 
         def one(key):
-            content = [{"type": "text", "text": key[1]}, ev.image_part(jobs[key]["image"])]
+            content = [{"type": "text", "text": key[1]}, self.image_part(jobs[key]["image"])]
             return self.client([{"role": "user", "content": content}], JUDGE_TOKENS, 0.0)
 
         jobs = {(id(r), t): r for r, t in zip(recs, texts)}
