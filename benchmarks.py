@@ -353,6 +353,8 @@ class JudgeClient:
         env = os.environ.get
         base = base_url or env("JUDGE_BASE_URL", "https://api.openai.com/v1")
         self.url = base.rstrip("/") + "/chat/completions"
+        if not self.url.startswith(("https://", "http://")):  # urllib would open file:// too
+            raise UserError(f"JUDGE_BASE_URL {base!r}: an http:// or https:// address is needed")
         self.model = model or env("JUDGE_MODEL", "gpt-4-0613")
         self.key = api_key or env("JUDGE_API_KEY", env("OPENAI_API_KEY", ""))
         self.path, self.retries, self.backoff = cache, retries, backoff

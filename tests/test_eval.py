@@ -1272,3 +1272,9 @@ def test_eval_device_dtype_and_batch_size(monkeypatch):
     monkeypatch.setattr(ev, "world_report", report)
     ev.main(["--n", "2", "--device", "cpu", "--dtype", "bfloat16"])
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, "cpu")} and sizes == [64]
+
+
+def test_a_judge_address_is_http_or_https(tmp_path):
+    for url in ("file:///etc", "ftp://host/v1"):
+        with pytest.raises(UserError, match="http:// or https://"):
+            bm.JudgeClient(str(tmp_path / "c.jsonl"), base_url=url)
