@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import eval as ev
-from model import UserError
+from cli import UserError
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bench")
 
