@@ -747,6 +747,23 @@ def test_a_missing_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatc
     assert calls == []
 
 
+def test_atomic_write_is_all_or_nothing(tmp_path):
+    """cli.atomic_write: text, bytes or a writer callable; a failed write leaves the file as it was and
+    no temporary beside it."""
+    path = str(tmp_path / "f.json")
+    cli.atomic_write(path, "one")
+    cli.atomic_write(path, b"two")
+
+    def fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        cli.atomic_write(path, fail)
+    assert open(path).read() == "two" and os.listdir(tmp_path) == ["f.json"]
+
+
 def test_checkpoint_leftovers_are_mended_and_disk_errors_named(tmp_path, monkeypatch):
     vlm = VLM.from_pretrained(BASE)
     ck = str(tmp_path / "checkpoint")
