@@ -66,7 +66,7 @@ def remove_path(path):
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
-        os.remove_path(path)
+        os.remove(path)
 
 
 def run_main(main):
