@@ -22,7 +22,8 @@ import urllib.request
 
 import data
 import eval as ev  # the metrics and answers; eval.py imports this file only inside main (no cycle)
-from model import UserError, UserFileError, cache_home
+from cli import UserError, UserFileError
+from hub import cache_home
 
 # -----------------------------------------------------------------------------
 # The paper's benchmarks (Table 2), read from their public releases' own files

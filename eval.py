@@ -24,19 +24,9 @@ from tqdm import tqdm
 
 import data
 import world as W
-from model import (
-    DTYPES,
-    VLM,
-    UserError,
-    check_template,
-    config_from_argv,
-    folder_hash,
-    max_prompt_tokens,
-    rows_that_fit,
-    run_main,
-    source_bytes,
-    template_line,
-)
+from cli import DTYPES, UserError, config_from_argv, run_main
+from hub import folder_hash, source_bytes
+from model import VLM, check_template, max_prompt_tokens, rows_that_fit, template_line
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function

@@ -25,7 +25,7 @@ from PIL import Image
 
 import benchmarks as bm
 import eval as ev
-from model import UserError
+from cli import UserError
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bench")
 

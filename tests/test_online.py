@@ -21,7 +21,8 @@ import model as M
 import train_offline as TO
 import train_online as on
 import world
-from model import VLM, UserError, config_from_argv, format_chat
+from cli import UserError, config_from_argv
+from model import VLM, format_chat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_offline import kill_midway, run_metrics, same, torchrun  # noqa: E402
