@@ -31,19 +31,15 @@ from tqdm import tqdm
 
 import data
 import world
+from cli import DTYPES, UserError, UserKeyError, config_from_argv, run_main
 from model import (
-    DTYPES,
     TEMPLATES,
     VLM,
-    UserError,
-    UserKeyError,
     check_template,
-    config_from_argv,
     device_generator,
     left_pad,
     max_prompt_tokens,
     rows_that_fit,
-    run_main,
     template_line,
 )
 

@@ -21,16 +21,8 @@ import sys
 
 import torch
 
-from model import (
-    TEMPLATES,
-    UserError,
-    UserFileError,
-    arg_parser,
-    load_image,
-    open_image_header,
-    run_main,
-    to_rgb,
-)
+from cli import UserError, UserFileError, arg_parser, run_main
+from model import TEMPLATES, load_image, open_image_header, to_rgb
 
 # -----------------------------------------------------------------------------
 # The native format: checked records, JSONL files, images

@@ -41,15 +41,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from model import (
-    CACHE_ENV,
-    UserError,
-    cache_home,
-    config_from_argv,
-    folder_hash,
-    run_main,
-    source_bytes,
-)
+from cli import UserError, config_from_argv, run_main
+from hub import CACHE_ENV, cache_home, folder_hash, source_bytes
 
 DEV = [0, 1, 2]
 TEST = [3, 4, 5, 6, 7]

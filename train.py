@@ -26,10 +26,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+import cli
 import data
+import hub
 import losses
 import model as M
-from model import VLM, non_defaults
+from cli import non_defaults
+from model import VLM
 
 # -----------------------------------------------------------------------------
 # One step: a batch of pairs -> packed forward -> loss -> backward -> opt.step()
@@ -362,13 +365,13 @@ def sharded_policy(cfg, ranks, head, lr_projector, grad_ckpt):
                 for p, q in zip(mine.parameters(), drawn.parameters()):
                     fill_rows(p, q)
     # each rank its rows of each tensor
-    M.load_weights(vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device)
+    hub.load_weights(vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device)
     return pm
 
 
 def fill_rows(p, full):
     """Copies this rank's rows of `full` (the whole tensor, on the host) into FSDP2 parameter p's shard."""
-    start, stop = M.shard_rows(p)
+    start, stop = hub.shard_rows(p)
     p.to_local().copy_(full[start:stop])
 
 
@@ -420,7 +423,7 @@ def load_state(path, mmap=False):
     try:
         return torch.load(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise M.UserError(
+        raise cli.UserError(
             f"--resume: refused to load {path}: it holds more than tensors and plain values, "
             f"which a training state never does ({str(e).splitlines()[0]})"
         ) from None
@@ -430,31 +433,31 @@ def resumable_config(cls, argv=None, doc=None):
     """The Config of the flags; with `--resume true`, the settings kept in out_dir's training state fill
     the flags not given, before anything loads. A flag given with another value than the run's is an
     error naming both values (but the VOLATILE ones, free to change between a run's legs)."""
-    given = M.flags_from_argv(cls, argv, doc)
-    cfg = M.check_config(cls(**given))
+    given = cli.flags_from_argv(cls, argv, doc)
+    cfg = cli.check_config(cls(**given))
     if not cfg.resume:
         return cfg
     state = os.path.join(cfg.out_dir, "state.pt")
     rank = int(os.environ.get("RANK", 0))
     # rank 0 decides: there is no process group yet to ask it
     if rank == 0 and not os.path.exists(state):
-        raise M.UserFileError(f"--resume: no training state at {state}")
+        raise cli.UserFileError(f"--resume: no training state at {state}")
     try:
         saved = load_state(state, mmap=True)["config"]  # the weights stay unread
     except FileNotFoundError:  # rank 0 found it: this node does not share out_dir
-        raise M.UserFileError(
+        raise cli.UserFileError(
             f"--resume: rank {rank} cannot read {state}, which rank 0 sees: --out_dir must "
             f"be a folder shared by every node"
         ) from None
     if changed := [
         k for k, v in given.items() if k in saved and k not in VOLATILE and saved[k] != v
     ]:
-        raise M.UserError(
+        raise cli.UserError(
             f"--resume: {state} was written with other settings: "
             + ", ".join(f"--{k} {given[k]} (the run's: {saved[k]})" for k in changed)
         )
     names = {f.name for f in dataclasses.fields(cls)}  # a setting since removed is dropped
-    return M.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given)))
+    return cli.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given)))
 
 
 class Checkpoint:
@@ -473,12 +476,12 @@ class Checkpoint:
         if changed := sorted(
             k for k, v in st["config"].items() if k not in VOLATILE and getattr(self.cfg, k, v) != v
         ):
-            raise M.UserError(
+            raise cli.UserError(
                 f"--resume: {self.state} was written with different settings: {changed}"
             )
         want = {n for n, p in self.pm.named_parameters() if p.requires_grad}
         if odd := sorted(set(st["model"]) ^ want):  # strict=False below would skip them silently
-            raise M.UserError(
+            raise cli.UserError(
                 f"--resume: {self.state} does not hold this model's trainable tensors: "
                 f"{len(odd)} differ, e.g. {odd[:3]}"
             )
@@ -698,7 +701,7 @@ class Ranks:
         if self.rank == 0:
             os.remove(token)
         if blind:
-            raise M.UserFileError(
+            raise cli.UserFileError(
                 f"{flag} {folder}: rank 0 (host {self.host}) wrote a file there that "
                 f"{', '.join(f'rank {r} (host {h})' for r, h in blind)} cannot see: {flag} must be a "
                 f"folder shared by every node (a shared filesystem), not a path on each node's own disk"
@@ -730,23 +733,23 @@ def setup(cfg, cache_dir=""):
     are its own to check, before this."""
     ranks = Ranks()
     ranks.print(f"settings other than the defaults: {json.dumps(non_defaults(cfg))}")
-    ranks.print(f"cache: {cache_dir or M.cache_home()} (--cache_dir, ${M.CACHE_ENV})")
+    ranks.print(f"cache: {cache_dir or hub.cache_home()} (--cache_dir, ${hub.CACHE_ENV})")
     if cfg.batch_size % (ranks.W * cfg.grad_accum):
-        raise M.UserError(
+        raise cli.UserError(
             f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
             f"{ranks.W * cfg.grad_accum}"
         )
     M.check_template(cfg.template)
     # float16 would need a GradScaler: small LoRA gradients underflow
     if cfg.dtype not in ("float32", "bfloat16"):
-        raise M.UserError(
+        raise cli.UserError(
             f"--dtype {cfg.dtype!r}: expected float32 or bfloat16 (float16 is not supported: its "
             f"gradients would underflow without loss scaling; bfloat16 has float32's range)"
         )
     state = os.path.join(cfg.out_dir, "state.pt")
     has_state = ranks.broadcast(os.path.exists(state))  # rank 0's view decides for all
     if not cfg.resume and not cfg.overwrite and has_state:
-        raise M.UserError(
+        raise cli.UserError(
             f"--out_dir {cfg.out_dir} already holds a run ({state}): pass --resume true to continue "
             f"it, --overwrite true to replace it, or another --out_dir"
         )
@@ -757,9 +760,9 @@ def setup(cfg, cache_dir=""):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise M.UserFileError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
+        raise cli.UserFileError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
     # rank 0 writes the checkpoint, every rank resumes from it
     ranks.check_shared(cfg.out_dir, "--out_dir")
     if ranks.rank == 0:
-        M.recover_checkpoint(os.path.join(cfg.out_dir, "checkpoint"))
+        hub.recover_checkpoint(os.path.join(cfg.out_dir, "checkpoint"))
     return ranks

@@ -33,8 +33,10 @@ import torch
 from tqdm import tqdm
 
 import bdhs
+import cli
 import data
 import eval as ev
+import hub
 import losses
 import model as M
 import world
@@ -77,7 +79,7 @@ class Config:
                                  # or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""         # what a .jsonl's relative image paths resolve against (default: its
                                  # folder); a release's images (COCO for POVID...; default: images/ by it)
-    bdhs_variant: Literal[M.field_choices(bdhs.Config)["variant"]] = bdhs.Config.variant  # --data bdhs,
+    bdhs_variant: Literal[cli.field_choices(bdhs.Config)["variant"]] = bdhs.Config.variant  # --data bdhs,
                                  # bdhs+world: bdhs.py's --variant, which makes the rejected responses
     loss: Literal[(*losses.LOSSES, "rm")] = "dpo"  # a preference loss (losses.py), or rm: a reward model
     out_dir: str = "runs/offline"  # the checkpoint, training state and metrics
@@ -100,7 +102,7 @@ class Config:
                                                  # the adapters off, every step
     cache_dir: str = ""          # reference log-probs, BDHS pairs, base reports, shared by runs; "":
                                  # $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign
-    dtype: Literal[M.DTYPES] = "float32"  # the frozen base stored in it and the autocast dtype; what
+    dtype: Literal[cli.DTYPES] = "float32"  # the frozen base stored in it and the autocast dtype; what
                                           # trains, AdamW's moments and log-probs stay fp32 (float16: refused)
     grad_ckpt: bool = False      # recompute each decoder layer in the backward pass
     fsdp: bool = False           # shard parameters, gradients and optimizer state (FSDP2); else DDP
@@ -192,12 +194,12 @@ def check(cfg: Config):
     if cfg.data not in WORLD_DATA:
         data.check_spec(cfg.data)
     if cfg.ref == "lora_off" and (cfg.lr_projector > 0 or not cfg.lora_r):
-        raise M.UserError(
+        raise cli.UserError(
             "--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
             "gives back the reference model only if nothing else trains"
         )
     if cfg.bdhs_variant != bdhs.Config.variant and cfg.data not in BDHS_DATA:
-        raise M.UserError(
+        raise cli.UserError(
             f"--bdhs_variant {cfg.bdhs_variant}: BDHS makes the rejected responses of --data bdhs or "
             f"bdhs+world only, not of --data {cfg.data}"
         )
@@ -206,7 +208,7 @@ def check(cfg: Config):
 def share_cache(cfg: Config, ranks):
     """The cache folder, "" resolved (model.cache_home()); under BDHS, one that every rank sees: each
     writes its share of the pairs, and reads them all."""
-    cfg.cache_dir = cfg.cache_dir or M.cache_home()
+    cfg.cache_dir = cfg.cache_dir or hub.cache_home()
     if cfg.data in BDHS_DATA:
         os.makedirs(cfg.cache_dir, exist_ok=True)
         ranks.check_shared(cfg.cache_dir, "--cache_dir")
@@ -266,7 +268,7 @@ def load_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     nval = min(200, len(items) // 10)
     if len(items) - nval < cfg.batch_size:
-        raise M.UserError(
+        raise cli.UserError(
             f"--data {cfg.data}: {len(items) - nval} training pairs, fewer than one batch of "
             f"{cfg.batch_size} (of {stats['pairs']} records, {stats['ties']} have chosen == rejected, "
             f"{stats['too_long']} do not fit --max_length {cfg.max_length}; {nval} held out)"
@@ -306,9 +308,9 @@ def bdhs_config(cfg: Config):
         template=cfg.template,
         variant=cfg.bdhs_variant,
     )
-    code = M.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
+    code = hub.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
     key = hashlib.sha256(
-        (M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code
+        (hub.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code
     )
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")
     return bc
@@ -318,7 +320,9 @@ def fingerprint(cfg: Config, items):
     """The reference cache's key: the model's files and dtype, each pair's tokens and images."""
     # "/amp": not the key of an older bf16 cache, whose reference ran outside autocast; fp32 keys unchanged
     h = hashlib.sha256(
-        (M.folder_hash(cfg.model) + cfg.dtype + ("/amp" if cfg.dtype != "float32" else "")).encode()
+        (
+            hub.folder_hash(cfg.model) + cfg.dtype + ("/amp" if cfg.dtype != "float32" else "")
+        ).encode()
     )
     for it in items:
         h.update(json.dumps([it["prompt"], it["responses"]]).encode())
@@ -362,4 +366,4 @@ def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
 
 
 if __name__ == "__main__":
-    M.run_main(main)
+    cli.run_main(main)

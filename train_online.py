@@ -43,8 +43,10 @@ import torch
 from tqdm import tqdm
 
 import bdhs
+import cli
 import data
 import eval as ev
+import hub
 import losses
 import model as M
 import world
@@ -110,7 +112,7 @@ class Config:
     lora_r: int = 16              # LoRA rank on every LLM linear (the reference: the adapters off)
     lora_alpha: float = 32.0      # LoRA's scale is lora_alpha / lora_r
     warmup: int = 10              # linear warm-up steps, then cosine decay to 0
-    dtype: Literal[M.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
+    dtype: Literal[cli.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
     fsdp: bool = False            # shard parameters, gradients and optimizer state (FSDP2); else DDP
     save_every: int = 50          # steps between saves of the training state; the last step saves it and the
                                   # merged checkpoint
@@ -128,7 +130,7 @@ class Config:
 def main(argv=None):
     cfg = resumable_config(Config, argv, __doc__)
     check(cfg)
-    cache_dir = M.cache_home()  # the base's world report, shared by runs
+    cache_dir = hub.cache_home()  # the base's world report, shared by runs
     ranks = setup(cfg, cache_dir)
     torch.manual_seed(cfg.seed)
     # the reference is the policy with its adapters off: only the adapters (and a value head) train
@@ -195,7 +197,7 @@ def load_prompts(cfg: Config):
         need = cfg.algo == "mixed-dpo" or (cfg.algo == "online-bdhs" and cfg.external)
         recs = data.load_pairs(cfg.data, cfg.image_root, need_rejected=need)
     if len(recs) < cfg.batch_size:
-        raise M.UserError(
+        raise cli.UserError(
             f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}"
         )
     return recs
@@ -257,7 +259,7 @@ def train_on(cfg: Config, pm, model, opt, rolls, ranks, log, step, steps, amp):
 def stall_error(cfg: Config, rec, step):
     """The error that stops a run STALL steps in a row without a training signal."""
     shares = drop_shares(rec)
-    return M.UserError(
+    return cli.UserError(
         f"--annotator {cfg.annotator}: no training signal for {STALL} steps in a row (to step {step}): "
         f"every pair was a tie or an unparsed reply (ties {shares.get('ties', '-')}, "
         f"unparsed {shares.get('unparsed', '-')}), so the loss and its gradient are 0. "
@@ -272,16 +274,16 @@ def check(cfg: Config):
         data.check_spec(cfg.data)
     cfg.samples = cfg.samples or SAMPLES[cfg.algo]
     if cfg.samples < 2 and cfg.algo in ("rloo", "online-dpo", "mixed-dpo"):
-        raise M.UserError(f"--algo {cfg.algo} needs --samples >= 2")
+        raise cli.UserError(f"--algo {cfg.algo} needs --samples >= 2")
     if cfg.loss != "dpo" and cfg.algo in ("ppo", "rloo"):
-        raise M.UserError(
+        raise cli.UserError(
             f"--loss {cfg.loss}: --algo {cfg.algo} trains on rewards, not on a preference loss"
         )
     if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
-        raise M.UserError("--annotator judge compares two responses: --samples must be 2")
+        raise cli.UserError("--annotator judge compares two responses: --samples must be 2")
     # BDHS asks no annotator
     if cfg.annotator == "rule" and cfg.data != "world" and cfg.algo != "online-bdhs":
-        raise M.UserError(
+        raise cli.UserError(
             f"--annotator rule (the default) is the world's verifier: it scores the world's scenes "
             f"only, not --data {cfg.data}; pass --annotator rm:PATH, judge:PATH or api:MODEL"
         )
@@ -335,7 +337,7 @@ class RewardModel:
     def __init__(self, path, device):
         vlm = VLM.from_pretrained(path, device=device)
         if "score.weight" not in vlm.extra:
-            raise M.UserError(
+            raise cli.UserError(
                 f"{path}: no score.weight (reward head); train one with train_offline.py --loss rm"
             )
         self.pm = PairModel(vlm, head="reward").to(device).eval()
@@ -427,18 +429,21 @@ class Judge:
 
 class Endpoint:
     """An OpenAI-compatible endpoint ($JUDGE_BASE_URL; the key only from $JUDGE_API_KEY, not saved):
-    a request per pair (JUDGE) or response (RATE), through eval.JudgeClient's retries and cache."""
+    a request per pair (JUDGE) or response (RATE), through benchmarks.JudgeClient's retries and cache."""
 
     def __init__(self, model, cache, threads):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.client, self.pool = ev.JudgeClient(cache, model=model), ThreadPoolExecutor(threads)
+        from benchmarks import JudgeClient, image_part  # the LLM-judge client
+
+        self.client = JudgeClient(cache, model=model)
+        self.pool, self.image_part = ThreadPoolExecutor(threads), image_part
 
     def ask(self, recs, texts):
         """texts[i] with recs[i]'s image -> the replies, in order; a repeated request goes once."""
 
         def one(key):
-            content = [{"type": "text", "text": key[1]}, ev.image_part(jobs[key]["image"])]
+            content = [{"type": "text", "text": key[1]}, self.image_part(jobs[key]["image"])]
             return self.client([{"role": "user", "content": content}], JUDGE_TOKENS, 0.0)
 
         jobs = {(id(r), t): r for r, t in zip(recs, texts)}
@@ -470,7 +475,7 @@ def annotator(cfg: Config, device):
             lambda recs, texts: [[world.rule_score(t, r) for t in ts] for r, ts in zip(recs, texts)]
         ), None
     if kind in ("rm", "judge", "api") and not path:
-        raise M.UserError(
+        raise cli.UserError(
             f"--annotator {kind}:"
             + (
                 "MODEL needs the served model's name"
@@ -480,7 +485,7 @@ def annotator(cfg: Config, device):
         )
     if kind == "api":
         if not os.environ.get("JUDGE_BASE_URL"):  # never a silent default host for training images
-            raise M.UserError(
+            raise cli.UserError(
                 f"--annotator {cfg.annotator}: set JUDGE_BASE_URL to the endpoint serving {path} "
                 "(and JUDGE_API_KEY if it needs a key)"
             )
@@ -495,12 +500,12 @@ def annotator(cfg: Config, device):
         return RewardModel(path, device), None
     if kind == "judge":
         if cfg.algo in ("ppo", "rloo"):
-            raise M.UserError(
+            raise cli.UserError(
                 "--annotator judge gives pairwise choices, not rewards: PPO and RLOO need rule, "
                 "rm:PATH or api:MODEL"
             )
         return None, Judge(path, device)
-    raise M.UserError(
+    raise cli.UserError(
         f"--annotator {cfg.annotator!r}: expected rule, rm:PATH, judge:PATH or api:MODEL"
     )
 
@@ -723,7 +728,7 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
         xs += [v for s in got for v in s if v is not None]  # unreadable ratings are left out
     s = ranks.gather_sums({"s": [sum(xs), len(xs)], "s2": [sum(x * x for x in xs), 0]})
     if not s["s"][1]:
-        raise M.UserError(
+        raise cli.UserError(
             f"--annotator {cfg.annotator}: no readable rating among the starting policy's samples, so "
             "the rewards cannot be normalised; check the annotator's replies"
         )
@@ -739,4 +744,4 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
 
 
 if __name__ == "__main__":
-    M.run_main(main)
+    cli.run_main(main)

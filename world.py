@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw
 
 import data
 import losses
-from model import VLM, config_from_argv, format_chat, run_main
+from cli import config_from_argv, run_main
+from model import VLM, format_chat
 
 # -----------------------------------------------------------------------------
 # The rules: categories, usual pairs, typical colours, positions

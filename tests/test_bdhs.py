@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bdhs
+import cli
 import data
 import world
 import model as M
@@ -426,7 +427,7 @@ def test_missing_default_embedder_and_source_errors_say_what_to_do(tmp_path, mon
 
 def test_runtime_modules_do_not_import_transformers():
     code = (
-        "import sys, bdhs, train_offline, eval, data, model, losses; "
+        "import sys, bdhs, train_offline, eval, benchmarks, data, model, losses; "
         "bdhs.SentenceEmbedder.from_pretrained(); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'sentence_transformers', 'trl')]; "
         "assert not bad, bad"
@@ -484,8 +485,8 @@ def test_bdhs_variant_is_bdhs_pys_and_keys_its_own_cache(tmp_path, capsys, monke
     builds its own pairs); refused where no BDHS pairs are built."""
     import train_offline as to
 
-    variants = M.field_choices(bdhs.Config)["variant"]
-    assert M.field_choices(to.Config)["bdhs_variant"] == variants
+    variants = cli.field_choices(bdhs.Config)["variant"]
+    assert cli.field_choices(to.Config)["bdhs_variant"] == variants
     assert to.Config.bdhs_variant == bdhs.Config.variant  # the default: the pairs of before
     outs = set()
     for v in variants:
@@ -508,7 +509,7 @@ def test_bdhs_variant_is_bdhs_pys_and_keys_its_own_cache(tmp_path, capsys, monke
     )
     want = to.bdhs_config(to.Config(data="bdhs", pairs=16, bdhs_variant="distort", cache_dir=cache))
     assert [(bc.variant, bc.out) for bc in built] == [("distort", want.out)]
-    with pytest.raises(M.UserError, match=r"^--bdhs_variant noise: .* not of --data world$"):
+    with pytest.raises(cli.UserError, match=r"^--bdhs_variant noise: .* not of --data world$"):
         to.main(["--bdhs_variant", "noise", "--out_dir", str(tmp_path / "x")])
 
 
