@@ -20,7 +20,7 @@ import json
 import os
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
@@ -120,6 +120,12 @@ def add_diffusion_noise(pixels, N, generator):
 # Algorithm 1, batched
 
 
+# BDHS's variants (--variant): attn hides the image tokens (BDHS_attn), noise noises the pixels
+# (BDHS_noise), distort is POVID's teacher-forced distortion (App. E.1); each reader takes them from here
+VARIANTS = ("attn", "noise", "distort")
+GUIDANCES = ("sentence", "token", "none")  # --guidance: Algorithm 1's, per token, none
+
+
 # A Config is a table, a flag a row, its help the comment beside it: kept as written
 # fmt: off
 @dataclass
@@ -129,15 +135,15 @@ class Config:
     source: str = "world"         # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
                                   # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""          # a release's images (COCO for POVID...); default: images/ by it
-    out: str = "runs/bdhs/pairs.jsonl"  # native JSONL, with its settings beside it
+    out: str = "runs/bdhs/pairs.jsonl"  # native JSONL, its first line the settings that made it
     n: int = 2000                 # world prompts (ignored for files: all of them)
     world_seed: int = 0           # the world's scenes: 0-2 dev seeds, 3-5 test seeds
     world_half: Literal["", "a", "b"] = ""  # a or b: prompts about half of the world's pairs (world.py)
-    variant: Literal["attn", "noise", "distort"] = "attn"  # BDHS_attn, BDHS_noise, or POVID-style
+    variant: Literal[VARIANTS] = "attn"  # BDHS_attn, BDHS_noise, or POVID-style
     rho: float = 0.99             # rho_th: share of image tokens hidden (0.99: ~1% stay visible)
     noise_steps: int = 500        # N of the diffusion noise (noise, distort)
-    guidance: Literal["sentence", "token", "none"] = "sentence"  # sentence: Algorithm 1; token: masked,
-                                                                 # teacher-forced; none: unguided
+    guidance: Literal[GUIDANCES] = "sentence"  # sentence: Algorithm 1; token: masked, teacher-forced;
+                                               # none: unguided
     n_bdhs: int = 5               # attempts; the last one unguided
     eps_s: float = 0.97           # similarity at or above which an attempt is rejected
     embedder: str = ""            # a sentence-transformers folder or hub id; "": the MiniLM package
@@ -212,42 +218,12 @@ def bdhs_batch(
         )
         last = cfg.n_bdhs > 1 and attempt == cfg.n_bdhs  # the last attempt is unguided
         guidance = "none" if last else cfg.guidance
-        if guidance == "sentence":
-            plans = [plan_sentences(recs[i]["chosen"], rng) for i in todo]  # rows share a prefill
-            prefix = [sentence_prefix(vlm, ctx, p1) for pl in plans for ctx, p1, _ in pl]
-            out = iter(
-                vlm.generate(
-                    **kw,
-                    max_new_tokens=cfg.sentence_tokens,
-                    prefix_ids=prefix,
-                    num_samples=[len(pl) for pl in plans],
-                    stop_strings=(".",),
-                )
-            )
-            texts = [
-                "".join(join_sentence(p1, vlm.tokenizer.decode(next(out)), ws) for _, p1, ws in pl)
-                for pl in plans
-            ]
-        elif guidance == "token":
-            texts = teacher_forced(vlm, [recs[i] for i in todo], rho, noise, gen)
-        else:
-            out = vlm.generate(**kw, max_new_tokens=cfg.max_new_tokens)
-            texts = [vlm.tokenizer.decode(o).strip() for o in out]
-        new = [
-            j for j, (i, t) in enumerate(zip(todo, texts)) if not identical(t, recs[i]["chosen"])
-        ]
-        sim = [1.0] * len(todo)
-        if new:
-            cos = (embedder([texts[j] for j in new]) * gt_emb[[todo[j] for j in new]]).sum(-1)
-            for j, s in zip(new, cos):
-                sim[j] = s.item()
+        open_recs = [recs[i] for i in todo]
+        texts = attempt_texts(vlm, open_recs, cfg, guidance, kw, rng, gen, rho, noise)
+        sim = similarities(embedder, texts, [r["chosen"] for r in open_recs], gt_emb[todo])
         for i, text, s, v in zip(todo, texts, sim, vis):
-            result[i] = (
-                text,
-                dict(
-                    attempts=attempt, similarity=round(s, 4), visible=round(v, 4), guidance=guidance
-                ),
-            )
+            meta = dict(attempts=attempt, similarity=round(s, 4), visible=round(v, 4))
+            result[i] = (text, meta | dict(guidance=guidance))
         still = [i for i, s in zip(todo, sim) if s >= cfg.eps_s]
         if stats is not None:
             stats[attempt - 1] += len(todo) - len(still)
@@ -255,6 +231,41 @@ def bdhs_batch(
         if not todo:
             break
     return result
+
+
+def attempt_texts(vlm: VLM, recs, cfg: Config, guidance, kw, rng, gen, rho, noise):
+    """One attempt's texts for the records still open: `kw` holds their masked, noised inputs."""
+    if guidance == "sentence":
+        plans = [plan_sentences(r["chosen"], rng) for r in recs]  # rows share a prefill
+        prefix = [sentence_prefix(vlm, ctx, p1) for pl in plans for ctx, p1, _ in pl]
+        out = iter(
+            vlm.generate(
+                **kw,
+                max_new_tokens=cfg.sentence_tokens,
+                prefix_ids=prefix,
+                num_samples=[len(pl) for pl in plans],
+                stop_strings=(".",),
+            )
+        )
+        return [
+            "".join(join_sentence(p1, vlm.tokenizer.decode(next(out)), ws) for _, p1, ws in pl)
+            for pl in plans
+        ]
+    if guidance == "token":
+        return teacher_forced(vlm, recs, rho, noise, gen)
+    out = vlm.generate(**kw, max_new_tokens=cfg.max_new_tokens)
+    return [vlm.tokenizer.decode(o).strip() for o in out]
+
+
+def similarities(embedder, texts, truths, truth_emb):
+    """Each text's cosine similarity to its truth (embedded as `truth_emb`)."""
+    new = [j for j, (t, y) in enumerate(zip(texts, truths)) if not identical(t, y)]
+    sim = [1.0] * len(texts)
+    if new:
+        cos = (embedder([texts[j] for j in new]) * truth_emb[new]).sum(-1)
+        for j, s in zip(new, cos):
+            sim[j] = s.item()
+    return sim
 
 
 def identical(text, truth):
@@ -303,28 +314,51 @@ def teacher_forced(vlm: VLM, recs, rho, noise, gen):
 # Pairs on disk: resumable, one batch appended at a time
 
 
-def check_settings(cfg: Config, out, world_size):
-    """Refuses to append to a pairs file made with other settings (kept in out.settings.json)."""
-    path = out + ".settings.json"  # world_size: which records a rank shard holds
-    mine = {k: v for k, v in asdict(cfg).items() if k != "out"} | {"world_size": world_size}
-    if not os.path.exists(out) or not os.path.getsize(out):  # no records yet: the settings are ours
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(mine, f, indent=2)
-        os.replace(path + ".tmp", path)
-        return
-    if not os.path.exists(path):
+def pairs_settings(cfg: Config, world_size):
+    """What a pairs file's first line keeps: the settings that made it (world_size: which records a
+    rank shard holds), all but --out, the file's own name."""
+    return {k: v for k, v in asdict(cfg).items() if k != "out"} | {"world_size": world_size}
+
+
+def check_settings(out, mine, theirs):
+    """Refuses to append to a pairs file made with other settings, naming each and both values."""
+    if theirs is None:
         raise UserError(
-            f"{out}: no {path} beside it, so its settings are unknown: pass another "
-            f"--out or delete it"
+            f"{out}: its first line holds no settings, so how its pairs were made is unknown: "
+            f"pass another --out or delete it"
         )
-    with open(path) as f:
-        theirs = json.load(f)
     if changed := sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)):
-        raise UserError(
-            f"{out} was made with other settings ({', '.join(changed)} differ; see "
-            f"{path}): pass another --out, or delete both files to start over"
+        names = {f.name for f in fields(Config)}
+        diff = ", ".join(
+            f"{'--' * (k in names)}{k} {mine.get(k)} (the file's: {theirs.get(k)})" for k in changed
         )
+        raise UserError(
+            f"{out} was made with other settings: {diff}: pass another --out, or delete it to "
+            f"start over"
+        )
+
+
+def resume_pairs(cfg: Config, out, world_size):
+    """Starts `out` with its settings line; where it holds pairs already, checks its settings and
+    keeps its whole lines (a run killed mid-write leaves one partial line) -> the ids it holds."""
+    mine, theirs, good = pairs_settings(cfg, world_size), None, []
+    lines = open(out).read().split("\n") if os.path.exists(out) else []
+    for n, ln in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if n == 0 and data.is_settings(rec):
+            theirs = rec["settings"]
+        else:
+            good.append(ln)
+    if good:  # no pairs yet: the settings are ours
+        check_settings(out, mine, theirs)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        f.writelines(ln + "\n" for ln in [json.dumps({"settings": mine})] + good)
+    os.replace(out + ".tmp", out)
+    return {json.loads(ln)["id"] for ln in good}
 
 
 def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=print):
@@ -332,7 +366,7 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
     counts of accepted non-similar responses. Batches are cut from the source's records alone, each
     seeded by (seed, its first id) and written in one piece: a resumed run writes the same file."""
     out = cfg.out if world_size == 1 else f"{cfg.out}.rank{rank}"
-    check_settings(cfg, out, world_size)
+    done = resume_pairs(cfg, out, world_size)
     recs = source_records(cfg)[rank::world_size]
     if vlm is None:
         vlm = VLM.from_pretrained(
@@ -342,18 +376,6 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
             log(template_line(vlm))
     if not embedder and cfg.variant != "distort":
         embedder = SentenceEmbedder.from_pretrained(cfg.embedder)
-    done = set()
-    if os.path.exists(out):  # keep whole lines: a run killed mid-write leaves one partial line
-        good = []
-        for ln in open(out).read().split("\n"):
-            try:
-                done.add(json.loads(ln)["id"])
-                good.append(ln)
-            except json.JSONDecodeError:
-                pass
-        with open(out + ".tmp", "w") as f:
-            f.writelines(ln + "\n" for ln in good)
-        os.replace(out + ".tmp", out)
     size = batch_rows(vlm, cfg)
     batches = [recs[b : b + size] for b in range(0, len(recs), size)]
     todo = [bt for bt in batches if any(r["id"] not in done for r in bt)]  # half-written: redone
@@ -369,34 +391,41 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
                 int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
             )
             res = bdhs_batch(vlm, embedder, batch, cfg, gen, random.Random(key), stats)
-            lines = []
-            for r, (text, meta) in zip(batch, res):
-                rec = dict(r, rejected=text, meta=dict(r.get("meta", {}), bdhs=meta))
-                if "rejected" in r and cfg.external:  # Eq. 5: y- the external, y~- the policy's own
-                    rec["rejected"], rec["rejected2"] = r["rejected"], text
-                if r["id"] not in done:
-                    lines.append(data.pair_line(rec, os.path.dirname(out) or ".") + "\n")
+            lines = [
+                record_line(cfg, r, text, meta, out)
+                for r, (text, meta) in zip(batch, res)
+                if r["id"] not in done
+            ]
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(lines))
             seen = sum(map(len, todo[: b + 1]))  # records sampled so far (stats counts them all)
             if cfg.variant != "distort":  # one attempt, never compared: its stats stay 0
-                bar.set_postfix(
-                    non_similar=" ".join(
-                        f"{sum(stats[: k + 1]) / seen:.0%}" for k in range(cfg.n_bdhs)
-                    ),
-                    refresh=False,
-                )
+                shares = (f"{sum(stats[: k + 1]) / seen:.0%}" for k in range(cfg.n_bdhs))
+                bar.set_postfix(non_similar=" ".join(shares), refresh=False)
     bar.close()
-    n = max(1, sum(map(len, todo)))
     if todo and cfg.variant != "distort":
-        log(
-            "non-similar share after each attempt (paper Fig. 10): "
-            + ", ".join(f"{k + 1}: {100 * sum(stats[: k + 1]) / n:.1f}%" for k in range(cfg.n_bdhs))
-            + f" ({n - sum(stats)} similar at the end)" * (sum(stats) < n)
-        )
+        log(shares_line(stats, sum(map(len, todo))))
     return stats
+
+
+def record_line(cfg: Config, r, text, meta, out):
+    """A source record with BDHS's rejected (and its attempts in meta) as a line of `out`."""
+    rec = dict(r, rejected=text, meta=dict(r.get("meta", {}), bdhs=meta))
+    if "rejected" in r and cfg.external:  # Eq. 5: y- the external, y~- the policy's own
+        rec["rejected"], rec["rejected2"] = r["rejected"], text
+    return data.pair_line(rec, os.path.dirname(out) or ".") + "\n"
+
+
+def shares_line(stats, n):
+    """The share of n prompts with a non-similar response after each attempt (paper Fig. 10)."""
+    n = max(1, n)
+    return (
+        "non-similar share after each attempt (paper Fig. 10): "
+        + ", ".join(f"{k + 1}: {100 * sum(stats[: k + 1]) / n:.1f}%" for k in range(len(stats)))
+        + f" ({n - sum(stats)} similar at the end)" * (sum(stats) < n)
+    )
 
 
 def main(argv=None):

@@ -110,6 +110,22 @@ def read_jsonl(path, *keys):
     return out
 
 
+def is_settings(rec):
+    """A pairs file's optional first line, {"settings": {...}}: how its pairs were made (bdhs.py
+    writes one); readers of pairs skip it."""
+    return isinstance(rec, dict) and list(rec) == ["settings"]
+
+
+def read_settings(path):
+    """The settings line at the start of a pairs file, or None."""
+    with open(path) as f:
+        try:
+            rec = json.loads(f.readline())
+        except json.JSONDecodeError:
+            return None
+    return rec["settings"] if is_settings(rec) else None
+
+
 def read_pairs(path, need_rejected=True, image_root=""):
     """A native JSONL file -> checked records; errors name file:line. A relative `image` resolves
     against image_root when given, else against the file's folder."""
@@ -120,9 +136,10 @@ def read_pairs(path, need_rejected=True, image_root=""):
         hint = (
             "relative image paths resolve against the data file's folder; --image_root sets another"
         )
-    return [
-        check_pair(rec, f"{path}:{n}", base, need_rejected, hint) for n, rec in read_jsonl(path)
-    ]
+    rows = read_jsonl(path)
+    if rows and rows[0][0] == 1 and is_settings(rows[0][1]):
+        rows = rows[1:]
+    return [check_pair(rec, f"{path}:{n}", base, need_rejected, hint) for n, rec in rows]
 
 
 def pair_line(r, out_dir):

@@ -434,11 +434,13 @@ def matched_pairs(kept):
 def bdhs_shares(out):
     """A run with BDHS pairs of its own ({out}/pairs.jsonl) -> the share of prompts with a non-similar
     rejected response after each attempt, "bdhs/non_similar@k" (the paper's Fig. 10), else {}."""
+    import data
+
     path = os.path.join(out, "pairs.jsonl")
-    if not os.path.exists(path + ".settings.json"):
+    settings = data.read_settings(path) if os.path.exists(path) else None
+    if settings is None:  # bdhs.py's first line: the settings its pairs were made with
         return {}
-    settings = json.loads(pathlib.Path(path + ".settings.json").read_text())
-    metas = [json.loads(x)["meta"]["bdhs"] for x in open(path) if x.strip()]
+    metas = [json.loads(x)["meta"]["bdhs"] for x in open(path).readlines()[1:] if x.strip()]
     if settings["variant"] == "distort" or not metas:  # one teacher-forced attempt: no similarity
         return {}
     out = {}

@@ -1,5 +1,6 @@
 """BDHS (bdhs.py): the image-token mask, sentence splitting and the yes/no swap, the retry rule, the noise schedule,
-determinism and resume, the sentence embedder (embedder.py) against sentence-transformers, and the main job's pair building."""
+determinism and resume, the settings line of a pairs file, the sentence embedder (embedder.py) against
+sentence-transformers, and the main job's pair building."""
 
 import json
 import os
@@ -201,7 +202,7 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
     bdhs.build_pairs(cfg(tmp_path / "a" / "p.jsonl", 9), base, emb)
     bdhs.build_pairs(cfg(tmp_path / "b" / "p.jsonl", 9), base, emb)
     a, b = (open(tmp_path / d / "p.jsonl").read() for d in "ab")
-    assert a == b and len(a.splitlines()) == 9
+    assert a == b and len(a.splitlines()) == 1 + 9  # its settings line, then the pairs
     bdhs.build_pairs(
         bdhs.Config(n=9, out=str(tmp_path / "s2" / "p.jsonl"), batch_size=3, seed=2), base, emb
     )
@@ -209,16 +210,15 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
     # killed after one batch, with half a line written, or inside the second batch's write (a line
     # and a half of it reached the file): the resumed file equals the uninterrupted one
     lines = a.splitlines(keepends=True)
-    for d, kept in (("c", lines[:3] + [lines[3][:40]]), ("d", lines[:4] + [lines[4][:40]])):
+    for d, kept in (("c", lines[:4] + [lines[4][:40]]), ("d", lines[:5] + [lines[5][:40]])):
         os.makedirs(tmp_path / d)
-        shutil.copy(tmp_path / "a" / "p.jsonl.settings.json", tmp_path / d)  # written first
         with open(tmp_path / d / "p.jsonl", "w") as f:
             f.writelines(kept)
         bdhs.build_pairs(cfg(tmp_path / d / "p.jsonl", 9), base, emb)
         assert open(tmp_path / d / "p.jsonl").read() == a, d
     # other settings into the same file: refused, nothing appended
     other = bdhs.Config(n=9, out=str(tmp_path / "a" / "p.jsonl"), batch_size=3, seed=2)
-    with pytest.raises(ValueError, match=r"p\.jsonl was made with other settings \(seed differ"):
+    with pytest.raises(ValueError, match=r"p\.jsonl was made with other settings: --seed 2 \(the"):
         bdhs.build_pairs(other, base, emb)
     assert open(tmp_path / "a" / "p.jsonl").read() == a
     recs = data.read_pairs(str(tmp_path / "a" / "p.jsonl"))
@@ -226,6 +226,31 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
         {"attempts", "similarity", "visible", "guidance"} <= set(r["meta"]["bdhs"]) for r in recs
     )
     assert all(r["rejected"] != r["chosen"] for r in recs if r["meta"]["bdhs"]["similarity"] < 0.97)
+
+
+def test_pairs_file_keeps_its_settings_inside(base, tmp_path):
+    """bdhs.py --out keeps the user's file name: the settings that made the pairs are its first line (no
+    file beside it), a resume with other settings is refused naming each and both values, a file of
+    pairs without that line is refused, and data.read_pairs reads the pairs with and without it."""
+    out = tmp_path / "mine.jsonl"
+    cfg = bdhs.Config(n=3, out=str(out), batch_size=3, n_bdhs=1, temperature=0.0)
+    bdhs.build_pairs(cfg, base, FakeEmbedder(1), log=lambda *a: None)
+    assert sorted(os.listdir(tmp_path)) == ["images", "mine.jsonl"]  # its images, and no sidecar
+    assert data.read_settings(str(out)) == bdhs.pairs_settings(cfg, 1)
+    recs = data.read_pairs(str(out))
+    assert len(recs) == 3 and all(r["meta"]["bdhs"]["attempts"] == 1 for r in recs)
+    other = bdhs.Config(n=3, out=str(out), batch_size=3, n_bdhs=1, temperature=0.5, eps_s=0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"mine\.jsonl was made with other settings: --eps_s 0\.5 \(the file's: 0\.97\), "
+        r"--temperature 0\.5 \(the file's: 0\.0\): pass another --out",
+    ):
+        bdhs.build_pairs(other, base, FakeEmbedder(1))
+    user = tmp_path / "pairs.jsonl"  # a user's pairs file: no settings line
+    user.write_text("".join(open(out).readlines()[1:]))
+    assert data.read_settings(str(user)) is None and len(data.read_pairs(str(user))) == 3
+    with pytest.raises(ValueError, match=r"pairs\.jsonl: its first line holds no settings"):
+        bdhs.build_pairs(bdhs.Config(n=3, out=str(user), batch_size=3, n_bdhs=1), base)
 
 
 def test_noise_and_distortion_variants_and_external(base, recs):
@@ -305,6 +330,7 @@ def test_bdhs_on_a_llava_hf_folder_samples_only_ids_the_tokenizer_holds(tmp_path
         dict(variant="noise", guidance="sentence", noise_steps=50),
         dict(variant="distort"),
     ]
+    assert {run["variant"] for run in runs} == set(bdhs.VARIANTS)  # every variant runs
     for k, run in enumerate(runs):
         for seed in (0, 1):
             out = tmp_path / f"{k}-{seed}.jsonl"

@@ -318,11 +318,9 @@ def test_bdhs_shares_per_attempt(tmp_path):
         dict(attempts=5, similarity=0.99),
         dict(attempts=1, similarity=1.0),
     ]
+    settings = {"settings": {"variant": "attn", "n_bdhs": 5, "eps_s": 0.97}}
     (out / "pairs.jsonl").write_text(
-        "".join(json.dumps({"meta": {"bdhs": m}}) + "\n" for m in metas)
-    )
-    (out / "pairs.jsonl.settings.json").write_text(
-        json.dumps({"variant": "attn", "n_bdhs": 5, "eps_s": 0.97})
+        "".join(json.dumps(r) + "\n" for r in [settings] + [{"meta": {"bdhs": m}} for m in metas])
     )
     shares = study.bdhs_shares(str(out))
     assert [shares[f"bdhs/non_similar@{k}"] for k in range(1, 6)] == [25.0, 50.0, 50.0, 50.0, 50.0]
