@@ -508,9 +508,10 @@ def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
 
 def test_avg_dpo_is_asked_for(tmp_path, capsys):
     """bdhs.py --source with rejected responses: BDHS's replaces the source's, unless --external true keeps both
-    (Avg-DPO), as study.py's Avg-DPO rows ask; their training then uses three responses per pair."""
+    (Avg-DPO), as scripts/study.py's Avg-DPO rows ask; their training then uses three responses per pair."""
     import shlex
 
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import study
     import train_offline as to
 
