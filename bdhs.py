@@ -328,9 +328,10 @@ def check_settings(out, mine, theirs):
             f"pass another --out or delete it"
         )
     if changed := sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)):
-        names = {f.name for f in fields(Config)}
+        flags = {f.name for f in fields(Config)}  # world_size is not one
         diff = ", ".join(
-            f"{'--' * (k in names)}{k} {mine.get(k)} (the file's: {theirs.get(k)})" for k in changed
+            f"{'--' + k if k in flags else k} {mine.get(k)} (the file's: {theirs.get(k)})"
+            for k in changed
         )
         raise UserError(
             f"{out} was made with other settings: {diff}: pass another --out, or delete it to "
@@ -352,7 +353,7 @@ def resume_pairs(cfg: Config, out, world_size):
             theirs = rec["settings"]
         else:
             good.append(ln)
-    if good:  # no pairs yet: the settings are ours
+    if good:  # pairs already there must have been made with these settings
         check_settings(out, mine, theirs)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".tmp", "w") as f:
