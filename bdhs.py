@@ -28,19 +28,16 @@ from tqdm import tqdm
 
 import data
 import world
+from cli import DTYPES, UserError, atomic_write, config_from_argv, run_main
 from embedder import SentenceEmbedder
 from model import (
-    DTYPES,
     TEMPLATES,
     VLM,
-    UserError,
     check_template,
-    config_from_argv,
     device_generator,
     left_pad,
     max_prompt_tokens,
     rows_that_fit,
-    run_main,
     template_line,
 )
 
@@ -356,9 +353,7 @@ def resume_pairs(cfg: Config, out, world_size):
     if good:  # pairs already there must have been made with these settings
         check_settings(out, mine, theirs)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        f.writelines(ln + "\n" for ln in [json.dumps({"settings": mine})] + good)
-    os.replace(out + ".tmp", out)
+    atomic_write(out, "".join(ln + "\n" for ln in [json.dumps({"settings": mine})] + good))
     return {json.loads(ln)["id"] for ln in good}
 
 

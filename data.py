@@ -21,15 +21,8 @@ import sys
 
 import torch
 
-from model import (
-    TEMPLATES,
-    UserError,
-    UserFileError,
-    load_image,
-    open_image_header,
-    run_main,
-    to_rgb,
-)
+from cli import UserError, UserFileError, run_main
+from model import TEMPLATES, load_image, open_image_header, to_rgb
 
 # -----------------------------------------------------------------------------
 # The native format: checked records, JSONL files, images

@@ -10,7 +10,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from model import UserError, UserKeyError
+from cli import UserError, UserKeyError
 
 # a layer's tensors by role -> their names under encoder.layer.{i}.
 LAYER_NAMES = dict(

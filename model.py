@@ -2,8 +2,9 @@
 
 One file holds the whole model the study aligns: a CLIP or SigLIP vision tower, the LLaVA MLP projector, a Llama /
 Mistral / Qwen2 decoder, LLaVA-1.6 AnyRes tiling, HF-exact image preprocessing, chat templates, a static KV cache with
-batched sampling, LoRA, and safetensors loading/saving in the Hugging Face layout. Module names follow the checkpoint
-keys of transformers' `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration`, so loading is a rename.
+batched sampling and LoRA. Module names follow the checkpoint keys of transformers'
+`LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration`, so loading is a rename (hub.py loads and saves
+checkpoints in the Hugging Face layout; cli.py holds the scripts' command line).
 
     vlm = VLM.from_pretrained("llava-hf/llava-v1.6-vicuna-7b-hf", dtype=torch.bfloat16, device="cuda")
     batch = vlm.prepare(["Describe the image."], [Image.open("cat.png")])
@@ -15,21 +16,19 @@ positions stay unchanged: this is how BDHS (paper §3.4) blinds the model to mos
 """
 
 import contextlib
-import copy
 import functools
-import hashlib
 import json
 import math
 import os
-import pathlib
 import re
-import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cli import DTYPES, UserError, arg_parser, require, run_main
 
 # -----------------------------------------------------------------------------
 # Configs: filled from the checkpoint's own config.json, with transformers' class defaults for absent keys
@@ -150,14 +149,31 @@ def parse_config(raw: dict, path="config.json") -> VLMConfig:
         raise UserError(
             f"{path}: model_type {mt!r} is not supported (expected 'llava' or 'llava_next')"
         )
-    v = raw.get("vision_config") or LLAVA_VISION
+    t = raw.get("text_config") or {"model_type": "llama"}
+    layer = raw.get("vision_feature_layer", -2)
+    return VLMConfig(
+        model_type=mt,
+        vision=parse_vision(raw.get("vision_config") or LLAVA_VISION, path),
+        text=parse_text(t, path),
+        image_token_id=raw.get("image_token_index", raw.get("image_token_id", 32000)),
+        feature_layers=[layer] if isinstance(layer, int) else list(layer),
+        select_strategy=raw.get("vision_feature_select_strategy", "default"),
+        projector_act=raw.get("projector_hidden_act", "gelu"),
+        projector_bias=raw.get("multimodal_projector_bias", True),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings") or t.get("tie_word_embeddings")),
+        grid_pinpoints=raw.get("image_grid_pinpoints", GRID_PINPOINTS)
+        if mt == "llava_next"
+        else [],
+        raw=raw,
+    )
+
+
+def parse_vision(v: dict, path) -> VisionConfig:
+    """config.json's vision_config, with the defaults of its CLIP or SigLIP class for absent keys."""
     vkind = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}.get(v.get("model_type"))
-    if vkind is None:
-        raise UserError(
-            f"{path}: vision_config.model_type {v.get('model_type')!r} is not supported"
-        )
+    require(vkind, f"{path}: vision_config.model_type {v.get('model_type')!r} is not supported")
     v = {**(CLIP_DEFAULTS if vkind == "clip" else SIGLIP_DEFAULTS), **v}
-    vision = VisionConfig(
+    return VisionConfig(
         vkind,
         v["hidden_size"],
         v["intermediate_size"],
@@ -169,7 +185,10 @@ def parse_config(raw: dict, path="config.json") -> VLMConfig:
         v["layer_norm_eps"],
         use_head=vkind == "siglip" and bool(v.get("vision_use_head", True)),
     )
-    t = raw.get("text_config") or {"model_type": "llama"}
+
+
+def parse_text(t: dict, path) -> TextConfig:
+    """config.json's text_config, with the defaults of its Llama, Mistral or Qwen2 class for absent keys."""
     tkind = t.get("model_type")
     if tkind not in TEXT_DEFAULTS:
         raise UserError(
@@ -187,7 +206,7 @@ def parse_config(raw: dict, path="config.json") -> VLMConfig:
     if tkind == "qwen2" and t.get("use_sliding_window"):
         raise UserError(f"{path}: text_config.use_sliding_window=true is not supported for qwen2")
     heads = t["num_attention_heads"]
-    text = TextConfig(
+    return TextConfig(
         tkind,
         t["vocab_size"],
         t["hidden_size"],
@@ -204,22 +223,6 @@ def parse_config(raw: dict, path="config.json") -> VLMConfig:
         mlp_bias=bool(t.get("mlp_bias", False)),
         sliding_window=t.get("sliding_window") if tkind == "mistral" else None,
         hidden_act=t.get("hidden_act", "silu"),
-    )
-    layer = raw.get("vision_feature_layer", -2)
-    return VLMConfig(
-        model_type=mt,
-        vision=vision,
-        text=text,
-        image_token_id=raw.get("image_token_index", raw.get("image_token_id", 32000)),
-        feature_layers=[layer] if isinstance(layer, int) else list(layer),
-        select_strategy=raw.get("vision_feature_select_strategy", "default"),
-        projector_act=raw.get("projector_hidden_act", "gelu"),
-        projector_bias=raw.get("multimodal_projector_bias", True),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings") or t.get("tie_word_embeddings")),
-        grid_pinpoints=raw.get("image_grid_pinpoints", GRID_PINPOINTS)
-        if mt == "llava_next"
-        else [],
-        raw=raw,
     )
 
 
@@ -944,7 +947,7 @@ class VLM(nn.Module):
             TEMPLATES[self.template]["reply"].format(text), add_special_tokens=False
         )
 
-    # -- checkpoints (the work is done by the functions of the Checkpoints section) ------------
+    # -- checkpoints (the work is done in hub.py) ----------------------------------------------
 
     @classmethod
     def from_config(cls, raw: dict, dtype=torch.float32, device="cpu", seed=0):
@@ -956,31 +959,20 @@ class VLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=""):
         """A local HF-layout folder or a hub id: every key and shape checked, tensors streamed one at a time
-        into `dtype` on `device` (peak host memory near one copy of the weights). `template`: one of TEMPLATES,
-        or "" to detect it from the checkpoint's chat template. The stored dtype is kept in `source_dtype`.
-        device "meta": no weight is read; `load_weights(vlm, vlm.folder, ...)` fills the model later (FSDP2:
-        each rank its own shards, after `fully_shard`)."""
-        check_template(template)
-        path = local_folder(path)
-        cfg_path = os.path.join(path, "config.json")
-        try:
-            with open(cfg_path) as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read {cfg_path}: {e}") from e
-        with torch.device("meta"):
-            vlm = cls(parse_config(raw, cfg_path))
-        vlm.folder = path  # the local folder the weights are read from
-        if str(device) != "meta":
-            load_weights(vlm, path, raw, dtype, device)
-        vlm.source_dtype = stored_dtype(path, raw)
-        load_processors(vlm, path, template)
-        return vlm
+        into `dtype` on `device`. `template`: one of TEMPLATES, or "" to detect it from the checkpoint's chat
+        template. The stored dtype is kept in `source_dtype`. device "meta": no weight is read;
+        `hub.load_weights(vlm, vlm.folder, ...)` fills the model later (FSDP2: each rank its own shards, after
+        `fully_shard`). The work is hub.py's."""
+        import hub  # hub imports this file
+
+        return hub.load(path, dtype, device, template, cls)
 
     def save_pretrained(self, out_dir):
         """config.json, model.safetensors (adapters merged, in the source's dtype), and the source's tokenizer and
-        processor files as they were, atomically."""
-        save_checkpoint(self, out_dir)
+        processor files as they were, atomically (hub.save_checkpoint)."""
+        import hub
+
+        hub.save_checkpoint(self, out_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -1212,23 +1204,26 @@ OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (
 )
 
 
-# Decompression bombs: a few KB can declare a 20000 x 20000 image, so headers are checked before
-# decoding. IMAGE_MAX_PIXELS sets the limit (PIL's own, about 179 M pixels, still applies above it).
+# Decompression bombs: a few KB can declare a 20000 x 20000 image, so the size in the header is checked before
+# anything decodes: against PIL's own limit (about 89 M pixels; its warning made an error where images are opened)
+# and against ours, lower by default, which IMAGE_MAX_PIXELS sets.
 MAX_PIXELS = int(os.environ.get("IMAGE_MAX_PIXELS", 40_000_000))
 
 
 def open_image_header(src, name=None):
-    """A PIL image, only its header read; unreadable or over MAX_PIXELS: a ValueError naming it."""
+    """A PIL image, only its header read; unreadable or over the limit: a ValueError naming it."""
     import warnings
+
     from PIL import Image
 
     name = name or src
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(src)
-    except Image.DecompressionBombError as e:
-        raise UserError(f"image {name}: over the limit of {MAX_PIXELS:,} pixels ({e})") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
+        raise UserError(f"image {name}: over the limit of {limit:,} pixels ({e})") from None
     except Exception as e:
         raise UserError(f"cannot read image {name}: {e}") from e
     w, h = im.size
@@ -1491,23 +1486,7 @@ def template_line(vlm):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints in the Hugging Face layout: loading, saving, and the errors that name what is wrong
-
-
-def hf_name(key):
-    """A checkpoint key in any layout in the wild -> our name. Hub checkpoints use `language_model.model.*` (older)
-    or `model.language_model.*` + `lm_head` (newer), with or without `vision_model.` inside the vision tower."""
-    for old, new in (
-        ("language_model.model.", "model.language_model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("vision_tower.", "model.vision_tower."),
-        ("multi_modal_projector.", "model.multi_modal_projector."),
-        ("image_newline", "model.image_newline"),
-        ("model.vision_tower.vision_model.", "model.vision_tower."),
-    ):
-        if key.startswith(old):
-            key = new + key[len(old) :]
-    return key
+# Random weights, for from-scratch training and tests (checkpoints in the Hugging Face layout: hub.py)
 
 
 def init_weights(vlm, std=0.02, seed=0):
@@ -1526,609 +1505,8 @@ def init_weights(vlm, std=0.02, seed=0):
     return vlm
 
 
-def local_folder(path):
-    """A model folder on this machine: a local path as it is, a hub id fetched (or found in the hub cache)."""
-    path = os.path.expanduser(path)
-    if os.path.isdir(path):
-        return path
-    if looks_local(path):
-        raise UserFileError(f"{path}: no such model folder (and not a hub id, which is owner/name)")
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", *CARRIED])
-
-
-def weight_files(path):
-    """The safetensors files of a checkpoint folder: the shards its index names, or model.safetensors."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        return sorted(set(json.loads(pathlib.Path(index).read_text())["weight_map"].values()))
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return ["model.safetensors"]
-    raise UserFileError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def load_weights(vlm, path, raw, dtype, device):
-    """Fills a meta-device model from single or sharded safetensors: each parameter exactly once, each shape equal,
-    every checkpoint key used (or kept in vlm.extra: SigLIP's pooling head, a reward head); errors name the key."""
-    cfg, cfg_path = vlm.cfg, os.path.join(path, "config.json")
-    params = dict(vlm.named_parameters())  # tied weights appear once, under the embedding's name
-    filled = set()
-    for fn in weight_files(path):
-        header, base = st_header(os.path.join(path, fn))
-        with open(os.path.join(path, fn), "rb") as f:
-            for key, info in header.items():
-                name = hf_name(key)
-                if name.endswith("embeddings.position_ids") or (
-                    cfg.tie_word_embeddings and name == "lm_head.weight"
-                ):
-                    continue  # a buffer older exports saved, and a tied copy
-                if (
-                    name.startswith("model.vision_tower.head.") and cfg.vision.use_head
-                ) or name == "score.weight":
-                    vlm.extra[name] = st_read(f, base, info)
-                    continue
-                if name not in params:
-                    raise UserKeyError(
-                        f"{fn}: unexpected key {key!r} (not a parameter of this {cfg.model_type} model)"
-                    )
-                p = params[name]
-                if tuple(info["shape"]) != tuple(p.shape):
-                    raise UserError(
-                        f"{fn}: {key!r} has shape {tuple(info['shape'])}, expected "
-                        f"{tuple(p.shape)}{defaulted_keys(raw, cfg_path)}"
-                    )
-                mod, _, attr = name.rpartition(".")
-                # an FSDP2 DTensor: this rank's rows only, read from the file
-                if hasattr(p, "to_local"):
-                    start, stop = shard_rows(p, name)
-                    # in `dtype` first, as a whole load: what trains is then fp32
-                    with torch.no_grad():
-                        p.to_local().copy_(
-                            st_read(f, base, info, (start, stop)).to(dtype).to(p.dtype)
-                        )
-                    filled.add(name)
-                    continue
-                tensor = st_read(f, base, info).to(device=device, dtype=dtype)
-                vlm.get_submodule(mod)._parameters[attr] = nn.Parameter(
-                    tensor, requires_grad=p.requires_grad
-                )
-                filled.add(name)
-    adapters = {
-        n for n in params if n.rpartition(".")[2] in ("lora_A", "lora_B")
-    }  # never in a checkpoint
-    if missing := sorted(set(params) - filled - adapters):
-        raise UserKeyError(
-            f"{path}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}"
-        )
-    if (
-        cfg.tie_word_embeddings
-        and vlm.lm_head.weight is not vlm.model.language_model.embed_tokens.weight
-    ):
-        vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
-
-
-def shard_rows(p, name="a parameter"):
-    """The rows [start, stop) of dim 0 that an FSDP2 DTensor parameter keeps on this rank: Shard(0) cuts
-    as torch.chunk does (ceil(rows / shards) each, the last ones shorter or empty), on the mesh's shard
-    dimension; Replicate() dimensions (HSDP's nodes) hold the same rows."""
-    rows = p.shape[0]
-    start = 0
-    stop = rows
-    for dim, place in enumerate(p.placements):
-        if not place.is_shard():
-            continue  # Replicate(): HSDP's nodes hold the same rows
-        if place.dim != 0:
-            raise ValueError(
-                f"{name}: sharded on dim {place.dim}; only dim-0 shards are read in slices"
-            )
-        chunk = math.ceil(rows / p.device_mesh.size(dim))
-        start = min(rows, chunk * p.device_mesh.get_local_rank(dim))
-        stop = min(rows, start + chunk)
-    # FSDP2 cut otherwise than assumed: stop, not load wrong rows
-    if p.to_local().shape[0] != stop - start:
-        raise RuntimeError(
-            f"{name}: this rank holds {p.to_local().shape[0]} of its {rows} rows, expected "
-            f"rows {start}..{stop}"
-        )
-    return start, stop
-
-
-def stored_dtype(path, raw):
-    """The dtype a checkpoint's weights are stored in (the floating dtype holding the most elements), which a
-    save writes back; config.json's `dtype` (`torch_dtype` in older files) only where no tensor is floating."""
-    counts = {}
-    for fn in weight_files(path):
-        for info in st_header(os.path.join(path, fn))[0].values():
-            dt = ST_DTYPES[info["dtype"]]
-            if dt.is_floating_point:
-                counts[dt] = counts.get(dt, 0) + math.prod(info["shape"])
-    if counts:
-        return max(counts, key=counts.get)
-    return getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32")
-
-
-# the tokenizer and processor files a checkpoint may carry: each is copied byte for byte into every save,
-# so that the aligned model replaces the original (chat_template.jinja is where transformers 5 keeps it)
-CARRIED = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "generation_config.json",
-)
-# where a chat template is looked up, first found first: the processor's files (a VLM's apply_chat_template
-# is the processor's), then the tokenizer's
-TEMPLATE_FILES = (
-    "chat_template.jinja",
-    "chat_template.json",
-    "processor_config.json",
-    "tokenizer_config.json",
-)
-
-
-def chat_template_text(files, path):
-    """The checkpoint's chat template text and the file holding it, or ("", "") when it has none."""
-    for fn in TEMPLATE_FILES:
-        if fn not in files:
-            continue
-        if fn.endswith(".jinja"):
-            return files[fn].decode(), os.path.join(path, fn)
-        try:
-            t = json.loads(files[fn]).get("chat_template")
-        except (ValueError, AttributeError) as e:
-            raise UserError(f"{os.path.join(path, fn)}: not a JSON object ({e})") from None
-        # named templates, [{"name": ..., "template": ...}]: the default one
-        if isinstance(t, list):
-            t = {d.get("name"): d.get("template") for d in t}
-        if isinstance(t, dict):
-            t = t.get("default")
-        if t:
-            return t, os.path.join(path, fn)
-    return "", ""
-
-
-def load_processors(vlm, path, template=""):
-    """The tokenizer, image processor, chat template and the other small files a checkpoint carries."""
-    from tokenizers import Tokenizer
-
-    folder = pathlib.Path(path)
-    paths = [folder / fn for fn in CARRIED] + sorted(
-        folder.glob("additional_chat_templates/*.jinja")
-    )
-    vlm.files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in paths if p.is_file()}
-    tok = os.path.join(path, "tokenizer.json")
-    vlm.tokenizer = Tokenizer.from_file(tok) if os.path.exists(tok) else MissingTokenizer(path)
-    pp = json.loads(vlm.files.get("preprocessor_config.json", "null")) or json.loads(
-        vlm.files.get("processor_config.json", "{}")
-    ).get("image_processor")  # transformers 5 nests it
-    vlm.image_processor = (
-        ImageProcessor(pp, vlm.cfg.grid_pinpoints) if pp else ImageProcessor.default_for(vlm.cfg)
-    )
-    text, source = chat_template_text(vlm.files, path)
-    if template:
-        vlm.template, vlm.template_source = template, "--template"
-    else:
-        vlm.template = guess_template(vlm.cfg, vlm.tokenizer, text, source)
-        vlm.template_source = (
-            source or f"its {vlm.cfg.text.kind} architecture: no chat template in {path}"
-        )
-
-
-def hf_state_dict(vlm, dtype=None):
-    """Tensors as transformers names them, adapters merged (in fp32), tied head left out; floating tensors
-    cast to `dtype` (None: as they are)."""
-
-    def host(t):  # cast where the tensor is, then copy: the host holds it once, in the saved dtype
-        t = t.detach()
-        return (
-            (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().cpu()
-        )
-
-    sd = {k: host(v) for k, v in vlm.extra.items()}
-    for name, mod in vlm.named_modules():
-        for attr, p in mod.named_parameters(recurse=False):
-            key = f"{name}.{attr}" if name else attr
-            if attr.startswith("lora_") or (
-                key == "lm_head.weight" and vlm.cfg.tie_word_embeddings
-            ):
-                continue
-            if attr == "weight" and isinstance(mod, LoRALinear):
-                p = mod.merged_weight(dtype)
-            sd[key] = host(p)
-    # the hub's layout keeps the tower's `vision_model.` level, which our module tree flattens
-    return {
-        k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v
-        for k, v in sd.items()
-    }
-
-
-def save_checkpoint(vlm, out_dir):
-    """Writes the checkpoint into a temporary folder, then swaps it in for out_dir
-    (recover_checkpoint mends a kill between renames); a disk error names the file."""
-    out_dir = out_dir.rstrip("/")
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    # the source's dtype (a bf16 checkpoint stays bf16); every dtype key of the config says it: `dtype`,
-    # `torch_dtype` for older readers (absent, they read float32), and those of the sub-configs
-    dtype = vlm.source_dtype or vlm.lm_head.weight.dtype
-    name = str(dtype).removeprefix("torch.")
-    raw = copy.deepcopy(vlm.cfg.raw)
-    raw["dtype"] = name
-    if "torch_dtype" in raw or dtype != torch.float32:
-        raw["torch_dtype"] = name
-    for sub in (raw.get("text_config"), raw.get("vision_config")):
-        for k in ("dtype", "torch_dtype"):
-            if isinstance(sub, dict) and k in sub:
-                sub[k] = name
-    raw.setdefault(
-        "architectures",
-        [
-            "LlavaNextForConditionalGeneration"
-            if vlm.cfg.model_type == "llava_next"
-            else "LlavaForConditionalGeneration"
-        ],
-    )
-    files = {"config.json": json.dumps(raw, indent=2)} | vlm.files
-    if "processor_config.json" not in files:
-        files.setdefault("preprocessor_config.json", json.dumps(vlm.image_processor.raw, indent=2))
-    target = tmp
-    try:
-        os.makedirs(tmp)
-        target = os.path.join(tmp, "model.safetensors")
-        st_write(hf_state_dict(vlm, vlm.source_dtype), target, metadata={"format": "pt"})
-        # a model built here: its tokenizer object
-        if vlm.tokenizer and "tokenizer.json" not in files:
-            target = os.path.join(tmp, "tokenizer.json")
-            vlm.tokenizer.save(target)
-        for fn, content in files.items():  # the source's files as they were (bytes), ours as text
-            target = os.path.join(tmp, fn)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb" if isinstance(content, bytes) else "w") as f:
-                f.write(content)
-    except OSError as e:  # e.g. ENOSPC: free what was written, so that a later save can fit
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"cannot write {target}: {e.strerror or e}") from e
-    old = f"{out_dir}.old{os.getpid()}"
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_checkpoint(path):
-    """Removes what killed saves left beside `path`; a kill between the renames left the previous
-    checkpoint only as path.old<pid>, which is moved back first."""
-    path = path.rstrip("/")
-    parent, base = os.path.split(path)
-    left = [
-        os.path.join(parent, d)
-        for d in os.listdir(parent or ".")
-        if d.startswith((base + ".tmp", base + ".old")) and d[len(base) + 4 :].isdigit()
-    ]
-    olds = [
-        d
-        for d in left
-        if d[len(path) :].startswith(".old") and os.path.isfile(os.path.join(d, "config.json"))
-    ]
-    if not os.path.exists(path) and olds:
-        os.replace(max(olds, key=os.path.getmtime), path)
-    for d in left:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def folder_hash(path):
-    """A model's name, and the bytes of its files when it is a local folder: the key of what is cached from it."""
-    h = hashlib.sha256(path.encode())
-    if os.path.isdir(path):
-        for fn in sorted(f for f in os.listdir(path) if f.endswith((".json", ".safetensors"))):
-            with open(os.path.join(path, fn), "rb") as f:
-                h.update(hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()
-
-
-def source_bytes(*names):
-    """The bytes of this project's files `names`: in a cache key, code changes make new keys."""
-    return b"".join(pathlib.Path(__file__).resolve().with_name(name).read_bytes() for name in names)
-
-
-CACHE_ENV = "MMALIGN_CACHE"  # overrides the cache folder (the tests point it at a temporary one)
-
-
-def cache_home():
-    """The folder every run's caches share (reference log-probs, BDHS pairs, base reports), never
-    the current directory: $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign."""
-    if os.environ.get(CACHE_ENV):
-        return os.path.abspath(os.path.expanduser(os.environ[CACHE_ENV]))
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(base):  # unset, or relative: the XDG spec says to ignore a relative one
-        base = os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mmalign")
-
-
-def looks_local(name):
-    """A model name that can only mean a local folder: a hub id is `name` or `owner/name`, never
-    ./x, /x, ~/x, a deeper path, an existing file or one whose parent folder exists here."""
-    parent = os.path.dirname(name)
-    return (
-        name.startswith((".", "/", "~", "runs" + os.sep))
-        or os.path.exists(name)
-        or len(name.replace(os.sep, "/").split("/")) > 2
-        or (parent != "" and os.path.isdir(parent))
-    )
-
-
-def defaulted_keys(raw, path):
-    """For a shape error: size keys config.json leaves out, which transformers' defaults filled."""
-    keys = ("hidden_size", "intermediate_size", "num_attention_heads")
-    miss = [
-        f"{part}.{k}"
-        for part in ("vision_config", "text_config")
-        if isinstance(raw.get(part), dict)
-        for k in keys
-        if k not in raw[part]
-    ]
-    return f" ({path} has no {', '.join(miss)}: transformers' defaults were used)" if miss else ""
-
-
-class MissingTokenizer:
-    """Stands in for a missing tokenizer.json: the weights load and run, text fails naming it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __bool__(self):
-        return False
-
-    def __getattr__(self, name):
-        if name.startswith("__"):  # copy / pickle probing for optional hooks
-            raise AttributeError(name)
-        raise UserFileError(
-            f"{self.path}: no tokenizer.json, so this model cannot encode or "
-            f"decode text; copy the checkpoint's tokenizer.json there"
-        )
-
-
 # -----------------------------------------------------------------------------
-# safetensors, streamed: one tensor at a time through plain reads/writes, so loading a checkpoint costs one copy of
-# the weights plus the largest tensor (a memory map would add every page it touches to the resident set)
-
-ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def st_header(path):
-    """The JSON header of a .safetensors file ({key: {dtype, shape, data_offsets}}) and where its data starts."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or not 2 <= n <= size - 8:  # bounded by the file: a bad length costs no memory
-            raise UserError(
-                f"{path}: not a safetensors file, or truncated (header length {n}, "
-                f"file size {size})"
-            )
-        try:
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-        except (ValueError, AttributeError) as e:  # not JSON (or not UTF-8), or not a JSON object
-            raise UserError(f"{path}: malformed safetensors header ({e})") from None
-    return header, 8 + n
-
-
-def st_read(f, base, info, rows=None):
-    """Reads one tensor's bytes straight into a fresh CPU tensor; `rows` (start, stop): those of its first
-    dimension only (a rank's shard), which are contiguous in the file."""
-    shape = list(info["shape"])
-    start, end = info["data_offsets"]
-    if rows is not None:
-        row = math.prod(shape[1:]) * ST_DTYPES[info["dtype"]].itemsize  # bytes per row
-        if row * shape[0] != end - start:
-            raise UserError(f"{f.name}: tensor data is truncated or inconsistent")
-        end = start + rows[1] * row
-        start = start + rows[0] * row
-        shape[0] = rows[1] - rows[0]
-    t = torch.empty(shape, dtype=ST_DTYPES[info["dtype"]])
-    if t.numel():
-        f.seek(base + start)
-        buf = t.view(-1).view(torch.uint8).numpy()
-        if f.readinto(memoryview(buf)) != end - start or buf.nbytes != end - start:
-            raise UserError(f"{f.name}: tensor data is truncated or inconsistent")
-    return t
-
-
-def st_write(tensors: dict, path, metadata=None):
-    """Writes tensors in the safetensors format (8-byte header length, JSON header padded to 8, raw data)."""
-    names = {v: k for k, v in ST_DTYPES.items()}
-    header, off = {"__metadata__": metadata or {}}, 0
-    for k, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[k] = {
-            "dtype": names[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [off, off + n],
-        }
-        off += n
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h)
-        for t in tensors.values():
-            if t.numel():
-                # a copy: numpy() pins a storage's size, and FSDP must free its gathered parameters afterwards
-                f.write(t.detach().cpu().clone().view(-1).view(torch.uint8).numpy().tobytes())
-
-
-# -----------------------------------------------------------------------------
-# Command lines: every script's @dataclass Config becomes its argparse CLI; try a checkpoint with `python model.py`
-
-
-class UserError(ValueError):
-    """A mistake in a flag, file, record or checkpoint, not a bug: a script prints it as one line and exits 2."""
-
-
-class UserFileError(UserError, FileNotFoundError):
-    """A UserError about a file or folder (missing, unwritable), still caught as the OSError it is."""
-
-
-class UserKeyError(UserError, KeyError):
-    """A UserError about a checkpoint's tensor names, still caught as the KeyError it is."""
-
-
-def run_main(main):
-    """Every script's __main__: a UserError is one `error: ...` line (rank 0) and exit status 2.
-    Anything else is a bug and keeps its traceback; `main(argv)` itself still raises, for tests."""
-    import sys
-
-    try:
-        main()
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-DTYPES = ("float32", "bfloat16", "float16")  # --dtype's choices
-
-
-def parse_bool(s):
-    """A yes/no flag's value: a typo (`--resume ture`) is an error, never a silent false."""
-    import argparse
-
-    v = s.lower()
-    if v not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a yes/no value (true/false, 1/0, yes/no)")
-    return v in ("1", "true", "yes")
-
-
-def field_comments(cls):
-    """{field: its trailing `# comment`}, from the class's source: each flag's help. A comment-only
-    line aligned under a field's comment continues it; one at the fields' own indent does not."""
-    import ast
-    import inspect
-    import io
-    import textwrap
-    import tokenize
-
-    src = textwrap.dedent(inspect.getsource(cls))
-    comments, code = {}, set()  # row -> (column, text); rows holding code
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
-        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
-            code.update(range(tok.start[0], tok.end[0] + 1))
-    out = {}
-    for node in ast.parse(src).body[0].body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        row = node.end_lineno
-        if row not in comments:
-            continue
-        text = [comments[row][1]]
-        while (
-            row + 1 in comments and row + 1 not in code and comments[row + 1][0] > node.col_offset
-        ):
-            row += 1
-            text.append(comments[row][1])
-        out[node.target.id] = " ".join(text)
-    return out
-
-
-def field_choices(cls):
-    """{field: its allowed values}, for the fields annotated `typing.Literal[...]`."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    return {
-        k: typing.get_args(t) for k, t in hints.items() if typing.get_origin(t) is typing.Literal
-    }
-
-
-def check_config(cfg):
-    """UserError naming the flag unless every value in the Config's BOUNDS holds, e.g.
-    `BOUNDS = dict(batch_size=">= 1", rho=">= 0, <= 1")`."""
-    import operator
-
-    ops = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-    for name, bound in getattr(cfg, "BOUNDS", {}).items():
-        value = getattr(cfg, name)
-        for cond in bound.split(","):
-            op, limit = cond.split()
-            if not ops[op](value, float(limit)):
-                raise UserError(f"--{name} {value}: must be {bound}")
-    return cfg
-
-
-def arg_parser(**kw):
-    """An ArgumentParser whose errors raise UserError (main(argv) raises; run_main prints one line).
-    Abbreviations are off: `--lr` must never silently mean another flag that starts alike."""
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UserError(f"{message} (see --help)")
-
-    return Parser(formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False, **kw)
-
-
-def flag_parser(cls, doc=None):
-    """argparse for a dataclass: `--name value` (or `--name=value`) per field, helped by its comment,
-    default, choices and bounds; only the flags given land in the namespace, and errors raise."""
-    import argparse
-    import dataclasses
-
-    ap = arg_parser(description=doc, argument_default=argparse.SUPPRESS)
-    comments, choices, bounds = field_comments(cls), field_choices(cls), getattr(cls, "BOUNDS", {})
-    for f in dataclasses.fields(cls):
-        kind = type(f.default)
-        default = repr(f.default) if f.default == "" else f.default
-        notes = [f"default: {default}"] + ([bounds[f.name]] if f.name in bounds else [])
-        help = (comments.get(f.name, "") + f" ({'; '.join(notes)})").strip().replace("%", "%%")
-        opts = (
-            dict(choices=choices[f.name])
-            if f.name in choices
-            else dict(metavar=kind.__name__.upper())
-        )
-        ap.add_argument(f"--{f.name}", type=parse_bool if kind is bool else kind, help=help, **opts)
-    return ap
-
-
-def flags_from_argv(cls, argv=None, doc=None):
-    """{name: value} of the flags given on the command line (`argv`, else sys.argv)."""
-    return vars(flag_parser(cls, doc).parse_args(argv))
-
-
-def config_from_argv(cls, argv=None, doc=None):
-    """argparse generated from a dataclass: each field is `--name value` (or `--name=value`) with its
-    default; choices and bounds are checked here, before anything loads."""
-    return check_config(cls(**flags_from_argv(cls, argv, doc)))
-
-
-def non_defaults(cfg):
-    """The settings of a run that differ from its script's defaults (what a run prints)."""
-    import dataclasses
-
-    return {
-        f.name: getattr(cfg, f.name)
-        for f in dataclasses.fields(cfg)
-        if getattr(cfg, f.name) != f.default
-    }
+# Try a checkpoint: `python model.py --model NAME --image FILE`
 
 
 def main(argv=None):

@@ -5,8 +5,8 @@ import json
 import os
 import random
 
+from cli import UserError, UserFileError, arg_parser, run_main
 from data import check_pair, load_pairs, write_pairs
-from model import UserError, UserFileError, arg_parser, run_main
 
 # -----------------------------------------------------------------------------
 # Converters (paper Table 1). Images: RLHF-V's parquet holds them; the others name files in

@@ -46,12 +46,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
+import cli
 import data
 import eval as ev
+import hub
 import losses
 import model as M
 import world
-from model import VLM, non_defaults
+from cli import non_defaults
+from model import VLM
 
 
 # --data built from the world, not read
@@ -90,7 +93,7 @@ class Config:
                                                  # the adapters off, every step
     cache_dir: str = ""          # reference log-probs, BDHS pairs, base reports, shared by runs; "":
                                  # $MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign, else ~/.cache/mmalign
-    dtype: Literal[M.DTYPES] = "float32"  # the frozen base stored in it and the autocast dtype; what
+    dtype: Literal[cli.DTYPES] = "float32"  # the frozen base stored in it and the autocast dtype; what
                                           # trains, AdamW's moments and log-probs stay fp32 (float16: refused)
     grad_ckpt: bool = False      # recompute each decoder layer in the backward pass
     fsdp: bool = False           # shard parameters, gradients and optimizer state (FSDP2); else DDP
@@ -350,7 +353,7 @@ def load_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     nval = min(200, len(items) // 10)
     if len(items) - nval < cfg.batch_size:
-        raise M.UserError(
+        raise cli.UserError(
             f"--data {cfg.data}: {len(items) - nval} training pairs, fewer than one batch of "
             f"{cfg.batch_size} (of {stats['pairs']} records, {stats['ties']} have chosen == rejected, "
             f"{stats['too_long']} do not fit --max_length {cfg.max_length}; {nval} held out)"
@@ -374,9 +377,9 @@ def bdhs_pairs(cfg: Config, vlm: VLM, ranks, pm=None):
         external=cfg.data == "bdhs+world",  # Avg-DPO: the world's rejected and BDHS's
         template=cfg.template,
     )
-    code = M.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
+    code = hub.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
     key = hashlib.sha256(
-        (M.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code
+        (hub.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code
     )
     bc.out = os.path.join(cfg.cache_dir, f"bdhs-{key.hexdigest()[:16]}", "pairs.jsonl")
     ranks.print(f"BDHS pairs: {bc.out}")
@@ -396,7 +399,9 @@ def fingerprint(cfg: Config, items):
     """The reference cache's key: the model's files and dtype, each pair's tokens and images."""
     # "/amp": not the key of an older bf16 cache, whose reference ran outside autocast; fp32 keys unchanged
     h = hashlib.sha256(
-        (M.folder_hash(cfg.model) + cfg.dtype + ("/amp" if cfg.dtype != "float32" else "")).encode()
+        (
+            hub.folder_hash(cfg.model) + cfg.dtype + ("/amp" if cfg.dtype != "float32" else "")
+        ).encode()
     )
     for it in items:
         h.update(json.dumps([it["prompt"], it["responses"]]).encode())
@@ -604,13 +609,13 @@ def sharded_policy(cfg, ranks, head):
                 for p, q in zip(mine.parameters(), drawn.parameters()):
                     fill_rows(p, q)
     # each rank its rows of each tensor
-    M.load_weights(vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device)
+    hub.load_weights(vlm, vlm.folder, vlm.cfg.raw, dtype, ranks.device)
     return pm
 
 
 def fill_rows(p, full):
     """Copies this rank's rows of `full` (the whole tensor, on the host) into FSDP2 parameter p's shard."""
-    start, stop = M.shard_rows(p)
+    start, stop = hub.shard_rows(p)
     p.to_local().copy_(full[start:stop])
 
 
@@ -684,7 +689,7 @@ def load_state(path, mmap=False):
     try:
         return torch.load(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise M.UserError(
+        raise cli.UserError(
             f"--resume: refused to load {path}: it holds more than tensors and plain values, "
             f"which a training state never does ({str(e).splitlines()[0]})"
         ) from None
@@ -694,31 +699,31 @@ def resumable_config(cls, argv=None, doc=None):
     """The Config of the flags; with `--resume true`, the settings kept in out_dir's training state fill
     the flags not given, before anything loads. A flag given with another value than the run's is an
     error naming both values (but the VOLATILE ones, free to change between a run's legs)."""
-    given = M.flags_from_argv(cls, argv, doc)
-    cfg = M.check_config(cls(**given))
+    given = cli.flags_from_argv(cls, argv, doc)
+    cfg = cli.check_config(cls(**given))
     if not cfg.resume:
         return cfg
     state = os.path.join(cfg.out_dir, "state.pt")
     rank = int(os.environ.get("RANK", 0))
     # rank 0 decides: there is no process group yet to ask it
     if rank == 0 and not os.path.exists(state):
-        raise M.UserFileError(f"--resume: no training state at {state}")
+        raise cli.UserFileError(f"--resume: no training state at {state}")
     try:
         saved = load_state(state, mmap=True)["config"]  # the weights stay unread
     except FileNotFoundError:  # rank 0 found it: this node does not share out_dir
-        raise M.UserFileError(
+        raise cli.UserFileError(
             f"--resume: rank {rank} cannot read {state}, which rank 0 sees: --out_dir must "
             f"be a folder shared by every node"
         ) from None
     if changed := [
         k for k, v in given.items() if k in saved and k not in VOLATILE and saved[k] != v
     ]:
-        raise M.UserError(
+        raise cli.UserError(
             f"--resume: {state} was written with other settings: "
             + ", ".join(f"--{k} {given[k]} (the run's: {saved[k]})" for k in changed)
         )
     names = {f.name for f in dataclasses.fields(cls)}  # a setting since removed is dropped
-    return M.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given)))
+    return cli.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given)))
 
 
 class Checkpoint:
@@ -737,12 +742,12 @@ class Checkpoint:
         if changed := sorted(
             k for k, v in st["config"].items() if k not in VOLATILE and getattr(self.cfg, k, v) != v
         ):
-            raise M.UserError(
+            raise cli.UserError(
                 f"--resume: {self.state} was written with different settings: {changed}"
             )
         want = {n for n, p in self.pm.named_parameters() if p.requires_grad}
         if odd := sorted(set(st["model"]) ^ want):  # strict=False below would skip them silently
-            raise M.UserError(
+            raise cli.UserError(
                 f"--resume: {self.state} does not hold this model's trainable tensors: "
                 f"{len(odd)} differ, e.g. {odd[:3]}"
             )
@@ -992,17 +997,17 @@ def setup(cfg):
     """Before any compute: the process group, the non-default settings, flag and out_dir checks."""
     ranks = Ranks()
     ranks.print(f"settings other than the defaults: {json.dumps(non_defaults(cfg))}")
-    cfg.cache_dir = cfg.cache_dir or M.cache_home()
-    ranks.print(f"cache: {cfg.cache_dir} (--cache_dir, ${M.CACHE_ENV})")
+    cfg.cache_dir = cfg.cache_dir or hub.cache_home()
+    ranks.print(f"cache: {cfg.cache_dir} (--cache_dir, ${hub.CACHE_ENV})")
     if cfg.data not in WORLD_DATA:
         data.check_spec(cfg.data)
     if cfg.batch_size % (ranks.W * cfg.grad_accum):
-        raise M.UserError(
+        raise cli.UserError(
             f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
             f"{ranks.W * cfg.grad_accum}"
         )
     if cfg.ref == "lora_off" and (cfg.lr_projector > 0 or not cfg.lora_r):
-        raise M.UserError(
+        raise cli.UserError(
             "--ref lora_off needs --lora_r > 0 and --lr_projector 0: switching the adapters off "
             "gives back the reference model only if nothing else trains"
         )
@@ -1012,14 +1017,14 @@ def setup(cfg):
         "float32",
         "bfloat16",
     ):
-        raise M.UserError(
+        raise cli.UserError(
             f"--dtype {cfg.dtype!r}: expected float32 or bfloat16 (float16 is not supported: its "
             f"gradients would underflow without loss scaling; bfloat16 has float32's range)"
         )
     state = os.path.join(cfg.out_dir, "state.pt")
     has_state = ranks.broadcast(os.path.exists(state))  # rank 0's view decides for all
     if not cfg.resume and not cfg.overwrite and has_state:
-        raise M.UserError(
+        raise cli.UserError(
             f"--out_dir {cfg.out_dir} already holds a run ({state}): pass --resume true to continue "
             f"it, --overwrite true to replace it, or another --out_dir"
         )
@@ -1030,7 +1035,7 @@ def setup(cfg):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise M.UserFileError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
+        raise cli.UserFileError(f"--out_dir {cfg.out_dir}: cannot write there ({e})") from None
     # rank 0 writes the checkpoint, every rank resumes from it
     ranks.check_shared(cfg.out_dir, "--out_dir")
     # each rank writes its share of the pairs, and reads them all
@@ -1041,9 +1046,9 @@ def setup(cfg):
         os.makedirs(cfg.cache_dir, exist_ok=True)
         ranks.check_shared(cfg.cache_dir, "--cache_dir")
     if ranks.rank == 0:
-        M.recover_checkpoint(os.path.join(cfg.out_dir, "checkpoint"))
+        hub.recover_checkpoint(os.path.join(cfg.out_dir, "checkpoint"))
     return ranks
 
 
 if __name__ == "__main__":
-    M.run_main(main)
+    cli.run_main(main)

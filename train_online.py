@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 import bdhs
+import cli
 import data
 import eval as ev
 import losses
@@ -106,7 +107,7 @@ class Config:
     lora_r: int = 16              # LoRA rank on every LLM linear (the reference: the adapters off)
     lora_alpha: float = 32.0      # LoRA's scale is lora_alpha / lora_r
     warmup: int = 10              # linear warm-up steps, then cosine decay to 0
-    dtype: Literal[M.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
+    dtype: Literal[cli.DTYPES] = "float32"  # autocast dtype of the forward; weights and log-probs stay fp32
     fsdp: bool = False            # shard parameters, gradients and optimizer state (FSDP2); else DDP
     save_every: int = 50          # steps between saves of the training state; the last step saves it and the
                                   # merged checkpoint
@@ -140,7 +141,7 @@ def main(argv=None):
         need = cfg.algo == "mixed-dpo" or (cfg.algo == "online-bdhs" and cfg.external)
         recs = data.load_pairs(cfg.data, cfg.image_root, need_rejected=need)
     if len(recs) < cfg.batch_size:
-        raise M.UserError(
+        raise cli.UserError(
             f"--data {cfg.data}: {len(recs)} prompts, fewer than one batch of {cfg.batch_size}"
         )
     if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward: before sampling
@@ -217,7 +218,7 @@ def main(argv=None):
         if stalled == STALL:  # rec and weight are summed over ranks: every rank stops here
             bar.close()
             log.close()
-            raise M.UserError(
+            raise cli.UserError(
                 f"--annotator {cfg.annotator}: no training signal for {STALL} steps in a row (to step {step}): "
                 f"every pair was a tie or an unparsed reply (ties {drop_shares(rec).get('ties', '-')}, "
                 f"unparsed {drop_shares(rec).get('unparsed', '-')}), so the loss and its gradient are 0. "
@@ -248,12 +249,12 @@ def check(cfg: Config):
         data.check_spec(cfg.data)
     cfg.samples = cfg.samples or SAMPLES[cfg.algo]
     if cfg.samples < 2 and cfg.algo in ("rloo", "online-dpo", "mixed-dpo"):
-        raise M.UserError(f"--algo {cfg.algo} needs --samples >= 2")
+        raise cli.UserError(f"--algo {cfg.algo} needs --samples >= 2")
     if cfg.samples != 2 and cfg.annotator.startswith("judge:"):
-        raise M.UserError("--annotator judge compares two responses: --samples must be 2")
+        raise cli.UserError("--annotator judge compares two responses: --samples must be 2")
     # BDHS asks no annotator
     if cfg.annotator == "rule" and cfg.data != "world" and cfg.algo != "online-bdhs":
-        raise M.UserError(
+        raise cli.UserError(
             f"--annotator rule (the default) is the world's verifier: it scores the world's scenes "
             f"only, not --data {cfg.data}; pass --annotator rm:PATH, judge:PATH or api:MODEL"
         )
@@ -307,7 +308,7 @@ class RewardModel:
     def __init__(self, path, device):
         vlm = VLM.from_pretrained(path, device=device)
         if "score.weight" not in vlm.extra:
-            raise M.UserError(
+            raise cli.UserError(
                 f"{path}: no score.weight (reward head); train one with train_offline.py --loss rm"
             )
         self.pm = PairModel(vlm, head="reward").to(device).eval()
@@ -399,18 +400,21 @@ class Judge:
 
 class Endpoint:
     """An OpenAI-compatible endpoint ($JUDGE_BASE_URL; the key only from $JUDGE_API_KEY, not saved):
-    a request per pair (JUDGE) or response (RATE), through eval.JudgeClient's retries and cache."""
+    a request per pair (JUDGE) or response (RATE), through benchmarks.JudgeClient's retries and cache."""
 
     def __init__(self, model, cache, threads):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.client, self.pool = ev.JudgeClient(cache, model=model), ThreadPoolExecutor(threads)
+        from benchmarks import JudgeClient, image_part  # the LLM-judge client
+
+        self.client = JudgeClient(cache, model=model)
+        self.pool, self.image_part = ThreadPoolExecutor(threads), image_part
 
     def ask(self, recs, texts):
         """texts[i] with recs[i]'s image -> the replies, in order; a repeated request goes once."""
 
         def one(key):
-            content = [{"type": "text", "text": key[1]}, ev.image_part(jobs[key]["image"])]
+            content = [{"type": "text", "text": key[1]}, self.image_part(jobs[key]["image"])]
             return self.client([{"role": "user", "content": content}], JUDGE_TOKENS, 0.0)
 
         jobs = {(id(r), t): r for r, t in zip(recs, texts)}
@@ -442,7 +446,7 @@ def annotator(cfg: Config, device):
             lambda recs, texts: [[world.rule_score(t, r) for t in ts] for r, ts in zip(recs, texts)]
         ), None
     if kind in ("rm", "judge", "api") and not path:
-        raise M.UserError(
+        raise cli.UserError(
             f"--annotator {kind}:"
             + (
                 "MODEL needs the served model's name"
@@ -452,7 +456,7 @@ def annotator(cfg: Config, device):
         )
     if kind == "api":
         if not os.environ.get("JUDGE_BASE_URL"):  # never a silent default host for training images
-            raise M.UserError(
+            raise cli.UserError(
                 f"--annotator {cfg.annotator}: set JUDGE_BASE_URL to the endpoint serving {path} "
                 "(and JUDGE_API_KEY if it needs a key)"
             )
@@ -467,12 +471,12 @@ def annotator(cfg: Config, device):
         return RewardModel(path, device), None
     if kind == "judge":
         if cfg.algo in ("ppo", "rloo"):
-            raise M.UserError(
+            raise cli.UserError(
                 "--annotator judge gives pairwise choices, not rewards: PPO and RLOO need rule, "
                 "rm:PATH or api:MODEL"
             )
         return None, Judge(path, device)
-    raise M.UserError(
+    raise cli.UserError(
         f"--annotator {cfg.annotator!r}: expected rule, rm:PATH, judge:PATH or api:MODEL"
     )
 
@@ -665,7 +669,7 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
         xs += [v for s in got for v in s if v is not None]  # unreadable ratings are left out
     s = ranks.gather_sums({"s": [sum(xs), len(xs)], "s2": [sum(x * x for x in xs), 0]})
     if not s["s"][1]:
-        raise M.UserError(
+        raise cli.UserError(
             f"--annotator {cfg.annotator}: no readable rating among the starting policy's samples, so "
             "the rewards cannot be normalised; check the annotator's replies"
         )
@@ -681,4 +685,4 @@ def reward_norm(cfg: Config, pm, recs, scorer, ranks, amp):
 
 
 if __name__ == "__main__":
-    M.run_main(main)
+    cli.run_main(main)

@@ -31,7 +31,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model import config_from_argv, format_chat, run_main
+from cli import config_from_argv, run_main
+from model import format_chat
 
 # -----------------------------------------------------------------------------
 # The rules: categories, usual pairs, typical colours, positions

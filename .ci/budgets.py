@@ -2,7 +2,8 @@
 pytest: budgets are for this repository's own growth, and a fork's quick idea should not fail a test.
 
 It fails, one line per problem, when a top-level *.py file has no budget in the README's file table, a file is over
-its budget, the files together are over the table's total, or a function is over the limit in pyproject.toml
+its budget, the files together are over the table's total, the files a reader of the method traverses are over
+the table's `reading path` row, or a function is over the limit in pyproject.toml
 ([tool.budgets]) and is not one of the long functions listed there, or is over its ceiling there.
 
     python .ci/budgets.py          # check; prints file, lines, budget
@@ -24,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A file's row: | `model.py` | what it holds | 1280 |; the total's row: | total | ... | 5600 |.
 FILE_ROW = re.compile(r"^\| `([\w.]+\.py)` \|.*\| (\d[\d,]*) \|$", re.M)
 TOTAL_ROW = re.compile(r"^\| (?:\*\*)?total(?:\*\*)? \|.*\| (\d[\d,]*) \|$", re.M)
+# The reading path's row names its files: | reading path | `model.py`, `losses.py`, ... | 4000 |.
+READING_ROW = re.compile(r"^\| reading path \|(.*)\| (\d[\d,]*) \|$", re.M)
 
 
 def read_budgets(readme_text):
@@ -35,6 +38,14 @@ def read_budgets(readme_text):
     if total is None:
         return budgets, None
     return budgets, int(total.group(1).replace(",", ""))
+
+
+def read_reading_path(readme_text):
+    """The README's `reading path` row -> (its files, its budget), or None when there is no such row."""
+    row = READING_ROW.search(readme_text)
+    if row is None:
+        return None
+    return re.findall(r"`([\w.]+\.py)`", row.group(1)), int(row.group(2).replace(",", ""))
 
 
 def ruff(*args, stdin=None, cwd=ROOT):
@@ -88,8 +99,8 @@ def measure(root=ROOT):
     return lines, functions
 
 
-def problems(lines, functions, budgets, total, limit, long_functions):
-    """Every way the measured sizes break the budgets, one sentence each."""
+def problems(lines, functions, budgets, total, limit, long_functions, reading=None):
+    """Every way the measured sizes break the budgets, one sentence each; reading: (files, budget)."""
     out = []
     for name, n in lines.items():
         if name not in budgets:
@@ -104,6 +115,14 @@ def problems(lines, functions, budgets, total, limit, long_functions):
         out.append("README: the file table has no `| total | ... | N |` row")
     elif lines_in_all > total:
         out.append(f"total: {lines_in_all} formatted lines, over the README's total of {total}")
+    if reading is not None:
+        files, budget = reading
+        missing = [f for f in files if f not in lines]
+        for name in missing:
+            out.append(f"README: the reading path names {name}, which does not exist")
+        on_path = sum(lines[f] for f in files if f in lines)
+        if on_path > budget:
+            out.append(f"reading path: {on_path} formatted lines, over the README's {budget}")
     for fn, n in functions.items():
         ceiling = long_functions.get(fn, limit)
         if n > ceiling:
@@ -148,8 +167,10 @@ def main():
                 print(f'"{fn}" = {n}')
         return
     with open(os.path.join(ROOT, "README.md")) as f:
-        budgets, total = read_budgets(f.read())
-    found = problems(lines, functions, budgets, total, limit, long_functions)
+        readme = f.read()
+    budgets, total = read_budgets(readme)
+    reading = read_reading_path(readme)
+    found = problems(lines, functions, budgets, total, limit, long_functions, reading)
     if found:
         print("\n".join(f"budgets: {line}" for line in found))
         sys.exit(1)
@@ -157,6 +178,8 @@ def main():
     for name, n in lines.items():
         print(f"| {name} | {n} | {budgets[name]} |")
     print(f"| total | {sum(lines.values())} | {total} |")
+    if reading is not None:
+        print(f"| reading path | {sum(lines[f] for f in reading[0])} | {reading[1]} |")
     long_now = sum(1 for fn in functions if fn in long_functions)
     print(f"functions: none over {limit} lines but the {long_now} listed in pyproject.toml")
 

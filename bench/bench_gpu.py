@@ -87,7 +87,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_model  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
+import hub  # noqa: E402
 import model as M  # noqa: E402
 import train_offline as to  # noqa: E402
 
@@ -309,9 +311,9 @@ def hf_twin(vlm, raw, dev):
         hf = cls(config)
     hf = hf.to(vlm.lm_head.weight.dtype).eval()
     ours = vlm.state_dict()
-    sd = {k: ours[M.hf_name(k)] for k in hf.state_dict() if M.hf_name(k) in ours}
+    sd = {k: ours[hub.hf_name(k)] for k in hf.state_dict() if hub.hf_name(k) in ours}
     missing = [k for k, _ in hf.named_parameters() if k not in sd]
-    unused = set(ours) - {M.hf_name(k) for k in sd}
+    unused = set(ours) - {hub.hf_name(k) for k in sd}
     if missing or unused:
         raise KeyError(
             f"weights do not match: transformers' {missing[:3]}, ours {sorted(unused)[:3]}"
@@ -438,7 +440,7 @@ def step_flops(vlm, batch, n_img, base=4):
 def random_checkpoint(raw, dev):
     """Within the block VLM.from_pretrained gives random weights of `raw` on `dev`, in the dtype
     asked, instead of reading a checkpoint: build_policy runs as it is, on the 7B geometry."""
-    saved, saved_load = M.VLM.__dict__["from_pretrained"], M.load_weights
+    saved, saved_load = M.VLM.__dict__["from_pretrained"], hub.load_weights
 
     def load(path, dtype=torch.float32, device=None, template="", **kw):
         vlm = build(raw, dtype)  # on the meta device, as --fsdp asks: its shards are filled below
@@ -452,12 +454,12 @@ def random_checkpoint(raw, dev):
         fill_random(vlm, device, skip=("lora_",))
 
     M.VLM.from_pretrained = staticmethod(load)
-    M.load_weights = fill_shards
+    hub.load_weights = fill_shards
     try:
         yield
     finally:
         M.VLM.from_pretrained = saved
-        M.load_weights = saved_load
+        hub.load_weights = saved_load
 
 
 def dpo_row(a, dev, peak, ranks):
@@ -759,7 +761,9 @@ def main(argv=None):
     ap.add_argument("--part", default="all", help=f"all, or some of {','.join(PARTS)}")
     ap.add_argument("--out", default="", help="the table as JSON, rewritten after each row")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tiny", type=M.parse_bool, default=False, help="tiny geometries (CPU tests)")
+    ap.add_argument(
+        "--tiny", type=cli.parse_bool, default=False, help="tiny geometries (CPU tests)"
+    )
     ap.add_argument(
         "--bandwidth_gbs",
         "--bandwidth",
@@ -779,9 +783,9 @@ def main(argv=None):
     ap.add_argument("--lora_r", type=int, default=128)
     ap.add_argument("--lora_alpha", type=float, default=256.0)
     ap.add_argument(
-        "--autocast", type=M.parse_bool, default=True, help="--dtype bfloat16 of the step"
+        "--autocast", type=cli.parse_bool, default=True, help="--dtype bfloat16 of the step"
     )
-    ap.add_argument("--grad_ckpt", type=M.parse_bool, default=True)
+    ap.add_argument("--grad_ckpt", type=cli.parse_bool, default=True)
     ap.add_argument("--cache_dir", default="", help="the reference cache; default: a temporary one")
     ap.add_argument(
         "--fsdp_ranks",

@@ -70,7 +70,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_gpu  # noqa: E402
 import train_offline as to  # noqa: E402
-from model import parse_bool  # noqa: E402
+from cli import parse_bool  # noqa: E402
 
 GB = 1e9
 # name, GPUs sharing the weights (FSDP2 shards; HSDP shards within a node), GB per card

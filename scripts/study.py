@@ -42,15 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (  # noqa: E402
-    CACHE_ENV,
-    UserError,
-    cache_home,
-    config_from_argv,
-    folder_hash,
-    run_main,
-    source_bytes,
-)
+from cli import UserError, config_from_argv, run_main  # noqa: E402
+from hub import CACHE_ENV, cache_home, folder_hash, source_bytes  # noqa: E402
 
 DEV = [0, 1, 2]
 TEST = [3, 4, 5, 6, 7]

@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import losses  # noqa: E402
-from model import VLM, config_from_argv, run_main  # noqa: E402
+from cli import config_from_argv, run_main  # noqa: E402
+from model import VLM  # noqa: E402
 from world import (  # noqa: E402
     CATEGORIES,
     CHAT_TEMPLATE,

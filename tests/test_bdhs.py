@@ -453,7 +453,7 @@ def test_missing_default_embedder_and_source_errors_say_what_to_do(tmp_path, mon
 
 def test_runtime_modules_do_not_import_transformers():
     code = (
-        "import sys, bdhs, embedder, train_offline, eval, data, model, losses; "
+        "import sys, bdhs, embedder, train_offline, eval, benchmarks, data, model, losses; "
         "embedder.SentenceEmbedder.from_pretrained(); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'sentence_transformers', 'trl')]; "
         "assert not bad, bad"

@@ -72,3 +72,23 @@ def test_every_problem_is_named():
     assert budgets.problems({}, {}, {}, None, 60, {}) == [
         "README: the file table has no `| total | ... | N |` row"
     ]
+
+
+def test_the_reading_path_row():
+    readme = README + "| reading path | `model.py`, `data.py` | 1,500 |\n"
+    assert budgets.read_reading_path(readme) == (["model.py", "data.py"], 1500)
+    assert budgets.read_reading_path(README) is None
+    reading = (["model.py", "data.py", "gone.py"], 1500)
+    found = budgets.problems(
+        {"model.py": 1280, "data.py": 300},
+        {},
+        {"model.py": 1280, "data.py": 350},
+        2000,
+        60,
+        {},
+        reading,
+    )
+    assert found == [
+        "README: the reading path names gone.py, which does not exist",
+        "reading path: 1580 formatted lines, over the README's 1500",
+    ]

@@ -23,8 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmarks as bm
 import eval as ev
-from model import UserError
+from cli import UserError
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bench")
 
@@ -70,7 +71,7 @@ FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "benc
 )
 def test_vqa_normalize(text, want):
     """Each answer is what EvalAI's processor (LLaVA's m4c_evaluator.py) gives."""
-    assert ev.vqa_normalize(text) == want
+    assert bm.vqa_normalize(text) == want
 
 
 def test_vqa_accuracy_by_hand():
@@ -87,13 +88,13 @@ def test_vqa_accuracy_by_hand():
         "yes",
     ]  # "2" x 3, "yes" x 7
     # "2": the 3 subsets without a "2" keep 2 matches (2/3), the 7 others keep 3 (1): (3 x 2/3 + 7) / 10
-    assert abs(ev.vqa_accuracy("2", answers) - 0.9) < 1e-12
-    assert ev.vqa_accuracy("Yes.", answers) == 1.0 and ev.vqa_accuracy("no", answers) == 0.0
+    assert abs(bm.vqa_accuracy("2", answers) - 0.9) < 1e-12
+    assert bm.vqa_accuracy("Yes.", answers) == 1.0 and bm.vqa_accuracy("no", answers) == 0.0
     assert (
-        abs(ev.vqa_accuracy("3", ["2"] * 9 + ["3"]) - 0.3) < 1e-12
+        abs(bm.vqa_accuracy("3", ["2"] * 9 + ["3"]) - 0.3) < 1e-12
     )  # 9 subsets keep one "3": 9 x 1/3 / 10
-    assert ev.vqa_accuracy("we're", ["were"] * 10) == 0.0
-    assert ev.vqa_accuracy("ain't", ["aint"] * 10) == 1.0
+    assert bm.vqa_accuracy("we're", ["were"] * 10) == 0.0
+    assert bm.vqa_accuracy("ain't", ["aint"] * 10) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -132,87 +133,87 @@ def test_short_answer_prompt_is_the_default(monkeypatch):
     monkeypatch.setattr(
         ev, "answer", lambda vlm, ims, qs, *a, **k: asked.extend(qs) or ["y"] * len(qs)
     )
-    ev.evaluate_bench(None, ["pope", "textvqa", "gqa"], FIX)
-    assert len(asked) == 10 and all(q.endswith(ev.SHORT) and q.count("?") == 1 for q in asked)
+    bm.evaluate_bench(None, ["pope", "textvqa", "gqa"], FIX)
+    assert len(asked) == 10 and all(q.endswith(bm.SHORT) and q.count("?") == 1 for q in asked)
     asked.clear()
-    ev.evaluate_bench(None, ["pope", "textvqa", "gqa"], FIX, short_prompt=False)
-    assert len(asked) == 10 and not any(ev.SHORT in q for q in asked) and asked[0].endswith("?")
+    bm.evaluate_bench(None, ["pope", "textvqa", "gqa"], FIX, short_prompt=False)
+    assert len(asked) == 10 and not any(bm.SHORT in q for q in asked) and asked[0].endswith("?")
     asked.clear()
     stub = types.SimpleNamespace(eval=lambda: stub, template="llava", template_source="a stub")
     monkeypatch.setattr(ev.VLM, "from_pretrained", lambda path, **kw: stub)
     ev.main(["--bench", "pope", "--bench_dir", FIX, "--short_prompt", "false"])  # the switch
-    assert len(asked) == 6 and not any(ev.SHORT in q for q in asked)
+    assert len(asked) == 6 and not any(bm.SHORT in q for q in asked)
 
 
 def test_benchmark_scores_on_fixtures():
-    pope = ev.load_bench("pope", FIX)
+    pope = bm.load_bench("pope", FIX)
     assert [(it["kind"], it["gold"]) for it in pope] == [
         (k, g) for k in ("random", "popular", "adversarial") for g in (True, False)
     ]
     assert all(os.path.exists(it["image"]) for it in pope)
     # random: right twice (F1 100); popular: yes to both (precision .5, recall 1: F1 66.7); adversarial: no to both
-    r = ev.score_bench(
+    r = bm.score_bench(
         "pope", pope, ["Yes, there is.", "No.", "yes", "yes", "No, there is not.", "no"]
     )
     assert r["pope_random_f1"] == 100.0 and abs(r["pope_popular_f1"] - 200 / 3) < 1e-9
     assert r["pope_adversarial_f1"] == 0.0 and r["pope_popular_yes_ratio"] == 100.0
     assert abs(r["pope"] - (100 + 200 / 3) / 3) < 1e-9
     # LLaVA strips the generated answer before eval_pope.py's parse: "No\n" is no, "Yes\n" yes
-    r = ev.score_bench("pope", pope, ["Yes\n", "No\n", "yes", "No \n", "\nNo.\n", "no"])
+    r = bm.score_bench("pope", pope, ["Yes\n", "No\n", "yes", "No \n", "\nNo.\n", "no"])
     assert r["pope_random_f1"] == 100.0 and r["pope_popular_yes_ratio"] == 50.0
     assert r["pope_adversarial_yes_ratio"] == 0.0
     assert ev.yes_no("No\n") and not ev.yes_no(
         "No"
     )  # the world's reader (and the rule) stay as they were
-    tv = ev.load_bench("textvqa", FIX)
+    tv = bm.load_bench("textvqa", FIX)
     assert len(tv) == 2 and len(tv[0]["gold"]) == 10 and tv[0]["question"].endswith("?")
     assert (
-        abs(ev.score_bench("textvqa", tv, ["3", "Blue."])["textvqa"] - 65.0) < 1e-9
+        abs(bm.score_bench("textvqa", tv, ["3", "Blue."])["textvqa"] - 65.0) < 1e-9
     )  # (0.3 + 1.0) / 2
-    gqa = ev.load_bench("gqa", FIX)
-    assert ev.score_bench("gqa", gqa, ["Yes.", "green"])["gqa"] == 50.0
+    gqa = bm.load_bench("gqa", FIX)
+    assert bm.score_bench("gqa", gqa, ["Yes.", "green"])["gqa"] == 50.0
 
 
 def test_missing_or_malformed_benchmark_files(tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"textvqa: .*TextVQA_0.5.1_val.json not found. Put .*textvqa.org"
     ):
-        ev.load_bench("textvqa", str(tmp_path))
+        bm.load_bench("textvqa", str(tmp_path))
     shutil.copytree(os.path.join(FIX, "pope"), tmp_path / "pope")
     with open(tmp_path / "pope" / "coco_pope_popular.json", "a") as f:
         f.write('{"question_id": 3, "image": "x.jpg"\n')
     with pytest.raises(ValueError, match=r"coco_pope_popular.json:3: malformed JSON"):
-        ev.load_bench("pope", str(tmp_path))
+        bm.load_bench("pope", str(tmp_path))
     with pytest.raises(ValueError, match="expected one of"):
-        ev.load_bench("mmbench", FIX)
+        bm.load_bench("mmbench", FIX)
     shutil.copytree(os.path.join(FIX, "objhal"), tmp_path / "objhal")
     os.remove(tmp_path / "objhal" / "annotations" / "captions_val2014.json")
     with pytest.raises(
         FileNotFoundError, match=r"objhal: .*captions_val2014.json not found. .*cocodataset.org"
     ):
-        ev.load_bench("objhal", str(tmp_path))
+        bm.load_bench("objhal", str(tmp_path))
     (tmp_path / "objhal" / "annotations" / "captions_val2014.json").write_text(
         '{"annotations": []}'
     )
     with pytest.raises(
         ValueError, match=r"captions_val2014.json has no caption of image ids \[391895, 391896\]"
     ):
-        ev.load_bench("objhal", str(tmp_path))
+        bm.load_bench("objhal", str(tmp_path))
     with pytest.raises(
         FileNotFoundError, match=r"mmhal: .*response_template.json not found.*--download true"
     ):
-        ev.load_bench("mmhal_v", str(tmp_path))
+        bm.load_bench("mmhal_v", str(tmp_path))
     shutil.copytree(os.path.join(FIX, "llavaw"), tmp_path / "llavaw")
     with open(tmp_path / "llavaw" / "questions.jsonl", "a") as f:
         f.write('{"question_id": 9, "image": "001.jpg", "text": "Why?"}\n')
     with pytest.raises(ValueError, match=r"questions.jsonl:3: no field 'category'"):
-        ev.load_bench("llavaw", str(tmp_path))
+        bm.load_bench("llavaw", str(tmp_path))
     shutil.copy(os.path.join(FIX, "llavaw", "questions.jsonl"), tmp_path / "llavaw")
     (tmp_path / "llavaw" / "answers_gpt4.jsonl").write_text('{"question_id": 0, "text": "x"}\n')
     with pytest.raises(
         ValueError, match=r"llavaw: .*llavaw: no field or record 1"
     ):  # question 1 has no answer
-        ev.load_bench("llavaw", str(tmp_path))
+        bm.load_bench("llavaw", str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -251,8 +252,10 @@ def fake_server(tls=None):
                 + "\r\n"
             )
             whole = head.encode() + payload
+            n = len(head) if item.get("prompt_head") else 0  # sent at once before the trickle
+            chunks = [whole[:n]] * (n > 0) + [bytes([x]) for x in whole[n:]]
             try:
-                for b in [whole] if "trickle" not in item else [bytes([x]) for x in whole]:
+                for b in [whole] if "trickle" not in item else chunks:
                     self.wfile.write(b)
                     self.wfile.flush()
                     time.sleep(item.get("trickle", 0))
@@ -278,7 +281,7 @@ def server():
 
 
 def client(server, tmp_path, **kw):
-    return ev.JudgeClient(
+    return bm.JudgeClient(
         str(tmp_path / "judgments.jsonl"),
         base_url=server["url"],
         model="judge-x",
@@ -309,7 +312,7 @@ def test_cached_judgments_are_reused(server, tmp_path):
     assert [again(msg(t)) for t in "abc"] == ["rated: a", "rated: b", "rated: c"]
     assert again.asked == 0 and len(server["bodies"]) == 3
     assert again(msg("d")) == "rated: d" and again.asked == 1  # only what is missing is asked
-    other = ev.JudgeClient(
+    other = bm.JudgeClient(
         str(tmp_path / "judgments.jsonl"), base_url=server["url"], model="judge-y", backoff=0.01
     )
     other(msg("a"))  # another judge model is another judgment
@@ -459,9 +462,9 @@ def test_malformed_replies_are_retried_and_never_cached(server, tmp_path):
 def test_retry_after_forms_and_the_cap_on_waits(server, tmp_path, monkeypatch):
     from email.utils import formatdate
 
-    assert ev.retry_after("120") == 120.0 and ev.retry_after(None) == ev.retry_after("soon") == 0.0
-    assert ev.retry_after(formatdate(0, usegmt=True)) < 0  # in the past: the back-off alone
-    assert 3000 < ev.retry_after(formatdate(time.time() + 3600, usegmt=True)) <= 3600
+    assert bm.retry_after("120") == 120.0 and bm.retry_after(None) == bm.retry_after("soon") == 0.0
+    assert bm.retry_after(formatdate(0, usegmt=True)) < 0  # in the past: the back-off alone
+    assert 3000 < bm.retry_after(formatdate(time.time() + 3600, usegmt=True)) <= 3600
     waits = []
     monkeypatch.setattr(time, "sleep", lambda s: waits.append(s))
     tomorrow = formatdate(time.time() + 86400, usegmt=True)
@@ -481,6 +484,16 @@ def test_a_trickling_server_cannot_outlast_the_deadline(server, tmp_path):
     with pytest.raises(RuntimeError, match=r"after 2 request\(s\): no complete reply within 0.5 s"):
         c(msg("a"))
     assert c(msg("a")) == "rated: a"  # then a prompt server is read as usual
+
+
+def test_the_deadline_holds_while_the_body_trickles(server, tmp_path):
+    """The reply's head at once, then its body a byte every 0.1 s: urllib has let go of the
+    connection's socket once the head is read, and the deadline still cuts the read."""
+    server["script"] = [dict(trickle=0.1, prompt_head=True)]
+    c, t = client(server, tmp_path, timeout=0.5, retries=0), time.monotonic()
+    with pytest.raises(RuntimeError, match=r"after 1 request\(s\): no complete reply within 0.5 s"):
+        c(msg("a"))
+    assert time.monotonic() - t < 3  # the whole body would take 7 s
 
 
 def test_a_line_cut_by_a_kill_loses_nothing_appended_after_it(server, tmp_path):
@@ -563,22 +576,22 @@ def test_judge_timeout_and_retries_flags(server, tmp_path, monkeypatch):
 
 
 def test_unreachable_judge_and_image_parts(tmp_path):
-    c = ev.JudgeClient(
+    c = bm.JudgeClient(
         str(tmp_path / "j.jsonl"), base_url="http://127.0.0.1:9", retries=1, backoff=0.01
     )
     with pytest.raises(RuntimeError, match="127.0.0.1:9.*failed after 2"):
         c(msg("x"))
-    part = ev.image_part(Image.new("RGB", (4, 4), (255, 0, 0)))
+    part = bm.image_part(Image.new("RGB", (4, 4), (255, 0, 0)))
     assert part["type"] == "image_url" and part["image_url"]["url"].startswith(
         "data:image/png;base64,"
     )
     jpeg = os.path.join(FIX, "mmhal", "images", "0000_o.jpg")  # a JPEG file goes as its own bytes
     assert (
-        ev.image_part(jpeg)["image_url"]["url"]
+        bm.image_part(jpeg)["image_url"]["url"]
         == "data:image/jpeg;base64," + base64.b64encode(open(jpeg, "rb").read()).decode()
     )
     Image.new("RGB", (4, 4)).save(tmp_path / "x.bmp")
-    assert ev.image_part(str(tmp_path / "x.bmp"))["image_url"]["url"].startswith(
+    assert bm.image_part(str(tmp_path / "x.bmp"))["image_url"]["url"].startswith(
         "data:image/png;base64,"
     )
 
@@ -646,31 +659,31 @@ OBJHAL_CASES = [
 
 @pytest.mark.parametrize("text,want", OBJHAL_CASES)
 def test_coco_mentions_as_object_halbench_finds_them(text, want):
-    assert ev.coco_mentions(text, ev.coco_vocab()) == want
+    assert bm.coco_mentions(text, bm.coco_vocab()) == want
 
 
 def test_coco_synonym_lists(tmp_path):
-    v = ev.coco_vocab()
+    v = bm.coco_vocab()
     assert len(set(v.values())) == 80 and all(v[c] == c for c in set(v.values()))
     # another list in the standard format: ", "-separated, a word's last category wins, case kept
     (tmp_path / "syn.txt").write_text(
         "person, sailor, pooch\ndog, pooch\ndining table, table\ncell phone, iPhone\n"
     )
-    other = ev.coco_vocab(str(tmp_path / "syn.txt"))
+    other = bm.coco_vocab(str(tmp_path / "syn.txt"))
     assert other["pooch"] == "dog" and "iphone" not in other
-    said = ev.coco_mentions("Sailors, a pooch, an iPhone and a man at a table.", other)
+    said = bm.coco_mentions("Sailors, a pooch, an iPhone and a man at a table.", other)
     assert said == ["person", "dog", "dining table"]
 
 
 def test_object_halbench_chair_by_hand():
     """Object HalBench counts every mention for CHAIR_i (repeats too) and distinct present objects for recall."""
-    v = ev.coco_vocab()
+    v = bm.coco_vocab()
     preds = [
         "A man with two dogs and a dog bed. The man holds a cup.",
         "Nothing here.",
         "A cat on a couch.",
     ]
-    said = [ev.coco_mentions(p, v) for p in preds]
+    said = [bm.coco_mentions(p, v) for p in preds]
     assert said[0] == ["person", "dog", "dog", "bed", "person", "cup"] and said[1] == []
     r = ev.chair(said, [{"person", "dog"}, {"cup"}, {"cat"}])
     # mentions 6 + 0 + 2, absent: bed, cup, couch; descriptions with one: 2 of 3; recall (2 + 0 + 1) / (2 + 1 + 1)
@@ -680,9 +693,9 @@ def test_object_halbench_chair_by_hand():
         dict(gold=t) for t in ({"person", "dog"}, {"cup"}, {"cat"})
     ]  # Object HalBench's response-level rate
     assert (
-        ev.score_bench("objhal", its, preds)["objhal_response_hall"] == 100.0
+        bm.score_bench("objhal", its, preds)["objhal_response_hall"] == 100.0
     )  # counts the 2 that name objects
-    items = ev.load_bench("objhal", FIX)
+    items = bm.load_bench("objhal", FIX)
     assert [it["gold"] for it in items] == [
         {"cup", "apple"},
         {"apple", "dog"},
@@ -718,7 +731,7 @@ def items(kinds, **kw):
 def test_mmhal_scores_by_hand():
     its = items(["attribute", "counting", "attribute", "counting"], objects=["Cup", "Tree"])
     judge = Scripted(["Fine.\nRating: 6", "rating: 2? No. Rating: 5", "no verdict", "Rating: 3"])
-    r = ev.judge_bench("mmhal", its, ["a0", "a1", "a2", "a3"], judge)
+    r = bm.judge_bench("mmhal", its, ["a0", "a1", "a2", "a3"], judge)
     # ratings 6, 0 (two found), 0 (none), 3: mean 2.25; below 3: half; informativeness (3 + 0 + 0 + 0) / 4 / 3
     assert r == {
         "mmhal": 2.25,
@@ -730,7 +743,7 @@ def test_mmhal_scores_by_hand():
     text = judge.asked[0][0][0]["content"]
     assert "Image contents: Cup, Tree" in text and "q0" in text and "g0" in text and "a0" in text
     judge = Scripted(["Rating: 4"])
-    r = ev.judge_bench("mmhal_v", its[:1], ["a0"], judge)  # MMHal-V: the same prompt, and the image
+    r = bm.judge_bench("mmhal_v", its[:1], ["a0"], judge)  # MMHal-V: the same prompt, and the image
     content = judge.asked[0][0][0]["content"]
     assert r["mmhal_v"] == 4.0 and content[0]["text"] == text and content[1]["type"] == "image_url"
 
@@ -738,7 +751,7 @@ def test_mmhal_scores_by_hand():
 def test_llava_bench_relative_score_by_hand():
     its = items(["conv", "detail", "conv"], context=["A cat.", "A mat."])
     judge = Scripted(["8 6\nAssistant 1 is better.", "7,7\nTied.", "I would give 9 and 5."])
-    r = ev.judge_bench("llavaw", its, ["a0", "a1", "a2"], judge)
+    r = bm.judge_bench("llavaw", its, ["a0", "a1", "a2"], judge)
     # pairs (8, 6), (7, 7), (-1, -1): the means 4.667 and 4.0 (a failed parse counts, as in LLaVA's
     # summary), 4.0 / 4.667 * 100 = 85.708... to 1 place
     assert r["llavaw"] == 85.7 and r["llavaw/conv"] == 71.4 and r["llavaw/detail"] == 100.0
@@ -755,9 +768,9 @@ def test_llava_bench_order_of_operations():
     (10,8) give 3.333 / 6.0 * 100 = 55.55 -> 55.5 there (100 x 3.333 / 6.0 would round to 55.6); a
     zero mean is NaN here."""
     judge = Scripted(["1 1", "7 1", "10 8"])
-    r = ev.judge_bench("llavaw", items(["conv"] * 3, context="c"), ["a"] * 3, judge)
+    r = bm.judge_bench("llavaw", items(["conv"] * 3, context="c"), ["a"] * 3, judge)
     assert r["llavaw"] == 55.5 and round(100 * 3.333 / 6.0, 1) == 55.6
-    r = ev.judge_bench("llavaw", items(["conv"], context="c"), ["a"], Scripted(["0 5"]))
+    r = bm.judge_bench("llavaw", items(["conv"], context="c"), ["a"], Scripted(["0 5"]))
     assert math.isnan(r["llavaw"])  # the reference script divides by zero there
 
 
@@ -776,7 +789,7 @@ def test_llava_bench_order_of_operations():
 )
 def test_llava_bench_score_parsing(reply, want):
     """LLaVA's parse_score: the first line, commas made spaces, split on single spaces, exactly two numbers."""
-    assert ev.score_pair(reply) == want
+    assert bm.score_pair(reply) == want
 
 
 def test_mm_vet_scores_and_retries_by_hand():
@@ -787,13 +800,13 @@ def test_mm_vet_scores_and_retries_by_hand():
         )
     ]
     judge = Scripted(["0.7", "high", "1.5", "0.4 because"] + ["?"] * 5)
-    r = ev.judge_bench("mmvet", its, ["a0", "a1", "a2"], judge)
+    r = bm.judge_bench("mmvet", its, ["a0", "a1", "a2"], judge)
     # 0.7, 0.4 (third ask), 0 (five unreadable asks): 1.1 / 3 * 100 to 1 place
     assert [r[k] for k in ("mmvet", "mmvet/math", "mmvet/rec", "mmvet/spat")] == [36.7, 70, 20, 40]
     assert [t for _, _, t in judge.asked] == [0.0, 0.0, 0.0, 0.5] + [0.0, 0.0, 0.5, 1.0, 1.5]
     assert all(n == 3 for _, n, _ in judge.asked)
     assert "cat <AND> dog" in judge.asked[1][0][0]["content"]
-    again = judge.asked[1][0][0]["content"] + ev.PROMPTS["mmvet_retry"]
+    again = judge.asked[1][0][0]["content"] + bm.PROMPTS["mmvet_retry"]
     assert judge.asked[2][0][0]["content"] == again
 
 
@@ -817,7 +830,7 @@ def test_mm_vet_score_parsing(reply, want):
     """MM-Vet's evaluator: the first piece split on single spaces, stripped, a float in [0, 1]
     (" 0.7" starts with an empty piece: asked again there too). It takes "nan" (its total becomes
     NaN); we ask again."""
-    assert ev.correctness(reply) == want
+    assert bm.correctness(reply) == want
 
 
 def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, capsys):
@@ -849,7 +862,7 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
         "48",
     ]
     r = ev.main(argv)["world-base"]
-    assert set(ev.TABLE2.values()) <= set(r) and (
+    assert set(bm.TABLE2.values()) <= set(r) and (
         r["mmhal"],
         r["mmhal_v"],
         r["llavaw"],
@@ -862,7 +875,7 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
     )  # the world's template, printed per model
     assert said == f"world-base: chat template: llava (from {found})"
     assert (
-        head == "| model | " + " | ".join(ev.TABLE2) + " |"
+        head == "| model | " + " | ".join(bm.TABLE2) + " |"
         and "| Rec_coco | CHAIR_s | CHAIR_i |" in head
     )
     row = cap.out.splitlines()[3].split(" | ")  # Object HalBench's CHAIR beside its recall
@@ -877,7 +890,7 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
     ]
     lines = [json.loads(x) for x in open(tmp_path / "out" / "answers.jsonl")]
     items = {
-        b: ev.load_bench(b, FIX)
+        b: bm.load_bench(b, FIX)
         for b in ("pope", "objhal", "mmhal", "llavaw", "mmvet", "textvqa", "gqa")
     }
     assert len(lines) == sum(map(len, items.values())) + len(
@@ -976,11 +989,11 @@ def test_download_from_the_hub(tmp_path, monkeypatch):
         return local_dir
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    ev.download("mmhal", str(tmp_path))
-    its = ev.load_bench("mmhal", str(tmp_path))
+    bm.download("mmhal", str(tmp_path))
+    its = bm.load_bench("mmhal", str(tmp_path))
     assert len(its) == 2 and all(os.path.exists(it["image"]) for it in its)
     os.remove(its[0]["image"])
-    ev.download(
+    bm.download(
         "mmhal", str(tmp_path)
     )  # a second call completes the hub files but unzips nothing again
     assert not os.path.exists(its[0]["image"]) and os.path.exists(its[1]["image"])
@@ -996,27 +1009,27 @@ def test_zip_extraction_is_capped(tmp_path, monkeypatch):
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("images/a.png", b"\0" * 1_000_000)
     assert os.path.getsize(bomb) < 5000
-    monkeypatch.setattr(ev, "UNZIP_MAX_BYTES", 100_000)
+    monkeypatch.setattr(bm, "UNZIP_MAX_BYTES", 100_000)
     with pytest.raises(
         ValueError,
         match=r"bomb.zip: 1 files, 1000000 bytes uncompressed: over the "
-        r"cap of .*100000 bytes \(eval.UNZIP_MAX_\*\); not extracted",
+        r"cap of .*100000 bytes \(benchmarks.UNZIP_MAX_\*\); not extracted",
     ):
-        ev.unzip(str(bomb), str(tmp_path / "out"))
+        bm.unzip(str(bomb), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
-    monkeypatch.setattr(ev, "UNZIP_MAX_BYTES", 2_000_000)
-    ev.unzip(str(bomb), str(tmp_path / "out"))  # under the cap: extracted
+    monkeypatch.setattr(bm, "UNZIP_MAX_BYTES", 2_000_000)
+    bm.unzip(str(bomb), str(tmp_path / "out"))  # under the cap: extracted
     assert os.path.getsize(tmp_path / "out" / "images" / "a.png") == 1_000_000
-    monkeypatch.setattr(ev, "UNZIP_MAX_FILES", 1)
+    monkeypatch.setattr(bm, "UNZIP_MAX_FILES", 1)
     with zipfile.ZipFile(tmp_path / "many.zip", "w") as z:
         z.writestr("a", b"x"), z.writestr("b", b"y")
     with pytest.raises(ValueError, match="many.zip: 2 files, 2 bytes uncompressed: over the cap"):
-        ev.unzip(str(tmp_path / "many.zip"), str(tmp_path / "out2"))
+        bm.unzip(str(tmp_path / "many.zip"), str(tmp_path / "out2"))
     for name in ("../evil.png", "/etc/evil.png", "images/..\\evil.png"):
         with zipfile.ZipFile(tmp_path / "up.zip", "w") as z:
             z.writestr(name, b"x")
         with pytest.raises(ValueError, match=r"up.zip: member .*evil.png' would be written out"):
-            ev.unzip(str(tmp_path / "up.zip"), str(tmp_path / "out3"))
+            bm.unzip(str(tmp_path / "up.zip"), str(tmp_path / "out3"))
     assert not os.path.exists(tmp_path / "out3")
 
 
@@ -1032,9 +1045,9 @@ def test_download_refuses_a_zip_bomb(tmp_path, monkeypatch):
             z.writestr("test_data/images/a.jpg", b"\0" * 1_000_000)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    monkeypatch.setattr(ev, "UNZIP_MAX_BYTES", 100_000)
+    monkeypatch.setattr(bm, "UNZIP_MAX_BYTES", 100_000)
     with pytest.raises(ValueError, match=r"test_data.zip: 1 files, 1000000 bytes .* not extracted"):
-        ev.download("mmhal", str(tmp_path))
+        bm.download("mmhal", str(tmp_path))
     assert not os.path.exists(tmp_path / "mmhal" / "test_data.zip.unzipped")
 
 
@@ -1065,7 +1078,7 @@ OFFICIAL_FILES = {
 
 @pytest.fixture
 def official(tmp_path, monkeypatch):
-    """Serves OFFICIAL_FILES on 127.0.0.1 as eval.OFFICIAL; yields the paths asked for."""
+    """Serves OFFICIAL_FILES on 127.0.0.1 as benchmarks.OFFICIAL; yields the paths asked for."""
     from http.server import SimpleHTTPRequestHandler
 
     (tmp_path / "web").mkdir()
@@ -1087,15 +1100,15 @@ def official(tmp_path, monkeypatch):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}/"
-    urls = {k: base + u.rsplit("/", 1)[1] for k, u in ev.OFFICIAL.items()}
-    monkeypatch.setattr(ev, "OFFICIAL", urls)
+    urls = {k: base + u.rsplit("/", 1)[1] for k, u in bm.OFFICIAL.items()}
+    monkeypatch.setattr(bm, "OFFICIAL", urls)
     yield got
     httpd.shutdown()
 
 
 def test_official_texts_are_fetched_once_and_read_in_their_formats(official, tmp_path):
     root = str(tmp_path / "bench")
-    p = ev.official_prompts(root, ["mmhal_v", "llavaw", "mmvet"])
+    p = bm.official_prompts(root, ["mmhal_v", "llavaw", "mmvet"])
     assert sorted(official) == [
         "/eval_gpt4.py",
         "/eval_gpt_review_bench.py",
@@ -1108,7 +1121,7 @@ def test_official_texts_are_fetched_once_and_read_in_their_formats(official, tmp
         "Grade it {strictly}.\nContents: {objects}\nAsked: {question}\n"
         "Human: {reference}\nModel: {answer}\n"
     )
-    filled = ev.fill(p["mmhal"], objects="Cup", question="q", reference="r", answer="{question}")
+    filled = bm.fill(p["mmhal"], objects="Cup", question="q", reference="r", answer="{question}")
     assert filled.endswith("Model: {question}\n")  # one pass: an answer's braces stay
     assert p["llavaw/detail"] == (
         "[Context]\n{context}\n\n[Question]\n{question}\n\n[Helper 1]\n"
@@ -1119,31 +1132,31 @@ def test_official_texts_are_fetched_once_and_read_in_their_formats(official, tmp
     assert "llavaw/default" not in p
     assert p["mmvet"] == "Give a score.\nQ | GT | A | S\n\n{question} | {reference} | {answer} | "
     assert p["mmvet_retry"] == "\nDigit: "
-    vocab = ev.coco_vocab(ev.official_file(root, "objhal"))
-    assert ev.coco_mentions("A sailor's phone, an iPhone.", vocab) == ["person", "cell phone"]
+    vocab = bm.coco_vocab(bm.official_file(root, "objhal"))
+    assert bm.coco_mentions("A sailor's phone, an iPhone.", vocab) == ["person", "cell phone"]
     n = len(official)
-    assert ev.official_prompts(root, ["mmhal", "llavaw", "mmvet"]) == p
+    assert bm.official_prompts(root, ["mmhal", "llavaw", "mmvet"]) == p
     assert len(official) == n  # the second time nothing is downloaded
     judge = Scripted(["8 6", "7 7"])
     its = items(["detail", "conv"], context="c")
-    ev.judge_bench("llavaw", its, ["a0", "a1"], judge, ev.PROMPTS | p)
+    bm.judge_bench("llavaw", its, ["a0", "a1"], judge, bm.PROMPTS | p)
     system, user = judge.asked[0][0]
     assert system["content"] == "Judge fairly." and "Rate, detail." in user["content"]
     with pytest.raises(ValueError, match="rule.json has no llava_bench_complex"):
         its = items(["complex"], context="c")
-        ev.judge_bench("llavaw", its, ["a"], Scripted(["8 6"]), ev.PROMPTS | p)
+        bm.judge_bench("llavaw", its, ["a"], Scripted(["8 6"]), bm.PROMPTS | p)
     (tmp_path / "bench" / "mmvet" / "mm-vet_evaluator.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match=r"mm-vet_evaluator.py has no prompt;"):
-        ev.official_prompts(root, ["mmvet"])
+        bm.official_prompts(root, ["mmvet"])
 
 
 def test_official_texts_without_network_say_what_to_download(tmp_path, monkeypatch):
     url = "http://127.0.0.1:9/mm-vet_evaluator.py"
-    monkeypatch.setattr(ev, "OFFICIAL", ev.OFFICIAL | {"mmvet": url})
+    monkeypatch.setattr(bm, "OFFICIAL", bm.OFFICIAL | {"mmvet": url})
     path = os.path.join(str(tmp_path), "mmvet", "mm-vet_evaluator.py")
     want = rf"cannot download {url} .*put that file at {re.escape(path)}"
     with pytest.raises(FileNotFoundError, match=want):
-        ev.official_prompts(str(tmp_path), ["mmvet"])
+        bm.official_prompts(str(tmp_path), ["mmvet"])
     assert not os.path.exists(path)
 
 
@@ -1154,7 +1167,7 @@ def test_main_with_official_texts(official, server, tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_BASE_URL", server["url"])
     server["reply"] = lambda body: "8 6" if body["messages"][0]["role"] == "system" else "0.5"
     seen = []
-    monkeypatch.setattr(ev, "coco_vocab", lambda path: seen.append(path) or {"cup": "cup"})
+    monkeypatch.setattr(bm, "coco_vocab", lambda path: seen.append(path) or {"cup": "cup"})
     argv = [
         "--bench",
         "llavaw,mmvet,objhal",
@@ -1259,3 +1272,9 @@ def test_eval_device_dtype_and_batch_size(monkeypatch):
     monkeypatch.setattr(ev, "world_report", report)
     ev.main(["--n", "2", "--device", "cpu", "--dtype", "bfloat16"])
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, "cpu")} and sizes == [64]
+
+
+def test_a_judge_address_is_http_or_https(tmp_path):
+    for url in ("file:///etc", "ftp://host/v1"):
+        with pytest.raises(UserError, match="http:// or https://"):
+            bm.JudgeClient(str(tmp_path / "c.jsonl"), base_url=url)

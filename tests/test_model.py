@@ -13,6 +13,8 @@ import world  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # noqa: E402
+import hub  # noqa: E402
 import model as M  # noqa: E402
 from model import VLM, KVCache, load_image, parse_config, sample  # noqa: E402
 from tiny import bomb_png, build_hf, build_llava_hf, hf_config, random_image  # noqa: E402
@@ -356,7 +358,7 @@ def test_both_config_and_key_layouts(tmp_path):
         ("multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.weight"),
         ("image_newline", "model.image_newline"),
     ]:
-        assert M.hf_name(old) == new
+        assert hub.hf_name(old) == new
     bad = hf_config()
     bad["text_config"]["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
     with pytest.raises(ValueError, match="rope_type"):
@@ -491,23 +493,23 @@ def test_kv_cache_repeat_layout():
     assert r.next_pos.tolist() == [3, 3, 3, 4, 4, 4]
 
 
-def test_streamed_safetensors_match_the_library(tmp_path):
-    from safetensors.torch import load_file, save_file
-    from model import st_header, st_read, st_write
+def test_a_ranks_rows_are_read_from_the_file(tmp_path):
+    """hub.read_tensor: a whole tensor, or rows [start, stop) of its first dimension (an FSDP2 rank's shard,
+    possibly empty), in the file's dtype (bf16 included)."""
+    from safetensors.torch import save_file
 
     ts = {
         "a": torch.randn(3, 4),
-        "b": torch.randn(5).to(torch.bfloat16),
+        "b": torch.randn(5, 2).to(torch.bfloat16),
         "c": torch.arange(6).view(2, 3),
         "e": torch.zeros(0, 2),
     }
-    st_write(ts, str(tmp_path / "ours.safetensors"), {"format": "pt"})
-    back = load_file(str(tmp_path / "ours.safetensors"))
-    assert all(torch.equal(back[k], v) for k, v in ts.items())
-    save_file(ts, str(tmp_path / "lib.safetensors"))
-    header, base = st_header(str(tmp_path / "lib.safetensors"))
-    with open(tmp_path / "lib.safetensors", "rb") as f:
-        assert all(torch.equal(st_read(f, base, header[k]), v) for k, v in ts.items())
+    save_file(ts, str(tmp_path / "t.safetensors"))
+    with hub.open_weights(str(tmp_path / "t.safetensors")) as f:
+        assert all(torch.equal(hub.read_tensor(f, k), v) for k, v in ts.items())
+        assert torch.equal(hub.read_tensor(f, "b", (2, 4)), ts["b"][2:4])
+        assert hub.read_tensor(f, "b", (5, 5)).shape == (0, 2)
+        assert hub.read_tensor(f, "b", (0, 1)).dtype == torch.bfloat16
 
 
 def test_cli_and_hub_id(pair, tmp_path, monkeypatch):
@@ -665,27 +667,41 @@ def test_a_batch_decodes_one_image_at_a_time(tmp_path):
     assert px.shape[0] == 4 and peak < 3 * 3_000_000, peak
 
 
-def test_bad_safetensors_headers_are_named(tmp_path):
-    from model import st_header, st_write
+def test_bad_safetensors_files_are_named(tmp_path):
+    """A malformed header, a length past the file, a file cut short or grown: one line naming the file."""
+    from safetensors.torch import save_file
 
-    st_write({"a": torch.zeros(4)}, str(tmp_path / "ok.safetensors"))
+    save_file({"a": torch.zeros(4)}, str(tmp_path / "ok.safetensors"))
     raw = (tmp_path / "ok.safetensors").read_bytes()
-    assert st_header(str(tmp_path / "ok.safetensors"))[0]["a"]["shape"] == [4]
+    with hub.open_weights(str(tmp_path / "ok.safetensors")) as f:
+        assert f.get_slice("a").get_shape() == [4]
     cases = {
         "empty": b"",
         "cut": raw[:20],
         "huge": (1 << 62).to_bytes(8, "little") + raw[8:],
         "junk": (4).to_bytes(8, "little") + b"{{{{",
+        "short": raw[:-3],
+        "long": raw + b"xx",
     }
     for name, b in cases.items():
         (tmp_path / f"{name}.safetensors").write_bytes(b)
-        with pytest.raises(ValueError, match=rf"{name}\.safetensors: (not a safet|malformed)"):
-            st_header(str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(
+            cli.UserFileError, match=rf"{name}\.safetensors: not a safetensors file"
+        ) as e:
+            hub.open_weights(str(tmp_path / f"{name}.safetensors"))
+        assert "\n" not in str(e.value)
     d = tmp_path / "model"
     d.mkdir()
     shutil.copy(os.path.join(BASE, "config.json"), d)
     (d / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file"):
+        VLM.from_pretrained(str(d))
+    (d / "model.safetensors").write_bytes(
+        open(os.path.join(BASE, "model.safetensors"), "rb").read()[:-8]
+    )
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors: not a safetensors file, or truncated"
+    ):
         VLM.from_pretrained(str(d))
 
 
@@ -731,9 +747,24 @@ def test_a_missing_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatc
     assert calls == []
 
 
-def test_checkpoint_leftovers_are_mended_and_disk_errors_named(tmp_path, monkeypatch):
-    import model
+def test_atomic_write_is_all_or_nothing(tmp_path):
+    """cli.atomic_write: text, bytes or a writer callable; a failed write leaves the file as it was and
+    no temporary beside it."""
+    path = str(tmp_path / "f.json")
+    cli.atomic_write(path, "one")
+    cli.atomic_write(path, b"two")
 
+    def fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        cli.atomic_write(path, fail)
+    assert open(path).read() == "two" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_checkpoint_leftovers_are_mended_and_disk_errors_named(tmp_path, monkeypatch):
     vlm = VLM.from_pretrained(BASE)
     ck = str(tmp_path / "checkpoint")
     vlm.save_pretrained(ck)
@@ -741,14 +772,14 @@ def test_checkpoint_leftovers_are_mended_and_disk_errors_named(tmp_path, monkeyp
     os.rename(ck, ck + ".old123")
     os.makedirs(ck + ".tmp456")
     (tmp_path / "checkpoint.tmp456" / "model.safetensors").write_bytes(b"partial")
-    model.recover_checkpoint(ck)
+    hub.recover_checkpoint(ck)
     assert os.listdir(tmp_path) == ["checkpoint"]
     VLM.from_pretrained(ck)
 
     def full(*a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(model, "st_write", full)
+    monkeypatch.setattr(hub, "save_file", full)
     with pytest.raises(OSError, match=r"cannot write .*checkpoint\.tmp\d+/model\.safetensors: No "):
         vlm.save_pretrained(ck)
     assert os.listdir(tmp_path) == ["checkpoint"]  # the earlier one stays, the partial folder goes
@@ -781,7 +812,7 @@ def script_configs():
 def help_text(cls, monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no wrapping inside a word
     with pytest.raises(SystemExit) as e:
-        M.config_from_argv(cls, ["--help"])
+        cli.config_from_argv(cls, ["--help"])
     assert e.value.code == 0
     return " ".join(capsys.readouterr().out.split())
 
@@ -794,13 +825,13 @@ def test_help_shows_each_flags_comment_default_and_choices(script, monkeypatch, 
 
     cls = script_configs()[script]
     out = help_text(cls, monkeypatch, capsys)
-    comments = M.field_comments(cls)
+    comments = cli.field_comments(cls)
     for f in dataclasses.fields(cls):
         default = repr(f.default) if f.default == "" else f.default
         assert f"(default: {default}" in out.split(f"--{f.name} ", 1)[1], f.name
         if f.name in comments:
             assert comments[f.name] in out, f.name
-    for name, values in M.field_choices(cls).items():
+    for name, values in cli.field_choices(cls).items():
         assert f"--{name} {{{','.join(values)}}}" in out
     assert "not flags" not in out  # a comment at the fields' indent belongs to no field
 
@@ -832,20 +863,20 @@ def test_model_py_help_and_dtype(monkeypatch, capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--dtype {float32,bfloat16,float16} the weights' dtype (default: float32)" in out
     with pytest.raises(
-        M.UserError, match=r"--dtype: invalid choice: 'bf16' \(choose from 'float32'"
+        cli.UserError, match=r"--dtype: invalid choice: 'bf16' \(choose from 'float32'"
     ):
         M.main(["--model", world.BASE_MODEL, "--dtype", "bf16"])
 
 
 def test_run_main_prints_one_line_for_a_user_error(monkeypatch, capsys):
     def user():
-        raise M.UserKeyError("ckpt: checkpoint is missing 1 tensor(s): lm_head.weight")
+        raise cli.UserKeyError("ckpt: checkpoint is missing 1 tensor(s): lm_head.weight")
 
     def bug():
         raise RuntimeError("a bug")
 
     with pytest.raises(SystemExit) as e:
-        M.run_main(user)
+        cli.run_main(user)
     assert e.value.code == 2
     assert (
         capsys.readouterr().err
@@ -853,10 +884,10 @@ def test_run_main_prints_one_line_for_a_user_error(monkeypatch, capsys):
     )
     monkeypatch.setenv("RANK", "1")  # the other ranks exit quietly
     with pytest.raises(SystemExit):
-        M.run_main(user)
+        cli.run_main(user)
     assert capsys.readouterr().err == ""
     with pytest.raises(RuntimeError, match="a bug"):  # a bug is no user error: its traceback stays
-        M.run_main(bug)
+        cli.run_main(bug)
 
 
 @pytest.mark.parametrize(

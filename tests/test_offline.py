@@ -16,12 +16,15 @@ import types
 import pytest
 import torch
 
+import cli
 import data
+import hub
 import losses
 import model as M
-import world
 import train_offline as to
-from model import VLM, UserError, UserFileError
+import world
+from cli import UserError, UserFileError
+from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures", "prefs")
@@ -258,7 +261,9 @@ def test_bad_responses_and_images_are_named_with_their_line(tmp_path):
         with pytest.raises(ValueError, match=rf"pairs\.jsonl:2: .*bad/{name}"):
             data.read_pairs(path)
     bomb = (tmp_path / "bad" / "bomb.png").read_bytes()
-    with pytest.raises(ValueError, match=r"x\.parquet: row 3: image of \d+ bytes: 10000x9000 is"):
+    # over PIL's own limit (89 M pixels): its refusal, naming the size, before our lower one
+    size = r"over the limit of 40,000,000 pixels \(Image size \(90000000 pixels\)"
+    with pytest.raises(ValueError, match=rf"x\.parquet: row 3: image of \d+ bytes: {size}"):
         data.check_pair(pair(0, image=bomb), "x.parquet: row 3")
 
 
@@ -317,7 +322,7 @@ def test_resume_writes_the_kept_metrics_at_once(tmp_path):
 
 
 def test_yes_no_flags_reject_typos(capsys):
-    from model import config_from_argv
+    from cli import config_from_argv
 
     cfg = config_from_argv(
         to.Config, ["--resume", "YES", "--fsdp", "0", "--grad_ckpt", "True", "--overwrite", "no"]
@@ -798,7 +803,7 @@ def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(
     and reward accuracy, and where the checkpoint is."""
     cache, cwd, out = tmp_path / "cache", tmp_path / "cwd", str(tmp_path / "run")
     cwd.mkdir()
-    monkeypatch.setenv(M.CACHE_ENV, str(cache))
+    monkeypatch.setenv(hub.CACHE_ENV, str(cache))
     monkeypatch.chdir(cwd)
     to.main(SMALL + ["--steps", "2", "--out_dir", out])
     cap = capsys.readouterr()
@@ -821,17 +826,17 @@ def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(
 def test_cache_home(monkeypatch, tmp_path):
     """$MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign (an absolute one), else ~/.cache/mmalign."""
     assert (
-        os.environ[M.CACHE_ENV] == M.cache_home()
+        os.environ[hub.CACHE_ENV] == hub.cache_home()
     )  # conftest.py: the tests never write into the home
-    monkeypatch.setenv(M.CACHE_ENV, str(tmp_path / "c"))
-    assert M.cache_home() == str(tmp_path / "c")
-    monkeypatch.delenv(M.CACHE_ENV)
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "c"))
+    assert hub.cache_home() == str(tmp_path / "c")
+    monkeypatch.delenv(hub.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert M.cache_home() == str(tmp_path / "xdg" / "mmalign")
+    assert hub.cache_home() == str(tmp_path / "xdg" / "mmalign")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for xdg in ("", "relative/cache"):
         monkeypatch.setenv("XDG_CACHE_HOME", xdg)
-        assert M.cache_home() == str(tmp_path / "home" / ".cache" / "mmalign")
+        assert hub.cache_home() == str(tmp_path / "home" / ".cache" / "mmalign")
 
 
 @pytest.mark.parametrize("loss", ["ipo", "slic", "rm", "rpo"])
@@ -1100,7 +1105,7 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
         "--cache_dir",
         cache,
     ]
-    cfg = M.config_from_argv(
+    cfg = cli.config_from_argv(
         to.Config, args + ["--lr_projector", "1e-4", "--out_dir", str(tmp_path / "x")]
     )
     ranks = to.Ranks()

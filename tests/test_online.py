@@ -14,14 +14,15 @@ import time
 import pytest
 import torch
 
+import benchmarks as bm
 import data
-import eval as ev
 import losses
 import model as M
 import train_offline as TO
 import train_online as on
 import world
-from model import VLM, UserError, config_from_argv, format_chat
+from cli import UserError, config_from_argv
+from model import VLM, format_chat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_offline import kill_midway, run_metrics, same, torchrun  # noqa: E402
@@ -597,7 +598,7 @@ def world_server(argv, full=4):
 
     cfg = config_from_argv(on.Config, argv)
     recs = world.world_pairs(world.World(cfg.world_seed, half=cfg.world_half), cfg.pairs)
-    by = {(on.question(r), ev.image_part(r["image"])["image_url"]["url"]): r for r in recs}
+    by = {(on.question(r), bm.image_part(r["image"])["image_url"]["url"]): r for r in recs}
     state, httpd = fake_server()
     cond, live = threading.Condition(), dict(now=0)
     state["peak"] = 0
@@ -629,7 +630,7 @@ def world_server(argv, full=4):
 @pytest.fixture
 def endpoint(monkeypatch):
     """Env for api:MODEL, a JudgeClient with short back-off, and the fake world server's starter."""
-    monkeypatch.setattr(ev, "JudgeClient", functools.partial(ev.JudgeClient, backoff=0.01))
+    monkeypatch.setattr(bm, "JudgeClient", functools.partial(bm.JudgeClient, backoff=0.01))
     servers = []
 
     def start(argv, **kw):

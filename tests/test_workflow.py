@@ -17,8 +17,10 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import bdhs
+import cli
 import data
 import eval as ev
 import model as M
@@ -134,12 +136,8 @@ def check_checkpoint(src, ckpt, dtype, text, cls_name):
         if k in c
     ]
     assert cfg["dtype"] == name and set(said) == {name}, said
-    stored = {
-        v["dtype"]
-        for k, v in M.st_header(os.path.join(ckpt, "model.safetensors"))[0].items()
-        if k != "__metadata__"
-    }
-    assert stored == {"F32" if dtype == torch.float32 else "BF16"}
+    stored = {t.dtype for t in load_file(os.path.join(ckpt, "model.safetensors")).values()}
+    assert stored == {dtype}
     hf, info = getattr(transformers, cls_name).from_pretrained(ckpt, output_loading_info=True)
     assert hf.dtype == dtype and not any(info.values()), (
         info
@@ -340,7 +338,7 @@ def test_a_users_workflow_on_a_llava_hf_folder(tmp_path, monkeypatch, capsys):
         # (line 0 of a bdhs.py file: the settings that made its pairs)
         mixed.write_text(open(pairs).readlines()[1] + open(prompts).readlines()[1])
         with pytest.raises(
-            M.UserError, match="record 'p1' has no 'rejected' though others have one"
+            cli.UserError, match="record 'p1' has no 'rejected' though others have one"
         ):
             data.main(["--convert", str(mixed), "--out", str(tmp_path / "x.jsonl")])
         state["reply"] = lambda body: "Response 1 is better: it names what is in the image."
