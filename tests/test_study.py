@@ -1,14 +1,18 @@
-"""study.py: the paired t-interval and its calls on fixed numbers, the run folder keyed by commands and code,
+"""scripts/study.py: the paired t-interval and its calls on fixed numbers, the run folder keyed by commands and code,
 failed runs counted and shown, the shortcut row evaluated by its own report."""
 
 import json
 import os
 import pathlib
 import shlex
+import sys
 
 import pytest
 
-import study
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+)
+import study  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -268,8 +272,8 @@ def check_headline(readme, study_text):
 
 
 def test_readme_headline_equals_study():
-    """The committed README's headline figures are STUDY.md's (study.py writes both from the same runs)."""
-    root = pathlib.Path(study.__file__).parent
+    """The committed README's headline figures are STUDY.md's (scripts/study.py writes both from the same runs)."""
+    root = pathlib.Path(study.__file__).parent.parent
     check_headline((root / "README.md").read_text(), (root / "STUDY.md").read_text())
 
 
@@ -314,11 +318,9 @@ def test_bdhs_shares_per_attempt(tmp_path):
         dict(attempts=5, similarity=0.99),
         dict(attempts=1, similarity=1.0),
     ]
+    settings = {"settings": {"variant": "attn", "n_bdhs": 5, "eps_s": 0.97}}
     (out / "pairs.jsonl").write_text(
-        "".join(json.dumps({"meta": {"bdhs": m}}) + "\n" for m in metas)
-    )
-    (out / "pairs.jsonl.settings.json").write_text(
-        json.dumps({"variant": "attn", "n_bdhs": 5, "eps_s": 0.97})
+        "".join(json.dumps(r) + "\n" for r in [settings] + [{"meta": {"bdhs": m}} for m in metas])
     )
     shares = study.bdhs_shares(str(out))
     assert [shares[f"bdhs/non_similar@{k}"] for k in range(1, 6)] == [25.0, 50.0, 50.0, 50.0, 50.0]
@@ -336,7 +338,8 @@ def test_every_compared_metric_has_a_margin():
 
 
 def test_main_writes_the_file_study_figures_and_readme(tmp_path, monkeypatch):
-    """python study.py's whole path with fake runs: the per-run file, STUDY.md's blocks, figures, README's block."""
+    """python scripts/study.py's whole path with fake runs: the per-run file, STUDY.md's blocks, figures,
+    README's block."""
 
     def fake_row(cfg, table, row, cmds, seed, train=0):
         res = {m: fake_value(row, m, seed, train) for m in BASE_VALUES}

@@ -336,7 +336,8 @@ def test_a_users_workflow_on_a_llava_hf_folder(tmp_path, monkeypatch, capsys):
         )
         assert f"wrote 4 prompts to {few}" in capsys.readouterr().out
         mixed = tmp_path / "data" / "mixed.jsonl"  # a pair (its image path absolute), then a prompt
-        mixed.write_text(open(pairs).readline() + open(prompts).readlines()[1])
+        # (line 0 of a bdhs.py file: the settings that made its pairs)
+        mixed.write_text(open(pairs).readlines()[1] + open(prompts).readlines()[1])
         with pytest.raises(
             cli.UserError, match="record 'p1' has no 'rejected' though others have one"
         ):

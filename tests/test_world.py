@@ -1,9 +1,10 @@
 """The embedded world (world.py): scenes, splits kept apart, phrasings, the tokenizer and batches, parsing and
-metrics, the verifier, the base-model recipe, and the shipped base model."""
+metrics, the verifier, the base-model recipe (scripts/world_base.py), and the shipped base model."""
 
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,11 @@ import eval as ev
 import losses
 import world as W
 from model import VLM, format_chat
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+)
+import world_base  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Scenes and splits
@@ -274,7 +280,7 @@ def test_partner_pairs_reject_the_shortcuts_answer():
 
 @pytest.fixture(scope="module")
 def tiny_vlm():
-    return W.scratch_model(W.World(0))
+    return world_base.scratch_model(W.World(0))
 
 
 def test_tokenizer_round_trip_and_specials(tiny_vlm):
@@ -328,24 +334,24 @@ def test_right_padded_batch_needs_no_attention_mask(tiny_vlm):
 
 
 def test_base_model_recipe_runs_and_saves(tmp_path, monkeypatch):
-    """world.py --build_base, shortened: tower pretraining and the SFT phases train, and the result loads."""
+    """scripts/world_base.py, shortened: tower pretraining and the SFT phases train, and the result loads."""
     calls = []
-    real_sft = W.sft
+    real_sft = world_base.sft
     monkeypatch.setattr(
-        W, "pretrain_tower", lambda vlm, w, steps, **k: calls.append(("tower", steps))
+        world_base, "pretrain_tower", lambda vlm, w, steps, **k: calls.append(("tower", steps))
     )
     monkeypatch.setattr(
-        W,
+        world_base,
         "sft",
         lambda vlm, w, steps, *a, **k: (
             calls.append(("sft", steps)) or real_sft(vlm, w, 2, *a, batch_size=4, **k)
         ),
     )
-    W.main(["--build_base", str(tmp_path / "base")])
+    world_base.main(["--out", str(tmp_path / "base")])
     assert calls == [("tower", 600), ("sft", 1000), ("sft", 200), ("sft", 200)]
     vlm = VLM.from_pretrained(str(tmp_path / "base"))
     assert vlm.template == W.TEMPLATE and vlm.tokenizer.get_vocab_size() == vlm.cfg.text.vocab_size
-    W.pretrain_tower(
+    world_base.pretrain_tower(
         vlm, W.World(0), 2, batch_size=4, log=lambda *a: None
     )  # and the real tower step runs
 

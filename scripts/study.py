@@ -1,4 +1,4 @@
-"""study.py: the study's tables on the world, re-run over seeds and written into STUDY.md.
+"""scripts/study.py: the study's tables on the world, re-run over seeds and written into STUDY.md.
 
 A table's row is a list of command lines, run as a user would type them. Each run (row x world
 seed x training seed) keeps its output under runs/study/<key>/seed<k>-train<j>/, the key a hash of
@@ -18,10 +18,10 @@ World seeds 0, 1, 2 are the dev seeds, on which every default and choice was mad
 seeds, on which nothing was tuned, and the only ones STUDY.md reports. The main table (and its twin
 test) runs on 3-7, the other tables on 3-5, each with training seeds 0 and 1 (SEEDS).
 
-    python study.py                          # every table on the test seeds (many hours on 2 CPU cores)
-    python study.py --tables table12,online  # some tables
-    python study.py --seeds 0 --tables main  # a dev seed (not written into STUDY.md)
-    python study.py --train_seeds 0          # one training seed per run
+    python scripts/study.py                          # every table on the test seeds (many hours on 2 CPU cores)
+    python scripts/study.py --tables table12,online  # some tables
+    python scripts/study.py --seeds 0 --tables main  # a dev seed (not written into STUDY.md)
+    python scripts/study.py --train_seeds 0          # one training seed per run
 """
 
 import functools
@@ -41,8 +41,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cli import UserError, config_from_argv, run_main
-from hub import CACHE_ENV, cache_home, folder_hash, source_bytes
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import UserError, config_from_argv, run_main  # noqa: E402
+from hub import CACHE_ENV, cache_home, folder_hash, source_bytes  # noqa: E402
 
 DEV = [0, 1, 2]
 TEST = [3, 4, 5, 6, 7]
@@ -321,6 +322,10 @@ CODE = (
     "eval.py",
     "bdhs.py",
     "train.py",
+    "embedder.py",
+    "releases.py",
+    "hub.py",
+    "cli.py",
     "train_offline.py",
     "train_online.py",
 )
@@ -425,11 +430,13 @@ def matched_pairs(kept):
 def bdhs_shares(out):
     """A run with BDHS pairs of its own ({out}/pairs.jsonl) -> the share of prompts with a non-similar
     rejected response after each attempt, "bdhs/non_similar@k" (the paper's Fig. 10), else {}."""
+    import data
+
     path = os.path.join(out, "pairs.jsonl")
-    if not os.path.exists(path + ".settings.json"):
+    settings = data.read_settings(path) if os.path.exists(path) else None
+    if settings is None:  # bdhs.py's first line: the settings its pairs were made with
         return {}
-    settings = json.loads(pathlib.Path(path + ".settings.json").read_text())
-    metas = [json.loads(x)["meta"]["bdhs"] for x in open(path) if x.strip()]
+    metas = [json.loads(x)["meta"]["bdhs"] for x in open(path).readlines()[1:] if x.strip()]
     if settings["variant"] == "distort" or not metas:  # one teacher-forced attempt: no similarity
         return {}
     out = {}
@@ -883,7 +890,7 @@ def cost_block(runs, wall_minutes):
     total = sum(done.values())
     return (
         f"{len(done)} runs ({failed} failed), {total:.0f} run-minutes in all (the sum of each run's wall time, "
-        f"its world report included); the last `python study.py` took {wall_minutes:.0f} minutes of wall time "
+        f"its world report included); the last `python scripts/study.py` took {wall_minutes:.0f} minutes of wall time "
         f"on {os.cpu_count()} cores (runs finished earlier are read back, not run again)."
     )
 
@@ -1135,7 +1142,7 @@ def headline(study_text, figure=""):
     ]
     fig = f"\n\n![the main table, run by run]({figure})" if figure else ""
     return (
-        f"From STUDY.md's main table (written by `python study.py`). {seeds}\n\n"
+        f"From STUDY.md's main table (written by `python scripts/study.py`). {seeds}\n\n"
         + "\n".join(lines)
         + fig
     )
