@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1442,49 +1441,6 @@ def left_pad(seqs, pad_id=0):
     )
 
 
-def check_template(name):
-    """A --template value: "" (detect it from the checkpoint) or one of TEMPLATES."""
-    if name and name not in TEMPLATES:
-        raise UserError(
-            f"--template {name!r}: expected one of {', '.join(TEMPLATES)}, or '' to detect it"
-        )
-    return name
-
-
-def match_template(text):
-    """Which of TEMPLATES a Jinja chat template renders, from markers its output must hold (no Jinja at run
-    time), or None. "USER" / "ASSISTANT" may be literal or built from the role names
-    (`message['role'].upper()`, `message.role | upper`); a system line "A chat between..." makes it vicuna."""
-    if "<|im_start|>" in text:
-        return "chatml"
-    if "[INST]" in text:
-        return "mistral"
-    from_roles = re.search(r"role\W*upper\b", text) is not None
-    if ("USER" in text or from_roles) and ("ASSISTANT" in text or from_roles):
-        return "vicuna" if "A chat between" in text else "llava"
-    return None
-
-
-def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = "", source="the chat template"):
-    """The template a checkpoint was trained with, from its chat template text, else from its architecture."""
-    if chat_template:
-        name = match_template(chat_template)
-        if name is None:
-            raise UserError(
-                f"{source}: its chat template matches none of ours ({', '.join(TEMPLATES)}); "
-                f"pass --template NAME for the one its prompts follow"
-            )
-        return name
-    if tokenizer and tokenizer.token_to_id("<|im_start|>") is not None:
-        return "chatml"
-    return {"mistral": "mistral", "qwen2": "chatml"}.get(cfg.text.kind, "vicuna")
-
-
-def template_line(vlm):
-    """The one line a run prints about the template its prompts use, and why."""
-    return f"chat template: {vlm.template} (from {vlm.template_source})"
-
-
 # -----------------------------------------------------------------------------
 # Random weights, for from-scratch training and tests (checkpoints in the Hugging Face layout: hub.py)
 
@@ -1540,10 +1496,12 @@ def main(argv=None):
         "--template", default="", help=f"one of {', '.join(TEMPLATES)}; default: detect it"
     )
     a = ap.parse_args(argv)
+    import hub  # hub imports this file
+
     vlm = VLM.from_pretrained(
         a.model, dtype=getattr(torch, a.dtype), device=a.device, template=a.template
     ).eval()
-    print(template_line(vlm))
+    print(hub.template_line(vlm))
     batch = vlm.prepare([a.prompt], [load_image(a.image)] if a.image else None)
     g = torch.Generator(a.device).manual_seed(a.seed)
     out = vlm.generate(
