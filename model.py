@@ -485,18 +485,6 @@ class KVCache:
         self.k[layer, :, :, self.pos : end], self.v[layer, :, :, self.pos : end] = k, v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def repeat(self, n):
-        """Copies every row's cache into n consecutive rows: one prompt prefill serves n samples (the
-        reference `share` is tested against: it holds the prompt n times)."""
-        new = object.__new__(KVCache)
-        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        new.key_mask, new.next_pos = (
-            self.key_mask.repeat_interleave(n, 0),
-            self.next_pos.repeat_interleave(n, 0),
-        )
-        new.pos = self.pos
-        return new
-
     def share(self, reps, S):
         """The rows of `reps` samples per prompt (an int or a count per prompt), over this prompt cache
         without copying it, with S slots in all (prompt slots included): see SharedKVCache."""
@@ -534,12 +522,6 @@ class SharedKVCache:
             [self.pv[layer].index_select(0, self.prompt), self.v[layer, :, :, :b]], 2
         )
         return keys, values
-
-
-def cache_bytes(cache):
-    """Bytes a KVCache or SharedKVCache holds for keys and values."""
-    parts = [cache.k, cache.v] + ([cache.pk, cache.pv] if isinstance(cache, SharedKVCache) else [])
-    return sum(t.numel() * t.element_size() for t in parts)
 
 
 def attention_mask_4d(key_mask, q_slots, sliding_window=None, segment=None):
@@ -979,9 +961,6 @@ class VLM(nn.Module):
 # once, decode one token at a time from the cache
 
 
-# Samples of a prompt read its one prefill cache (SharedKVCache); False: each row gets a copy (KVCache.repeat),
-# the reference the tests compare with. In fp32 on CPU both give the same bits (tests/test_model.py).
-SHARE_PREFILL = True
 # on CUDA, decode steps between host checks (all rows done? a stop string?); on CPU: 1
 SYNC_EVERY = 8
 
@@ -1082,8 +1061,8 @@ def prefill(
     dev = input_ids.device
     P = max(map(len, prefix_ids)) if prefix_ids else 0
     S = T + P + max_new_tokens
-    share = num_samples != 1 and SHARE_PREFILL
-    cache = KVCache(vlm.cfg.text, B, T if share else S, compute_dtype(vlm, dev), dev)
+    # samples of a prompt share its prefill: the cache holds the prompts only, see SharedKVCache
+    cache = KVCache(vlm.cfg.text, B, T if num_samples != 1 else S, compute_dtype(vlm, dev), dev)
     h = vlm.hidden(
         input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache
     )
@@ -1092,7 +1071,7 @@ def prefill(
         reps = (
             num_samples if isinstance(num_samples, int) else torch.tensor(num_samples, device=dev)
         )
-        cache = cache.share(reps, S) if share else cache.repeat(reps)
+        cache = cache.share(reps, S)
         logits = logits.repeat_interleave(reps, 0)
     if P:
         ids, am = (x.to(dev) for x in left_pad(prefix_ids))
