@@ -128,9 +128,8 @@ class VLMConfig:
     vision: VisionConfig
     text: TextConfig
     image_token_id: int
-    feature_layers: (
-        list  # vision hidden states fed to the projector (0 = embeddings, -1 = last layer)
-    )
+    # vision hidden states fed to the projector (0 = embeddings, -1 = last layer)
+    feature_layers: list
     select_strategy: str  # "default" drops CLIP's class token, "full" keeps every token
     projector_act: str
     projector_bias: bool
@@ -376,12 +375,8 @@ def rotate_half(x):
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        C, H, Hk, D = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
+        C, D = cfg.hidden_size, cfg.head_dim
+        H, Hk = cfg.num_attention_heads, cfg.num_key_value_heads
         self.H, self.Hk, self.D = H, Hk, D
         self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(C, Hk * D, bias=cfg.qkv_bias)
@@ -413,11 +408,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         C, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = (
-            nn.Linear(C, I, b),
-            nn.Linear(C, I, b),
-            nn.Linear(I, C, b),
-        )
+        self.gate_proj = nn.Linear(C, I, b)
+        self.up_proj = nn.Linear(C, I, b)
+        self.down_proj = nn.Linear(I, C, b)
         self.act = ACT[cfg.hidden_act]
 
     def forward(self, x):
@@ -471,10 +464,8 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, B, S, dtype, device):
         shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim)
-        self.k, self.v = (
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
-        )
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(B, dtype=torch.long, device=device)
         self.pos = 0  # slots filled so far (shared by all rows)
@@ -595,9 +586,8 @@ class LoRALinear(nn.Linear):
         # under autocast both go to its dtype; without, x joins the adapters' dtype and back
         if self.enabled:
             a = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
-            y = y + (F.linear(F.linear(self.dropout(a), self.lora_A), self.lora_B) * self.scale).to(
-                y.dtype
-            )
+            delta = F.linear(F.linear(self.dropout(a), self.lora_A), self.lora_B) * self.scale
+            y = y + delta.to(y.dtype)
         return y
 
     def merged_weight(self, dtype=None):
@@ -640,25 +630,6 @@ def lora_disabled(vlm):
             m.enabled = True
 
 
-def merge_lora(vlm):
-    """Folds every adapter into its base weight and removes it."""
-    for mod in list(vlm.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, LoRALinear):
-                lin = nn.Linear(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    device="meta",
-                )
-                lin.weight = nn.Parameter(
-                    child.merged_weight().detach(), requires_grad=child.weight.requires_grad
-                )
-                lin.bias = child.bias
-                setattr(mod, name, lin)
-    return vlm
-
-
 # -----------------------------------------------------------------------------
 # The VLM: images in, hidden states and logits out; generation and prompting as thin methods
 
@@ -677,9 +648,9 @@ class VLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         self.extra = {}  # tensors outside LLaVA's forward (SigLIP's pooling head, a reward head), kept to be saved
-        self.tokenizer, self.image_processor, self.template, self.files = None, None, "vicuna", {}
-        # where self.template came from, for the line a run prints
-        self.template_source = "the default"
+        self.tokenizer, self.image_processor, self.files = None, None, {}
+        self.template = "vicuna"
+        self.template_source = "the default"  # where self.template came from (hub.template_line)
         # the dtype the source checkpoint's weights were stored in, which a save writes back (None: save
         # the tensors as they are in memory, as for a model built by from_config)
         self.source_dtype = None
@@ -734,9 +705,8 @@ class VLM(nn.Module):
                 .permute(4, 0, 2, 1, 3)
                 .reshape(f.shape[-1], gh * p, gw * p)
             )
-            grid = grid[
-                :, ph : gh * p - ph, pw : gw * p - pw
-            ]  # cut the padding AnyRes's resize added
+            # cut the padding AnyRes's resize added
+            grid = grid[:, ph : gh * p - ph, pw : gw * p - pw]
             nl = self.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid.dtype)
             # (rows * (cols + 1), C)
             grid = torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)
@@ -939,11 +909,8 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=""):
-        """A local HF-layout folder or a hub id: every key and shape checked, tensors streamed one at a time
-        into `dtype` on `device`. `template`: one of TEMPLATES, or "" to detect it from the checkpoint's chat
-        template. The stored dtype is kept in `source_dtype`. device "meta": no weight is read;
-        `hub.load_weights(vlm, vlm.folder, ...)` fills the model later (FSDP2: each rank its own shards, after
-        `fully_shard`). The work is hub.py's."""
+        """A local HF-layout folder or a hub id (hub.load). `template`: one of TEMPLATES, or "" to detect it.
+        device "meta": no weight is read, so that FSDP2 ranks fill their own shards later (hub.load_weights)."""
         import hub  # hub imports this file
 
         return hub.load(path, dtype, device, template, cls)
@@ -980,7 +947,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = p.cumsum(-1) - p >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
-    # ("cuda" is any index)
+    # compared by type: a torch.Generator("cuda") serves any CUDA index
     if generator is not None and generator.device.type != probs.device.type:
         raise ValueError(
             f"the sampling generator is on {generator.device} and the logits on {probs.device}: "
@@ -1037,9 +1004,8 @@ def rows_that_fit(vlm, tokens_per_row, default, total=None):
         return default
     total = total or torch.cuda.get_device_properties(w.device).total_memory
     weights = sum(p.numel() * p.element_size() for p in vlm.parameters())
-    return max(
-        1, int((total - weights) / 2 // (kv_bytes_per_token(vlm, w.device) * tokens_per_row))
-    )
+    fit = (total - weights) / 2 // (kv_bytes_per_token(vlm, w.device) * tokens_per_row)
+    return max(1, int(fit))
 
 
 @torch.no_grad()
@@ -1176,10 +1142,8 @@ def stop_table(tokenizer, chars, rows):
 # -----------------------------------------------------------------------------
 # Image preprocessing: the pixel values of transformers' CLIP / SigLIP / LLaVA-NeXT image processors, in PIL + numpy
 
-OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (
-    [0.48145466, 0.4578275, 0.40821073],
-    [0.26862954, 0.26130258, 0.27577711],
-)
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # Decompression bombs: a few KB can declare a 20000 x 20000 image, so the size in the header is checked before
@@ -1256,15 +1220,10 @@ class ImageProcessor:
     def __init__(self, pp: dict, anyres_pinpoints=None):
         self.size, self.crop = pp.get("size", {"shortest_edge": 336}), pp.get("crop_size")
         self.do_crop = pp.get("do_center_crop", self.crop is not None)
-        self.mean, self.std = (
-            pp.get("image_mean", OPENAI_CLIP_MEAN),
-            pp.get("image_std", OPENAI_CLIP_STD),
-        )
-        # 3 = bicubic
-        self.scale, self.resample = (
-            pp.get("rescale_factor", 1 / 255),
-            pp.get("resample", 3),
-        )
+        self.mean = pp.get("image_mean", OPENAI_CLIP_MEAN)
+        self.std = pp.get("image_std", OPENAI_CLIP_STD)
+        self.scale = pp.get("rescale_factor", 1 / 255)
+        self.resample = pp.get("resample", 3)  # 3 = bicubic
         self.pinpoints = (
             pp.get("image_grid_pinpoints", anyres_pinpoints) if anyres_pinpoints else None
         )

@@ -223,9 +223,8 @@ def test_partial_key_mask_keeps_positions(pair):
     with torch.no_grad():
         a = ours(ids, px, sz, key_mask=km)
         b = ours(ids, px, sz)
-    assert torch.allclose(
-        a[0, : k + 1], b[0, : k + 1]
-    )  # up to and including the hidden key: identical
+    # up to and including the hidden key: identical
+    assert torch.allclose(a[0, : k + 1], b[0, : k + 1])
     assert (a[0, k + 1 :] - b[0, k + 1 :]).abs().max() > 0
 
 
@@ -250,7 +249,6 @@ def test_lora_off_merge_and_save(pair, tmp_path):
     vlm.save_pretrained(str(tmp_path / "m"))  # adapters merged into the saved weights
     with torch.no_grad():
         assert torch.allclose(VLM.from_pretrained(str(tmp_path / "m"))(*args), tuned, atol=1e-5)
-        assert torch.allclose(M.merge_lora(vlm)(*args), tuned, atol=1e-5)
 
 
 def test_a_bf16_base_with_fp32_adapters_and_projector(pair):
