@@ -30,15 +30,14 @@ import data
 import world
 from cli import DTYPES, UserError, atomic_write, config_from_argv, run_main
 from embedder import SentenceEmbedder
+from hub import check_template, template_line
 from model import (
     TEMPLATES,
     VLM,
-    check_template,
     device_generator,
     left_pad,
     max_prompt_tokens,
     rows_that_fit,
-    template_line,
 )
 
 # -----------------------------------------------------------------------------

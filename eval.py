@@ -25,8 +25,8 @@ from tqdm import tqdm
 import data
 import world as W
 from cli import DTYPES, UserError, config_from_argv, run_main
-from hub import folder_hash, source_bytes
-from model import VLM, check_template, max_prompt_tokens, rows_that_fit, template_line
+from hub import check_template, folder_hash, source_bytes, template_line
+from model import VLM, max_prompt_tokens, rows_that_fit
 
 # -----------------------------------------------------------------------------
 # Metrics (percentages), each a pure function

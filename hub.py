@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 
 import torch
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cli import UserError, UserFileError, UserKeyError, atomic_write
-from model import VLM, ImageProcessor, LoRALinear, check_template, guess_template, parse_config
+from model import TEMPLATES, VLM, ImageProcessor, LoRALinear, VLMConfig, parse_config
 
 # -----------------------------------------------------------------------------
 # Loading: config.json, then the weights one tensor at a time, then the small files
@@ -462,3 +463,50 @@ class MissingTokenizer:
             f"{self.path}: no tokenizer.json, so this model cannot encode or "
             f"decode text; copy the checkpoint's tokenizer.json there"
         )
+
+
+# -----------------------------------------------------------------------------
+# The chat template a checkpoint was trained with, from its files (the templates themselves: model.TEMPLATES)
+
+
+def check_template(name):
+    """A --template value: "" (detect it from the checkpoint) or one of TEMPLATES."""
+    if name and name not in TEMPLATES:
+        raise UserError(
+            f"--template {name!r}: expected one of {', '.join(TEMPLATES)}, or '' to detect it"
+        )
+    return name
+
+
+def match_template(text):
+    """Which of TEMPLATES a Jinja chat template renders, from markers its output must hold (no Jinja at run
+    time), or None. "USER" / "ASSISTANT" may be literal or built from the role names
+    (`message['role'].upper()`, `message.role | upper`); a system line "A chat between..." makes it vicuna."""
+    if "<|im_start|>" in text:
+        return "chatml"
+    if "[INST]" in text:
+        return "mistral"
+    from_roles = re.search(r"role\W*upper\b", text) is not None
+    if ("USER" in text or from_roles) and ("ASSISTANT" in text or from_roles):
+        return "vicuna" if "A chat between" in text else "llava"
+    return None
+
+
+def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = "", source="the chat template"):
+    """The template a checkpoint was trained with, from its chat template text, else from its architecture."""
+    if chat_template:
+        name = match_template(chat_template)
+        if name is None:
+            raise UserError(
+                f"{source}: its chat template matches none of ours ({', '.join(TEMPLATES)}); "
+                f"pass --template NAME for the one its prompts follow"
+            )
+        return name
+    if tokenizer and tokenizer.token_to_id("<|im_start|>") is not None:
+        return "chatml"
+    return {"mistral": "mistral", "qwen2": "chatml"}.get(cfg.text.kind, "vicuna")
+
+
+def template_line(vlm):
+    """The one line a run prints about the template its prompts use, and why."""
+    return f"chat template: {vlm.template} (from {vlm.template_source})"

@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,9 +128,8 @@ class VLMConfig:
     vision: VisionConfig
     text: TextConfig
     image_token_id: int
-    feature_layers: (
-        list  # vision hidden states fed to the projector (0 = embeddings, -1 = last layer)
-    )
+    # vision hidden states fed to the projector (0 = embeddings, -1 = last layer)
+    feature_layers: list
     select_strategy: str  # "default" drops CLIP's class token, "full" keeps every token
     projector_act: str
     projector_bias: bool
@@ -377,12 +375,8 @@ def rotate_half(x):
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        C, H, Hk, D = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
+        C, D = cfg.hidden_size, cfg.head_dim
+        H, Hk = cfg.num_attention_heads, cfg.num_key_value_heads
         self.H, self.Hk, self.D = H, Hk, D
         self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(C, Hk * D, bias=cfg.qkv_bias)
@@ -414,11 +408,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         C, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = (
-            nn.Linear(C, I, b),
-            nn.Linear(C, I, b),
-            nn.Linear(I, C, b),
-        )
+        self.gate_proj = nn.Linear(C, I, b)
+        self.up_proj = nn.Linear(C, I, b)
+        self.down_proj = nn.Linear(I, C, b)
         self.act = ACT[cfg.hidden_act]
 
     def forward(self, x):
@@ -472,10 +464,8 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, B, S, dtype, device):
         shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim)
-        self.k, self.v = (
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
-        )
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(B, dtype=torch.long, device=device)
         self.pos = 0  # slots filled so far (shared by all rows)
@@ -485,18 +475,6 @@ class KVCache:
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos : end], self.v[layer, :, :, self.pos : end] = k, v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def repeat(self, n):
-        """Copies every row's cache into n consecutive rows: one prompt prefill serves n samples (the
-        reference `share` is tested against: it holds the prompt n times)."""
-        new = object.__new__(KVCache)
-        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        new.key_mask, new.next_pos = (
-            self.key_mask.repeat_interleave(n, 0),
-            self.next_pos.repeat_interleave(n, 0),
-        )
-        new.pos = self.pos
-        return new
 
     def share(self, reps, S):
         """The rows of `reps` samples per prompt (an int or a count per prompt), over this prompt cache
@@ -535,12 +513,6 @@ class SharedKVCache:
             [self.pv[layer].index_select(0, self.prompt), self.v[layer, :, :, :b]], 2
         )
         return keys, values
-
-
-def cache_bytes(cache):
-    """Bytes a KVCache or SharedKVCache holds for keys and values."""
-    parts = [cache.k, cache.v] + ([cache.pk, cache.pv] if isinstance(cache, SharedKVCache) else [])
-    return sum(t.numel() * t.element_size() for t in parts)
 
 
 def attention_mask_4d(key_mask, q_slots, sliding_window=None, segment=None):
@@ -614,9 +586,8 @@ class LoRALinear(nn.Linear):
         # under autocast both go to its dtype; without, x joins the adapters' dtype and back
         if self.enabled:
             a = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
-            y = y + (F.linear(F.linear(self.dropout(a), self.lora_A), self.lora_B) * self.scale).to(
-                y.dtype
-            )
+            delta = F.linear(F.linear(self.dropout(a), self.lora_A), self.lora_B) * self.scale
+            y = y + delta.to(y.dtype)
         return y
 
     def merged_weight(self, dtype=None):
@@ -659,25 +630,6 @@ def lora_disabled(vlm):
             m.enabled = True
 
 
-def merge_lora(vlm):
-    """Folds every adapter into its base weight and removes it."""
-    for mod in list(vlm.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, LoRALinear):
-                lin = nn.Linear(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    device="meta",
-                )
-                lin.weight = nn.Parameter(
-                    child.merged_weight().detach(), requires_grad=child.weight.requires_grad
-                )
-                lin.bias = child.bias
-                setattr(mod, name, lin)
-    return vlm
-
-
 # -----------------------------------------------------------------------------
 # The VLM: images in, hidden states and logits out; generation and prompting as thin methods
 
@@ -696,9 +648,9 @@ class VLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
         self.extra = {}  # tensors outside LLaVA's forward (SigLIP's pooling head, a reward head), kept to be saved
-        self.tokenizer, self.image_processor, self.template, self.files = None, None, "vicuna", {}
-        # where self.template came from, for the line a run prints
-        self.template_source = "the default"
+        self.tokenizer, self.image_processor, self.files = None, None, {}
+        self.template = "vicuna"
+        self.template_source = "the default"  # where self.template came from (hub.template_line)
         # the dtype the source checkpoint's weights were stored in, which a save writes back (None: save
         # the tensors as they are in memory, as for a model built by from_config)
         self.source_dtype = None
@@ -753,9 +705,8 @@ class VLM(nn.Module):
                 .permute(4, 0, 2, 1, 3)
                 .reshape(f.shape[-1], gh * p, gw * p)
             )
-            grid = grid[
-                :, ph : gh * p - ph, pw : gw * p - pw
-            ]  # cut the padding AnyRes's resize added
+            # cut the padding AnyRes's resize added
+            grid = grid[:, ph : gh * p - ph, pw : gw * p - pw]
             nl = self.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid.dtype)
             # (rows * (cols + 1), C)
             grid = torch.cat([grid, nl], dim=-1).flatten(1).transpose(0, 1)
@@ -958,11 +909,8 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", template=""):
-        """A local HF-layout folder or a hub id: every key and shape checked, tensors streamed one at a time
-        into `dtype` on `device`. `template`: one of TEMPLATES, or "" to detect it from the checkpoint's chat
-        template. The stored dtype is kept in `source_dtype`. device "meta": no weight is read;
-        `hub.load_weights(vlm, vlm.folder, ...)` fills the model later (FSDP2: each rank its own shards, after
-        `fully_shard`). The work is hub.py's."""
+        """A local HF-layout folder or a hub id (hub.load). `template`: one of TEMPLATES, or "" to detect it.
+        device "meta": no weight is read, so that FSDP2 ranks fill their own shards later (hub.load_weights)."""
         import hub  # hub imports this file
 
         return hub.load(path, dtype, device, template, cls)
@@ -980,9 +928,6 @@ class VLM(nn.Module):
 # once, decode one token at a time from the cache
 
 
-# Samples of a prompt read its one prefill cache (SharedKVCache); False: each row gets a copy (KVCache.repeat),
-# the reference the tests compare with. In fp32 on CPU both give the same bits (tests/test_model.py).
-SHARE_PREFILL = True
 # on CUDA, decode steps between host checks (all rows done? a stop string?); on CPU: 1
 SYNC_EVERY = 8
 
@@ -1002,7 +947,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = p.cumsum(-1) - p >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
-    # ("cuda" is any index)
+    # compared by type: a torch.Generator("cuda") serves any CUDA index
     if generator is not None and generator.device.type != probs.device.type:
         raise ValueError(
             f"the sampling generator is on {generator.device} and the logits on {probs.device}: "
@@ -1059,9 +1004,8 @@ def rows_that_fit(vlm, tokens_per_row, default, total=None):
         return default
     total = total or torch.cuda.get_device_properties(w.device).total_memory
     weights = sum(p.numel() * p.element_size() for p in vlm.parameters())
-    return max(
-        1, int((total - weights) / 2 // (kv_bytes_per_token(vlm, w.device) * tokens_per_row))
-    )
+    fit = (total - weights) / 2 // (kv_bytes_per_token(vlm, w.device) * tokens_per_row)
+    return max(1, int(fit))
 
 
 @torch.no_grad()
@@ -1083,8 +1027,8 @@ def prefill(
     dev = input_ids.device
     P = max(map(len, prefix_ids)) if prefix_ids else 0
     S = T + P + max_new_tokens
-    share = num_samples != 1 and SHARE_PREFILL
-    cache = KVCache(vlm.cfg.text, B, T if share else S, compute_dtype(vlm, dev), dev)
+    # samples of a prompt share its prefill: the cache holds the prompts only, see SharedKVCache
+    cache = KVCache(vlm.cfg.text, B, T if num_samples != 1 else S, compute_dtype(vlm, dev), dev)
     h = vlm.hidden(
         input_ids, pixel_values, image_sizes, attention_mask, key_mask=key_mask, kv_cache=cache
     )
@@ -1093,7 +1037,7 @@ def prefill(
         reps = (
             num_samples if isinstance(num_samples, int) else torch.tensor(num_samples, device=dev)
         )
-        cache = cache.share(reps, S) if share else cache.repeat(reps)
+        cache = cache.share(reps, S)
         logits = logits.repeat_interleave(reps, 0)
     if P:
         ids, am = (x.to(dev) for x in left_pad(prefix_ids))
@@ -1198,10 +1142,8 @@ def stop_table(tokenizer, chars, rows):
 # -----------------------------------------------------------------------------
 # Image preprocessing: the pixel values of transformers' CLIP / SigLIP / LLaVA-NeXT image processors, in PIL + numpy
 
-OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (
-    [0.48145466, 0.4578275, 0.40821073],
-    [0.26862954, 0.26130258, 0.27577711],
-)
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # Decompression bombs: a few KB can declare a 20000 x 20000 image, so the size in the header is checked before
@@ -1278,15 +1220,10 @@ class ImageProcessor:
     def __init__(self, pp: dict, anyres_pinpoints=None):
         self.size, self.crop = pp.get("size", {"shortest_edge": 336}), pp.get("crop_size")
         self.do_crop = pp.get("do_center_crop", self.crop is not None)
-        self.mean, self.std = (
-            pp.get("image_mean", OPENAI_CLIP_MEAN),
-            pp.get("image_std", OPENAI_CLIP_STD),
-        )
-        # 3 = bicubic
-        self.scale, self.resample = (
-            pp.get("rescale_factor", 1 / 255),
-            pp.get("resample", 3),
-        )
+        self.mean = pp.get("image_mean", OPENAI_CLIP_MEAN)
+        self.std = pp.get("image_std", OPENAI_CLIP_STD)
+        self.scale = pp.get("rescale_factor", 1 / 255)
+        self.resample = pp.get("resample", 3)  # 3 = bicubic
         self.pinpoints = (
             pp.get("image_grid_pinpoints", anyres_pinpoints) if anyres_pinpoints else None
         )
@@ -1442,49 +1379,6 @@ def left_pad(seqs, pad_id=0):
     )
 
 
-def check_template(name):
-    """A --template value: "" (detect it from the checkpoint) or one of TEMPLATES."""
-    if name and name not in TEMPLATES:
-        raise UserError(
-            f"--template {name!r}: expected one of {', '.join(TEMPLATES)}, or '' to detect it"
-        )
-    return name
-
-
-def match_template(text):
-    """Which of TEMPLATES a Jinja chat template renders, from markers its output must hold (no Jinja at run
-    time), or None. "USER" / "ASSISTANT" may be literal or built from the role names
-    (`message['role'].upper()`, `message.role | upper`); a system line "A chat between..." makes it vicuna."""
-    if "<|im_start|>" in text:
-        return "chatml"
-    if "[INST]" in text:
-        return "mistral"
-    from_roles = re.search(r"role\W*upper\b", text) is not None
-    if ("USER" in text or from_roles) and ("ASSISTANT" in text or from_roles):
-        return "vicuna" if "A chat between" in text else "llava"
-    return None
-
-
-def guess_template(cfg: VLMConfig, tokenizer, chat_template: str = "", source="the chat template"):
-    """The template a checkpoint was trained with, from its chat template text, else from its architecture."""
-    if chat_template:
-        name = match_template(chat_template)
-        if name is None:
-            raise UserError(
-                f"{source}: its chat template matches none of ours ({', '.join(TEMPLATES)}); "
-                f"pass --template NAME for the one its prompts follow"
-            )
-        return name
-    if tokenizer and tokenizer.token_to_id("<|im_start|>") is not None:
-        return "chatml"
-    return {"mistral": "mistral", "qwen2": "chatml"}.get(cfg.text.kind, "vicuna")
-
-
-def template_line(vlm):
-    """The one line a run prints about the template its prompts use, and why."""
-    return f"chat template: {vlm.template} (from {vlm.template_source})"
-
-
 # -----------------------------------------------------------------------------
 # Random weights, for from-scratch training and tests (checkpoints in the Hugging Face layout: hub.py)
 
@@ -1540,10 +1434,12 @@ def main(argv=None):
         "--template", default="", help=f"one of {', '.join(TEMPLATES)}; default: detect it"
     )
     a = ap.parse_args(argv)
+    import hub  # hub imports this file
+
     vlm = VLM.from_pretrained(
         a.model, dtype=getattr(torch, a.dtype), device=a.device, template=a.template
     ).eval()
-    print(template_line(vlm))
+    print(hub.template_line(vlm))
     batch = vlm.prepare([a.prompt], [load_image(a.image)] if a.image else None)
     g = torch.Generator(a.device).manual_seed(a.seed)
     out = vlm.generate(

@@ -278,7 +278,7 @@ def build_policy(cfg, ranks, head=None, lr_projector=0.0, grad_ckpt=False):
     else:
         # bf16: the frozen base's half
         vlm = VLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), template=cfg.template)
-        ranks.print(M.template_line(vlm))
+        ranks.print(hub.template_line(vlm))
         choose_trainables(cfg, vlm, head, lr_projector, grad_ckpt)
         pm = PairModel(vlm, head)
         # What trains is fp32, and so are its AdamW moments (the adapters and heads already are): a bf16
@@ -328,7 +328,7 @@ def sharded_policy(cfg, ranks, head, lr_projector, grad_ckpt):
 
     dtype = getattr(torch, cfg.dtype)
     vlm = VLM.from_pretrained(cfg.model, dtype=dtype, device="meta", template=cfg.template)
-    ranks.print(M.template_line(vlm))
+    ranks.print(hub.template_line(vlm))
     choose_trainables(
         cfg, vlm, head, lr_projector, grad_ckpt
     )  # on the meta device: LoRA's A not drawn yet
@@ -739,7 +739,7 @@ def setup(cfg, cache_dir=""):
             f"--batch_size {cfg.batch_size} must divide by ranks x grad_accum = "
             f"{ranks.W * cfg.grad_accum}"
         )
-    M.check_template(cfg.template)
+    hub.check_template(cfg.template)
     # float16 would need a GradScaler: small LoRA gradients underflow
     if cfg.dtype not in ("float32", "bfloat16"):
         raise cli.UserError(

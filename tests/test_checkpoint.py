@@ -204,19 +204,19 @@ def test_chat_templates_are_matched_without_jinja():
     ours = {
         name: json.dumps(format_chat(TURNS, name)) for name in M.TEMPLATES
     }  # a rendered text matches too
-    assert {name: M.match_template(text) for name, text in ours.items()} == {
+    assert {name: hub.match_template(text) for name, text in ours.items()} == {
         n: n for n in M.TEMPLATES
     }
-    assert M.match_template(ROLE_TEMPLATE) == "llava"
-    assert M.match_template("{{ m.role | upper }}: {{ m.content }}") == "llava"
-    assert M.match_template("A chat between a person and a model. " + ROLE_TEMPLATE) == "vicuna"
+    assert hub.match_template(ROLE_TEMPLATE) == "llava"
+    assert hub.match_template("{{ m.role | upper }}: {{ m.content }}") == "llava"
+    assert hub.match_template("A chat between a person and a model. " + ROLE_TEMPLATE) == "vicuna"
     assert (
-        M.match_template("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+        hub.match_template("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
         == "mistral"
     )
-    assert M.match_template("<|start_header_id|>{{ m['role'] }}<|end_header_id|>") is None
+    assert hub.match_template("<|start_header_id|>{{ m['role'] }}<|end_header_id|>") is None
     assert (
-        M.match_template("User: {{ m['content'] }}") is None
+        hub.match_template("User: {{ m['content'] }}") is None
     )  # a role name without .upper() is not USER
 
 
@@ -251,7 +251,7 @@ def test_the_template_is_looked_up_where_transformers_looks(tmp_path):
         path, "chat_template.jinja"
     )
     assert (
-        M.template_line(vlm)
+        hub.template_line(vlm)
         == f"chat template: llava (from {os.path.join(path, 'chat_template.jinja')})"
     )
     (folder / "chat_template.jinja").write_text("<|start_header_id|>{{ m }}")
@@ -260,7 +260,7 @@ def test_the_template_is_looked_up_where_transformers_looks(tmp_path):
     vlm = VLM.from_pretrained(path, template="chatml")  # the flag overrides what matches nothing
     assert (
         vlm.template == "chatml"
-        and M.template_line(vlm) == "chat template: chatml (from --template)"
+        and hub.template_line(vlm) == "chat template: chatml (from --template)"
     )
 
 
