@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from cli import UserError, UserFileError, run_main
+from cli import UserError, UserFileError, atomic_write, run_main
 from model import TEMPLATES, load_image, open_image_header, to_rgb
 
 # -----------------------------------------------------------------------------
@@ -151,9 +151,7 @@ def pair_line(r, out_dir):
 def write_pairs(path, recs):
     """Writes records as native JSONL, atomically (images as in pair_line)."""
     lines = [pair_line(r, os.path.dirname(path) or ".") + "\n" for r in recs]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(lines))
 
 
 def image_source(image):

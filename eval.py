@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import world as W
-from cli import DTYPES, UserError, config_from_argv, run_main
+from cli import DTYPES, UserError, atomic_write, config_from_argv, run_main
 from hub import folder_hash, source_bytes
 from model import VLM, check_template, max_prompt_tokens, rows_that_fit, template_line
 
@@ -108,11 +108,9 @@ def table(rows: dict, keys, heads=None):
 
 
 def atomic_json(path, obj):
-    """Writes JSON to a temp file of this process's own (runs share caches), then renames it in."""
+    """Writes JSON all or nothing (cli.atomic_write), making its folder if needed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(f"{path}.tmp{os.getpid()}", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 # -----------------------------------------------------------------------------
