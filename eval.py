@@ -243,7 +243,9 @@ HALF_KEYS = ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversar
 
 def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
     """World reports of base and ckpt -> out_dir/results.json; base's cached (files, settings, code)."""
-    code = source_bytes("world.py", "eval.py", "model.py")
+    # what a report runs: loading (hub, model), the probes (world), the answers (eval, data's open_image);
+    # cli's checks only raise, they cannot change a report
+    code = source_bytes("world.py", "eval.py", "model.py", "hub.py", "data.py")
     key = hashlib.sha256(
         (folder_hash(base) + json.dumps([seed, half, n])).encode() + code
     ).hexdigest()[:16]
