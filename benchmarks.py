@@ -22,7 +22,7 @@ import urllib.request
 
 import data
 import eval as ev  # the metrics and answers; eval.py imports this file only inside main (no cycle)
-from cli import UserError, UserFileError, atomic_write
+from cli import UserError, UserFileError, atomic_write, require
 from hub import cache_home
 
 # -----------------------------------------------------------------------------
@@ -859,8 +859,7 @@ def judge_llavaw(name, items, preds, judge, prompts, scores):
     for it, p in zip(items, preds):
         ctx = "\n".join(it["context"]) if isinstance(it["context"], list) else it["context"]
         tpl = prompts.get(f"llavaw/{it['kind']}", prompts["llavaw"])  # official: per category
-        if tpl is None:
-            raise UserError(f"llavaw: the official rule.json has no llava_bench_{it['kind']}")
+        require(tpl is not None, f"llavaw: the official rule.json has no llava_bench_{it['kind']}")
         text = fill(tpl, context=ctx, question=it["question"], reference=it["gold"], answer=p)
         system = {"role": "system", "content": prompts["llavaw_system"]}
         pairs.append(score_pair(judge([system, {"role": "user", "content": text}], 1024, 0.2)))
