@@ -24,8 +24,10 @@ test) runs on 3-7, the other tables on 3-5, each with training seeds 0 and 1 (SE
     python scripts/study.py --train_seeds 0          # one training seed per run
 """
 
+import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -514,9 +516,6 @@ def keys_of(table, res):
 def write_runs(records, path=RUNS_FILE, keep=()):
     """records: (table, row, world seed, training seed or None, results or None for a failed run) -> the CSV,
     written all or nothing; the lines of the tables in `keep` already there stay."""
-    import csv
-    import io
-
     old = [r for r in read_rows(path) if r["table"] in keep] if os.path.exists(path) else []
     buf = io.StringIO()
     w = csv.DictWriter(buf, FIELDS, lineterminator="\n")
@@ -534,8 +533,6 @@ def write_runs(records, path=RUNS_FILE, keep=()):
 
 
 def read_rows(path=RUNS_FILE):
-    import csv
-
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
