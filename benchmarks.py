@@ -22,7 +22,7 @@ import urllib.request
 
 import data
 import eval as ev  # the metrics and answers; eval.py imports this file only inside main (no cycle)
-from cli import UserError, UserFileError
+from cli import UserError, UserFileError, atomic_write, require
 from hub import cache_home
 
 # -----------------------------------------------------------------------------
@@ -743,13 +743,12 @@ def official_file(root, key):
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(path + ".tmp", "wb") as f:
-                f.write(r.read())
+            with urllib.request.urlopen(url, timeout=60) as r:
+                atomic_write(path, r.read())
         except OSError as e:
             raise UserFileError(
                 f"--official: cannot download {url} ({e}); put that file at {path}"
             ) from None
-        os.replace(path + ".tmp", path)
     return path
 
 
@@ -860,8 +859,7 @@ def judge_llavaw(name, items, preds, judge, prompts, scores):
     for it, p in zip(items, preds):
         ctx = "\n".join(it["context"]) if isinstance(it["context"], list) else it["context"]
         tpl = prompts.get(f"llavaw/{it['kind']}", prompts["llavaw"])  # official: per category
-        if tpl is None:
-            raise UserError(f"llavaw: the official rule.json has no llava_bench_{it['kind']}")
+        require(tpl is not None, f"llavaw: the official rule.json has no llava_bench_{it['kind']}")
         text = fill(tpl, context=ctx, question=it["question"], reference=it["gold"], answer=p)
         system = {"role": "system", "content": prompts["llavaw_system"]}
         pairs.append(score_pair(judge([system, {"role": "user", "content": text}], 1024, 0.2)))
@@ -1001,9 +999,7 @@ def run(cfg):
         ev.atomic_json(cfg.out, rows)
     if cfg.out and answers:  # each question's answer and score, a line each, beside the summary
         path = os.path.join(os.path.dirname(cfg.out), "answers.jsonl")
-        with open(f"{path}.tmp{os.getpid()}", "w") as f:
-            f.writelines(json.dumps(a) + "\n" for a in answers)
-        os.replace(f"{path}.tmp{os.getpid()}", path)
+        atomic_write(path, "".join(json.dumps(a) + "\n" for a in answers))
         print(f"answers: {path}")
     if cache:
         print(f"judgments: {cache}")

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from cli import UserError, UserFileError, run_main
+from cli import UserError, UserFileError, atomic_write, require, run_main
 from model import TEMPLATES, load_image, open_image_header, to_rgb
 
 # -----------------------------------------------------------------------------
@@ -32,11 +32,9 @@ def check_pair(rec, where, base="", need_rejected=True, hint="--image_root"):
     """ValueError naming `where` (file:line) unless `rec` is a well-formed pair (without
     `need_rejected`: a prompt and its ground truth, BDHS's start); resolves its image path against
     `base` (an absolute path stays); `hint` says where a missing image was looked for."""
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    require(isinstance(rec, dict), f"{where}: expected a JSON object, got {type(rec).__name__}")
     for k in ("id", "image", "conversation", "chosen") + ("rejected",) * need_rejected:
-        if k not in rec:
-            raise UserError(f"{where}: missing key {k!r}")
+        require(k in rec, f"{where}: missing key {k!r}")
     for k in ("chosen", "rejected", "rejected2"):
         if k in rec and not isinstance(rec[k], str):
             raise UserError(f"{where}: {k!r} must be a string, got {type(rec[k]).__name__}")
@@ -62,8 +60,7 @@ def check_pair(rec, where, base="", need_rejected=True, hint="--image_root"):
         raise UserError(f"{where}: the conversation must hold exactly one '<image>' placeholder")
     if isinstance(rec["image"], str):
         rec["image"] = os.path.join(base, rec["image"])
-        if not os.path.isfile(rec["image"]):
-            raise UserError(f"{where}: image not found: {rec['image']} ({hint})")
+        require(os.path.isfile(rec["image"]), f"{where}: image not found: {rec['image']} ({hint})")
     check_image(rec["image"], where)
     return rec
 
@@ -151,9 +148,7 @@ def pair_line(r, out_dir):
 def write_pairs(path, recs):
     """Writes records as native JSONL, atomically (images as in pair_line)."""
     lines = [pair_line(r, os.path.dirname(path) or ".") + "\n" for r in recs]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(lines))
 
 
 def image_source(image):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import world as W
-from cli import DTYPES, UserError, config_from_argv, run_main
+from cli import DTYPES, UserError, atomic_write, config_from_argv, run_main
 from hub import check_template, folder_hash, source_bytes, template_line
 from model import VLM, max_prompt_tokens, rows_that_fit
 
@@ -108,11 +108,9 @@ def table(rows: dict, keys, heads=None):
 
 
 def atomic_json(path, obj):
-    """Writes JSON to a temp file of this process's own (runs share caches), then renames it in."""
+    """Writes JSON all or nothing (cli.atomic_write), making its folder if needed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(f"{path}.tmp{os.getpid()}", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +243,9 @@ HALF_KEYS = ["a/chair_i", "a/pope_adversarial_f1", "b/chair_i", "b/pope_adversar
 
 def before_after(base, ckpt, seed, half, n, out_dir, cache_dir):
     """World reports of base and ckpt -> out_dir/results.json; base's cached (files, settings, code)."""
-    code = source_bytes("world.py", "eval.py", "model.py")
+    # what a report runs: loading (hub, model), the probes (world), the answers (eval, data's open_image);
+    # cli's checks only raise, they cannot change a report
+    code = source_bytes("world.py", "eval.py", "model.py", "hub.py", "data.py")
     key = hashlib.sha256(
         (folder_hash(base) + json.dumps([seed, half, n])).encode() + code
     ).hexdigest()[:16]

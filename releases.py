@@ -5,7 +5,7 @@ import json
 import os
 import random
 
-from cli import UserError, UserFileError, arg_parser, run_main
+from cli import UserError, UserFileError, arg_parser, require, run_main
 from data import check_pair, load_pairs, write_pairs
 
 # -----------------------------------------------------------------------------
@@ -42,8 +42,7 @@ def from_povid(r, n, root):
 def from_llava_rlhf(r, n, root):
     """LLaVA-RLHF's human preferences: a JSON array of {id, image, conversations, output_1,
     output_2, preference: 1|2, hallucination}; the last gpt turn is a reference answer."""
-    if r["preference"] not in (1, 2):
-        raise UserError(f"preference must be 1 or 2, got {r['preference']!r}")
+    require(r["preference"] in (1, 2), f"preference must be 1 or 2, got {r['preference']!r}")
     win, lose = (r["output_1"], r["output_2"])[:: 1 if r["preference"] == 1 else -1]
     return dict(
         id=f"llava-rlhf-{n}",
@@ -203,8 +202,7 @@ def main(argv=None):
         "--seed", type=int, default=0, help="the draw of --limit (default: %(default)s)"
     )
     a = ap.parse_args(argv)
-    if a.limit < 0:
-        raise UserError(f"--limit {a.limit}: must be >= 0")
+    require(a.limit >= 0, f"--limit {a.limit}: must be >= 0")
     # a native file of prompts (bdhs.py --source, train_online.py --data) has no rejected: one or
     # the other, never a mix, which would fail only later, in training
     recs = load_pairs(a.convert, a.image_root, need_rejected=False, flag="--convert")

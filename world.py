@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cli import config_from_argv, run_main
+from cli import config_from_argv, require, run_main
 from model import format_chat
 
 # -----------------------------------------------------------------------------
@@ -325,8 +325,7 @@ class World:
     SPLITS = ("sft", "align", "heldout", "broken")
 
     def __init__(self, seed=0, prior=0.9, color_prior=0.6, hallucinate=0.0, half=""):
-        if half not in ("", "a", "b"):
-            raise ValueError(f"world half {half!r}: expected '', 'a' or 'b'")
+        require(half in ("", "a", "b"), f"world half {half!r}: expected '', 'a' or 'b'", ValueError)
         self.seed, self.prior, self.color_prior = seed, prior, color_prior
         self.hallucinate, self.half = hallucinate, half
         self.cats = [c for c in CATEGORIES if not half or c in HALVES[half]]

@@ -24,8 +24,10 @@ test) runs on 3-7, the other tables on 3-5, each with training seeds 0 and 1 (SE
     python scripts/study.py --train_seeds 0          # one training seed per run
 """
 
+import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -42,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cli import UserError, config_from_argv, run_main  # noqa: E402
+from cli import UserError, atomic_write, config_from_argv, run_main  # noqa: E402
 from hub import CACHE_ENV, cache_home, folder_hash, source_bytes  # noqa: E402
 
 DEV = [0, 1, 2]
@@ -388,9 +390,7 @@ def run_row(cfg, table, row, commands, seed, train=0):
             if evals:
                 res[name] = 100 * evals[-1]["eval/rewards/accuracies"]
         res |= kept_pairs(out) | bdhs_shares(out)
-        with open(done + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(done + ".tmp", done)
+        atomic_write(done, json.dumps(res, indent=1))
         print(
             f"done: {table} / {row} / seed {seed}, training seed {train} ({res['minutes']} min)",
             flush=True,
@@ -490,9 +490,7 @@ def write_study(blocks, path="STUDY.md", kind="table"):
             text = text[:i] + new + text[j:]
         else:
             text += f"\n{new}\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, text)
 
 
 # -----------------------------------------------------------------------------
@@ -517,28 +515,24 @@ def keys_of(table, res):
 
 def write_runs(records, path=RUNS_FILE, keep=()):
     """records: (table, row, world seed, training seed or None, results or None for a failed run) -> the CSV,
-    written atomically (a temp file, then a rename); the lines of the tables in `keep` already there stay."""
-    import csv
-
+    written all or nothing; the lines of the tables in `keep` already there stay."""
     old = [r for r in read_rows(path) if r["table"] in keep] if os.path.exists(path) else []
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(old)
-        for table, row, seed, train, res in records:
-            base = dict(
-                table=table, row=row, world_seed=seed, train_seed="" if train is None else train
-            )
-            if res is None:  # a failed run: a line of its own, so the file counts it too
-                w.writerow(base | dict(metric="failed", value=1))
-            for k in keys_of(table, res) if res else ():
-                w.writerow(base | dict(metric=k, value=repr(float(res[k]))))
-    os.replace(path + ".tmp", path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(old)
+    for table, row, seed, train, res in records:
+        base = dict(
+            table=table, row=row, world_seed=seed, train_seed="" if train is None else train
+        )
+        if res is None:  # a failed run: a line of its own, so the file counts it too
+            w.writerow(base | dict(metric="failed", value=1))
+        for k in keys_of(table, res) if res else ():
+            w.writerow(base | dict(metric=k, value=repr(float(res[k]))))
+    atomic_write(path, buf.getvalue())
 
 
 def read_rows(path=RUNS_FILE):
-    import csv
-
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -939,9 +933,10 @@ def draw_figures(runs, folder=FIGURES):
         if fig is None:  # nothing to draw (those runs are not in the file)
             continue
         path = os.path.join(folder, f"{name}.png")
-        fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
+        atomic_write(
+            path, functools.partial(fig.savefig, format="png", dpi=110, bbox_inches="tight")
+        )
         plt.close(fig)
-        os.replace(path + ".tmp.png", path)
         paths.append(path)
     return paths
 

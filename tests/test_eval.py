@@ -1278,3 +1278,32 @@ def test_a_judge_address_is_http_or_https(tmp_path):
     for url in ("file:///etc", "ftp://host/v1"):
         with pytest.raises(UserError, match="http:// or https://"):
             bm.JudgeClient(str(tmp_path / "c.jsonl"), base_url=url)
+
+
+def test_world_report_cache_key_covers_loading(tmp_path, monkeypatch):
+    """The base's cached world report is keyed by the code the report runs: hub.py (loading) and data.py
+    (images) included, so a change there measures the base again."""
+    calls, code = [], {"hub.py": b"v1"}
+
+    class FakeVLM:
+        @staticmethod
+        def from_pretrained(path):
+            return FakeVLM()
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(ev, "VLM", FakeVLM)
+    monkeypatch.setattr(ev, "folder_hash", lambda path: "h")
+    monkeypatch.setattr(
+        ev, "source_bytes", lambda *names: b"".join(code.get(n, b"") for n in names)
+    )
+    monkeypatch.setattr(ev, "world_report", lambda vlm, *a: calls.append(1) or {"chair_i": 1.0})
+    monkeypatch.setattr(ev, "table", lambda *a: "")
+    run = lambda: ev.before_after("base", "ckpt", 0, "", 4, str(tmp_path / "out"), str(tmp_path))  # noqa: E731
+    run()
+    run()
+    assert len(calls) == 3  # base and ckpt, then ckpt alone: the base came from the cache
+    code["hub.py"] = b"v2"
+    run()
+    assert len(calls) == 5  # new loading code: the base is measured again
