@@ -522,16 +522,17 @@ class Checkpoint:
             config=dataclasses.asdict(cfg),
         )
         if self.ranks.rank == 0:
-            try:
-                torch.save(st, self.state + ".tmp")
-            except (
-                OSError,
-                RuntimeError,
-            ) as e:  # torch says "failed writing file", without the path
-                with contextlib.suppress(OSError):
-                    os.remove(self.state + ".tmp")  # its space back, so that a later save can fit
-                raise OSError(f"cannot write {self.state}.tmp: {e}") from e
-            os.replace(self.state + ".tmp", self.state)
+
+            def write(tmp):
+                try:
+                    torch.save(st, tmp)
+                except (
+                    OSError,
+                    RuntimeError,
+                ) as e:  # torch says "failed writing file", without the path
+                    raise OSError(f"cannot write {tmp}: {e}") from e
+
+            cli.atomic_write(self.state, write)  # a failed write frees its space for a later save
             # an earlier run's checkpoint (--overwrite) goes: out_dir/checkpoint is this run's final
             # model or nothing, never an older model mid-run
             if not final and os.path.isdir(hf_dir):
@@ -578,11 +579,14 @@ class Metrics:
         if ranks.rank == 0:
             path = os.path.join(cfg.out_dir, "metrics.jsonl")
             old = open(path).readlines() if cfg.resume and os.path.exists(path) else []
-            with open(path + ".tmp", "w") as f:
-                f.writelines(line for line in old if json.loads(line).get("step", -1) < start)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
+
+            def write(tmp):  # the lines before `start`: the steps to come are written again
+                with open(tmp, "w") as f:
+                    f.writelines(line for line in old if json.loads(line).get("step", -1) < start)
+                    f.flush()
+                    os.fsync(f.fileno())
+
+            cli.atomic_write(path, write)
             self.f = open(path, "a")
 
     def add(self, stats):

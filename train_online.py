@@ -50,6 +50,7 @@ import hub
 import losses
 import model as M
 import world
+from embedder import SentenceEmbedder
 from model import TEMPLATES, VLM, left_pad
 from train import (
     Checkpoint,
@@ -136,7 +137,7 @@ def main(argv=None):
     # the reference is the policy with its adapters off: only the adapters (and a value head) train
     pm, model, opt = build_policy(cfg, ranks, head="value" if cfg.algo == "ppo" else None)
     annotate = annotator(cfg, ranks.device)
-    embedder = bdhs.SentenceEmbedder.from_pretrained() if cfg.algo == "online-bdhs" else None
+    embedder = SentenceEmbedder.from_pretrained() if cfg.algo == "online-bdhs" else None
     recs = load_prompts(cfg)
     if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward: before sampling
         first_forward(pm, recs[0], ranks.device)
