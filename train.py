@@ -430,25 +430,26 @@ def load_state(path, mmap=False):
 
 
 def resumable_config(cls, argv=None, doc=None):
-    """The Config of the flags; with `--resume true`, the settings kept in out_dir's training state fill
-    the flags not given, before anything loads. A flag given with another value than the run's is an
-    error naming both values (but the VOLATILE ones, free to change between a run's legs)."""
+    """-> (the Config of the flags, out_dir's training state or None). With `--resume true`, the settings kept
+    in the state fill the flags not given, before anything loads. A flag given with another value than the
+    run's is an error naming both values (but the VOLATILE ones, free to change between a run's legs)."""
     given = cli.flags_from_argv(cls, argv, doc)
     cfg = cli.check_config(cls(**given))
     if not cfg.resume:
-        return cfg
+        return cfg, None
     state = os.path.join(cfg.out_dir, "state.pt")
     rank = int(os.environ.get("RANK", 0))
     # rank 0 decides: there is no process group yet to ask it
     if rank == 0 and not os.path.exists(state):
         raise cli.UserFileError(f"--resume: no training state at {state}")
     try:
-        saved = load_state(state, mmap=True)["config"]  # the weights stay unread
+        st = load_state(state, mmap=True)  # the tensors stay on disk until Checkpoint.resume
     except FileNotFoundError:  # rank 0 found it: this node does not share out_dir
         raise cli.UserFileError(
             f"--resume: rank {rank} cannot read {state}, which rank 0 sees: --out_dir must "
             f"be a folder shared by every node"
         ) from None
+    saved = st["config"]
     if changed := [
         k for k, v in given.items() if k in saved and k not in VOLATILE and saved[k] != v
     ]:
@@ -457,7 +458,7 @@ def resumable_config(cls, argv=None, doc=None):
             + ", ".join(f"--{k} {given[k]} (the run's: {saved[k]})" for k in changed)
         )
     names = {f.name for f in dataclasses.fields(cls)}  # a setting since removed is dropped
-    return cli.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given)))
+    return cli.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given))), st
 
 
 class Checkpoint:
@@ -468,17 +469,11 @@ class Checkpoint:
         self.cfg, self.pm, self.opt, self.ranks = cfg, pm, opt, ranks
         self.state = os.path.join(cfg.out_dir, "state.pt")
 
-    def resume(self, steps):
-        """-> the step to start from (0 without --resume), or None when the run is complete."""
+    def resume(self, steps, st):
+        """-> the step to start from (0 without --resume), or None when the run is complete. st: the
+        training state resumable_config read (and checked the settings of)."""
         if not self.cfg.resume:
             return 0
-        st = load_state(self.state)
-        if changed := sorted(
-            k for k, v in st["config"].items() if k not in VOLATILE and getattr(self.cfg, k, v) != v
-        ):
-            raise cli.UserError(
-                f"--resume: {self.state} was written with different settings: {changed}"
-            )
         want = {n for n, p in self.pm.named_parameters() if p.requires_grad}
         if odd := sorted(set(st["model"]) ^ want):  # strict=False below would skip them silently
             raise cli.UserError(

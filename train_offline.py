@@ -122,7 +122,7 @@ class Config:
 
 
 def main(argv=None):
-    cfg = resumable_config(Config, argv, __doc__)
+    cfg, state = resumable_config(Config, argv, __doc__)
     check(cfg)
     ranks = setup(cfg, cfg.cache_dir)
     share_cache(cfg, ranks)
@@ -139,7 +139,7 @@ def main(argv=None):
     ref = reference_logps(cfg, pm, items, B, ranks) if cached else None
     steps = cfg.steps or max(1, int(cfg.epochs * len(train_idx) // cfg.batch_size))
     ckpt = Checkpoint(cfg, pm, opt, ranks)
-    start = ckpt.resume(steps)
+    start = ckpt.resume(steps, state)
     if start is None:  # a finished run: nothing to do
         del model  # DDP's reducer goes before its process group
         return ranks.end()

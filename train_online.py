@@ -129,7 +129,7 @@ class Config:
 
 
 def main(argv=None):
-    cfg = resumable_config(Config, argv, __doc__)
+    cfg, state = resumable_config(Config, argv, __doc__)
     check(cfg)
     cache_dir = hub.cache_home()  # the base's world report, shared by runs
     ranks = setup(cfg, cache_dir)
@@ -143,7 +143,7 @@ def main(argv=None):
         first_forward(pm, recs[0], ranks.device)
     steps = cfg.steps or max(1, int(cfg.epochs * len(recs) // cfg.batch_size))
     ckpt = Checkpoint(cfg, pm, opt, ranks)
-    start = ckpt.resume(steps)
+    start = ckpt.resume(steps, state)
     if start is None:
         del model  # DDP's reducer goes before its process group
         return ranks.end()

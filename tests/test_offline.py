@@ -286,9 +286,7 @@ def test_a_planted_state_file_runs_no_code(tmp_path):
     evil = dict(step=3, model={}, optimizer={}, config={}, extra=Payload(str(tmp_path / "ran")))
     torch.save(evil, tmp_path / "run" / "state.pt")
     with pytest.raises(ValueError, match=r"refused to load .*run/state\.pt"):
-        train.Checkpoint(
-            to.Config(out_dir=str(tmp_path / "run"), resume=True), None, None, None
-        ).resume(10)
+        train.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(tmp_path / "run")])
     assert not (tmp_path / "ran").exists()
 
 
@@ -347,9 +345,9 @@ def test_resume_takes_the_runs_settings_before_anything_loads(tmp_path, monkeypa
     torch.save(
         dict(step=1, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt"
     )
-    cfg = train.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run)])
-    assert cfg == dataclasses.replace(saved, resume=True)
-    cfg = train.resumable_config(
+    cfg, st = train.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run)])
+    assert cfg == dataclasses.replace(saved, resume=True) and st["step"] == 1
+    cfg, _ = train.resumable_config(
         to.Config, ["--resume", "true", "--out_dir", str(run), "--beta", "0.3", "--save_every", "3"]
     )  # the same value; a free one
     assert (cfg.beta, cfg.save_every, cfg.lora_r) == (0.3, 3, 4)
@@ -478,7 +476,9 @@ def test_resume_names_a_state_of_other_trainable_tensors(tmp_path):
     with pytest.raises(
         UserError, match=r"state\.pt does not hold this model's trainable tensors: 2 differ"
     ):
-        train.Checkpoint(cfg, pm, None, train.Ranks()).resume(10)
+        train.Checkpoint(cfg, pm, None, train.Ranks()).resume(
+            10, train.load_state(tmp_path / "state.pt")
+        )
 
 
 def test_ties_are_counted_and_skipped(tmp_path, capsys):
