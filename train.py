@@ -502,7 +502,10 @@ class Checkpoint:
         pm, cfg = self.pm, self.cfg
         hf_dir = os.path.join(cfg.out_dir, "checkpoint")
         if final:
-            with unsharded(pm):
+            # FSDP2 gathers in its param_dtype (bf16 under --dtype bfloat16): LoRA merges from the fp32 values
+            # that train, as in one process. Full fine-tuning: the LLM's fp32 gather would not fit beside it
+            full = fp32_trainables(pm) if cfg.lora_r else None
+            with unsharded(pm, full):
                 if self.ranks.rank == 0:
                     pm.vlm.files["train_config.json"] = json.dumps(
                         dataclasses.asdict(cfg), indent=2
@@ -545,9 +548,20 @@ def trainable_state(pm):
     return out
 
 
+def fp32_trainables(pm):
+    """FSDP2: {name: full tensor on the device} of the parameters that train, gathered from their fp32
+    shards; {} unsharded."""
+    return {
+        n: p.detach().full_tensor()
+        for n, p in pm.named_parameters()
+        if p.requires_grad and hasattr(p, "full_tensor")
+    }
+
+
 @contextlib.contextmanager
-def unsharded(pm):
-    """FSDP2: every unit's full parameters within (sampling, saving): no collectives there."""
+def unsharded(pm, full=None):
+    """FSDP2: every unit's full parameters within (sampling, saving): no collectives there. `full`:
+    {name: tensor} in place of those gathered (fp32_trainables), within only."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
@@ -558,6 +572,9 @@ def unsharded(pm):
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
+    for name, t in (full or {}).items():  # reshard() registers FSDP2's own parameters again
+        mod, _, attr = name.rpartition(".")
+        pm.get_submodule(mod)._parameters[attr] = nn.Parameter(t, requires_grad=False)
     try:
         yield
     finally:

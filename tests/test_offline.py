@@ -1372,6 +1372,47 @@ def test_a_save_under_fsdp_gathers_only_what_trains(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["counts.json", "save.py", "state.pt"]
 
 
+# Under torchrun, 2 ranks: FSDP2 in bf16 with LoRA's B set to fp32 values that bf16 rounds, then the final save
+FINAL_UNDER_FSDP_BF16 = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import train
+import train_offline as to
+cfg = to.Config(out_dir=sys.argv[1], fsdp=True, dtype="bfloat16")
+ranks = train.Ranks()
+pm, model, opt = train.build_policy(cfg, ranks)
+torch.manual_seed(ranks.rank)
+with torch.no_grad():
+    for n, p in pm.named_parameters():
+        if n.endswith("lora_B"):
+            p.to_local().normal_(0, 0.01)
+train.Checkpoint(cfg, pm, opt, ranks).save(0, final=True)
+ranks.end()
+"""
+
+
+def test_the_final_save_under_fsdp_bf16_merges_the_fp32_adapters(tmp_path):
+    """FSDP2 all-gathers in bf16 under --dtype bfloat16: the merged checkpoint is computed from the fp32 factors
+    that train (state.pt's), as in one process, not from their bf16 gather."""
+    script = tmp_path / "save.py"
+    script.write_text(FINAL_UNDER_FSDP_BF16.format(root=ROOT))
+    torchrun(2, [str(tmp_path)], script=str(script))
+    factors = torch.load(tmp_path / "state.pt", weights_only=True)["model"]
+    base = VLM.from_pretrained(world.BASE_MODEL, dtype=torch.bfloat16)
+    M.add_lora(base, 16, 32.0)
+    got = dict(VLM.from_pretrained(str(tmp_path / "checkpoint")).named_parameters())
+    merged = 0
+    for name, mod in base.named_modules():
+        if isinstance(mod, M.LoRALinear):
+            mod.lora_A.data, mod.lora_B.data = (factors[f"vlm.{name}.lora_{x}"] for x in "AB")
+            assert mod.lora_B.abs().sum() > 0 and mod.lora_B.dtype == torch.float32
+            want = mod.merged_weight(torch.float32)  # the world's checkpoint is fp32
+            assert torch.equal(got[f"{name}.weight"], want), name
+            merged += 1
+    assert merged > 0
+
+
 def test_workers_decode_ahead_and_resume_exactly(tmp_path, monkeypatch):
     """--workers 2 (CUDA's default path, forced here on the host): a DataLoader's processes collate the same
     micro-batches as the loop does, so a run killed mid-way and resumed with them gives the uninterrupted in-loop
