@@ -246,9 +246,7 @@ def micro_batches(cfg, vlm, items, train_idx, B, ranks, start, steps):
     ds = MicroBatches(cfg, vlm, items, train_idx, B, ranks, start)
     n = (steps - start) * cfg.grad_accum
     cuda = ranks.device.startswith("cuda")
-    workers = cfg.workers
-    if workers < 0:
-        workers = 4 if cuda else 0
+    workers = cfg.workers if cfg.workers >= 0 else 4 * cuda
     if not workers:
         return (ds[j] for j in range(n))
     # batch_size None: each item is already a micro-step's batches; the data depend on j only (exact resume).
@@ -707,12 +705,11 @@ class Ranks:
         if self.rank == 0:
             open(token, "w").close()
         self.barrier()
-        seen = os.path.exists(token)
         for _ in range(10):  # a network filesystem may show a new file a little later
-            if seen:
+            if os.path.exists(token):
                 break
             time.sleep(0.5)
-            seen = os.path.exists(token)
+        seen = os.path.exists(token)
         blind = sorted(self.gather_dict({self.rank: self.host} if not seen else {}).items())
         if self.rank == 0:
             os.remove(token)

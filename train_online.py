@@ -207,9 +207,7 @@ def load_prompts(cfg: Config):
 @torch.no_grad()
 def first_forward(pm, rec, device):
     """One forward of a one-token response to rec's prompt: FSDP2's lazy initialisation, done."""
-    vlm = pm.vlm
-    item = dict(image=rec["image"], prompt=data.prompt_ids(vlm, rec), responses=[[0]])
-    pm(**to(data.collate_pairs(vlm, [item]), device))
+    pm(**to(data.collate_pairs(pm.vlm, [packed(pm.vlm, rec, [[0]])]), device))
 
 
 def announce(cfg: Config, recs, ranks, steps, start):
@@ -347,14 +345,7 @@ class RewardModel:
     @torch.no_grad()
     def __call__(self, recs, texts):
         vlm = self.pm.vlm
-        items = [
-            dict(
-                image=r["image"],
-                prompt=data.prompt_ids(vlm, r),
-                responses=[vlm.encode_reply(t) for t in ts],
-            )
-            for r, ts in zip(recs, texts)
-        ]
+        items = [packed(vlm, r, [vlm.encode_reply(t) for t in ts]) for r, ts in zip(recs, texts)]
         return self.pm(**to(data.collate_pairs(vlm, items), vlm.lm_head.weight.device))[1].tolist()
 
 
@@ -452,13 +443,8 @@ class Endpoint:
         return [got[id(r), t] for r, t in zip(recs, texts)]
 
     def judge(self, recs, pairs):
-        return [
-            parse_judgment(t)
-            for t in self.ask(
-                recs,
-                [JUDGE.format(question=question(r), r1=a, r2=b) for r, (a, b) in zip(recs, pairs)],
-            )
-        ]
+        qs = [JUDGE.format(question=question(r), r1=a, r2=b) for r, (a, b) in zip(recs, pairs)]
+        return [parse_judgment(t) for t in self.ask(recs, qs)]
 
     def score(self, recs, texts):
         flat = [
@@ -476,14 +462,12 @@ def annotator(cfg: Config, device):
             lambda recs, texts: [[world.rule_score(t, r) for t in ts] for r, ts in zip(recs, texts)]
         ), None
     if kind in ("rm", "judge", "api") and not path:
-        raise cli.UserError(
-            f"--annotator {kind}:"
-            + (
-                "MODEL needs the served model's name"
-                if kind == "api"
-                else "PATH needs the checkpoint's path"
-            )
+        need = (
+            "MODEL needs the served model's name"
+            if kind == "api"
+            else "PATH needs the checkpoint's path"
         )
+        raise cli.UserError(f"--annotator {kind}:{need}")
     if kind == "api":
         if not os.environ.get("JUDGE_BASE_URL"):  # never a silent default host for training images
             raise cli.UserError(
@@ -492,10 +476,7 @@ def annotator(cfg: Config, device):
             )
         api = Endpoint(path, os.path.join(cfg.out_dir, "annotator.jsonl"), cfg.annotator_threads)
         # else ratings (RL, best-of-k)
-        pairwise = cfg.samples == 2 and cfg.algo not in (
-            "ppo",
-            "rloo",
-        )
+        pairwise = cfg.samples == 2 and cfg.algo not in ("ppo", "rloo")
         return api.score, api.judge if pairwise else None
     if kind == "rm":
         return RewardModel(path, device), None
@@ -698,10 +679,8 @@ def objective(cfg: Config, model, roll):
             VF_COEF,
         )
         st["policy/clipfrac"] = [clipped.sum().item(), n]
-        st["val/values"] = [
-            losses.masked_mean(values[:, 0].detach(), roll["mask"], -1).sum().item(),
-            n,
-        ]
+        v = losses.masked_mean(values[:, 0].detach(), roll["mask"], -1).sum().item()
+        st["val/values"] = [v, n]
     elif cfg.algo == "rloo":
         loss = losses.rloo_loss(lp.sum(-1), roll["adv"]).mean(1)
     else:
