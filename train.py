@@ -246,9 +246,7 @@ def micro_batches(cfg, vlm, items, train_idx, B, ranks, start, steps):
     ds = MicroBatches(cfg, vlm, items, train_idx, B, ranks, start)
     n = (steps - start) * cfg.grad_accum
     cuda = ranks.device.startswith("cuda")
-    workers = cfg.workers
-    if workers < 0:
-        workers = 4 if cuda else 0
+    workers = cfg.workers if cfg.workers >= 0 else 4 * cuda
     if not workers:
         return (ds[j] for j in range(n))
     # batch_size None: each item is already a micro-step's batches; the data depend on j only (exact resume).
@@ -430,25 +428,26 @@ def load_state(path, mmap=False):
 
 
 def resumable_config(cls, argv=None, doc=None):
-    """The Config of the flags; with `--resume true`, the settings kept in out_dir's training state fill
-    the flags not given, before anything loads. A flag given with another value than the run's is an
-    error naming both values (but the VOLATILE ones, free to change between a run's legs)."""
+    """-> (the Config of the flags, out_dir's training state or None). With `--resume true`, the settings kept
+    in the state fill the flags not given, before anything loads. A flag given with another value than the
+    run's is an error naming both values (but the VOLATILE ones, free to change between a run's legs)."""
     given = cli.flags_from_argv(cls, argv, doc)
     cfg = cli.check_config(cls(**given))
     if not cfg.resume:
-        return cfg
+        return cfg, None
     state = os.path.join(cfg.out_dir, "state.pt")
     rank = int(os.environ.get("RANK", 0))
     # rank 0 decides: there is no process group yet to ask it
     if rank == 0 and not os.path.exists(state):
         raise cli.UserFileError(f"--resume: no training state at {state}")
     try:
-        saved = load_state(state, mmap=True)["config"]  # the weights stay unread
+        st = load_state(state, mmap=True)  # the tensors stay on disk until Checkpoint.resume
     except FileNotFoundError:  # rank 0 found it: this node does not share out_dir
         raise cli.UserFileError(
             f"--resume: rank {rank} cannot read {state}, which rank 0 sees: --out_dir must "
             f"be a folder shared by every node"
         ) from None
+    saved = st["config"]
     if changed := [
         k for k, v in given.items() if k in saved and k not in VOLATILE and saved[k] != v
     ]:
@@ -457,7 +456,7 @@ def resumable_config(cls, argv=None, doc=None):
             + ", ".join(f"--{k} {given[k]} (the run's: {saved[k]})" for k in changed)
         )
     names = {f.name for f in dataclasses.fields(cls)}  # a setting since removed is dropped
-    return cli.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given)))
+    return cli.check_config(cls(**({k: v for k, v in saved.items() if k in names} | given))), st
 
 
 class Checkpoint:
@@ -468,17 +467,11 @@ class Checkpoint:
         self.cfg, self.pm, self.opt, self.ranks = cfg, pm, opt, ranks
         self.state = os.path.join(cfg.out_dir, "state.pt")
 
-    def resume(self, steps):
-        """-> the step to start from (0 without --resume), or None when the run is complete."""
+    def resume(self, steps, st):
+        """-> the step to start from (0 without --resume), or None when the run is complete. st: the
+        training state resumable_config read (and checked the settings of)."""
         if not self.cfg.resume:
             return 0
-        st = load_state(self.state)
-        if changed := sorted(
-            k for k, v in st["config"].items() if k not in VOLATILE and getattr(self.cfg, k, v) != v
-        ):
-            raise cli.UserError(
-                f"--resume: {self.state} was written with different settings: {changed}"
-            )
         want = {n for n, p in self.pm.named_parameters() if p.requires_grad}
         if odd := sorted(set(st["model"]) ^ want):  # strict=False below would skip them silently
             raise cli.UserError(
@@ -507,7 +500,10 @@ class Checkpoint:
         pm, cfg = self.pm, self.cfg
         hf_dir = os.path.join(cfg.out_dir, "checkpoint")
         if final:
-            with unsharded(pm):
+            # FSDP2 gathers in its param_dtype (bf16 under --dtype bfloat16): LoRA merges from the fp32 values
+            # that train, as in one process. Full fine-tuning: the LLM's fp32 gather would not fit beside it
+            full = fp32_trainables(pm) if cfg.lora_r else None
+            with unsharded(pm, full):
                 if self.ranks.rank == 0:
                     pm.vlm.files["train_config.json"] = json.dumps(
                         dataclasses.asdict(cfg), indent=2
@@ -522,16 +518,17 @@ class Checkpoint:
             config=dataclasses.asdict(cfg),
         )
         if self.ranks.rank == 0:
-            try:
-                torch.save(st, self.state + ".tmp")
-            except (
-                OSError,
-                RuntimeError,
-            ) as e:  # torch says "failed writing file", without the path
-                with contextlib.suppress(OSError):
-                    os.remove(self.state + ".tmp")  # its space back, so that a later save can fit
-                raise OSError(f"cannot write {self.state}.tmp: {e}") from e
-            os.replace(self.state + ".tmp", self.state)
+
+            def write(tmp):
+                try:
+                    torch.save(st, tmp)
+                except (
+                    OSError,
+                    RuntimeError,
+                ) as e:  # torch says "failed writing file", without the path
+                    raise OSError(f"cannot write {tmp}: {e}") from e
+
+            cli.atomic_write(self.state, write)  # a failed write frees its space for a later save
             # an earlier run's checkpoint (--overwrite) goes: out_dir/checkpoint is this run's final
             # model or nothing, never an older model mid-run
             if not final and os.path.isdir(hf_dir):
@@ -549,9 +546,20 @@ def trainable_state(pm):
     return out
 
 
+def fp32_trainables(pm):
+    """FSDP2: {name: full tensor on the device} of the parameters that train, gathered from their fp32
+    shards; {} unsharded."""
+    return {
+        n: p.detach().full_tensor()
+        for n, p in pm.named_parameters()
+        if p.requires_grad and hasattr(p, "full_tensor")
+    }
+
+
 @contextlib.contextmanager
-def unsharded(pm):
-    """FSDP2: every unit's full parameters within (sampling, saving): no collectives there."""
+def unsharded(pm, full=None):
+    """FSDP2: every unit's full parameters within (sampling, saving): no collectives there. `full`:
+    {name: tensor} in place of those gathered (fp32_trainables), within only."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in pm.modules() if isinstance(m, FSDPModule)]
@@ -562,6 +570,9 @@ def unsharded(pm):
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
+    for name, t in (full or {}).items():  # reshard() registers FSDP2's own parameters again
+        mod, _, attr = name.rpartition(".")
+        pm.get_submodule(mod)._parameters[attr] = nn.Parameter(t, requires_grad=False)
     try:
         yield
     finally:
@@ -578,11 +589,14 @@ class Metrics:
         if ranks.rank == 0:
             path = os.path.join(cfg.out_dir, "metrics.jsonl")
             old = open(path).readlines() if cfg.resume and os.path.exists(path) else []
-            with open(path + ".tmp", "w") as f:
-                f.writelines(line for line in old if json.loads(line).get("step", -1) < start)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
+
+            def write(tmp):  # the lines before `start`: the steps to come are written again
+                with open(tmp, "w") as f:
+                    f.writelines(line for line in old if json.loads(line).get("step", -1) < start)
+                    f.flush()
+                    os.fsync(f.fileno())
+
+            cli.atomic_write(path, write)
             self.f = open(path, "a")
 
     def add(self, stats):
@@ -691,12 +705,11 @@ class Ranks:
         if self.rank == 0:
             open(token, "w").close()
         self.barrier()
-        seen = os.path.exists(token)
         for _ in range(10):  # a network filesystem may show a new file a little later
-            if seen:
+            if os.path.exists(token):
                 break
             time.sleep(0.5)
-            seen = os.path.exists(token)
+        seen = os.path.exists(token)
         blind = sorted(self.gather_dict({self.rank: self.host} if not seen else {}).items())
         if self.rank == 0:
             os.remove(token)

@@ -122,7 +122,7 @@ class Config:
 
 
 def main(argv=None):
-    cfg = resumable_config(Config, argv, __doc__)
+    cfg, state = resumable_config(Config, argv, __doc__)
     check(cfg)
     ranks = setup(cfg, cfg.cache_dir)
     share_cache(cfg, ranks)
@@ -139,7 +139,7 @@ def main(argv=None):
     ref = reference_logps(cfg, pm, items, B, ranks) if cached else None
     steps = cfg.steps or max(1, int(cfg.epochs * len(train_idx) // cfg.batch_size))
     ckpt = Checkpoint(cfg, pm, opt, ranks)
-    start = ckpt.resume(steps)
+    start = ckpt.resume(steps, state)
     if start is None:  # a finished run: nothing to do
         del model  # DDP's reducer goes before its process group
         return ranks.end()
@@ -308,7 +308,9 @@ def bdhs_config(cfg: Config):
         template=cfg.template,
         variant=cfg.bdhs_variant,
     )
-    code = hub.source_bytes("bdhs.py", "data.py", "model.py", "world.py")
+    code = hub.source_bytes(
+        "bdhs.py", "data.py", "model.py", "world.py", "embedder.py", "hub.py", "cli.py"
+    )
     key = hashlib.sha256(
         (hub.folder_hash(cfg.model) + json.dumps(dataclasses.asdict(bc))).encode() + code
     )
@@ -359,9 +361,7 @@ def reference_logps(cfg: Config, pm: PairModel, items, B, ranks):
     ref = torch.stack([out[j] for j in range(N)])
     if ranks.rank == 0:
         os.makedirs(cfg.cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"  # runs side by side may write the same key
-        torch.save(ref, tmp)
-        os.replace(tmp, path)
+        cli.atomic_write(path, lambda tmp: torch.save(ref, tmp))  # runs side by side may write it
     return ref
 
 

@@ -50,6 +50,7 @@ import hub
 import losses
 import model as M
 import world
+from embedder import SentenceEmbedder
 from model import TEMPLATES, VLM, left_pad
 from train import (
     Checkpoint,
@@ -128,7 +129,7 @@ class Config:
 
 
 def main(argv=None):
-    cfg = resumable_config(Config, argv, __doc__)
+    cfg, state = resumable_config(Config, argv, __doc__)
     check(cfg)
     cache_dir = hub.cache_home()  # the base's world report, shared by runs
     ranks = setup(cfg, cache_dir)
@@ -136,13 +137,13 @@ def main(argv=None):
     # the reference is the policy with its adapters off: only the adapters (and a value head) train
     pm, model, opt = build_policy(cfg, ranks, head="value" if cfg.algo == "ppo" else None)
     annotate = annotator(cfg, ranks.device)
-    embedder = bdhs.SentenceEmbedder.from_pretrained() if cfg.algo == "online-bdhs" else None
+    embedder = SentenceEmbedder.from_pretrained() if cfg.algo == "online-bdhs" else None
     recs = load_prompts(cfg)
     if ranks.W > 1 and cfg.fsdp:  # FSDP2 initialises on the root's first forward: before sampling
         first_forward(pm, recs[0], ranks.device)
     steps = cfg.steps or max(1, int(cfg.epochs * len(recs) // cfg.batch_size))
     ckpt = Checkpoint(cfg, pm, opt, ranks)
-    start = ckpt.resume(steps)
+    start = ckpt.resume(steps, state)
     if start is None:
         del model  # DDP's reducer goes before its process group
         return ranks.end()
@@ -206,9 +207,7 @@ def load_prompts(cfg: Config):
 @torch.no_grad()
 def first_forward(pm, rec, device):
     """One forward of a one-token response to rec's prompt: FSDP2's lazy initialisation, done."""
-    vlm = pm.vlm
-    item = dict(image=rec["image"], prompt=data.prompt_ids(vlm, rec), responses=[[0]])
-    pm(**to(data.collate_pairs(vlm, [item]), device))
+    pm(**to(data.collate_pairs(pm.vlm, [packed(pm.vlm, rec, [[0]])]), device))
 
 
 def announce(cfg: Config, recs, ranks, steps, start):
@@ -346,14 +345,7 @@ class RewardModel:
     @torch.no_grad()
     def __call__(self, recs, texts):
         vlm = self.pm.vlm
-        items = [
-            dict(
-                image=r["image"],
-                prompt=data.prompt_ids(vlm, r),
-                responses=[vlm.encode_reply(t) for t in ts],
-            )
-            for r, ts in zip(recs, texts)
-        ]
+        items = [packed(vlm, r, [vlm.encode_reply(t) for t in ts]) for r, ts in zip(recs, texts)]
         return self.pm(**to(data.collate_pairs(vlm, items), vlm.lm_head.weight.device))[1].tolist()
 
 
@@ -451,13 +443,8 @@ class Endpoint:
         return [got[id(r), t] for r, t in zip(recs, texts)]
 
     def judge(self, recs, pairs):
-        return [
-            parse_judgment(t)
-            for t in self.ask(
-                recs,
-                [JUDGE.format(question=question(r), r1=a, r2=b) for r, (a, b) in zip(recs, pairs)],
-            )
-        ]
+        qs = [JUDGE.format(question=question(r), r1=a, r2=b) for r, (a, b) in zip(recs, pairs)]
+        return [parse_judgment(t) for t in self.ask(recs, qs)]
 
     def score(self, recs, texts):
         flat = [
@@ -475,14 +462,12 @@ def annotator(cfg: Config, device):
             lambda recs, texts: [[world.rule_score(t, r) for t in ts] for r, ts in zip(recs, texts)]
         ), None
     if kind in ("rm", "judge", "api") and not path:
-        raise cli.UserError(
-            f"--annotator {kind}:"
-            + (
-                "MODEL needs the served model's name"
-                if kind == "api"
-                else "PATH needs the checkpoint's path"
-            )
+        need = (
+            "MODEL needs the served model's name"
+            if kind == "api"
+            else "PATH needs the checkpoint's path"
         )
+        raise cli.UserError(f"--annotator {kind}:{need}")
     if kind == "api":
         if not os.environ.get("JUDGE_BASE_URL"):  # never a silent default host for training images
             raise cli.UserError(
@@ -491,10 +476,7 @@ def annotator(cfg: Config, device):
             )
         api = Endpoint(path, os.path.join(cfg.out_dir, "annotator.jsonl"), cfg.annotator_threads)
         # else ratings (RL, best-of-k)
-        pairwise = cfg.samples == 2 and cfg.algo not in (
-            "ppo",
-            "rloo",
-        )
+        pairwise = cfg.samples == 2 and cfg.algo not in ("ppo", "rloo")
         return api.score, api.judge if pairwise else None
     if kind == "rm":
         return RewardModel(path, device), None
@@ -697,10 +679,8 @@ def objective(cfg: Config, model, roll):
             VF_COEF,
         )
         st["policy/clipfrac"] = [clipped.sum().item(), n]
-        st["val/values"] = [
-            losses.masked_mean(values[:, 0].detach(), roll["mask"], -1).sum().item(),
-            n,
-        ]
+        v = losses.masked_mean(values[:, 0].detach(), roll["mask"], -1).sum().item()
+        st["val/values"] = [v, n]
     elif cfg.algo == "rloo":
         loss = losses.rloo_loss(lp.sum(-1), roll["adv"]).mean(1)
     else:

@@ -286,9 +286,7 @@ def test_a_planted_state_file_runs_no_code(tmp_path):
     evil = dict(step=3, model={}, optimizer={}, config={}, extra=Payload(str(tmp_path / "ran")))
     torch.save(evil, tmp_path / "run" / "state.pt")
     with pytest.raises(ValueError, match=r"refused to load .*run/state\.pt"):
-        train.Checkpoint(
-            to.Config(out_dir=str(tmp_path / "run"), resume=True), None, None, None
-        ).resume(10)
+        train.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(tmp_path / "run")])
     assert not (tmp_path / "ran").exists()
 
 
@@ -347,9 +345,9 @@ def test_resume_takes_the_runs_settings_before_anything_loads(tmp_path, monkeypa
     torch.save(
         dict(step=1, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt"
     )
-    cfg = train.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run)])
-    assert cfg == dataclasses.replace(saved, resume=True)
-    cfg = train.resumable_config(
+    cfg, st = train.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run)])
+    assert cfg == dataclasses.replace(saved, resume=True) and st["step"] == 1
+    cfg, _ = train.resumable_config(
         to.Config, ["--resume", "true", "--out_dir", str(run), "--beta", "0.3", "--save_every", "3"]
     )  # the same value; a free one
     assert (cfg.beta, cfg.save_every, cfg.lora_r) == (0.3, 3, 4)
@@ -449,10 +447,10 @@ def test_a_full_disk_names_the_state_file(tmp_path, monkeypatch):
         )
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
+    with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp\d+: .*failed writing file"):
         train.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, train.Ranks()).save(0)
     assert sorted(os.listdir(tmp_path)) == []  # a save mid-run writes the state only
-    with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp: .*failed writing file"):
+    with pytest.raises(OSError, match=r"cannot write .*state\.pt\.tmp\d+: .*failed writing file"):
         train.Checkpoint(to.Config(out_dir=str(tmp_path)), pm, opt, train.Ranks()).save(
             0, final=True
         )
@@ -478,7 +476,9 @@ def test_resume_names_a_state_of_other_trainable_tensors(tmp_path):
     with pytest.raises(
         UserError, match=r"state\.pt does not hold this model's trainable tensors: 2 differ"
     ):
-        train.Checkpoint(cfg, pm, None, train.Ranks()).resume(10)
+        train.Checkpoint(cfg, pm, None, train.Ranks()).resume(
+            10, train.load_state(tmp_path / "state.pt")
+        )
 
 
 def test_ties_are_counted_and_skipped(tmp_path, capsys):
@@ -1370,6 +1370,47 @@ def test_a_save_under_fsdp_gathers_only_what_trains(tmp_path):
     got = json.loads((tmp_path / "counts.json").read_text())
     assert got["sharded"] and got["unshards"] == 0 and got["gathered"] == got["trainable"]
     assert sorted(os.listdir(tmp_path)) == ["counts.json", "save.py", "state.pt"]
+
+
+# Under torchrun, 2 ranks: FSDP2 in bf16 with LoRA's B set to fp32 values that bf16 rounds, then the final save
+FINAL_UNDER_FSDP_BF16 = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import train
+import train_offline as to
+cfg = to.Config(out_dir=sys.argv[1], fsdp=True, dtype="bfloat16")
+ranks = train.Ranks()
+pm, model, opt = train.build_policy(cfg, ranks)
+torch.manual_seed(ranks.rank)
+with torch.no_grad():
+    for n, p in pm.named_parameters():
+        if n.endswith("lora_B"):
+            p.to_local().normal_(0, 0.01)
+train.Checkpoint(cfg, pm, opt, ranks).save(0, final=True)
+ranks.end()
+"""
+
+
+def test_the_final_save_under_fsdp_bf16_merges_the_fp32_adapters(tmp_path):
+    """FSDP2 all-gathers in bf16 under --dtype bfloat16: the merged checkpoint is computed from the fp32 factors
+    that train (state.pt's), as in one process, not from their bf16 gather."""
+    script = tmp_path / "save.py"
+    script.write_text(FINAL_UNDER_FSDP_BF16.format(root=ROOT))
+    torchrun(2, [str(tmp_path)], script=str(script))
+    factors = torch.load(tmp_path / "state.pt", weights_only=True)["model"]
+    base = VLM.from_pretrained(world.BASE_MODEL, dtype=torch.bfloat16)
+    M.add_lora(base, 16, 32.0)
+    got = dict(VLM.from_pretrained(str(tmp_path / "checkpoint")).named_parameters())
+    merged = 0
+    for name, mod in base.named_modules():
+        if isinstance(mod, M.LoRALinear):
+            mod.lora_A.data, mod.lora_B.data = (factors[f"vlm.{name}.lora_{x}"] for x in "AB")
+            assert mod.lora_B.abs().sum() > 0 and mod.lora_B.dtype == torch.float32
+            want = mod.merged_weight(torch.float32)  # the world's checkpoint is fp32
+            assert torch.equal(got[f"{name}.weight"], want), name
+            merged += 1
+    assert merged > 0
 
 
 def test_workers_decode_ahead_and_resume_exactly(tmp_path, monkeypatch):

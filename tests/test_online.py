@@ -281,7 +281,8 @@ def test_flags_are_checked_before_anything_loads(tmp_path, monkeypatch):
         dict(step=0, model={}, optimizer={}, config=dataclasses.asdict(saved)), run / "state.pt"
     )
     assert (
-        on.resumable_config(on.Config, ["--resume", "true", "--out_dir", str(run)]).kl_coef == 0.1
+        on.resumable_config(on.Config, ["--resume", "true", "--out_dir", str(run)])[0].kl_coef
+        == 0.1
     )
     with pytest.raises(UserError, match=r"--algo ppo \(the run's: rloo\)"):
         on.main(["--resume", "true", "--out_dir", str(run), "--algo", "ppo"])

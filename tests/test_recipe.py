@@ -146,7 +146,7 @@ from torch.distributed.fsdp import FSDPModule
 import train
 import train_offline as to
 
-cfg = train.resumable_config(to.Config, sys.argv[1:])
+cfg = train.resumable_config(to.Config, sys.argv[1:])[0]
 ranks = train.setup(cfg)
 torch.manual_seed(cfg.seed)
 pm = train.build_policy(cfg, ranks, "reward", cfg.lr_projector, cfg.grad_ckpt)[0]
