@@ -544,6 +544,7 @@ PAIRS |= {
 }
 # what NLTK's tokenizer splits off as tokens (it keeps hyphens, slashes, inner periods in words)
 _SPLIT = re.compile(r"[;@#$%&?!*()\[\]{}<>\"`«»“”‘’„\u2012-\u2015]|''|--|\.{2,}|[:,](?!\d)")
+# WordNet's noun detachment rules
 _SUFFIXES = (
     ("s", ""),
     ("ses", "s"),
@@ -554,7 +555,7 @@ _SUFFIXES = (
     ("shes", "sh"),
     ("men", "man"),
     ("ies", "y"),
-)  # WordNet's noun detachment rules
+)
 # WordNet's facts the rules need: lemmas they miss (irregular plurals; "men" is a word there, so it
 # stays; "vases" is "vas"), and listed words it lacks, which take no plural ("bikers" names nobody)
 LEMMA = dict(

@@ -306,8 +306,8 @@ def collate_pairs(vlm, items, pad_id=0):
         pred_idx=torch.tensor([[pad(p, L, 0) for p in pr] for pr in pred]),
         targets=torch.tensor([[pad(r, L, -100) for r in it["responses"]] for it in items]),
         last_idx=torch.tensor(last),
-        **vlm.image_processor(open_image(it["image"]) for it in items),
-    )  # one at a time
+        **vlm.image_processor(open_image(it["image"]) for it in items),  # one at a time
+    )
 
 
 # -----------------------------------------------------------------------------

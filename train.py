@@ -327,9 +327,8 @@ def sharded_policy(cfg, ranks, head, lr_projector, grad_ckpt):
     dtype = getattr(torch, cfg.dtype)
     vlm = VLM.from_pretrained(cfg.model, dtype=dtype, device="meta", template=cfg.template)
     ranks.print(hub.template_line(vlm))
-    choose_trainables(
-        cfg, vlm, head, lr_projector, grad_ckpt
-    )  # on the meta device: LoRA's A not drawn yet
+    # on the meta device: LoRA's A not drawn yet
+    choose_trainables(cfg, vlm, head, lr_projector, grad_ckpt)
     with torch.device("meta"):
         pm = PairModel(vlm, head)
     pm.to(dtype)  # the frozen base in --dtype; what trains in fp32, as in a single process

@@ -145,9 +145,8 @@ TABLES = {
         "Online-DPO (rule, half a)": [f"{ON} --algo online-dpo --world_half a"],
     },
 }
-TABLES["twin"] = TABLES[
-    "main"
-]  # the twin test (eval.evaluate_twins) of the main table's runs, shared
+# the twin test (eval.evaluate_twins) of the main table's runs, shared
+TABLES["twin"] = TABLES["main"]
 # the columns each table shows (keys of the world report; "hq/": held-out phrasings; "ord/":
 # ordinary scenes; "a/", "b/": the two halves of the pairs)
 COLUMNS = {
@@ -498,12 +497,8 @@ def write_study(blocks, path="STUDY.md", kind="table"):
 
 RUNS_FILE = "study_runs.csv"
 FIELDS = ["table", "row", "world_seed", "train_seed", "metric", "value"]
-EXTRA_KEYS = [
-    "minutes",
-    "pair_acc",
-    "rm_acc",
-    "pairs_kept",
-]  # beside the columns: cost, Table 7, matching
+# beside the columns: cost, Table 7, matching
+EXTRA_KEYS = ["minutes", "pair_acc", "rm_acc", "pairs_kept"]
 
 
 def keys_of(table, res):

@@ -79,9 +79,8 @@ class Sampled:
             self.modes.setdefault(self.label, set()).add((temperature, top_k, top_p))
             return tok
 
-        monkeypatch.setattr(
-            M, "sample", spy
-        )  # decode looks `sample` up in model's namespace at each step
+        # decode looks `sample` up in model's namespace at each step
+        monkeypatch.setattr(M, "sample", spy)
 
     def check(self, label, info, modes=None):
         """The ids sampled under `label`: some, none banned; `modes`: the (temperature, top_k, top_p) seen."""
