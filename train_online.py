@@ -258,6 +258,11 @@ def train_on(cfg: Config, pm, model, opt, rolls, ranks, log, step, steps, amp):
 def stall_error(cfg: Config, rec, step):
     """The error that stops a run STALL steps in a row without a training signal."""
     shares = drop_shares(rec)
+    if cfg.algo == "online-bdhs":
+        return cli.UserError(
+            f"--algo online-bdhs: no training signal for {STALL} steps in a row (to step {step}): "
+            "every BDHS response gave back the ground truth, a tie, so the loss and its gradient are 0"
+        )
     return cli.UserError(
         f"--annotator {cfg.annotator}: no training signal for {STALL} steps in a row (to step {step}): "
         f"every pair was a tie or an unparsed reply (ties {shares.get('ties', '-')}, "
@@ -581,7 +586,7 @@ def scored_samples(cfg: Config, pm, recs, scorer, gen, reward_norm, st, roll):
 
 def bdhs_items(cfg: Config, pm, recs, embedder, gen, step, st):
     """Online-BDHS: the ground truth chosen, the policy's BDHS response rejected (--external: after the
-    record's own rejected, Avg-DPO)."""
+    record's own rejected, Avg-DPO); a response equal to the ground truth is dropped."""
     vlm, enc = pm.vlm, pm.vlm.encode_reply
     with unsharded(pm):
         res = bdhs.bdhs_batch(
@@ -593,9 +598,11 @@ def bdhs_items(cfg: Config, pm, recs, embedder, gen, step, st):
             random.Random(f"{cfg.seed}-{step}-{recs[0]['id']}"),
         )
     ext = cfg.external and all("rejected" in r for r in recs)
+    # a response that gives back the ground truth is a tie, dropped as offline pairs' ties are
+    kept = [(r, t) for r, (t, _) in zip(recs, res) if t.strip() != r["chosen"].strip()]
+    add(st, "online/ties_or_dropped", len(recs) - len(kept), len(recs))
     items = [
-        packed(vlm, r, [enc(r["chosen"])] + [enc(r["rejected"])] * ext + [enc(t)])
-        for r, (t, _) in zip(recs, res)
+        packed(vlm, r, [enc(r["chosen"])] + [enc(r["rejected"])] * ext + [enc(t)]) for r, t in kept
     ]
     for _, meta in res:
         add(st, "bdhs/attempts", meta["attempts"])

@@ -400,7 +400,7 @@ def run_row(cfg, table, row, commands, seed, train=0):
 def kept_pairs(out):
     """An Online-DPO or Online-BDHS run's training pairs -> {"pairs_kept": n}, else {}. Per step (a line of
     metrics.jsonl), its batch of prompts less the share dropped (`online/ties_or_dropped`: the two samples
-    tie, or a score is unreadable; Online-BDHS drops none)."""
+    tie, or a score is unreadable; Online-BDHS: a response equal to the ground truth)."""
     conf, path = (
         os.path.join(out, "checkpoint", "train_config.json"),
         os.path.join(out, "metrics.jsonl"),

@@ -547,6 +547,29 @@ def test_a_signal_between_dead_steps_resets_the_count(tmp_path, monkeypatch, cap
     assert "ties=100%, unparsed=0%" in capsys.readouterr().err
 
 
+def test_online_bdhs_drops_a_response_that_gives_back_the_ground_truth(tmp_path, monkeypatch):
+    """A BDHS response equal to the ground truth (but for spaces) would make a pair of two equal responses:
+    it is dropped as a tie, like offline ties; a run where every response is the truth stops with why."""
+    real = on.bdhs.bdhs_batch
+
+    def echo_first(vlm, embedder, recs, *args):
+        res = real(vlm, embedder, recs, *args)
+        return [(f" {recs[0]['chosen']} ", res[0][1])] + res[1:]
+
+    monkeypatch.setattr(on.bdhs, "bdhs_batch", echo_first)
+    on.main(SMALL + ["--algo", "online-bdhs", "--steps", "2", "--out_dir", str(tmp_path / "a")])
+    recs = run_metrics(str(tmp_path / "a" / "metrics.jsonl"))
+    assert [r["online/ties_or_dropped"] for r in recs] == [0.25, 0.25]
+
+    def echo_all(vlm, embedder, recs, *args):
+        return [(r["chosen"], m) for r, (_, m) in zip(recs, real(vlm, embedder, recs, *args))]
+
+    monkeypatch.setattr(on.bdhs, "bdhs_batch", echo_all)
+    with pytest.raises(ValueError, match="online-bdhs: no training signal for 5 steps in a row"):
+        on.main(SMALL + ["--algo", "online-bdhs", "--steps", "6", "--out_dir", str(tmp_path / "b")])
+    assert not os.path.exists(tmp_path / "b" / "checkpoint")
+
+
 def test_ppo_with_the_reward_model(tmp_path):
     vlm = VLM.from_pretrained(world.BASE_MODEL)
     vlm.extra["score.weight"] = torch.randn(1, vlm.cfg.text.hidden_size) * 0.01
