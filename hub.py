@@ -2,6 +2,7 @@
 checked), saving (adapters merged, atomically), the tokenizer and processor files they carry, and the cache folder."""
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -310,6 +311,10 @@ def save_checkpoint(vlm, out_dir):
     """Writes the checkpoint into a temporary folder, then swaps it in for out_dir (cli.atomic_write;
     recover_checkpoint mends a kill between its renames); a disk error names the file."""
     files = {"config.json": json.dumps(saved_config(vlm), indent=2)} | vlm.files
+    text, _ = chat_template_text(files, out_dir)
+    if not text or match_template(text) != vlm.template:  # none, or --template overrode it
+        files.pop("chat_template.json", None)
+        files["chat_template.jinja"] = jinja_template(vlm.template)
     if "processor_config.json" not in files:
         files.setdefault("preprocessor_config.json", json.dumps(vlm.image_processor.raw, indent=2))
 
@@ -323,17 +328,14 @@ def save_checkpoint(vlm, out_dir):
             if vlm.tokenizer and "tokenizer.json" not in files:
                 target = os.path.join(tmp, "tokenizer.json")
                 vlm.tokenizer.save(target)
-            for (
-                fn,
-                content,
-            ) in files.items():  # the source's files as they were (bytes), ours as text
+            # the source's files as they were (bytes), ours as text
+            for fn, content in files.items():
                 target = os.path.join(tmp, fn)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 with open(target, "wb" if isinstance(content, bytes) else "w") as f:
                     f.write(content)
-        except (
-            OSError
-        ) as e:  # e.g. ENOSPC: atomic_write frees what was written, so that a later save can fit
+        # e.g. ENOSPC: atomic_write frees what was written, so that a later save can fit
+        except OSError as e:
             raise OSError(e.errno, f"cannot write {target}: {e.strerror or e}") from e
 
     atomic_write(out_dir.rstrip("/"), write)
@@ -476,6 +478,27 @@ def check_template(name):
             f"--template {name!r}: expected one of {', '.join(TEMPLATES)}, or '' to detect it"
         )
     return name
+
+
+def jinja_template(name):
+    """TEMPLATES[name] as a Jinja chat template, written into a checkpoint whose own is missing or was
+    overridden by --template, so that transformers' apply_chat_template prompts it as it was trained. A
+    message's content is a string or a list of {"type": "image"} ("<image>\\n") and {"type": "text"} parts."""
+    t = TEMPLATES[name]
+    (u0, u1), (r0, r1) = t["user"].split("{}"), t["reply"].split("{}")
+    q = functools.partial(json.dumps, ensure_ascii=False)  # a JSON string is a Jinja string literal
+    return (
+        f"{{{{- {q(t['system'])} -}}}}"
+        "{%- for m in messages -%}"
+        f"{{{{- {q(u0)} if m['role'] == 'user' else {q(t['assistant'] + r0)} -}}}}"
+        "{%- if m['content'] is string -%}{{- m['content'] -}}{%- else -%}"
+        "{%- for p in m['content'] -%}"
+        "{{- '<image>\\n' if p['type'] == 'image' else p['text'] -}}"
+        "{%- endfor -%}{%- endif -%}"
+        f"{{{{- {q(u1)} if m['role'] == 'user' else {q(r1)} -}}}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- {q(t['assistant'])} -}}}}{{%- endif -%}}"
+    )
 
 
 def match_template(text):

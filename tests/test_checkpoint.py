@@ -264,6 +264,29 @@ def test_the_template_is_looked_up_where_transformers_looks(tmp_path):
     )
 
 
+@pytest.mark.parametrize("template", list(M.TEMPLATES))
+def test_a_template_chosen_by_the_flag_is_the_saved_ones(source, tmp_path, template):
+    """--template overrides the source's chat template: the saved checkpoint carries ours as chat_template.jinja,
+    so that transformers (tokenizer and processor) and our loader prompt it as it was trained."""
+    _, _, path = source
+    out = str(tmp_path / "out")
+    VLM.from_pretrained(path, template=template).save_pretrained(out)
+    vlm = VLM.from_pretrained(out)
+    assert vlm.template == template and vlm.template_source == os.path.join(
+        out, "chat_template.jinja"
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    proc = transformers.AutoProcessor.from_pretrained(out)
+    parts = [{"type": "image"}, {"type": "text", "text": "What is shown?"}]
+    for n in (1, 2, 3):
+        for gen in (True, False):
+            want = format_chat(TURNS[:n], template, add_generation_prompt=gen)
+            kw = dict(add_generation_prompt=gen, tokenize=False)
+            assert tok.apply_chat_template(TURNS[:n], **kw) == want
+            as_parts = [dict(TURNS[0], content=parts)] + TURNS[1:n]
+            assert proc.apply_chat_template(as_parts, **kw) == want
+
+
 def test_the_template_flag(source, tmp_path, capsys, monkeypatch):
     import bdhs
     import eval as ev
