@@ -75,8 +75,13 @@ def run_main(main):
     try:
         main()
     except UserError as e:
+        msg = str(e.args[0] if e.args else e)
+        # raised in a DataLoader worker, it arrives inside the worker's traceback, whose last line is
+        # the original `module.Class: message`
+        if msg.startswith("Caught ") and "Original Traceback" in msg:
+            msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr, flush=True)
+            print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

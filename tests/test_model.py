@@ -879,6 +879,27 @@ def test_run_main_prints_one_line_for_a_user_error(monkeypatch, capsys):
         cli.run_main(bug)
 
 
+class MissingImages(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise cli.UserFileError(
+            f"img{i}.png: no such image (relative paths resolve against --image_root)"
+        )
+
+
+def test_a_user_error_in_a_dataloader_worker_is_still_one_line(capsys):
+    """A worker's error arrives wrapped in its traceback ("Caught UserFileError in DataLoader worker process
+    0. Original Traceback ..."): run_main prints the original one line."""
+    loader = torch.utils.data.DataLoader(MissingImages(), batch_size=None, num_workers=1)
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(lambda: next(iter(loader)))
+    assert e.value.code == 2
+    want = "error: img0.png: no such image (relative paths resolve against --image_root)\n"
+    assert capsys.readouterr().err == want
+
+
 @pytest.mark.parametrize(
     "args,want",
     [
