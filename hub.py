@@ -159,11 +159,10 @@ def shard_rows(p, name="a parameter"):
     as torch.chunk does (ceil(rows / shards) each, the last ones shorter or empty), on the mesh's shard
     dimension; Replicate() dimensions (HSDP's nodes) hold the same rows."""
     rows = p.shape[0]
-    start = 0
-    stop = rows
+    start, stop = 0, rows
     for dim, place in enumerate(p.placements):
         if not place.is_shard():
-            continue  # Replicate(): HSDP's nodes hold the same rows
+            continue
         if place.dim != 0:
             raise ValueError(
                 f"{name}: sharded on dim {place.dim}; only dim-0 shards are read in slices"
