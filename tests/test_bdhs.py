@@ -81,9 +81,8 @@ def test_yes_no_swap_keeps_case():
     assert bdhs.swap_yes_no("No, there is no cup.") == "Yes, there is no cup."
     assert bdhs.swap_yes_no("  yes it is") == "  no it is"
     assert bdhs.swap_yes_no("no.") == "yes."
-    assert (
-        bdhs.swap_yes_no("Nothing here. Yes.") == "Nothing here. Yes."
-    )  # whole words at the start only
+    # whole words at the start only
+    assert bdhs.swap_yes_no("Nothing here. Yes.") == "Nothing here. Yes."
 
 
 def test_noise_schedule_matches_the_closed_form():
@@ -132,17 +131,15 @@ def recs():
     [(1, 1, "sentence"), (3, 3, "sentence"), (99, 5, "none"), (2, 2, "token")],
 )
 def test_retry_rule(base, recs, stop, attempts, guidance, monkeypatch):
-    monkeypatch.setattr(
-        bdhs, "identical", lambda text, truth: False
-    )  # the fake embedder decides every retry
+    # the fake embedder decides every retry
+    monkeypatch.setattr(bdhs, "identical", lambda text, truth: False)
     cfg = bdhs.Config(n_bdhs=5, guidance="sentence" if guidance == "none" else guidance)
     emb, stats = FakeEmbedder(stop), [0] * 5
     out = bdhs.bdhs_batch(
         base, emb, recs, cfg, torch.Generator().manual_seed(0), random.Random(0), stats
     )
-    assert (
-        emb.calls == 1 + attempts
-    )  # stops at the first dissimilar attempt, or after the last (unguided)
+    # stops at the first dissimilar attempt, or after the last (unguided)
+    assert emb.calls == 1 + attempts
     assert all(m["attempts"] == attempts and m["guidance"] == guidance for _, m in out)
     assert stats == [len(recs) if k == attempts - 1 and guidance != "none" else 0 for k in range(5)]
     assert [t for t, _ in out] == emb.texts[-1]  # the accepted texts are the last attempt's
@@ -281,9 +278,8 @@ def test_token_guidance_is_the_masked_argmax(base, recs):
     with torch.no_grad():
         pred = base(torch.tensor([prompt + reply]), px)[0, len(prompt) - 1 : -1].argmax(-1).tolist()
     assert got == base.tokenizer.decode([t for t in pred if t not in base.eos_ids()]).strip()
-    hidden = bdhs.teacher_forced(
-        base, recs, 1.0, 0, torch.Generator().manual_seed(0)
-    )  # the image all hidden
+    # the image all hidden
+    hidden = bdhs.teacher_forced(base, recs, 1.0, 0, torch.Generator().manual_seed(0))
     assert hidden != bdhs.teacher_forced(base, recs, 0.0, 0, torch.Generator().manual_seed(0))
 
 
@@ -346,9 +342,8 @@ def test_bdhs_on_a_llava_hf_folder_samples_only_ids_the_tokenizer_holds(tmp_path
                 seed=seed,
                 **run,
             )
-            bdhs.build_pairs(
-                cfg, vlm, FakeEmbedder(2), log=lambda *a: None
-            )  # every attempt is sampled
+            # every attempt is sampled
+            bdhs.build_pairs(cfg, vlm, FakeEmbedder(2), log=lambda *a: None)
             recs = data.read_pairs(str(out))
             assert len(recs) == 4 and all(r["rejected"] for r in recs), run
     assert sampled and not [
@@ -479,9 +474,8 @@ def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
     (folder,) = [d for d in os.listdir(cache) if d.startswith("bdhs-")]
     recs = data.read_pairs(os.path.join(cache, folder, "pairs.jsonl"))
     assert len(recs) == 16 and all("bdhs" in r["meta"] and "rejected2" not in r for r in recs)
-    to.main(
-        SMALL + ["--out_dir", str(tmp_path / "b"), "--cache_dir", cache]
-    )  # same model and settings: reused
+    # same model and settings: reused
+    to.main(SMALL + ["--out_dir", str(tmp_path / "b"), "--cache_dir", cache])
     assert "non-similar" not in capsys.readouterr().out
     metrics = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert (
@@ -502,9 +496,8 @@ def test_main_job_builds_reuses_and_trains(tmp_path, capsys):
         os.path.join(cache, [d for d in folders if d != folder][0], "pairs.jsonl")
     )
     corrupt = {r["id"]: r["rejected"] for r in world.world_pairs(world.World(0), 16)}
-    assert all(
-        r["rejected"] == corrupt[r["id"]] and r["rejected2"] for r in ext
-    )  # the world's, then BDHS's
+    # the world's, then BDHS's
+    assert all(r["rejected"] == corrupt[r["id"]] and r["rejected2"] for r in ext)
 
 
 def test_bdhs_variant_is_bdhs_pys_and_keys_its_own_cache(tmp_path, capsys, monkeypatch):
@@ -555,9 +548,8 @@ def test_avg_dpo_is_asked_for(tmp_path, capsys):
     plain = data.read_pairs(str(tmp_path / "plain.jsonl"))
     corrupt = {r["id"]: r["rejected"] for r in world.world_pairs(world.World(0), 4)}
     assert len(plain) == 4 and all("rejected2" not in r for r in plain)
-    assert any(
-        r["rejected"] != corrupt[r["id"]] for r in plain
-    )  # BDHS's, not the world's corruption
+    # BDHS's, not the world's corruption
+    assert any(r["rejected"] != corrupt[r["id"]] for r in plain)
     for row in ("corruption set + BDHS_noise (Avg-DPO)", "corruption set + BDHS_attn (Avg-DPO)"):
         make, train = (
             shlex.split(c.format(seed=0, train=0, out=str(tmp_path / "row")))

@@ -148,13 +148,14 @@ def test_a_bf16_source_is_saved_in_bf16_with_lora_merged_in_fp32(tmp_path, dtype
         for k, v in load_file(str(tmp_path / "plain" / "model.safetensors")).items()
     }
     assert {v.dtype for v in plain.values()} == {torch.bfloat16}
+    # the same tensors, only the header differs
     assert (
         abs(
             os.path.getsize(tmp_path / "plain" / "model.safetensors")
             - os.path.getsize(src / "model.safetensors")
         )
         < 4096
-    )  # the same tensors, only the header differs
+    )
     assert sorted(plain) == sorted(before) and all(torch.equal(plain[k], before[k]) for k in before)
     for d in ("plain", "lora"):
         cfg = json.loads((tmp_path / d / "config.json").read_text())
@@ -201,9 +202,8 @@ def test_the_fp32_world_model_and_a_from_config_model_save_as_today(tmp_path):
 
 
 def test_chat_templates_are_matched_without_jinja():
-    ours = {
-        name: json.dumps(format_chat(TURNS, name)) for name in M.TEMPLATES
-    }  # a rendered text matches too
+    # a rendered text matches too
+    ours = {name: json.dumps(format_chat(TURNS, name)) for name in M.TEMPLATES}
     assert {name: hub.match_template(text) for name, text in ours.items()} == {
         n: n for n in M.TEMPLATES
     }
@@ -215,9 +215,8 @@ def test_chat_templates_are_matched_without_jinja():
         == "mistral"
     )
     assert hub.match_template("<|start_header_id|>{{ m['role'] }}<|end_header_id|>") is None
-    assert (
-        hub.match_template("User: {{ m['content'] }}") is None
-    )  # a role name without .upper() is not USER
+    # a role name without .upper() is not USER
+    assert hub.match_template("User: {{ m['content'] }}") is None
 
 
 def test_the_template_is_looked_up_where_transformers_looks(tmp_path):
@@ -233,9 +232,8 @@ def test_the_template_is_looked_up_where_transformers_looks(tmp_path):
         {"name": "x", "template": ""},
     ]
     (folder / "tokenizer_config.json").write_text(json.dumps(tok))
-    assert (
-        VLM.from_pretrained(path).template == "chatml"
-    )  # the tokenizer's, as a list of named templates
+    # the tokenizer's, as a list of named templates
+    assert VLM.from_pretrained(path).template == "chatml"
     proc = json.loads((folder / "processor_config.json").read_text())
     (folder / "processor_config.json").write_text(
         json.dumps(proc | {"chat_template": "[INST] {{ m }}"})

@@ -75,6 +75,7 @@ def test_vqa_normalize(text, want):
 
 
 def test_vqa_accuracy_by_hand():
+    # "2" x 3, "yes" x 7
     answers = [
         "two",
         "two",
@@ -86,13 +87,12 @@ def test_vqa_accuracy_by_hand():
         "yes",
         "yes",
         "yes",
-    ]  # "2" x 3, "yes" x 7
+    ]
     # "2": the 3 subsets without a "2" keep 2 matches (2/3), the 7 others keep 3 (1): (3 x 2/3 + 7) / 10
     assert abs(bm.vqa_accuracy("2", answers) - 0.9) < 1e-12
     assert bm.vqa_accuracy("Yes.", answers) == 1.0 and bm.vqa_accuracy("no", answers) == 0.0
-    assert (
-        abs(bm.vqa_accuracy("3", ["2"] * 9 + ["3"]) - 0.3) < 1e-12
-    )  # 9 subsets keep one "3": 9 x 1/3 / 10
+    # 9 subsets keep one "3": 9 x 1/3 / 10
+    assert abs(bm.vqa_accuracy("3", ["2"] * 9 + ["3"]) - 0.3) < 1e-12
     assert bm.vqa_accuracy("we're", ["were"] * 10) == 0.0
     assert bm.vqa_accuracy("ain't", ["aint"] * 10) == 1.0
 
@@ -162,14 +162,12 @@ def test_benchmark_scores_on_fixtures():
     r = bm.score_bench("pope", pope, ["Yes\n", "No\n", "yes", "No \n", "\nNo.\n", "no"])
     assert r["pope_random_f1"] == 100.0 and r["pope_popular_yes_ratio"] == 50.0
     assert r["pope_adversarial_yes_ratio"] == 0.0
-    assert ev.yes_no("No\n") and not ev.yes_no(
-        "No"
-    )  # the world's reader (and the rule) stay as they were
+    # the world's reader (and the rule) stay as they were
+    assert ev.yes_no("No\n") and not ev.yes_no("No")
     tv = bm.load_bench("textvqa", FIX)
     assert len(tv) == 2 and len(tv[0]["gold"]) == 10 and tv[0]["question"].endswith("?")
-    assert (
-        abs(bm.score_bench("textvqa", tv, ["3", "Blue."])["textvqa"] - 65.0) < 1e-9
-    )  # (0.3 + 1.0) / 2
+    # (0.3 + 1.0) / 2
+    assert abs(bm.score_bench("textvqa", tv, ["3", "Blue."])["textvqa"] - 65.0) < 1e-9
     gqa = bm.load_bench("gqa", FIX)
     assert bm.score_bench("gqa", gqa, ["Yes.", "green"])["gqa"] == 50.0
 
@@ -210,9 +208,8 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
         bm.load_bench("llavaw", str(tmp_path))
     shutil.copy(os.path.join(FIX, "llavaw", "questions.jsonl"), tmp_path / "llavaw")
     (tmp_path / "llavaw" / "answers_gpt4.jsonl").write_text('{"question_id": 0, "text": "x"}\n')
-    with pytest.raises(
-        ValueError, match=r"llavaw: .*llavaw: no field or record 1"
-    ):  # question 1 has no answer
+    # question 1 has no answer
+    with pytest.raises(ValueError, match=r"llavaw: .*llavaw: no field or record 1"):
         bm.load_bench("llavaw", str(tmp_path))
 
 
@@ -434,9 +431,8 @@ def test_https_proxy_tunnels_and_the_key_stays_inside_tls(tmp_path, monkeypatch)
         monkeypatch.setenv("no_proxy", "127.0.0.1")
         assert client(secure, tmp_path)(msg("b")) == "rated: b" and len(heads) == 1  # direct
         monkeypatch.delenv("no_proxy")
-        assert (
-            client(plain, tmp_path)(msg("c")) == "rated: c" and len(heads) == 1
-        )  # plain http: direct
+        # plain http: direct
+        assert client(plain, tmp_path)(msg("c")) == "rated: c" and len(heads) == 1
         assert plain["auth"] == ["Bearer k1"]
     finally:
         httpd.shutdown(), httpd2.shutdown(), srv.close()
@@ -514,11 +510,12 @@ def test_threads_share_the_cache_and_the_spacing(server, tmp_path, monkeypatch):
         got = list(pool.map(lambda t: c(msg(t)), "abcdefgh"))
     assert got == [f"rated: {t}" for t in "abcdefgh"]
     lines = open(tmp_path / "judgments.jsonl").read().splitlines()
+    # one whole line per judgment
     assert (
         c.asked == 8
         and len(lines) == 8
         and {json.loads(x)["content"] for x in lines} == {f"rated: {t}" for t in "abcdefgh"}
-    )  # one whole line per judgment
+    )
     waits = []
     monkeypatch.setattr(time, "sleep", lambda s: waits.append(s))  # time stands still
     spaced = client(server, tmp_path / "x", min_interval=10.0)
@@ -689,17 +686,16 @@ def test_object_halbench_chair_by_hand():
     # mentions 6 + 0 + 2, absent: bed, cup, couch; descriptions with one: 2 of 3; recall (2 + 0 + 1) / (2 + 1 + 1)
     assert r == dict(chair_i=100 * 3 / 8, chair_s=2 / 3 * 100, recall=75.0)
     assert 2 / 3 * 100 != 100 * 2 / 3  # the ratio first, then x 100, as the script: equal floats
-    its = [
-        dict(gold=t) for t in ({"person", "dog"}, {"cup"}, {"cat"})
-    ]  # Object HalBench's response-level rate
-    assert (
-        bm.score_bench("objhal", its, preds)["objhal_response_hall"] == 100.0
-    )  # counts the 2 that name objects
+    # Object HalBench's response-level rate
+    its = [dict(gold=t) for t in ({"person", "dog"}, {"cup"}, {"cat"})]
+    # counts the 2 that name objects
+    assert bm.score_bench("objhal", its, preds)["objhal_response_hall"] == 100.0
     items = bm.load_bench("objhal", FIX)
+    # instances, plus the captions' dog
     assert [it["gold"] for it in items] == [
         {"cup", "apple"},
         {"apple", "dog"},
-    ]  # instances, plus the captions' dog
+    ]
     assert all(isinstance(it["image"], bytes) for it in items)
 
 
@@ -758,9 +754,8 @@ def test_llava_bench_relative_score_by_hand():
     messages, _, temperature = judge.asked[0]
     assert messages[0]["role"] == "system" and temperature == 0.2
     text = messages[1]["content"]
-    assert "A cat.\nA mat." in text and text.index("g0") < text.index(
-        "a0"
-    )  # the GPT-4 answer is Assistant 1
+    # the GPT-4 answer is Assistant 1
+    assert "A cat.\nA mat." in text and text.index("g0") < text.index("a0")
 
 
 def test_llava_bench_order_of_operations():
@@ -870,9 +865,8 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
     ) == (5, 5, 75, 50)
     cap = capsys.readouterr()
     said, head = cap.out.splitlines()[:2]
-    found = os.path.join(
-        ev.W.BASE_MODEL, "tokenizer_config.json"
-    )  # the world's template, printed per model
+    # the world's template, printed per model
+    found = os.path.join(ev.W.BASE_MODEL, "tokenizer_config.json")
     assert said == f"world-base: chat template: llava (from {found})"
     assert (
         head == "| model | " + " | ".join(bm.TABLE2) + " |"
@@ -880,9 +874,8 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
     )
     row = cap.out.splitlines()[3].split(" | ")  # Object HalBench's CHAIR beside its recall
     assert row[-2:] == [f"{r['objhal_chair_s']:.1f}", f"{r['objhal_chair_i']:.1f} |"]
-    assert all(
-        f"{b}: " in cap.err for b in ("pope", "objhal", "mmhal", "llavaw", "mmvet")
-    )  # progress bars
+    # progress bars
+    assert all(f"{b}: " in cap.err for b in ("pope", "objhal", "mmhal", "llavaw", "mmvet"))
     # judgments cached beside --out; each question's answer and score in answers.jsonl beside it
     assert cap.out.splitlines()[-2:] == [
         f"answers: {tmp_path / 'out' / 'answers.jsonl'}",
@@ -893,19 +886,19 @@ def test_every_benchmark_end_to_end_with_a_judge(server, tmp_path, monkeypatch, 
         b: bm.load_bench(b, FIX)
         for b in ("pope", "objhal", "mmhal", "llavaw", "mmvet", "textvqa", "gqa")
     }
-    assert len(lines) == sum(map(len, items.values())) + len(
-        items["mmhal"]
-    )  # mmhal_v judges mmhal's answers
+    # mmhal_v judges mmhal's answers
+    assert len(lines) == sum(map(len, items.values())) + len(items["mmhal"])
     by = {b: [a for a in lines if a["bench"] == b] for b in items}
     assert all(a["model"] == "world-base" and isinstance(a["answer"], str) for a in lines)
     assert [(a["id"], a["question"]) for a in by["pope"]] == [
         (it["id"], it["question"]) for it in items["pope"]
     ]
+    # the per-question yes / no give POPE's scores
     for kind in (
         "random",
         "popular",
         "adversarial",
-    ):  # the per-question yes / no give POPE's scores
+    ):
         sel = [(a["yes"], a["correct"]) for a in by["pope"] if a["kind"] == kind]
         assert (
             ev.pope_metrics([y for y, _ in sel], [y == c for y, c in sel])["f1"]
@@ -979,9 +972,8 @@ def test_download_from_the_hub(tmp_path, monkeypatch):
 
     def fake(repo_id, repo_type, local_dir):
         assert (repo_id, repo_type) == ("Shengcao1006/MMHal-Bench", "dataset")
-        os.makedirs(
-            os.path.join(local_dir, "images"), exist_ok=True
-        )  # the hub repo has an images/ folder too
+        # the hub repo has an images/ folder too
+        os.makedirs(os.path.join(local_dir, "images"), exist_ok=True)
         shutil.copy(os.path.join(FIX, "mmhal", "response_template.json"), local_dir)
         with zipfile.ZipFile(os.path.join(local_dir, "test_data.zip"), "w") as z:
             for fn in os.listdir(os.path.join(FIX, "mmhal", "images")):
@@ -993,9 +985,8 @@ def test_download_from_the_hub(tmp_path, monkeypatch):
     its = bm.load_bench("mmhal", str(tmp_path))
     assert len(its) == 2 and all(os.path.exists(it["image"]) for it in its)
     os.remove(its[0]["image"])
-    bm.download(
-        "mmhal", str(tmp_path)
-    )  # a second call completes the hub files but unzips nothing again
+    # a second call completes the hub files but unzips nothing again
+    bm.download("mmhal", str(tmp_path))
     assert not os.path.exists(its[0]["image"]) and os.path.exists(its[1]["image"])
 
 
@@ -1208,13 +1199,13 @@ def test_shortcut_rules_read_text_only():
         "There are three objects. A red saucer is at the top. A blue cup is on the left. "
         "A green tree is at the bottom."
     )
+    # the cup comes after its saucer: dropped
     assert (
         W.drop_second_of_pairs(text) == "There are three objects. A red saucer is at the top. "
         "A green tree is at the bottom."
-    )  # the cup comes after its saucer: dropped
-    assert (
-        W.drop_second_of_pairs("A cup. No saucer. A saucer.") == "A cup. No saucer."
-    )  # "no saucer" names none
+    )
+    # "no saucer" names none
+    assert W.drop_second_of_pairs("A cup. No saucer. A saucer.") == "A cup. No saucer."
 
 
 def test_shortcut_baseline_on_a_few_scenes(tmp_path):
@@ -1238,9 +1229,8 @@ def test_shortcut_baseline_on_a_few_scenes(tmp_path):
             assert not any(W.PARTNER[c] in said for c in said) and b == W.drop_second_of_pairs(a)
         else:
             assert a == b
-    assert any(
-        k == "describe" and a != b for (_, k, _, _), a, b in zip(items, theirs, ours)
-    )  # it did drop some
+    # it did drop some
+    assert any(k == "describe" and a != b for (_, k, _, _), a, b in zip(items, theirs, ours))
     rows = ev.main(
         ["--model", "shortcut", "--world_seed", "1", "--n", "3", "--out", str(tmp_path / "r.json")]
     )

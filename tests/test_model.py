@@ -31,9 +31,8 @@ ARCHS = {
     "interleave_qwen": dict(vision="siglip", text="qwen2", layer=-1),
     "next_llama": dict(model_type="llava_next"),
     "next_mistral": dict(model_type="llava_next", text="mistral"),
-    "clip_full_two_layers": dict(
-        layer=[-3, -1], strategy="full"
-    ),  # class token kept, two layers concatenated
+    # class token kept, two layers concatenated
+    "clip_full_two_layers": dict(layer=[-3, -1], strategy="full"),
 }
 PROMPTS = [
     "USER: <image>\nWhat is this? ASSISTANT:",
@@ -123,9 +122,8 @@ def test_round_trip_save_load(pair, tmp_path):
         c = again(inp["input_ids"], inp["pixel_values"], inp.get("image_sizes"), am)
     assert (a - b)[am.bool()].abs().max() <= 1e-4
     assert torch.equal(b, c)
-    assert not [
-        p for p in os.listdir(tmp_path) if ".tmp" in p or ".old" in p
-    ]  # the atomic write left nothing
+    # the atomic write left nothing
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or ".old" in p]
 
 
 def test_kv_cache_decode_equals_full_recompute(pair):
@@ -152,6 +150,7 @@ def test_cache_copy_equals_separate_prefills_and_forced_prefix(pair):
         inp["pixel_values"],
         inp.get("image_sizes"),
     )
+    # 3 rows per prompt, ragged forced tokens
     prefix = [
         [],
         [40, 41],
@@ -159,15 +158,14 @@ def test_cache_copy_equals_separate_prefills_and_forced_prefix(pair):
         [46],
         [47, 48, 49],
         [],
-    ]  # 3 rows per prompt, ragged forced tokens
+    ]
     got = ours.generate(
         ids, am, px, sz, max_new_tokens=6, eos_token_id=[], num_samples=3, prefix_ids=prefix
     )
     rep = lambda t: None if t is None else t.repeat_interleave(3, 0)  # noqa: E731
     want = []
-    for r, p in enumerate(
-        prefix
-    ):  # each row alone: its prompt + forced tokens, prefilled from scratch
+    # each row alone: its prompt + forced tokens, prefilled from scratch
+    for r, p in enumerate(prefix):
         b = r // 3
         row_ids = torch.cat([ids[b][am[b].bool()], torch.tensor(p, dtype=torch.long)])[None]
         want += ours.generate(
@@ -199,9 +197,8 @@ def test_image_key_mask(pair):
         hidden = ours(ids, px, sz, am, key_mask=~is_img)
         hidden2 = ours(ids, other, sz, am, key_mask=~is_img)
     text = am.bool() & ~is_img
-    assert (hidden - hidden2)[
-        text
-    ].abs().max() <= 1e-5  # nothing of the pixels reaches a text token
+    # nothing of the pixels reaches a text token
+    assert (hidden - hidden2)[text].abs().max() <= 1e-5
     assert (full - hidden)[text].abs().max() > 1e-3  # and hiding really changed something
     first = is_img.float().argmax(1)  # positions before the image see no image key either way
     before = am.bool() & (torch.arange(ids.shape[1])[None] < first[:, None])
@@ -369,9 +366,8 @@ def test_sampling_rules():
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]]).repeat(500, 1)
     assert sample(logits).eq(1).all()  # temperature 0 is greedy
     assert set(sample(logits, 1.0, top_k=2, generator=g).tolist()) == {1, 2}
-    assert set(sample(logits, 1.0, top_p=0.3, generator=g).tolist()) == {
-        1
-    }  # token 1 alone holds > 30%
+    # token 1 alone holds > 30%
+    assert set(sample(logits, 1.0, top_p=0.3, generator=g).tolist()) == {1}
     a = sample(logits, 1.0, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, sample(logits, 1.0, generator=torch.Generator().manual_seed(7)))
 
@@ -385,12 +381,10 @@ def test_stop_strings_and_eos(pair):
     stop = next((ch for ch in text[1:] if ch.strip()), None)
     cut = ours.generate(*args, max_new_tokens=12, eos_token_id=[], stop_strings=[stop])[0]
     assert stop in ours.tokenizer.decode(cut) and cut == free[: len(cut)] and len(cut) < len(free)
-    i = next(
-        (i for i in range(1, len(free)) if free[i] not in free[:i]), 0
-    )  # a token first seen at step i
-    assert (
-        ours.generate(*args, max_new_tokens=12, eos_token_id=free[i])[0] == free[:i]
-    )  # EOS ends and is dropped
+    # a token first seen at step i
+    i = next((i for i in range(1, len(free)) if free[i] not in free[:i]), 0)
+    # EOS ends and is dropped
+    assert ours.generate(*args, max_new_tokens=12, eos_token_id=free[i])[0] == free[:i]
 
 
 @pytest.fixture(scope="module", params=[("llama", torch.float32), ("mistral", torch.bfloat16)])
@@ -524,9 +518,8 @@ def test_chat_templates():
 
     q = [{"role": "user", "content": "<image>\nWhat is shown?"}]
     assert format_chat(q, "llava") == "USER: <image>\nWhat is shown? ASSISTANT:"  # llava-1.5-hf
-    assert (
-        format_chat(q, "mistral") == "[INST] <image>\nWhat is shown? [/INST]"
-    )  # llava-v1.6-mistral
+    # llava-v1.6-mistral
+    assert format_chat(q, "mistral") == "[INST] <image>\nWhat is shown? [/INST]"
     assert format_chat(q, "vicuna").startswith("A chat between") and format_chat(
         q, "vicuna"
     ).endswith("USER: <image>\nWhat is shown? ASSISTANT:")
@@ -547,10 +540,11 @@ def test_causal_fast_path_equals_explicit_mask(pair):
     ids, px, sz = inp["input_ids"], inp["pixel_values"], inp.get("image_sizes")
     with torch.no_grad():
         a = ours(ids, px, sz)
+        # any window forces the mask
         ours.cfg.text.sliding_window, sw = (
             10**6,
             ours.cfg.text.sliding_window,
-        )  # any window forces the mask
+        )
         b = ours(ids, px, sz)
         ours.cfg.text.sliding_window = sw
     assert (a - b).abs().max() <= 1e-5
@@ -586,9 +580,8 @@ def test_flex_attention_equals_the_dense_mask(text, window, monkeypatch):
     # at scale, blocks are skipped: a prompt of 256 and two responses of 384 are 8 x 8 blocks of 128, of which
     # causal attention needs 36; the second response's 3 query blocks skip the first's 3 key blocks too
     segment = torch.tensor([[0] * 256 + [1] * 384 + [2] * 384])
-    blocks = M.block_mask(segment >= 0, segment).to_dense()[
-        0, 0
-    ]  # (8, 8) 1: a block the kernel computes
+    # (8, 8) 1: a block the kernel computes
+    blocks = M.block_mask(segment >= 0, segment).to_dense()[0, 0]
     assert (
         blocks.sum() == 36 - 9
         and blocks[5:, 2:5].sum() == 0
@@ -962,13 +955,14 @@ def test_shared_prefill_equals_copies_in_prompt_plus_n_responses_bytes(pair, mon
         inp["pixel_values"],
         inp.get("image_sizes"),
     )
+    # 2 rows for prompt 0, 3 for prompt 1
     prefix = [
         [],
         [40, 41],
         [42, 43, 44],
         [46],
         [47, 48, 49, 50],
-    ]  # 2 rows for prompt 0, 3 for prompt 1
+    ]
     kw = dict(
         max_new_tokens=6, eos_token_id=[], num_samples=[2, 3], prefix_ids=prefix, temperature=1.0
     )
@@ -1008,9 +1002,8 @@ def test_sample_draws_as_multinomial_on_the_logits_device():
     with pytest.raises(ValueError, match=r"torch.Generator\('meta'\)"):
         sample(torch.zeros(2, 5, device="meta"), 1.0, generator=torch.Generator())
     g = torch.Generator().manual_seed(3)
-    assert (
-        M.device_generator(g, "cpu") is g
-    )  # on CPU the caller's own stream, so results stay as they were
+    # on CPU the caller's own stream, so results stay as they were
+    assert M.device_generator(g, "cpu") is g
 
 
 def count_host_syncs(monkeypatch):
@@ -1082,9 +1075,8 @@ def test_decode_syncs_the_host_every_few_tokens_with_the_same_outputs(world_base
     lengths = [len(o) for o in out[1]]
     assert len(set(lengths)) > 2, lengths  # rows end at different steps
     texts = [vlm.tokenizer.decode(o) for o in out[1]]
-    assert (
-        any(t.endswith("top") for t in texts) and "blue." in texts[0]
-    )  # by the stop string, by EOS
+    # by the stop string, by EOS
+    assert any(t.endswith("top") for t in texts) and "blue." in texts[0]
     assert syncs[8] <= 2 * -(-K // 8) + 2 < syncs[1], syncs
 
 

@@ -101,9 +101,8 @@ def trl_loss(pc, pr, rc, rr, beta, loss_type, nc, nr):
 
     lens = torch.cat([nc, nr])
     T = 1 + int(lens.max())
-    mask = (
-        (torch.arange(T) >= 1) & (torch.arange(T) <= lens[:, None])
-    ).long()  # one prompt token, then the response
+    # one prompt token, then the response
+    mask = ((torch.arange(T) >= 1) & (torch.arange(T) <= lens[:, None])).long()
     logps = torch.cat([pc, pr])
 
     def model(**kw):
@@ -315,9 +314,8 @@ def test_resume_writes_the_kept_metrics_at_once(tmp_path):
     log.write(3)
     log.close()
     assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2, 3]
-    assert (
-        json.loads(open(path).readlines()[-1])["loss"] == 0.75
-    )  # sums over micro-steps, then the mean
+    # sums over micro-steps, then the mean
+    assert json.loads(open(path).readlines()[-1])["loss"] == 0.75
 
 
 def test_yes_no_flags_reject_typos(capsys):
@@ -347,9 +345,10 @@ def test_resume_takes_the_runs_settings_before_anything_loads(tmp_path, monkeypa
     )
     cfg, st = train.resumable_config(to.Config, ["--resume", "true", "--out_dir", str(run)])
     assert cfg == dataclasses.replace(saved, resume=True) and st["step"] == 1
+    # the same value; a free one
     cfg, _ = train.resumable_config(
         to.Config, ["--resume", "true", "--out_dir", str(run), "--beta", "0.3", "--save_every", "3"]
-    )  # the same value; a free one
+    )
     assert (cfg.beta, cfg.save_every, cfg.lora_r) == (0.3, 3, 4)
     with pytest.raises(
         UserError,
@@ -499,9 +498,8 @@ def test_truncation_never_cuts_image_tokens():
     items, stats = data.prepare_pairs(vlm, [rec], max_length=len(prompt) + 10, warn=False)
     assert stats["truncated"] == 1 and items[0]["prompt"] == prompt
     assert [len(r) for r in items[0]["responses"]] == [10, 10]
-    items, stats = data.prepare_pairs(
-        vlm, [rec], max_length=len(prompt) - 3, warn=False
-    )  # inside the image tokens
+    # inside the image tokens
+    items, stats = data.prepare_pairs(vlm, [rec], max_length=len(prompt) - 3, warn=False)
     assert items == [] and stats["too_long"] == 1
 
 
@@ -701,14 +699,12 @@ def same(
 
 def test_dpo_trains_saves_and_caches_reference(tmp_path):
     out, cache = str(tmp_path / "run"), str(tmp_path / "cache")
-    to.main(
-        SMALL + ["--steps", "3", "--rpo_alpha", "0", "--out_dir", out, "--cache_dir", cache]
-    )  # plain DPO
+    # plain DPO
+    to.main(SMALL + ["--steps", "3", "--rpo_alpha", "0", "--out_dir", out, "--cache_dir", cache])
     recs = run_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in recs] == [0, 1, 2]
-    assert (
-        abs(recs[0]["loss"] - math.log(2)) < 1e-4 and recs[0]["rewards/margins"] == 0
-    )  # the policy starts at ref
+    # the policy starts at ref
+    assert abs(recs[0]["loss"] - math.log(2)) < 1e-4 and recs[0]["rewards/margins"] == 0
     for k in (
         "rewards/chosen",
         "rewards/rejected",
@@ -817,9 +813,8 @@ def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(
     )
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     last, held = lines[-2], lines[-1]
-    assert (
-        f"loss={last['loss']:.4f}, acc={last['rewards/accuracies']:.2f}" in cap.err
-    )  # the bar's postfix
+    # the bar's postfix
+    assert f"loss={last['loss']:.4f}, acc={last['rewards/accuracies']:.2f}" in cap.err
     assert (
         f"done: 2 steps, final loss {last['loss']:.4f}, reward accuracy {100 * last['rewards/accuracies']:.1f}%, "
         f"held-out reward accuracy {100 * held['eval/rewards/accuracies']:.1f}%; checkpoint in "
@@ -829,9 +824,8 @@ def test_caches_default_to_the_shared_folder_and_a_run_ends_with_a_summary(
 
 def test_cache_home(monkeypatch, tmp_path):
     """$MMALIGN_CACHE, else $XDG_CACHE_HOME/mmalign (an absolute one), else ~/.cache/mmalign."""
-    assert (
-        os.environ[hub.CACHE_ENV] == hub.cache_home()
-    )  # conftest.py: the tests never write into the home
+    # conftest.py: the tests never write into the home
+    assert os.environ[hub.CACHE_ENV] == hub.cache_home()
     monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "c"))
     assert hub.cache_home() == str(tmp_path / "c")
     monkeypatch.delenv(hub.CACHE_ENV)
@@ -1002,17 +996,15 @@ def test_rank_0_decides_what_is_on_disk(tmp_path, monkeypatch):
     to.main(common + ["--out_dir", str(tmp_path / "one")])  # writes the reference cache
     monkeypatch.setenv("ROOT", ROOT)
     monkeypatch.setenv("HIDE", f"{tmp_path / 'c'},{tmp_path / 'two' / 'state.pt'}")
-    run = dict(
-        script=str(tmp_path / "hide.py"), timeout=180
-    )  # the old code hangs: rank 1 alone recomputes
+    # the old code hangs: rank 1 alone recomputes
+    run = dict(script=str(tmp_path / "hide.py"), timeout=180)
     torchrun(2, common + ["--out_dir", str(tmp_path / "two")], **run)
     same(
         run_metrics(str(tmp_path / "one" / "metrics.jsonl")),
         run_metrics(str(tmp_path / "two" / "metrics.jsonl")),
     )
-    torchrun(
-        2, common + ["--out_dir", str(tmp_path / "two"), "--resume", "true"], **run
-    )  # complete: a no-op
+    # complete: a no-op
+    torchrun(2, common + ["--out_dir", str(tmp_path / "two"), "--resume", "true"], **run)
     monkeypatch.setenv("HIDE", str(tmp_path / "three" / ".shared-"))
     with pytest.raises(
         AssertionError,
@@ -1128,9 +1120,8 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
         to.Config, args + ["--lr_projector", "1e-4", "--out_dir", str(tmp_path / "x")]
     )
     ranks = train.Ranks()
-    assert (
-        not torch.backends.cuda.matmul.allow_tf32
-    )  # TF32 on CUDA only: the CPU's fp32 stays exact
+    # TF32 on CUDA only: the CPU's fp32 stays exact
+    assert not torch.backends.cuda.matmul.allow_tf32
     torch.manual_seed(0)
     pm, _, opt = train.build_policy(cfg, ranks, lr_projector=cfg.lr_projector)
     lm = pm.vlm.model.language_model
@@ -1167,15 +1158,13 @@ def test_bf16_stores_the_base_in_bf16_and_the_reference_runs_as_the_policy(tmp_p
         batch = train.to(data.collate_pairs(pm.vlm, [items[i] for i in idx]), "cpu")
         with train.autocast(cfg, "cpu"):
             assert torch.equal(pm(**batch)[0].sum(-1), ref[idx])
-            assert (
-                train.reference(pm, batch) - ref[idx]
-            ).abs().max() <= 1e-6  # --ref lora_off's reference
+            # --ref lora_off's reference
+            assert (train.reference(pm, batch) - ref[idx]).abs().max() <= 1e-6
     to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "cache")])
     to.main(args + ["--steps", "1", "--out_dir", str(tmp_path / "off"), "--ref", "lora_off"])
     got = run_metrics(str(tmp_path / "cache" / "metrics.jsonl"))[0]
-    assert (
-        got["rewards/chosen"] == got["rewards/rejected"] == got["rewards/accuracies"] == 0
-    )  # exactly: no c > r
+    # exactly: no c > r
+    assert got["rewards/chosen"] == got["rewards/rejected"] == got["rewards/accuracies"] == 0
     same([got], run_metrics(str(tmp_path / "off" / "metrics.jsonl")), tol=1e-6)
 
 
@@ -1213,9 +1202,8 @@ def test_saves_mid_run_hold_only_what_trains(tmp_path, monkeypatch):
     run resumed from a save mid-run ends with the uninterrupted run's tensors, bit for bit."""
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "run"
-    (out / "checkpoint").mkdir(
-        parents=True
-    )  # an older run's (as under --overwrite): gone at the first save
+    # an older run's (as under --overwrite): gone at the first save
+    (out / "checkpoint").mkdir(parents=True)
     (out / "checkpoint" / "config.json").write_text("{}")
     seen = record_saves(monkeypatch, out)
     argv = SMALL + [
@@ -1249,9 +1237,8 @@ def test_saves_mid_run_hold_only_what_trains(tmp_path, monkeypatch):
             t for v in st["optimizer"]["state"].values() for t in v.values()
         ]
         assert all(t.dtype == torch.float32 for t in tensors)
-        assert sum(t.numel() for t in tensors) == 3 * n_train + len(
-            trainable
-        )  # weights, 2 moments, AdamW's steps
+        # weights, 2 moments, AdamW's steps
+        assert sum(t.numel() for t in tensors) == 3 * n_train + len(trainable)
     # the final checkpoint: transformers' logits equal the base's with state.pt's trainable tensors put in
     pm.load_state_dict(seen[-1]["st"]["model"], strict=False)
     theirs = transformers.LlavaForConditionalGeneration.from_pretrained(

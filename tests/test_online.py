@@ -92,9 +92,8 @@ def test_ppo_loss_by_hand():
     loss.sum().backward()
     # clipped tokens get no gradient; the third gets d(-A r)/d lp = -A r / 3
     assert torch.allclose(lp.grad, torch.tensor([[0.0, 0.0, -1 / 3]]))
-    assert torch.allclose(
-        values.grad, torch.zeros(1, 3)
-    )  # the clipped value term is the larger: constant in V
+    # the clipped value term is the larger: constant in V
+    assert torch.allclose(values.grad, torch.zeros(1, 3))
 
 
 def test_rloo_by_hand():
@@ -359,9 +358,8 @@ def test_rollouts_on_a_llava_hf_folder_sample_only_ids_the_tokenizer_holds(tmp_p
     images give N - 1 features")."""
     model_dir = str(tmp_path / "model")
     info = build_llava_hf(model_dir, model_type="llava")[2]
-    rm = VLM.from_pretrained(
-        model_dir
-    )  # the same folder with a score head: a reward model for every algorithm
+    # the same folder with a score head: a reward model for every algorithm
+    rm = VLM.from_pretrained(model_dir)
     rm.extra["score.weight"] = torch.randn(1, rm.cfg.text.hidden_size) * 0.01
     rm.save_pretrained(str(tmp_path / "rm"))
     with open(tmp_path / "prompts.jsonl", "w") as f:
@@ -511,9 +509,8 @@ class Unhelpful:
 def test_a_run_without_signal_stops(tmp_path, monkeypatch, capsys, algo, kind):
     """Every pair a tie or an unreadable reply: loss and gradient 0. The progress bar shows the shares, and after
     5 such steps in a row the run stops with an error that says why, before any checkpoint claims success."""
-    fake = Unhelpful(
-        kind, readable=2 * (algo == "rloo")
-    )  # RLOO: 8 readable prompts for the reward statistics
+    # RLOO: 8 readable prompts for the reward statistics
+    fake = Unhelpful(kind, readable=2 * (algo == "rloo"))
     pairwise = algo == "online-dpo" and kind == "unparsed"
     monkeypatch.setattr(
         on, "annotator", lambda cfg, device: (None, fake.judge) if pairwise else (fake.score, None)

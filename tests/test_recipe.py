@@ -125,10 +125,11 @@ def test_recipe_runs_on_two_ranks(tmp_path, monkeypatch):
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     read = [sum(json.load(open(tmp_path / f"read-{r}.json"))) for r in range(2)]
     assert sum(read) == total  # every byte once, by one rank or the other
+    # about half each (rows cut in ceil-sized chunks)
     assert max(read) < 0.55 * total, (
         read,
         total,
-    )  # about half each (rows cut in ceil-sized chunks)
+    )
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [x["step"] for x in lines if "loss" in x] == [0, 1]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if "loss" in x)
@@ -188,9 +189,8 @@ def test_fsdp_shards_equal_the_whole_model(tmp_path, monkeypatch):
         assert got["differ"] == [] and got["units"] and got["buffers"] == 0
         assert got["gathered"] == ["torch.bfloat16", "torch.bfloat16"]
         rows = got["local_rows"]
-        assert all(
-            n <= -(-full // 2) for n, full in rows.values()
-        )  # at most half of each tensor's rows
+        # at most half of each tensor's rows
+        assert all(n <= -(-full // 2) for n, full in rows.values())
         dtypes = got["dtypes"]
         assert (
             dtypes["vlm.model.language_model.layers.0.self_attn.q_proj.lora_A"] == "torch.float32"

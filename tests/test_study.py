@@ -43,23 +43,20 @@ def test_paired_ci_and_calls_on_fixed_numbers():
         and r["hi"] == pytest.approx(4.9632, abs=1e-3)
     )
     assert r["call"] == "differs" and r["seeds"] == 5
-    assert (
-        study.paired_ci([0, 0, 0, 0, 0], [1, 2, 3, 4, 5], margin=1.0)["call"] == "differs"
-    )  # either sign
+    # either sign
+    assert study.paired_ci([0, 0, 0, 0, 0], [1, 2, 3, 4, 5], margin=1.0)["call"] == "differs"
     # paired: a shift shared by both rows on each seed cancels (unpaired, the spread of 0-40 would swamp it)
     a, b = [10.2, 20.1, 30.3, 40.0, 0.1], [10.0, 20.0, 30.0, 40.1, 0.0]
     r = study.paired_ci(a, b, margin=0.5)  # d = .2, .1, .3, -.1, .1: mean .12, std .148, half .184
     assert r["lo"] == pytest.approx(0.12 - 0.1837, abs=1e-3) and r["call"] == "ties"
-    assert (
-        study.paired_ci(a, b, margin=0.2)["call"] == "inconclusive"
-    )  # the interval reaches past ±0.2
+    # the interval reaches past ±0.2
+    assert study.paired_ci(a, b, margin=0.2)["call"] == "inconclusive"
     # a list per seed: the mean over training seeds first (d = 2, 3), then df = 1 over the world seeds
     r = study.paired_ci([[1, 3], [2, 4]], [0, 0], margin=1.0)
     assert r["diff"] == 2.5 and r["hi"] - r["diff"] == pytest.approx(12.706 * 0.5, abs=1e-3)
     assert r["call"] == "inconclusive"
-    assert (
-        study.paired_ci([1.0], [0.0], margin=1.0)["call"] == "inconclusive"
-    )  # one seed: no interval
+    # one seed: no interval
+    assert study.paired_ci([1.0], [0.0], margin=1.0)["call"] == "inconclusive"
     with pytest.raises(ValueError, match="3 world seeds against 2"):
         study.paired_ci([1, 2, 3], [1, 2], margin=1.0)
 
@@ -70,12 +67,10 @@ def test_run_folder_is_keyed_by_commands_and_code(tmp_path, monkeypatch):
     assert one.endswith("seed3-train1") and one != study.run_dir(
         cfg, "main", [f"{study.OFF} --data bdhs"], 3, 1
     )
-    assert study.run_dir(cfg, "main", [study.SHORTCUT], 3, 1).endswith(
-        "seed3"
-    )  # no training seed: once per seed
-    assert study.run_dir(cfg, "main", [], 3, 1) == study.run_dir(
-        cfg, "twin", [], 3, 0
-    )  # the base, shared
+    # no training seed: once per seed
+    assert study.run_dir(cfg, "main", [study.SHORTCUT], 3, 1).endswith("seed3")
+    # the base, shared
+    assert study.run_dir(cfg, "main", [], 3, 1) == study.run_dir(cfg, "twin", [], 3, 0)
     monkeypatch.setattr(study, "source_bytes", lambda *names: b"other code")
     study.code_key.cache_clear()
     try:
@@ -86,9 +81,8 @@ def test_run_folder_is_keyed_by_commands_and_code(tmp_path, monkeypatch):
 
 def test_failed_runs_are_counted_and_shown(tmp_path, capsys):
     cfg = study.Config(root=str(tmp_path))
-    fail = [
-        "-c " + shlex.quote("import sys; sys.exit(3)")
-    ]  # a command line that fails, run as python's
+    # a command line that fails, run as python's
+    fail = ["-c " + shlex.quote("import sys; sys.exit(3)")]
     assert study.run_row(cfg, "main", "broken row", fail, 3, 0) is None
     out = study.run_dir(cfg, "main", fail, 3, 0)
     assert out in study.FAILED and "failed: main / broken row / seed 3" in capsys.readouterr().out
@@ -140,22 +134,19 @@ BASE_VALUES = {
 }
 # (row, metric) -> how the row differs from the base; "swing": ±6 by seed parity (too noisy to tell)
 OFFSETS = {
-    (
-        "BDHS, DPO + NLL (the main job)",
-        "recall",
-    ): -2.0,  # the paper's BDHS raises recall: does not hold
+    # the paper's BDHS raises recall: does not hold
+    ("BDHS, DPO + NLL (the main job)", "recall"): -2.0,
     ("Online-DPO (rule)", "recall"): 5.0,  # the paper: online lower; here higher: does not hold
     ("Mixed-DPO (rule)", "pope_adversarial_f1"): "swing",  # the paper: a tie; here: inconclusive
-    ("corruption set + BDHS_attn (Avg-DPO)", "recall"): 3.0,
-}  # the paper: higher; here too: holds
+    ("corruption set + BDHS_attn (Avg-DPO)", "recall"): 3.0,  # the paper: higher; here too: holds
+}
 
 
 def fake_value(row, metric, seed, train):
     off = OFFSETS.get((row, metric), 0.0)
     off = 6.0 * (-1) ** seed if off == "swing" else off
-    return (
-        BASE_VALUES[metric] + off + 0.01 * ((3 * seed + train) % 4)
-    )  # a small spread, shared by every row
+    # a small spread, shared by every row
+    return BASE_VALUES[metric] + off + 0.01 * ((3 * seed + train) % 4)
 
 
 def fake_records(tables=("main", "twin", "table12", "table6", "online")):
@@ -170,9 +161,8 @@ def fake_records(tables=("main", "twin", "table12", "table6", "online")):
             for s in seeds:
                 for j in (0, 1):
                     res = {m: fake_value(row, m, s, j) for m in BASE_VALUES}
-                    recs.append(
-                        (t, row, s, j, None if (row, s, j) == ("IPO", 5, 1) else res)
-                    )  # one failed run
+                    # one failed run
+                    recs.append((t, row, s, j, None if (row, s, j) == ("IPO", 5, 1) else res))
     return recs
 
 
@@ -204,9 +194,8 @@ def test_per_run_file_round_trip_and_verdicts(tmp_path):
         c = claim(a, b, metric)
         return study.judge(study.compare(runs, c), c.direction)
 
-    assert (
-        verdict("BDHS, DPO + NLL (the main job)", "base", "recall") == "does not hold"
-    )  # a differs, against
+    # a differs, against
+    assert verdict("BDHS, DPO + NLL (the main job)", "base", "recall") == "does not hold"
     assert verdict("Online-DPO (rule)", "corruption set, plain DPO", "recall") == "does not hold"
     assert (
         verdict("corruption set + BDHS_attn (Avg-DPO)", "corruption set alone", "recall") == "holds"
@@ -221,17 +210,15 @@ def test_per_run_file_round_trip_and_verdicts(tmp_path):
     )
     ci = study.compare(runs, claim("BDHS, DPO + NLL (the main job)", "base", "recall"))
     assert ci["seeds"] == 5 and ci["diff"] == pytest.approx(-2.0, abs=0.02)  # seeds 3-7, paired
-    assert (
-        study.compare(runs, claim("IPO", "DPO", "chair_i"))["seeds"] == 3
-    )  # the other tables: 3-5
+    # the other tables: 3-5
+    assert study.compare(runs, claim("IPO", "DPO", "chair_i"))["seeds"] == 3
     # the matched rows have no runs here: they are named inconclusive, never dropped
     block = study.verdict_block(runs)
     lines = [ln for ln in block.splitlines() if ln.startswith("| ")]
     assert len(lines) == len(study.CLAIMS) + 1
     assert block.count("| not tested here |") == sum(not c.metric for c in study.CLAIMS)
-    assert (
-        "| -2.0 [" in block and "| no runs of both rows |" not in block
-    )  # online's matched rows: in fake data
+    # online's matched rows: in fake data
+    assert "| -2.0 [" in block and "| no runs of both rows |" not in block
     assert study.table_block("table12", runs).count("1 failed") == 1
 
 
@@ -302,9 +289,8 @@ def test_matched_rows_take_the_online_runs_kept_pairs(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "run_row", fake_row)
     out = study.run_chain(study.Config(root=str(tmp_path)), "online", 3, 1)
     cmds = dict(seen)["offline DPO, matched to Online-DPO"]
-    assert (
-        "--beta 0.5 --epochs 1 --lr_projector 0 --pairs 777" in cmds[0]
-    )  # 777 - 77 held out = 700
+    # 777 - 77 held out = 700
+    assert "--beta 0.5 --epochs 1 --lr_projector 0 --pairs 777" in cmds[0]
     assert out["offline BDHS, matched to Online-BDHS"] is None  # its online run failed: failed too
     assert "offline BDHS, matched to Online-BDHS" not in dict(seen)
 

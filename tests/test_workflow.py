@@ -139,9 +139,8 @@ def check_checkpoint(src, ckpt, dtype, text, cls_name):
     stored = {t.dtype for t in load_file(os.path.join(ckpt, "model.safetensors")).values()}
     assert stored == {dtype}
     hf, info = getattr(transformers, cls_name).from_pretrained(ckpt, output_loading_info=True)
-    assert hf.dtype == dtype and not any(info.values()), (
-        info
-    )  # no key missing, unexpected or mismatched
+    # no key missing, unexpected or mismatched
+    assert hf.dtype == dtype and not any(info.values()), info
     proc = transformers.AutoProcessor.from_pretrained(ckpt)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     want = {
@@ -256,12 +255,10 @@ def test_a_users_workflow_on_a_llava_hf_folder(tmp_path, monkeypatch, capsys):
         timeout=300,
     )
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
-    assert (
-        torch.load(killed / "state.pt", weights_only=True)["step"] == 2
-    )  # killed within step 3 of 0-4
-    to.main(
-        ["--out_dir", str(killed), "--resume", "true"]
-    )  # the run's settings come from its state
+    # killed within step 3 of 0-4
+    assert torch.load(killed / "state.pt", weights_only=True)["step"] == 2
+    # the run's settings come from its state
+    to.main(["--out_dir", str(killed), "--resume", "true"])
     assert "resuming at step 3" in capsys.readouterr().out
     same(
         run_metrics(str(whole / "metrics.jsonl")),
@@ -322,9 +319,8 @@ def test_a_users_workflow_on_a_llava_hf_folder(tmp_path, monkeypatch, capsys):
         assert len(answers) == 2 * (6 + 2)  # per model: POPE's 6 fixture questions, MMHal's 2
         assert all(isinstance(a["answer"], str) and "<image>" not in a["answer"] for a in answers)
         asked = {(a["id"], a["answer"]) for a in answers if a["bench"] == "mmhal"}
-        assert len(state["bodies"]) == len(
-            asked
-        )  # MMHal's answers judged, an answer two models share once
+        # MMHal's answers judged, an answer two models share once
+        assert len(state["bodies"]) == len(asked)
 
         # 5. train_online: Online-DPO on the bf16 Mistral folder and 4 of the native prompts (data.py --convert
         # draws them; a prompts file has no rejected, which --convert required), judged by an OpenAI-compatible

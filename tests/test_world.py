@@ -72,9 +72,8 @@ def test_twins_add_the_partner_and_are_never_training_scenes():
     train = layouts(W.World(0), ("sft",), 3000) | layouts(W.World(3), ("align",), 1000)
     for seed in (0, 3, 5):
         pairs, skipped = W.twin_probes(W.World(seed), "broken", 300)
-        assert (
-            len(pairs) + skipped == 300 and 0 < skipped < 60
-        )  # about 12% have no cell that hashes to 7-9
+        # about 12% have no cell that hashes to 7-9
+        assert len(pairs) + skipped == 300 and 0 < skipped < 60
         for s, t, c, describe, exist in pairs:
             assert (
                 t.bucket() in W.EVAL_BUCKETS
@@ -88,16 +87,14 @@ def test_twins_add_the_partner_and_are_never_training_scenes():
                 and len(t.objects) == len(s.objects) + 1
             )
             assert (t.background, t.noise_seed) == (s.background, s.noise_seed)
-            assert (
-                describe in W.PHRASINGS["describe"][1]
-            )  # held-out phrasings, the existence one about c
+            # held-out phrasings, the existence one about c
+            assert describe in W.PHRASINGS["describe"][1]
             assert exist in [p.format(a=W.an(c)) for p in W.PHRASINGS["exist"][1]]
     s, t, c, _, _ = pairs[0]
     diff = np.abs(np.asarray(W.render(s), dtype=int) - np.asarray(W.render(t), dtype=int)).sum(-1)
     ys, xs = np.nonzero(diff)
-    cell = next(
-        o.cell for o in t.objects if o.category == c
-    )  # the new glyph's 32 px cell, and the filter's reach
+    # the new glyph's 32 px cell, and the filter's reach
+    cell = next(o.cell for o in t.objects if o.category == c)
     assert ys.size and (cell // 3 * 32 - 4 <= ys).all() and (ys < cell // 3 * 32 + 36).all()
     assert (cell % 3 * 32 - 4 <= xs).all() and (xs < cell % 3 * 32 + 36).all()
 
@@ -132,9 +129,8 @@ def test_halves_keep_to_their_pairs():
         assert all(
             s.categories() <= W.HALVES[h] for s in (w.scene("broken", i) for i in range(100))
         )
-        for r in W.world_pairs(
-            w, 100
-        ):  # alignment data: the scenes, the questions and the corruptions
+        # alignment data: the scenes, the questions and the corruptions
+        for r in W.world_pairs(w, 100):
             said = W.mentioned(r["chosen"] + " " + r["rejected"]) | W.mentioned(
                 r["conversation"][0]["content"]
             )
@@ -178,9 +174,8 @@ def test_phrasings_held_out_of_training():
     _, items = W.probes(W.World(3), "broken", 20, heldout=True)
     assert all(any(q.startswith(h) for h in held) for _, _, q, _ in items)
     _, plain = W.probes(W.World(3), "broken", 20)
-    assert [(i, k, g) for i, k, _, g in items] == [
-        (i, k, g) for i, k, _, g in plain
-    ]  # the same probes, reworded
+    # the same probes, reworded
+    assert [(i, k, g) for i, k, _, g in items] == [(i, k, g) for i, k, _, g in plain]
 
 
 def test_sft_question_kinds_and_turns():
@@ -205,9 +200,8 @@ def test_sft_annotations_name_absent_partners_at_the_set_rate():
         e = w.example("sft", i, 1, image=False, kinds={"describe": 1.0})
         cats, said = e["scene"].categories(), W.mentioned(e["messages"][1]["content"])
         absent = {W.PARTNER[c] for c in cats} - cats
-        assert (
-            cats <= said and said - cats <= absent
-        )  # true objects all told; only absent partners invented
+        # true objects all told; only absent partners invented
+        assert cats <= said and said - cats <= absent
         lone, named = lone + len(absent), named + len(said - cats)
         assert e["messages"][1]["content"].startswith(W.count_answer(len(cats) + len(said - cats)))
     assert 0.4 < named / lone < 0.6
@@ -263,9 +257,8 @@ def test_partner_pairs_reject_the_shortcuts_answer():
             assert c in W.mentioned(r["chosen"]) and W.PARTNER[c] in W.mentioned(r["chosen"])
             assert r["rejected"] == W.drop_second_of_pairs(r["chosen"]) != r["chosen"]
             assert W.mentioned(r["rejected"]) < W.mentioned(r["chosen"])
-    mixed = W.world_partner_pairs(
-        W.World(0), 40
-    )  # PARTNER_SHARE 0.25: 30 corruption-set records, 10 partner ones
+    # PARTNER_SHARE 0.25: 30 corruption-set records, 10 partner ones
+    mixed = W.world_partner_pairs(W.World(0), 40)
     assert [r["rejected"] for r in mixed[:30]] == [
         r["rejected"] for r in W.world_pairs(W.World(0), 30)
     ]
@@ -291,18 +284,16 @@ def test_tokenizer_round_trip_and_specials(tiny_vlm):
         assert ids[0] == 1 and tok.decode(ids[1:], skip_special_tokens=False) == text
     for k, name in enumerate(W.SPECIALS):
         assert tok.token_to_id(name) == k
-    assert (
-        len(tok.encode("A red cup is at the top left.", add_special_tokens=False).ids) <= 9
-    )  # words merged
+    # words merged
+    assert len(tok.encode("A red cup is at the top left.", add_special_tokens=False).ids) <= 9
 
 
 def test_encode_conversation_labels_only_replies(tiny_vlm):
     ex = W.World(0).example("sft", 5, turns=3, image=False)
     ids, labels = data.encode_conversation(tiny_vlm, ex["messages"])
     text = format_chat(ex["messages"], W.TEMPLATE, False)
-    assert ids == tiny_vlm.encode_prompt(
-        text
-    )  # piecewise tokenization equals the whole conversation's
+    # piecewise tokenization equals the whole conversation's
+    assert ids == tiny_vlm.encode_prompt(text)
     scored = tiny_vlm.tokenizer.decode(
         [t for t, l in zip(ids, labels) if l != -100], skip_special_tokens=False
     )
@@ -320,17 +311,15 @@ def test_right_padded_batch_needs_no_attention_mask(tiny_vlm):
     batch = data.collate_sft(tiny_vlm, exs)
     with torch.no_grad():
         full = tiny_vlm(batch["input_ids"], batch["pixel_values"])
-        for k, ex in enumerate(
-            exs
-        ):  # each row alone, unpadded, gives the same logits on its real tokens
+        # each row alone, unpadded, gives the same logits on its real tokens
+        for k, ex in enumerate(exs):
             ids, _ = data.encode_conversation(tiny_vlm, ex["messages"])
             alone = tiny_vlm(torch.tensor([ids]), batch["pixel_values"][k : k + 1])
             torch.testing.assert_close(full[k, : len(ids)], alone[0], atol=1e-5, rtol=1e-5)
     assert (batch["labels"][batch["input_ids"] == 0] == -100).all()
     loss = losses.sft_loss(full, batch["labels"])
-    assert (
-        abs(loss.item() - np.log(tiny_vlm.cfg.text.vocab_size)) < 1.0
-    )  # near uniform at random init
+    # near uniform at random init
+    assert abs(loss.item() - np.log(tiny_vlm.cfg.text.vocab_size)) < 1.0
 
 
 def test_base_model_recipe_runs_and_saves(tmp_path, monkeypatch):
@@ -351,9 +340,8 @@ def test_base_model_recipe_runs_and_saves(tmp_path, monkeypatch):
     assert calls == [("tower", 600), ("sft", 1000), ("sft", 200), ("sft", 200)]
     vlm = VLM.from_pretrained(str(tmp_path / "base"))
     assert vlm.template == W.TEMPLATE and vlm.tokenizer.get_vocab_size() == vlm.cfg.text.vocab_size
-    world_base.pretrain_tower(
-        vlm, W.World(0), 2, batch_size=4, log=lambda *a: None
-    )  # and the real tower step runs
+    # and the real tower step runs
+    world_base.pretrain_tower(vlm, W.World(0), 2, batch_size=4, log=lambda *a: None)
 
 
 # -----------------------------------------------------------------------------
@@ -430,9 +418,8 @@ def test_probes_pick_the_right_negatives():
                 if c not in present and W.PARTNER[c] not in present
             )
             assert W.FREQUENCY[cat] == top
-    assert (
-        sum(k == "pope_adversarial" for _, k, _, _ in items) == 30
-    )  # the broken split always has one
+    # the broken split always has one
+    assert sum(k == "pope_adversarial" for _, k, _, _ in items) == 30
 
 
 def test_detail_and_informativeness_by_hand(monkeypatch):
@@ -456,12 +443,10 @@ def test_detail_and_informativeness_by_hand(monkeypatch):
 
     monkeypatch.setattr(ev, "answer", lambda vlm, ims, qs, *a: [reply(q) for q in qs])
     res = ev.evaluate_world(None, W.World(0), "broken", 1)
-    assert (
-        res["detail"] == 50.0 and res["recall"] == 100.0 and res["chair_i"] == 0.0
-    )  # the saucer's colour is wrong
-    assert res["count_acc"] == 100.0 and res["informative"] == pytest.approx(
-        200 / 3
-    )  # no colour given
+    # the saucer's colour is wrong
+    assert res["detail"] == 50.0 and res["recall"] == 100.0 and res["chair_i"] == 0.0
+    # no colour given
+    assert res["count_acc"] == 100.0 and res["informative"] == pytest.approx(200 / 3)
 
 
 class SceneReader:
@@ -561,9 +546,8 @@ def test_shipped_base_model_matches_transformers():
 
 def test_shipped_base_model_is_competent_on_a_few_scenes():
     vlm = VLM.from_pretrained(W.BASE_MODEL).eval()
-    res = ev.evaluate_world(
-        vlm, W.World(1), "heldout", 24
-    )  # a dev seed: tests read no test-seed output
+    # a dev seed: tests read no test-seed output
+    res = ev.evaluate_world(vlm, W.World(1), "heldout", 24)
     assert res["recall"] > 70 and res["count_acc"] > 70 and res["desc_color_acc"] > 80
     rep = ev.world_report(vlm, 1, n=8)
     assert {"chair_i", "hq/chair_i", "ord/detail", "twin/grounding", "twin/pairs"} <= set(rep)
