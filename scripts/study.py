@@ -838,8 +838,8 @@ def verdict_block(runs):
     last = None
     for c in CLAIMS:
         ci = compare(runs, c)
-        if c.metric and ci is None:
-            diff, verdict = "no runs of both rows", "inconclusive"
+        if c.metric and ci is None:  # a table not run (yet), or every run of a row failed
+            diff, verdict = "no finished runs of both rows", "not judged (no runs)"
         elif ci is None:
             diff, verdict = "-", "not tested here"
         elif ci["lo"] is None:

@@ -218,7 +218,12 @@ def test_per_run_file_round_trip_and_verdicts(tmp_path):
     assert len(lines) == len(study.CLAIMS) + 1
     assert block.count("| not tested here |") == sum(not c.metric for c in study.CLAIMS)
     # online's matched rows: in fake data
-    assert "| -2.0 [" in block and "| no runs of both rows |" not in block
+    assert "| -2.0 [" in block and "| no finished runs of both rows |" not in block
+    # a table not run yet: its claims are not judged, the others are
+    block = study.verdict_block({t: rows for t, rows in runs.items() if t != "online"})
+    online = sum(c.metric != "" and "online" in (c.a[0], c.b[0]) for c in study.CLAIMS)
+    assert block.count("| no finished runs of both rows | ") == online > 0
+    assert block.count("| not judged (no runs) |") == online and "| -2.0 [" in block
     assert study.table_block("table12", runs).count("1 failed") == 1
 
 
