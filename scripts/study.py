@@ -860,6 +860,53 @@ def verdict_block(runs):
     return "\n".join(lines)
 
 
+# The main table's comparisons, each metric a paired interval (the text around the main table quotes these)
+PAIRED = [
+    (M, BASE),
+    (CS, BASE),
+    (BP, BASE),
+    (CP, BASE),
+    (M, CS),
+    (M, BP),
+    (CS, CP),
+    (("main", PARTNERS), CS),
+]
+PAIRED_COLUMNS = {
+    "paired_main": [
+        "chair_i",
+        "recall",
+        "pope_adversarial_f1",
+        "hq/chair_i",
+        "hq/pope_adversarial_f1",
+        "ord/detail",
+        "ord/recall",
+    ],
+    "paired_twin": [
+        "twin/grounding",
+        "twin/yes_twin",
+        "twin/no_broken",
+        "twin/mention_twin",
+        "twin/mention_broken",
+    ],
+}
+
+
+def paired_block(runs, cols):
+    """A row per comparison a − b of PAIRED, a cell per metric: the paired difference, its 95%
+    interval and the call (differs / ties / inconclusive; "-" where either row has no runs)."""
+    lines = [f"| a − b | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
+    for a, b in PAIRED:
+        cells = []
+        for metric in cols:
+            ci = compare(runs, Claim("", "", a, b, metric))
+            if ci is None or ci["lo"] is None:
+                cells.append("-")
+            else:
+                cells.append(f"{ci['diff']:+.1f} [{ci['lo']:+.1f}, {ci['hi']:+.1f}] {ci['call']}")
+        lines.append(f"| {a[1]} − {b[1]} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def cost_block(runs, wall_minutes):
     """What the study cost: runs, failures, run-minutes, and this invocation's wall time."""
     done = {}  # a run two tables share counts once: by its row's commands, seed and training seed
@@ -1227,6 +1274,8 @@ def write_outputs(runs, wall_minutes, study="STUDY.md", readme="README.md", fold
     """STUDY.md's blocks, its figures and README's headline block, all from the per-run values."""
     blocks = {t: table_block(t, runs) for t in TABLES if t in runs}
     blocks |= {"verdicts": verdict_block(runs), "cost": cost_block(runs, wall_minutes)}
+    if "main" in runs:
+        blocks |= {name: paired_block(runs, cols) for name, cols in PAIRED_COLUMNS.items()}
     paths = draw_figures(runs, folder)
     rel = {
         os.path.basename(p)[:-4]: os.path.relpath(p, os.path.dirname(os.path.abspath(study)))

@@ -4,6 +4,7 @@ failed runs counted and shown, the shortcut row evaluated by its own report."""
 import json
 import os
 import pathlib
+import re
 import shlex
 import sys
 
@@ -251,6 +252,12 @@ def test_figures_and_outputs_from_fake_runs(tmp_path):
     readme = rd.read_text()
     assert "kept" in readme and "![the main table, run by run](figures/main.png)" in readme
     check_headline(readme, text)
+    # the main table's comparisons, paired: BDHS's recall 2 points under the base's on every run
+    cols, rows = study.md_table(study.block_of(text, "paired_main"))
+    cell = rows["BDHS, DPO + NLL (the main job) − base"]["recall"]
+    assert cell.startswith("-2.0 [") and cell.endswith("] differs")
+    assert rows["corruption set, DPO + NLL − base"]["chair_i"].endswith("] ties")
+    assert set(study.md_table(study.block_of(text, "paired_twin"))[0]) > {"twin/grounding"}
 
 
 def check_headline(readme, study_text):
@@ -264,9 +271,18 @@ def check_headline(readme, study_text):
 
 
 def test_readme_headline_equals_study():
-    """The committed README's headline figures are STUDY.md's (scripts/study.py writes both from the same runs)."""
+    """The committed README's headline figures are STUDY.md's (scripts/study.py writes both from the same runs),
+    and every paired interval its lead quotes, "+1.3 [+0.7, +1.9]", is one of STUDY.md's generated blocks'."""
     root = pathlib.Path(study.__file__).parent.parent
-    check_headline((root / "README.md").read_text(), (root / "STUDY.md").read_text())
+    readme, text = (root / "README.md").read_text(), (root / "STUDY.md").read_text()
+    check_headline(readme, text)
+    blocks = re.findall(r"<!-- table:(\w+) -->", text)
+    generated = [study.block_of(text, b) for b in blocks]
+    prose = readme[: readme.index("<!-- study:headline -->")] + text
+    for block in generated:
+        prose = prose.replace(block, "")
+    quoted = re.findall(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", prose.replace("−", "-"))
+    assert quoted and [q for q in quoted if q not in "".join(generated)] == []
 
 
 def test_matched_rows_take_the_online_runs_kept_pairs(tmp_path, monkeypatch):
