@@ -860,42 +860,53 @@ def verdict_block(runs):
     return "\n".join(lines)
 
 
-# The main table's comparisons, each metric a paired interval (the text around the main table quotes these)
-PAIRED = [
-    (M, BASE),
-    (CS, BASE),
-    (BP, BASE),
-    (CP, BASE),
-    (M, CS),
-    (M, BP),
-    (CS, CP),
-    (("main", PARTNERS), CS),
-]
-PAIRED_COLUMNS = {
-    "paired_main": [
-        "chair_i",
-        "recall",
-        "pope_adversarial_f1",
-        "hq/chair_i",
-        "hq/pope_adversarial_f1",
-        "ord/detail",
-        "ord/recall",
-    ],
-    "paired_twin": [
-        "twin/grounding",
-        "twin/yes_twin",
-        "twin/no_broken",
-        "twin/mention_twin",
-        "twin/mention_broken",
-    ],
+# Rows against rows, each metric a paired interval (the text around the tables quotes these): a block's
+# comparisons (a, b) and its columns
+MAIN_PAIRS = [(M, BASE), (CS, BASE), (BP, BASE), (CP, BASE), (M, CS), (M, BP), (CS, CP)]
+MAIN_PAIRS += [(("main", PARTNERS), CS)]
+LOSS_PAIRS = [(("table12", "IPO"), ("table12", "DPO")), (("table12", "SLiC"), ("table12", "DPO"))]
+PAIRED = {
+    "paired_main": (
+        MAIN_PAIRS,
+        [
+            "chair_i",
+            "recall",
+            "pope_adversarial_f1",
+            "hq/chair_i",
+            "hq/pope_adversarial_f1",
+            "ord/detail",
+            "ord/recall",
+        ],
+    ),
+    "paired_twin": (
+        MAIN_PAIRS,
+        [
+            "twin/grounding",
+            "twin/yes_twin",
+            "twin/no_broken",
+            "twin/mention_twin",
+            "twin/mention_broken",
+        ],
+    ),
+    "paired_table12": (
+        LOSS_PAIRS,
+        [
+            "chair_i",
+            "chair_s",
+            "recall",
+            "pope_adversarial_f1",
+            "hq/pope_adversarial_f1",
+            "ord/detail",
+        ],
+    ),
 }
 
 
-def paired_block(runs, cols):
-    """A row per comparison a − b of PAIRED, a cell per metric: the paired difference, its 95%
+def paired_block(runs, pairs, cols):
+    """A row per comparison a − b of `pairs`, a cell per metric: the paired difference, its 95%
     interval and the call (differs / ties / inconclusive; "-" where either row has no runs)."""
     lines = [f"| a − b | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
-    for a, b in PAIRED:
+    for a, b in pairs:
         cells = []
         for metric in cols:
             ci = compare(runs, Claim("", "", a, b, metric))
@@ -1274,8 +1285,9 @@ def write_outputs(runs, wall_minutes, study="STUDY.md", readme="README.md", fold
     """STUDY.md's blocks, its figures and README's headline block, all from the per-run values."""
     blocks = {t: table_block(t, runs) for t in TABLES if t in runs}
     blocks |= {"verdicts": verdict_block(runs), "cost": cost_block(runs, wall_minutes)}
-    if "main" in runs:
-        blocks |= {name: paired_block(runs, cols) for name, cols in PAIRED_COLUMNS.items()}
+    for name, (pairs, cols) in PAIRED.items():
+        if pairs[0][0][0] in runs:  # the table of its rows was run
+            blocks[name] = paired_block(runs, pairs, cols)
     paths = draw_figures(runs, folder)
     rel = {
         os.path.basename(p)[:-4]: os.path.relpath(p, os.path.dirname(os.path.abspath(study)))

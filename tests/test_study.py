@@ -258,6 +258,9 @@ def test_figures_and_outputs_from_fake_runs(tmp_path):
     assert cell.startswith("-2.0 [") and cell.endswith("] differs")
     assert rows["corruption set, DPO + NLL − base"]["chair_i"].endswith("] ties")
     assert set(study.md_table(study.block_of(text, "paired_twin"))[0]) > {"twin/grounding"}
+    assert study.md_table(study.block_of(text, "paired_table12"))[1]["IPO − DPO"][
+        "chair_i"
+    ].endswith("] ties")
 
 
 def check_headline(readme, study_text):
