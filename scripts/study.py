@@ -865,6 +865,9 @@ def verdict_block(runs):
 MAIN_PAIRS = [(M, BASE), (CS, BASE), (BP, BASE), (CP, BASE), (M, CS), (M, BP), (CS, CP)]
 MAIN_PAIRS += [(("main", PARTNERS), CS)]
 LOSS_PAIRS = [(("table12", "IPO"), ("table12", "DPO")), (("table12", "SLiC"), ("table12", "DPO"))]
+HALF_PAIRS = [
+    (("generalisation", row), ("generalisation", "base")) for row in TABLES["generalisation"]
+]
 PAIRED = {
     "paired_main": (
         MAIN_PAIRS,
@@ -899,6 +902,7 @@ PAIRED = {
             "ord/detail",
         ],
     ),
+    "paired_generalisation": (HALF_PAIRS, COLUMNS["generalisation"]),
 }
 
 
