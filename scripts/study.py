@@ -1077,7 +1077,8 @@ def draw_twin(plt, runs):
     rows = [r for r in ["base", *TABLES["main"]] if r in runs.get("twin", {})]
     if not rows:
         return None
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 4.5))
+    # the right panel wider: its row names take half of it
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(16, 4.5), gridspec_kw=dict(width_ratios=[1, 1.6]))
     ax.plot([0, 100], [0, 100], color="0.6", lw=0.8, label="grounding 0 (the shortcut's line)")
     for k, row in enumerate(rows):
         pts = [
