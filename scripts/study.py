@@ -868,6 +868,25 @@ LOSS_PAIRS = [(("table12", "IPO"), ("table12", "DPO")), (("table12", "SLiC"), ("
 HALF_PAIRS = [
     (("generalisation", row), ("generalisation", "base")) for row in TABLES["generalisation"]
 ]
+# Table 6's rows against the corruption set alone and BDHS_attn against its variants; BDHS's own
+# choices against the paper's (N_BDHS 5, ε_s 0.97, sentence guidance); the online rows against their
+# offline and matched counterparts and the RL rows against the base
+T6 = "table6"
+T6_PAIRS = [((T6, row), CS1K) for row in TABLES[T6] if row != CS1K[1]]
+T6_PAIRS += [(ATTN, NOISE), (ATTN, MASK), ((T6, "POVID-style distortion N 500"), (T6, "base"))]
+PAPERS = ("ablation", "N_BDHS 5, ε_s 0.97")
+ABLATION_PAIRS = [
+    (("ablation", row), PAPERS)
+    for row in TABLES["ablation"]
+    if row not in (PAPERS[1], "guidance: sentence (Algorithm 1)")
+]
+RL = [("online", row) for row in ("PPO (rule)", "RLOO (rule)", "PPO (reward model)")]
+ONLINE_PAIRS = [(ODPO, CP), (ODPO, MATCHED_DPO), (MDPO, ODPO), (MDPO, CP), (OBDHS, BP)]
+ONLINE_PAIRS += [
+    (OBDHS, MATCHED_BDHS),
+    (("online", "Online-BDHS + corruption set (Avg-DPO)"), OBDHS),
+]
+ONLINE_PAIRS += [(row, ("online", "base")) for row in RL] + [(RL[1], RL[0])]
 PAIRED = {
     "paired_main": (
         MAIN_PAIRS,
@@ -903,6 +922,12 @@ PAIRED = {
         ],
     ),
     "paired_generalisation": (HALF_PAIRS, COLUMNS["generalisation"]),
+    "paired_table6": (T6_PAIRS, ["chair_i", "recall", "pope_adversarial_f1", "ord/detail"]),
+    "paired_ablation": (ABLATION_PAIRS, ["chair_i", "recall", "pope_adversarial_f1", "ord/detail"]),
+    "paired_online": (
+        ONLINE_PAIRS,
+        ["chair_i", "recall", "pope_adversarial_f1", "hq/pope_adversarial_f1", "ord/detail"],
+    ),
 }
 
 

@@ -261,6 +261,15 @@ def test_figures_and_outputs_from_fake_runs(tmp_path):
     assert study.md_table(study.block_of(text, "paired_table12"))[1]["IPO − DPO"][
         "chair_i"
     ].endswith("] ties")
+    # Table 6 and the online table: each comparison a row; the ablation table was not run, no block
+    t6 = study.md_table(study.block_of(text, "paired_table6"))[1]
+    assert len(t6) == len(study.T6_PAIRS) and "BDHS_attn ρ 0.99 − corruption set alone" in t6
+    online = study.md_table(study.block_of(text, "paired_online"))[1]
+    assert set(online) >= {
+        "Online-DPO (rule) − offline DPO, matched to Online-DPO",
+        "RLOO (rule) − PPO (rule)",
+    }
+    assert "paired_ablation" not in text
 
 
 def check_headline(readme, study_text):
