@@ -114,11 +114,13 @@ TABLES = {
         "corruption set + BDHS_attn (Avg-DPO)": bdhs_row("--source world+corrupt --external true"),
     },
     "ablation": {  # BDHS's own choices, not ablated in the paper: attempts x threshold, guidance
+        # one attempt is never retried, so ε_s never applies: one row, not three equal ones
+        "N_BDHS 1 (ε_s never applies)": bdhs_row("--n_bdhs 1"),
         **{
             f"N_BDHS {n}, ε_s {e}": bdhs_row(
                 "--rho 0.99" if (n, e) == (5, 0.97) else f"--n_bdhs {n} --eps_s {e}"
             )
-            for n in (1, 3, 5)
+            for n in (3, 5)
             for e in (0.95, 0.97, 0.99)
         },  # (5, 0.97), the paper's, is Table 6's BDHS_attn row
         "guidance: sentence (Algorithm 1)": bdhs_row("--rho 0.99"),
