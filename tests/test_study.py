@@ -382,3 +382,12 @@ def test_main_writes_the_file_study_figures_and_readme(tmp_path, monkeypatch):
     check_headline(pathlib.Path("README.md").read_text(), text)
     study.main(["--tables", "main", "--seeds", "0"])  # a dev seed: printed, nothing written
     assert study.read_runs("study_runs.csv") == runs
+
+
+def test_each_table_its_own_seeds_unless_the_flags_name_them():
+    cfg = study.Config()
+    seeds, trains = study.plan(cfg, ["main", "online", "ablation"])
+    assert seeds == {"main": [3, 4, 5, 6, 7], "online": [3, 4, 5], "ablation": [3, 4, 5]}
+    assert trains == {"main": [0, 1], "online": [0, 1], "ablation": [0]}
+    seeds, trains = study.plan(study.Config(seeds="0", train_seeds="2"), ["main", "ablation"])
+    assert seeds == {"main": [0], "ablation": [0]} and trains == {"main": [2], "ablation": [2]}
