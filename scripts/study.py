@@ -1146,14 +1146,21 @@ def draw_attempts(plt, runs):
                     if k.startswith("bdhs/non_")
                 }
             )
-            if ks and row not in lines:
-                lines[row] = [
-                    mean_ci(per_seed(runs, table, row, f"bdhs/non_similar@{k}")) for k in ks
-                ]
+            if (
+                ks
+            ):  # a run two tables share, or pairs that are the same (Avg-DPO's BDHS side): one line
+                cmds = tuple(TABLES[table][row])
+                pts = [mean_ci(per_seed(runs, table, row, f"bdhs/non_similar@{k}")) for k in ks]
+                key = next((k for k, v in lines.items() if cmds in v["cmds"]), tuple(pts))
+                line = lines.setdefault(key, dict(cmds=set(), rows=[]))
+                line["cmds"].add(cmds)
+                line["rows"] += [row] if row not in line["rows"] else []
     if not lines:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, (row, pts) in enumerate(lines.items()):
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    for k, (pts, line) in enumerate(lines.items()):
+        rows = line["rows"]
+        row = rows[0] + (f" (= {'; '.join(rows[1:])})" if rows[1:] else "")
         ax.errorbar(
             range(1, len(pts) + 1),
             [m for m, _ in pts],
@@ -1167,7 +1174,8 @@ def draw_attempts(plt, runs):
         )
     ax.set_xlabel("attempt")
     ax.set_ylabel("non-similar rejected responses, % of prompts")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     return fig
 
 
