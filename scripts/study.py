@@ -1134,7 +1134,8 @@ def draw_twin(plt, runs):
 
 def draw_attempts(plt, runs):
     """BDHS's share of prompts with a non-similar rejected response after each attempt (the paper's Fig. 10)."""
-    lines = {}
+    lines = {}  # a line's points -> the rows it stands for (equal pairs: Avg-DPO's BDHS side)
+    points = {}  # a row's commands -> its line's points (a run two tables share is drawn once)
     for table in ("table6", "ablation"):
         for row, per in runs.get(table, {}).items():
             ks = sorted(
@@ -1146,20 +1147,16 @@ def draw_attempts(plt, runs):
                     if k.startswith("bdhs/non_")
                 }
             )
-            if (
-                ks
-            ):  # a run two tables share, or pairs that are the same (Avg-DPO's BDHS side): one line
-                cmds = tuple(TABLES[table][row])
-                pts = [mean_ci(per_seed(runs, table, row, f"bdhs/non_similar@{k}")) for k in ks]
-                key = next((k for k, v in lines.items() if cmds in v["cmds"]), tuple(pts))
-                line = lines.setdefault(key, dict(cmds=set(), rows=[]))
-                line["cmds"].add(cmds)
-                line["rows"] += [row] if row not in line["rows"] else []
+            if ks:
+                pts = points.setdefault(
+                    tuple(TABLES[table][row]),
+                    tuple(mean_ci(per_seed(runs, table, row, f"bdhs/non_similar@{k}")) for k in ks),
+                )
+                lines.setdefault(pts, []).append(row)
     if not lines:
         return None
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    for k, (pts, line) in enumerate(lines.items()):
-        rows = line["rows"]
+    for k, (pts, rows) in enumerate(lines.items()):
         row = rows[0] + (f" (= {'; '.join(rows[1:])})" if rows[1:] else "")
         ax.errorbar(
             range(1, len(pts) + 1),
